@@ -1,0 +1,1 @@
+//! The lazy FUSE filesystem over an image's merged view (issue: lazy mount).

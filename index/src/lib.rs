@@ -1,0 +1,30 @@
+//! Image metadata for breakfs: the OCI model (descriptors, manifests,
+//! configs, references), file entries, the eStargz table of contents, and
+//! the merged view of a layer stack.
+//!
+//! Everything here is pure data and codecs over `Read`/bytes: no network,
+//! no content store. The doors are [`ImageRef`], [`Manifest`],
+//! [`Entry`], [`LayerIndex`] (one layer's tar, indexed), [`MergedView`]
+//! (a stack of layers under the OCI rules) and [`Toc`] (eStargz).
+
+mod compression;
+mod digest;
+mod entry;
+mod error;
+mod merged;
+mod oci;
+mod reference;
+mod tarindex;
+mod toc;
+
+pub use compression::{Compression, decoder};
+pub use digest::{Digest, HashingReader, HashingWriter};
+pub use entry::{Entry, EntryKind};
+pub use error::{Error, Result};
+pub use merged::{MergedEntry, MergedView};
+pub use oci::{
+    Descriptor, ImageConfig, ImageIndex, Manifest, ManifestDoc, Platform, annotations, media_types,
+};
+pub use reference::{ImageRef, Reference};
+pub use tarindex::{LayerEntry, LayerIndex};
+pub use toc::{Toc, TocChunk, TocEntry};

@@ -1,0 +1,1 @@
+//! Image refactoring: the layer planner and the eStargz layer writer.

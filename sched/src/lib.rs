@@ -1,0 +1,1 @@
+//! The scheduler score service: a kube-scheduler extender (issue: scheduler).

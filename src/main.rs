@@ -1,0 +1,3 @@
+//! The `breakfs` command.
+
+fn main() {}
