@@ -1,1 +1,5 @@
 //! Image refactoring: the layer planner and the eStargz layer writer.
+
+mod error;
+
+pub use error::{Error, Result};
