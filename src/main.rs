@@ -1,3 +1,362 @@
-//! The `breakfs` command.
+//! The `breakfs` command: argument parsing and wiring of the crates.
 
-fn main() {}
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use breakfs_fetch::{ClientOptions, Store};
+use breakfs_index::{Compression, ImageRef, LayerIndex, Platform, decoder};
+use breakfs_refactor::{ImageReport, PlanOptions, Progress, RefactorOptions, WriterOptions};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// breakfs: fast container deployment on edge clouds.
+///
+/// Images are named like skopeo names them: `oci:DIR[:TAG]` for an OCI
+/// image layout on disk, `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]` for a
+/// registry.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Rewrite images into low-redundancy, lazily mountable layers.
+    ///
+    /// Each source image is written to DEST under its own tag. Without
+    /// --joint, images are refactored one after the other and each reuses
+    /// every layer already in DEST (any tag of the layout or repository)
+    /// whose files are all in it unchanged: refactor v1 today, v2 next week
+    /// into the same DEST, and v2 shares v1's layers. With --joint, the set
+    /// is refactored at once so that files common to several images are
+    /// stored once.
+    ///
+    /// The output is a standard OCI image with eStargz-compatible gzip
+    /// layers: any registry stores it, any runtime runs it, and
+    /// `breakfs mount` fetches only what is read.
+    ///
+    /// Examples:
+    ///   breakfs refactor --to oci:/srv/out oci:/srv/app:v1
+    ///   breakfs refactor --to oci:/srv/out oci:/srv/app:v2
+    ///   breakfs refactor --plain-http --to docker://edge-reg:5000/_ docker://reg:5000/library/redis:7
+    ///   breakfs refactor --joint --to oci:/srv/all oci:/a:v1 oci:/b:v1
+    #[command(verbatim_doc_comment)]
+    Refactor(RefactorArgs),
+    /// Show an image: manifest, layers, entries, TOCs, and sharing with other tags.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Talk plain HTTP to registries (also BREAKFS_PLAIN_HTTP=1).
+    #[arg(long, env = "BREAKFS_PLAIN_HTTP", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    plain_http: bool,
+    /// Platform to pick from a multi-platform image.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+}
+
+impl ClientArgs {
+    fn options(&self) -> Result<ClientOptions> {
+        Ok(ClientOptions {
+            plain_http: self.plain_http,
+            platform: Platform::parse(&self.platform)?,
+            ..ClientOptions::default()
+        })
+    }
+}
+
+#[derive(Args)]
+struct RefactorArgs {
+    /// Destination: oci:DIR[:TAG] or docker://HOST[:PORT]/REPO[:TAG];
+    /// docker://HOST/_ keeps each source's repository path under HOST.
+    #[arg(long = "to", value_name = "DEST")]
+    to: String,
+    /// Refactor all sources at once (shared layers across the set).
+    #[arg(long)]
+    joint: bool,
+    /// Most layers an output image may have (overlayfs stops near 128).
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u64).range(2..=120))]
+    max_layers: u64,
+    /// Treat files equal in all but mtime as one (keeps the first published
+    /// mtime and reports how many it changed), like reproducible-build
+    /// timestamp rewriting. Off by default: output is exact.
+    #[arg(long)]
+    relax_mtime: bool,
+    /// gzip level of the new layers (0-9).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    level: u32,
+    /// Chunk size for big files, in KiB (each chunk is its own gzip member).
+    #[arg(long, default_value_t = 4096)]
+    chunk_kib: u64,
+    /// Work directory for decompressed source layers (reused across runs).
+    #[arg(long, env = "BREAKFS_WORK")]
+    work_dir: Option<PathBuf>,
+    /// Print the table as JSON lines instead.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Source images.
+    #[arg(required = true, value_name = "SRC")]
+    sources: Vec<String>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The image.
+    #[arg(value_name = "REF")]
+    image: String,
+}
+
+fn default_work_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("BREAKFS_CACHE") {
+        return PathBuf::from(c).join("work");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/breakfs/work"),
+        None => std::env::temp_dir().join("breakfs-work"),
+    }
+}
+
+/// Progress bars on stderr, one per stage.
+struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Progress for Bars {
+    fn stage(&self, message: &str, total: u64) {
+        let Ok(mut guard) = self.bar.lock() else {
+            return;
+        };
+        if let Some(b) = guard.take() {
+            b.finish_and_clear();
+        }
+        let b = if total > 0 {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b
+        } else {
+            let b = ProgressBar::new_spinner();
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        };
+        b.set_message(message.to_string());
+        *guard = Some(b);
+    }
+
+    fn advance(&self, n: u64) {
+        if let Ok(guard) = self.bar.lock()
+            && let Some(b) = guard.as_ref()
+        {
+            b.inc(n);
+        }
+    }
+}
+
+impl Bars {
+    fn done(&self) {
+        if let Ok(mut guard) = self.bar.lock()
+            && let Some(b) = guard.take()
+        {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1}", b as f64 / 1e6)
+}
+
+fn print_table(reports: &[ImageReport]) {
+    println!(
+        "{:<44} {:>9} {:>17} {:>10} {:>11} {:>7} {:>7} {:>9} {:>7}",
+        "image", "layers", "MB orig→new", "size ×", "reused MB", "share", "bound", "dup MB", "secs"
+    );
+    for r in reports {
+        println!(
+            "{:<44} {:>9} {:>17} {:>10.3} {:>11} {:>6.1}% {:>6.1}% {:>9} {:>7.1}",
+            r.dest,
+            format!("{}→{}", r.original_layers, r.layers),
+            format!(
+                "{}→{}",
+                mb(r.original_compressed_bytes),
+                mb(r.compressed_bytes)
+            ),
+            r.compressed_bytes as f64 / r.original_compressed_bytes.max(1) as f64,
+            mb(r.reused_compressed_bytes),
+            100.0 * r.share(),
+            100.0 * r.bound(),
+            mb(r.duplicated_bytes),
+            r.seconds,
+        );
+        if r.mtime_changes > 0 {
+            println!("  --relax-mtime changed the mtime of {} entries", r.mtime_changes);
+        }
+    }
+}
+
+fn report_json(r: &ImageReport) -> serde_json::Value {
+    serde_json::json!({
+        "source": r.source, "dest": r.dest, "manifest": r.manifest_digest.to_string(),
+        "layers": r.layers, "original_layers": r.original_layers,
+        "compressed_bytes": r.compressed_bytes, "original_compressed_bytes": r.original_compressed_bytes,
+        "reused_compressed_bytes": r.reused_compressed_bytes, "file_bytes": r.file_bytes,
+        "reused_file_bytes": r.reused_file_bytes, "bound_bytes": r.bound_bytes,
+        "duplicated_bytes": r.duplicated_bytes, "mtime_changes": r.mtime_changes,
+        "uploaded_bytes": r.uploaded_bytes, "seconds": r.seconds,
+    })
+}
+
+async fn run_refactor(a: RefactorArgs) -> Result<()> {
+    let dest = ImageRef::parse(&a.to).context("parsing --to")?;
+    let sources = a
+        .sources
+        .iter()
+        .map(|s| ImageRef::parse(s))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let opts = RefactorOptions {
+        plan: PlanOptions {
+            max_layers: a.max_layers as usize,
+            relax_mtime: a.relax_mtime,
+            joint: a.joint,
+            ..PlanOptions::default()
+        },
+        writer: WriterOptions {
+            chunk_size: a.chunk_kib.max(4) * 1024,
+            level: a.level,
+            ..WriterOptions::default()
+        },
+        client: a.client.options()?,
+        work_dir: a.work_dir.clone().unwrap_or_else(default_work_dir),
+    };
+    let bars = Bars {
+        bar: Mutex::new(None),
+    };
+    let result = breakfs_refactor::refactor(&sources, &dest, &opts, &bars).await;
+    bars.done();
+    let reports = result.with_context(|| format!("refactoring into {dest}"))?;
+    if a.json {
+        for r in &reports {
+            println!("{}", report_json(r));
+        }
+    } else {
+        print_table(&reports);
+    }
+    Ok(())
+}
+
+async fn run_inspect(a: InspectArgs) -> Result<()> {
+    let r = ImageRef::parse(&a.image)?;
+    let opts = a.client.options()?;
+    let store = Store::open(&r, &opts).await?;
+    let image = store.resolve(&r).await.with_context(|| format!("resolving {r}"))?;
+    println!("image     {r}");
+    println!("manifest  {} ({})", image.manifest_digest, image.media_type());
+    println!(
+        "config    {} ({} bytes)",
+        image.manifest.config.digest, image.manifest.config.size
+    );
+    // Which other tags share each layer.
+    let mut shared: std::collections::HashMap<String, Vec<String>> = Default::default();
+    if let Ok(tags) = store.tags().await {
+        for t in tags {
+            if Some(t.as_str()) == r.tag() {
+                continue;
+            }
+            if let Ok(other) = store.resolve(&r.with_tag(&t)).await {
+                for l in other.layers() {
+                    shared.entry(l.digest.to_string()).or_default().push(t.clone());
+                }
+            }
+        }
+    }
+    let total: u64 = image.layers().iter().map(|l| l.size).sum();
+    println!(
+        "layers    {} ({} MB compressed)",
+        image.layers().len(),
+        mb(total)
+    );
+    println!(
+        "  {:<3} {:<19} {:>10} {:>12} {:>8} {:>4}  shared with",
+        "#", "digest", "MB", "uncompr. MB", "entries", "TOC"
+    );
+    for (i, l) in image.layers().iter().enumerate() {
+        let (entries, uncompressed, toc) = match store.read_toc(l).await? {
+            Some(t) => {
+                let unc = l
+                    .annotations
+                    .get(breakfs_index::annotations::UNCOMPRESSED_SIZE)
+                    .and_then(|s| s.parse::<u64>().ok());
+                (t.layer.entries.len(), unc, "yes")
+            }
+            None => {
+                let bytes = store.read_blob(l).await?;
+                let comp = Compression::from_media_type(&l.media_type)
+                    .with_context(|| format!("layer {} has media type {}", l.digest, l.media_type))?;
+                let idx = LayerIndex::read(decoder(comp, &bytes[..])?, &format!("layer {}", l.digest))?;
+                (idx.entries.len(), Some(idx.tar_size), "no")
+            }
+        };
+        let mut with = shared.get(&l.digest.to_string()).cloned().unwrap_or_default();
+        with.sort();
+        with.dedup();
+        println!(
+            "  {:<3} {:<19} {:>10} {:>12} {:>8} {:>4}  {}",
+            i,
+            l.digest.short(),
+            mb(l.size),
+            uncompressed.map(mb).unwrap_or_else(|| "?".into()),
+            entries,
+            toc,
+            if with.is_empty() {
+                "-".to_string()
+            } else {
+                with.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BREAKFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("breakfs: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Refactor(a) => run_refactor(a).await,
+            Command::Inspect(a) => run_inspect(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("breakfs: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

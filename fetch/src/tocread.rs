@@ -1,0 +1,81 @@
+//! Reading an eStargz layer's TOC from a store with range requests: the
+//! footer first, then the TOC member, never the whole blob.
+
+use breakfs_index::{Descriptor, Toc, TocLayer};
+
+use crate::{Error, Result, Store};
+
+/// A layer's TOC read from its blob's tail, converted to entries.
+#[derive(Clone, Debug)]
+pub struct LayerToc {
+    /// The entries with their chunk maps.
+    pub layer: TocLayer,
+    /// Offset of the TOC member in the blob.
+    pub toc_offset: u64,
+    /// The raw TOC.
+    pub toc: Toc,
+}
+
+/// First guess of how much of a blob's tail holds footer and TOC.
+const FIRST_TAIL: u64 = 64 * 1024;
+
+impl Store {
+    /// The eStargz TOC of a layer, or `None` if the layer has no TOC (a
+    /// plain tar+gzip, zstd or uncompressed layer). The TOC is checked
+    /// against the descriptor's TOC digest annotation when it has one.
+    pub async fn read_toc(&self, desc: &Descriptor) -> Result<Option<LayerToc>> {
+        use breakfs_index::{Compression, TailRead};
+        if Compression::from_media_type(&desc.media_type) != Some(Compression::Gzip)
+            || desc.size < breakfs_index::FOOTER_SIZE
+        {
+            return Ok(None);
+        }
+        let what = format!("TOC of layer {} in {}", desc.digest, self.name());
+        let mut want = FIRST_TAIL.min(desc.size);
+        for _ in 0..2 {
+            let tail = self
+                .read_range(&desc.digest, desc.size - want, want)
+                .await?;
+            let read = match Toc::read_from_blob_tail(&tail, desc.size) {
+                Ok(r) => r,
+                // Without the annotation, a footer that does not parse just
+                // means a plain gzip layer.
+                Err(_) if desc.toc_digest().is_none() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            match read {
+                TailRead::NeedTail(n) if n > want && n <= desc.size => want = n,
+                TailRead::NeedTail(n) => {
+                    return Err(Error::Protocol {
+                        what,
+                        reason: format!(
+                            "the footer asks for a {n}-byte tail of a {}-byte blob",
+                            desc.size
+                        ),
+                    });
+                }
+                TailRead::Toc(t) => {
+                    if let Some(expected) = desc.toc_digest()
+                        && expected != t.toc_digest
+                    {
+                        return Err(Error::DigestMismatch {
+                            what,
+                            expected,
+                            actual: t.toc_digest,
+                        });
+                    }
+                    let layer = t.toc.to_layer(desc.size, Some(t.toc_offset))?;
+                    return Ok(Some(LayerToc {
+                        layer,
+                        toc_offset: t.toc_offset,
+                        toc: t.toc,
+                    }));
+                }
+            }
+        }
+        Err(Error::Protocol {
+            what,
+            reason: "the TOC could not be located in the blob's tail".into(),
+        })
+    }
+}

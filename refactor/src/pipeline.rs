@@ -1,0 +1,685 @@
+//! The refactoring pipeline: source images → local layer tars → merged
+//! views → plan → eStargz layers → destination.
+//!
+//! Source layers are decompressed once into a work directory (keyed by
+//! diff_id, so a second run or a second image with the same layer skips
+//! it) and read back with `pread` when the writer needs file content.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use breakfs_fetch::{ClientOptions, Image, Store};
+use breakfs_index::{
+    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, Manifest, MergedView,
+    Reference, decoder, media_types,
+};
+
+use crate::dpkg::{INFO_DIR, STATUS_PATH};
+use crate::{
+    ContentSource, Error, LayerSource, PackageDb, Plan, PlanImage, PlanOptions, PublishedLayer,
+    Result, WriterOptions, WrittenLayer, plan, write_layer,
+};
+
+/// Everything `breakfs refactor` is told.
+#[derive(Clone, Debug)]
+pub struct RefactorOptions {
+    /// Planner options (joint, layer cap, relax-mtime).
+    pub plan: PlanOptions,
+    /// Layer writer options (chunk size, gzip level).
+    pub writer: WriterOptions,
+    /// Registry client options.
+    pub client: ClientOptions,
+    /// Where source layers are decompressed and new layers written.
+    pub work_dir: PathBuf,
+}
+
+/// Where the pipeline reports progress; the CLI draws bars from it.
+pub trait Progress: Sync {
+    /// A new stage begins (`total` bytes of work, 0 if unknown).
+    fn stage(&self, message: &str, total: u64);
+    /// `n` more bytes of the current stage are done.
+    fn advance(&self, n: u64);
+}
+
+/// A progress sink that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn stage(&self, _message: &str, _total: u64) {}
+    fn advance(&self, _n: u64) {}
+}
+
+/// What refactoring one image did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageReport {
+    /// The source reference.
+    pub source: String,
+    /// Where the refactored image was written.
+    pub dest: String,
+    /// The digest of the refactored manifest.
+    pub manifest_digest: Digest,
+    /// Layers of the refactored image.
+    pub layers: usize,
+    /// Layers of the original image.
+    pub original_layers: usize,
+    /// Compressed bytes of the refactored image's layers.
+    pub compressed_bytes: u64,
+    /// Compressed bytes of the original image's layers.
+    pub original_compressed_bytes: u64,
+    /// Compressed bytes of layers that were already in the destination.
+    pub reused_compressed_bytes: u64,
+    /// Uncompressed file bytes of the image.
+    pub file_bytes: u64,
+    /// File bytes that lie in layers reused from the destination.
+    pub reused_file_bytes: u64,
+    /// File bytes whose exact entry was already published (no exact
+    /// refactoring can reuse more).
+    pub bound_bytes: u64,
+    /// Bytes stored twice because of the layer cap.
+    pub duplicated_bytes: u64,
+    /// Entries whose mtime `--relax-mtime` changed.
+    pub mtime_changes: usize,
+    /// Compressed bytes uploaded (blobs the destination lacked).
+    pub uploaded_bytes: u64,
+    /// Wall time spent on this image (joint mode: the share of the run).
+    pub seconds: f64,
+}
+
+impl ImageReport {
+    /// reused_file_bytes / file_bytes.
+    pub fn share(&self) -> f64 {
+        ratio(self.reused_file_bytes, self.file_bytes)
+    }
+
+    /// bound_bytes / file_bytes.
+    pub fn bound(&self) -> f64 {
+        ratio(self.bound_bytes, self.file_bytes)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// One source image, loaded: its layers decompressed and indexed.
+pub struct LoadedImage {
+    /// The reference it came from.
+    pub reference: ImageRef,
+    /// Manifest and config.
+    pub image: Image,
+    /// The store's short name (layout directory or repository basename).
+    pub name: String,
+    /// The uncompressed tar of each layer, bottom first.
+    pub tars: Vec<PathBuf>,
+    /// The merged view.
+    pub view: MergedView,
+    /// dpkg ownership of its files.
+    pub packages: PackageDb,
+}
+
+/// A layer already in a destination, with what the manifest needs.
+#[derive(Clone, Debug)]
+struct Published {
+    layer: PublishedLayer,
+    desc: Descriptor,
+    diff_id: Digest,
+    /// A local copy of the blob, for layers written in this run.
+    local: Option<PathBuf>,
+}
+
+/// Decompress `blob` to `tar`, returning the diff_id of what was written.
+fn decompress(blob: &Path, media_type: &str, tar: &Path, what: &str) -> Result<Digest> {
+    let compression = Compression::from_media_type(media_type).ok_or_else(|| {
+        breakfs_index::Error::UnsupportedMediaType {
+            media_type: media_type.to_string(),
+            what: what.to_string(),
+        }
+    })?;
+    let input = File::open(blob).map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
+    let mut reader = decoder(compression, input)
+        .map_err(|e| Error::io(format!("decompressing {what}"), e))?;
+    let tmp = tar.with_extension("tmp");
+    let out = File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    let mut w = breakfs_index::HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
+    std::io::copy(&mut reader, &mut w)
+        .map_err(|e| Error::io(format!("decompressing {what} (truncated or corrupt?)"), e))?;
+    let (buf, diff_id, _) = w.finish();
+    buf.into_inner()
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e.into_error()))?;
+    std::fs::rename(&tmp, tar).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+    Ok(diff_id)
+}
+
+fn short_name(r: &ImageRef) -> String {
+    match r {
+        ImageRef::Layout { dir, .. } => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into()),
+        ImageRef::Registry { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
+    }
+}
+
+/// Read the content of a regular file of a view from its layer tar.
+fn read_file(tars: &[PathBuf], view: &MergedView, path: &str) -> Result<Option<Vec<u8>>> {
+    let Some(me) = view.get(path) else {
+        return Ok(None);
+    };
+    if !matches!(me.entry.kind, EntryKind::File | EntryKind::Hardlink) {
+        return Ok(None);
+    }
+    let tar = &tars[me.layer];
+    let f = File::open(tar).map_err(|e| Error::io(format!("opening {}", tar.display()), e))?;
+    let mut buf = vec![0; me.entry.size as usize];
+    f.read_exact_at(&mut buf, me.data_offset)
+        .map_err(|e| Error::io(format!("reading {path} from {}", tar.display()), e))?;
+    Ok(Some(buf))
+}
+
+/// The dpkg database of an image, if it has one.
+fn package_db(tars: &[PathBuf], view: &MergedView) -> Result<PackageDb> {
+    let Some(status) = read_file(tars, view, STATUS_PATH)? else {
+        return Ok(PackageDb::empty());
+    };
+    let prefix = format!("{INFO_DIR}/");
+    let mut lists = Vec::new();
+    for me in view.iter() {
+        let Some(name) = me.entry.path.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(package) = name.strip_suffix(".list") else {
+            continue;
+        };
+        if package.contains('/') {
+            continue;
+        }
+        if let Some(content) = read_file(tars, view, &me.entry.path)? {
+            lists.push((package.to_string(), content));
+        }
+    }
+    Ok(PackageDb::from_dpkg(&status, &lists, view))
+}
+
+/// Fetch, decompress and index one source image.
+pub async fn load_image(
+    r: &ImageRef,
+    opts: &RefactorOptions,
+    progress: &dyn Progress,
+) -> Result<LoadedImage> {
+    let store = Store::open(r, &opts.client).await?;
+    let image = store.resolve(r).await?;
+    let diff_ids = image.config.diff_ids()?;
+    if diff_ids.len() != image.layers().len() {
+        return Err(Error::Source {
+            image: r.to_string(),
+            reason: format!(
+                "the manifest has {} layers but the config lists {} diff_ids",
+                image.layers().len(),
+                diff_ids.len()
+            ),
+        });
+    }
+    let tars_dir = opts.work_dir.join("tars");
+    let blobs_dir = opts.work_dir.join("blobs");
+    for d in [&tars_dir, &blobs_dir] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    }
+    let total: u64 = image.layers().iter().map(|l| l.size).sum();
+    progress.stage(&format!("reading {r}"), total);
+    let mut tars = Vec::new();
+    let mut indexes = Vec::new();
+    for (desc, diff_id) in image.layers().iter().zip(&diff_ids) {
+        let what = format!("layer {} of {r}", desc.digest);
+        let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
+        if !tar.exists() {
+            let blob = blobs_dir.join(desc.digest.hex());
+            store.blob_to_file(desc, &blob).await?;
+            let (b, t, m, w) = (blob.clone(), tar.clone(), desc.media_type.clone(), what.clone());
+            let got = tokio::task::spawn_blocking(move || decompress(&b, &m, &t, &w))
+                .await
+                .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
+            let _ = std::fs::remove_file(&blob);
+            if &got != diff_id {
+                let _ = std::fs::remove_file(&tar);
+                return Err(Error::Source {
+                    image: r.to_string(),
+                    reason: format!(
+                        "{what}: uncompressed content has digest {got} but the config's diff_id is {diff_id}"
+                    ),
+                });
+            }
+        }
+        let (t, w) = (tar.clone(), what.clone());
+        let index = tokio::task::spawn_blocking(move || -> Result<LayerIndex> {
+            let f = File::open(&t).map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
+            Ok(LayerIndex::read(std::io::BufReader::with_capacity(1 << 20, f), &w)?)
+        })
+        .await
+        .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
+        progress.advance(desc.size);
+        tars.push(tar);
+        indexes.push(index);
+    }
+    let view = MergedView::build(&indexes).map_err(|e| Error::Source {
+        image: r.to_string(),
+        reason: e.to_string(),
+    })?;
+    let packages = package_db(&tars, &view)?;
+    Ok(LoadedImage {
+        reference: r.clone(),
+        image,
+        name: short_name(r),
+        tars,
+        view,
+        packages,
+    })
+}
+
+/// The layers already in a destination store (every tag), with entries.
+async fn published_layers(
+    store: &Store,
+    dest: &ImageRef,
+    opts: &RefactorOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<Published>> {
+    let tags = match store.tags().await {
+        Ok(t) => t,
+        Err(breakfs_fetch::Error::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut seen = HashMap::new();
+    let mut out: Vec<Published> = Vec::new();
+    progress.stage(&format!("indexing {} tags in {}", tags.len(), store.name()), 0);
+    for tag in tags {
+        let r = dest.with_tag(&tag);
+        let image = store.resolve(&r).await?;
+        let diff_ids = image.config.diff_ids()?;
+        for (desc, diff_id) in image.layers().iter().zip(diff_ids) {
+            if seen.contains_key(&desc.digest) {
+                continue;
+            }
+            seen.insert(desc.digest.clone(), ());
+            let entries: Vec<Entry> = match store.read_toc(desc).await? {
+                Some(toc) => toc.layer.entries.into_iter().map(|(e, _)| e).collect(),
+                None => {
+                    // A layer without TOC: index it from its tar.
+                    let loaded = index_plain_layer(store, desc, &diff_id, opts).await?;
+                    loaded.entries.into_iter().map(|le| le.entry).collect()
+                }
+            };
+            out.push(Published {
+                layer: PublishedLayer {
+                    id: desc.digest.to_string(),
+                    entries,
+                },
+                desc: desc.clone(),
+                diff_id,
+                local: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+async fn index_plain_layer(
+    store: &Store,
+    desc: &Descriptor,
+    diff_id: &Digest,
+    opts: &RefactorOptions,
+) -> Result<LayerIndex> {
+    let what = format!("layer {} of {}", desc.digest, store.name());
+    let tars_dir = opts.work_dir.join("tars");
+    std::fs::create_dir_all(&tars_dir)
+        .map_err(|e| Error::io(format!("creating {}", tars_dir.display()), e))?;
+    let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
+    if !tar.exists() {
+        let blob = opts.work_dir.join("blobs").join(desc.digest.hex());
+        store.blob_to_file(desc, &blob).await?;
+        let (b, t, m, w) = (blob.clone(), tar.clone(), desc.media_type.clone(), what.clone());
+        tokio::task::spawn_blocking(move || decompress(&b, &m, &t, &w))
+            .await
+            .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
+        let _ = std::fs::remove_file(&blob);
+    }
+    let f = File::open(&tar).map_err(|e| Error::io(format!("opening {}", tar.display()), e))?;
+    Ok(LayerIndex::read(std::io::BufReader::new(f), &what)?)
+}
+
+/// File content for the writer: every source image's regular files by digest.
+struct TarContent {
+    files: Vec<File>,
+    by_digest: HashMap<Digest, (usize, u64)>,
+}
+
+impl TarContent {
+    fn new(images: &[&LoadedImage]) -> Result<TarContent> {
+        let mut files = Vec::new();
+        let mut index_of: HashMap<PathBuf, usize> = HashMap::new();
+        let mut by_digest = HashMap::new();
+        for img in images {
+            for me in img.view.iter() {
+                let Some(d) = &me.entry.digest else { continue };
+                if by_digest.contains_key(d) {
+                    continue;
+                }
+                let tar = &img.tars[me.layer];
+                let fi = match index_of.get(tar) {
+                    Some(i) => *i,
+                    None => {
+                        let f = File::open(tar)
+                            .map_err(|e| Error::io(format!("opening {}", tar.display()), e))?;
+                        files.push(f);
+                        index_of.insert(tar.clone(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                by_digest.insert(d.clone(), (fi, me.data_offset));
+            }
+        }
+        Ok(TarContent { files, by_digest })
+    }
+}
+
+impl ContentSource for TarContent {
+    fn read_at(&self, entry: &Entry, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let (fi, base) = entry
+            .digest
+            .as_ref()
+            .and_then(|d| self.by_digest.get(d))
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no source holds the content of {}", entry.path),
+                )
+            })?;
+        self.files[*fi].read_exact_at(buf, base + offset)
+    }
+}
+
+/// Write one planned layer to `out_dir`, named by its digest.
+fn write_new_layer(
+    entries: &[Entry],
+    content: &TarContent,
+    opts: &WriterOptions,
+    out_dir: &Path,
+    n: usize,
+) -> Result<(WrittenLayer, PathBuf)> {
+    let tmp = out_dir.join(format!("layer-{n}.tmp"));
+    let f = File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let written = write_layer(&mut w, entries, content, opts)?;
+    w.flush()
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    drop(w);
+    let path = out_dir.join(written.digest.hex());
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+    Ok((written, path))
+}
+
+/// Where one source image goes.
+fn dest_ref(dest: &ImageRef, src: &LoadedImage, name_tags: bool, single: bool) -> Result<ImageRef> {
+    let src_tag = src.reference.tag().unwrap_or("latest").to_string();
+    let tag = if name_tags {
+        format!("{}-{}", src.name, src_tag)
+    } else {
+        src_tag
+    };
+    Ok(match dest {
+        ImageRef::Layout { dir, tag: given } => ImageRef::Layout {
+            dir: dir.clone(),
+            tag: Some(match given {
+                Some(t) if single => t.clone(),
+                _ => tag,
+            }),
+        },
+        ImageRef::Registry {
+            host,
+            repo,
+            reference,
+        } => {
+            // `docker://HOST/_` means: the source's repository path under HOST.
+            let repo = if repo == "_" {
+                match &src.reference {
+                    ImageRef::Registry { repo, .. } => repo.clone(),
+                    ImageRef::Layout { .. } => src.name.clone(),
+                }
+            } else {
+                repo.clone()
+            };
+            let tag = match reference {
+                Reference::Tag(t) if single && t != "latest" => t.clone(),
+                _ => tag,
+            };
+            ImageRef::Registry {
+                host: host.clone(),
+                repo,
+                reference: Reference::Tag(tag),
+            }
+        }
+    })
+}
+
+/// Refactor `sources` into `dest`. Incremental (one image after the
+/// other, each reusing what `dest` already holds) unless `opts.plan.joint`.
+pub async fn refactor(
+    sources: &[ImageRef],
+    dest: &ImageRef,
+    opts: &RefactorOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<ImageReport>> {
+    let out_dir = opts.work_dir.join("out");
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| Error::io(format!("creating {}", out_dir.display()), e))?;
+    let mut loaded = Vec::new();
+    let mut load_secs = Vec::new();
+    for r in sources {
+        let t = Instant::now();
+        loaded.push(load_image(r, opts, progress).await?);
+        load_secs.push(t.elapsed().as_secs_f64());
+    }
+    let names: std::collections::BTreeSet<&str> = loaded.iter().map(|l| l.name.as_str()).collect();
+    let name_tags = names.len() > 1 && matches!(dest, ImageRef::Layout { .. });
+    let single = loaded.len() == 1;
+    let targets: Vec<ImageRef> = loaded
+        .iter()
+        .map(|l| dest_ref(dest, l, name_tags, single))
+        .collect::<Result<_>>()?;
+    {
+        let mut seen = std::collections::HashSet::new();
+        for t in &targets {
+            if !seen.insert(t.to_string()) {
+                return Err(Error::PlanOption {
+                    reason: format!("two sources would both be written to {t}; give them distinct tags"),
+                });
+            }
+        }
+    }
+
+    // Destination stores and what they already hold.
+    let mut stores: BTreeMap<String, Store> = BTreeMap::new();
+    let mut published: Vec<Published> = Vec::new();
+    for t in &targets {
+        let store = Store::open(t, &opts.client).await?;
+        let key = store.name();
+        if stores.contains_key(&key) {
+            continue;
+        }
+        let mut p = published_layers(&store, t, opts, progress).await?;
+        p.retain(|x| !published.iter().any(|y| y.desc.digest == x.desc.digest));
+        published.extend(p);
+        stores.insert(key, store);
+    }
+
+    let mut reports = Vec::new();
+    let groups: Vec<Vec<usize>> = if opts.plan.joint {
+        vec![(0..loaded.len()).collect()]
+    } else {
+        (0..loaded.len()).map(|i| vec![i]).collect()
+    };
+    let mut written_n = 0usize;
+    for group in groups {
+        let t0 = Instant::now();
+        let plan_images: Vec<PlanImage> = group
+            .iter()
+            .map(|&i| PlanImage {
+                name: targets[i].to_string(),
+                view: loaded[i].view.clone(),
+                packages: loaded[i].packages.clone(),
+            })
+            .collect();
+        let pub_layers: Vec<PublishedLayer> = published.iter().map(|p| p.layer.clone()).collect();
+        progress.stage(&format!("planning {} image(s)", plan_images.len()), 0);
+        let the_plan: Plan = {
+            let (pi, pl, po) = (plan_images, pub_layers, opts.plan.clone());
+            let res = tokio::task::spawn_blocking(move || -> Result<(Plan, Vec<PlanImage>, Vec<PublishedLayer>)> {
+                let p = plan(&pi, &pl, &po)?;
+                p.check(&pi, &pl)?;
+                Ok((p, pi, pl))
+            })
+            .await
+            .map_err(|e| Error::io("planning", std::io::Error::other(e)))??;
+            res.0
+        };
+
+        // Write the new layers.
+        let content = Arc::new(TarContent::new(
+            &group.iter().map(|&i| &loaded[i]).collect::<Vec<_>>(),
+        )?);
+        let new_bytes: u64 = the_plan
+            .layers
+            .iter()
+            .filter(|l| matches!(l.source, LayerSource::New))
+            .flat_map(|l| l.entries.iter())
+            .map(|e| e.size)
+            .sum();
+        progress.stage(&format!("writing {} layer(s)", the_plan.layers.iter().filter(|l| matches!(l.source, LayerSource::New)).count()), new_bytes);
+        let mut layer_pub: Vec<usize> = Vec::with_capacity(the_plan.layers.len());
+        for layer in &the_plan.layers {
+            match layer.source {
+                LayerSource::Reused(p) => layer_pub.push(p),
+                LayerSource::New => {
+                    let (entries, c, w, dir, n) = (
+                        layer.entries.clone(),
+                        content.clone(),
+                        opts.writer.clone(),
+                        out_dir.clone(),
+                        written_n,
+                    );
+                    written_n += 1;
+                    let bytes: u64 = entries.iter().map(|e| e.size).sum();
+                    let (written, path) = tokio::task::spawn_blocking(move || {
+                        write_new_layer(&entries, &c, &w, &dir, n)
+                    })
+                    .await
+                    .map_err(|e| Error::io("writing a layer", std::io::Error::other(e)))??;
+                    progress.advance(bytes);
+                    published.push(Published {
+                        layer: PublishedLayer {
+                            id: written.digest.to_string(),
+                            entries: layer.entries.clone(),
+                        },
+                        desc: written.descriptor(),
+                        diff_id: written.diff_id.clone(),
+                        local: Some(path),
+                    });
+                    layer_pub.push(published.len() - 1);
+                }
+            }
+        }
+
+        // Manifests, configs and uploads, one image at a time.
+        let secs_each = t0.elapsed().as_secs_f64() / group.len() as f64;
+        for (k, &i) in group.iter().enumerate() {
+            let t1 = Instant::now();
+            let ip = &the_plan.images[k];
+            let target = &targets[i];
+            let store = stores
+                .get(&Store::open(target, &opts.client).await?.name())
+                .ok_or_else(|| Error::PlanOption {
+                    reason: format!("no store opened for {target}"),
+                })?;
+            let mut descs = Vec::new();
+            let mut diff_ids = Vec::new();
+            let mut created_by = Vec::new();
+            let mut uploaded = 0u64;
+            let mut reused_compressed = 0u64;
+            progress.stage(&format!("uploading {target}"), 0);
+            for &li in &ip.layers {
+                let p = &published[layer_pub[li]];
+                let up = match &p.local {
+                    Some(path) => store.push_blob_file(&p.desc, path).await?,
+                    None => {
+                        if !store.has_blob(&p.desc.digest).await? {
+                            return Err(Error::Source {
+                                image: target.to_string(),
+                                reason: format!(
+                                    "layer {} is published in another repository; copy it into {} first",
+                                    p.desc.digest,
+                                    store.name()
+                                ),
+                            });
+                        }
+                        false
+                    }
+                };
+                if up {
+                    uploaded += p.desc.size;
+                }
+                if matches!(the_plan.layers[li].source, LayerSource::Reused(_)) {
+                    reused_compressed += p.desc.size;
+                }
+                descs.push(p.desc.clone());
+                diff_ids.push(p.diff_id.clone());
+                created_by.push(format!("breakfs: {}", the_plan.layers[li].label));
+            }
+            let mut config = loaded[i].image.config.clone();
+            config.set_layers(&diff_ids, &created_by);
+            let config_bytes = config.to_bytes();
+            let config_desc = Descriptor::new(
+                media_types::OCI_CONFIG,
+                Digest::of(&config_bytes),
+                config_bytes.len() as u64,
+            );
+            if store.push_blob_bytes(&config_desc, &config_bytes).await? {
+                uploaded += config_bytes.len() as u64;
+            }
+            let manifest = Manifest {
+                schema_version: 2,
+                media_type: Some(media_types::OCI_MANIFEST.into()),
+                config: config_desc,
+                layers: descs,
+                annotations: BTreeMap::new(),
+            };
+            let manifest_bytes = serde_json::to_vec(&manifest)
+                .map_err(|e| Error::io("serialising the manifest", std::io::Error::other(e)))?;
+            let tag = target.tag().unwrap_or("latest");
+            let manifest_digest = store
+                .push_manifest(tag, media_types::OCI_MANIFEST, &manifest_bytes)
+                .await?;
+            let compressed: u64 = manifest.layers.iter().map(|l| l.size).sum();
+            reports.push(ImageReport {
+                source: loaded[i].reference.to_string(),
+                dest: target.to_string(),
+                manifest_digest,
+                layers: manifest.layers.len(),
+                original_layers: loaded[i].image.layers().len(),
+                compressed_bytes: compressed,
+                original_compressed_bytes: loaded[i].image.layers().iter().map(|l| l.size).sum(),
+                reused_compressed_bytes: reused_compressed,
+                file_bytes: ip.file_bytes,
+                reused_file_bytes: ip.reused_bytes,
+                bound_bytes: ip.bound_bytes,
+                duplicated_bytes: ip.duplicated_bytes,
+                mtime_changes: ip.mtime_changes.len(),
+                uploaded_bytes: uploaded,
+                seconds: load_secs[i] + secs_each + t1.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    Ok(reports)
+}
