@@ -1,0 +1,176 @@
+//! Small hand-made images for tests: tar layers built entry by entry and
+//! written into an OCI layout, including deliberately broken ones.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use sha2::{Digest as _, Sha256};
+
+/// One tar entry to put in a test layer.
+pub enum T<'a> {
+    /// A directory.
+    Dir(&'a str),
+    /// A regular file with content and mode.
+    File(&'a str, &'a [u8], u32),
+    /// A symlink and its target.
+    Symlink(&'a str, &'a str),
+    /// A hard link to an earlier path.
+    Hardlink(&'a str, &'a str),
+}
+
+fn header(path_len_ok: bool) -> tar::Header {
+    let mut h = if path_len_ok {
+        tar::Header::new_ustar()
+    } else {
+        tar::Header::new_gnu()
+    };
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+/// Write a raw path into a header without the tar crate's checks, so
+/// `..` and absolute paths can be produced on purpose.
+fn set_raw_path(h: &mut tar::Header, path: &str) {
+    let name = &mut h.as_old_mut().name;
+    name.fill(0);
+    name[..path.len()].copy_from_slice(path.as_bytes());
+}
+
+/// An uncompressed tar of `entries`.
+pub fn tar_of(entries: &[T]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let mut h = header(true);
+        let (path, data): (&str, &[u8]) = match e {
+            T::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                (p, b"")
+            }
+            T::File(p, d, m) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*m);
+                (p, d)
+            }
+            T::Symlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_link_name(t).expect("short link target");
+                (p, b"")
+            }
+            T::Hardlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.set_link_name(t).expect("short link target");
+                (p, b"")
+            }
+        };
+        set_raw_path(&mut h, path);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// gzip `data` at the default level.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(data).expect("gzip to memory");
+    enc.finish().expect("gzip to memory")
+}
+
+/// `sha256:HEX` of `data`.
+pub fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn put_blob(dir: &Path, data: &[u8]) -> String {
+    let d = digest(data);
+    let path = dir.join("blobs/sha256").join(&d[7..]);
+    std::fs::create_dir_all(path.parent().expect("blob dir")).expect("create blobs dir");
+    std::fs::write(path, data).expect("write blob");
+    d
+}
+
+/// Options for [`write_image`].
+pub struct Layer {
+    /// The uncompressed tar.
+    pub tar: Vec<u8>,
+    /// The blob as stored (gzip of `tar` unless broken on purpose).
+    pub blob: Vec<u8>,
+    /// The media type to declare.
+    pub media_type: String,
+    /// A digest to declare instead of the blob's (to test verification).
+    pub declared_digest: Option<String>,
+}
+
+impl Layer {
+    /// A normal gzip layer of `tar`.
+    pub fn gzip(tar: Vec<u8>) -> Layer {
+        let blob = gzip(&tar);
+        Layer {
+            tar,
+            blob,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            declared_digest: None,
+        }
+    }
+}
+
+/// Write an image of `layers` into the OCI layout `dir` under `tag`
+/// (adding to an existing layout's index).
+pub fn write_image(dir: &Path, tag: &str, layers: &[Layer]) {
+    std::fs::create_dir_all(dir).expect("layout dir");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("oci-layout");
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in layers {
+        let d = put_blob(dir, &l.blob);
+        descs.push(serde_json::json!({
+            "mediaType": l.media_type,
+            "digest": l.declared_digest.clone().unwrap_or(d),
+            "size": l.blob.len(),
+        }));
+        diff_ids.push(digest(&l.tar));
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "created": "2024-01-01T00:00:00Z",
+        "config": {"Env": ["PATH=/usr/bin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": layers.iter().map(|_| serde_json::json!({"created_by": "test"})).collect::<Vec<_>>(),
+    })
+    .to_string();
+    let config_digest = put_blob(dir, config.as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descs,
+    })
+    .to_string();
+    let manifest_digest = put_blob(dir, manifest.as_bytes());
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = std::fs::read(&index_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+    let list = index["manifests"].as_array_mut().expect("manifests array");
+    list.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != tag);
+    list.push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_digest,
+        "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    }));
+    std::fs::write(&index_path, index.to_string()).expect("index.json");
+}
