@@ -1,1 +1,5 @@
 //! Integration tests: one binary, modules inside.
+
+mod bad_input;
+mod oci_io;
+mod support;

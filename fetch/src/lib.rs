@@ -1,3 +1,27 @@
-//! Moving bytes for breakfs: reading and writing images in OCI layouts and
-//! registries (pull and push, auth), and later the content store, sources
-//! and the fetch scheduler.
+//! Moving bytes for breakfs: reading and writing images in OCI image
+//! layouts and registries.
+//!
+//! The door is [`Store`]: one layout directory (`oci:DIR[:TAG]`) or one
+//! registry repository (`docker://HOST/REPO[:TAG|@DIGEST]`, OCI
+//! distribution API with Basic and Bearer-token auth from the docker
+//! config) behind one API. [`Store::resolve`] turns a reference into an
+//! [`Image`] (manifest and config, digests verified, an index followed to
+//! the platform of [`ClientOptions`]); blob reads verify size and digest and
+//! land atomically; pushes skip blobs already present and mount across
+//! repositories where they can.
+
+mod auth;
+mod blobfile;
+mod error;
+mod layout;
+mod options;
+mod registry;
+mod store;
+mod tocread;
+
+pub use error::{Error, Result};
+pub use layout::OciLayout;
+pub use options::ClientOptions;
+pub use registry::{FetchedManifest, RegistryRepo};
+pub use store::{Image, Store};
+pub use tocread::LayerToc;

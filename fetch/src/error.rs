@@ -1,0 +1,151 @@
+//! The one error type of the fetch crate.
+
+use std::io;
+
+use breakfs_index::Digest;
+
+/// What can go wrong while moving image bytes to and from layouts and registries.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The registry could not be reached at all (refused, timed out, TLS failed).
+    #[error(
+        "cannot reach registry {registry}: {}; is it running? use --plain-http (or BREAKFS_PLAIN_HTTP=1) for an HTTP registry",
+        chain(.source)
+    )]
+    Unreachable {
+        /// `HOST[:PORT]`.
+        registry: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A transfer broke after the registry answered (reset, timeout mid-body).
+    #[error("{what}: transfer failed: {}", chain(.source))]
+    Transfer {
+        /// What was being transferred.
+        what: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an unexpected HTTP status.
+    #[error("{what}: the registry answered {status}: {body}")]
+    Status {
+        /// What was asked, e.g. `manifest docker://reg/app:v1`.
+        what: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The start of the response body (the registry's error JSON).
+        body: String,
+    },
+    /// The thing asked for does not exist (404, missing file).
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked up, with where.
+        what: String,
+    },
+    /// The registry refused us: no credentials, or wrong ones.
+    #[error("registry {registry} refused access: {hint}")]
+    Unauthorized {
+        /// `HOST[:PORT]`.
+        registry: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// Content whose digest is not the one it was asked by.
+    #[error(
+        "{what}: digest mismatch: expected {expected}, got {actual}; the content is corrupt or was changed"
+    )]
+    DigestMismatch {
+        /// Which blob or manifest.
+        what: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// Content whose size is not the one its descriptor gives.
+    #[error("{what}: size mismatch: the descriptor says {expected} bytes, got {actual}")]
+    SizeMismatch {
+        /// Which blob.
+        what: String,
+        /// The size asked for.
+        expected: u64,
+        /// The size that arrived.
+        actual: u64,
+    },
+    /// An index has no manifest for the requested platform.
+    #[error("{image} has no manifest for platform {wanted}; available: {}; choose one with --platform", .available.join(", "))]
+    NoPlatform {
+        /// The image reference.
+        image: String,
+        /// The platform asked for.
+        wanted: String,
+        /// The platforms the index lists.
+        available: Vec<String>,
+    },
+    /// A layout holds several images and the reference names none of them.
+    #[error("{layout} holds several images (tags: {}); name one as oci:DIR:TAG", .tags.join(", "))]
+    Ambiguous {
+        /// The layout reference.
+        layout: String,
+        /// The tags it holds.
+        tags: Vec<String>,
+    },
+    /// A reference resolved against a store for another location.
+    #[error("{reference} is not in {store}: open a store for it first")]
+    OtherLocation {
+        /// The reference given.
+        reference: String,
+        /// The store it was given to.
+        store: String,
+    },
+    /// A registry or layout that breaks the protocol or format (bad header, bad token reply).
+    #[error("{what}: {reason}")]
+    Protocol {
+        /// What was being read.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An error from the image model (parsing manifests, configs, references).
+    #[error(transparent)]
+    Index(#[from] breakfs_index::Error),
+    /// A local file error, with what was being done.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Wrap an I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// An error and its causes on one line: reqwest's own message is terse.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Result with the fetch crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
