@@ -27,4 +27,8 @@ pub use oci::{
 };
 pub use reference::{ImageRef, Reference};
 pub use tarindex::{LayerEntry, LayerIndex};
-pub use toc::{Toc, TocChunk, TocEntry};
+pub use toc::{
+    FOOTER_SIZE, LANDMARK_CONTENT, LEGACY_FOOTER_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+    TOC_TAR_NAME, TailRead, Toc, TocChunk, TocEntry, TocEntryType, TocLayer, TocTail, footer,
+    format_modtime, parse_footer, parse_footer_sized, toc_json_from_member,
+};
