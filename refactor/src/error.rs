@@ -8,6 +8,17 @@ pub enum Error {
     /// An error from the metadata layer (digests, entries, TOC, manifests).
     #[error(transparent)]
     Index(#[from] breakfs_index::Error),
+    /// An error reading or writing images in a layout or a registry.
+    #[error(transparent)]
+    Fetch(#[from] breakfs_fetch::Error),
+    /// A source image that cannot be refactored as it is.
+    #[error("image {image}: {reason}")]
+    Source {
+        /// The image reference.
+        image: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An I/O error, with what was being done.
     #[error("{what}: {source}")]
     Io {
@@ -34,6 +45,35 @@ pub enum Error {
         path: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A planner option that cannot be satisfied.
+    #[error("invalid plan option: {reason}")]
+    PlanOption {
+        /// What is wrong and the accepted range.
+        reason: String,
+    },
+    /// A merged view the planner cannot plan (e.g. a hard link to a missing file).
+    #[error("image {image}: cannot plan entry {path:?}: {reason}")]
+    PlanInput {
+        /// The image's name.
+        image: String,
+        /// The entry's path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Planned layers that do not rebuild the image's merged view.
+    #[error(
+        "planned layers of image {image} do not reproduce its merged view ({count} differences, first: {}); this is a planner bug, nothing was written",
+        first.join("; ")
+    )]
+    PlanMismatch {
+        /// The image's name.
+        image: String,
+        /// How many paths differ.
+        count: usize,
+        /// The first differences, one per path.
+        first: Vec<String>,
     },
 }
 

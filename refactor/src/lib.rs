@@ -1,5 +1,17 @@
 //! Image refactoring: the layer planner and the eStargz layer writer.
 
+mod dpkg;
 mod error;
+mod estargz;
+mod pipeline;
+mod plan;
 
+pub use dpkg::PackageDb;
 pub use error::{Error, Result};
+pub use pipeline::{
+    ImageReport, LoadedImage, NoProgress, Progress, RefactorOptions, load_image, refactor,
+};
+pub use estargz::{ContentSource, WriterOptions, WrittenLayer, write_layer};
+pub use plan::{
+    ImagePlan, LayerSource, Plan, PlanImage, PlanLayer, PlanOptions, PublishedLayer, plan,
+};

@@ -1,0 +1,1160 @@
+//! The eStargz layer writer.
+//!
+//! Writes breakfs [`Entry`]s as one eStargz-compatible `tar+gzip` layer, laid
+//! out as the reference (stargz-snapshotter) writer does: a tar header lives
+//! in the gzip member that is open when it is written, every non-empty regular
+//! file's payload (and each `chunk_size` chunk of it) starts a new member, the
+//! TOC (`stargz.index.json`) is the last tar entry in a member of its own, and
+//! the 51-byte footer member points at it. Members are compressed in parallel
+//! in batches; the blob is still one valid gzip stream of one valid tar.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{self, Write};
+
+use breakfs_index::{
+    Descriptor, Digest, Entry, EntryKind, HashingWriter, LANDMARK_CONTENT, NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK, TOC_TAR_NAME, Toc, TocEntry, TocEntryType, annotations, footer,
+    format_modtime, media_types,
+};
+use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+use rayon::prelude::*;
+use sha2::{Digest as _, Sha256};
+
+use crate::{Error, Result};
+
+/// Where the writer gets file content from.
+pub trait ContentSource: Sync {
+    /// Fill `buf` with the content of regular file `entry` starting at `offset`.
+    fn read_at(&self, entry: &Entry, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// How to write a layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Largest uncompressed chunk of a file in one gzip member (4 MiB).
+    pub chunk_size: u64,
+    /// gzip level, 0–9 (6).
+    pub level: u32,
+    /// Paths to put first, before the prefetch landmark; empty for none.
+    pub prefetch: Vec<String>,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            chunk_size: 4 << 20,
+            level: 6,
+            prefetch: Vec::new(),
+        }
+    }
+}
+
+/// What [`write_layer`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenLayer {
+    /// sha256 of the blob.
+    pub digest: Digest,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// sha256 of the uncompressed tar stream.
+    pub diff_id: Digest,
+    /// Size of the uncompressed tar stream.
+    pub uncompressed_size: u64,
+    /// sha256 of the TOC JSON.
+    pub toc_digest: Digest,
+    /// Number of tar entries written, landmark and TOC included.
+    pub entries: usize,
+}
+
+impl WrittenLayer {
+    /// The layer's OCI descriptor: gzip layer media type, TOC digest and
+    /// uncompressed size annotations.
+    pub fn descriptor(&self) -> Descriptor {
+        let mut d = Descriptor::new(media_types::OCI_LAYER_GZIP, self.digest.clone(), self.size);
+        d.annotations
+            .insert(annotations::TOC_DIGEST.into(), self.toc_digest.to_string());
+        d.annotations.insert(
+            annotations::UNCOMPRESSED_SIZE.into(),
+            self.uncompressed_size.to_string(),
+        );
+        d
+    }
+}
+
+/// Uncompressed bytes gathered before a batch is compressed in parallel.
+const BATCH_BYTES: usize = 64 << 20;
+
+/// Write `entries` (in order; directories before their children, hard links
+/// after their targets) as an eStargz layer to `out`, reading file content
+/// from `content` and checking it against each entry's size and digest.
+pub fn write_layer<W: Write>(
+    out: W,
+    entries: &[Entry],
+    content: &dyn ContentSource,
+    opts: &WriterOptions,
+) -> Result<WrittenLayer> {
+    write_layer_batched(out, entries, content, opts, BATCH_BYTES)
+}
+
+fn write_layer_batched<W: Write>(
+    out: W,
+    entries: &[Entry],
+    content: &dyn ContentSource,
+    opts: &WriterOptions,
+    batch_bytes: usize,
+) -> Result<WrittenLayer> {
+    if opts.chunk_size == 0 {
+        return Err(Error::BadEntry {
+            path: String::new(),
+            reason: "chunk size 0: use a positive chunk size such as 4 MiB".into(),
+        });
+    }
+    if opts.level > 9 {
+        return Err(Error::BadEntry {
+            path: String::new(),
+            reason: format!("gzip level {} is not in 0..=9", opts.level),
+        });
+    }
+    let order = write_order(entries, &opts.prefetch);
+    let mut w = LayerWriter {
+        entries,
+        content,
+        level: opts.level,
+        chunk_size: opts.chunk_size,
+        batch_bytes,
+        out: HashingWriter::new(out),
+        diff: Sha256::new(),
+        uncompressed: 0,
+        toc: Toc {
+            version: 1,
+            entries: Vec::new(),
+        },
+        open: Segment::default(),
+        batch: Vec::new(),
+        batch_len: 0,
+        pool: Vec::new(),
+        file_hash: None,
+    };
+    for item in &order {
+        w.append(*item)?;
+    }
+    w.close_open_segment();
+    w.flush_batch()?;
+
+    // The TOC member: header, JSON, padding and the end-of-archive blocks.
+    let json = w.toc.to_json();
+    let toc_digest = Digest::of(&json);
+    let mut tail = Vec::with_capacity(json.len() + 3 * 512);
+    let mut meta = Entry::new(TOC_TAR_NAME, EntryKind::File);
+    meta.mode = 0o644;
+    meta.size = json.len() as u64;
+    push_header(&mut tail, &meta, TOC_TAR_NAME)?;
+    tail.extend_from_slice(&json);
+    tail.resize(tail.len() + padding(json.len() as u64), 0);
+    tail.resize(tail.len() + 1024, 0);
+    w.diff.update(&tail);
+    w.uncompressed += tail.len() as u64;
+    let toc_offset = w.out.count();
+    let mut member = Vec::new();
+    with_compressor(w.level, |c| gzip_member(c, w.level, &tail, &mut member))
+        .map_err(|e| Error::io("compressing the eStargz TOC", e))?;
+    let what = "writing the eStargz layer";
+    w.out.write_all(&member).map_err(|e| Error::io(what, e))?;
+    w.out
+        .write_all(&footer(toc_offset))
+        .map_err(|e| Error::io(what, e))?;
+    w.out.flush().map_err(|e| Error::io(what, e))?;
+    let (_, digest, size) = w.out.finish();
+    Ok(WrittenLayer {
+        digest,
+        size,
+        diff_id: Digest::from_hasher(w.diff),
+        uncompressed_size: w.uncompressed,
+        toc_digest,
+        entries: order.len() + 1,
+    })
+}
+
+/// One tar entry to write: an input entry or a landmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Item {
+    Entry(usize),
+    Landmark(&'static str),
+}
+
+/// Prioritized entries (with their parent directories and hard link
+/// targets) first, then the landmark, then the rest in input order.
+fn write_order(entries: &[Entry], prefetch: &[String]) -> Vec<Item> {
+    let by_path: HashMap<&str, usize> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.as_str(), i))
+        .collect();
+    let mut moved = vec![false; entries.len()];
+    let mut front = Vec::new();
+    fn move_rec(
+        path: &str,
+        depth: usize,
+        entries: &[Entry],
+        by_path: &HashMap<&str, usize>,
+        moved: &mut [bool],
+        front: &mut Vec<Item>,
+    ) {
+        if path.is_empty() || depth > 64 {
+            return;
+        }
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            move_rec(parent, depth + 1, entries, by_path, moved, front);
+        }
+        let Some(&i) = by_path.get(path) else { return };
+        if moved[i] {
+            return;
+        }
+        if entries[i].kind == EntryKind::Hardlink {
+            move_rec(&entries[i].link, depth + 1, entries, by_path, moved, front);
+        }
+        if !moved[i] {
+            moved[i] = true;
+            front.push(Item::Entry(i));
+        }
+    }
+    for p in prefetch {
+        let p = p.trim_start_matches("./").trim_matches('/');
+        move_rec(p, 0, entries, &by_path, &mut moved, &mut front);
+    }
+    let landmark = if front.is_empty() {
+        NO_PREFETCH_LANDMARK
+    } else {
+        PREFETCH_LANDMARK
+    };
+    front.push(Item::Landmark(landmark));
+    front.extend((0..entries.len()).filter(|&i| !moved[i]).map(Item::Entry));
+    front
+}
+
+/// Part of a member's uncompressed bytes.
+enum Piece {
+    Bytes(Vec<u8>),
+    Content {
+        entry: usize,
+        offset: u64,
+        len: usize,
+    },
+}
+
+/// A file chunk (or landmark payload) that starts a member.
+#[derive(Clone, Copy)]
+struct ChunkRef {
+    toc_idx: usize,
+    len: usize,
+    file: Option<FileRef>,
+}
+
+#[derive(Clone, Copy)]
+struct FileRef {
+    entry: usize,
+    reg_toc_idx: usize,
+    first: bool,
+    last: bool,
+}
+
+/// One gzip member's worth of uncompressed bytes.
+#[derive(Default)]
+struct Segment {
+    pieces: Vec<Piece>,
+    len: usize,
+    chunk: Option<ChunkRef>,
+}
+
+/// A segment with its buffers while a batch is processed.
+struct Work {
+    seg: Segment,
+    buf: Vec<u8>,
+    chunk_digest: Option<Digest>,
+}
+
+struct LayerWriter<'a, W: Write> {
+    entries: &'a [Entry],
+    content: &'a dyn ContentSource,
+    level: u32,
+    chunk_size: u64,
+    batch_bytes: usize,
+    out: HashingWriter<W>,
+    diff: Sha256,
+    uncompressed: u64,
+    toc: Toc,
+    open: Segment,
+    batch: Vec<Segment>,
+    batch_len: usize,
+    pool: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Running hash of the multi-chunk file being written.
+    file_hash: Option<Sha256>,
+}
+
+impl<W: Write> LayerWriter<'_, W> {
+    fn push_bytes(&mut self, bytes: Vec<u8>) {
+        self.open.len += bytes.len();
+        self.open.pieces.push(Piece::Bytes(bytes));
+    }
+
+    fn close_open_segment(&mut self) {
+        if self.open.len > 0 {
+            let seg = std::mem::take(&mut self.open);
+            self.batch_len += seg.len;
+            self.batch.push(seg);
+        }
+    }
+
+    /// Close the open member and start one whose first bytes are a payload.
+    fn start_chunk_segment(&mut self, chunk: ChunkRef, piece: Piece) -> Result<()> {
+        self.close_open_segment();
+        if self.batch_len >= self.batch_bytes {
+            self.flush_batch()?;
+        }
+        self.open = Segment {
+            pieces: vec![piece],
+            len: chunk.len,
+            chunk: Some(chunk),
+        };
+        Ok(())
+    }
+
+    fn append(&mut self, item: Item) -> Result<()> {
+        let i = match item {
+            Item::Entry(i) => i,
+            Item::Landmark(name) => return self.append_landmark(name),
+        };
+        let e = &self.entries[i];
+        check_entry(e)?;
+        let name = if e.kind == EntryKind::Dir {
+            format!("{}/", e.path)
+        } else {
+            e.path.clone()
+        };
+        let mut header = Vec::with_capacity(512);
+        push_header(&mut header, e, &name)?;
+        self.push_bytes(header);
+
+        let mut te = TocEntry::new(name, toc_type(e.kind));
+        te.mode = i64::from(e.mode & 0o7777);
+        te.uid = e.uid;
+        te.gid = e.gid;
+        te.modtime = format_modtime(e.mtime);
+        te.xattrs = e.xattrs.clone();
+        match e.kind {
+            EntryKind::Symlink | EntryKind::Hardlink => te.link_name = e.link.clone(),
+            EntryKind::CharDev | EntryKind::BlockDev => {
+                te.dev_major = e.dev_major;
+                te.dev_minor = e.dev_minor;
+            }
+            EntryKind::File => {
+                te.size = e.size;
+                if let Some(d) = &e.digest {
+                    te.digest = d.to_string();
+                }
+            }
+            EntryKind::Dir | EntryKind::Fifo => {}
+        }
+        let reg_toc_idx = self.toc.entries.len();
+        self.toc.entries.push(te);
+        if e.kind != EntryKind::File {
+            return Ok(());
+        }
+        if e.size == 0 {
+            let empty = Digest::of(b"");
+            if let Some(d) = &e.digest
+                && *d != empty
+            {
+                return Err(mismatch(e, format!("size is 0 but digest is {d}")));
+            }
+            self.toc.entries[reg_toc_idx].digest = empty.to_string();
+            return Ok(());
+        }
+        let size = e.size;
+        let mut off = 0u64;
+        while off < size {
+            let len = self.chunk_size.min(size - off);
+            let last = off + len == size;
+            let toc_idx = if off == 0 {
+                reg_toc_idx
+            } else {
+                let mut c = TocEntry::new(e.path.clone(), TocEntryType::Chunk);
+                c.chunk_offset = off;
+                self.toc.entries.push(c);
+                self.toc.entries.len() - 1
+            };
+            if !last {
+                self.toc.entries[toc_idx].chunk_size = len;
+            }
+            let len = usize::try_from(len).map_err(|_| Error::BadEntry {
+                path: e.path.clone(),
+                reason: format!("chunk of {len} bytes does not fit in memory"),
+            })?;
+            let chunk = ChunkRef {
+                toc_idx,
+                len,
+                file: Some(FileRef {
+                    entry: i,
+                    reg_toc_idx,
+                    first: off == 0,
+                    last,
+                }),
+            };
+            self.start_chunk_segment(
+                chunk,
+                Piece::Content {
+                    entry: i,
+                    offset: off,
+                    len,
+                },
+            )?;
+            off += len as u64;
+        }
+        let pad = padding(size);
+        if pad > 0 {
+            self.push_bytes(vec![0; pad]);
+        }
+        Ok(())
+    }
+
+    fn append_landmark(&mut self, name: &'static str) -> Result<()> {
+        let mut meta = Entry::new(name, EntryKind::File);
+        meta.mode = 0o644;
+        meta.size = 1;
+        let mut header = Vec::with_capacity(512);
+        push_header(&mut header, &meta, name)?;
+        self.push_bytes(header);
+        let mut te = TocEntry::new(name, TocEntryType::Reg);
+        te.mode = 0o644;
+        te.size = 1;
+        te.digest = Digest::of(&[LANDMARK_CONTENT]).to_string();
+        let toc_idx = self.toc.entries.len();
+        self.toc.entries.push(te);
+        let chunk = ChunkRef {
+            toc_idx,
+            len: 1,
+            file: None,
+        };
+        self.start_chunk_segment(chunk, Piece::Bytes(vec![LANDMARK_CONTENT]))?;
+        self.push_bytes(vec![0; padding(1)]);
+        Ok(())
+    }
+
+    /// Read, digest and compress the closed segments in parallel, then hash
+    /// and write them in order.
+    fn flush_batch(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut works: Vec<Work> = Vec::with_capacity(self.batch.len());
+        let mut outs: Vec<Vec<u8>> = Vec::with_capacity(self.batch.len());
+        for seg in self.batch.drain(..) {
+            let (buf, out) = self.pool.pop().unwrap_or_default();
+            works.push(Work {
+                seg,
+                buf,
+                chunk_digest: None,
+            });
+            outs.push(out);
+        }
+        self.batch_len = 0;
+
+        let entries = self.entries;
+        let content = self.content;
+        let level = self.level;
+        works
+            .par_iter_mut()
+            .try_for_each(|w| fill(w, entries, content))?;
+        let (hashed, compressed) = rayon::join(
+            || hash_batch(&works, entries, &mut self.diff, &mut self.file_hash),
+            || {
+                works
+                    .par_iter()
+                    .zip(outs.par_iter_mut())
+                    .try_for_each(|(w, out)| {
+                        with_compressor(level, |c| gzip_member(c, level, &w.buf, out))
+                            .map_err(|e| Error::io("compressing an eStargz member", e))
+                    })
+            },
+        );
+        let file_digests = hashed?;
+        compressed?;
+
+        for ((w, out), fd) in works.iter().zip(&outs).zip(file_digests) {
+            self.uncompressed += w.buf.len() as u64;
+            if let Some(chunk) = w.seg.chunk {
+                let te = &mut self.toc.entries[chunk.toc_idx];
+                te.offset = self.out.count();
+                if let Some(d) = &w.chunk_digest {
+                    te.chunk_digest = d.to_string();
+                }
+                if let (Some(d), Some(file)) = (fd, chunk.file) {
+                    self.toc.entries[file.reg_toc_idx].digest = d.to_string();
+                }
+            }
+            self.out
+                .write_all(out)
+                .map_err(|e| Error::io("writing the eStargz layer", e))?;
+        }
+        for (mut w, mut out) in works.into_iter().zip(outs) {
+            w.buf.clear();
+            out.clear();
+            self.pool.push((w.buf, out));
+        }
+        Ok(())
+    }
+}
+
+/// Materialise a segment's bytes and digest its payload.
+fn fill(w: &mut Work, entries: &[Entry], content: &dyn ContentSource) -> Result<()> {
+    w.buf.clear();
+    w.buf.reserve(w.seg.len);
+    for piece in &w.seg.pieces {
+        match piece {
+            Piece::Bytes(b) => w.buf.extend_from_slice(b),
+            Piece::Content { entry, offset, len } => {
+                let e = &entries[*entry];
+                let start = w.buf.len();
+                w.buf.resize(start + len, 0);
+                content
+                    .read_at(e, *offset, &mut w.buf[start..])
+                    .map_err(|err| {
+                        if err.kind() == io::ErrorKind::UnexpectedEof {
+                            mismatch(
+                                e,
+                                format!(
+                                    "the source has fewer than the {} bytes the entry says ({err})",
+                                    e.size
+                                ),
+                            )
+                        } else {
+                            Error::io(format!("reading {:?} at offset {offset}", e.path), err)
+                        }
+                    })?;
+            }
+        }
+    }
+    if let Some(chunk) = w.seg.chunk {
+        w.chunk_digest = Some(Digest::of(&w.buf[..chunk.len]));
+    }
+    Ok(())
+}
+
+/// Hash a batch into the diff_id and the running file digests; returns, per
+/// work, the whole-file digest when that work ends a file.
+fn hash_batch(
+    works: &[Work],
+    entries: &[Entry],
+    diff: &mut Sha256,
+    file_hash: &mut Option<Sha256>,
+) -> Result<Vec<Option<Digest>>> {
+    let mut out = Vec::with_capacity(works.len());
+    for w in works {
+        diff.update(&w.buf);
+        let mut done = None;
+        if let Some(chunk) = w.seg.chunk
+            && let Some(file) = chunk.file
+        {
+            let digest = if file.first && file.last {
+                w.chunk_digest.clone()
+            } else {
+                let h = file_hash.get_or_insert_with(Sha256::new);
+                h.update(&w.buf[..chunk.len]);
+                if file.last {
+                    file_hash.take().map(Digest::from_hasher)
+                } else {
+                    None
+                }
+            };
+            if let Some(d) = digest {
+                let e = &entries[file.entry];
+                if let Some(want) = &e.digest
+                    && *want != d
+                {
+                    return Err(mismatch(
+                        e,
+                        format!("the entry says {want} but the content hashes to {d}"),
+                    ));
+                }
+                done = Some(d);
+            }
+        }
+        out.push(done);
+    }
+    Ok(out)
+}
+
+fn mismatch(e: &Entry, reason: String) -> Error {
+    Error::ContentMismatch {
+        path: e.path.clone(),
+        reason,
+    }
+}
+
+fn check_entry(e: &Entry) -> Result<()> {
+    let bad = |reason: &str| Error::BadEntry {
+        path: e.path.clone(),
+        reason: reason.to_string(),
+    };
+    if e.path.is_empty() {
+        return Err(bad("empty path"));
+    }
+    if e.path.starts_with('/') || e.path.ends_with('/') {
+        return Err(bad("path is not normalised (leading or trailing `/`)"));
+    }
+    if e.path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(bad("path has an empty, `.` or `..` component"));
+    }
+    if e.path == TOC_TAR_NAME || e.path == PREFETCH_LANDMARK || e.path == NO_PREFETCH_LANDMARK {
+        return Err(bad("the name is reserved by eStargz"));
+    }
+    if matches!(e.kind, EntryKind::Symlink | EntryKind::Hardlink) && e.link.is_empty() {
+        return Err(bad("link without a target"));
+    }
+    Ok(())
+}
+
+fn toc_type(kind: EntryKind) -> TocEntryType {
+    match kind {
+        EntryKind::File => TocEntryType::Reg,
+        EntryKind::Dir => TocEntryType::Dir,
+        EntryKind::Symlink => TocEntryType::Symlink,
+        EntryKind::Hardlink => TocEntryType::Hardlink,
+        EntryKind::CharDev => TocEntryType::Char,
+        EntryKind::BlockDev => TocEntryType::Block,
+        EntryKind::Fifo => TocEntryType::Fifo,
+    }
+}
+
+/// Zero bytes that follow `size` bytes of payload to the next 512 boundary.
+fn padding(size: u64) -> usize {
+    ((512 - size % 512) % 512) as usize
+}
+
+const MAX_OCTAL_7: u64 = 0o7_777_777;
+const MAX_OCTAL_11: u64 = 0o77_777_777_777;
+
+/// Append the tar header(s) of `e`, written under `name`: a PAX extended
+/// header first when a field does not fit ustar, then the ustar header.
+fn push_header(out: &mut Vec<u8>, e: &Entry, name: &str) -> Result<()> {
+    let mut pax = Vec::new();
+    if name.len() > 100 {
+        pax_record(&mut pax, "path", name.as_bytes());
+    }
+    let link = match e.kind {
+        EntryKind::Symlink | EntryKind::Hardlink => e.link.as_str(),
+        _ => "",
+    };
+    if link.len() > 100 {
+        pax_record(&mut pax, "linkpath", link.as_bytes());
+    }
+    let size = if e.kind == EntryKind::File { e.size } else { 0 };
+    let mut field = |key: &str, v: u64, max: u64| -> u64 {
+        if v > max {
+            pax_record(&mut pax, key, v.to_string().as_bytes());
+            0
+        } else {
+            v
+        }
+    };
+    let uid = field("uid", u64::from(e.uid), MAX_OCTAL_7);
+    let gid = field("gid", u64::from(e.gid), MAX_OCTAL_7);
+    let size_field = field("size", size, MAX_OCTAL_11);
+    let mtime = if e.mtime < 0 || e.mtime as u64 > MAX_OCTAL_11 {
+        pax_record(&mut pax, "mtime", e.mtime.to_string().as_bytes());
+        0
+    } else {
+        e.mtime as u64
+    };
+    for (k, v) in &e.xattrs {
+        pax_record(&mut pax, &format!("SCHILY.xattr.{k}"), v);
+    }
+    if u64::from(e.dev_major) > MAX_OCTAL_7 || u64::from(e.dev_minor) > MAX_OCTAL_7 {
+        return Err(Error::BadEntry {
+            path: e.path.clone(),
+            reason: format!(
+                "device {}:{} does not fit a tar header (at most {MAX_OCTAL_7} each)",
+                e.dev_major, e.dev_minor
+            ),
+        });
+    }
+    if !pax.is_empty() {
+        let mut h = [0u8; 512];
+        put_bytes(&mut h[0..100], b"././@PaxHeader");
+        put_octal(&mut h[100..108], 0o644);
+        put_octal(&mut h[108..116], 0);
+        put_octal(&mut h[116..124], 0);
+        put_octal(&mut h[124..136], pax.len() as u64);
+        put_octal(&mut h[136..148], 0);
+        h[156] = b'x';
+        finish_ustar(&mut h);
+        out.extend_from_slice(&h);
+        let pad = padding(pax.len() as u64);
+        out.extend_from_slice(&pax);
+        out.resize(out.len() + pad, 0);
+    }
+    let mut h = [0u8; 512];
+    put_bytes(&mut h[0..100], truncate(name.as_bytes(), 100));
+    put_octal(&mut h[100..108], u64::from(e.mode & 0o7777));
+    put_octal(&mut h[108..116], uid);
+    put_octal(&mut h[116..124], gid);
+    put_octal(&mut h[124..136], size_field);
+    put_octal(&mut h[136..148], mtime);
+    h[156] = match e.kind {
+        EntryKind::File => b'0',
+        EntryKind::Hardlink => b'1',
+        EntryKind::Symlink => b'2',
+        EntryKind::CharDev => b'3',
+        EntryKind::BlockDev => b'4',
+        EntryKind::Dir => b'5',
+        EntryKind::Fifo => b'6',
+    };
+    put_bytes(&mut h[157..257], truncate(link.as_bytes(), 100));
+    if matches!(e.kind, EntryKind::CharDev | EntryKind::BlockDev) {
+        put_octal(&mut h[329..337], u64::from(e.dev_major));
+        put_octal(&mut h[337..345], u64::from(e.dev_minor));
+    }
+    finish_ustar(&mut h);
+    out.extend_from_slice(&h);
+    Ok(())
+}
+
+fn truncate(b: &[u8], n: usize) -> &[u8] {
+    &b[..b.len().min(n)]
+}
+
+fn put_bytes(field: &mut [u8], b: &[u8]) {
+    field[..b.len()].copy_from_slice(b);
+}
+
+/// Zero-padded octal digits filling all but the last byte, then NUL.
+fn put_octal(field: &mut [u8], v: u64) {
+    let digits = field.len() - 1;
+    let s = format!("{v:0digits$o}");
+    field[..digits].copy_from_slice(&s.as_bytes()[s.len() - digits..]);
+    field[digits] = 0;
+}
+
+/// Magic, version and checksum of a ustar header.
+fn finish_ustar(h: &mut [u8; 512]) {
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    let s = format!("{sum:06o}");
+    h[148..154].copy_from_slice(s.as_bytes());
+    h[154] = 0;
+    h[155] = b' ';
+}
+
+/// One PAX record: `LEN key=value\n`, LEN counting itself.
+fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
+    let base = key.len() + value.len() + 3;
+    let mut len = base + base.to_string().len();
+    if len.to_string().len() != base.to_string().len() {
+        len = base + len.to_string().len();
+    }
+    out.extend_from_slice(format!("{len} {key}=").as_bytes());
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+}
+
+/// Run `f` with this thread's raw deflate compressor at `level`, reused
+/// across members.
+fn with_compressor<T>(level: u32, f: impl FnOnce(&mut Compress) -> T) -> T {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match slot.as_mut() {
+            Some((l, c)) if *l == level => {
+                c.reset();
+                f(c)
+            }
+            _ => {
+                let (_, c) = slot.insert((level, Compress::new(Compression::new(level), false)));
+                f(c)
+            }
+        }
+    })
+}
+
+/// Compress `input` as one complete gzip member into `out` (cleared first).
+fn gzip_member(c: &mut Compress, level: u32, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
+    let xfl = match level {
+        9 => 2,
+        1 => 4,
+        _ => 0,
+    };
+    out.extend_from_slice(&[0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, xfl, 0xff]);
+    let mut consumed = 0usize;
+    loop {
+        if out.capacity() - out.len() < 4096 {
+            out.reserve((input.len() - consumed) / 2 + 64 * 1024);
+        }
+        let before = c.total_in();
+        let status = c
+            .compress_vec(&input[consumed..], out, FlushCompress::Finish)
+            .map_err(io::Error::other)?;
+        consumed += (c.total_in() - before) as usize;
+        if status == Status::StreamEnd {
+            break;
+        }
+    }
+    let mut crc = Crc::new();
+    crc.update(input);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&(input.len() as u32).to_le_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::io::Read;
+
+    use breakfs_index::{TailRead, TocChunk, parse_footer};
+
+    use super::*;
+
+    struct MemSource(HashMap<String, Vec<u8>>);
+
+    impl ContentSource for MemSource {
+        fn read_at(&self, entry: &Entry, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let data = self
+                .0
+                .get(&entry.path)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))?;
+            let start = offset as usize;
+            let end = start + buf.len();
+            if end > data.len() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short"));
+            }
+            buf.copy_from_slice(&data[start..end]);
+            Ok(())
+        }
+    }
+
+    fn pseudo(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn fixture() -> (Vec<Entry>, MemSource) {
+        let mut entries = Vec::new();
+        let mut files = HashMap::new();
+        let e = |path: &str, kind: EntryKind, mode: u32| {
+            let mut x = Entry::new(path, kind);
+            x.mode = mode;
+            x.mtime = 1_700_000_000;
+            x
+        };
+        let mut file = |entries: &mut Vec<Entry>, mut x: Entry, data: Vec<u8>| {
+            x.size = data.len() as u64;
+            x.digest = Some(Digest::of(&data));
+            files.insert(x.path.clone(), data);
+            entries.push(x);
+        };
+        entries.push(e("a", EntryKind::Dir, 0o755));
+        file(
+            &mut entries,
+            e("a/empty", EntryKind::File, 0o644),
+            Vec::new(),
+        );
+        file(
+            &mut entries,
+            e("a/small", EntryKind::File, 0o644),
+            b"hello".to_vec(),
+        );
+        file(
+            &mut entries,
+            e("a/big", EntryKind::File, 0o600),
+            pseudo(5000, 1),
+        );
+        file(
+            &mut entries,
+            e("a/exact", EntryKind::File, 0o644),
+            pseudo(2048, 2),
+        );
+        file(
+            &mut entries,
+            e("a/suid", EntryKind::File, 0o4755),
+            b"#!/bin/sh\n".to_vec(),
+        );
+        let mut x = e("a/link", EntryKind::Symlink, 0o777);
+        x.link = "small".into();
+        entries.push(x);
+        let mut x = e("a/hard", EntryKind::Hardlink, 0o644);
+        x.link = "a/small".into();
+        entries.push(x);
+        entries.push(e("dev", EntryKind::Dir, 0o755));
+        let mut x = e("dev/null", EntryKind::CharDev, 0o666);
+        (x.dev_major, x.dev_minor) = (1, 3);
+        entries.push(x);
+        let mut x = e("dev/sda", EntryKind::BlockDev, 0o660);
+        (x.dev_major, x.dev_minor, x.gid) = (8, 0, 6);
+        entries.push(x);
+        entries.push(e("dev/fifo", EntryKind::Fifo, 0o600));
+        let long = format!("a/{}", "x".repeat(150));
+        let mut x = e(&long, EntryKind::File, 0o640);
+        x.uid = 3_000_000;
+        x.gid = 1000;
+        x.xattrs.insert("user.foo".into(), b"bar".to_vec());
+        x.xattrs
+            .insert("security.capability".into(), vec![1, 0, 0, 2, 255]);
+        file(&mut entries, x, b"long".to_vec());
+        let mut x = e("a/longlink", EntryKind::Symlink, 0o777);
+        x.link = "t".repeat(200);
+        entries.push(x);
+        (entries, MemSource(files))
+    }
+
+    fn write(
+        entries: &[Entry],
+        src: &MemSource,
+        opts: &WriterOptions,
+        batch: usize,
+    ) -> (Vec<u8>, WrittenLayer) {
+        let mut blob = Vec::new();
+        let w = write_layer_batched(&mut blob, entries, src, opts, batch).unwrap();
+        (blob, w)
+    }
+
+    fn small_chunks() -> WriterOptions {
+        WriterOptions {
+            chunk_size: 1024,
+            ..WriterOptions::default()
+        }
+    }
+
+    /// Tar names in order, the raw tar, and path → (metadata, content).
+    type TarView = (Vec<String>, Vec<u8>, BTreeMap<String, (Entry, Vec<u8>)>);
+
+    /// What a plain tar reader sees.
+    fn read_tar(blob: &[u8]) -> TarView {
+        let mut raw = Vec::new();
+        flate2::read::MultiGzDecoder::new(blob)
+            .read_to_end(&mut raw)
+            .unwrap();
+        let mut ar = tar::Archive::new(&raw[..]);
+        let mut names = Vec::new();
+        let mut map = BTreeMap::new();
+        for t in ar.entries().unwrap() {
+            let mut t = t.unwrap();
+            let name = String::from_utf8(t.path_bytes().into_owned()).unwrap();
+            names.push(name.clone());
+            let h = t.header().clone();
+            let kind = match h.entry_type() {
+                tar::EntryType::Regular => EntryKind::File,
+                tar::EntryType::Directory => EntryKind::Dir,
+                tar::EntryType::Symlink => EntryKind::Symlink,
+                tar::EntryType::Link => EntryKind::Hardlink,
+                tar::EntryType::Char => EntryKind::CharDev,
+                tar::EntryType::Block => EntryKind::BlockDev,
+                tar::EntryType::Fifo => EntryKind::Fifo,
+                other => panic!("unexpected {other:?}"),
+            };
+            let path = name.trim_end_matches('/').to_string();
+            let mut x = Entry::new(path.clone(), kind);
+            x.mode = h.mode().unwrap();
+            x.uid = h.uid().unwrap() as u32;
+            x.gid = h.gid().unwrap() as u32;
+            x.mtime = h.mtime().unwrap() as i64;
+            if let Some(pax) = t.pax_extensions().unwrap() {
+                for p in pax {
+                    let p = p.unwrap();
+                    let k = p.key().unwrap().to_string();
+                    if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                        x.xattrs.insert(name.to_string(), p.value_bytes().to_vec());
+                    } else if k == "uid" {
+                        x.uid = p.value().unwrap().parse().unwrap();
+                    }
+                }
+            }
+            if let Some(l) = t.link_name_bytes() {
+                x.link = String::from_utf8(l.into_owned()).unwrap();
+            }
+            if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) {
+                x.dev_major = h.device_major().unwrap().unwrap();
+                x.dev_minor = h.device_minor().unwrap().unwrap();
+            }
+            let mut data = Vec::new();
+            t.read_to_end(&mut data).unwrap();
+            if kind == EntryKind::File {
+                x.size = data.len() as u64;
+                x.digest = Some(Digest::of(&data));
+            }
+            map.insert(path, (x, data));
+        }
+        (names, raw, map)
+    }
+
+    fn chunk_bytes(blob: &[u8], c: &TocChunk) -> Vec<u8> {
+        let member = &blob[c.offset as usize..c.compressed_end as usize];
+        let mut gz = flate2::read::GzDecoder::new(member);
+        let mut all = Vec::new();
+        gz.read_to_end(&mut all).unwrap();
+        all[c.inner_offset as usize..(c.inner_offset + c.chunk_size) as usize].to_vec()
+    }
+
+    #[test]
+    fn round_trip() {
+        let (entries, src) = fixture();
+        let (blob, w) = write(&entries, &src, &small_chunks(), BATCH_BYTES);
+
+        // (a) any tar.gz reader sees every entry with its metadata and content.
+        let (names, raw, tar) = read_tar(&blob);
+        assert_eq!(
+            names.first().map(String::as_str),
+            Some(NO_PREFETCH_LANDMARK)
+        );
+        assert_eq!(names.last().map(String::as_str), Some(TOC_TAR_NAME));
+        assert_eq!(names.len(), entries.len() + 2);
+        assert_eq!(w.entries, entries.len() + 2);
+        for e in &entries {
+            let (got, data) = &tar[&e.path];
+            assert_eq!(got, e, "{}", e.path);
+            if e.is_file() {
+                assert_eq!(data, &src.0[&e.path]);
+            }
+        }
+        assert_eq!(tar[NO_PREFETCH_LANDMARK].1, [LANDMARK_CONTENT]);
+
+        // Digests and sizes of the blob and the tar stream.
+        assert_eq!(w.size, blob.len() as u64);
+        assert_eq!(w.digest, Digest::of(&blob));
+        assert_eq!(w.diff_id, Digest::of(&raw));
+        assert_eq!(w.uncompressed_size, raw.len() as u64);
+
+        // (b) footer → TOC → exactly the written entries.
+        let toc_offset = parse_footer(&blob[blob.len() - 51..]).unwrap();
+        let TailRead::Toc(tail) = Toc::read_from_blob_tail(&blob, blob.len() as u64).unwrap()
+        else {
+            panic!("whole blob given");
+        };
+        assert_eq!(tail.toc_offset, toc_offset);
+        let layer = tail
+            .toc
+            .to_layer(blob.len() as u64, Some(toc_offset))
+            .unwrap();
+        let got: Vec<&Entry> = layer.entries.iter().map(|(e, _)| e).collect();
+        let want: Vec<&Entry> = entries.iter().collect();
+        assert_eq!(got, want);
+
+        // (c) every chunk's member decompresses alone to the chunk's bytes.
+        let mut chunked = 0;
+        for (e, chunks) in &layer.entries {
+            let data = src.0.get(&e.path);
+            for c in chunks {
+                let want = &data.unwrap()
+                    [c.chunk_offset as usize..(c.chunk_offset + c.chunk_size) as usize];
+                assert_eq!(
+                    chunk_bytes(&blob, c),
+                    want,
+                    "{} at {}",
+                    e.path,
+                    c.chunk_offset
+                );
+                assert_eq!(c.chunk_digest.as_ref(), Some(&Digest::of(want)));
+                assert!(c.chunk_size <= 1024);
+            }
+            if chunks.len() > 1 {
+                chunked += 1;
+            }
+        }
+        assert_eq!(chunked, 2, "a/big and a/exact are chunked");
+
+        // (d) the TOC digest is the JSON's sha256, also in the descriptor.
+        assert_eq!(w.toc_digest, tail.toc_digest);
+        let d = w.descriptor();
+        assert_eq!(d.media_type, media_types::OCI_LAYER_GZIP);
+        assert_eq!(d.toc_digest(), Some(w.toc_digest.clone()));
+        assert_eq!(
+            d.annotations[annotations::UNCOMPRESSED_SIZE],
+            raw.len().to_string()
+        );
+    }
+
+    #[test]
+    fn batches_do_not_change_the_blob() {
+        let (entries, src) = fixture();
+        let (a, wa) = write(&entries, &src, &small_chunks(), BATCH_BYTES);
+        let (b, wb) = write(&entries, &src, &small_chunks(), 700);
+        assert_eq!(a, b);
+        assert_eq!(wa, wb);
+        let default = write(&entries, &src, &WriterOptions::default(), BATCH_BYTES).0;
+        let (_, _, tar) = read_tar(&default);
+        assert_eq!(tar["a/big"].1, src.0["a/big"]);
+    }
+
+    #[test]
+    fn prefetch_order() {
+        let (entries, src) = fixture();
+        let opts = WriterOptions {
+            prefetch: vec!["/a/hard".into(), "missing/file".into()],
+            ..small_chunks()
+        };
+        let (blob, _) = write(&entries, &src, &opts, BATCH_BYTES);
+        let (names, _, _) = read_tar(&blob);
+        assert_eq!(
+            &names[..5],
+            ["a/", "a/small", "a/hard", PREFETCH_LANDMARK, "a/empty"]
+        );
+    }
+
+    #[test]
+    fn corrupt_source_is_named() {
+        let (entries, mut src) = fixture();
+        src.0.insert("a/big".into(), pseudo(5000, 99));
+        let mut blob = Vec::new();
+        let err = write_layer(&mut blob, &entries, &src, &small_chunks()).unwrap_err();
+        assert!(
+            matches!(&err, Error::ContentMismatch { path, .. } if path == "a/big"),
+            "{err}"
+        );
+        let (entries, mut src) = fixture();
+        src.0.insert("a/small".into(), b"hell".to_vec());
+        let err = write_layer(&mut blob, &entries, &src, &small_chunks()).unwrap_err();
+        assert!(
+            matches!(&err, Error::ContentMismatch { path, .. } if path == "a/small"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_paths() {
+        let src = MemSource(HashMap::new());
+        for p in ["../x", "/abs", "a//b", TOC_TAR_NAME] {
+            let entries = vec![Entry::new(p, EntryKind::Dir)];
+            let err =
+                write_layer(Vec::new(), &entries, &src, &WriterOptions::default()).unwrap_err();
+            assert!(err.to_string().contains(p), "{err}");
+        }
+    }
+
+    #[test]
+    fn pax_record_lengths() {
+        for n in [0, 1, 80, 90, 95, 96, 97, 100, 990, 995, 1000] {
+            let mut out = Vec::new();
+            pax_record(&mut out, "path", &vec![b'x'; n]);
+            let sp = out.iter().position(|&b| b == b' ').unwrap();
+            let len: usize = std::str::from_utf8(&out[..sp]).unwrap().parse().unwrap();
+            assert_eq!(len, out.len(), "value of {n} bytes");
+        }
+    }
+}
