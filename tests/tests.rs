@@ -1,5 +1,8 @@
 //! Integration tests: one binary, modules inside.
 
 mod bad_input;
+mod corpus;
+mod interop_tools;
 mod oci_io;
+mod refactor;
 mod support;

@@ -1,0 +1,370 @@
+//! `breakfs refactor` on realistic images built from Debian packages:
+//! exact merged views, sharing close to the bound, joint redundancy near
+//! the floor, and interop with skopeo, umoci and containerd.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use breakfs_fetch::ClientOptions;
+use breakfs_index::{EntryKind, ImageRef, MergedView};
+use breakfs_refactor::{
+    ImageReport, NoProgress, PlanOptions, RefactorOptions, WriterOptions, load_image, refactor,
+};
+
+use crate::support::containerd::TestContainerd;
+use crate::support::corpus::{self, CorpusImage, TEST_FAMILIES};
+use crate::support::registry::TestRegistry;
+use crate::support::tree::{self, CompareOptions};
+
+/// Paths an eStargz layer adds to the tree.
+const ADDED: &[&str] = &[
+    "stargz.index.json",
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+];
+
+fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
+    RefactorOptions {
+        plan: PlanOptions {
+            joint,
+            relax_mtime: relax,
+            ..PlanOptions::default()
+        },
+        writer: WriterOptions::default(),
+        client: ClientOptions {
+            plain_http: true,
+            ..ClientOptions::default()
+        },
+        work_dir: work.to_path_buf(),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+fn corpus() -> Vec<CorpusImage> {
+    corpus::build_families(TEST_FAMILIES).unwrap()
+}
+
+fn find<'a>(images: &'a [CorpusImage], family: &str, tag: &str) -> &'a CorpusImage {
+    images
+        .iter()
+        .find(|i| i.family == family && i.tag == tag)
+        .unwrap()
+}
+
+fn view_of(reference: &str, work: &Path) -> MergedView {
+    let r = ImageRef::parse(reference).unwrap();
+    let mut v = rt()
+        .block_on(load_image(&r, &options(work, false, false), &NoProgress))
+        .unwrap()
+        .view;
+    for p in ADDED {
+        v.remove(p);
+    }
+    v
+}
+
+/// The refactored image's merged view equals the original's.
+fn assert_same_view(original: &str, refactored: &str, work: &Path, ignore_mtime: bool) -> usize {
+    let a = view_of(original, work);
+    let b = view_of(refactored, work);
+    let diff = a.diff(&b, ignore_mtime);
+    assert!(
+        diff.is_empty(),
+        "{refactored} differs from {original}: {} differences, first: {:?}",
+        diff.len(),
+        &diff[..diff.len().min(10)]
+    );
+    if ignore_mtime {
+        a.diff(&b, false).len()
+    } else {
+        0
+    }
+}
+
+fn run(sources: &[&str], dest: &str, opts: &RefactorOptions) -> Vec<ImageReport> {
+    let srcs: Vec<ImageRef> = sources.iter().map(|s| ImageRef::parse(s).unwrap()).collect();
+    let dest = ImageRef::parse(dest).unwrap();
+    rt().block_on(refactor(&srcs, &dest, opts, &NoProgress)).unwrap()
+}
+
+fn pairs(relax: bool) {
+    let images = corpus();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let opts = options(&work, false, relax);
+    for family in TEST_FAMILIES {
+        let v1 = find(&images, family, "v1");
+        for next in ["point", "v2"] {
+            let n = find(&images, family, next);
+            let dest = tmp.path().join(format!("{family}-{next}"));
+            let to = format!("oci:{}", dest.display());
+            let r1 = run(&[&v1.reference], &to, &opts);
+            let r2 = run(&[&n.reference], &to, &opts);
+            let (a, b) = (&r1[0], &r2[0]);
+            eprintln!(
+                "{family} v1→{next} relax={relax}: share {:.3} bound {:.3} layers {} size× v1 {:.3} {next} {:.3} mtimes {}",
+                b.share(),
+                b.bound(),
+                b.layers,
+                a.compressed_bytes as f64 / a.original_compressed_bytes as f64,
+                b.compressed_bytes as f64 / b.original_compressed_bytes as f64,
+                b.mtime_changes,
+            );
+            assert!(
+                b.share() >= 0.9 * b.bound(),
+                "{family} v1→{next}: share {:.3} < 0.9 × bound {:.3}",
+                b.share(),
+                b.bound()
+            );
+            assert!(b.layers <= 48 && a.layers <= 48);
+            for r in [a, b] {
+                assert!(
+                    r.compressed_bytes as f64 <= 1.10 * r.original_compressed_bytes as f64,
+                    "{}: compressed {} > 1.10 × original {}",
+                    r.dest,
+                    r.compressed_bytes,
+                    r.original_compressed_bytes
+                );
+            }
+            // Entry by entry, both images equal their originals; with
+            // --relax-mtime only mtimes differ, and no more than reported.
+            let changed = assert_same_view(&v1.reference, &format!("{to}:v1"), &work, relax);
+            assert_eq!(changed, 0, "v1 is the first published image");
+            let changed = assert_same_view(&n.reference, &format!("{to}:{next}"), &work, relax);
+            assert!(
+                changed <= b.mtime_changes,
+                "{changed} mtimes differ but {} were reported",
+                b.mtime_changes
+            );
+        }
+    }
+}
+
+#[test]
+fn incremental_pairs_are_exact_and_share_close_to_the_bound() {
+    pairs(false);
+}
+
+#[test]
+fn incremental_pairs_with_relaxed_mtimes() {
+    pairs(true);
+}
+
+/// Redundant bytes of a set of merged views stored as `layers`.
+struct Redundancy {
+    stored: u64,
+    distinct_content: u64,
+    distinct_entries: u64,
+}
+
+fn redundancy(views: &[MergedView], layers: &[Vec<(String, u64)>], relax: bool) -> Redundancy {
+    let mut contents = HashSet::new();
+    let mut entries = HashSet::new();
+    let (mut distinct_content, mut distinct_entries) = (0, 0);
+    for v in views {
+        for me in v.iter() {
+            let e = &me.entry;
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let d = e.digest.clone().unwrap();
+            if contents.insert(d.clone()) {
+                distinct_content += e.size;
+            }
+            let mut key = e.clone();
+            if relax {
+                key.mtime = 0;
+            }
+            if entries.insert(key) {
+                distinct_entries += e.size;
+            }
+        }
+    }
+    let stored = layers
+        .iter()
+        .map(|l| l.iter().map(|(_, s)| s).sum::<u64>())
+        .sum();
+    Redundancy {
+        stored,
+        distinct_content,
+        distinct_entries,
+    }
+}
+
+/// Regular-file bytes of every distinct layer of `images` in a layout.
+fn distinct_layers(refs: &[String], work: &Path) -> Vec<Vec<(String, u64)>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let rt = rt();
+    for r in refs {
+        let r = ImageRef::parse(r).unwrap();
+        let store = rt
+            .block_on(breakfs_fetch::Store::open(&r, &ClientOptions::default()))
+            .unwrap();
+        let image = rt.block_on(store.resolve(&r)).unwrap();
+        for l in image.layers() {
+            if !seen.insert(l.digest.clone()) {
+                continue;
+            }
+            let files: Vec<(String, u64)> = match rt.block_on(store.read_toc(l)).unwrap() {
+                Some(toc) => toc
+                    .layer
+                    .entries
+                    .into_iter()
+                    .filter(|(e, _)| e.kind == EntryKind::File)
+                    .map(|(e, _)| (e.path, e.size))
+                    .collect(),
+                None => {
+                    let path = work.join("layer.tmp");
+                    rt.block_on(store.blob_to_file(l, &path)).unwrap();
+                    let f = std::fs::File::open(&path).unwrap();
+                    let comp = breakfs_index::Compression::from_media_type(&l.media_type).unwrap();
+                    let idx = breakfs_index::LayerIndex::read(
+                        breakfs_index::decoder(comp, f).unwrap(),
+                        "layer",
+                    )
+                    .unwrap();
+                    idx.entries
+                        .into_iter()
+                        .filter(|e| e.entry.kind == EntryKind::File)
+                        .map(|e| (e.entry.path, e.entry.size))
+                        .collect()
+                }
+            };
+            out.push(files);
+        }
+    }
+    out
+}
+
+fn joint(relax: bool) {
+    let images = corpus();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let dest = tmp.path().join("joint");
+    let to = format!("oci:{}", dest.display());
+    let sources: Vec<&str> = images.iter().map(|i| i.reference.as_str()).collect();
+    let reports = run(&sources, &to, &options(&work, true, relax));
+    assert_eq!(reports.len(), images.len());
+    let views: Vec<MergedView> = images.iter().map(|i| view_of(&i.reference, &work)).collect();
+    let originals: Vec<String> = images.iter().map(|i| i.reference.clone()).collect();
+    let outputs: Vec<String> = reports.iter().map(|r| r.dest.clone()).collect();
+    let before = redundancy(&views, &distinct_layers(&originals, &work), relax);
+    let after = redundancy(&views, &distinct_layers(&outputs, &work), relax);
+    let floor = before.distinct_entries - before.distinct_content;
+    let red_before = before.stored - before.distinct_content;
+    let red_after = after.stored - after.distinct_content;
+    eprintln!(
+        "joint relax={relax}: redundant bytes before {red_before}, after {red_after}, floor {floor}, reduction {:.2}x",
+        red_before as f64 / red_after.max(1) as f64
+    );
+    assert!(
+        red_after as f64 <= 1.25 * floor as f64,
+        "joint redundant bytes {red_after} > 1.25 × floor {floor}"
+    );
+    let compressed_before: u64 = reports.iter().map(|r| r.original_compressed_bytes).sum();
+    let stored_after: u64 = {
+        let mut seen = HashSet::new();
+        let rt = rt();
+        let mut total = 0;
+        for o in &outputs {
+            let r = ImageRef::parse(o).unwrap();
+            let s = rt
+                .block_on(breakfs_fetch::Store::open(&r, &ClientOptions::default()))
+                .unwrap();
+            for l in rt.block_on(s.resolve(&r)).unwrap().layers() {
+                if seen.insert(l.digest.clone()) {
+                    total += l.size;
+                }
+            }
+        }
+        total
+    };
+    eprintln!("joint: compressed bytes of all images {compressed_before} → stored {stored_after}");
+    assert!(stored_after < compressed_before);
+    let mut changed = 0;
+    for (i, r) in reports.iter().enumerate() {
+        changed += assert_same_view(&images[i].reference, &r.dest, &work, relax);
+        assert!(r.layers <= 48);
+    }
+    let reported: usize = reports.iter().map(|r| r.mtime_changes).sum();
+    assert!(changed <= reported, "{changed} mtimes differ, {reported} reported");
+}
+
+#[test]
+fn joint_refactoring_is_near_the_floor() {
+    joint(false);
+}
+
+#[test]
+fn joint_refactoring_with_relaxed_mtimes() {
+    joint(true);
+}
+
+fn unpack(layout_ref: &str, out: &Path) -> BTreeMap<String, tree::Node> {
+    let image = layout_ref.strip_prefix("oci:").unwrap();
+    let st = Command::new("umoci")
+        .args(["unpack", "--image", image])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "umoci unpack {image}: {}", String::from_utf8_lossy(&st.stderr));
+    tree::snapshot(&out.join("rootfs")).unwrap()
+}
+
+#[test]
+fn refactored_image_works_with_registry_skopeo_umoci_and_containerd() {
+    let images = corpus();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let family = TEST_FAMILIES[0];
+    let v1 = find(&images, family, "v1");
+    let dest = format!("docker://{}/edge/{family}:v1", reg.host());
+    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+        .args(["refactor", "--plain-http", "--work-dir"])
+        .arg(tmp.path().join("work"))
+        .args(["--to", &dest, &v1.reference])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("share"), "no table printed: {table}");
+
+    let copied: PathBuf = tmp.path().join("copied");
+    let st = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", &dest])
+        .arg(format!("oci:{}:v1", copied.display()))
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&st.stderr));
+    let a = unpack(&v1.reference, &tmp.path().join("a"));
+    let b = unpack(&format!("oci:{}:v1", copied.display()), &tmp.path().join("b"));
+    let diff = tree::compare(
+        &a,
+        &b,
+        &CompareOptions {
+            ignore_paths: ADDED.iter().map(|s| s.to_string()).collect(),
+            ignore_root_mtime: true,
+            ..CompareOptions::default()
+        },
+    );
+    assert!(diff.is_empty(), "umoci trees differ: {:?}", &diff[..diff.len().min(10)]);
+
+    let ctrd = TestContainerd::start().unwrap();
+    let r = format!("{}/edge/{family}:v1", reg.host());
+    ctrd.pull_plain_http(&r).unwrap();
+    let args: Vec<&str> = v1.command.iter().map(String::as_str).collect();
+    let out = ctrd.run(&r, &args).unwrap();
+    assert!(
+        out.status.success(),
+        "ctr run {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
