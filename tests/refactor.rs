@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use breakfs_fetch::ClientOptions;
-use breakfs_index::{EntryKind, ImageRef, MergedView};
+use breakfs_index::{ImageRef, MergedView};
 use breakfs_refactor::{
     ImageReport, NoProgress, PlanOptions, RefactorOptions, WriterOptions, load_image, refactor,
 };
@@ -16,6 +16,7 @@ use breakfs_refactor::{
 use crate::support::containerd::TestContainerd;
 use crate::support::corpus::{self, CorpusImage, TEST_FAMILIES};
 use crate::support::registry::TestRegistry;
+use crate::support::measure::{distinct_layers, redundancy};
 use crate::support::tree::{self, CompareOptions};
 
 /// Paths an eStargz layer adds to the tree.
@@ -153,93 +154,6 @@ fn incremental_pairs_are_exact_and_share_close_to_the_bound() {
 #[test]
 fn incremental_pairs_with_relaxed_mtimes() {
     pairs(true);
-}
-
-/// Redundant bytes of a set of merged views stored as `layers`.
-struct Redundancy {
-    stored: u64,
-    distinct_content: u64,
-    distinct_entries: u64,
-}
-
-fn redundancy(views: &[MergedView], layers: &[Vec<(String, u64)>], relax: bool) -> Redundancy {
-    let mut contents = HashSet::new();
-    let mut entries = HashSet::new();
-    let (mut distinct_content, mut distinct_entries) = (0, 0);
-    for v in views {
-        for me in v.iter() {
-            let e = &me.entry;
-            if e.kind != EntryKind::File {
-                continue;
-            }
-            let d = e.digest.clone().unwrap();
-            if contents.insert(d.clone()) {
-                distinct_content += e.size;
-            }
-            let mut key = e.clone();
-            if relax {
-                key.mtime = 0;
-            }
-            if entries.insert(key) {
-                distinct_entries += e.size;
-            }
-        }
-    }
-    let stored = layers
-        .iter()
-        .map(|l| l.iter().map(|(_, s)| s).sum::<u64>())
-        .sum();
-    Redundancy {
-        stored,
-        distinct_content,
-        distinct_entries,
-    }
-}
-
-/// Regular-file bytes of every distinct layer of `images` in a layout.
-fn distinct_layers(refs: &[String], work: &Path) -> Vec<Vec<(String, u64)>> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    let rt = rt();
-    for r in refs {
-        let r = ImageRef::parse(r).unwrap();
-        let store = rt
-            .block_on(breakfs_fetch::Store::open(&r, &ClientOptions::default()))
-            .unwrap();
-        let image = rt.block_on(store.resolve(&r)).unwrap();
-        for l in image.layers() {
-            if !seen.insert(l.digest.clone()) {
-                continue;
-            }
-            let files: Vec<(String, u64)> = match rt.block_on(store.read_toc(l)).unwrap() {
-                Some(toc) => toc
-                    .layer
-                    .entries
-                    .into_iter()
-                    .filter(|(e, _)| e.kind == EntryKind::File)
-                    .map(|(e, _)| (e.path, e.size))
-                    .collect(),
-                None => {
-                    let path = work.join("layer.tmp");
-                    rt.block_on(store.blob_to_file(l, &path)).unwrap();
-                    let f = std::fs::File::open(&path).unwrap();
-                    let comp = breakfs_index::Compression::from_media_type(&l.media_type).unwrap();
-                    let idx = breakfs_index::LayerIndex::read(
-                        breakfs_index::decoder(comp, f).unwrap(),
-                        "layer",
-                    )
-                    .unwrap();
-                    idx.entries
-                        .into_iter()
-                        .filter(|e| e.entry.kind == EntryKind::File)
-                        .map(|e| (e.entry.path, e.entry.size))
-                        .collect()
-                }
-            };
-            out.push(files);
-        }
-    }
-    out
 }
 
 fn joint(relax: bool) {
