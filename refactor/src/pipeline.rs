@@ -305,11 +305,11 @@ async fn published_layers(
             }
             seen.insert(desc.digest.clone(), ());
             let entries: Vec<Entry> = match store.read_toc(desc).await? {
-                Some(toc) => toc.layer.entries.into_iter().map(|(e, _)| e).collect(),
+                Some(toc) => with_link_content(toc.layer.entries.into_iter().map(|(e, _)| e)),
                 None => {
                     // A layer without TOC: index it from its tar.
                     let loaded = index_plain_layer(store, desc, &diff_id, opts).await?;
-                    loaded.entries.into_iter().map(|le| le.entry).collect()
+                    with_link_content(loaded.entries.into_iter().map(|le| le.entry))
                 }
             };
             out.push(Published {
@@ -324,6 +324,24 @@ async fn published_layers(
         }
     }
     Ok(out)
+}
+
+/// A layer's entries with hard links carrying their target's size and
+/// digest, as the merged view shows them (a TOC or tar stores them bare).
+fn with_link_content(entries: impl Iterator<Item = Entry>) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = entries.collect();
+    let files: HashMap<String, (u64, Option<Digest>)> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| (e.path.clone(), (e.size, e.digest.clone())))
+        .collect();
+    for e in entries.iter_mut().filter(|e| e.kind == EntryKind::Hardlink) {
+        if let Some((size, digest)) = files.get(&e.link) {
+            e.size = *size;
+            e.digest = digest.clone();
+        }
+    }
+    entries
 }
 
 async fn index_plain_layer(
