@@ -14,7 +14,8 @@
 //!
 //! **Incremental mode** reuses published layers whose entries all appear in
 //! the image, greedily by bytes, then cuts the rest into units that future
-//! versions keep intact (one per source package; unowned files by directory
+//! versions keep intact (one per source package, big ones per binary
+//! package; unowned files by directory
 //! subtree; with `relax_mtime` a big unit is split into binaries and data)
 //! and packs the units into the layers left (see [`pack`] for the
 //! heuristic). **Joint mode** groups files by the exact set of images that
@@ -141,6 +142,8 @@ const P_DATA: f64 = 0.05;
 /// Units at least this big are split into binaries and data with
 /// `relax_mtime`.
 const SPLIT_MIN_BYTES: u64 = 1 << 20;
+/// Source packages at least this big are cut by binary package.
+const SOURCE_SPLIT_BYTES: u64 = 4 << 20;
 /// Joint mode splits a group into more layers only while each stays this big.
 const JOINT_SPLIT_MIN_BYTES: u64 = 1 << 20;
 
@@ -396,34 +399,39 @@ fn cut_units(items: &[&Item], db: &PackageDb, opts: &PlanOptions) -> Vec<Unit> {
         u.members.push(n);
         u.bytes += bytes;
     };
+    // A small source package is one unit (its binary packages nearly
+    // always move together); a big one is cut by binary package, as its
+    // binary packages do move separately at times (bsdutils without
+    // util-linux).
+    let owners: Vec<Option<&str>> = items
+        .iter()
+        .map(|it| it.entries.iter().find_map(|e| db.unit_of(&e.path)))
+        .collect();
+    let mut source_bytes: HashMap<&str, u64> = HashMap::new();
+    for (it, owner) in items.iter().zip(&owners) {
+        if let Some(pkg) = owner {
+            *source_bytes.entry(db.source_of(pkg)).or_insert(0) += it.bytes;
+        }
+    }
     let mut unowned = Vec::new();
-    for (n, it) in items.iter().enumerate() {
-        match it.entries.iter().find_map(|e| db.unit_of(&e.path)) {
-            Some(src) => add(format!("pkg:{src}"), P_PACKAGE, n, it.bytes),
+    for (n, (it, owner)) in items.iter().zip(&owners).enumerate() {
+        match owner {
+            Some(pkg) => {
+                let src = db.source_of(pkg);
+                let key = if source_bytes.get(src).copied().unwrap_or(0) >= SOURCE_SPLIT_BYTES {
+                    pkg
+                } else {
+                    src
+                };
+                add(format!("pkg:{key}"), P_PACKAGE, n, it.bytes)
+            }
             None => unowned.push(n),
         }
     }
-    let mut dir_bytes: HashMap<&str, u64> = HashMap::new();
-    for &n in &unowned {
-        let path = items[n].entries[0].path.as_str();
-        *dir_bytes.entry("").or_insert(0) += items[n].bytes;
-        for (i, _) in path.match_indices('/') {
-            *dir_bytes.entry(&path[..i]).or_insert(0) += items[n].bytes;
+    for (key, members) in subtrees(items, &unowned, opts.target_layer_bytes) {
+        for n in members {
+            add(format!("dir:{key}"), P_UNOWNED, n, items[n].bytes);
         }
-    }
-    for &n in &unowned {
-        let path = items[n].entries[0].path.as_str();
-        let mut ancestors = vec![""];
-        ancestors.extend(path.match_indices('/').map(|(i, _)| &path[..i]));
-        let key = match ancestors
-            .iter()
-            .find(|a| dir_bytes.get(*a).copied().unwrap_or(0) <= opts.target_layer_bytes)
-        {
-            Some(&"") => "dir:/".to_string(),
-            Some(a) => format!("dir:{a}"),
-            None => format!("dir:{}/*", ancestors.last().copied().unwrap_or("")),
-        };
-        add(key, P_UNOWNED, n, items[n].bytes);
     }
     let mut out = Vec::new();
     for (_, u) in units {
@@ -439,15 +447,51 @@ fn cut_units(items: &[&Item], db: &PackageDb, opts: &PlanOptions) -> Vec<Unit> {
             out.push(u);
             continue;
         }
-        for (suffix, p, members) in [("#bin", P_BINARY, bin), ("#data", P_DATA, data)] {
-            let bytes = members.iter().map(|&n| items[n].bytes).sum();
-            out.push(Unit {
-                key: format!("{}{suffix}", u.key),
-                members,
-                bytes,
-                p,
-            });
+        let bin_bytes = bin.iter().map(|&n| items[n].bytes).sum();
+        out.push(Unit {
+            key: format!("{}#bin", u.key),
+            members: bin,
+            bytes: bin_bytes,
+            p: P_BINARY,
+        });
+        let data_bytes = data.iter().map(|&n| items[n].bytes).sum();
+        out.push(Unit {
+            key: format!("{}#data", u.key),
+            members: data,
+            bytes: data_bytes,
+            p: P_DATA,
+        });
+    }
+    out
+}
+
+/// Group `members` by directory subtree: each file goes to its shallowest
+/// ancestor directory whose subtree (among `members`) holds at most
+/// `target` bytes, or with the other files of its own directory when even
+/// that is bigger. Keys are `/` (everything), `DIR`, or `DIR/*`.
+fn subtrees(items: &[&Item], members: &[usize], target: u64) -> BTreeMap<String, Vec<usize>> {
+    let mut dir_bytes: HashMap<&str, u64> = HashMap::new();
+    for &n in members {
+        let path = items[n].entries[0].path.as_str();
+        *dir_bytes.entry("").or_insert(0) += items[n].bytes;
+        for (i, _) in path.match_indices('/') {
+            *dir_bytes.entry(&path[..i]).or_insert(0) += items[n].bytes;
         }
+    }
+    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for &n in members {
+        let path = items[n].entries[0].path.as_str();
+        let mut ancestors = vec![""];
+        ancestors.extend(path.match_indices('/').map(|(i, _)| &path[..i]));
+        let key = match ancestors
+            .iter()
+            .find(|a| dir_bytes.get(*a).copied().unwrap_or(0) <= target)
+        {
+            Some(&"") => "/".to_string(),
+            Some(a) => a.to_string(),
+            None => format!("{}/*", ancestors.last().copied().unwrap_or("")),
+        };
+        out.entry(key).or_default().push(n);
     }
     out
 }
@@ -1287,13 +1331,13 @@ mod tests {
         }
         let status: String = packages
             .iter()
-            .map(|(src, _)| format!("Package: {src}-bin\nSource: {src} (1.0)\n\n"))
+            .map(|(src, _)| format!("Package: {src}\nSource: {src} (1.0)\n\n"))
             .collect();
         let lists: Vec<(String, Vec<u8>)> = packages
             .iter()
             .map(|(src, paths)| {
                 let list: String = paths.iter().map(|p| format!("/{p}\n")).collect();
-                (format!("{src}-bin:amd64"), list.into_bytes())
+                (format!("{src}:amd64"), list.into_bytes())
             })
             .collect();
         let packages = PackageDb::from_dpkg(status.as_bytes(), &lists, &view);
