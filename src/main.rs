@@ -181,12 +181,12 @@ fn mb(b: u64) -> String {
 
 fn print_table(reports: &[ImageReport]) {
     println!(
-        "{:<44} {:>9} {:>17} {:>10} {:>11} {:>7} {:>7} {:>9} {:>7}",
-        "image", "layers", "MB orig→new", "size ×", "reused MB", "share", "bound", "dup MB", "secs"
+        "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}",
+        "image", "layers", "MB orig→new", "size ×", "reused MB", "share", "bound", "stale MB", "dup MB", "secs"
     );
     for r in reports {
         println!(
-            "{:<44} {:>9} {:>17} {:>10.3} {:>11} {:>6.1}% {:>6.1}% {:>9} {:>7.1}",
+            "{:<44} {:>9} {:>17} {:>8.3} {:>10} {:>6.1}% {:>6.1}% {:>9} {:>7} {:>7.1}",
             r.dest,
             format!("{}→{}", r.original_layers, r.layers),
             format!(
@@ -198,6 +198,7 @@ fn print_table(reports: &[ImageReport]) {
             mb(r.reused_compressed_bytes),
             100.0 * r.share(),
             100.0 * r.bound(),
+            mb(r.shadowed_bytes),
             mb(r.duplicated_bytes),
             r.seconds,
         );
@@ -214,7 +215,7 @@ fn report_json(r: &ImageReport) -> serde_json::Value {
         "compressed_bytes": r.compressed_bytes, "original_compressed_bytes": r.original_compressed_bytes,
         "reused_compressed_bytes": r.reused_compressed_bytes, "file_bytes": r.file_bytes,
         "reused_file_bytes": r.reused_file_bytes, "bound_bytes": r.bound_bytes,
-        "duplicated_bytes": r.duplicated_bytes, "mtime_changes": r.mtime_changes,
+        "duplicated_bytes": r.duplicated_bytes, "shadowed_bytes": r.shadowed_bytes, "mtime_changes": r.mtime_changes,
         "uploaded_bytes": r.uploaded_bytes, "seconds": r.seconds,
     })
 }

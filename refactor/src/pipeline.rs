@@ -84,6 +84,8 @@ pub struct ImageReport {
     pub duplicated_bytes: u64,
     /// Entries whose mtime `--relax-mtime` changed.
     pub mtime_changes: usize,
+    /// Bytes of stale files in reused layers, shadowed by this image.
+    pub shadowed_bytes: u64,
     /// Compressed bytes uploaded (blobs the destination lacked).
     pub uploaded_bytes: u64,
     /// Wall time spent on this image (joint mode: the share of the run).
@@ -405,6 +407,9 @@ impl TarContent {
 
 impl ContentSource for TarContent {
     fn read_at(&self, entry: &Entry, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let (fi, base) = entry
             .digest
             .as_ref()
@@ -694,6 +699,7 @@ pub async fn refactor(
                 bound_bytes: ip.bound_bytes,
                 duplicated_bytes: ip.duplicated_bytes,
                 mtime_changes: ip.mtime_changes.len(),
+                shadowed_bytes: ip.shadowed_bytes,
                 uploaded_bytes: uploaded,
                 seconds: load_secs[i] + secs_each + t1.elapsed().as_secs_f64(),
             });

@@ -118,6 +118,9 @@ pub struct ImagePlan {
     /// `(path, old mtime, new mtime)` of every entry whose mtime the plan
     /// changed (`relax_mtime` only).
     pub mtime_changes: Vec<(String, i64, i64)>,
+    /// Bytes of stale files in reused layers that the image shadows (with
+    /// a newer version above, or a whiteout): downloaded, never read.
+    pub shadowed_bytes: u64,
 }
 
 /// The planned layers and each image's stack.
@@ -249,12 +252,41 @@ fn prepare(img: &PlanImage) -> Result<Prepared> {
     })
 }
 
-/// A published (or earlier planned) layer that an image can take whole.
+/// A published (or earlier planned) layer that an image can take: its
+/// entries match the image's, except for a few stale files that the image
+/// changed or removed. Those are shadowed: the image's own version goes into
+/// a new layer above, and a removed file gets a whiteout in the top layer.
+/// A stale byte is downloaded but never read, so only layers that are
+/// mostly current qualify ([`MAX_STALE_FRACTION`]).
 struct Match {
     items: Vec<usize>,
     others: Vec<usize>,
     bytes: u64,
     changes: Vec<(String, i64, i64)>,
+    /// Paths of stale files.
+    stale: Vec<String>,
+    /// Stale files the image does not have at all: they need whiteouts.
+    removed: Vec<String>,
+    stale_bytes: u64,
+}
+
+/// At most this fraction of a reused layer's file bytes may be stale.
+const MAX_STALE_FRACTION: f64 = 0.35;
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+}
+
+/// The whiteout entry that hides `path` of a lower layer.
+fn whiteout(path: &str) -> Entry {
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (format!("{d}/"), n),
+        None => (String::new(), path),
+    };
+    let mut e = Entry::new(format!("{dir}.wh.{name}"), EntryKind::File);
+    e.mode = 0o644;
+    e.digest = Some(breakfs_index::Digest::of(b""));
+    e
 }
 
 fn match_layer(p: &Prepared, entries: &[Entry], relax: bool) -> Option<Match> {
@@ -262,7 +294,10 @@ fn match_layer(p: &Prepared, entries: &[Entry], relax: bool) -> Option<Match> {
     let mut others = Vec::new();
     let mut changes = Vec::new();
     let mut seen = HashSet::new();
-    let mut content_entries = 0usize;
+    let mut matched_entries: HashMap<usize, usize> = HashMap::new();
+    let mut stale = Vec::new();
+    let mut removed = Vec::new();
+    let mut stale_bytes = 0u64;
     for e in entries {
         if is_landmark(&e.path) {
             continue;
@@ -270,19 +305,54 @@ fn match_layer(p: &Prepared, entries: &[Entry], relax: bool) -> Option<Match> {
         if !seen.insert(e.path.as_str()) {
             return None;
         }
+        // A layer with whiteouts only makes sense over the stack it was made for.
+        if e.path.rsplit('/').next().is_some_and(|n| n.starts_with(".wh.")) {
+            return None;
+        }
         if is_content(e.kind) {
-            let &n = p.item_of.get(&e.path)?;
-            let v = p.items[n].entries.iter().find(|v| v.path == e.path)?;
-            if !same(e, v, relax) {
-                return None;
-            }
-            if e.kind == EntryKind::File && e.mtime != v.mtime {
-                for member in &p.items[n].entries {
-                    changes.push((member.path.clone(), member.mtime, e.mtime));
+            let current = p.item_of.get(&e.path).and_then(|&n| {
+                p.items[n]
+                    .entries
+                    .iter()
+                    .find(|v| v.path == e.path)
+                    .map(|v| (n, v))
+            });
+            match current {
+                Some((n, v)) if same(e, v, relax) => {
+                    if e.kind == EntryKind::File && e.mtime != v.mtime {
+                        for member in &p.items[n].entries {
+                            changes.push((member.path.clone(), member.mtime, e.mtime));
+                        }
+                    }
+                    items.insert(n);
+                    *matched_entries.entry(n).or_default() += 1;
+                }
+                // Only plain files can be shadowed: hard links and paths
+                // that became directories or symlinks disqualify the layer.
+                _ if e.kind != EntryKind::File || p.other_of.contains_key(&e.path) => {
+                    return None;
+                }
+                Some((n, _)) if p.items[n].entries.len() > 1 => return None,
+                Some(_) => {
+                    stale.push(e.path.clone());
+                    stale_bytes += e.size;
+                }
+                None => {
+                    // A whiteout needs its directory in the image.
+                    let parent = parent_of(&e.path);
+                    if !parent.is_empty()
+                        && !p
+                            .other_of
+                            .get(parent)
+                            .is_some_and(|&o| p.others[o].kind == EntryKind::Dir)
+                    {
+                        return None;
+                    }
+                    stale.push(e.path.clone());
+                    removed.push(e.path.clone());
+                    stale_bytes += e.size;
                 }
             }
-            items.insert(n);
-            content_entries += 1;
         } else {
             let &n = p.other_of.get(&e.path)?;
             let v = &p.others[n];
@@ -295,31 +365,50 @@ fn match_layer(p: &Prepared, entries: &[Entry], relax: bool) -> Option<Match> {
             others.push(n);
         }
     }
-    let whole: usize = items.iter().map(|&n| p.items[n].entries.len()).sum();
-    if whole != content_entries || (items.is_empty() && others.is_empty()) {
+    // A hard-link group is taken whole or not at all.
+    if matched_entries
+        .iter()
+        .any(|(&n, &k)| k != p.items[n].entries.len())
+        || (items.is_empty() && others.is_empty())
+    {
+        return None;
+    }
+    // A layer with top entries sits above the new layers, where a stale
+    // file would hide the image's own version.
+    if !others.is_empty() && !stale.is_empty() {
         return None;
     }
     let mut items: Vec<usize> = items.into_iter().collect();
     items.sort_unstable();
-    let bytes = items.iter().map(|&n| p.items[n].bytes).sum();
+    let bytes: u64 = items.iter().map(|&n| p.items[n].bytes).sum();
+    if stale_bytes as f64 > MAX_STALE_FRACTION * (bytes + stale_bytes) as f64 {
+        return None;
+    }
     Some(Match {
         items,
         others,
         bytes,
         changes,
+        stale,
+        removed,
+        stale_bytes,
     })
 }
 
 /// Which candidate layers an image reuses, and what they cover.
 struct Reuse {
-    picks: Vec<(usize, bool)>,
+    /// (candidate, whether it holds top entries, stale bytes in it).
+    picks: Vec<(usize, bool, u64)>,
     covered_items: Vec<bool>,
     covered_others: Vec<bool>,
     changes: Vec<(String, i64, i64)>,
+    /// Whiteouts the top layer needs for stale files of reused layers.
+    whiteouts: Vec<String>,
 }
 
-/// Greedy reuse: biggest matching layers first, never two with a path in
-/// common, at most `limit` of them.
+/// Greedy reuse: layers with the most current bytes first, never two with
+/// a path in common, no stale file over a file another pick provides, at
+/// most `limit` of them.
 fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit: usize) -> Reuse {
     let mut matches: Vec<(usize, Match)> = cands
         .iter()
@@ -327,8 +416,9 @@ fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit: usize) -> 
         .filter_map(|(c, entries)| match_layer(p, entries, relax).map(|m| (c, m)))
         .collect();
     matches.sort_by(|(ca, a), (cb, b)| {
-        (b.bytes, b.items.len() + b.others.len(), *ca).cmp(&(
+        (b.bytes, a.stale_bytes, b.items.len() + b.others.len(), *ca).cmp(&(
             a.bytes,
+            b.stale_bytes,
             a.items.len() + a.others.len(),
             *cb,
         ))
@@ -338,13 +428,21 @@ fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit: usize) -> 
         covered_items: vec![false; p.items.len()],
         covered_others: vec![false; p.others.len()],
         changes: Vec::new(),
+        whiteouts: Vec::new(),
     };
+    let mut stale_paths: HashSet<String> = HashSet::new();
     for (c, m) in matches {
         if r.picks.len() >= limit {
             break;
         }
         if m.items.iter().any(|&n| r.covered_items[n])
             || m.others.iter().any(|&n| r.covered_others[n])
+            || m.items
+                .iter()
+                .any(|&n| p.items[n].entries.iter().any(|e| stale_paths.contains(&e.path)))
+            || m.stale.iter().any(|s| {
+                stale_paths.contains(s) || p.item_of.get(s).is_some_and(|&n| r.covered_items[n])
+            })
         {
             continue;
         }
@@ -355,8 +453,11 @@ fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit: usize) -> 
             r.covered_others[n] = true;
         }
         r.changes.extend(m.changes);
-        r.picks.push((c, !m.others.is_empty()));
+        stale_paths.extend(m.stale);
+        r.whiteouts.extend(m.removed);
+        r.picks.push((c, !m.others.is_empty(), m.stale_bytes));
     }
+    r.whiteouts.sort();
     r
 }
 
@@ -707,7 +808,7 @@ impl Builder {
             let picks: Vec<(usize, bool)> = reuse
                 .picks
                 .iter()
-                .map(|&(c, top)| {
+                .map(|&(c, top, _)| {
                     let l = if c < published.len() {
                         self.reuse_published(c, published)
                     } else {
@@ -773,13 +874,14 @@ impl Builder {
         bound: u64,
         duplicated: u64,
     ) {
-        let top: Vec<Entry> = p
+        let mut top: Vec<Entry> = p
             .others
             .iter()
             .zip(&reuse.covered_others)
             .filter(|(_, c)| !**c)
             .map(|(e, _)| e.clone())
             .collect();
+        top.extend(reuse.whiteouts.iter().map(|path| whiteout(path)));
         let key = |l: usize, b: &Builder| match b.plan.layers[l].source {
             LayerSource::Reused(j) => (0, j),
             LayerSource::New => (1, l),
@@ -808,6 +910,7 @@ impl Builder {
             };
             layers.push(l);
         }
+        let shadowed: u64 = reuse.picks.iter().map(|&(_, _, b)| b).sum();
         let mut reused_bytes = 0;
         for &l in &layers {
             self.plan.layers[l].users.push(i);
@@ -828,7 +931,8 @@ impl Builder {
         let ip = &mut self.plan.images[i];
         ip.layers = layers;
         ip.file_bytes = p.file_bytes;
-        ip.reused_bytes = reused_bytes;
+        ip.reused_bytes = reused_bytes.saturating_sub(shadowed);
+        ip.shadowed_bytes = shadowed;
         ip.bound_bytes = bound;
         ip.duplicated_bytes = duplicated;
         ip.mtime_changes.extend(mtime_changes);
@@ -1120,7 +1224,7 @@ impl Builder {
             let picks: Vec<(usize, bool)> = reuses[i]
                 .picks
                 .iter()
-                .map(|&(c, top)| (self.reuse_published(c, published), top))
+                .map(|&(c, top, _)| (self.reuse_published(c, published), top))
                 .collect();
             let bound = Self::bound(p, &known, relax);
             let dup = self.plan.images[i].duplicated_bytes;
@@ -1142,8 +1246,8 @@ impl Plan {
     /// Rebuild every image's merged view from its planned layers (upper
     /// wins, hard links take their primary's metadata) and compare it with
     /// the original view, mtimes as the plan reports them; also check that
-    /// no layer holds a whiteout and every hard link sits after its primary
-    /// in the same layer.
+    /// whiteouts hide only files of lower layers and every hard link sits
+    /// after its primary in the same layer.
     pub fn check(&self, images: &[PlanImage], published: &[PublishedLayer]) -> Result<()> {
         for (i, (img, ip)) in images.iter().zip(&self.images).enumerate() {
             let mut diffs: Vec<String> = Vec::new();
@@ -1196,12 +1300,24 @@ impl Plan {
                     if is_landmark(&e.path) {
                         continue;
                     }
-                    if e.path
-                        .rsplit('/')
-                        .next()
-                        .is_some_and(|n| n.starts_with(".wh."))
-                    {
-                        diffs.push(format!("{}: whiteout in layer {l}", e.path));
+                    let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+                    if let Some(hidden) = name.strip_prefix(".wh.") {
+                        // Only a plain file of a lower layer may be hidden.
+                        let dir = parent_of(&e.path);
+                        let target = if dir.is_empty() {
+                            hidden.to_string()
+                        } else {
+                            format!("{dir}/{hidden}")
+                        };
+                        match rebuilt.get(&target) {
+                            Some((tl, t)) if *tl != l && t.kind == EntryKind::File => {
+                                rebuilt.remove(&target);
+                            }
+                            _ => diffs.push(format!(
+                                "{}: whiteout in layer {l} hides no file of a lower layer",
+                                e.path
+                            )),
+                        }
                         continue;
                     }
                     if e.kind == EntryKind::Hardlink && !here.contains(e.link.as_str()) {
@@ -1571,6 +1687,52 @@ mod tests {
             assert!(pos("usr/lib/a") < pos("usr/lib/b") && pos("usr/lib/a") < pos("opt/c"));
             assert_eq!(p.images[0].file_bytes, 600);
         }
+    }
+
+    #[test]
+    fn a_mostly_current_layer_is_reused_with_its_stale_files_shadowed() {
+        // One big package; v2 patches one small file and drops another.
+        let mut v1_entries: Vec<Entry> = (0..10)
+            .map(|f| file(&format!("usr/share/big/f{f}"), 10_000, &format!("big-{f}"), 1000))
+            .collect();
+        v1_entries.push(file("usr/share/big/patched", 500, "old", 1000));
+        v1_entries.push(file("usr/share/big/dropped", 500, "gone", 1000));
+        let paths: Vec<String> = v1_entries.iter().map(|e| e.path.clone()).collect();
+        let v1 = image("v1", v1_entries.clone(), &[("big", paths.clone())], 5);
+        let mut v2_entries: Vec<Entry> = v1_entries
+            .iter()
+            .filter(|e| !e.path.ends_with("dropped"))
+            .cloned()
+            .collect();
+        for e in &mut v2_entries {
+            if e.path.ends_with("patched") {
+                *e = file("usr/share/big/patched", 600, "new", 2000);
+            }
+        }
+        let v2 = image("v2", v2_entries, &[("big", paths)], 6);
+        let opts = PlanOptions::default();
+        let p1 = plan(std::slice::from_ref(&v1), &[], &opts).unwrap();
+        let published = publish(&p1);
+        let p2 = plan(std::slice::from_ref(&v2), &published, &opts).unwrap();
+        p2.check(std::slice::from_ref(&v2), &published).unwrap();
+        let ip = &p2.images[0];
+        assert_eq!(ip.reused_bytes, 100_000, "the ten unchanged files are reused");
+        assert_eq!(ip.shadowed_bytes, 1000, "the patched and dropped files are stale");
+        let top = &p2.layers[*ip.layers.last().unwrap()];
+        assert!(
+            top.entries
+                .iter()
+                .any(|e| e.path == "usr/share/big/.wh.dropped"),
+            "the dropped file is whited out in the top layer"
+        );
+        let new_has_patched = ip.layers.iter().any(|&l| {
+            matches!(p2.layers[l].source, LayerSource::New)
+                && p2.layers[l]
+                    .entries
+                    .iter()
+                    .any(|e| e.path == "usr/share/big/patched" && e.size == 600)
+        });
+        assert!(new_has_patched, "the new version of the patched file is in a new layer");
     }
 
     #[test]
