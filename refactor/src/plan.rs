@@ -270,8 +270,11 @@ struct Match {
     stale_bytes: u64,
 }
 
-/// At most this fraction of a reused layer's file bytes may be stale.
-const MAX_STALE_FRACTION: f64 = 0.35;
+/// At most this fraction of a reused layer's file bytes may be stale. A
+/// node that holds the older image pays nothing for stale bytes, a fresh
+/// node downloads them once; the report states them. On the Debian corpus,
+/// 0.5 lifts the worst v1→v2 pair from 0.85 to 0.93 of its bound.
+const MAX_STALE_FRACTION: f64 = 0.5;
 
 fn parent_of(path: &str) -> &str {
     path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
