@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/support/corpus.rs"]
-#[allow(dead_code)]
 mod corpus;
 #[path = "../tests/support/measure.rs"]
 #[allow(dead_code)]
@@ -48,13 +47,26 @@ struct Bench {
 }
 
 impl Bench {
-    fn refactor(&self, sources: &[&str], dest: &Path, work: &Path, joint: bool, relax: bool) -> Result<(Vec<ImageReport>, f64)> {
-        let srcs: Vec<ImageRef> = sources.iter().map(|s| ImageRef::parse(s)).collect::<Result<_, _>>()?;
+    fn refactor(
+        &self,
+        sources: &[&str],
+        dest: &Path,
+        work: &Path,
+        joint: bool,
+        relax: bool,
+    ) -> Result<(Vec<ImageReport>, f64)> {
+        let srcs: Vec<ImageRef> = sources
+            .iter()
+            .map(|s| ImageRef::parse(s))
+            .collect::<Result<_, _>>()?;
         let dest = ImageRef::parse(&format!("oci:{}", dest.display()))?;
         let t = Instant::now();
-        let r = self
-            .rt
-            .block_on(refactor(&srcs, &dest, &options(work, joint, relax), &NoProgress))?;
+        let r = self.rt.block_on(refactor(
+            &srcs,
+            &dest,
+            &options(work, joint, relax),
+            &NoProgress,
+        ))?;
         Ok((r, t.elapsed().as_secs_f64()))
     }
 
@@ -86,7 +98,12 @@ fn gzip_seconds(image: &LoadedImage) -> Result<f64> {
 /// File bytes of `next` in original layers that `prev` has too (by digest):
 /// the share before refactoring.
 fn original_share(prev: &LoadedImage, next: &LoadedImage) -> f64 {
-    let prev_layers: HashSet<_> = prev.image.layers().iter().map(|l| l.digest.clone()).collect();
+    let prev_layers: HashSet<_> = prev
+        .image
+        .layers()
+        .iter()
+        .map(|l| l.digest.clone())
+        .collect();
     let shared: HashSet<usize> = next
         .image
         .layers()
@@ -135,13 +152,34 @@ fn main() -> Result<()> {
         images.iter().find(|i| i.family == f && i.tag == t).unwrap()
     };
     let mut md = String::new();
-    writeln!(md, "Machine: {} cores, {}; corpus from Debian bookworm packages (apt-cache madison versions).\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default())?;
+    writeln!(
+        md,
+        "Machine: {} cores, {}; corpus from Debian bookworm packages (apt-cache madison versions).\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    )?;
 
     // Sharing between versions.
-    writeln!(md, "### Incremental refactoring: share of v2's file bytes in layers reused from v1\n")?;
-    writeln!(md, "| family | pair | original layers reused | share exact | bound exact | share/bound | share relax | bound relax | share/bound | layers | size × (new/orig) |")?;
+    writeln!(
+        md,
+        "### Incremental refactoring: share of v2's file bytes in layers reused from v1\n"
+    )?;
+    writeln!(
+        md,
+        "| family | pair | original layers reused | share exact | bound exact | share/bound | share relax | bound relax | share/bound | layers | size × (new/orig) |"
+    )?;
     writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut ratios = [Vec::new(), Vec::new()];
     let mut means = [(0.0, 0.0), (0.0, 0.0)];
@@ -174,8 +212,19 @@ fn main() -> Result<()> {
                         let (_, incr) = b.refactor(&[&n.reference], &d2, &w2, false, false)?;
                         let loaded = b.load(&v1.reference, &w2)?;
                         let gz = gzip_seconds(&loaded)?;
-                        let bytes: u64 = loaded.tars.iter().map(|t| std::fs::metadata(t).map(|m| m.len()).unwrap_or(0)).sum();
-                        speed.push((f.to_string(), bytes, gz, scratch, incr, r1[0].compressed_bytes as f64 / r1[0].original_compressed_bytes as f64));
+                        let bytes: u64 = loaded
+                            .tars
+                            .iter()
+                            .map(|t| std::fs::metadata(t).map(|m| m.len()).unwrap_or(0))
+                            .sum();
+                        speed.push((
+                            f.to_string(),
+                            bytes,
+                            gz,
+                            scratch,
+                            incr,
+                            r1[0].compressed_bytes as f64 / r1[0].original_compressed_bytes as f64,
+                        ));
                         std::fs::remove_dir_all(&w2).ok();
                         std::fs::remove_dir_all(&d2).ok();
                     }
@@ -214,8 +263,14 @@ fn main() -> Result<()> {
         )?;
     }
 
-    writeln!(md, "\n### Speed: refactoring against single-core `gzip -6` of the same layer tars\n")?;
-    writeln!(md, "| family | uncompressed MB | gzip -6 s | v1 from scratch s | ratio | point incremental s | ratio | v1 size × |")?;
+    writeln!(
+        md,
+        "\n### Speed: refactoring against single-core `gzip -6` of the same layer tars\n"
+    )?;
+    writeln!(
+        md,
+        "| family | uncompressed MB | gzip -6 s | v1 from scratch s | ratio | point incremental s | ratio | v1 size × |"
+    )?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for (f, bytes, gz, scratch, incr, sr) in &speed {
         writeln!(
@@ -228,8 +283,15 @@ fn main() -> Result<()> {
     }
 
     if joint {
-        writeln!(md, "\n### Joint refactoring of all {} images\n", images.len())?;
-        writeln!(md, "| mode | redundant MB before | redundant MB after | floor MB | after/floor | reduction | compressed MB before | stored MB after | seconds |")?;
+        writeln!(
+            md,
+            "\n### Joint refactoring of all {} images\n",
+            images.len()
+        )?;
+        writeln!(
+            md,
+            "| mode | redundant MB before | redundant MB after | floor MB | after/floor | reduction | compressed MB before | stored MB after | seconds |"
+        )?;
         writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         let sources: Vec<&str> = images.iter().map(|i| i.reference.as_str()).collect();
         for relax in [false, true] {
@@ -242,14 +304,17 @@ fn main() -> Result<()> {
                 .collect::<Result<_>>()?;
             let originals: Vec<String> = images.iter().map(|i| i.reference.clone()).collect();
             let outputs: Vec<String> = reports.iter().map(|r| r.dest.clone()).collect();
-            let before = measure::redundancy(&views, &measure::distinct_layers(&originals, &work), relax);
-            let after = measure::redundancy(&views, &measure::distinct_layers(&outputs, &work), relax);
+            let before =
+                measure::redundancy(&views, &measure::distinct_layers(&originals, &work), relax);
+            let after =
+                measure::redundancy(&views, &measure::distinct_layers(&outputs, &work), relax);
             let compressed_before: u64 = reports.iter().map(|r| r.original_compressed_bytes).sum();
             let mut seen = HashSet::new();
             let mut stored = 0;
             for o in &outputs {
                 let r = ImageRef::parse(o)?;
-                let s = b.rt.block_on(breakfs_fetch::Store::open(&r, &ClientOptions::default()))?;
+                let s =
+                    b.rt.block_on(breakfs_fetch::Store::open(&r, &ClientOptions::default()))?;
                 for l in b.rt.block_on(s.resolve(&r))?.layers() {
                     if seen.insert(l.digest.clone()) {
                         stored += l.size;

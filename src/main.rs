@@ -182,7 +182,16 @@ fn mb(b: u64) -> String {
 fn print_table(reports: &[ImageReport]) {
     println!(
         "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}",
-        "image", "layers", "MB orig→new", "size ×", "reused MB", "share", "bound", "stale MB", "dup MB", "secs"
+        "image",
+        "layers",
+        "MB orig→new",
+        "size ×",
+        "reused MB",
+        "share",
+        "bound",
+        "stale MB",
+        "dup MB",
+        "secs"
     );
     for r in reports {
         println!(
@@ -203,7 +212,10 @@ fn print_table(reports: &[ImageReport]) {
             r.seconds,
         );
         if r.mtime_changes > 0 {
-            println!("  --relax-mtime changed the mtime of {} entries", r.mtime_changes);
+            println!(
+                "  --relax-mtime changed the mtime of {} entries",
+                r.mtime_changes
+            );
         }
     }
 }
@@ -262,9 +274,16 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
     let r = ImageRef::parse(&a.image)?;
     let opts = a.client.options()?;
     let store = Store::open(&r, &opts).await?;
-    let image = store.resolve(&r).await.with_context(|| format!("resolving {r}"))?;
+    let image = store
+        .resolve(&r)
+        .await
+        .with_context(|| format!("resolving {r}"))?;
     println!("image     {r}");
-    println!("manifest  {} ({})", image.manifest_digest, image.media_type());
+    println!(
+        "manifest  {} ({})",
+        image.manifest_digest,
+        image.media_type()
+    );
     println!(
         "config    {} ({} bytes)",
         image.manifest.config.digest, image.manifest.config.size
@@ -278,7 +297,10 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
             }
             if let Ok(other) = store.resolve(&r.with_tag(&t)).await {
                 for l in other.layers() {
-                    shared.entry(l.digest.to_string()).or_default().push(t.clone());
+                    shared
+                        .entry(l.digest.to_string())
+                        .or_default()
+                        .push(t.clone());
                 }
             }
         }
@@ -304,13 +326,18 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
             }
             None => {
                 let bytes = store.read_blob(l).await?;
-                let comp = Compression::from_media_type(&l.media_type)
-                    .with_context(|| format!("layer {} has media type {}", l.digest, l.media_type))?;
-                let idx = LayerIndex::read(decoder(comp, &bytes[..])?, &format!("layer {}", l.digest))?;
+                let comp = Compression::from_media_type(&l.media_type).with_context(|| {
+                    format!("layer {} has media type {}", l.digest, l.media_type)
+                })?;
+                let idx =
+                    LayerIndex::read(decoder(comp, &bytes[..])?, &format!("layer {}", l.digest))?;
                 (idx.entries.len(), Some(idx.tar_size), "no")
             }
         };
-        let mut with = shared.get(&l.digest.to_string()).cloned().unwrap_or_default();
+        let mut with = shared
+            .get(&l.digest.to_string())
+            .cloned()
+            .unwrap_or_default();
         with.sort();
         with.dedup();
         println!(

@@ -31,10 +31,16 @@ fn must_fail(src: &str, needles: &[&str], extra: &[&str], env: &[(&str, &Path)])
     args.push(src);
     let out = breakfs(&args, env);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "refactor of {src} succeeded: {stderr}");
+    assert!(
+        !out.status.success(),
+        "refactor of {src} succeeded: {stderr}"
+    );
     eprintln!("refactor {src}: {stderr}");
     for n in needles {
-        assert!(stderr.contains(n), "error for {src} does not mention {n:?}: {stderr}");
+        assert!(
+            stderr.contains(n),
+            "error for {src} does not mention {n:?}: {stderr}"
+        );
     }
     assert!(
         !dest.join("index.json").exists(),
@@ -44,7 +50,10 @@ fn must_fail(src: &str, needles: &[&str], extra: &[&str], env: &[(&str, &Path)])
     // of the temp dir are those two.
     for e in std::fs::read_dir(tmp.path()).unwrap() {
         let name = e.unwrap().file_name();
-        assert!(name == "dest" || name == "work", "unexpected {name:?} written");
+        assert!(
+            name == "dest" || name == "work",
+            "unexpected {name:?} written"
+        );
     }
     stderr
 }
@@ -58,7 +67,10 @@ fn image_with(tmp: &Path, layers: Vec<Layer>) -> String {
 #[test]
 fn dotdot_path_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let layer = Layer::gzip(tar_of(&[T::Dir("etc/"), T::File("etc/../../evil", b"x", 0o644)]));
+    let layer = Layer::gzip(tar_of(&[
+        T::Dir("etc/"),
+        T::File("etc/../../evil", b"x", 0o644),
+    ]));
     let d = digest(&layer.blob);
     let src = image_with(tmp.path(), vec![layer]);
     must_fail(&src, &[&src, &d[..19], "etc/../../evil", ".."], &[], &[]);
@@ -136,7 +148,12 @@ fn unreachable_registry_is_named() {
     let port = free_port();
     let src = format!("docker://127.0.0.1:{port}/app:v1");
     let started = std::time::Instant::now();
-    must_fail(&src, &[&format!("127.0.0.1:{port}")], &["--plain-http"], &[]);
+    must_fail(
+        &src,
+        &[&format!("127.0.0.1:{port}")],
+        &["--plain-http"],
+        &[],
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
 }
 

@@ -15,8 +15,8 @@ use breakfs_refactor::{
 
 use crate::support::containerd::TestContainerd;
 use crate::support::corpus::{self, CorpusImage, TEST_FAMILIES};
-use crate::support::registry::TestRegistry;
 use crate::support::measure::{distinct_layers, redundancy};
+use crate::support::registry::TestRegistry;
 use crate::support::tree::{self, CompareOptions};
 
 /// Paths an eStargz layer adds to the tree.
@@ -88,9 +88,13 @@ fn assert_same_view(original: &str, refactored: &str, work: &Path, ignore_mtime:
 }
 
 fn run(sources: &[&str], dest: &str, opts: &RefactorOptions) -> Vec<ImageReport> {
-    let srcs: Vec<ImageRef> = sources.iter().map(|s| ImageRef::parse(s).unwrap()).collect();
+    let srcs: Vec<ImageRef> = sources
+        .iter()
+        .map(|s| ImageRef::parse(s).unwrap())
+        .collect();
     let dest = ImageRef::parse(dest).unwrap();
-    rt().block_on(refactor(&srcs, &dest, opts, &NoProgress)).unwrap()
+    rt().block_on(refactor(&srcs, &dest, opts, &NoProgress))
+        .unwrap()
 }
 
 fn pairs(relax: bool) {
@@ -166,7 +170,10 @@ fn joint(relax: bool) {
     let sources: Vec<&str> = images.iter().map(|i| i.reference.as_str()).collect();
     let reports = run(&sources, &to, &options(&work, true, relax));
     assert_eq!(reports.len(), images.len());
-    let views: Vec<MergedView> = images.iter().map(|i| view_of(&i.reference, &work)).collect();
+    let views: Vec<MergedView> = images
+        .iter()
+        .map(|i| view_of(&i.reference, &work))
+        .collect();
     let originals: Vec<String> = images.iter().map(|i| i.reference.clone()).collect();
     let outputs: Vec<String> = reports.iter().map(|r| r.dest.clone()).collect();
     let before = redundancy(&views, &distinct_layers(&originals, &work), relax);
@@ -208,7 +215,10 @@ fn joint(relax: bool) {
         assert!(r.layers <= 48);
     }
     let reported: usize = reports.iter().map(|r| r.mtime_changes).sum();
-    assert!(changed <= reported, "{changed} mtimes differ, {reported} reported");
+    assert!(
+        changed <= reported,
+        "{changed} mtimes differ, {reported} reported"
+    );
 }
 
 #[test]
@@ -228,7 +238,11 @@ fn unpack(layout_ref: &str, out: &Path) -> BTreeMap<String, tree::Node> {
         .arg(out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "umoci unpack {image}: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "umoci unpack {image}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     tree::snapshot(&out.join("rootfs")).unwrap()
 }
 
@@ -246,7 +260,11 @@ fn refactored_image_works_with_registry_skopeo_umoci_and_containerd() {
         .args(["--to", &dest, &v1.reference])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("share"), "no table printed: {table}");
 
@@ -256,9 +274,16 @@ fn refactored_image_works_with_registry_skopeo_umoci_and_containerd() {
         .arg(format!("oci:{}:v1", copied.display()))
         .output()
         .unwrap();
-    assert!(st.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let a = unpack(&v1.reference, &tmp.path().join("a"));
-    let b = unpack(&format!("oci:{}:v1", copied.display()), &tmp.path().join("b"));
+    let b = unpack(
+        &format!("oci:{}:v1", copied.display()),
+        &tmp.path().join("b"),
+    );
     let diff = tree::compare(
         &a,
         &b,
@@ -268,7 +293,11 @@ fn refactored_image_works_with_registry_skopeo_umoci_and_containerd() {
             ..CompareOptions::default()
         },
     );
-    assert!(diff.is_empty(), "umoci trees differ: {:?}", &diff[..diff.len().min(10)]);
+    assert!(
+        diff.is_empty(),
+        "umoci trees differ: {:?}",
+        &diff[..diff.len().min(10)]
+    );
 
     let ctrd = TestContainerd::start().unwrap();
     let r = format!("{}/edge/{family}:v1", reg.host());

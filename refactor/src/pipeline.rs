@@ -142,11 +142,13 @@ fn decompress(blob: &Path, media_type: &str, tar: &Path, what: &str) -> Result<D
             what: what.to_string(),
         }
     })?;
-    let input = File::open(blob).map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
-    let mut reader = decoder(compression, input)
-        .map_err(|e| Error::io(format!("decompressing {what}"), e))?;
+    let input =
+        File::open(blob).map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
+    let mut reader =
+        decoder(compression, input).map_err(|e| Error::io(format!("decompressing {what}"), e))?;
     let tmp = tar.with_extension("tmp");
-    let out = File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    let out =
+        File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     let mut w = breakfs_index::HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
     std::io::copy(&mut reader, &mut w)
         .map_err(|e| Error::io(format!("decompressing {what} (truncated or corrupt?)"), e))?;
@@ -229,7 +231,8 @@ pub async fn load_image(
     let tars_dir = opts.work_dir.join("tars");
     let blobs_dir = opts.work_dir.join("blobs");
     for d in [&tars_dir, &blobs_dir] {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        std::fs::create_dir_all(d)
+            .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
     let total: u64 = image.layers().iter().map(|l| l.size).sum();
     progress.stage(&format!("reading {r}"), total);
@@ -241,7 +244,12 @@ pub async fn load_image(
         if !tar.exists() {
             let blob = blobs_dir.join(desc.digest.hex());
             store.blob_to_file(desc, &blob).await?;
-            let (b, t, m, w) = (blob.clone(), tar.clone(), desc.media_type.clone(), what.clone());
+            let (b, t, m, w) = (
+                blob.clone(),
+                tar.clone(),
+                desc.media_type.clone(),
+                what.clone(),
+            );
             let got = tokio::task::spawn_blocking(move || decompress(&b, &m, &t, &w))
                 .await
                 .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
@@ -259,7 +267,10 @@ pub async fn load_image(
         let (t, w) = (tar.clone(), what.clone());
         let index = tokio::task::spawn_blocking(move || -> Result<LayerIndex> {
             let f = File::open(&t).map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
-            Ok(LayerIndex::read(std::io::BufReader::with_capacity(1 << 20, f), &w)?)
+            Ok(LayerIndex::read(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                &w,
+            )?)
         })
         .await
         .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
@@ -296,7 +307,10 @@ async fn published_layers(
     };
     let mut seen = HashMap::new();
     let mut out: Vec<Published> = Vec::new();
-    progress.stage(&format!("indexing {} tags in {}", tags.len(), store.name()), 0);
+    progress.stage(
+        &format!("indexing {} tags in {}", tags.len(), store.name()),
+        0,
+    );
     for tag in tags {
         let r = dest.with_tag(&tag);
         let image = store.resolve(&r).await?;
@@ -360,7 +374,12 @@ async fn index_plain_layer(
     if !tar.exists() {
         let blob = opts.work_dir.join("blobs").join(desc.digest.hex());
         store.blob_to_file(desc, &blob).await?;
-        let (b, t, m, w) = (blob.clone(), tar.clone(), desc.media_type.clone(), what.clone());
+        let (b, t, m, w) = (
+            blob.clone(),
+            tar.clone(),
+            desc.media_type.clone(),
+            what.clone(),
+        );
         tokio::task::spawn_blocking(move || decompress(&b, &m, &t, &w))
             .await
             .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
@@ -440,7 +459,8 @@ fn write_new_layer(
         .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     drop(w);
     let path = out_dir.join(written.digest.hex());
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
     Ok((written, path))
 }
 
@@ -517,7 +537,9 @@ pub async fn refactor(
         for t in &targets {
             if !seen.insert(t.to_string()) {
                 return Err(Error::PlanOption {
-                    reason: format!("two sources would both be written to {t}; give them distinct tags"),
+                    reason: format!(
+                        "two sources would both be written to {t}; give them distinct tags"
+                    ),
                 });
             }
         }
@@ -559,11 +581,13 @@ pub async fn refactor(
         progress.stage(&format!("planning {} image(s)", plan_images.len()), 0);
         let the_plan: Plan = {
             let (pi, pl, po) = (plan_images, pub_layers, opts.plan.clone());
-            let res = tokio::task::spawn_blocking(move || -> Result<(Plan, Vec<PlanImage>, Vec<PublishedLayer>)> {
-                let p = plan(&pi, &pl, &po)?;
-                p.check(&pi, &pl)?;
-                Ok((p, pi, pl))
-            })
+            let res = tokio::task::spawn_blocking(
+                move || -> Result<(Plan, Vec<PlanImage>, Vec<PublishedLayer>)> {
+                    let p = plan(&pi, &pl, &po)?;
+                    p.check(&pi, &pl)?;
+                    Ok((p, pi, pl))
+                },
+            )
             .await
             .map_err(|e| Error::io("planning", std::io::Error::other(e)))??;
             res.0
@@ -580,7 +604,17 @@ pub async fn refactor(
             .flat_map(|l| l.entries.iter())
             .map(|e| e.size)
             .sum();
-        progress.stage(&format!("writing {} layer(s)", the_plan.layers.iter().filter(|l| matches!(l.source, LayerSource::New)).count()), new_bytes);
+        progress.stage(
+            &format!(
+                "writing {} layer(s)",
+                the_plan
+                    .layers
+                    .iter()
+                    .filter(|l| matches!(l.source, LayerSource::New))
+                    .count()
+            ),
+            new_bytes,
+        );
         let mut layer_pub: Vec<usize> = Vec::with_capacity(the_plan.layers.len());
         for layer in &the_plan.layers {
             match layer.source {

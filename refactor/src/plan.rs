@@ -309,7 +309,11 @@ fn match_layer(p: &Prepared, entries: &[Entry], relax: bool) -> Option<Match> {
             return None;
         }
         // A layer with whiteouts only makes sense over the stack it was made for.
-        if e.path.rsplit('/').next().is_some_and(|n| n.starts_with(".wh.")) {
+        if e.path
+            .rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with(".wh."))
+        {
             return None;
         }
         if is_content(e.kind) {
@@ -343,12 +347,11 @@ fn match_layer(p: &Prepared, entries: &[Entry], relax: bool) -> Option<Match> {
                 None => {
                     // A whiteout needs its directory in the image.
                     let parent = parent_of(&e.path);
-                    if !parent.is_empty()
-                        && !p
-                            .other_of
-                            .get(parent)
-                            .is_some_and(|&o| p.others[o].kind == EntryKind::Dir)
-                    {
+                    let dir_kept = p
+                        .other_of
+                        .get(parent)
+                        .is_some_and(|&o| p.others[o].kind == EntryKind::Dir);
+                    if !parent.is_empty() && !dir_kept {
                         return None;
                     }
                     stale.push(e.path.clone());
@@ -440,9 +443,12 @@ fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit: usize) -> 
         }
         if m.items.iter().any(|&n| r.covered_items[n])
             || m.others.iter().any(|&n| r.covered_others[n])
-            || m.items
-                .iter()
-                .any(|&n| p.items[n].entries.iter().any(|e| stale_paths.contains(&e.path)))
+            || m.items.iter().any(|&n| {
+                p.items[n]
+                    .entries
+                    .iter()
+                    .any(|e| stale_paths.contains(&e.path))
+            })
             || m.stale.iter().any(|s| {
                 stale_paths.contains(s) || p.item_of.get(s).is_some_and(|&n| r.covered_items[n])
             })
@@ -1696,7 +1702,14 @@ mod tests {
     fn a_mostly_current_layer_is_reused_with_its_stale_files_shadowed() {
         // One big package; v2 patches one small file and drops another.
         let mut v1_entries: Vec<Entry> = (0..10)
-            .map(|f| file(&format!("usr/share/big/f{f}"), 10_000, &format!("big-{f}"), 1000))
+            .map(|f| {
+                file(
+                    &format!("usr/share/big/f{f}"),
+                    10_000,
+                    &format!("big-{f}"),
+                    1000,
+                )
+            })
             .collect();
         v1_entries.push(file("usr/share/big/patched", 500, "old", 1000));
         v1_entries.push(file("usr/share/big/dropped", 500, "gone", 1000));
@@ -1719,8 +1732,14 @@ mod tests {
         let p2 = plan(std::slice::from_ref(&v2), &published, &opts).unwrap();
         p2.check(std::slice::from_ref(&v2), &published).unwrap();
         let ip = &p2.images[0];
-        assert_eq!(ip.reused_bytes, 100_000, "the ten unchanged files are reused");
-        assert_eq!(ip.shadowed_bytes, 1000, "the patched and dropped files are stale");
+        assert_eq!(
+            ip.reused_bytes, 100_000,
+            "the ten unchanged files are reused"
+        );
+        assert_eq!(
+            ip.shadowed_bytes, 1000,
+            "the patched and dropped files are stale"
+        );
         let top = &p2.layers[*ip.layers.last().unwrap()];
         assert!(
             top.entries
@@ -1735,7 +1754,10 @@ mod tests {
                     .iter()
                     .any(|e| e.path == "usr/share/big/patched" && e.size == 600)
         });
-        assert!(new_has_patched, "the new version of the patched file is in a new layer");
+        assert!(
+            new_has_patched,
+            "the new version of the patched file is in a new layer"
+        );
     }
 
     #[test]

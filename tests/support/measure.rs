@@ -98,7 +98,6 @@ pub fn distinct_layers(refs: &[String], work: &Path) -> Vec<Vec<(String, u64)>> 
     out
 }
 
-
 impl Redundancy {
     /// Redundant bytes: stored − distinct content.
     pub fn redundant(&self) -> u64 {

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 pub mod containerd;
-pub mod images;
-pub mod registry;
 pub mod corpus;
-pub mod tree;
+pub mod images;
 pub mod measure;
+pub mod registry;
+pub mod tree;
