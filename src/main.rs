@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use breakfs_fetch::{ClientOptions, Store};
-use breakfs_index::{Compression, ImageRef, LayerIndex, Platform, decoder};
+use breakfs_index::{Compression, ImageRef, LayerIndex, Platform, Reference, decoder};
 use breakfs_refactor::{ImageReport, PlanOptions, Progress, RefactorOptions, WriterOptions};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,7 +41,7 @@ enum Command {
     /// Examples:
     ///   breakfs refactor --to oci:/srv/out oci:/srv/app:v1
     ///   breakfs refactor --to oci:/srv/out oci:/srv/app:v2
-    ///   breakfs refactor --plain-http --to docker://edge-reg:5000/_ docker://reg:5000/library/redis:7
+    ///   breakfs refactor --plain-http --to docker://edge-reg:5000 docker://reg:5000/library/redis:7
     ///   breakfs refactor --joint --to oci:/srv/all oci:/a:v1 oci:/b:v1
     #[command(verbatim_doc_comment)]
     Refactor(RefactorArgs),
@@ -71,8 +71,10 @@ impl ClientArgs {
 
 #[derive(Args)]
 struct RefactorArgs {
-    /// Destination: oci:DIR[:TAG] or docker://HOST[:PORT]/REPO[:TAG];
-    /// docker://HOST/_ keeps each source's repository path under HOST.
+    /// Destination: oci:DIR[:TAG], docker://HOST[:PORT]/REPO[:TAG], or
+    /// docker://HOST[:PORT] to keep each source's repository path under HOST.
+    /// Each image gets its source's tag (a layout fed from several
+    /// repositories tags them NAME-TAG).
     #[arg(long = "to", value_name = "DEST")]
     to: String,
     /// Refactor all sources at once (shared layers across the set).
@@ -233,7 +235,15 @@ fn report_json(r: &ImageReport) -> serde_json::Value {
 }
 
 async fn run_refactor(a: RefactorArgs) -> Result<()> {
-    let dest = ImageRef::parse(&a.to).context("parsing --to")?;
+    // `docker://HOST`: each source keeps its repository path under HOST.
+    let dest = match a.to.strip_prefix("docker://") {
+        Some(host) if !host.is_empty() && !host.contains('/') => ImageRef::Registry {
+            host: host.to_string(),
+            repo: "_".to_string(),
+            reference: Reference::Tag("latest".to_string()),
+        },
+        _ => ImageRef::parse(&a.to).context("parsing --to")?,
+    };
     let sources = a
         .sources
         .iter()

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,8 +134,37 @@ struct Published {
     local: Option<PathBuf>,
 }
 
-/// Decompress `blob` to `tar`, returning the diff_id of what was written.
-fn decompress(blob: &Path, media_type: &str, tar: &Path, what: &str) -> Result<Digest> {
+/// Run `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io(what.to_string(), std::io::Error::other(e)))?
+}
+
+/// A reader that copies what it reads into a writer.
+struct Tee<R, W> {
+    inner: R,
+    out: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Decompress `blob` into `tar` and index it, in one pass.
+fn decompress_and_index(
+    blob: &Path,
+    media_type: &str,
+    tar: &Path,
+    what: &str,
+) -> Result<LayerIndex> {
     let compression = Compression::from_media_type(media_type).ok_or_else(|| {
         breakfs_index::Error::UnsupportedMediaType {
             media_type: media_type.to_string(),
@@ -144,19 +173,27 @@ fn decompress(blob: &Path, media_type: &str, tar: &Path, what: &str) -> Result<D
     })?;
     let input =
         File::open(blob).map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
-    let mut reader =
+    let reader =
         decoder(compression, input).map_err(|e| Error::io(format!("decompressing {what}"), e))?;
     let tmp = tar.with_extension("tmp");
     let out =
         File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-    let mut w = breakfs_index::HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
-    std::io::copy(&mut reader, &mut w)
-        .map_err(|e| Error::io(format!("decompressing {what} (truncated or corrupt?)"), e))?;
-    let (buf, diff_id, _) = w.finish();
-    buf.into_inner()
+    let mut tee = Tee {
+        inner: reader,
+        out: BufWriter::with_capacity(1 << 20, out),
+    };
+    let index = match LayerIndex::read(&mut tee, what) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    tee.out
+        .into_inner()
         .map_err(|e| Error::io(format!("writing {}", tmp.display()), e.into_error()))?;
     std::fs::rename(&tmp, tar).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
-    Ok(diff_id)
+    Ok(index)
 }
 
 fn short_name(r: &ImageRef) -> String {
@@ -236,48 +273,55 @@ pub async fn load_image(
     }
     let total: u64 = image.layers().iter().map(|l| l.size).sum();
     progress.stage(&format!("reading {r}"), total);
-    let mut tars = Vec::new();
-    let mut indexes = Vec::new();
-    for (desc, diff_id) in image.layers().iter().zip(&diff_ids) {
-        let what = format!("layer {} of {r}", desc.digest);
-        let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
-        if !tar.exists() {
-            let blob = blobs_dir.join(desc.digest.hex());
-            store.blob_to_file(desc, &blob).await?;
-            let (b, t, m, w) = (
-                blob.clone(),
-                tar.clone(),
-                desc.media_type.clone(),
-                what.clone(),
-            );
-            let got = tokio::task::spawn_blocking(move || decompress(&b, &m, &t, &w))
-                .await
-                .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
-            let _ = std::fs::remove_file(&blob);
-            if &got != diff_id {
+    // Layers load concurrently: each is fetched, then decompressed and
+    // indexed in one pass on a blocking thread.
+    let loads = image.layers().iter().zip(&diff_ids).map(|(desc, diff_id)| {
+        let (store, tars_dir, blobs_dir) = (&store, &tars_dir, &blobs_dir);
+        async move {
+            let what = format!("layer {} of {r}", desc.digest);
+            let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
+            let index = if tar.exists() {
+                let (t, w) = (tar.clone(), what.clone());
+                blocking(&what, move || -> Result<LayerIndex> {
+                    let f = File::open(&t)
+                        .map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
+                    Ok(LayerIndex::read(
+                        std::io::BufReader::with_capacity(1 << 20, f),
+                        &w,
+                    )?)
+                })
+                .await?
+            } else {
+                let blob = blobs_dir.join(desc.digest.hex());
+                store.blob_to_file(desc, &blob).await?;
+                let (b, t, m, w) = (
+                    blob.clone(),
+                    tar.clone(),
+                    desc.media_type.clone(),
+                    what.clone(),
+                );
+                let index = blocking(&what, move || decompress_and_index(&b, &m, &t, &w)).await;
+                let _ = std::fs::remove_file(&blob);
+                index?
+            };
+            if &index.diff_id != diff_id {
                 let _ = std::fs::remove_file(&tar);
                 return Err(Error::Source {
                     image: r.to_string(),
                     reason: format!(
-                        "{what}: uncompressed content has digest {got} but the config's diff_id is {diff_id}"
+                        "{what}: uncompressed content has digest {} but the config's diff_id is {diff_id}",
+                        index.diff_id
                     ),
                 });
             }
+            progress.advance(desc.size);
+            Ok((tar, index))
         }
-        let (t, w) = (tar.clone(), what.clone());
-        let index = tokio::task::spawn_blocking(move || -> Result<LayerIndex> {
-            let f = File::open(&t).map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
-            Ok(LayerIndex::read(
-                std::io::BufReader::with_capacity(1 << 20, f),
-                &w,
-            )?)
-        })
-        .await
-        .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
-        progress.advance(desc.size);
-        tars.push(tar);
-        indexes.push(index);
-    }
+    });
+    let (tars, indexes): (Vec<PathBuf>, Vec<LayerIndex>) = futures::future::try_join_all(loads)
+        .await?
+        .into_iter()
+        .unzip();
     let view = MergedView::build(&indexes).map_err(|e| Error::Source {
         image: r.to_string(),
         reason: e.to_string(),
@@ -380,10 +424,9 @@ async fn index_plain_layer(
             desc.media_type.clone(),
             what.clone(),
         );
-        tokio::task::spawn_blocking(move || decompress(&b, &m, &t, &w))
-            .await
-            .map_err(|e| Error::io(what.clone(), std::io::Error::other(e)))??;
+        let index = blocking(&what, move || decompress_and_index(&b, &m, &t, &w)).await;
         let _ = std::fs::remove_file(&blob);
+        return index;
     }
     let f = File::open(&tar).map_err(|e| Error::io(format!("opening {}", tar.display()), e))?;
     Ok(LayerIndex::read(std::io::BufReader::new(f), &what)?)
@@ -485,7 +528,7 @@ fn dest_ref(dest: &ImageRef, src: &LoadedImage, name_tags: bool, single: bool) -
             repo,
             reference,
         } => {
-            // `docker://HOST/_` means: the source's repository path under HOST.
+            // Repository `_` (from `--to docker://HOST`): the source's repository path under HOST.
             let repo = if repo == "_" {
                 match &src.reference {
                     ImageRef::Registry { repo, .. } => repo.clone(),
