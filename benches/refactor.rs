@@ -27,6 +27,7 @@ use breakfs_refactor::{
     refactor,
 };
 use corpus::CorpusImage;
+use measure::ADDED;
 
 fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
     RefactorOptions {
@@ -77,13 +78,6 @@ impl Bench {
             .block_on(load_image(&r, &options(work, false, false), &NoProgress))?)
     }
 }
-
-/// Paths an eStargz layer adds to the tree.
-const ADDED: &[&str] = &[
-    "stargz.index.json",
-    ".prefetch.landmark",
-    ".no.prefetch.landmark",
-];
 
 /// Check that a refactored image's merged view equals its original's,
 /// entry by entry (mtimes aside with --relax-mtime); fail the run if not.

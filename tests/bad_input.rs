@@ -170,3 +170,14 @@ fn registry_401_without_credentials_says_how_to_log_in() {
     );
     assert!(!stderr.contains("s3cret"));
 }
+
+#[test]
+fn diff_id_mismatch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layer = Layer::gzip(tar_of(&[T::File("a", b"a", 0o644)]));
+    // The config's diff_id describes another tar than the blob holds.
+    layer.tar = tar_of(&[T::File("b", b"b", 0o644)]);
+    let d = digest(&layer.blob);
+    let src = image_with(tmp.path(), vec![layer]);
+    must_fail(&src, &[&src, &d[..19], "diff_id"], &[], &[]);
+}

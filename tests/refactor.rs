@@ -15,16 +15,9 @@ use breakfs_refactor::{
 
 use crate::support::containerd::TestContainerd;
 use crate::support::corpus::{self, CorpusImage, TEST_FAMILIES};
-use crate::support::measure::{distinct_layers, redundancy};
+use crate::support::measure::{ADDED, distinct_layers, redundancy};
 use crate::support::registry::TestRegistry;
 use crate::support::tree::{self, CompareOptions};
-
-/// Paths an eStargz layer adds to the tree.
-const ADDED: &[&str] = &[
-    "stargz.index.json",
-    ".prefetch.landmark",
-    ".no.prefetch.landmark",
-];
 
 fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
     RefactorOptions {

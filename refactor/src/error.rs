@@ -19,6 +19,18 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A layer whose uncompressed content is not what the image config says.
+    #[error(
+        "{what}: uncompressed content has digest {actual} but the image config's diff_id is {expected}; the layer or the config is corrupt"
+    )]
+    DiffIdMismatch {
+        /// Which layer of which image.
+        what: String,
+        /// The diff_id the config gives.
+        expected: breakfs_index::Digest,
+        /// The digest of the uncompressed content.
+        actual: breakfs_index::Digest,
+    },
     /// An I/O error, with what was being done.
     #[error("{what}: {source}")]
     Io {

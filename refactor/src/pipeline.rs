@@ -279,43 +279,10 @@ pub async fn load_image(
         let (store, tars_dir, blobs_dir) = (&store, &tars_dir, &blobs_dir);
         async move {
             let what = format!("layer {} of {r}", desc.digest);
-            let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
-            let index = if tar.exists() {
-                let (t, w) = (tar.clone(), what.clone());
-                blocking(&what, move || -> Result<LayerIndex> {
-                    let f = File::open(&t)
-                        .map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
-                    Ok(LayerIndex::read(
-                        std::io::BufReader::with_capacity(1 << 20, f),
-                        &w,
-                    )?)
-                })
-                .await?
-            } else {
-                let blob = blobs_dir.join(desc.digest.hex());
-                store.blob_to_file(desc, &blob).await?;
-                let (b, t, m, w) = (
-                    blob.clone(),
-                    tar.clone(),
-                    desc.media_type.clone(),
-                    what.clone(),
-                );
-                let index = blocking(&what, move || decompress_and_index(&b, &m, &t, &w)).await;
-                let _ = std::fs::remove_file(&blob);
-                index?
-            };
-            if &index.diff_id != diff_id {
-                let _ = std::fs::remove_file(&tar);
-                return Err(Error::Source {
-                    image: r.to_string(),
-                    reason: format!(
-                        "{what}: uncompressed content has digest {} but the config's diff_id is {diff_id}",
-                        index.diff_id
-                    ),
-                });
-            }
+            let (tar, index) =
+                local_layer(store, desc, diff_id, tars_dir, blobs_dir, &what).await?;
             progress.advance(desc.size);
-            Ok((tar, index))
+            Ok::<_, Error>((tar, index))
         }
     });
     let (tars, indexes): (Vec<PathBuf>, Vec<LayerIndex>) = futures::future::try_join_all(loads)
@@ -411,25 +378,62 @@ async fn index_plain_layer(
     opts: &RefactorOptions,
 ) -> Result<LayerIndex> {
     let what = format!("layer {} of {}", desc.digest, store.name());
-    let tars_dir = opts.work_dir.join("tars");
-    std::fs::create_dir_all(&tars_dir)
-        .map_err(|e| Error::io(format!("creating {}", tars_dir.display()), e))?;
+    let (tars_dir, blobs_dir) = (opts.work_dir.join("tars"), opts.work_dir.join("blobs"));
+    for d in [&tars_dir, &blobs_dir] {
+        std::fs::create_dir_all(d)
+            .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    }
+    Ok(
+        local_layer(store, desc, diff_id, &tars_dir, &blobs_dir, &what)
+            .await?
+            .1,
+    )
+}
+
+/// A layer's uncompressed tar in the work directory, and its index: read
+/// from the tar if an earlier run left it, else fetched, decompressed and
+/// indexed in one pass.
+async fn local_layer(
+    store: &Store,
+    desc: &Descriptor,
+    diff_id: &Digest,
+    tars_dir: &Path,
+    blobs_dir: &Path,
+    what: &str,
+) -> Result<(PathBuf, LayerIndex)> {
     let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
-    if !tar.exists() {
-        let blob = opts.work_dir.join("blobs").join(desc.digest.hex());
+    let index = if tar.exists() {
+        let (t, w) = (tar.clone(), what.to_string());
+        blocking(what, move || -> Result<LayerIndex> {
+            let f = File::open(&t).map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
+            Ok(LayerIndex::read(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                &w,
+            )?)
+        })
+        .await?
+    } else {
+        let blob = blobs_dir.join(desc.digest.hex());
         store.blob_to_file(desc, &blob).await?;
         let (b, t, m, w) = (
             blob.clone(),
             tar.clone(),
             desc.media_type.clone(),
-            what.clone(),
+            what.to_string(),
         );
-        let index = blocking(&what, move || decompress_and_index(&b, &m, &t, &w)).await;
+        let index = blocking(what, move || decompress_and_index(&b, &m, &t, &w)).await;
         let _ = std::fs::remove_file(&blob);
-        return index;
+        index?
+    };
+    if &index.diff_id != diff_id {
+        let _ = std::fs::remove_file(&tar);
+        return Err(Error::DiffIdMismatch {
+            what: what.to_string(),
+            actual: index.diff_id,
+            expected: diff_id.clone(),
+        });
     }
-    let f = File::open(&tar).map_err(|e| Error::io(format!("opening {}", tar.display()), e))?;
-    Ok(LayerIndex::read(std::io::BufReader::new(f), &what)?)
+    Ok((tar, index))
 }
 
 /// File content for the writer: every source image's regular files by digest.

@@ -8,6 +8,13 @@ use std::path::Path;
 use breakfs_fetch::ClientOptions;
 use breakfs_index::{EntryKind, ImageRef, MergedView};
 
+/// Paths an eStargz layer adds to an image's tree.
+pub const ADDED: &[&str] = &[
+    "stargz.index.json",
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+];
+
 /// Redundant bytes of a set of merged views stored as `layers`.
 pub struct Redundancy {
     /// File bytes stored over all distinct layers.
