@@ -304,3 +304,63 @@ fn refactored_image_works_with_registry_skopeo_umoci_and_containerd() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn inspect_shows_layers_tocs_and_sharing() {
+    let images = corpus();
+    let family = TEST_FAMILIES[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = format!("oci:{}", tmp.path().join("out").display());
+    for tag in ["v1", "point"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+            .args(["refactor", "--work-dir"])
+            .arg(tmp.path().join("work"))
+            .args(["--to", &dest, &find(&images, family, tag).reference])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+        .args(["inspect", &format!("{dest}:point")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("manifest  sha256:"), "{text}");
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(rows.len() >= 2, "no layer rows: {text}");
+    // Every refactored layer has a TOC and a positive entry count.
+    for r in &rows {
+        let cols: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!(cols[5], "yes", "layer without TOC: {r}");
+        assert!(cols[4].parse::<u64>().unwrap() > 0, "no entries: {r}");
+    }
+    // The point release shares layers with v1, and inspect says so.
+    assert!(
+        rows.iter().any(|r| r.ends_with("v1")),
+        "no layer shared with v1: {text}"
+    );
+    // The original (plain gzip) image: no TOC, entries counted from the tar.
+    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+        .args(["inspect", &find(&images, family, "v1").reference])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().any(|l| l.contains(" no ")), "{text}");
+}
