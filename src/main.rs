@@ -47,6 +47,32 @@ enum Command {
     Refactor(RefactorArgs),
     /// Show an image: manifest, layers, entries, TOCs, and sharing with other tags.
     Inspect(InspectArgs),
+    /// Run a shaping TCP proxy: delay and bandwidth per direction, shared by
+    /// all connections, to stand in for a slow link (no netem needed).
+    ///
+    /// Example: a 50 ms, 50 Mbit/s link to a local registry:
+    ///   breakfs shape --listen 127.0.0.1:6000 --upstream 127.0.0.1:5000 --rtt-ms 50 --mbit 50
+    #[command(verbatim_doc_comment)]
+    Shape(ShapeArgs),
+}
+
+#[derive(Args)]
+struct ShapeArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Address to forward to.
+    #[arg(long)]
+    upstream: std::net::SocketAddr,
+    /// Round-trip time added, in milliseconds (half each way).
+    #[arg(long, default_value_t = 0)]
+    rtt_ms: u64,
+    /// Bandwidth in Mbit/s in each direction (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    mbit: u64,
+    /// Bandwidth toward the upstream, if different from --mbit.
+    #[arg(long)]
+    up_mbit: Option<u64>,
 }
 
 #[derive(Args)]
@@ -368,6 +394,30 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+async fn run_shape(a: ShapeArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let down = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
+    let up = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = tx.send(true);
+    });
+    eprintln!(
+        "shaping {} -> {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops",
+        a.listen,
+        a.upstream,
+        a.rtt_ms,
+        a.mbit,
+        a.up_mbit.unwrap_or(a.mbit)
+    );
+    breakfs_fetch::run_shaping_proxy(listener, a.upstream, up, down, rx)
+        .await
+        .context("shaping proxy")
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -388,6 +438,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Refactor(a) => run_refactor(a).await,
             Command::Inspect(a) => run_inspect(a).await,
+            Command::Shape(a) => run_shape(a).await,
         }
     });
     match result {

@@ -9,6 +9,9 @@
 //! the platform of [`ClientOptions`]); blob reads verify size and digest and
 //! land atomically; pushes skip blobs already present and mount across
 //! repositories where they can.
+//!
+//! [`run_shaping_proxy`] is a TCP proxy with delay and bandwidth per
+//! direction, standing in for slow links in tests and benchmarks.
 
 mod auth;
 mod blobfile;
@@ -16,6 +19,7 @@ mod error;
 mod layout;
 mod options;
 mod registry;
+mod shaping;
 mod store;
 mod tocread;
 
@@ -23,5 +27,6 @@ pub use error::{Error, Result};
 pub use layout::OciLayout;
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
+pub use shaping::{LinkShape, run_shaping_proxy};
 pub use store::{Image, Store};
 pub use tocread::LayerToc;

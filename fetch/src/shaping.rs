@@ -1,0 +1,195 @@
+//! A shaping TCP proxy: one-way delay and a bandwidth limit per direction,
+//! shared by every connection through the proxy (like a link), for tests
+//! and benchmarks on a kernel without netem.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::time::Instant;
+
+/// How one direction of the link behaves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkShape {
+    /// One-way delay added to every byte.
+    pub delay: Duration,
+    /// Bytes per second, shared by all connections; `None` is unlimited.
+    pub bytes_per_sec: Option<u64>,
+}
+
+impl LinkShape {
+    /// A link with `rtt_ms` round-trip time (half each way) and `mbit`
+    /// Mbit/s in this direction (0 = unlimited).
+    pub fn from_rtt_mbit(rtt_ms: u64, mbit: u64) -> LinkShape {
+        LinkShape {
+            delay: Duration::from_micros(rtt_ms * 500),
+            bytes_per_sec: (mbit > 0).then_some(mbit * 1_000_000 / 8),
+        }
+    }
+}
+
+/// The time the shared link is next free, per direction.
+type Pacer = Arc<Mutex<Instant>>;
+
+const CHUNK: usize = 16 * 1024;
+
+/// Serve connections on `listener`, forwarding each to `upstream` with
+/// `up` shaping client→upstream bytes and `down` the replies, until
+/// `shutdown` turns true.
+pub async fn run_shaping_proxy(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    up: LinkShape,
+    down: LinkShape,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let up_pacer: Pacer = Arc::new(Mutex::new(Instant::now()));
+    let down_pacer: Pacer = Arc::new(Mutex::new(Instant::now()));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (client, _) = accepted?;
+                let (upp, downp) = (up_pacer.clone(), down_pacer.clone());
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        let a = tokio::spawn(pipe(cr, sw, up, upp));
+                        let b = tokio::spawn(pipe(sr, cw, down, downp));
+                        let _ = tokio::join!(a, b);
+                    }
+                });
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Copy `from` to `to`: each chunk leaves `delay` after it arrived, and no
+/// sooner than the shared link has sent what was queued before it.
+async fn pipe<R, W>(mut from: R, mut to: W, shape: LinkShape, pacer: Pacer)
+where
+    R: AsyncReadExt + Unpin + Send + 'static,
+    W: AsyncWriteExt + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(256);
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send((Instant::now(), buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    while let Some((arrived, data)) = rx.recv().await {
+        let mut due = arrived + shape.delay;
+        if let Some(bps) = shape.bytes_per_sec {
+            let cost = Duration::from_secs_f64(data.len() as f64 / bps as f64);
+            let mut next = pacer.lock().await;
+            let start = (*next).max(Instant::now());
+            *next = start + cost;
+            due = due.max(start + cost);
+        }
+        tokio::time::sleep_until(due).await;
+        if to.write_all(&data).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+    reader.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn proxy(
+        up: LinkShape,
+        down: LinkShape,
+        payload: usize,
+    ) -> (SocketAddr, watch::Sender<bool>) {
+        // Upstream: answers every connection with `payload` bytes after one byte arrives.
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_ok() {
+                        let _ = s.write_all(&vec![7u8; payload]).await;
+                    }
+                });
+            }
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(run_shaping_proxy(l, upstream, up, down, rx));
+        (addr, tx)
+    }
+
+    async fn fetch(addr: SocketAddr) -> (Duration, usize) {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        (t.elapsed(), got.len())
+    }
+
+    #[tokio::test]
+    async fn adds_the_round_trip_delay() {
+        let shape = LinkShape::from_rtt_mbit(100, 0);
+        let (addr, _stop) = proxy(shape, shape, 10).await;
+        let (took, n) = fetch(addr).await;
+        assert_eq!(n, 10);
+        // Request and reply each cross one 50 ms leg.
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn limits_bandwidth_and_shares_it_between_connections() {
+        let up = LinkShape::from_rtt_mbit(0, 0);
+        // 8 Mbit/s = 1 MB/s down; two clients fetch 500 kB each at once.
+        let down = LinkShape::from_rtt_mbit(0, 8);
+        let (addr, _stop) = proxy(up, down, 500_000).await;
+        let t = Instant::now();
+        let (a, b) = tokio::join!(fetch(addr), fetch(addr));
+        assert_eq!((a.1, b.1), (500_000, 500_000));
+        // 1 MB over a shared 1 MB/s link takes at least ~1 s.
+        assert!(
+            t.elapsed() >= Duration::from_millis(950),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn stops_on_shutdown() {
+        let shape = LinkShape::from_rtt_mbit(0, 0);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = watch::channel(false);
+        let upstream = "127.0.0.1:9".parse().unwrap();
+        let task = tokio::spawn(run_shaping_proxy(l, upstream, shape, shape, rx));
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
