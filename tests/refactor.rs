@@ -364,3 +364,45 @@ fn inspect_shows_layers_tocs_and_sharing() {
     );
     assert!(text.lines().any(|l| l.contains(" no ")), "{text}");
 }
+
+#[test]
+fn registry_to_registry_keeps_the_repository_path() {
+    let images = corpus();
+    let v1 = find(&images, TEST_FAMILIES[0], "v1");
+    let (cloud, edge) = (TestRegistry::start(), TestRegistry::start());
+    let src = format!("docker://{}/library/app:v1", cloud.host());
+    let st = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false", &v1.reference, &src])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+        .args(["refactor", "--plain-http", "--work-dir"])
+        .arg(tmp.path().join("work"))
+        .args(["--to", &format!("docker://{}", edge.host()), &src])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Same repository path and tag under the edge registry, and a standard image there.
+    let st = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{}/library/app:v1", edge.host()))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(v["Layers"].as_array().unwrap().len() > 1);
+}
