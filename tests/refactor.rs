@@ -224,6 +224,22 @@ fn joint_refactoring_with_relaxed_mtimes() {
     joint(true);
 }
 
+/// Run a command, require success, return its stdout.
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd.get_program(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn breakfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_breakfs"))
+}
+
 fn unpack(layout_ref: &str, out: &Path) -> BTreeMap<String, tree::Node> {
     let image = layout_ref.strip_prefix("oci:").unwrap();
     let st = Command::new("umoci")
@@ -247,31 +263,16 @@ fn refactored_image_works_with_registry_skopeo_umoci_and_containerd() {
     let family = TEST_FAMILIES[0];
     let v1 = find(&images, family, "v1");
     let dest = format!("docker://{}/edge/{family}:v1", reg.host());
-    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+    let table = ok(breakfs()
         .args(["refactor", "--plain-http", "--work-dir"])
         .arg(tmp.path().join("work"))
-        .args(["--to", &dest, &v1.reference])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8_lossy(&out.stdout);
+        .args(["--to", &dest, &v1.reference]));
     assert!(table.contains("share"), "no table printed: {table}");
 
     let copied: PathBuf = tmp.path().join("copied");
-    let st = Command::new("skopeo")
+    ok(Command::new("skopeo")
         .args(["copy", "--src-tls-verify=false", &dest])
-        .arg(format!("oci:{}:v1", copied.display()))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "skopeo copy: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+        .arg(format!("oci:{}:v1", copied.display())));
     let a = unpack(&v1.reference, &tmp.path().join("a"));
     let b = unpack(
         &format!("oci:{}:v1", copied.display()),
@@ -312,28 +313,12 @@ fn inspect_shows_layers_tocs_and_sharing() {
     let tmp = tempfile::tempdir().unwrap();
     let dest = format!("oci:{}", tmp.path().join("out").display());
     for tag in ["v1", "point"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+        ok(breakfs()
             .args(["refactor", "--work-dir"])
             .arg(tmp.path().join("work"))
-            .args(["--to", &dest, &find(&images, family, tag).reference])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .args(["--to", &dest, &find(&images, family, tag).reference]));
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
-        .args(["inspect", &format!("{dest}:point")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = ok(breakfs().args(["inspect", &format!("{dest}:point")]));
     assert!(text.contains("manifest  sha256:"), "{text}");
     let rows: Vec<&str> = text
         .lines()
@@ -352,16 +337,7 @@ fn inspect_shows_layers_tocs_and_sharing() {
         "no layer shared with v1: {text}"
     );
     // The original (plain gzip) image: no TOC, entries counted from the tar.
-    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
-        .args(["inspect", &find(&images, family, "v1").reference])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = ok(breakfs().args(["inspect", &find(&images, family, "v1").reference]));
     assert!(text.lines().any(|l| l.contains(" no ")), "{text}");
 }
 
@@ -371,38 +347,16 @@ fn registry_to_registry_keeps_the_repository_path() {
     let v1 = find(&images, TEST_FAMILIES[0], "v1");
     let (cloud, edge) = (TestRegistry::start(), TestRegistry::start());
     let src = format!("docker://{}/library/app:v1", cloud.host());
-    let st = Command::new("skopeo")
-        .args(["copy", "--dest-tls-verify=false", &v1.reference, &src])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    ok(Command::new("skopeo").args(["copy", "--dest-tls-verify=false", &v1.reference, &src]));
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_breakfs"))
+    ok(breakfs()
         .args(["refactor", "--plain-http", "--work-dir"])
         .arg(tmp.path().join("work"))
-        .args(["--to", &format!("docker://{}", edge.host()), &src])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["--to", &format!("docker://{}", edge.host()), &src]));
     // Same repository path and tag under the edge registry, and a standard image there.
-    let st = Command::new("skopeo")
+    let inspected = ok(Command::new("skopeo")
         .args(["inspect", "--tls-verify=false"])
-        .arg(format!("docker://{}/library/app:v1", edge.host()))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        .arg(format!("docker://{}/library/app:v1", edge.host())));
+    let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert!(v["Layers"].as_array().unwrap().len() > 1);
 }
