@@ -22,25 +22,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use breakfs_fetch::ClientOptions;
 use breakfs_index::{ImageRef, MergedView};
-use breakfs_refactor::{
-    ImageReport, LoadedImage, NoProgress, PlanOptions, RefactorOptions, WriterOptions, load_image,
-    refactor,
-};
+use breakfs_refactor::{ImageReport, LoadedImage, NoProgress, load_image, refactor};
 use corpus::CorpusImage;
-use measure::ADDED;
-
-fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
-    RefactorOptions {
-        plan: PlanOptions {
-            joint,
-            relax_mtime: relax,
-            ..PlanOptions::default()
-        },
-        writer: WriterOptions::default(),
-        client: ClientOptions::default(),
-        work_dir: work.to_path_buf(),
-    }
-}
+use measure::{ADDED, options};
 
 struct Bench {
     rt: tokio::runtime::Runtime,

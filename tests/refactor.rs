@@ -9,31 +9,13 @@ use std::process::Command;
 
 use breakfs_fetch::ClientOptions;
 use breakfs_index::{ImageRef, MergedView};
-use breakfs_refactor::{
-    ImageReport, NoProgress, PlanOptions, RefactorOptions, WriterOptions, load_image, refactor,
-};
+use breakfs_refactor::{ImageReport, NoProgress, RefactorOptions, load_image, refactor};
 
 use crate::support::containerd::TestContainerd;
 use crate::support::corpus::{self, CorpusImage, TEST_FAMILIES};
-use crate::support::measure::{ADDED, distinct_layers, redundancy};
+use crate::support::measure::{ADDED, distinct_layers, options, redundancy};
 use crate::support::registry::TestRegistry;
 use crate::support::tree::{self, CompareOptions};
-
-fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
-    RefactorOptions {
-        plan: PlanOptions {
-            joint,
-            relax_mtime: relax,
-            ..PlanOptions::default()
-        },
-        writer: WriterOptions::default(),
-        client: ClientOptions {
-            plain_http: true,
-            ..ClientOptions::default()
-        },
-        work_dir: work.to_path_buf(),
-    }
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()

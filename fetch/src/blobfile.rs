@@ -54,9 +54,23 @@ impl VerifyingFile {
             .map_err(|e| Error::io(format!("writing {}", self.temp.display()), e))
     }
 
-    /// Bytes written so far.
-    pub(crate) fn size(&self) -> u64 {
-        self.size
+    /// Append bytes of the blob `desc` describes, failing as soon as more
+    /// arrive than it declares (a stream that never ends is cut short).
+    pub(crate) async fn write_within(
+        &mut self,
+        buf: &[u8],
+        desc: &Descriptor,
+        what: &str,
+    ) -> Result<()> {
+        self.write(buf).await?;
+        if self.size > desc.size {
+            return Err(Error::SizeMismatch {
+                what: what.to_string(),
+                expected: desc.size,
+                actual: self.size,
+            });
+        }
+        Ok(())
     }
 
     /// Check size and digest against `desc`, fsync, and rename into place.
@@ -148,14 +162,7 @@ pub(crate) async fn copy_verified(
         if n == 0 {
             break;
         }
-        out.write(&buf[..n]).await?;
-        if out.size() > desc.size {
-            return Err(Error::SizeMismatch {
-                what: what.to_string(),
-                expected: desc.size,
-                actual: out.size(),
-            });
-        }
+        out.write_within(&buf[..n], desc, what).await?;
     }
     out.finish(desc, what).await
 }

@@ -501,14 +501,7 @@ impl RegistryRepo {
             what: what.to_string(),
             source: e,
         })? {
-            out.write(&chunk).await?;
-            if out.size() > desc.size {
-                return Err(Error::SizeMismatch {
-                    what: what.to_string(),
-                    expected: desc.size,
-                    actual: out.size(),
-                });
-            }
+            out.write_within(&chunk, desc, what).await?;
         }
         out.finish(desc, what).await
     }

@@ -7,6 +7,25 @@ use std::path::Path;
 
 use breakfs_fetch::ClientOptions;
 use breakfs_index::{EntryKind, ImageRef, MergedView};
+use breakfs_refactor::{PlanOptions, RefactorOptions, WriterOptions};
+
+/// Refactor options for tests and benchmarks: default planner and writer,
+/// plain HTTP to the loopback registries.
+pub fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
+    RefactorOptions {
+        plan: PlanOptions {
+            joint,
+            relax_mtime: relax,
+            ..PlanOptions::default()
+        },
+        writer: WriterOptions::default(),
+        client: ClientOptions {
+            plain_http: true,
+            ..ClientOptions::default()
+        },
+        work_dir: work.to_path_buf(),
+    }
+}
 
 /// Paths an eStargz layer adds to an image's tree.
 pub const ADDED: &[&str] = &[
