@@ -10,6 +10,8 @@ use breakfs_refactor::{ImageReport, PlanOptions, Progress, RefactorOptions, Writ
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod mountcmd;
+
 /// breakfs: fast container deployment on edge clouds.
 ///
 /// Images are named like skopeo names them: `oci:DIR[:TAG]` for an OCI
@@ -54,6 +56,37 @@ enum Command {
     ///   breakfs shape --listen 127.0.0.1:6000 --upstream 127.0.0.1:5000 --rtt-ms 50 --mbit 50
     #[command(verbatim_doc_comment)]
     Shape(ShapeArgs),
+    /// Mount an image read-only over FUSE, lazily.
+    ///
+    /// The tree is there as soon as the metadata arrives (for eStargz
+    /// layers, as `breakfs refactor` writes them, only the TOCs); file
+    /// contents are fetched when read, in parallel Range requests, and the
+    /// rest of the image is fetched in the background. Layers without a TOC
+    /// (plain gzip images) are fetched whole first. Everything fetched is
+    /// verified and kept in the content store (--cache), so a second mount
+    /// of an image, or of another version sharing layers, fetches only what
+    /// is new. Put overlayfs on top to give a container a writable rootfs.
+    ///
+    /// The command returns once the mount answers and keeps serving it in
+    /// the background; `breakfs umount MOUNTPOINT` stops it.
+    ///
+    /// Examples:
+    ///   breakfs mount --plain-http docker://127.0.0.1:5000/library/redis:v1 /mnt/redis
+    ///   breakfs mount oci:/srv/out:v1 /mnt/app && ls /mnt/app
+    ///   breakfs status /mnt/app
+    #[command(verbatim_doc_comment)]
+    Mount(mountcmd::MountArgs),
+    /// Unmount a breakfs mount and stop its process.
+    Umount(mountcmd::UmountArgs),
+    /// Show a mount: hydration, bytes fetched by source, reads.
+    Status(mountcmd::StatusArgs),
+    /// Pull an image into a plain directory, files written in parallel as
+    /// their chunks arrive (BREAK's parallel extraction).
+    ///
+    /// Example:
+    ///   breakfs pull --plain-http --extract /srv/rootfs docker://127.0.0.1:5000/library/redis:v1
+    #[command(verbatim_doc_comment)]
+    Pull(mountcmd::PullArgs),
 }
 
 #[derive(Args)]
@@ -75,7 +108,7 @@ struct ShapeArgs {
     up_mbit: Option<u64>,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ClientArgs {
     /// Talk plain HTTP to registries (also BREAKFS_PLAIN_HTTP=1).
     #[arg(long, env = "BREAKFS_PLAIN_HTTP", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
@@ -439,6 +472,10 @@ fn main() -> std::process::ExitCode {
             Command::Refactor(a) => run_refactor(a).await,
             Command::Inspect(a) => run_inspect(a).await,
             Command::Shape(a) => run_shape(a).await,
+            Command::Mount(a) => mountcmd::run_mount(a).await,
+            Command::Umount(a) => mountcmd::run_umount(a).await,
+            Command::Status(a) => mountcmd::run_status(a),
+            Command::Pull(a) => mountcmd::run_pull(a).await,
         }
     });
     match result {

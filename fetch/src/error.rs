@@ -100,6 +100,14 @@ pub enum Error {
         /// The store it was given to.
         store: String,
     },
+    /// Content that no source delivered (in time, or with the right bytes).
+    #[error("{what} is unavailable: {reason}")]
+    Unavailable {
+        /// What was wanted.
+        what: String,
+        /// Why every source failed.
+        reason: String,
+    },
     /// A registry or layout that breaks the protocol or format (bad header, bad token reply).
     #[error("{what}: {reason}")]
     Protocol {

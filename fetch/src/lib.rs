@@ -15,18 +15,24 @@
 
 mod auth;
 mod blobfile;
+mod cas;
 mod error;
+mod fetcher;
 mod layout;
 mod options;
 mod registry;
 mod shaping;
+mod source;
 mod store;
 mod tocread;
 
+pub use cas::ContentStore;
 pub use error::{Error, Result};
+pub use fetcher::{ChunkLoc, FetchOptions, FetchStats, Fetcher, Priority, SourceStats};
 pub use layout::OciLayout;
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
 pub use shaping::{LinkShape, run_shaping_proxy};
+pub use source::{Source, StoreSource};
 pub use store::{Image, Store};
 pub use tocread::LayerToc;

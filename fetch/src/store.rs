@@ -8,7 +8,7 @@ use breakfs_index::{
     Reference, annotations,
 };
 
-use crate::{ClientOptions, Error, OciLayout, RegistryRepo, Result};
+use crate::{ClientOptions, ContentStore, Error, OciLayout, RegistryRepo, Result};
 
 /// A resolved image: its manifest and config, both verified against their digests.
 #[derive(Clone, Debug)]
@@ -91,6 +91,18 @@ impl Store {
     /// Resolve `r` to a verified image manifest and config; an index is
     /// followed to the manifest for `platform`.
     pub async fn resolve_platform(&self, r: &ImageRef, platform: &Platform) -> Result<Image> {
+        self.resolve_cached(r, platform, None).await
+    }
+
+    /// [`Store::resolve_platform`], taking the config from `cache` when it
+    /// holds it and putting it there when not (the manifest is always asked
+    /// for, since a tag moves).
+    pub async fn resolve_cached(
+        &self,
+        r: &ImageRef,
+        platform: &Platform,
+        cache: Option<&ContentStore>,
+    ) -> Result<Image> {
         if !self.holds(r) {
             return Err(Error::OtherLocation {
                 reference: r.to_string(),
@@ -111,7 +123,7 @@ impl Store {
                     // Several platform entries under one tag in index.json itself.
                     LayoutPick::Platforms(i) => {
                         let desc = pick_platform(&i, platform, &what)?;
-                        return self.finish(r, desc, None, platform).await;
+                        return self.finish(r, desc, None, platform, cache).await;
                     }
                 }
             }
@@ -129,11 +141,12 @@ impl Store {
         };
         match doc {
             ManifestDoc::Image(manifest) => {
-                self.with_config(r, manifest, bytes, digest, None).await
+                self.with_config(r, manifest, bytes, digest, None, cache)
+                    .await
             }
             ManifestDoc::Index(index) => {
                 let desc = pick_platform(&index, platform, &what)?;
-                self.finish(r, desc, Some(digest), platform).await
+                self.finish(r, desc, Some(digest), platform, cache).await
             }
         }
     }
@@ -160,6 +173,7 @@ impl Store {
         desc: Descriptor,
         index_digest: Option<Digest>,
         platform: &Platform,
+        cache: Option<&ContentStore>,
     ) -> Result<Image> {
         let what = format!("{platform} manifest {} of {r}", desc.digest);
         let bytes = match self {
@@ -174,7 +188,7 @@ impl Store {
         };
         match ManifestDoc::parse(&bytes, Some(&desc.media_type), &what)? {
             ManifestDoc::Image(m) => {
-                self.with_config(r, m, bytes, desc.digest, index_digest)
+                self.with_config(r, m, bytes, desc.digest, index_digest, cache)
                     .await
             }
             ManifestDoc::Index(_) => Err(Error::Protocol {
@@ -191,8 +205,22 @@ impl Store {
         manifest_bytes: Vec<u8>,
         manifest_digest: Digest,
         index_digest: Option<Digest>,
+        cache: Option<&ContentStore>,
     ) -> Result<Image> {
-        let config_bytes = self.read_blob(&manifest.config).await?;
+        let cached = match cache {
+            Some(c) => c.read_blob(&manifest.config.digest).ok().flatten(),
+            None => None,
+        };
+        let config_bytes = match cached {
+            Some(b) => b,
+            None => {
+                let b = self.read_blob(&manifest.config).await?;
+                if let Some(c) = cache {
+                    c.put_blob(&manifest.config.digest, &b)?;
+                }
+                b
+            }
+        };
         let config = ImageConfig::parse(&config_bytes, &format!("config of {r}"))?;
         Ok(Image {
             reference: r.clone(),

@@ -1,1 +1,25 @@
-//! The lazy FUSE filesystem over an image's merged view (issue: lazy mount).
+//! The lazy FUSE filesystem over an image's merged view.
+//!
+//! [`open_image`] resolves an image and builds its [`Tree`] from metadata
+//! alone (eStargz TOCs; layers without a TOC are fetched whole and indexed
+//! once); [`mount`] serves the tree over FUSE, content from the content
+//! store, missing chunks fetched on demand ahead of background hydration;
+//! [`extract`] writes the same tree to a plain directory, files in parallel
+//! as their chunks arrive.
+
+mod error;
+mod extract;
+mod fuse;
+mod image;
+mod mount;
+mod tree;
+
+pub use error::{Error, Result};
+pub use extract::{ExtractStats, extract};
+pub use fuse::{ImageFs, ReadCounts, ReadStats};
+pub use image::{LayerMode, OpenedImage, open_image};
+pub use mount::{
+    Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint, is_mountpoint, mount,
+    read_status, remove_status, status_dir, status_path, write_status,
+};
+pub use tree::{FileChunk, LayerFile, Node, ROOT, Tree};

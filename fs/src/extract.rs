@@ -1,0 +1,238 @@
+//! `breakfs pull --extract`: the mount pipeline writing a plain directory.
+//! The skeleton (directories, links, devices, empty files of the right size)
+//! is made first; then every chunk is requested at once, so the fetcher can
+//! merge neighbours into large Range requests, and each chunk is written
+//! into every file that holds it as soon as it arrives; ownership, modes,
+//! xattrs and times are set last (directories deepest first).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use breakfs_fetch::Priority;
+use breakfs_index::{Digest, EntryKind};
+use futures::StreamExt;
+
+use crate::image::OpenedImage;
+use crate::tree::{ROOT, Tree};
+use crate::{Error, Result};
+
+/// What an extraction did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ExtractStats {
+    /// Paths written.
+    pub paths: usize,
+    /// Content bytes written.
+    pub bytes: u64,
+}
+
+/// Write the image's tree to `dest` (which must not exist, or be an empty
+/// directory). `progress` counts content bytes written.
+pub async fn extract(
+    opened: &OpenedImage,
+    dest: &Path,
+    progress: Arc<AtomicU64>,
+) -> Result<ExtractStats> {
+    prepare_dest(dest)?;
+    let tree = opened.tree.clone();
+    let root = dest.to_path_buf();
+    {
+        let (tree, root) = (tree.clone(), root.clone());
+        blocking(move || skeleton(&tree, &root)).await?;
+    }
+
+    // Which files (inode, offset) each chunk digest goes to.
+    let mut targets: HashMap<Digest, Vec<(u64, u64)>> = HashMap::new();
+    for (ino, n) in tree.nodes() {
+        for c in &n.chunks {
+            targets
+                .entry(c.digest.clone())
+                .or_default()
+                .push((ino, c.file_offset));
+        }
+    }
+    let targets = Arc::new(targets);
+    let fetcher = opened.fetcher.clone();
+    let mut arrivals: futures::stream::FuturesUnordered<_> = tree
+        .fetchable_chunks()
+        .into_iter()
+        .map(|c| {
+            let fetcher = &fetcher;
+            async move {
+                let r = match &c.loc {
+                    Some(loc) => fetcher.ensure(loc, Priority::OnDemand, None).await,
+                    None if c.is_present(fetcher.store()) => Ok(()),
+                    None => Err(breakfs_fetch::Error::Unavailable {
+                        what: format!("chunk {} of a whole layer", c.digest),
+                        reason: "it is no longer in the content store".into(),
+                    }),
+                };
+                (c.digest.clone(), c.size, r)
+            }
+        })
+        .collect();
+    let mut writes = futures::stream::FuturesUnordered::new();
+    let mut first_err: Option<Error> = None;
+    let mut bytes = 0u64;
+    loop {
+        tokio::select! {
+            Some((digest, size, r)) = arrivals.next() => {
+                if let Err(e) = r {
+                    first_err.get_or_insert(e.into());
+                    continue;
+                }
+                let (tree, root, targets, store, progress) =
+                    (tree.clone(), root.clone(), targets.clone(), fetcher.store().clone(), progress.clone());
+                writes.push(tokio::task::spawn_blocking(move || {
+                    let chunk = std::fs::read(store.chunk_path(&digest))
+                        .map_err(|e| Error::io(format!("reading chunk {digest}"), e))?;
+                    let mut n = 0;
+                    for (ino, off) in targets.get(&digest).into_iter().flatten() {
+                        let Some(node) = tree.node(*ino) else { continue };
+                        let path = root.join(&node.entry.path);
+                        let f = OpenOptions::new().write(true).open(&path)
+                            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                        f.write_all_at(&chunk, *off)
+                            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                        n += size;
+                    }
+                    progress.fetch_add(n, Ordering::Relaxed);
+                    Ok::<u64, Error>(n)
+                }));
+            }
+            Some(w) = writes.next() => {
+                match w {
+                    Ok(Ok(n)) => bytes += n,
+                    Ok(Err(e)) => { first_err.get_or_insert(e); }
+                    Err(e) => { first_err.get_or_insert(Error::io("writing a chunk", std::io::Error::other(e.to_string()))); }
+                }
+            }
+            else => break,
+        }
+    }
+    drop(arrivals);
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let paths = tree.paths();
+    blocking(move || finish_metadata(&tree, &root)).await?;
+    Ok(ExtractStats { paths, bytes })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("extracting", std::io::Error::other(e.to_string())))?
+}
+
+fn prepare_dest(dest: &Path) -> Result<()> {
+    match std::fs::read_dir(dest) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return Err(Error::io(
+                    format!("extracting into {}", dest.display()),
+                    std::io::Error::other("the directory is not empty; give a new or empty one"),
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dest)
+            .map_err(|e| Error::io(format!("creating {}", dest.display()), e)),
+        Err(e) => Err(Error::io(format!("reading {}", dest.display()), e)),
+    }
+}
+
+/// Directories, symlinks, devices, fifos, sized empty files, hard links.
+fn skeleton(tree: &Tree, root: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    for (ino, n) in tree.nodes() {
+        if ino == ROOT {
+            continue;
+        }
+        let path = root.join(&n.entry.path);
+        let io = |e: std::io::Error| Error::io(format!("creating {}", path.display()), e);
+        match n.entry.kind {
+            EntryKind::Dir => std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .map_err(io)?,
+            EntryKind::File => {
+                let f = File::create(&path).map_err(io)?;
+                f.set_len(n.entry.size).map_err(io)?;
+            }
+            EntryKind::Symlink => std::os::unix::fs::symlink(&n.entry.link, &path).map_err(io)?,
+            EntryKind::CharDev | EntryKind::BlockDev => {
+                let kind = if n.entry.kind == EntryKind::CharDev {
+                    nix::sys::stat::SFlag::S_IFCHR
+                } else {
+                    nix::sys::stat::SFlag::S_IFBLK
+                };
+                let dev =
+                    nix::sys::stat::makedev(n.entry.dev_major as u64, n.entry.dev_minor as u64);
+                nix::sys::stat::mknod(
+                    &path,
+                    kind,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    dev,
+                )
+                .map_err(|e| io(e.into()))?;
+            }
+            EntryKind::Fifo => {
+                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| io(e.into()))?
+            }
+            EntryKind::Hardlink => {}
+        }
+    }
+    // Hard links: children whose path differs from their inode's path.
+    for (_, n) in tree.nodes() {
+        if n.entry.kind != EntryKind::Dir {
+            continue;
+        }
+        for (name, child) in &n.children {
+            let Some(c) = tree.node(*child) else { continue };
+            let here = if n.entry.path.is_empty() {
+                name.clone()
+            } else {
+                format!("{}/{name}", n.entry.path)
+            };
+            if c.entry.path != here {
+                let (src, dst): (PathBuf, PathBuf) = (root.join(&c.entry.path), root.join(&here));
+                std::fs::hard_link(&src, &dst).map_err(|e| {
+                    Error::io(format!("linking {} to {}", dst.display(), src.display()), e)
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Owners, modes, xattrs and times, deepest inodes first.
+fn finish_metadata(tree: &Tree, root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let nodes: Vec<_> = tree.nodes().collect();
+    for (_, n) in nodes.into_iter().rev() {
+        let e = &n.entry;
+        let path = if e.path.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&e.path)
+        };
+        let io =
+            |what: &str, err: std::io::Error| Error::io(format!("{what} {}", path.display()), err);
+        std::os::unix::fs::lchown(&path, Some(e.uid), Some(e.gid)).map_err(|x| io("chown", x))?;
+        for (k, v) in &e.xattrs {
+            xattr::set(&path, k, v).map_err(|x| io(&format!("setting xattr {k} on"), x))?;
+        }
+        if e.kind != EntryKind::Symlink {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode & 0o7777))
+                .map_err(|x| io("chmod", x))?;
+        }
+        let t = filetime::FileTime::from_unix_time(e.mtime, 0);
+        filetime::set_symlink_file_times(&path, t, t).map_err(|x| io("setting times of", x))?;
+    }
+    Ok(())
+}

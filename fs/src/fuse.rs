@@ -1,0 +1,487 @@
+//! The FUSE filesystem: metadata from the in-memory [`Tree`], file content
+//! from the content store, missing chunks fetched at top priority while the
+//! reader waits (bounded by the fetch deadline, then `EIO`).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use breakfs_fetch::{Fetcher, Priority};
+use breakfs_index::EntryKind;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use serde::Serialize;
+
+use crate::tree::{Node, Tree};
+
+/// How long the kernel may cache entries and attributes: an image never changes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Read counters of a mount.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    /// Bytes returned to readers.
+    pub bytes_read: AtomicU64,
+    /// Reads that had all their chunks already.
+    pub reads_local: AtomicU64,
+    /// Reads that waited for a fetch.
+    pub reads_waited: AtomicU64,
+    /// Reads that failed with `EIO`.
+    pub reads_failed: AtomicU64,
+}
+
+/// A snapshot of [`ReadStats`].
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct ReadCounts {
+    /// Bytes returned to readers.
+    pub bytes_read: u64,
+    /// Reads served from the store at once.
+    pub reads_local: u64,
+    /// Reads that waited for a fetch.
+    pub reads_waited: u64,
+    /// Reads that failed with `EIO`.
+    pub reads_failed: u64,
+}
+
+impl ReadStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ReadCounts {
+        ReadCounts {
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            reads_local: self.reads_local.load(Ordering::Relaxed),
+            reads_waited: self.reads_waited.load(Ordering::Relaxed),
+            reads_failed: self.reads_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The filesystem served to the kernel.
+pub struct ImageFs {
+    tree: Arc<Tree>,
+    fetcher: Fetcher,
+    rt: tokio::runtime::Handle,
+    stats: Arc<ReadStats>,
+    /// Open chunk files of open handles: fh → chunk index → file.
+    handles: Mutex<std::collections::HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+}
+
+struct OpenFile {
+    ino: u64,
+    files: Vec<std::sync::OnceLock<File>>,
+}
+
+impl ImageFs {
+    /// A filesystem over `tree`, fetching with `fetcher` on runtime `rt`.
+    pub fn new(
+        tree: Arc<Tree>,
+        fetcher: Fetcher,
+        rt: tokio::runtime::Handle,
+        stats: Arc<ReadStats>,
+    ) -> ImageFs {
+        ImageFs {
+            tree,
+            fetcher,
+            rt,
+            stats,
+            handles: Mutex::new(Default::default()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+        attr(ino, n)
+    }
+}
+
+/// The attributes of inode `ino`.
+pub fn attr(ino: u64, n: &Node) -> FileAttr {
+    let e = &n.entry;
+    let kind = file_type(e.kind);
+    let size = match e.kind {
+        EntryKind::File => e.size,
+        EntryKind::Symlink => e.link.len() as u64,
+        EntryKind::Dir => 4096,
+        _ => 0,
+    };
+    let mtime = if e.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(e.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(e.mtime.unsigned_abs())
+    };
+    let rdev = match e.kind {
+        EntryKind::CharDev | EntryKind::BlockDev => makedev(e.dev_major, e.dev_minor),
+        _ => 0,
+    };
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm: (e.mode & 0o7777) as u16,
+        nlink: n.nlink,
+        uid: e.uid,
+        gid: e.gid,
+        rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn makedev(major: u32, minor: u32) -> u32 {
+    // The kernel's new_encode_dev, as FUSE carries a 32-bit rdev.
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+fn file_type(k: EntryKind) -> FileType {
+    match k {
+        EntryKind::File | EntryKind::Hardlink => FileType::RegularFile,
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::CharDev => FileType::CharDevice,
+        EntryKind::BlockDev => FileType::BlockDevice,
+        EntryKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// Read `size` bytes at `offset` of a file from its chunks in the store.
+fn read_chunks(
+    tree: &Tree,
+    fetcher: &Fetcher,
+    of: &OpenFile,
+    offset: u64,
+    size: u64,
+) -> std::io::Result<Vec<u8>> {
+    let Some(node) = tree.node(of.ino) else {
+        return Err(std::io::Error::from_raw_os_error(libc_enoent()));
+    };
+    let end = (offset + size).min(node.entry.size);
+    let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+    let first = node
+        .chunks
+        .partition_point(|c| c.file_offset + c.size <= offset);
+    for (i, c) in node.chunks.iter().enumerate().skip(first) {
+        if c.file_offset >= end {
+            break;
+        }
+        let file = match of.files[i].get() {
+            Some(f) => f,
+            None => {
+                let f = File::open(fetcher.store().chunk_path(&c.digest))?;
+                let _ = of.files[i].set(f);
+                of.files[i]
+                    .get()
+                    .ok_or_else(|| std::io::Error::other("chunk file"))?
+            }
+        };
+        let lo = offset.max(c.file_offset);
+        let hi = end.min(c.file_offset + c.size);
+        let dst = &mut out[(lo - offset) as usize..(hi - offset) as usize];
+        file.read_exact_at(dst, lo - c.file_offset)?;
+    }
+    Ok(out)
+}
+
+fn libc_enoent() -> i32 {
+    2
+}
+
+impl fuser::Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_MAX_PAGES
+                | InitFlags::FUSE_CACHE_SYMLINKS
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_ASYNC_READ,
+        );
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self
+            .tree
+            .lookup(parent.0, name.as_bytes())
+            .and_then(|ino| self.tree.node(ino).map(|n| (ino, n)))
+        {
+            Some((ino, n)) => reply.entry(&TTL, &self.attr(ino, n), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.node(ino.0) {
+            Some(n) => reply.attr(&TTL, &self.attr(ino.0, n)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.node(ino.0) {
+            Some(n) if n.entry.kind == EntryKind::Symlink => reply.data(n.entry.link.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(n) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.0 & 0o3 != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        if n.entry.kind == EntryKind::Dir {
+            return reply.error(Errno::EISDIR);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let of = OpenFile {
+            ino: ino.0,
+            files: (0..n.chunks.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        };
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(of));
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(n) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let of = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned();
+        let Some(of) = of else {
+            return reply.error(Errno::EBADF);
+        };
+        let end = (offset + size as u64).min(n.entry.size);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let store = self.fetcher.store();
+        let missing: Vec<usize> = n
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.file_offset < end && c.file_offset + c.size > offset)
+            .filter(|(_, c)| !c.is_present(store))
+            .map(|(i, _)| i)
+            .collect();
+        if missing.is_empty() {
+            self.stats.reads_local.fetch_add(1, Ordering::Relaxed);
+            return match read_chunks(&self.tree, &self.fetcher, &of, offset, size as u64) {
+                Ok(b) => {
+                    self.stats
+                        .bytes_read
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    reply.data(&b)
+                }
+                Err(e) => {
+                    self.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(path = %n.entry.path, "reading the store failed: {e}");
+                    reply.error(Errno::EIO)
+                }
+            };
+        }
+        self.stats.reads_waited.fetch_add(1, Ordering::Relaxed);
+        let tree = self.tree.clone();
+        let fetcher = self.fetcher.clone();
+        let stats = self.stats.clone();
+        let ino = ino.0;
+        self.rt.spawn(async move {
+            let Some(n) = tree.node(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let deadline = fetcher.options().deadline;
+            let waits = missing.iter().map(|&i| {
+                let c = &n.chunks[i];
+                let fetcher = &fetcher;
+                async move {
+                    match &c.loc {
+                        Some(loc) => fetcher
+                            .ensure(loc, Priority::OnDemand, Some(deadline))
+                            .await
+                            .map(|()| c.mark_present()),
+                        None => Err(breakfs_fetch::Error::Unavailable {
+                            what: format!("chunk {} of a whole layer", c.digest),
+                            reason: "it is no longer in the content store".into(),
+                        }),
+                    }
+                }
+            });
+            if let Err(e) = futures::future::try_join_all(waits).await {
+                stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %n.entry.path, "read failed: {e}");
+                return reply.error(Errno::EIO);
+            }
+            let r = tokio::task::spawn_blocking(move || {
+                read_chunks(&tree, &fetcher, &of, offset, size as u64)
+            })
+            .await;
+            match r {
+                Ok(Ok(b)) => {
+                    stats
+                        .bytes_read
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    reply.data(&b)
+                }
+                Ok(Err(e)) => {
+                    stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("reading the store failed: {e}");
+                    reply.error(Errno::EIO)
+                }
+                Err(e) => {
+                    stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("read task failed: {e}");
+                    reply.error(Errno::EIO)
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.node(ino.0) {
+            Some(n) if n.entry.kind == EntryKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(n) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [(".", ino.0), ("..", n.parent)];
+        let entries = dots
+            .iter()
+            .map(|(name, i)| (name.as_bytes(), *i))
+            .chain(n.children.iter().map(|(name, i)| (name.as_bytes(), *i)));
+        for (k, (name, child)) in entries.enumerate().skip(offset as usize) {
+            let kind = self
+                .tree
+                .node(child)
+                .map(|c| file_type(c.entry.kind))
+                .unwrap_or(FileType::Directory);
+            if reply.add(
+                INodeNo(child),
+                (k + 1) as u64,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.tree.file_bytes().div_ceil(4096);
+        let files = self.tree.inodes() as u64;
+        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(value) = name.to_str().and_then(|k| n.entry.xattrs.get(k)) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        if size == 0 {
+            reply.size(value.len() as u32)
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(value)
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut list = Vec::new();
+        for k in n.entry.xattrs.keys() {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if (size as usize) < list.len() {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&list)
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        match self.tree.node(ino.0) {
+            Some(_) => reply.ok(),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+}
+
+/// The current time as seconds since the epoch (for status records).
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

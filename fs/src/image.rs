@@ -1,0 +1,286 @@
+//! Opening an image for mounting or extraction: manifest and config,
+//! every layer's TOC (eStargz) or index (a plain layer, fetched whole
+//! first), all cached in the content store, merged into a [`Tree`].
+
+use std::io::{BufWriter, Read, Write};
+use std::sync::Arc;
+
+use breakfs_fetch::{
+    ChunkLoc, ClientOptions, ContentStore, FetchOptions, Fetcher, Image, Source, Store, StoreSource,
+};
+use breakfs_index::{
+    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, Toc, TocLayer,
+};
+use futures::future::try_join_all;
+
+use crate::tree::{FileChunk, LayerFile, Tree};
+use crate::{Error, Result};
+
+/// An image ready to mount: its tree and the fetcher that fills it.
+pub struct OpenedImage {
+    /// The resolved image.
+    pub image: Image,
+    /// The merged tree.
+    pub tree: Arc<Tree>,
+    /// The fetch scheduler over the content store.
+    pub fetcher: Fetcher,
+    /// How each layer is served.
+    pub layers: Vec<LayerMode>,
+}
+
+/// How a layer's content is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerMode {
+    /// eStargz: chunks fetched lazily with Range requests.
+    Lazy,
+    /// Not seekable (plain gzip, zstd, tar, or a TOC without chunk digests):
+    /// fetched whole, indexed once, its files stored as chunks.
+    Whole,
+}
+
+/// Resolve `reference` and build its tree, fetching only metadata for
+/// eStargz layers (and whole blobs for other layers).
+pub async fn open_image(
+    reference: &ImageRef,
+    store: Arc<ContentStore>,
+    client: &ClientOptions,
+    fetch: FetchOptions,
+) -> Result<OpenedImage> {
+    let source = Store::open(reference, client).await?;
+    let image = source
+        .resolve_cached(reference, source.platform(), Some(&store))
+        .await?;
+    let diff_ids = image.config.diff_ids()?;
+    if diff_ids.len() != image.layers().len() {
+        return Err(Error::BadImage {
+            what: reference.to_string(),
+            reason: format!(
+                "the manifest has {} layers but the config lists {} diff_ids",
+                image.layers().len(),
+                diff_ids.len()
+            ),
+        });
+    }
+    let sources: Vec<Arc<dyn Source>> = vec![Arc::new(StoreSource {
+        store: source.clone(),
+        name: match &source {
+            Store::Registry(_) => "cloud".to_string(),
+            Store::Layout(_) => "layout".to_string(),
+        },
+    })];
+    let fetcher = Fetcher::new(store.clone(), sources, fetch);
+    let loads = image
+        .layers()
+        .iter()
+        .zip(&diff_ids)
+        .map(|(desc, diff_id)| load_layer(&source, &fetcher, desc, diff_id, reference));
+    let loaded = try_join_all(loads).await?;
+    let (layers, modes): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
+    let tree = tokio::task::spawn_blocking(move || Tree::build(layers))
+        .await
+        .map_err(|e| Error::BadImage {
+            what: reference.to_string(),
+            reason: format!("building the tree failed: {e}"),
+        })??;
+    Ok(OpenedImage {
+        image,
+        tree: Arc::new(tree),
+        fetcher,
+        layers: modes,
+    })
+}
+
+async fn load_layer(
+    source: &Store,
+    fetcher: &Fetcher,
+    desc: &Descriptor,
+    diff_id: &Digest,
+    reference: &ImageRef,
+) -> Result<(Vec<LayerFile>, LayerMode)> {
+    let store = fetcher.store().clone();
+    let what = format!("layer {} of {reference}", desc.digest);
+    if let Some(toc_layer) = cached_or_read_toc(source, &store, desc).await?
+        && let Some(files) = lazy_files(&toc_layer, desc)
+    {
+        return Ok((files, LayerMode::Lazy));
+    }
+    let index_name = format!("layer-{}.json", desc.digest.hex());
+    if let Some(bytes) = store.read_meta(&index_name)? {
+        let entries: Vec<Entry> = serde_json::from_slice(&bytes).map_err(|e| Error::BadImage {
+            what: format!("cached index of {what}"),
+            reason: e.to_string(),
+        })?;
+        return Ok((whole_files(entries), LayerMode::Whole));
+    }
+    let blob = fetcher.ensure_blob(desc).await?;
+    let desc = desc.clone();
+    let diff_id = diff_id.clone();
+    let entries = tokio::task::spawn_blocking(move || {
+        let entries = index_whole_layer(&store, &blob, &desc, &diff_id, &what)?;
+        let json = serde_json::to_vec(&entries).map_err(|e| Error::BadImage {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
+        store.put_meta(&index_name, &json)?;
+        Ok::<_, Error>(entries)
+    })
+    .await
+    .map_err(|e| Error::BadImage {
+        what: reference.to_string(),
+        reason: format!("indexing a layer failed: {e}"),
+    })??;
+    Ok((whole_files(entries), LayerMode::Whole))
+}
+
+/// The TOC of an eStargz layer, from the store's record or read by range
+/// requests (and then recorded). `None` for a layer without a TOC.
+async fn cached_or_read_toc(
+    source: &Store,
+    store: &ContentStore,
+    desc: &Descriptor,
+) -> Result<Option<TocLayer>> {
+    let name = format!("toc-{}.json", desc.digest.hex());
+    if let Some(bytes) = store.read_meta(&name)? {
+        if bytes == b"none" {
+            return Ok(None);
+        }
+        if let Some(nl) = bytes.iter().position(|&b| b == b'\n')
+            && let Ok(off) = std::str::from_utf8(&bytes[..nl])
+                .unwrap_or("")
+                .parse::<u64>()
+            && let Ok(toc) = Toc::parse(&bytes[nl + 1..])
+        {
+            return Ok(Some(toc.to_layer(desc.size, Some(off))?));
+        }
+    }
+    match source.read_toc(desc).await? {
+        Some(t) => {
+            let mut rec = format!("{}\n", t.toc_offset).into_bytes();
+            rec.extend_from_slice(&t.toc.to_json());
+            store.put_meta(&name, &rec)?;
+            Ok(Some(t.layer))
+        }
+        None => {
+            store.put_meta(&name, b"none")?;
+            Ok(None)
+        }
+    }
+}
+
+/// The files of an eStargz layer with their chunk locations, or `None` if
+/// some chunk has no digest to check it by (the layer is then fetched whole).
+fn lazy_files(layer: &TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
+    let mut out = Vec::with_capacity(layer.entries.len());
+    for (entry, chunks) in &layer.entries {
+        let mut fc = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let digest = match (&c.chunk_digest, &entry.digest) {
+                (Some(d), _) => d.clone(),
+                (None, Some(d)) if chunks.len() == 1 && c.chunk_size == entry.size => d.clone(),
+                _ => return None,
+            };
+            let loc = ChunkLoc {
+                layer: desc.digest.clone(),
+                offset: c.offset,
+                compressed_end: c.compressed_end,
+                inner_offset: c.inner_offset,
+                size: c.chunk_size,
+                digest: digest.clone(),
+            };
+            fc.push(FileChunk::new(
+                c.chunk_offset,
+                c.chunk_size,
+                digest,
+                Some(loc),
+            ));
+        }
+        out.push((entry.clone(), fc));
+    }
+    Some(out)
+}
+
+fn whole_files(entries: Vec<Entry>) -> Vec<LayerFile> {
+    entries
+        .into_iter()
+        .map(|e| {
+            let chunks = match (&e.kind, &e.digest) {
+                (EntryKind::File, Some(d)) if e.size > 0 => {
+                    vec![FileChunk::new(0, e.size, d.clone(), None)]
+                }
+                _ => Vec::new(),
+            };
+            (e, chunks)
+        })
+        .collect()
+}
+
+/// Decompress a whole layer blob, check its diff_id, index it, and store
+/// each file's content as a chunk keyed by its digest.
+fn index_whole_layer(
+    store: &ContentStore,
+    blob: &std::path::Path,
+    desc: &Descriptor,
+    diff_id: &Digest,
+    what: &str,
+) -> Result<Vec<Entry>> {
+    let compression =
+        Compression::from_media_type(&desc.media_type).ok_or_else(|| Error::BadImage {
+            what: what.to_string(),
+            reason: format!(
+                "media type {} is not a layer breakfs can read",
+                desc.media_type
+            ),
+        })?;
+    let tar_path = store.temp_path();
+    let result = (|| {
+        let f = std::fs::File::open(blob)
+            .map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
+        let dec = breakfs_index::decoder(compression, f)
+            .map_err(|e| Error::io(format!("decompressing {what}"), e))?;
+        let out = std::fs::File::create(&tar_path)
+            .map_err(|e| Error::io(format!("creating {}", tar_path.display()), e))?;
+        let mut tee = Tee {
+            inner: dec,
+            out: BufWriter::with_capacity(1 << 20, out),
+        };
+        let index = LayerIndex::read(&mut tee, what)?;
+        tee.out
+            .flush()
+            .map_err(|e| Error::io(format!("writing {}", tar_path.display()), e))?;
+        if &index.diff_id != diff_id {
+            return Err(Error::BadImage {
+                what: what.to_string(),
+                reason: format!(
+                    "its uncompressed content has digest {}, the config's diff_id says {diff_id}",
+                    index.diff_id
+                ),
+            });
+        }
+        let tar = std::fs::File::open(&tar_path)
+            .map_err(|e| Error::io(format!("opening {}", tar_path.display()), e))?;
+        for le in &index.entries {
+            if let (EntryKind::File, Some(d)) = (&le.entry.kind, &le.entry.digest)
+                && le.entry.size > 0
+            {
+                store.put_chunk_from(d, &tar, le.data_offset, le.entry.size)?;
+            }
+        }
+        Ok(index.entries.into_iter().map(|le| le.entry).collect())
+    })();
+    let _ = std::fs::remove_file(&tar_path);
+    result
+}
+
+/// Copies what is read from `inner` to `out`.
+struct Tee<R, W> {
+    inner: R,
+    out: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}

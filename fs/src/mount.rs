@@ -1,0 +1,362 @@
+//! Mounting an opened image: checks on the mountpoint, the FUSE session,
+//! background hydration, and the status record `breakfs status` reads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use breakfs_fetch::{FetchStats, Fetcher, Priority};
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::fuse::{ImageFs, ReadCounts, ReadStats, now_secs};
+use crate::image::{LayerMode, OpenedImage};
+use crate::tree::Tree;
+use crate::{Error, Result};
+
+/// How a mount behaves.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Fetch the whole image in the background after mounting.
+    pub hydrate: bool,
+    /// FUSE request threads.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            hydrate: true,
+            threads: 4,
+        }
+    }
+}
+
+/// Progress of background hydration.
+#[derive(Debug, Default)]
+pub struct Hydration {
+    /// Content bytes of all distinct chunks.
+    pub total_bytes: AtomicU64,
+    /// Of those, bytes in the store.
+    pub present_bytes: AtomicU64,
+    /// Every chunk is in the store.
+    pub done: AtomicBool,
+}
+
+/// A live mount; dropping it unmounts.
+pub struct Mounted {
+    session: Option<BackgroundSession>,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The image's tree.
+    pub tree: Arc<Tree>,
+    /// The fetcher serving it.
+    pub fetcher: Fetcher,
+    /// Read counters.
+    pub reads: Arc<ReadStats>,
+    /// Hydration progress.
+    pub hydration: Arc<Hydration>,
+    /// What `breakfs status` shows, less the counters.
+    pub info: StatusRecord,
+}
+
+/// What a mount reports about itself (JSON in the status file).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusRecord {
+    /// The image reference.
+    pub image: String,
+    /// The manifest digest.
+    pub manifest: String,
+    /// The mountpoint.
+    pub mountpoint: PathBuf,
+    /// The content store.
+    pub cache: PathBuf,
+    /// The mount process.
+    pub pid: u32,
+    /// When it was mounted (seconds since the epoch).
+    pub started: u64,
+    /// When this record was written.
+    pub updated: u64,
+    /// Paths in the tree.
+    pub paths: usize,
+    /// Content bytes of the image's files.
+    pub file_bytes: u64,
+    /// Layers served lazily (eStargz) and whole.
+    pub lazy_layers: usize,
+    /// Layers fetched whole.
+    pub whole_layers: usize,
+    /// Distinct chunk bytes in the store.
+    pub hydrated_bytes: u64,
+    /// Distinct chunk bytes of the image.
+    pub chunk_bytes: u64,
+    /// Whether every chunk is in the store.
+    pub hydrated: bool,
+    /// Read counters.
+    pub reads: ReadCounts,
+    /// Fetch counters, by source.
+    pub fetch: FetchStats,
+}
+
+/// Check that `mountpoint` can take a mount: an existing, empty-or-not
+/// directory that is not already a mountpoint.
+pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
+    let err = |reason: String| Error::Mountpoint {
+        mountpoint: mountpoint.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(mountpoint).map_err(|e| {
+        err(format!(
+            "{e}; create the directory first (mkdir -p {})",
+            mountpoint.display()
+        ))
+    })?;
+    if !meta.is_dir() {
+        return Err(err("it is not a directory".into()));
+    }
+    let abs = mountpoint
+        .canonicalize()
+        .map_err(|e| err(format!("cannot resolve it: {e}")))?;
+    if is_mountpoint(&abs) {
+        return Err(err(format!(
+            "something is already mounted there; unmount it first (breakfs umount {})",
+            abs.display()
+        )));
+    }
+    Ok(abs)
+}
+
+/// Whether `abs` (canonical) is a mountpoint, per /proc/self/mountinfo.
+pub fn is_mountpoint(abs: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = abs.to_string_lossy();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| unescape_mountinfo(m) == want)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // Spaces, tabs, newlines and backslashes come as \ooo octal.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount `opened` on `mountpoint` (checked first) and start hydration.
+/// Must run inside a tokio runtime.
+pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
+    let abs = check_mountpoint(mountpoint)?;
+    let reads = Arc::new(ReadStats::default());
+    let fs = ImageFs::new(
+        opened.tree.clone(),
+        opened.fetcher.clone(),
+        tokio::runtime::Handle::current(),
+        reads.clone(),
+    );
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("breakfs:{}", opened.image.reference)),
+        MountOption::Subtype("breakfs".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(fs, &abs, &config).map_err(|e| Error::Mountpoint {
+        mountpoint: abs.clone(),
+        reason: format!("the FUSE mount failed: {e} (is /dev/fuse there, and are you root?)"),
+    })?;
+    let hydration = Arc::new(Hydration::default());
+    let chunk_bytes: u64 = opened.tree.fetchable_chunks().iter().map(|c| c.size).sum();
+    hydration.total_bytes.store(chunk_bytes, Ordering::Relaxed);
+    let store = opened.fetcher.store().clone();
+    let info = StatusRecord {
+        image: opened.image.reference.to_string(),
+        manifest: opened.image.manifest_digest.to_string(),
+        mountpoint: abs.clone(),
+        cache: store.root().to_path_buf(),
+        pid: std::process::id(),
+        started: now_secs(),
+        paths: opened.tree.paths(),
+        file_bytes: opened.tree.file_bytes(),
+        lazy_layers: opened
+            .layers
+            .iter()
+            .filter(|m| **m == LayerMode::Lazy)
+            .count(),
+        whole_layers: opened
+            .layers
+            .iter()
+            .filter(|m| **m == LayerMode::Whole)
+            .count(),
+        chunk_bytes,
+        ..StatusRecord::default()
+    };
+    let tree = opened.tree.clone();
+    let fetcher = opened.fetcher.clone();
+    {
+        let (tree, fetcher, hydration) = (tree.clone(), fetcher.clone(), hydration.clone());
+        let enabled = opts.hydrate;
+        tokio::spawn(async move { hydrate(tree, fetcher, hydration, enabled).await });
+    }
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: abs,
+        tree,
+        fetcher,
+        reads,
+        hydration,
+        info,
+    })
+}
+
+/// Fetch every chunk not in the store at background priority, retrying
+/// failures until all are there; with `enabled` false only count.
+async fn hydrate(tree: Arc<Tree>, fetcher: Fetcher, h: Arc<Hydration>, enabled: bool) {
+    let store = fetcher.store().clone();
+    loop {
+        let chunks = tree.fetchable_chunks();
+        let present: u64 = chunks
+            .iter()
+            .filter(|c| c.is_present(&store))
+            .map(|c| c.size)
+            .sum();
+        h.present_bytes.store(present, Ordering::Relaxed);
+        let missing: Vec<_> = chunks
+            .into_iter()
+            .filter(|c| !c.is_present(&store) && c.loc.is_some())
+            .collect();
+        if missing.is_empty() {
+            h.done.store(true, Ordering::Relaxed);
+            return;
+        }
+        if !enabled {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        let mut waits: futures::stream::FuturesUnordered<_> = missing
+            .iter()
+            .filter_map(|c| c.loc.as_ref().map(|loc| (c, loc)))
+            .map(|(c, loc)| {
+                let fetcher = &fetcher;
+                async move {
+                    let r = fetcher.ensure(loc, Priority::Background, None).await;
+                    (c, r)
+                }
+            })
+            .collect();
+        let mut failed = 0usize;
+        while let Some((c, r)) = waits.next().await {
+            match r {
+                Ok(()) => {
+                    c.mark_present();
+                    h.present_bytes.fetch_add(c.size, Ordering::Relaxed);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        if failed > 0 {
+            tracing::warn!("hydration: {failed} chunks failed, retrying in 5 s");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+impl Mounted {
+    /// The status record with current counters.
+    pub fn status(&self) -> StatusRecord {
+        let mut s = self.info.clone();
+        s.updated = now_secs();
+        s.hydrated_bytes = self.hydration.present_bytes.load(Ordering::Relaxed);
+        s.hydrated = self.hydration.done.load(Ordering::Relaxed);
+        s.reads = self.reads.snapshot();
+        s.fetch = self.fetcher.stats();
+        s
+    }
+
+    /// Unmount (also done on drop).
+    pub fn unmount(mut self) -> Result<()> {
+        if let Some(s) = self.session.take() {
+            s.umount_and_join().map_err(|e| Error::Mountpoint {
+                mountpoint: self.mountpoint.clone(),
+                reason: format!("unmounting failed: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the status record of the mount at `mountpoint` (canonical) lives.
+pub fn status_path(mountpoint: &Path) -> PathBuf {
+    let key = breakfs_index::Digest::of(mountpoint.to_string_lossy().as_bytes());
+    status_dir().join(format!("{}.json", &key.hex()[..16]))
+}
+
+/// The directory of status records (`$BREAKFS_RUN_DIR`, else `/run/breakfs/mounts`).
+pub fn status_dir() -> PathBuf {
+    std::env::var_os("BREAKFS_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/breakfs/mounts"))
+}
+
+/// Write a status record atomically.
+pub fn write_status(rec: &StatusRecord) -> Result<()> {
+    let path = status_path(&rec.mountpoint);
+    let dir = status_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let json = serde_json::to_vec_pretty(rec).map_err(|e| Error::BadImage {
+        what: "status record".into(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&tmp, json).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// The status record of the mount at `mountpoint`.
+pub fn read_status(mountpoint: &Path) -> Result<StatusRecord> {
+    let abs = mountpoint
+        .canonicalize()
+        .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
+    let path = status_path(&abs);
+    let bytes = std::fs::read(&path).map_err(|e| Error::Mountpoint {
+        mountpoint: abs.clone(),
+        reason: format!(
+            "no breakfs mount is recorded there ({}: {e})",
+            path.display()
+        ),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::BadImage {
+        what: format!("status record {}", path.display()),
+        reason: e.to_string(),
+    })
+}
+
+/// Remove the status record of a mount.
+pub fn remove_status(mountpoint: &Path) {
+    let _ = std::fs::remove_file(status_path(mountpoint));
+}

@@ -1,0 +1,327 @@
+//! The mounted tree: the merged view of an image turned into inodes, each
+//! regular file with the chunks that make up its content.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use breakfs_fetch::{ChunkLoc, ContentStore};
+use breakfs_index::{Digest, Entry, EntryKind, LayerEntry, LayerIndex, MergedView};
+
+use crate::Result;
+
+/// One piece of a regular file's content.
+#[derive(Debug)]
+pub struct FileChunk {
+    /// Offset in the file.
+    pub file_offset: u64,
+    /// Length.
+    pub size: u64,
+    /// sha256 of the bytes: the chunk's key in the content store.
+    pub digest: Digest,
+    /// Where to fetch it from; `None` for content of a layer fetched whole
+    /// (in the store once the layer was indexed).
+    pub loc: Option<ChunkLoc>,
+    present: AtomicBool,
+}
+
+impl FileChunk {
+    /// A chunk of a file.
+    pub fn new(file_offset: u64, size: u64, digest: Digest, loc: Option<ChunkLoc>) -> FileChunk {
+        FileChunk {
+            file_offset,
+            size,
+            digest,
+            loc,
+            present: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the store holds it (remembered once seen).
+    pub fn is_present(&self, store: &ContentStore) -> bool {
+        if self.present.load(Ordering::Relaxed) {
+            return true;
+        }
+        let here = store.has_chunk(&self.digest);
+        if here {
+            self.present.store(true, Ordering::Relaxed);
+        }
+        here
+    }
+
+    /// Remember that the store holds it.
+    pub fn mark_present(&self) {
+        self.present.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An entry of one layer with its content chunks (empty unless a non-empty
+/// regular file).
+pub type LayerFile = (Entry, Vec<FileChunk>);
+
+/// One inode of the tree.
+#[derive(Debug)]
+pub struct Node {
+    /// Metadata (path relative to the root, "" for the root itself).
+    pub entry: Entry,
+    /// Parent inode (the root is its own parent).
+    pub parent: u64,
+    /// Directory children by name, sorted.
+    pub children: Vec<(String, u64)>,
+    /// Link count.
+    pub nlink: u32,
+    /// Content of a regular file, in file order.
+    pub chunks: Vec<FileChunk>,
+}
+
+/// The whole tree, inode `n` at index `n - 1`; inode 1 is the root.
+#[derive(Debug)]
+pub struct Tree {
+    nodes: Vec<Node>,
+    file_bytes: u64,
+    paths: usize,
+}
+
+/// The root inode number.
+pub const ROOT: u64 = 1;
+
+impl Tree {
+    /// Merge the layers (bottom first) under the OCI rules and number the
+    /// result: inode numbers follow path order, so they are stable for an
+    /// image; hard links share their primary's inode.
+    pub fn build(layers: Vec<Vec<LayerFile>>) -> Result<Tree> {
+        // The merged view works on tar entries: an entry's position in its
+        // layer stands in for the data offset, to find its chunks after.
+        let indexes: Vec<LayerIndex> = layers
+            .iter()
+            .map(|files| LayerIndex {
+                entries: files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (entry, _))| LayerEntry {
+                        entry: entry.clone(),
+                        data_offset: i as u64,
+                    })
+                    .collect(),
+                diff_id: Digest::of(b""),
+                tar_size: 0,
+            })
+            .collect();
+        let view = MergedView::build(&indexes)?;
+        let mut layers: Vec<Vec<Option<LayerFile>>> = layers
+            .into_iter()
+            .map(|l| l.into_iter().map(Some).collect())
+            .collect();
+
+        let mut root = Entry::new("", EntryKind::Dir);
+        root.mode = 0o755;
+        let mut tree = Tree {
+            nodes: vec![Node {
+                entry: root,
+                parent: ROOT,
+                children: Vec::new(),
+                nlink: 2,
+                chunks: Vec::new(),
+            }],
+            file_bytes: 0,
+            paths: 0,
+        };
+        let mut by_path: BTreeMap<String, u64> = BTreeMap::new();
+        by_path.insert(String::new(), ROOT);
+        for m in view.iter() {
+            let path = m.entry.path.clone();
+            let (dir, name) = match path.rsplit_once('/') {
+                Some((d, n)) => (d.to_string(), n.to_string()),
+                None => (String::new(), path.clone()),
+            };
+            let parent = tree.ensure_dir(&mut by_path, &dir);
+            tree.paths += 1;
+            if m.entry.kind == EntryKind::Hardlink {
+                let Some(&target) = by_path.get(&m.entry.link) else {
+                    continue;
+                };
+                tree.nodes[(target - 1) as usize].nlink += 1;
+                tree.nodes[(parent - 1) as usize]
+                    .children
+                    .push((name, target));
+                by_path.insert(path, target);
+                continue;
+            }
+            if let Some(&existing) = by_path.get(&path) {
+                // A directory made up for a child that sorted first
+                // cannot happen (parents sort first); keep the entry's metadata.
+                tree.nodes[(existing - 1) as usize].entry = m.entry.clone();
+                continue;
+            }
+            let chunks = if m.entry.kind == EntryKind::File {
+                layers
+                    .get_mut(m.layer)
+                    .and_then(|l| l.get_mut(m.data_offset as usize))
+                    .and_then(Option::take)
+                    .map(|(_, c)| c)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if m.entry.kind == EntryKind::File {
+                tree.file_bytes += m.entry.size;
+            }
+            let ino = tree.push(m.entry.clone(), parent, chunks);
+            tree.nodes[(parent - 1) as usize].children.push((name, ino));
+            by_path.insert(path, ino);
+        }
+        for n in &mut tree.nodes {
+            n.children.sort();
+        }
+        let subdirs: Vec<(usize, u32)> = tree
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let dirs = n
+                    .children
+                    .iter()
+                    .filter(|(_, c)| tree.nodes[(*c - 1) as usize].entry.kind == EntryKind::Dir)
+                    .count() as u32;
+                (i, dirs)
+            })
+            .collect();
+        for (i, dirs) in subdirs {
+            if tree.nodes[i].entry.kind == EntryKind::Dir {
+                tree.nodes[i].nlink = 2 + dirs;
+            }
+        }
+        Ok(tree)
+    }
+
+    fn push(&mut self, entry: Entry, parent: u64, chunks: Vec<FileChunk>) -> u64 {
+        let nlink = if entry.kind == EntryKind::Dir { 2 } else { 1 };
+        self.nodes.push(Node {
+            entry,
+            parent,
+            children: Vec::new(),
+            nlink,
+            chunks,
+        });
+        self.nodes.len() as u64
+    }
+
+    /// The inode of directory `dir`, made up (0755, root-owned) if the
+    /// image has children under it but no entry for it.
+    fn ensure_dir(&mut self, by_path: &mut BTreeMap<String, u64>, dir: &str) -> u64 {
+        if let Some(&ino) = by_path.get(dir) {
+            return ino;
+        }
+        let (up, name) = match dir.rsplit_once('/') {
+            Some((d, n)) => (d.to_string(), n.to_string()),
+            None => (String::new(), dir.to_string()),
+        };
+        let parent = self.ensure_dir(by_path, &up);
+        let mut e = Entry::new(dir, EntryKind::Dir);
+        e.mode = 0o755;
+        let ino = self.push(e, parent, Vec::new());
+        self.nodes[(parent - 1) as usize].children.push((name, ino));
+        by_path.insert(dir.to_string(), ino);
+        ino
+    }
+
+    /// The node of inode `ino`.
+    pub fn node(&self, ino: u64) -> Option<&Node> {
+        ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
+    }
+
+    /// The child `name` of directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let p = self.node(parent)?;
+        p.children
+            .binary_search_by(|(n, _)| n.as_bytes().cmp(name))
+            .ok()
+            .map(|i| p.children[i].1)
+    }
+
+    /// All inodes with their numbers.
+    pub fn nodes(&self) -> impl Iterator<Item = (u64, &Node)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i as u64 + 1, n))
+    }
+
+    /// Number of inodes.
+    pub fn inodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Number of paths (hard links counted each).
+    pub fn paths(&self) -> usize {
+        self.paths
+    }
+
+    /// Content bytes of regular files (each inode once).
+    pub fn file_bytes(&self) -> u64 {
+        self.file_bytes
+    }
+
+    /// Every distinct chunk that can be fetched, in inode order, with
+    /// duplicates (same digest) left out.
+    pub fn fetchable_chunks(&self) -> Vec<&FileChunk> {
+        let mut seen = std::collections::HashSet::new();
+        self.nodes
+            .iter()
+            .flat_map(|n| n.chunks.iter())
+            .filter(|c| seen.insert(&c.digest))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, body: &[u8]) -> LayerFile {
+        let mut e = Entry::new(path, EntryKind::File);
+        e.size = body.len() as u64;
+        e.digest = Some(Digest::of(body));
+        e.mode = 0o644;
+        let chunks = vec![FileChunk::new(0, e.size, Digest::of(body), None)];
+        (e, chunks)
+    }
+
+    fn dir(path: &str) -> LayerFile {
+        let mut e = Entry::new(path, EntryKind::Dir);
+        e.mode = 0o755;
+        (e, vec![])
+    }
+
+    #[test]
+    fn layers_merge_and_hardlinks_share_an_inode() {
+        let mut link = Entry::new("usr/bin/b", EntryKind::Hardlink);
+        link.link = "usr/bin/a".into();
+        let bottom = vec![
+            dir("usr"),
+            file("usr/bin/a", b"aaa"),
+            (link, vec![]),
+            file("etc/x", b"old"),
+        ];
+        let top = vec![
+            file("etc/x", b"new"),
+            file("etc/.wh.gone", b""),
+            file("opt/deep/f", b"f"),
+        ];
+        let t = Tree::build(vec![bottom, top]).unwrap();
+        let usr = t.lookup(ROOT, b"usr").unwrap();
+        let bin = t.lookup(usr, b"bin").unwrap();
+        let a = t.lookup(bin, b"a").unwrap();
+        let b = t.lookup(bin, b"b").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(t.node(a).unwrap().nlink, 2);
+        let etc = t.lookup(ROOT, b"etc").unwrap();
+        let x = t.node(t.lookup(etc, b"x").unwrap()).unwrap();
+        assert_eq!(x.chunks[0].digest, Digest::of(b"new"));
+        assert!(t.lookup(etc, b".wh.gone").is_none());
+        // Made-up parents: opt and opt/deep.
+        let opt = t.lookup(ROOT, b"opt").unwrap();
+        assert_eq!(t.node(opt).unwrap().entry.kind, EntryKind::Dir);
+        assert_eq!(t.node(ROOT).unwrap().nlink, 2 + 3);
+        assert_eq!(t.file_bytes(), 3 + 3 + 1);
+    }
+}

@@ -1,0 +1,359 @@
+//! `breakfs mount`, `umount`, `status` and `pull --extract`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use breakfs_fetch::{ContentStore, FetchOptions};
+use breakfs_fs::{MountOptions, OpenedImage, StatusRecord};
+use breakfs_index::ImageRef;
+use clap::Args;
+
+use crate::ClientArgs;
+
+/// The line a backgrounded mount prints when it answers.
+const READY: &str = "BREAKFS-MOUNT-READY";
+
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// The content store (shared by all mounts and pulls of this user).
+    #[arg(long, env = "BREAKFS_STORE", default_value_os_t = default_store())]
+    cache: PathBuf,
+    /// Seconds a read waits for a missing chunk before it fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    deadline: u64,
+    /// Parallel range requests.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+impl StoreArgs {
+    fn fetch_options(&self) -> FetchOptions {
+        let deadline = Duration::from_secs(self.deadline.max(1));
+        FetchOptions {
+            workers: self.parallel.max(1),
+            background_workers: (self.parallel / 2).max(1),
+            deadline,
+            attempt_timeout: (deadline / 3).max(Duration::from_secs(1)),
+            ..FetchOptions::default()
+        }
+    }
+
+    async fn open(&self, image: &str) -> Result<OpenedImage> {
+        let reference = ImageRef::parse(image)?;
+        let store = Arc::new(ContentStore::open(&self.cache)?);
+        let client = self.client.options()?;
+        let opened =
+            breakfs_fs::open_image(&reference, store, &client, self.fetch_options()).await?;
+        Ok(opened)
+    }
+}
+
+fn default_store() -> PathBuf {
+    if let Some(c) = std::env::var_os("BREAKFS_CACHE") {
+        return PathBuf::from(c).join("store");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/breakfs/store"),
+        None => PathBuf::from("/var/lib/breakfs/store"),
+    }
+}
+
+#[derive(Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Stay in the foreground (logs on stderr; Ctrl-C unmounts).
+    #[arg(long)]
+    foreground: bool,
+    /// Do not fetch the rest of the image in the background.
+    #[arg(long)]
+    no_hydrate: bool,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// The image.
+    #[arg(value_name = "REF")]
+    image: String,
+    /// An existing directory to mount on.
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
+}
+
+pub async fn run_mount(a: MountArgs) -> Result<()> {
+    let abs = breakfs_fs::check_mountpoint(&a.mountpoint)?;
+    if !a.foreground {
+        return background(&a, &abs);
+    }
+    let started = Instant::now();
+    eprintln!("breakfs: opening {}", a.image);
+    let opened = a.store.open(&a.image).await?;
+    let opts = MountOptions {
+        hydrate: !a.no_hydrate,
+        threads: a.threads,
+    };
+    let mounted = breakfs_fs::mount(opened, &abs, &opts)?;
+    // Answer one request through the kernel before saying we are ready.
+    let probe = abs.clone();
+    tokio::task::spawn_blocking(move || std::fs::metadata(probe))
+        .await?
+        .context("the new mount does not answer")?;
+    let info = mounted.status();
+    breakfs_fs::write_status(&info)?;
+    eprintln!(
+        "breakfs: mounted {} at {} in {:.2}s: {} paths, {} MB of files, {} lazy and {} whole layers",
+        a.image,
+        abs.display(),
+        started.elapsed().as_secs_f64(),
+        info.paths,
+        info.file_bytes / 1_000_000,
+        info.lazy_layers,
+        info.whole_layers
+    );
+    println!("{READY}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut was_hydrated = false;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                let s = mounted.status();
+                if s.hydrated && !was_hydrated {
+                    was_hydrated = true;
+                    eprintln!("breakfs: {} fully hydrated after {:.1}s", a.image, started.elapsed().as_secs_f64());
+                }
+                if let Err(e) = breakfs_fs::write_status(&s) {
+                    tracing::warn!("writing the status record: {e}");
+                }
+                if !breakfs_fs::is_mountpoint(&abs) {
+                    eprintln!("breakfs: {} was unmounted", abs.display());
+                    break;
+                }
+            }
+        }
+    }
+    breakfs_fs::remove_status(&abs);
+    if breakfs_fs::is_mountpoint(&abs) {
+        mounted.unmount()?;
+        eprintln!("breakfs: unmounted {}", abs.display());
+    }
+    Ok(())
+}
+
+/// Start the mount again in the foreground as a detached child, wait until
+/// it answers (or fails), then leave it running.
+fn background(a: &MountArgs, abs: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let logs = a.store.cache.join("logs");
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("creating the log directory {}", logs.display()))?;
+    let key = breakfs_index::Digest::of(abs.to_string_lossy().as_bytes());
+    let log_path = logs.join(format!("mount-{}.log", &key.hex()[..16]));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the breakfs executable")?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount process")?;
+    let out = child.stdout.take().context("mount process output")?;
+    let mut lines = BufReader::new(out).lines();
+    let ready = lines.any(|l| l.map(|l| l == READY).unwrap_or(false));
+    if ready {
+        println!(
+            "mounted {} at {} (pid {}, log {}); `breakfs umount {}` to unmount",
+            a.image,
+            abs.display(),
+            child.id(),
+            log_path.display(),
+            abs.display()
+        );
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    bail!(
+        "mounting {} failed ({status}):\n{}",
+        a.image,
+        tail.join("\n")
+    );
+}
+
+#[derive(Args)]
+pub struct UmountArgs {
+    /// The mountpoint.
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
+}
+
+pub async fn run_umount(a: UmountArgs) -> Result<()> {
+    let abs = a
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
+    if !breakfs_fs::is_mountpoint(&abs) {
+        breakfs_fs::remove_status(&abs);
+        bail!("nothing is mounted on {}", abs.display());
+    }
+    if let Ok(s) = breakfs_fs::read_status(&abs)
+        && Path::new(&format!("/proc/{}", s.pid)).exists()
+    {
+        let pid = nix::unistd::Pid::from_raw(s.pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .with_context(|| format!("signalling the mount process {}", s.pid))?;
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            if !breakfs_fs::is_mountpoint(&abs) && !Path::new(&format!("/proc/{}", s.pid)).exists()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // No live mount process (killed): detach the dead mount.
+    nix::mount::umount2(&abs, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("unmounting {}", abs.display()))?;
+    breakfs_fs::remove_status(&abs);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print the record as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The mountpoint.
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
+}
+
+pub fn run_status(a: StatusArgs) -> Result<()> {
+    let s: StatusRecord = breakfs_fs::read_status(&a.mountpoint)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let alive = Path::new(&format!("/proc/{}", s.pid)).exists();
+    let pct = if s.chunk_bytes == 0 {
+        100.0
+    } else {
+        100.0 * s.hydrated_bytes as f64 / s.chunk_bytes as f64
+    };
+    println!("image      {} ({})", s.image, s.manifest);
+    println!(
+        "mounted    {} by pid {}{}",
+        s.mountpoint.display(),
+        s.pid,
+        if alive { "" } else { " (not running!)" }
+    );
+    println!("store      {}", s.cache.display());
+    println!(
+        "tree       {} paths, {:.1} MB of files; {} lazy and {} whole layers",
+        s.paths,
+        s.file_bytes as f64 / 1e6,
+        s.lazy_layers,
+        s.whole_layers
+    );
+    println!(
+        "hydration  {pct:.1}% ({:.1} of {:.1} MB){}",
+        s.hydrated_bytes as f64 / 1e6,
+        s.chunk_bytes as f64 / 1e6,
+        if s.hydrated { ", complete" } else { "" }
+    );
+    println!(
+        "reads      {:.1} MB read; {} reads from the store, {} waited for a fetch, {} failed",
+        s.reads.bytes_read as f64 / 1e6,
+        s.reads.reads_local,
+        s.reads.reads_waited,
+        s.reads.reads_failed
+    );
+    for (name, st) in &s.fetch.sources {
+        println!(
+            "fetched    {:.1} MB from {name} in {} requests ({} failed)",
+            st.bytes as f64 / 1e6,
+            st.requests,
+            st.failures
+        );
+    }
+    println!(
+        "verified   {} chunks ({:.1} MB), {} digest failures, {} queued",
+        s.fetch.chunks_stored,
+        s.fetch.chunk_bytes_stored as f64 / 1e6,
+        s.fetch.digest_failures,
+        s.fetch.queued
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// Write the image's tree into this directory (new or empty).
+    #[arg(long, value_name = "DIR", required = true)]
+    extract: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The image.
+    #[arg(value_name = "REF")]
+    image: String,
+}
+
+pub async fn run_pull(a: PullArgs) -> Result<()> {
+    let started = Instant::now();
+    let opened = a.store.open(&a.image).await?;
+    let total = opened.tree.file_bytes();
+    let done = Arc::new(AtomicU64::new(0));
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("extracting {}", a.image));
+    let ticker = {
+        let (bar, done) = (bar.clone(), done.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(done.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let r = breakfs_fs::extract(&opened, &a.extract, done.clone()).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let stats = r?;
+    let fetched: u64 = opened
+        .fetcher
+        .stats()
+        .sources
+        .values()
+        .map(|s| s.bytes)
+        .sum();
+    println!(
+        "extracted {} to {}: {} paths, {:.1} MB of content in {:.2}s ({:.1} MB fetched)",
+        a.image,
+        a.extract.display(),
+        stats.paths,
+        stats.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        fetched as f64 / 1e6
+    );
+    Ok(())
+}
