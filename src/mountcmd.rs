@@ -203,9 +203,12 @@ pub struct UmountArgs {
 }
 
 pub async fn run_umount(a: UmountArgs) -> Result<()> {
+    // A mount whose process died cannot be resolved (ENOTCONN): take the
+    // path as given then.
     let abs = a
         .mountpoint
         .canonicalize()
+        .or_else(|_| std::path::absolute(&a.mountpoint))
         .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
     if !breakfs_fs::is_mountpoint(&abs) {
         breakfs_fs::remove_status(&abs);

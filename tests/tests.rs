@@ -3,6 +3,7 @@
 mod bad_input;
 mod corpus;
 mod interop_tools;
+mod mount;
 mod oci_io;
 mod refactor;
 mod support;

@@ -396,7 +396,7 @@ fn slim_excluded(path: &str, is_dir: bool) -> bool {
         .any(|d| path.starts_with(&format!("usr/share/{d}/")))
 }
 
-const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The cache root: `$BREAKFS_CACHE`, else `~/.cache/breakfs`.
 pub fn cache_dir() -> PathBuf {

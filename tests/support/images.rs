@@ -174,3 +174,54 @@ pub fn write_image(dir: &Path, tag: &str, layers: &[Layer]) {
     }));
     std::fs::write(&index_path, index.to_string()).expect("index.json");
 }
+
+/// A hand-made eStargz layer of regular files: each file's tar header in
+/// one gzip member, its content in the next, then the TOC member and the
+/// footer. `tamper` may edit the TOC before it is written, to make it lie.
+pub fn estargz_layer(
+    files: &[(&str, &[u8])],
+    tamper: impl FnOnce(&mut breakfs_index::Toc),
+) -> Layer {
+    use breakfs_index::{Toc, TocEntry, TocEntryType, footer};
+    let mut blob = Vec::new();
+    let mut tar = Vec::new();
+    let mut toc = Toc {
+        version: 1,
+        entries: Vec::new(),
+    };
+    for (name, body) in files {
+        let one = tar_of(&[T::File(name, body, 0o644)]);
+        // The header block, then the content padded to 512.
+        let (header, rest) = one.split_at(512);
+        let content = &rest[..body.len().div_ceil(512) * 512];
+        blob.extend_from_slice(&gzip(header));
+        tar.extend_from_slice(header);
+        let offset = blob.len() as u64;
+        blob.extend_from_slice(&gzip(content));
+        tar.extend_from_slice(content);
+        let mut e = TocEntry::new(*name, TocEntryType::Reg);
+        e.size = body.len() as u64;
+        e.mode = 0o644;
+        e.offset = offset;
+        e.digest = digest(body);
+        e.chunk_size = body.len() as u64;
+        e.chunk_digest = digest(body);
+        toc.entries.push(e);
+    }
+    tamper(&mut toc);
+    let toc_offset = blob.len() as u64;
+    let json = toc.to_json();
+    blob.extend_from_slice(&gzip(&tar_of(&[T::File(
+        "stargz.index.json",
+        &json,
+        0o644,
+    )])));
+    blob.extend_from_slice(&footer(toc_offset));
+    tar.resize(tar.len() + 1024, 0);
+    Layer {
+        tar,
+        blob,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        declared_digest: None,
+    }
+}

@@ -5,5 +5,6 @@ pub mod containerd;
 pub mod corpus;
 pub mod images;
 pub mod measure;
+pub mod proxy;
 pub mod registry;
 pub mod tree;

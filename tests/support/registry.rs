@@ -128,10 +128,55 @@ impl TestRegistry {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Kill the registry process, keeping its storage and port for [`TestRegistry::restart`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the registry again on the same port with the same storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("registry.log"))
+            .expect("opening the registry log");
+        let log2 = log.try_clone().expect("cloning the log handle");
+        self.child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("restarting the registry");
+        assert!(
+            self.wait_ready(Duration::from_secs(20)),
+            "the registry did not come back: {}",
+            self.log()
+        );
+    }
+
+    /// Freeze (`true`) or thaw (`false`) the registry process: connections
+    /// are accepted by the kernel but never answered while frozen.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(st.success(), "kill {sig} of the registry failed");
+    }
 }
 
 impl Drop for TestRegistry {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

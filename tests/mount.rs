@@ -1,0 +1,616 @@
+//! `breakfs mount`, `pull --extract`, `umount` and `status` against a real
+//! docker-registry: trees equal to `umoci unpack`, real programs (chroot
+//! and runc) on overlayfs over the mount, faults (registry killed or hung,
+//! corrupt blobs, SIGKILL and remount, writes), and bad input.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::corpus::{self, CorpusImage, IMAGE_PATH, TEST_FAMILIES};
+use crate::support::images::{Layer, T, estargz_layer, tar_of, write_image};
+use crate::support::measure::ADDED;
+use crate::support::proxy::CountingProxy;
+use crate::support::registry::TestRegistry;
+use crate::support::tree::{self, CompareOptions};
+
+fn breakfs() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_breakfs"));
+    c.env("BREAKFS_RUN_DIR", run_dir());
+    c
+}
+
+/// Status records of the test mounts, apart from real ones.
+fn run_dir() -> PathBuf {
+    std::env::temp_dir().join("breakfs-test-run")
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A breakfs mount that is unmounted (with anything stacked on it) on drop.
+struct Mount {
+    point: PathBuf,
+    cache: PathBuf,
+    stacked: Vec<PathBuf>,
+}
+
+impl Mount {
+    fn new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Mount {
+        let out = Mount::try_new(reference, point, cache, extra);
+        assert!(
+            out.status.success(),
+            "breakfs mount {reference} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            point: point.canonicalize().unwrap(),
+            cache: cache.to_path_buf(),
+            stacked: Vec::new(),
+        }
+    }
+
+    fn try_new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Output {
+        std::fs::create_dir_all(point).unwrap();
+        breakfs()
+            .args(["mount", "--plain-http", "--cache"])
+            .arg(cache)
+            .args(extra)
+            .arg(reference)
+            .arg(point)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = ok(breakfs().args(["status", "--json"]).arg(&self.point));
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn pid(&self) -> u32 {
+        self.status()["pid"].as_u64().unwrap() as u32
+    }
+
+    /// Wait until every chunk is in the store.
+    fn wait_hydrated(&self) {
+        let until = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < until {
+            if self.status()["hydrated"] == true {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "{} did not hydrate: {}",
+            self.point.display(),
+            self.status()
+        );
+    }
+
+    /// The mount process's log.
+    fn log(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(self.cache.join("logs"))
+            .unwrap()
+            .flatten()
+        {
+            all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+        all
+    }
+
+    /// Overlayfs with this mount as the lower layer, upper on tmpfs.
+    fn overlay(&mut self, dir: &Path) -> PathBuf {
+        let (scratch, merged) = (dir.join("scratch"), dir.join("merged"));
+        for d in [&scratch, &merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        ok(Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&scratch));
+        self.stacked.push(scratch.clone());
+        for d in ["upper", "work"] {
+            std::fs::create_dir_all(scratch.join(d)).unwrap();
+        }
+        ok(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                self.point.display(),
+                scratch.join("upper").display(),
+                scratch.join("work").display()
+            ))
+            .arg(&merged));
+        self.stacked.push(merged.clone());
+        merged
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        for p in self.stacked.iter().rev() {
+            let _ = Command::new("umount").arg(p).status();
+        }
+        let _ = breakfs().arg("umount").arg(&self.point).output();
+    }
+}
+
+fn corpus() -> Vec<CorpusImage> {
+    corpus::build_families(TEST_FAMILIES).unwrap()
+}
+
+fn umoci_tree(image: &CorpusImage, out: &Path) -> BTreeMap<String, tree::Node> {
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{}", image.layout.display(), image.tag))
+        .arg(out));
+    tree::snapshot(&out.join("rootfs")).unwrap()
+}
+
+fn compare_opts() -> CompareOptions {
+    CompareOptions {
+        ignore_paths: ADDED.iter().map(|s| s.to_string()).collect(),
+        ignore_root_mtime: true,
+        ..CompareOptions::default()
+    }
+}
+
+fn assert_same(a: &BTreeMap<String, tree::Node>, b: &BTreeMap<String, tree::Node>, what: &str) {
+    let diff = tree::compare(a, b, &compare_opts());
+    assert!(
+        diff.is_empty(),
+        "{what}: {} differences with umoci unpack, first: {:?}",
+        diff.len(),
+        &diff[..diff.len().min(10)]
+    );
+}
+
+/// Refactor every build of the test families into `reg` (v1, then point
+/// and v2 reusing its layers), as `REG/refactored/FAMILY:TAG`.
+fn refactor_into(reg: &TestRegistry, images: &[CorpusImage], work: &Path) -> Vec<String> {
+    let mut refs = Vec::new();
+    for img in images {
+        let dest = reg.reference(&format!("refactored/{}:{}", img.family, img.tag));
+        ok(breakfs()
+            .args(["refactor", "--plain-http", "--work-dir"])
+            .arg(work)
+            .args(["--to", &dest, &img.reference]));
+        refs.push(dest);
+    }
+    refs
+}
+
+#[test]
+fn mounted_trees_equal_umoci_unpack_for_original_and_refactored_images() {
+    let images = corpus();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let refactored = refactor_into(&reg, &images, &tmp.path().join("work"));
+    let cache = tmp.path().join("cache");
+    for (i, (img, rref)) in images.iter().zip(&refactored).enumerate() {
+        let expected = umoci_tree(img, &tmp.path().join(format!("umoci{i}")));
+        // The original (plain gzip layers, fetched whole) from its layout,
+        // the refactored one lazily from the registry.
+        for (what, reference) in [("original", img.reference.as_str()), ("refactored", rref)] {
+            let point = tmp.path().join(format!("mnt-{i}-{what}"));
+            let m = Mount::new(reference, &point, &cache, &[]);
+            let got = tree::snapshot(&m.point).unwrap();
+            assert_same(&expected, &got, &format!("{what} {reference}"));
+            let st = m.status();
+            let lazy = st["lazy_layers"].as_u64().unwrap();
+            if what == "refactored" {
+                assert!(lazy > 0 && st["whole_layers"] == 0, "{st}");
+            } else {
+                assert_eq!(lazy, 0, "{st}");
+            }
+            let statfs = ok(Command::new("stat").arg("-f").arg(&m.point));
+            assert!(statfs.contains("fuse"), "stat -f: {statfs}");
+        }
+    }
+}
+
+#[test]
+fn pull_extract_writes_the_same_tree_as_umoci() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let refs = refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    for (what, reference) in [
+        ("original", img.reference.as_str()),
+        ("refactored", &refs[0]),
+    ] {
+        let dest = tmp.path().join(format!("x-{what}"));
+        let out = ok(breakfs()
+            .args(["pull", "--plain-http", "--cache"])
+            .arg(tmp.path().join(format!("cache-{what}")))
+            .arg("--extract")
+            .arg(&dest)
+            .arg(reference));
+        assert!(out.contains("extracted"), "{out}");
+        let got = tree::snapshot(&dest).unwrap();
+        assert_same(&expected, &got, &format!("pull --extract of {what}"));
+    }
+}
+
+fn chroot_run(rootfs: &Path, command: &[String]) -> Output {
+    Command::new("unshare")
+        .args(["--mount", "--pid", "--fork"])
+        .arg(format!("--mount-proc={}", rootfs.join("proc").display()))
+        .arg("chroot")
+        .arg(rootfs)
+        .args(command)
+        .env_clear()
+        .env("PATH", IMAGE_PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
+    let images = corpus();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let v1: Vec<CorpusImage> = images.into_iter().filter(|i| i.tag == "v1").collect();
+    let refs = refactor_into(&reg, &v1, &tmp.path().join("work"));
+    for (i, (img, reference)) in v1.iter().zip(&refs).enumerate() {
+        let mut m = Mount::new(
+            reference,
+            &tmp.path().join(format!("mnt{i}")),
+            &tmp.path().join("cache"),
+            &["--no-hydrate"],
+        );
+        let rootfs = m.overlay(&tmp.path().join(format!("ovl{i}")));
+        let out = chroot_run(&rootfs, &img.command);
+        assert!(
+            out.status.success(),
+            "{:?} in a chroot of {reference}: {}{}",
+            img.command,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Only what the command read was fetched (no hydration).
+        let st = m.status();
+        assert!(
+            st["hydrated_bytes"].as_u64().unwrap() < st["chunk_bytes"].as_u64().unwrap(),
+            "{st}"
+        );
+
+        // runc with the overlay as the container's rootfs.
+        let bundle = tmp.path().join(format!("bundle{i}"));
+        std::fs::create_dir_all(&bundle).unwrap();
+        ok(Command::new("runc")
+            .arg("spec")
+            .arg("--bundle")
+            .arg(&bundle));
+        let spec_path = bundle.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+        spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = serde_json::json!(img.command);
+        spec["process"]["env"] = serde_json::json!([format!("PATH={IMAGE_PATH}"), "HOME=/root"]);
+        std::fs::write(&spec_path, spec.to_string()).unwrap();
+        let id = format!("breakfs-test-{}-{i}", std::process::id());
+        let out = Command::new("runc")
+            .args(["--root"])
+            .arg(tmp.path().join("runc"))
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "runc run {:?} on {reference}: {}{}",
+            img.command,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Regular files of a tree with their sizes, paths relative to it; reads
+/// metadata only, never content.
+fn files_of(root: &Path) -> Vec<(String, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                walk(root, &e.path(), out);
+            } else if meta.is_file() {
+                let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+                out.push((rel, meta.len()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn read_all(root: &Path) {
+    for (p, _) in files_of(root) {
+        std::fs::read(root.join(&p)).unwrap_or_else(|e| panic!("reading {p}: {e}"));
+    }
+}
+
+#[test]
+fn registry_faults_give_eio_in_bounded_time_and_recover() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let mut reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let refs = refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    let m = Mount::new(
+        &refs[0],
+        &tmp.path().join("mnt"),
+        &tmp.path().join("cache"),
+        &["--no-hydrate", "--deadline", "4"],
+    );
+    // Big files first: each sits in chunks of its own.
+    let mut files = files_of(&m.point);
+    files.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
+    // Distinct sizes: no two share content (copies would share chunks).
+    files.dedup_by_key(|(_, size)| *size);
+    let (cached, uncached, hung) = (&files[0].0, &files[1].0, &files[2].0);
+    let cached_bytes = std::fs::read(m.point.join(cached)).unwrap();
+
+    reg.kill();
+    assert_eq!(std::fs::read(m.point.join(cached)).unwrap(), cached_bytes);
+    let t = Instant::now();
+    let err = std::fs::read(m.point.join(uncached))
+        .map(|b| b.len())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
+    eprintln!("registry down: EIO after {:?}", t.elapsed());
+
+    reg.restart();
+    let again = std::fs::read(m.point.join(uncached)).unwrap();
+    assert_eq!(again.len() as u64, files[1].1);
+
+    // A registry that accepts connections and never answers: the read
+    // still fails, after the deadline, instead of hanging.
+    reg.freeze(true);
+    let t = Instant::now();
+    let err = std::fs::read(m.point.join(hung))
+        .map(|b| b.len())
+        .unwrap_err();
+    let waited = t.elapsed();
+    reg.freeze(false);
+    assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
+    assert!(
+        waited < Duration::from_secs(60),
+        "the read hung for {waited:?}"
+    );
+    eprintln!("registry hung: EIO after {waited:?} (deadline 4 s)");
+    std::fs::read(m.point.join(hung)).unwrap();
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    breakfs_index::Digest::of(b).hex().to_string()
+}
+
+#[test]
+fn a_corrupt_blob_in_the_registry_is_detected_and_never_served() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let refs = refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    let reference = &refs[0];
+    // The largest layer: flip bytes in the middle of its payload.
+    let manifest =
+        ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", reference]));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let layer = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap();
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    let m = Mount::new(
+        reference,
+        &tmp.path().join("mnt"),
+        &tmp.path().join("cache"),
+        &["--no-hydrate", "--deadline", "10"],
+    );
+    let data = reg.blob_data_path(&digest[7..]);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let size = bytes.len();
+    for b in &mut bytes[size / 3..size / 3 + 4096] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&data, bytes).unwrap();
+
+    let mut failed = 0;
+    for (p, _) in files_of(&m.point) {
+        match std::fs::read(m.point.join(&p)) {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(5), "{p}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "no read failed although a layer is corrupt");
+    let log = m.log();
+    assert!(
+        log.contains(&digest),
+        "the log does not name {digest}: {log}"
+    );
+    // Nothing unverified entered the store: every chunk file hashes to its name.
+    for e in std::fs::read_dir(tmp.path().join("cache/chunks/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().into_string().unwrap();
+        assert_eq!(hex_sha256(&std::fs::read(e.path()).unwrap()), name);
+    }
+}
+
+#[test]
+fn after_sigkill_a_remount_fetches_no_cached_chunk_again() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    let proxy = CountingProxy::start(&reg.host());
+    let reference = format!(
+        "docker://{}/refactored/{}:{}",
+        proxy.host(),
+        img.family,
+        img.tag
+    );
+    let (point, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+    let m = Mount::new(&reference, &point, &cache, &[]);
+    m.wait_hydrated();
+    let before = proxy.blob_requests().len();
+    assert!(before > 0);
+    // Adjacent chunks were merged into fewer Range requests.
+    let st = m.status();
+    let (requests, chunks) = (
+        st["fetch"]["sources"]["cloud"]["requests"]
+            .as_u64()
+            .unwrap(),
+        st["fetch"]["chunks_stored"].as_u64().unwrap(),
+    );
+    assert!(
+        requests * 2 < chunks,
+        "{requests} requests for {chunks} chunks"
+    );
+    // Writes fail with EROFS.
+    for r in [
+        std::fs::write(m.point.join("new-file"), b"x"),
+        std::fs::create_dir(m.point.join("new-dir")),
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.point.join("etc/passwd"))
+            .map(|_| ()),
+    ] {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(30), "expected EROFS");
+    }
+
+    ok(Command::new("kill")
+        .args(["-KILL", &m.pid().to_string()])
+        .stdin(Stdio::null()));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(m); // breakfs umount detaches the dead mount
+    proxy.reset();
+    let m = Mount::new(&reference, &point, &cache, &[]);
+    read_all(&m.point);
+    m.wait_hydrated();
+    let blobs = proxy.blob_requests();
+    assert!(
+        blobs.is_empty(),
+        "the remount asked for blobs again: {blobs:?}"
+    );
+    assert!(
+        proxy.requests().iter().any(|r| r.contains("/manifests/")),
+        "the remount did not even resolve the tag"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let base = || {
+        Layer::gzip(tar_of(&[
+            T::Dir("etc"),
+            T::File("etc/hostname", b"breakfs\n", 0o644),
+        ]))
+    };
+    write_image(
+        &layout,
+        "outside",
+        &[
+            base(),
+            estargz_layer(&[("a", b"aaaa"), ("b", b"bbbb")], |toc| {
+                toc.entries[1].offset = 1 << 40;
+            }),
+        ],
+    );
+    write_image(
+        &layout,
+        "dotdot",
+        &[estargz_layer(&[("a", b"aaaa")], |toc| {
+            toc.entries[0].name = "../../etc/evil".into();
+        })],
+    );
+    write_image(
+        &layout,
+        "digest",
+        &[estargz_layer(
+            &[("good", b"good"), ("bad", b"bad!")],
+            |toc| {
+                toc.entries[1].chunk_digest = crate::support::images::digest(b"something else");
+            },
+        )],
+    );
+    write_image(&layout, "fine", &[base()]);
+    let cache = tmp.path().join("cache");
+    let mnt = tmp.path().join("mnt");
+    let oci = |tag: &str| format!("oci:{}:{tag}", layout.display());
+
+    for (tag, needle) in [("outside", "outside the blob"), ("dotdot", "..")] {
+        let out = Mount::try_new(&oci(tag), &mnt, &cache, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mounting {tag} succeeded");
+        assert!(err.contains(needle), "error for {tag}: {err}");
+        assert!(!breakfs_fs::is_mountpoint(&mnt.canonicalize().unwrap()));
+    }
+
+    let m = Mount::new(&oci("digest"), &mnt, &cache, &["--deadline", "5"]);
+    assert_eq!(std::fs::read(m.point.join("good")).unwrap(), b"good");
+    let err = std::fs::read(m.point.join("bad"))
+        .map(|b| b.len())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert!(m.log().contains("digest mismatch"), "{}", m.log());
+
+    // Mountpoints: missing, a file, already mounted.
+    let missing = tmp.path().join("nowhere");
+    let out = breakfs()
+        .args(["mount", "--cache"])
+        .arg(&cache)
+        .arg(oci("fine"))
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("mkdir -p"), "{err}");
+    let out = Mount::try_new(&oci("fine"), &m.point, &cache, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already mounted"),
+        "{err}"
+    );
+    let out = breakfs()
+        .args(["umount"])
+        .arg(tmp.path().join("layout"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is mounted"));
+}

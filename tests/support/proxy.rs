@@ -1,0 +1,116 @@
+//! A plain TCP forwarder that counts the HTTP requests passing through it,
+//! to prove which blobs a client asked a registry for.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// A forwarder on a loopback port; stops accepting when dropped.
+pub struct CountingProxy {
+    port: u16,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountingProxy {
+    /// Forward `127.0.0.1:<new port>` to `upstream` (`HOST:PORT`).
+    pub fn start(upstream: &str) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (reqs, halt, up) = (requests.clone(), stop.clone(), upstream.to_string());
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if halt.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(&up) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                let reqs = reqs.clone();
+                thread::spawn(move || pump_requests(client, server, reqs));
+                thread::spawn(move || pump(s2, c2));
+            }
+        });
+        CountingProxy {
+            port,
+            requests,
+            stop,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Request lines seen so far (`GET /v2/.../blobs/sha256:... HTTP/1.1`).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("requests lock").clone()
+    }
+
+    /// Request lines that asked for a blob.
+    pub fn blob_requests(&self) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.contains("/blobs/sha256:"))
+            .collect()
+    }
+
+    /// Forget the requests seen so far.
+    pub fn reset(&self) {
+        self.requests.lock().expect("requests lock").clear();
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Forward client bytes, recording every request line (the client sends
+/// no bodies to a registry it only reads from).
+fn pump_requests(mut from: TcpStream, mut to: TcpStream, reqs: Arc<Mutex<Vec<String>>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line = Vec::new();
+    let mut at_line_start = true;
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                let l = String::from_utf8_lossy(&line).trim_end().to_string();
+                if at_line_start && (l.starts_with("GET ") || l.starts_with("HEAD ")) {
+                    reqs.lock().expect("requests lock").push(l);
+                }
+                line.clear();
+                at_line_start = true;
+            } else if line.len() < 4096 {
+                line.push(b);
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
