@@ -58,6 +58,12 @@ pub struct FetchOptions {
     pub background_workers: usize,
     /// Largest merged Range request, in compressed bytes.
     pub max_range: u64,
+    /// Largest merged Range request of background work: smaller, so that
+    /// a reader's request does not share the link with big transfers for long.
+    pub background_range: u64,
+    /// Background work starts only after this long without on-demand
+    /// requests, so hydration and prefetch yield the link to readers.
+    pub quiet: Duration,
     /// Timeout of one attempt on one source.
     pub attempt_timeout: Duration,
     /// Attempts per source.
@@ -72,6 +78,8 @@ impl Default for FetchOptions {
             workers: 8,
             background_workers: 3,
             max_range: 4 << 20,
+            background_range: 1 << 20,
+            quiet: Duration::from_millis(150),
             attempt_timeout: Duration::from_secs(10),
             attempts: 3,
             deadline: Duration::from_secs(30),
@@ -123,6 +131,8 @@ struct State {
     /// Queued jobs by position in their layer.
     by_layer: HashMap<Digest, BTreeMap<u64, Vec<Digest>>>,
     background_running: usize,
+    /// When an on-demand request last arrived or started.
+    last_on_demand: Option<std::time::Instant>,
 }
 
 struct Inner {
@@ -265,6 +275,9 @@ impl Fetcher {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let mut st = lock(&self.inner.state);
         let st = &mut *st;
+        if prio == Priority::OnDemand {
+            st.last_on_demand = Some(std::time::Instant::now());
+        }
         match st.jobs.get_mut(&loc.digest) {
             Some(job) => {
                 job.waiters.push(tx);
@@ -379,7 +392,7 @@ async fn worker(inner: Arc<Inner>) {
                 let notified = inner.wake.notified();
                 tokio::select! {
                     _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(inner.opts.quiet.max(Duration::from_millis(50))) => {}
                 }
             }
         }
@@ -391,10 +404,14 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     let mut st = lock(&inner.state);
     let st = &mut *st;
     let background;
+    let quiet = st
+        .last_on_demand
+        .is_none_or(|t| t.elapsed() >= inner.opts.quiet);
     let first = if let Some((_, d)) = st.order[0].first().cloned() {
         background = false;
+        st.last_on_demand = Some(std::time::Instant::now());
         d
-    } else if st.background_running < inner.opts.background_workers.max(1) {
+    } else if quiet && st.background_running < inner.opts.background_workers.max(1) {
         let (_, d) = st.order[1].first().cloned()?;
         background = true;
         d
@@ -403,6 +420,11 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     };
     let loc = st.jobs.get(&first)?.loc.clone();
     let positions = st.by_layer.get(&loc.layer)?;
+    let max_range = if background {
+        inner.opts.background_range
+    } else {
+        inner.opts.max_range
+    };
     let (mut start, mut end) = (loc.offset, loc.compressed_end);
     let mut offsets = vec![loc.offset];
     // Forward: members that start where the range ends.
@@ -414,7 +436,7 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
         else {
             break;
         };
-        if off != end || e - start > inner.opts.max_range {
+        if off != end || e - start > max_range {
             break;
         }
         offsets.push(off);
@@ -429,7 +451,7 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
         else {
             break;
         };
-        if e != start || end - off > inner.opts.max_range {
+        if e != start || end - off > max_range {
             break;
         }
         offsets.push(off);

@@ -28,8 +28,8 @@ pub enum Error {
         /// Why, and what to do.
         reason: String,
     },
-    /// A local file operation failed.
-    #[error("{what}: {source}")]
+    /// A local file operation failed (the cause follows in the error chain).
+    #[error("{what}")]
     Io {
         /// What was being done, with the path.
         what: String,

@@ -75,6 +75,7 @@ pub async fn extract(
         })
         .collect();
     let mut writes = futures::stream::FuturesUnordered::new();
+    let writers = Arc::new(tokio::sync::Semaphore::new(16));
     let mut first_err: Option<Error> = None;
     let mut bytes = 0u64;
     loop {
@@ -86,7 +87,10 @@ pub async fn extract(
                 }
                 let (tree, root, targets, store, progress) =
                     (tree.clone(), root.clone(), targets.clone(), fetcher.store().clone(), progress.clone());
+                // Bound the chunks held in memory by writers at once.
+                let Ok(permit) = writers.clone().acquire_owned().await else { break };
                 writes.push(tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
                     let chunk = std::fs::read(store.chunk_path(&digest))
                         .map_err(|e| Error::io(format!("reading chunk {digest}"), e))?;
                     let mut n = 0;

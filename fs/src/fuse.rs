@@ -164,7 +164,7 @@ fn read_chunks(
     size: u64,
 ) -> std::io::Result<Vec<u8>> {
     let Some(node) = tree.node(of.ino) else {
-        return Err(std::io::Error::from_raw_os_error(libc_enoent()));
+        return Err(std::io::ErrorKind::NotFound.into());
     };
     let end = (offset + size).min(node.entry.size);
     let mut out = vec![0u8; end.saturating_sub(offset) as usize];
@@ -191,10 +191,6 @@ fn read_chunks(
         file.read_exact_at(dst, lo - c.file_offset)?;
     }
     Ok(out)
-}
-
-fn libc_enoent() -> i32 {
-    2
 }
 
 impl fuser::Filesystem for ImageFs {

@@ -343,12 +343,15 @@ pub fn read_status(mountpoint: &Path) -> Result<StatusRecord> {
         .canonicalize()
         .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
     let path = status_path(&abs);
-    let bytes = std::fs::read(&path).map_err(|e| Error::Mountpoint {
-        mountpoint: abs.clone(),
-        reason: format!(
-            "no breakfs mount is recorded there ({}: {e})",
-            path.display()
-        ),
+    let bytes = std::fs::read(&path).map_err(|e| {
+        Error::io(
+            format!(
+                "{} is not a breakfs mount of this machine (its status record {} is missing)",
+                abs.display(),
+                path.display()
+            ),
+            e,
+        )
     })?;
     serde_json::from_slice(&bytes).map_err(|e| Error::BadImage {
         what: format!("status record {}", path.display()),
