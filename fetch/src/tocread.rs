@@ -16,8 +16,10 @@ pub struct LayerToc {
     pub toc: Toc,
 }
 
-/// First guess of how much of a blob's tail holds footer and TOC.
-const FIRST_TAIL: u64 = 64 * 1024;
+/// First guess of how much of a blob's tail holds footer and TOC: most
+/// layers of a refactored image have TOCs of a few KiB, and a bigger one
+/// costs one more round trip, not the bandwidth of a big guess per layer.
+const FIRST_TAIL: u64 = 8 * 1024;
 
 impl Store {
     /// The eStargz TOC of a layer, or `None` if the layer has no TOC (a

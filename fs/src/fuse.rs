@@ -68,10 +68,14 @@ pub struct ImageFs {
     fetcher: Fetcher,
     rt: tokio::runtime::Handle,
     stats: Arc<ReadStats>,
-    /// Open chunk files of open handles: fh → chunk index → file.
-    handles: Mutex<std::collections::HashMap<u64, Arc<OpenFile>>>,
-    next_fh: AtomicU64,
+    /// Open chunk files of recently read inodes (bounded).
+    open_files: Mutex<std::collections::HashMap<u64, Arc<OpenFile>>>,
+    /// The kernel does without open/release (zero-message opens).
+    no_open: bool,
 }
+
+/// Most inodes whose chunk files stay open at once.
+const OPEN_FILES: usize = 1024;
 
 struct OpenFile {
     ino: u64,
@@ -91,9 +95,26 @@ impl ImageFs {
             fetcher,
             rt,
             stats,
-            handles: Mutex::new(Default::default()),
-            next_fh: AtomicU64::new(1),
+            open_files: Mutex::new(Default::default()),
+            no_open: false,
         }
+    }
+
+    /// The chunk files of inode `ino` (opened lazily, kept for later reads).
+    fn open_file(&self, ino: u64, chunks: usize) -> Arc<OpenFile> {
+        let mut map = self.open_files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(of) = map.get(&ino) {
+            return of.clone();
+        }
+        if map.len() >= OPEN_FILES {
+            map.clear();
+        }
+        let of = Arc::new(OpenFile {
+            ino,
+            files: (0..chunks).map(|_| std::sync::OnceLock::new()).collect(),
+        });
+        map.insert(ino, of.clone());
+        of
     }
 
     fn attr(&self, ino: u64, n: &Node) -> FileAttr {
@@ -201,6 +222,12 @@ impl fuser::Filesystem for ImageFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_ASYNC_READ,
         );
+        // An image never changes: with zero-message opens the kernel keeps
+        // the page cache and sends no open/release per file (the cost of a
+        // warm read of many small files).
+        self.no_open = config
+            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -242,25 +269,18 @@ impl fuser::Filesystem for ImageFs {
         if n.entry.kind == EntryKind::Dir {
             return reply.error(Errno::EISDIR);
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let of = OpenFile {
-            ino: ino.0,
-            files: (0..n.chunks.len())
-                .map(|_| std::sync::OnceLock::new())
-                .collect(),
-        };
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Arc::new(of));
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        if self.no_open {
+            // Tells the kernel to stop sending opens (it keeps the cache).
+            return reply.error(Errno::ENOSYS);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -270,15 +290,7 @@ impl fuser::Filesystem for ImageFs {
         let Some(n) = self.tree.node(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let of = self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-            .cloned();
-        let Some(of) = of else {
-            return reply.error(Errno::EBADF);
-        };
+        let of = self.open_file(ino.0, n.chunks.len());
         let end = (offset + size as u64).min(n.entry.size);
         if offset >= end {
             return reply.data(&[]);
@@ -364,25 +376,9 @@ impl fuser::Filesystem for ImageFs {
         });
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        reply.ok();
-    }
-
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
+            Some(n) if n.entry.kind == EntryKind::Dir && self.no_open => reply.error(Errno::ENOSYS),
             Some(n) if n.entry.kind == EntryKind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
