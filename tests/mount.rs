@@ -79,6 +79,28 @@ impl Mount {
         serde_json::from_str(&out).unwrap()
     }
 
+    /// A status record written after this call.
+    fn fresh_status(&self) -> serde_json::Value {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.status();
+            if st["updated"].as_u64().unwrap() > now {
+                return st;
+            }
+            assert!(
+                Instant::now() < until,
+                "the status of {} is not updated: {st}\nlog: {}",
+                self.point.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.status()["pid"].as_u64().unwrap() as u32
     }
@@ -488,7 +510,7 @@ fn after_sigkill_a_remount_fetches_no_cached_chunk_again() {
     let before = proxy.blob_requests().len();
     assert!(before > 0);
     // Adjacent chunks were merged into fewer Range requests.
-    let st = m.status();
+    let st = m.fresh_status();
     let (requests, chunks) = (
         st["fetch"]["sources"]["cloud"]["requests"]
             .as_u64()
@@ -613,4 +635,64 @@ fn bad_input_is_refused_with_clear_errors() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is mounted"));
+}
+
+/// `breakfs shape` in front of `upstream`, killed on drop.
+struct Shaper(std::process::Child, String);
+
+impl Shaper {
+    fn start(upstream: &str, rtt_ms: u64, mbit: u64) -> Shaper {
+        let port = crate::support::registry::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = breakfs()
+            .args(["shape", "--listen", &listen, "--upstream", upstream])
+            .args(["--rtt-ms", &rtt_ms.to_string(), "--mbit", &mbit.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(Instant::now() < until, "breakfs shape did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Shaper(child, listen)
+    }
+}
+
+impl Drop for Shaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn reads_pass_ahead_of_background_hydration() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    // A slow link: hydrating the whole image takes several seconds.
+    let link = Shaper::start(&reg.host(), 20, 24);
+    let reference = format!("docker://{}/refactored/{}:{}", link.1, img.family, img.tag);
+    let m = Mount::new(
+        &reference,
+        &tmp.path().join("mnt"),
+        &tmp.path().join("cache"),
+        &[],
+    );
+    // The last files in hydration (inode) order.
+    let files = files_of(&m.point);
+    let last: Vec<&(String, u64)> = files.iter().rev().filter(|(_, s)| *s > 0).take(3).collect();
+    for (p, size) in &last {
+        assert_eq!(std::fs::read(m.point.join(p)).unwrap().len() as u64, *size);
+    }
+    let st = m.fresh_status();
+    assert_eq!(
+        st["hydrated"], false,
+        "hydration finished before the reads: {st}"
+    );
+    assert!(st["reads"]["reads_waited"].as_u64().unwrap() > 0, "{st}");
+    m.wait_hydrated();
 }

@@ -376,6 +376,19 @@ impl fuser::Filesystem for ImageFs {
         });
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing to flush on a read-only image; ENOSYS makes the kernel
+        // stop sending flushes on close.
+        reply.error(Errno::ENOSYS);
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
             Some(n) if n.entry.kind == EntryKind::Dir && self.no_open => reply.error(Errno::ENOSYS),
