@@ -38,7 +38,7 @@ impl StoreArgs {
         let deadline = Duration::from_secs(self.deadline.max(1));
         FetchOptions {
             workers: self.parallel.max(1),
-            background_workers: (self.parallel / 2).max(1),
+            background_workers: (self.parallel / 4).max(1),
             deadline,
             attempt_timeout: (deadline / 3).max(Duration::from_secs(1)),
             ..FetchOptions::default()
@@ -75,6 +75,10 @@ pub struct MountArgs {
     /// Do not fetch the rest of the image in the background.
     #[arg(long)]
     no_hydrate: bool,
+    /// Do not fetch a program's interpreter and libraries (ELF DT_NEEDED,
+    /// #! lines) as soon as the program is first read.
+    #[arg(long)]
+    no_dependency_prefetch: bool,
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -97,6 +101,7 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
     let opts = MountOptions {
         hydrate: !a.no_hydrate,
         threads: a.threads,
+        dependency_prefetch: !a.no_dependency_prefetch,
     };
     let mounted = breakfs_fs::mount(opened, &abs, &opts)?;
     // Answer one request through the kernel before saying we are ready.

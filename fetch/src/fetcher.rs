@@ -76,10 +76,10 @@ impl Default for FetchOptions {
     fn default() -> Self {
         FetchOptions {
             workers: 8,
-            background_workers: 3,
+            background_workers: 2,
             max_range: 4 << 20,
-            background_range: 1 << 20,
-            quiet: Duration::from_millis(150),
+            background_range: 512 << 10,
+            quiet: Duration::from_millis(1000),
             attempt_timeout: Duration::from_secs(10),
             attempts: 3,
             deadline: Duration::from_secs(30),
@@ -186,7 +186,12 @@ impl Fetcher {
             store,
             sources,
             opts,
-            state: Mutex::new(State::default()),
+            // Background work waits for a quiet spell from the start: the
+            // first reads of a new mount come right after it.
+            state: Mutex::new(State {
+                last_on_demand: Some(std::time::Instant::now()),
+                ..State::default()
+            }),
             wake: Notify::new(),
             seq: AtomicU64::new(0),
             stats: Mutex::new(FetchStats::default()),
@@ -427,13 +432,15 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     };
     let (mut start, mut end) = (loc.offset, loc.compressed_end);
     let mut offsets = vec![loc.offset];
+    // A reader's request takes along only other readers' chunks: queued
+    // hydration next to it would make the reader wait for its bytes.
+    let joins = |ds: &Vec<Digest>| -> Option<u64> {
+        let j = ds.first().and_then(|d| st.jobs.get(d))?;
+        (background || j.prio == Priority::OnDemand).then_some(j.loc.compressed_end)
+    };
     // Forward: members that start where the range ends.
     for (&off, ds) in positions.range(end..) {
-        let Some(e) = ds
-            .first()
-            .and_then(|d| st.jobs.get(d))
-            .map(|j| j.loc.compressed_end)
-        else {
+        let Some(e) = joins(ds) else {
             break;
         };
         if off != end || e - start > max_range {
@@ -444,11 +451,7 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     }
     // Backward: members that end where the range starts.
     for (&off, ds) in positions.range(..start).rev() {
-        let Some(e) = ds
-            .first()
-            .and_then(|d| st.jobs.get(d))
-            .map(|j| j.loc.compressed_end)
-        else {
+        let Some(e) = joins(ds) else {
             break;
         };
         if e != start || end - off > max_range {
@@ -484,6 +487,14 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
 }
 
 async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
+    tracing::debug!(
+        layer = %batch.layer.short(),
+        start = batch.start,
+        bytes = batch.end - batch.start,
+        chunks = batch.jobs.len(),
+        background = batch.background,
+        "range request"
+    );
     let pending: Vec<ChunkLoc> = batch
         .jobs
         .iter()

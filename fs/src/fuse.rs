@@ -72,7 +72,14 @@ pub struct ImageFs {
     open_files: Mutex<std::collections::HashMap<u64, Arc<OpenFile>>>,
     /// The kernel does without open/release (zero-message opens).
     no_open: bool,
+    /// Dependency-aware prefetch, if on.
+    deps: Option<Arc<crate::deps::DepPrefetch>>,
 }
+
+/// Files up to this size are fetched whole once a read misses.
+const READ_AHEAD_FILE: u64 = 32 << 20;
+/// Chunks fetched ahead of a missed read in bigger files.
+const READ_AHEAD_CHUNKS: usize = 2;
 
 /// Most inodes whose chunk files stay open at once.
 const OPEN_FILES: usize = 1024;
@@ -97,7 +104,15 @@ impl ImageFs {
             stats,
             open_files: Mutex::new(Default::default()),
             no_open: false,
+            deps: None,
         }
+    }
+
+    /// Also fetch what programs will load next when they are first read
+    /// (see [`crate::deps`]).
+    pub fn with_dependency_prefetch(mut self, on: bool) -> ImageFs {
+        self.deps = on.then(Default::default);
+        self
     }
 
     /// The chunk files of inode `ino` (opened lazily, kept for later reads).
@@ -115,6 +130,35 @@ impl ImageFs {
         });
         map.insert(ino, of.clone());
         of
+    }
+
+    /// A read missed chunks of a file: ask for the file's other missing
+    /// chunks too, at the same priority but without waiting, so a program
+    /// that touches a big library in several places waits for one round
+    /// trip, not one per place. Files bigger than [`READ_AHEAD_FILE`] get
+    /// only the next [`READ_AHEAD_CHUNKS`] chunks.
+    fn read_ahead(&self, n: &Node, missing: &[usize]) {
+        let Some(&last) = missing.last() else { return };
+        let store = self.fetcher.store();
+        let wanted: Vec<_> = if n.entry.size <= READ_AHEAD_FILE {
+            (0..n.chunks.len()).collect()
+        } else {
+            (last + 1..n.chunks.len().min(last + 1 + READ_AHEAD_CHUNKS)).collect()
+        };
+        let locs: Vec<_> = wanted
+            .into_iter()
+            .filter(|i| !missing.contains(i))
+            .filter_map(|i| n.chunks.get(i))
+            .filter(|c| !c.is_present(store))
+            .filter_map(|c| c.loc.clone())
+            .collect();
+        for loc in locs {
+            let fetcher = self.fetcher.clone();
+            self.rt.spawn(async move {
+                // Failures show when the chunk is read.
+                let _ = fetcher.ensure(&loc, Priority::OnDemand, None).await;
+            });
+        }
     }
 
     fn attr(&self, ino: u64, n: &Node) -> FileAttr {
@@ -291,6 +335,18 @@ impl fuser::Filesystem for ImageFs {
             return reply.error(Errno::ENOENT);
         };
         let of = self.open_file(ino.0, n.chunks.len());
+        if offset == 0
+            && let Some(deps) = &self.deps
+            && !deps.seen(ino.0)
+        {
+            crate::deps::spawn(
+                &self.rt,
+                self.tree.clone(),
+                self.fetcher.clone(),
+                deps.clone(),
+                ino.0,
+            );
+        }
         let end = (offset + size as u64).min(n.entry.size);
         if offset >= end {
             return reply.data(&[]);
@@ -321,6 +377,7 @@ impl fuser::Filesystem for ImageFs {
             };
         }
         self.stats.reads_waited.fetch_add(1, Ordering::Relaxed);
+        self.read_ahead(n, &missing);
         let tree = self.tree.clone();
         let fetcher = self.fetcher.clone();
         let stats = self.stats.clone();

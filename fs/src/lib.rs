@@ -7,6 +7,7 @@
 //! [`extract`] writes the same tree to a plain directory, files in parallel
 //! as their chunks arrive.
 
+mod deps;
 mod error;
 mod extract;
 mod fuse;

@@ -23,6 +23,8 @@ pub struct MountOptions {
     pub hydrate: bool,
     /// FUSE request threads.
     pub threads: usize,
+    /// Fetch a program's interpreter and libraries when it is first read.
+    pub dependency_prefetch: bool,
 }
 
 impl Default for MountOptions {
@@ -30,6 +32,7 @@ impl Default for MountOptions {
         MountOptions {
             hydrate: true,
             threads: 4,
+            dependency_prefetch: true,
         }
     }
 }
@@ -171,7 +174,8 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
         opened.fetcher.clone(),
         tokio::runtime::Handle::current(),
         reads.clone(),
-    );
+    )
+    .with_dependency_prefetch(opts.dependency_prefetch);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("breakfs:{}", opened.image.reference)),

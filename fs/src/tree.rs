@@ -238,6 +238,45 @@ impl Tree {
             .map(|i| p.children[i].1)
     }
 
+    /// The inode at `path` (absolute or relative to directory `from`),
+    /// following symlinks inside the image (the last one too), at most 40.
+    pub fn resolve(&self, from: u64, path: &str) -> Option<u64> {
+        let mut pending: Vec<String> = Vec::new();
+        let mut dir = if path.starts_with('/') { ROOT } else { from };
+        push_components(&mut pending, path);
+        let mut links = 0;
+        while let Some(part) = pending.pop() {
+            let cur = match part.as_str() {
+                "" | "." => continue,
+                ".." => {
+                    dir = self.node(dir)?.parent;
+                    continue;
+                }
+                name => self.lookup(dir, name.as_bytes())?,
+            };
+            let n = self.node(cur)?;
+            if n.entry.kind == EntryKind::Symlink {
+                links += 1;
+                if links > 40 {
+                    return None;
+                }
+                if n.entry.link.starts_with('/') {
+                    dir = ROOT;
+                }
+                push_components(&mut pending, &n.entry.link);
+                continue;
+            }
+            if pending.is_empty() {
+                return Some(cur);
+            }
+            if n.entry.kind != EntryKind::Dir {
+                return None;
+            }
+            dir = cur;
+        }
+        Some(dir)
+    }
+
     /// All inodes with their numbers.
     pub fn nodes(&self) -> impl Iterator<Item = (u64, &Node)> {
         self.nodes
@@ -270,6 +309,13 @@ impl Tree {
             .flat_map(|n| n.chunks.iter())
             .filter(|c| seen.insert(&c.digest))
             .collect()
+    }
+}
+
+/// Push the components of `path` so that they pop in order.
+fn push_components(stack: &mut Vec<String>, path: &str) {
+    for part in path.split('/').rev() {
+        stack.push(part.to_string());
     }
 }
 
@@ -322,6 +368,9 @@ mod tests {
         let opt = t.lookup(ROOT, b"opt").unwrap();
         assert_eq!(t.node(opt).unwrap().entry.kind, EntryKind::Dir);
         assert_eq!(t.node(ROOT).unwrap().nlink, 2 + 3);
+        assert_eq!(t.resolve(ROOT, "/usr/bin/b"), Some(a));
+        assert_eq!(t.resolve(bin, "../../etc/x"), t.lookup(etc, b"x"));
+        assert_eq!(t.resolve(ROOT, "/usr/nothing"), None);
         assert_eq!(t.file_bytes(), 3 + 3 + 1);
     }
 }
