@@ -61,6 +61,9 @@ pub struct FetchOptions {
     /// Largest merged Range request of background work: smaller, so that
     /// a reader's request does not share the link with big transfers for long.
     pub background_range: u64,
+    /// A reader's request also takes queued background chunks next to it
+    /// while the whole range stays within this many bytes.
+    pub neighbor_window: u64,
     /// Background work starts only after this long without on-demand
     /// requests, so hydration and prefetch yield the link to readers.
     pub quiet: Duration,
@@ -79,6 +82,7 @@ impl Default for FetchOptions {
             background_workers: 2,
             max_range: 4 << 20,
             background_range: 512 << 10,
+            neighbor_window: 256 << 10,
             quiet: Duration::from_millis(1000),
             attempt_timeout: Duration::from_secs(10),
             attempts: 3,
@@ -432,15 +436,19 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     };
     let (mut start, mut end) = (loc.offset, loc.compressed_end);
     let mut offsets = vec![loc.offset];
-    // A reader's request takes along only other readers' chunks: queued
-    // hydration next to it would make the reader wait for its bytes.
-    let joins = |ds: &Vec<Digest>| -> Option<u64> {
+    // A reader's request takes along other readers' chunks, and queued
+    // hydration next to it only within a small window (files stored next to
+    // each other are often read together; more would make the reader wait).
+    let window = inner.opts.neighbor_window;
+    let joins = |ds: &Vec<Digest>, lo: u64, hi: u64| -> Option<u64> {
         let j = ds.first().and_then(|d| st.jobs.get(d))?;
-        (background || j.prio == Priority::OnDemand).then_some(j.loc.compressed_end)
+        let e = j.loc.compressed_end;
+        let span = hi.max(e) - lo.min(j.loc.offset);
+        (background || j.prio == Priority::OnDemand || span <= window).then_some(e)
     };
     // Forward: members that start where the range ends.
     for (&off, ds) in positions.range(end..) {
-        let Some(e) = joins(ds) else {
+        let Some(e) = joins(ds, start, end) else {
             break;
         };
         if off != end || e - start > max_range {
@@ -451,7 +459,7 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     }
     // Backward: members that end where the range starts.
     for (&off, ds) in positions.range(..start).rev() {
-        let Some(e) = joins(ds) else {
+        let Some(e) = joins(ds, start, end) else {
             break;
         };
         if e != start || end - off > max_range {

@@ -39,10 +39,13 @@ pub async fn extract(
     prepare_dest(dest)?;
     let tree = opened.tree.clone();
     let root = dest.to_path_buf();
-    {
+    // The skeleton is made while the first chunks are on their way.
+    let mut skeleton_task = {
         let (tree, root) = (tree.clone(), root.clone());
-        blocking(move || skeleton(&tree, &root)).await?;
-    }
+        Box::pin(blocking(move || skeleton(&tree, &root)))
+    };
+    let mut skeleton_done = false;
+    let mut waiting: Vec<(Digest, u64)> = Vec::new();
 
     // Which files (inode, offset) each chunk digest goes to.
     let mut targets: HashMap<Digest, Vec<(u64, u64)>> = HashMap::new();
@@ -78,34 +81,36 @@ pub async fn extract(
     let writers = Arc::new(tokio::sync::Semaphore::new(16));
     let mut first_err: Option<Error> = None;
     let mut bytes = 0u64;
+    let writer = Writer {
+        tree: tree.clone(),
+        root: root.clone(),
+        targets,
+        store: fetcher.store().clone(),
+        progress,
+        permits: writers,
+    };
     loop {
         tokio::select! {
+            r = &mut skeleton_task, if !skeleton_done => {
+                skeleton_done = true;
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                    break;
+                }
+                for (digest, size) in waiting.drain(..) {
+                    writes.push(writer.write(digest, size).await);
+                }
+            }
             Some((digest, size, r)) = arrivals.next() => {
                 if let Err(e) = r {
                     first_err.get_or_insert(e.into());
                     continue;
                 }
-                let (tree, root, targets, store, progress) =
-                    (tree.clone(), root.clone(), targets.clone(), fetcher.store().clone(), progress.clone());
-                // Bound the chunks held in memory by writers at once.
-                let Ok(permit) = writers.clone().acquire_owned().await else { break };
-                writes.push(tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    let chunk = std::fs::read(store.chunk_path(&digest))
-                        .map_err(|e| Error::io(format!("reading chunk {digest}"), e))?;
-                    let mut n = 0;
-                    for (ino, off) in targets.get(&digest).into_iter().flatten() {
-                        let Some(node) = tree.node(*ino) else { continue };
-                        let path = root.join(&node.entry.path);
-                        let f = OpenOptions::new().write(true).open(&path)
-                            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                        f.write_all_at(&chunk, *off)
-                            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-                        n += size;
-                    }
-                    progress.fetch_add(n, Ordering::Relaxed);
-                    Ok::<u64, Error>(n)
-                }));
+                if skeleton_done {
+                    writes.push(writer.write(digest, size).await);
+                } else {
+                    waiting.push((digest, size));
+                }
             }
             Some(w) = writes.next() => {
                 match w {
@@ -124,6 +129,51 @@ pub async fn extract(
     let paths = tree.paths();
     blocking(move || finish_metadata(&tree, &root)).await?;
     Ok(ExtractStats { paths, bytes })
+}
+
+/// Writes arrived chunks into every file that holds them.
+struct Writer {
+    tree: Arc<Tree>,
+    root: PathBuf,
+    targets: Arc<HashMap<Digest, Vec<(u64, u64)>>>,
+    store: Arc<breakfs_fetch::ContentStore>,
+    progress: Arc<AtomicU64>,
+    /// Bounds the chunks held in memory by writers at once.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Writer {
+    async fn write(&self, digest: Digest, size: u64) -> tokio::task::JoinHandle<Result<u64>> {
+        let permit = self.permits.clone().acquire_owned().await;
+        let (tree, root, targets, store, progress) = (
+            self.tree.clone(),
+            self.root.clone(),
+            self.targets.clone(),
+            self.store.clone(),
+            self.progress.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let chunk = std::fs::read(store.chunk_path(&digest))
+                .map_err(|e| Error::io(format!("reading chunk {digest}"), e))?;
+            let mut n = 0;
+            for (ino, off) in targets.get(&digest).into_iter().flatten() {
+                let Some(node) = tree.node(*ino) else {
+                    continue;
+                };
+                let path = root.join(&node.entry.path);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                f.write_all_at(&chunk, *off)
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                n += size;
+            }
+            progress.fetch_add(n, Ordering::Relaxed);
+            Ok(n)
+        })
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
