@@ -451,7 +451,19 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
         .context("shaping proxy")
 }
 
+/// Restore the default SIGPIPE action (Rust ignores it), so that
+/// `breakfs inspect ... | head` ends quietly like other Unix tools instead
+/// of panicking on a closed stdout.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installs the default disposition, no handler code runs;
+    // called once at start, before any thread exists.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> std::process::ExitCode {
+    default_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BREAKFS_LOG")
