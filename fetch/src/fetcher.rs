@@ -229,6 +229,20 @@ impl Fetcher {
         s
     }
 
+    /// Count a transfer made outside the scheduler (manifests, configs,
+    /// TOCs) in the stats of source `source`.
+    pub fn record_transfer(&self, source: &str, bytes: u64) {
+        let mut s = lock(&self.inner.stats);
+        let e = s.sources.entry(source.to_string()).or_default();
+        e.bytes += bytes;
+        e.requests += 1;
+    }
+
+    /// The name of the first source (the one metadata comes from).
+    pub fn first_source_name(&self) -> Option<String> {
+        self.inner.sources.first().map(|s| s.name())
+    }
+
     /// Make sure the chunk at `loc` is in the store, fetching it if needed.
     /// `deadline` bounds the wait (`None`: wait for the outcome).
     pub async fn ensure(

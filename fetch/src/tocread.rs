@@ -14,6 +14,8 @@ pub struct LayerToc {
     pub toc_offset: u64,
     /// The raw TOC.
     pub toc: Toc,
+    /// Bytes fetched to read it (tail guesses included).
+    pub fetched: u64,
 }
 
 /// First guess of how much of a blob's tail holds footer and TOC: most
@@ -34,10 +36,12 @@ impl Store {
         }
         let what = format!("TOC of layer {} in {}", desc.digest, self.name());
         let mut want = FIRST_TAIL.min(desc.size);
+        let mut fetched = 0;
         for _ in 0..2 {
             let tail = self
                 .read_range(&desc.digest, desc.size - want, want)
                 .await?;
+            fetched += tail.len() as u64;
             let read = match Toc::read_from_blob_tail(&tail, desc.size) {
                 Ok(r) => r,
                 // Without the annotation, a footer that does not parse just
@@ -71,6 +75,7 @@ impl Store {
                         layer,
                         toc_offset: t.toc_offset,
                         toc: t.toc,
+                        fetched,
                     }));
                 }
             }

@@ -30,6 +30,9 @@ const LIB_DIRS: &[&str] = &[
     "/usr/local/lib",
 ];
 
+/// Dependencies up to this size are fetched whole at once.
+const WHOLE_DEPENDENCY: u64 = 16 << 20;
+
 /// Largest dynamic section or string table read.
 const MAX_TABLE: u64 = 1 << 20;
 
@@ -76,9 +79,16 @@ pub fn spawn(
             if deps.seen(dep) {
                 continue;
             }
-            // Fetch the whole dependency now: a loader reads most of it.
+            // Fetch the whole dependency now: a loader reads most of it
+            // (only the start of a big one, such as an ICU data library,
+            // which is mapped and touched sparsely).
             if let Some(n) = tree.node(dep) {
-                for c in &n.chunks {
+                let take = if n.entry.size <= WHOLE_DEPENDENCY {
+                    n.chunks.len()
+                } else {
+                    1
+                };
+                for c in n.chunks.iter().take(take) {
                     if let Some(loc) = c.loc.clone()
                         && !c.is_present(fetcher.store())
                     {

@@ -77,7 +77,7 @@ pub struct ImageFs {
 }
 
 /// Files up to this size are fetched whole once a read misses.
-const READ_AHEAD_FILE: u64 = 32 << 20;
+const READ_AHEAD_FILE: u64 = 16 << 20;
 /// Chunks fetched ahead of a missed read in bigger files.
 const READ_AHEAD_CHUNKS: usize = 2;
 

@@ -69,6 +69,9 @@ pub async fn open_image(
         },
     })];
     let fetcher = Fetcher::new(store.clone(), sources, fetch);
+    if let Some(name) = fetcher.first_source_name() {
+        fetcher.record_transfer(&name, image.manifest_bytes.len() as u64);
+    }
     let loads = image
         .layers()
         .iter()
@@ -99,7 +102,7 @@ async fn load_layer(
 ) -> Result<(Vec<LayerFile>, LayerMode)> {
     let store = fetcher.store().clone();
     let what = format!("layer {} of {reference}", desc.digest);
-    if let Some(toc_layer) = cached_or_read_toc(source, &store, desc).await?
+    if let Some(toc_layer) = cached_or_read_toc(source, fetcher, desc).await?
         && let Some(files) = lazy_files(&toc_layer, desc)
     {
         return Ok((files, LayerMode::Lazy));
@@ -136,9 +139,10 @@ async fn load_layer(
 /// requests (and then recorded). `None` for a layer without a TOC.
 async fn cached_or_read_toc(
     source: &Store,
-    store: &ContentStore,
+    fetcher: &Fetcher,
     desc: &Descriptor,
 ) -> Result<Option<TocLayer>> {
+    let store = fetcher.store();
     let name = format!("toc-{}.json", desc.digest.hex());
     if let Some(bytes) = store.read_meta(&name)? {
         if bytes == b"none" {
@@ -155,6 +159,9 @@ async fn cached_or_read_toc(
     }
     match source.read_toc(desc).await? {
         Some(t) => {
+            if let Some(name) = fetcher.first_source_name() {
+                fetcher.record_transfer(&name, t.fetched);
+            }
             let mut rec = format!("{}\n", t.toc_offset).into_bytes();
             rec.extend_from_slice(&t.toc.to_json());
             store.put_meta(&name, &rec)?;
