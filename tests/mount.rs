@@ -268,22 +268,6 @@ fn pull_extract_writes_the_same_tree_as_umoci() {
     }
 }
 
-fn chroot_run(rootfs: &Path, command: &[String]) -> Output {
-    Command::new("unshare")
-        .args(["--mount", "--pid", "--fork"])
-        .arg(format!("--mount-proc={}", rootfs.join("proc").display()))
-        .arg("chroot")
-        .arg(rootfs)
-        .args(command)
-        .env_clear()
-        .env("PATH", IMAGE_PATH)
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
     let images = corpus();
@@ -299,7 +283,7 @@ fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
             &["--no-hydrate"],
         );
         let rootfs = m.overlay(&tmp.path().join(format!("ovl{i}")));
-        let out = chroot_run(&rootfs, &img.command);
+        let out = corpus::run_in_rootfs(&rootfs, &img.command).unwrap();
         assert!(
             out.status.success(),
             "{:?} in a chroot of {reference}: {}{}",

@@ -502,19 +502,7 @@ pub fn unpack_and_run(image: &CorpusImage, dir: &Path) -> Result<PathBuf> {
         .arg(dir))
     .with_context(|| format!("umoci unpack of {}", image.reference))?;
     let rootfs = dir.join("rootfs");
-    let out = Command::new("unshare")
-        .args(["--mount", "--pid", "--fork"])
-        .arg(format!("--mount-proc={}", rootfs.join("proc").display()))
-        .arg("chroot")
-        .arg(&rootfs)
-        .args(&image.command)
-        .env_clear()
-        .env("PATH", IMAGE_PATH)
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::null())
-        .output()
-        .context("running unshare + chroot")?;
+    let out = run_in_rootfs(&rootfs, &image.command).context("running unshare + chroot")?;
     ensure!(
         out.status.success(),
         "{:?} in {} failed ({}): {}{}",
@@ -525,6 +513,23 @@ pub fn unpack_and_run(image: &CorpusImage, dir: &Path) -> Result<PathBuf> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(rootfs)
+}
+
+/// Run `command` chrooted into `rootfs`, in new mount and pid namespaces
+/// with /proc mounted and the image's PATH, stdin closed.
+pub fn run_in_rootfs(rootfs: &Path, command: &[String]) -> std::io::Result<std::process::Output> {
+    Command::new("unshare")
+        .args(["--mount", "--pid", "--fork"])
+        .arg(format!("--mount-proc={}", rootfs.join("proc").display()))
+        .arg("chroot")
+        .arg(rootfs)
+        .args(command)
+        .env_clear()
+        .env("PATH", IMAGE_PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .output()
 }
 
 // ---------------------------------------------------------------------------
