@@ -680,3 +680,150 @@ fn reads_pass_ahead_of_background_hydration() {
     assert!(st["reads"]["reads_waited"].as_u64().unwrap() > 0, "{st}");
     m.wait_hydrated();
 }
+
+/// Append one entry to `b`; `f` adjusts the header.
+fn add(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    f: &dyn Fn(&mut tar::Header),
+) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(data.len() as u64);
+    f(&mut h);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+/// A layer with every kind of entry an image can hold.
+fn special_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let none = |_: &mut tar::Header| {};
+    add(&mut b, "dev", tar::EntryType::Directory, 0o755, b"", &none);
+    add(&mut b, "dev/null", tar::EntryType::Char, 0o666, b"", &|h| {
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+    });
+    add(
+        &mut b,
+        "dev/loop0",
+        tar::EntryType::Block,
+        0o660,
+        b"",
+        &|h| {
+            h.set_device_major(7).unwrap();
+            h.set_device_minor(0).unwrap();
+            h.set_gid(6);
+        },
+    );
+    add(&mut b, "run", tar::EntryType::Directory, 0o755, b"", &none);
+    add(&mut b, "run/fifo", tar::EntryType::Fifo, 0o600, b"", &none);
+    add(&mut b, "tmp", tar::EntryType::Directory, 0o1777, b"", &none);
+    add(&mut b, "usr", tar::EntryType::Directory, 0o755, b"", &none);
+    add(
+        &mut b,
+        "usr/bin",
+        tar::EntryType::Directory,
+        0o755,
+        b"",
+        &none,
+    );
+    add(
+        &mut b,
+        "usr/bin/su",
+        tar::EntryType::Regular,
+        0o4755,
+        b"#!/bin/sh\necho su\n",
+        &none,
+    );
+    add(
+        &mut b,
+        "usr/bin/wall",
+        tar::EntryType::Regular,
+        0o2755,
+        b"wall",
+        &|h| h.set_gid(5),
+    );
+    add(
+        &mut b,
+        "usr/bin/a",
+        tar::EntryType::Regular,
+        0o755,
+        b"same inode",
+        &none,
+    );
+    for link in ["usr/bin/b", "usr/bin/c"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_mode(0o755);
+        h.set_mtime(1_700_000_000);
+        h.set_size(0);
+        b.append_link(&mut h, link, "usr/bin/a").unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_mtime(1_700_000_000);
+    b.append_link(&mut h, "usr/bin/sh", "../../bin/dash")
+        .unwrap();
+    // An xattr, as a PAX record.
+    b.append_pax_extensions([("SCHILY.xattr.user.breakfs", b"on".as_slice())])
+        .unwrap();
+    add(
+        &mut b,
+        "usr/bin/tagged",
+        tar::EntryType::Regular,
+        0o644,
+        b"tagged",
+        &none,
+    );
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn devices_fifos_setuid_xattrs_and_hardlinks_come_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    write_image(&layout, "special", &[Layer::gzip(special_tar())]);
+    let original = format!("oci:{}:special", layout.display());
+    let refactored = format!("oci:{}:special", tmp.path().join("refactored").display());
+    ok(breakfs()
+        .args(["refactor", "--work-dir"])
+        .arg(tmp.path().join("work"))
+        .args(["--to", &refactored, &original]));
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:special", layout.display()))
+        .arg(tmp.path().join("umoci")));
+    let expected = tree::snapshot(&tmp.path().join("umoci/rootfs")).unwrap();
+    assert_eq!(
+        expected["usr/bin/a"].hardlinks.len(),
+        3,
+        "{:?}",
+        expected["usr/bin/a"]
+    );
+    assert_eq!(expected["usr/bin/tagged"].xattrs.len(), 1);
+    for (what, reference) in [("original", &original), ("refactored", &refactored)] {
+        let m = Mount::new(
+            reference,
+            &tmp.path().join(format!("mnt-{what}")),
+            &tmp.path().join("cache"),
+            &[],
+        );
+        let got = tree::snapshot(&m.point).unwrap();
+        assert_same(&expected, &got, &format!("{what} special image"));
+        let meta = std::fs::symlink_metadata(m.point.join("usr/bin/a")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(meta.nlink(), 3);
+        assert_eq!(
+            meta.ino(),
+            std::fs::metadata(m.point.join("usr/bin/c")).unwrap().ino()
+        );
+    }
+}
