@@ -121,25 +121,32 @@ impl ContentStore {
     }
 
     /// Store `len` bytes at `offset` of `file` as the chunk `d`, streaming
-    /// and checking the digest on the way.
+    /// and checking the digest on the way (positioned reads: several
+    /// threads may share `file`).
     pub fn put_chunk_from(&self, d: &Digest, file: &File, offset: u64, len: u64) -> Result<()> {
-        use std::io::{BufWriter, Read, Seek, SeekFrom};
+        use std::io::BufWriter;
+        use std::os::unix::fs::FileExt;
         let dest = self.chunk_path(d);
         if dest.is_file() {
             return Ok(());
         }
         let temp = self.temp_path();
         let result = (|| -> std::io::Result<Digest> {
-            let mut src = file;
-            src.seek(SeekFrom::Start(offset))?;
             let out = BufWriter::with_capacity(256 * 1024, File::create(&temp)?);
             let mut hw = breakfs_index::HashingWriter::new(out);
-            let copied = std::io::copy(&mut src.take(len), &mut hw)?;
-            if copied != len {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("only {copied} of {len} bytes"),
-                ));
+            let mut buf = vec![0u8; (256 * 1024).min(len.max(1) as usize)];
+            let mut done = 0u64;
+            while done < len {
+                let want = buf.len().min((len - done) as usize);
+                let n = file.read_at(&mut buf[..want], offset + done)?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("only {done} of {len} bytes"),
+                    ));
+                }
+                hw.write_all(&buf[..n])?;
+                done += n as u64;
             }
             let (out, digest, _) = hw.finish();
             out.into_inner().map_err(|e| e.into_error())?.sync_data()?;

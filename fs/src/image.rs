@@ -265,13 +265,42 @@ fn index_whole_layer(
         }
         let tar = std::fs::File::open(&tar_path)
             .map_err(|e| Error::io(format!("opening {}", tar_path.display()), e))?;
-        for le in &index.entries {
-            if let (EntryKind::File, Some(d)) = (&le.entry.kind, &le.entry.digest)
-                && le.entry.size > 0
-            {
-                store.put_chunk_from(d, &tar, le.data_offset, le.entry.size)?;
-            }
-        }
+        // Each file synced on its own: spread them over a few threads.
+        let files: Vec<_> = index
+            .entries
+            .iter()
+            .filter_map(|le| match (&le.entry.kind, &le.entry.digest) {
+                (EntryKind::File, Some(d)) if le.entry.size > 0 => {
+                    Some((d, le.data_offset, le.entry.size))
+                }
+                _ => None,
+            })
+            .collect();
+        let threads = 4;
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (files, tar) = (&files, &tar);
+                    scope.spawn(move || {
+                        files
+                            .iter()
+                            .skip(t)
+                            .step_by(threads)
+                            .try_for_each(|(d, off, size)| {
+                                store.put_chunk_from(d, tar, *off, *size)
+                            })
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(breakfs_fetch::Error::Unavailable {
+                        what: what.to_string(),
+                        reason: "a thread storing its files failed".into(),
+                    })
+                })
+            })
+        })?;
         Ok(index.entries.into_iter().map(|le| le.entry).collect())
     })();
     let _ = std::fs::remove_file(&tar_path);
