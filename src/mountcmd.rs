@@ -133,30 +133,60 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut was_hydrated = false;
     loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = tick.tick() => {
-                let s = mounted.status();
-                if s.hydrated && !was_hydrated {
-                    was_hydrated = true;
-                    eprintln!("breakfs: {} fully hydrated after {:.1}s", a.image, started.elapsed().as_secs_f64());
+        let stop = tokio::select! {
+            _ = tokio::signal::ctrl_c() => true,
+            _ = term.recv() => true,
+            _ = tick.tick() => false,
+        };
+        if stop {
+            // Unmount by path first: a busy mount (an overlay or an open
+            // file on it) says EBUSY and keeps being served, instead of
+            // being cut off under its users.
+            match nix::mount::umount(&abs) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::EBUSY) => {
+                    eprintln!(
+                        "breakfs: {} is busy (an overlay or an open file uses it); still serving it",
+                        abs.display()
+                    );
+                    continue;
                 }
-                if let Err(e) = breakfs_fs::write_status(&s) {
-                    tracing::warn!("writing the status record: {e}");
-                }
-                if !breakfs_fs::is_mountpoint(&abs) {
-                    eprintln!("breakfs: {} was unmounted", abs.display());
+                Err(e) => {
+                    eprintln!("breakfs: unmounting {}: {e}", abs.display());
                     break;
                 }
             }
+        }
+        let s = mounted.status();
+        if s.hydrated && !was_hydrated {
+            was_hydrated = true;
+            eprintln!(
+                "breakfs: {} fully hydrated after {:.1}s",
+                a.image,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if let Err(e) = breakfs_fs::write_status(&s) {
+            tracing::warn!("writing the status record: {e}");
+        }
+        if !breakfs_fs::is_mountpoint(&abs) {
+            eprintln!("breakfs: {} was unmounted", abs.display());
+            break;
         }
     }
     breakfs_fs::remove_status(&abs);
     if breakfs_fs::is_mountpoint(&abs) {
         mounted.unmount()?;
-        eprintln!("breakfs: unmounted {}", abs.display());
+    } else {
+        // An overlay keeps its own reference to a lower layer: serve it
+        // until the kernel ends the session, not cut it off.
+        eprintln!(
+            "breakfs: unmounted {}; serving until its last user (e.g. an overlay) lets go",
+            abs.display()
+        );
+        tokio::task::spawn_blocking(move || mounted.wait()).await??;
     }
+    eprintln!("breakfs: {} done", abs.display());
     Ok(())
 }
 
@@ -232,14 +262,31 @@ pub async fn run_umount(a: UmountArgs) -> Result<()> {
         let pid = nix::unistd::Pid::from_raw(s.pid as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
             .with_context(|| format!("signalling the mount process {}", s.pid))?;
-        let until = Instant::now() + Duration::from_secs(15);
+        let alive = || Path::new(&format!("/proc/{}", s.pid)).exists();
+        let until = Instant::now() + Duration::from_secs(10);
         while Instant::now() < until {
-            if !breakfs_fs::is_mountpoint(&abs) && !Path::new(&format!("/proc/{}", s.pid)).exists()
-            {
+            if !breakfs_fs::is_mountpoint(&abs) && !alive() {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if breakfs_fs::is_mountpoint(&abs) {
+            bail!(
+                "{} is busy: a process has a file open or its working directory there; \
+                 stop it first (or `umount -l {}` to detach it anyway)",
+                abs.display(),
+                abs.display()
+            );
+        }
+        if alive() {
+            eprintln!(
+                "unmounted {}; its process {} keeps serving the users still holding it \
+                 (an overlay) and exits when they let go",
+                abs.display(),
+                s.pid
+            );
+        }
+        return Ok(());
     }
     // No live mount process (killed): detach the dead mount.
     nix::mount::umount2(&abs, nix::mount::MntFlags::MNT_DETACH)

@@ -330,6 +330,29 @@ fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if i == 0 {
+            // Unmounted under a live overlay, the mount process keeps
+            // serving the overlay until it goes.
+            let pid = m.pid();
+            ok(breakfs().arg("umount").arg(&m.point));
+            assert!(!breakfs_fs::is_mountpoint(&m.point));
+            let again = corpus::run_in_rootfs(&rootfs, &img.command).unwrap();
+            assert!(
+                again.status.success(),
+                "the overlay broke after the unmount: {}",
+                String::from_utf8_lossy(&again.stderr)
+            );
+            assert!(Path::new(&format!("/proc/{pid}")).exists());
+            drop(m); // unmounts the overlay: the process then ends
+            let until = Instant::now() + Duration::from_secs(20);
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                assert!(
+                    Instant::now() < until,
+                    "the mount process outlived its overlay"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 

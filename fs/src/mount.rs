@@ -301,6 +301,19 @@ impl Mounted {
         s
     }
 
+    /// Wait until the kernel ends the session: after the mountpoint was
+    /// unmounted, that is when the last user of the filesystem (an overlay
+    /// that has it as a lower layer, a lazily detached reader) lets go.
+    pub fn wait(mut self) -> Result<()> {
+        if let Some(s) = self.session.take() {
+            s.join().map_err(|e| Error::Mountpoint {
+                mountpoint: self.mountpoint.clone(),
+                reason: format!("the FUSE session ended with an error: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Unmount (also done on drop).
     pub fn unmount(mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
