@@ -257,20 +257,27 @@ pub async fn run_umount(a: UmountArgs) -> Result<()> {
         bail!("nothing is mounted on {}", abs.display());
     }
     if let Ok(s) = breakfs_fs::read_status(&abs)
-        && Path::new(&format!("/proc/{}", s.pid)).exists()
+        && process_alive(s.pid)
     {
         let pid = nix::unistd::Pid::from_raw(s.pid as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
             .with_context(|| format!("signalling the mount process {}", s.pid))?;
-        let alive = || Path::new(&format!("/proc/{}", s.pid)).exists();
         let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if !breakfs_fs::is_mountpoint(&abs) && !alive() {
-                return Ok(());
-            }
+        while Instant::now() < until && breakfs_fs::is_mountpoint(&abs) && process_alive(s.pid) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if breakfs_fs::is_mountpoint(&abs) {
+        if !breakfs_fs::is_mountpoint(&abs) {
+            if process_alive(s.pid) {
+                eprintln!(
+                    "unmounted {}; its process {} keeps serving the users still holding it \
+                     (an overlay) and exits when they let go",
+                    abs.display(),
+                    s.pid
+                );
+            }
+            return Ok(());
+        }
+        if process_alive(s.pid) {
             bail!(
                 "{} is busy: a process has a file open or its working directory there; \
                  stop it first (or `umount -l {}` to detach it anyway)",
@@ -278,21 +285,23 @@ pub async fn run_umount(a: UmountArgs) -> Result<()> {
                 abs.display()
             );
         }
-        if alive() {
-            eprintln!(
-                "unmounted {}; its process {} keeps serving the users still holding it \
-                 (an overlay) and exits when they let go",
-                abs.display(),
-                s.pid
-            );
-        }
-        return Ok(());
     }
     // No live mount process (killed): detach the dead mount.
     nix::mount::umount2(&abs, nix::mount::MntFlags::MNT_DETACH)
         .with_context(|| format!("unmounting {}", abs.display()))?;
     breakfs_fs::remove_status(&abs);
     Ok(())
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
 }
 
 #[derive(Args)]
@@ -311,7 +320,7 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let alive = Path::new(&format!("/proc/{}", s.pid)).exists();
+    let alive = process_alive(s.pid);
     let pct = if s.chunk_bytes == 0 {
         100.0
     } else {

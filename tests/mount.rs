@@ -342,10 +342,10 @@ fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
                 "the overlay broke after the unmount: {}",
                 String::from_utf8_lossy(&again.stderr)
             );
-            assert!(Path::new(&format!("/proc/{pid}")).exists());
+            assert!(running(pid));
             drop(m); // unmounts the overlay: the process then ends
             let until = Instant::now() + Duration::from_secs(20);
-            while Path::new(&format!("/proc/{pid}")).exists() {
+            while running(pid) {
                 assert!(
                     Instant::now() < until,
                     "the mount process outlived its overlay"
@@ -354,6 +354,17 @@ fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
             }
         }
     }
+}
+
+/// Whether process `pid` runs (an exited process not yet reaped does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
 }
 
 /// Regular files of a tree with their sizes, paths relative to it; reads
