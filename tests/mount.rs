@@ -404,9 +404,16 @@ fn registry_faults_give_eio_in_bounded_time_and_recover() {
         &refs[0],
         &tmp.path().join("mnt"),
         &tmp.path().join("cache"),
-        &["--no-hydrate", "--deadline", "4"],
+        &[
+            "--no-hydrate",
+            "--no-dependency-prefetch",
+            "--deadline",
+            "4",
+        ],
     );
-    // Big files first: each sits in chunks of its own.
+    // Big files first: each sits in chunks of its own. (No dependency
+    // prefetch: reading a program must not fetch the libraries this test
+    // expects to be missing.)
     let mut files = files_of(&m.point);
     files.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
     // Distinct sizes: no two share content (copies would share chunks).
