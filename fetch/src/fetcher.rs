@@ -517,18 +517,14 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
         background = batch.background,
         "range request"
     );
-    let pending: Vec<ChunkLoc> = batch
+    // Chunks another path stored meanwhile need no fetch.
+    let (held, pending): (Vec<ChunkLoc>, Vec<ChunkLoc>) = batch
         .jobs
         .iter()
-        .filter(|j| !inner.store.has_chunk(&j.digest))
         .cloned()
-        .collect();
-    let mut results: Vec<(Digest, std::result::Result<(), String>)> = batch
-        .jobs
-        .iter()
-        .filter(|j| inner.store.has_chunk(&j.digest))
-        .map(|j| (j.digest.clone(), Ok(())))
-        .collect();
+        .partition(|j| inner.store.has_chunk(&j.digest));
+    let mut results: Vec<(Digest, std::result::Result<(), String>)> =
+        held.into_iter().map(|j| (j.digest, Ok(()))).collect();
     if !pending.is_empty() {
         match fetch_range(inner, &batch.layer, batch.start, batch.end - batch.start).await {
             Ok(bytes) => {

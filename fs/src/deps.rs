@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use breakfs_fetch::{Fetcher, Priority};
 use breakfs_index::EntryKind;
 
-use crate::tree::Tree;
+use crate::tree::{Tree, read_from_store};
 
 /// Library directories searched after the file's own run paths.
 const LIB_DIRS: &[&str] = &[
@@ -112,36 +112,23 @@ async fn read_at(
     offset: u64,
     len: u64,
 ) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
     let n = tree.node(ino)?;
     let end = offset.checked_add(len)?.min(n.entry.size);
     if offset >= end {
         return None;
     }
     let deadline = Some(fetcher.options().deadline);
-    let mut out = vec![0u8; (end - offset) as usize];
     for c in &n.chunks {
-        if c.file_offset >= end || c.file_offset + c.size <= offset {
-            continue;
+        if c.file_offset < end && c.file_offset + c.size > offset {
+            c.fetch(fetcher, Priority::OnDemand, deadline).await.ok()?;
         }
-        if !c.is_present(fetcher.store()) {
-            let loc = c.loc.as_ref()?;
-            fetcher
-                .ensure(loc, Priority::OnDemand, deadline)
-                .await
-                .ok()?;
-            c.mark_present();
-        }
-        let f = std::fs::File::open(fetcher.store().chunk_path(&c.digest)).ok()?;
-        let lo = offset.max(c.file_offset);
-        let hi = end.min(c.file_offset + c.size);
-        f.read_exact_at(
-            &mut out[(lo - offset) as usize..(hi - offset) as usize],
-            lo - c.file_offset,
-        )
-        .ok()?;
     }
-    Some(out)
+    let files: Vec<_> = n
+        .chunks
+        .iter()
+        .map(|_| std::sync::OnceLock::new())
+        .collect();
+    read_from_store(fetcher.store(), n, &files, offset, end - offset).ok()
 }
 
 /// The inodes of the files `ino` loads first.

@@ -65,14 +65,7 @@ pub async fn extract(
         .map(|c| {
             let fetcher = &fetcher;
             async move {
-                let r = match &c.loc {
-                    Some(loc) => fetcher.ensure(loc, Priority::OnDemand, None).await,
-                    None if c.is_present(fetcher.store()) => Ok(()),
-                    None => Err(breakfs_fetch::Error::Unavailable {
-                        what: format!("chunk {} of a whole layer", c.digest),
-                        reason: "it is no longer in the content store".into(),
-                    }),
-                };
+                let r = c.fetch(fetcher, Priority::OnDemand, None).await;
                 (c.digest.clone(), c.size, r)
             }
         })

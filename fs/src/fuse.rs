@@ -5,7 +5,6 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +18,7 @@ use fuser::{
 };
 use serde::Serialize;
 
-use crate::tree::{Node, Tree};
+use crate::tree::{Node, Tree, read_from_store};
 
 /// How long the kernel may cache entries and attributes: an image never changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -220,7 +219,7 @@ fn file_type(k: EntryKind) -> FileType {
     }
 }
 
-/// Read `size` bytes at `offset` of a file from its chunks in the store.
+/// Read `size` bytes at `offset` of an open file from its chunks in the store.
 fn read_chunks(
     tree: &Tree,
     fetcher: &Fetcher,
@@ -228,34 +227,8 @@ fn read_chunks(
     offset: u64,
     size: u64,
 ) -> std::io::Result<Vec<u8>> {
-    let Some(node) = tree.node(of.ino) else {
-        return Err(std::io::ErrorKind::NotFound.into());
-    };
-    let end = (offset + size).min(node.entry.size);
-    let mut out = vec![0u8; end.saturating_sub(offset) as usize];
-    let first = node
-        .chunks
-        .partition_point(|c| c.file_offset + c.size <= offset);
-    for (i, c) in node.chunks.iter().enumerate().skip(first) {
-        if c.file_offset >= end {
-            break;
-        }
-        let file = match of.files[i].get() {
-            Some(f) => f,
-            None => {
-                let f = File::open(fetcher.store().chunk_path(&c.digest))?;
-                let _ = of.files[i].set(f);
-                of.files[i]
-                    .get()
-                    .ok_or_else(|| std::io::Error::other("chunk file"))?
-            }
-        };
-        let lo = offset.max(c.file_offset);
-        let hi = end.min(c.file_offset + c.size);
-        let dst = &mut out[(lo - offset) as usize..(hi - offset) as usize];
-        file.read_exact_at(dst, lo - c.file_offset)?;
-    }
-    Ok(out)
+    let node = tree.node(of.ino).ok_or(std::io::ErrorKind::NotFound)?;
+    read_from_store(fetcher.store(), node, &of.files, offset, size)
 }
 
 impl fuser::Filesystem for ImageFs {
@@ -390,18 +363,7 @@ impl fuser::Filesystem for ImageFs {
             let waits = missing.iter().map(|&i| {
                 let c = &n.chunks[i];
                 let fetcher = &fetcher;
-                async move {
-                    match &c.loc {
-                        Some(loc) => fetcher
-                            .ensure(loc, Priority::OnDemand, Some(deadline))
-                            .await
-                            .map(|()| c.mark_present()),
-                        None => Err(breakfs_fetch::Error::Unavailable {
-                            what: format!("chunk {} of a whole layer", c.digest),
-                            reason: "it is no longer in the content store".into(),
-                        }),
-                    }
-                }
+                async move { c.fetch(fetcher, Priority::OnDemand, Some(deadline)).await }
             });
             if let Err(e) = futures::future::try_join_all(waits).await {
                 stats.reads_failed.fetch_add(1, Ordering::Relaxed);

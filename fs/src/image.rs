@@ -2,7 +2,7 @@
 //! every layer's TOC (eStargz) or index (a plain layer, fetched whole
 //! first), all cached in the content store, merged into a [`Tree`].
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::sync::Arc;
 
 use breakfs_fetch::{
@@ -246,13 +246,9 @@ fn index_whole_layer(
             .map_err(|e| Error::io(format!("decompressing {what}"), e))?;
         let out = std::fs::File::create(&tar_path)
             .map_err(|e| Error::io(format!("creating {}", tar_path.display()), e))?;
-        let mut tee = Tee {
-            inner: dec,
-            out: BufWriter::with_capacity(1 << 20, out),
-        };
-        let index = LayerIndex::read(&mut tee, what)?;
-        tee.out
-            .flush()
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let index = LayerIndex::read_copying(dec, &mut out, what)?;
+        out.flush()
             .map_err(|e| Error::io(format!("writing {}", tar_path.display()), e))?;
         if &index.diff_id != diff_id {
             return Err(Error::BadImage {
@@ -305,18 +301,4 @@ fn index_whole_layer(
     })();
     let _ = std::fs::remove_file(&tar_path);
     result
-}
-
-/// Copies what is read from `inner` to `out`.
-struct Tee<R, W> {
-    inner: R,
-    out: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
-        Ok(n)
-    }
 }

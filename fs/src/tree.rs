@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use breakfs_fetch::{ChunkLoc, ContentStore};
+use breakfs_fetch::{ChunkLoc, ContentStore, Fetcher, Priority};
 use breakfs_index::{Digest, Entry, EntryKind, LayerEntry, LayerIndex, MergedView};
 
 use crate::Result;
@@ -52,6 +52,72 @@ impl FileChunk {
     pub fn mark_present(&self) {
         self.present.store(true, Ordering::Relaxed);
     }
+
+    /// Make sure the store holds it, fetching it at `prio` (waiting at most
+    /// `deadline`). A chunk of a layer fetched whole has nowhere to come
+    /// from once it is gone from the store.
+    pub async fn fetch(
+        &self,
+        fetcher: &Fetcher,
+        prio: Priority,
+        deadline: Option<std::time::Duration>,
+    ) -> std::result::Result<(), breakfs_fetch::Error> {
+        if self.is_present(fetcher.store()) {
+            return Ok(());
+        }
+        match &self.loc {
+            Some(loc) => {
+                fetcher.ensure(loc, prio, deadline).await?;
+                self.mark_present();
+                Ok(())
+            }
+            None => Err(breakfs_fetch::Error::Unavailable {
+                what: format!("chunk {} of a whole layer", self.digest),
+                reason: "it is no longer in the content store".into(),
+            }),
+        }
+    }
+}
+
+/// `size` bytes at `offset` of file `node`, read from its chunks in the
+/// store (which must hold them); `files` caches the opened chunk files,
+/// one slot per chunk.
+pub fn read_from_store(
+    store: &ContentStore,
+    node: &Node,
+    files: &[std::sync::OnceLock<std::fs::File>],
+    offset: u64,
+    size: u64,
+) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let end = offset.saturating_add(size).min(node.entry.size);
+    let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+    let first = node
+        .chunks
+        .partition_point(|c| c.file_offset + c.size <= offset);
+    for (i, c) in node.chunks.iter().enumerate().skip(first) {
+        if c.file_offset >= end {
+            break;
+        }
+        let slot = files
+            .get(i)
+            .ok_or_else(|| std::io::Error::other("no file slot for a chunk"))?;
+        let file = match slot.get() {
+            Some(f) => f,
+            None => {
+                let _ = slot.set(std::fs::File::open(store.chunk_path(&c.digest))?);
+                slot.get()
+                    .ok_or_else(|| std::io::Error::other("chunk file"))?
+            }
+        };
+        let lo = offset.max(c.file_offset);
+        let hi = end.min(c.file_offset + c.size);
+        file.read_exact_at(
+            &mut out[(lo - offset) as usize..(hi - offset) as usize],
+            lo - c.file_offset,
+        )?;
+    }
+    Ok(out)
 }
 
 /// An entry of one layer with its content chunks (empty unless a non-empty

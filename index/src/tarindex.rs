@@ -12,7 +12,7 @@
 //! often contains a `\n` byte), and we want exact offsets and a clear
 //! error for every way a stream can end early.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use base64::Engine as _;
 use tar::EntryType;
@@ -45,6 +45,16 @@ const BLOCK: usize = 512;
 const MAX_EXTENSION: u64 = 16 << 20;
 
 impl LayerIndex {
+    /// [`LayerIndex::read`], copying every byte read into `out` on the way
+    /// (one pass to both index a layer and keep its uncompressed tar).
+    pub fn read_copying<R: Read, W: Write>(
+        reader: R,
+        out: &mut W,
+        what: &str,
+    ) -> Result<LayerIndex> {
+        LayerIndex::read(Tee { inner: reader, out }, what)
+    }
+
     /// Read an uncompressed layer tar stream; `what` names the layer in errors
     /// (e.g. `layer sha256:ab12… of oci:/x:v1`).
     ///
@@ -589,6 +599,20 @@ fn decode_base64(v: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Helpers to write layer tars in tests.
+/// A reader that copies what it reads into a writer.
+struct Tee<'a, R, W> {
+    inner: R,
+    out: &'a mut W,
+}
+
+impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) mod testtar {

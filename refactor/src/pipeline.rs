@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,20 +144,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::io(what.to_string(), std::io::Error::other(e)))?
 }
 
-/// A reader that copies what it reads into a writer.
-struct Tee<R, W> {
-    inner: R,
-    out: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
 /// Decompress `blob` into `tar` and index it, in one pass.
 fn decompress_and_index(
     blob: &Path,
@@ -178,19 +164,15 @@ fn decompress_and_index(
     let tmp = tar.with_extension("tmp");
     let out =
         File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-    let mut tee = Tee {
-        inner: reader,
-        out: BufWriter::with_capacity(1 << 20, out),
-    };
-    let index = match LayerIndex::read(&mut tee, what) {
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let index = match LayerIndex::read_copying(reader, &mut out, what) {
         Ok(i) => i,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e.into());
         }
     };
-    tee.out
-        .into_inner()
+    out.into_inner()
         .map_err(|e| Error::io(format!("writing {}", tmp.display()), e.into_error()))?;
     std::fs::rename(&tmp, tar).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
     Ok(index)
