@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod mountcmd;
+mod node;
+mod notify;
 
 /// breakfs: fast container deployment on edge clouds.
 ///
@@ -87,6 +89,26 @@ enum Command {
     ///   breakfs pull --plain-http --extract /srv/rootfs docker://127.0.0.1:5000/library/redis:v1
     #[command(verbatim_doc_comment)]
     Pull(mountcmd::PullArgs),
+    /// Run the node daemon: one per edge node, owning the content store.
+    ///
+    /// All mounts of the node go through it (`breakfs mount --node`, or
+    /// automatically when its control socket /run/breakfs/node.sock is
+    /// there), so they share one cache and its peers. It fetches every
+    /// chunk from its own store, then from peer nodes that hold it (best
+    /// measured link first), then from the cloud registry, checking every
+    /// byte; serves what it holds to peers over the OCI distribution API
+    /// (`skopeo copy docker://NODE:PORT/REPO:TAG` works against it);
+    /// publishes GET /cache/index, /measurements and /metrics; prefetches
+    /// on POST /prefetch at background priority; and keeps the store
+    /// within --budget.
+    ///
+    /// Examples:
+    ///   breakfs node --listen 0.0.0.0:7480 --cache /var/lib/breakfs/store --budget 20GiB \
+    ///       --peer http://10.0.0.2:7480 --peer http://10.0.0.3:7480
+    ///   breakfs node --config /etc/breakfs/node.toml
+    ///   curl -X POST -d '{"images":["docker://reg:5000/app:v2"]}' http://127.0.0.1:7480/prefetch
+    #[command(verbatim_doc_comment)]
+    Node(node::NodeArgs),
 }
 
 #[derive(Args)]
@@ -488,6 +510,7 @@ fn main() -> std::process::ExitCode {
             Command::Umount(a) => mountcmd::run_umount(a).await,
             Command::Status(a) => mountcmd::run_status(a),
             Command::Pull(a) => mountcmd::run_pull(a).await,
+            Command::Node(a) => node::run_node(a).await,
         }
     });
     match result {

@@ -89,6 +89,15 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Mount through this node daemon (`unix:/run/breakfs/node.sock`, or
+    /// `http://HOST:PORT` of a local daemon), sharing its cache and peers.
+    /// Without it, the daemon's default socket is used when a daemon
+    /// answers there.
+    #[arg(long, env = "BREAKFS_NODE", value_name = "URL")]
+    node: Option<String>,
+    /// Mount in a process of its own even when a node daemon runs.
+    #[arg(long, conflicts_with = "node")]
+    standalone: bool,
     /// The image.
     #[arg(value_name = "REF")]
     image: String,
@@ -99,6 +108,14 @@ pub struct MountArgs {
 
 pub async fn run_mount(a: MountArgs) -> Result<()> {
     let abs = breakfs_fs::check_mountpoint(&a.mountpoint)?;
+    let node = a.node.clone().or_else(|| {
+        let sock = Path::new(crate::node::DEFAULT_SOCKET);
+        (!a.standalone && std::os::unix::net::UnixStream::connect(sock).is_ok())
+            .then(|| format!("unix:{}", sock.display()))
+    });
+    if let Some(node) = node {
+        return mount_via_node(&node, &a, &abs).await;
+    }
     if !a.foreground {
         return background(&a, &abs);
     }
@@ -190,6 +207,66 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// An HTTP client for node `node` (`unix:PATH`, an absolute socket path, or
+/// `http://HOST:PORT`) and the base URL to use with it.
+pub fn node_client(node: &str) -> Result<(reqwest::Client, String)> {
+    let sock = node
+        .strip_prefix("unix:")
+        .or_else(|| node.starts_with('/').then_some(node));
+    let b = reqwest::Client::builder().timeout(Duration::from_secs(600));
+    Ok(match sock {
+        Some(path) => (
+            b.unix_socket(path)
+                .build()
+                .context("building the node client")?,
+            "http://breakfs-node".to_string(),
+        ),
+        None => (
+            b.build().context("building the node client")?,
+            node.trim_end_matches('/').to_string(),
+        ),
+    })
+}
+
+/// Ask node daemon `node` to mount the image; returns once it answers.
+async fn mount_via_node(node: &str, a: &MountArgs, abs: &Path) -> Result<()> {
+    let (client, base) = node_client(node)?;
+    let req = crate::node::MountRequest {
+        image: a.image.clone(),
+        mountpoint: abs.to_path_buf(),
+        hydrate: !a.no_hydrate,
+        dependency_prefetch: !a.no_dependency_prefetch,
+        threads: Some(a.threads),
+    };
+    let resp = client
+        .post(format!("{base}/mounts"))
+        .json(&req)
+        .send()
+        .await
+        .with_context(|| format!("asking the node daemon at {node} to mount (is it running?)"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "the node daemon at {node} could not mount {}: {}",
+            a.image,
+            body.trim()
+        );
+    }
+    let rec: StatusRecord = serde_json::from_str(&body).context("the node daemon's answer")?;
+    println!(
+        "mounted {} at {} through the node daemon {node}: {} paths, {} lazy and {} whole layers; \
+         `breakfs umount {}` to unmount",
+        a.image,
+        abs.display(),
+        rec.paths,
+        rec.lazy_layers,
+        rec.whole_layers,
+        abs.display()
+    );
+    Ok(())
+}
+
 /// Start the mount again in the foreground as a detached child, wait until
 /// it answers (or fails), then leave it running.
 fn background(a: &MountArgs, abs: &Path) -> Result<()> {
@@ -257,6 +334,25 @@ pub async fn run_umount(a: UmountArgs) -> Result<()> {
         bail!("nothing is mounted on {}", abs.display());
     }
     if let Ok(s) = breakfs_fs::read_status(&abs)
+        && let Some(node) = &s.node
+        && process_alive(s.pid)
+    {
+        let (client, base) = node_client(node)?;
+        let resp = client
+            .delete(format!("{base}/mounts"))
+            .query(&[("mountpoint", &abs)])
+            .send()
+            .await
+            .with_context(|| format!("asking the node daemon at {node} to unmount"))?;
+        let ok = resp.status().is_success();
+        let body = resp.text().await.unwrap_or_default();
+        if !ok {
+            bail!("{}", body.trim());
+        }
+        return Ok(());
+    }
+    if let Ok(s) = breakfs_fs::read_status(&abs)
+        && s.node.is_none()
         && process_alive(s.pid)
     {
         let pid = nix::unistd::Pid::from_raw(s.pid as i32);

@@ -16,18 +16,18 @@ use crate::support::proxy::CountingProxy;
 use crate::support::registry::TestRegistry;
 use crate::support::tree::{self, CompareOptions};
 
-fn breakfs() -> Command {
+pub(crate) fn breakfs() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_breakfs"));
     c.env("BREAKFS_RUN_DIR", run_dir());
     c
 }
 
 /// Status records of the test mounts, apart from real ones.
-fn run_dir() -> PathBuf {
+pub(crate) fn run_dir() -> PathBuf {
     std::env::temp_dir().join("breakfs-test-run")
 }
 
-fn ok(cmd: &mut Command) -> String {
+pub(crate) fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -40,14 +40,14 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 /// A breakfs mount that is unmounted (with anything stacked on it) on drop.
-struct Mount {
-    point: PathBuf,
+pub(crate) struct Mount {
+    pub(crate) point: PathBuf,
     cache: PathBuf,
     stacked: Vec<PathBuf>,
 }
 
 impl Mount {
-    fn new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Mount {
+    pub(crate) fn new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Mount {
         let out = Mount::try_new(reference, point, cache, extra);
         assert!(
             out.status.success(),
@@ -74,7 +74,7 @@ impl Mount {
             .unwrap()
     }
 
-    fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         let out = ok(breakfs().args(["status", "--json"]).arg(&self.point));
         serde_json::from_str(&out).unwrap()
     }
@@ -106,7 +106,7 @@ impl Mount {
     }
 
     /// Wait until every chunk is in the store.
-    fn wait_hydrated(&self) {
+    pub(crate) fn wait_hydrated(&self) {
         let until = Instant::now() + Duration::from_secs(300);
         while Instant::now() < until {
             if self.status()["hydrated"] == true {
@@ -169,11 +169,11 @@ impl Drop for Mount {
     }
 }
 
-fn corpus() -> Vec<CorpusImage> {
+pub(crate) fn corpus() -> Vec<CorpusImage> {
     corpus::build_families(TEST_FAMILIES).unwrap()
 }
 
-fn umoci_tree(image: &CorpusImage, out: &Path) -> BTreeMap<String, tree::Node> {
+pub(crate) fn umoci_tree(image: &CorpusImage, out: &Path) -> BTreeMap<String, tree::Node> {
     ok(Command::new("umoci")
         .args(["unpack", "--image"])
         .arg(format!("{}:{}", image.layout.display(), image.tag))
@@ -189,7 +189,11 @@ fn compare_opts() -> CompareOptions {
     }
 }
 
-fn assert_same(a: &BTreeMap<String, tree::Node>, b: &BTreeMap<String, tree::Node>, what: &str) {
+pub(crate) fn assert_same(
+    a: &BTreeMap<String, tree::Node>,
+    b: &BTreeMap<String, tree::Node>,
+    what: &str,
+) {
     let diff = tree::compare(a, b, &compare_opts());
     assert!(
         diff.is_empty(),
@@ -201,7 +205,11 @@ fn assert_same(a: &BTreeMap<String, tree::Node>, b: &BTreeMap<String, tree::Node
 
 /// Refactor every build of the test families into `reg` (v1, then point
 /// and v2 reusing its layers), as `REG/refactored/FAMILY:TAG`.
-fn refactor_into(reg: &TestRegistry, images: &[CorpusImage], work: &Path) -> Vec<String> {
+pub(crate) fn refactor_into(
+    reg: &TestRegistry,
+    images: &[CorpusImage],
+    work: &Path,
+) -> Vec<String> {
     let mut refs = Vec::new();
     for img in images {
         let dest = reg.reference(&format!("refactored/{}:{}", img.family, img.tag));
@@ -369,7 +377,7 @@ fn running(pid: u32) -> bool {
 
 /// Regular files of a tree with their sizes, paths relative to it; reads
 /// metadata only, never content.
-fn files_of(root: &Path) -> Vec<(String, u64)> {
+pub(crate) fn files_of(root: &Path) -> Vec<(String, u64)> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let meta = std::fs::symlink_metadata(e.path()).unwrap();
@@ -387,7 +395,7 @@ fn files_of(root: &Path) -> Vec<(String, u64)> {
     out
 }
 
-fn read_all(root: &Path) {
+pub(crate) fn read_all(root: &Path) {
     for (p, _) in files_of(root) {
         std::fs::read(root.join(&p)).unwrap_or_else(|e| panic!("reading {p}: {e}"));
     }
@@ -452,7 +460,7 @@ fn registry_faults_give_eio_in_bounded_time_and_recover() {
     std::fs::read(m.point.join(hung)).unwrap();
 }
 
-fn hex_sha256(b: &[u8]) -> String {
+pub(crate) fn hex_sha256(b: &[u8]) -> String {
     breakfs_index::Digest::of(b).hex().to_string()
 }
 
@@ -663,10 +671,10 @@ fn bad_input_is_refused_with_clear_errors() {
 }
 
 /// `breakfs shape` in front of `upstream`, killed on drop.
-struct Shaper(std::process::Child, String);
+pub(crate) struct Shaper(std::process::Child, pub(crate) String);
 
 impl Shaper {
-    fn start(upstream: &str, rtt_ms: u64, mbit: u64) -> Shaper {
+    pub(crate) fn start(upstream: &str, rtt_ms: u64, mbit: u64) -> Shaper {
         let port = crate::support::registry::free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = breakfs()

@@ -4,6 +4,8 @@ mod bad_input;
 mod corpus;
 mod interop_tools;
 mod mount;
+mod node;
 mod oci_io;
 mod refactor;
 mod support;
+mod systemd;

@@ -4,6 +4,10 @@
 //! CACHE/blobs/sha256/HEX    whole blobs (manifests, configs, plain layers)
 //! CACHE/chunks/sha256/HEX   uncompressed file chunks, keyed by their own
 //!                           digest, so a chunk two layers share is stored once
+//! CACHE/ranges/sha256/HEX/START-END
+//!                           verified compressed ranges of layer HEX, kept
+//!                           so that peers can fetch them; assembled into
+//!                           blobs/ once the layer is complete
 //! CACHE/meta/...            derived records (TOCs, layer indexes, refs)
 //! CACHE/tmp/PID-N           writes in progress
 //! ```
@@ -23,17 +27,31 @@ use breakfs_index::Digest;
 use crate::{Error, Result};
 
 /// A content store rooted at one directory.
-#[derive(Debug)]
 pub struct ContentStore {
     root: PathBuf,
     seq: AtomicU64,
+    budget: std::sync::OnceLock<std::sync::Arc<crate::budget::Budget>>,
+}
+
+impl std::fmt::Debug for ContentStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContentStore")
+            .field("root", &self.root)
+            .finish()
+    }
 }
 
 impl ContentStore {
     /// Open (creating if needed) the store at `root`, removing temp files
     /// left behind by processes that no longer run.
     pub fn open(root: &Path) -> Result<ContentStore> {
-        for sub in ["blobs/sha256", "chunks/sha256", "meta", "tmp"] {
+        for sub in [
+            "blobs/sha256",
+            "chunks/sha256",
+            "ranges/sha256",
+            "meta",
+            "tmp",
+        ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|e| {
                 Error::io(
@@ -48,6 +66,7 @@ impl ContentStore {
         let store = ContentStore {
             root: root.to_path_buf(),
             seq: AtomicU64::new(0),
+            budget: std::sync::OnceLock::new(),
         };
         store.remove_dead_temps();
         Ok(store)
@@ -56,6 +75,56 @@ impl ContentStore {
     /// The store's directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Keep the store within `budget` from now on (once).
+    pub fn set_budget(&self, budget: std::sync::Arc<crate::budget::Budget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// The budget, if one is set.
+    pub fn budget(&self) -> Option<&std::sync::Arc<crate::budget::Budget>> {
+        self.budget.get()
+    }
+
+    fn reserve(&self, len: u64) {
+        if let Some(b) = self.budget.get() {
+            b.reserve(self, len);
+        }
+    }
+
+    fn release(&self, len: u64) {
+        if let Some(b) = self.budget.get() {
+            b.release(len);
+        }
+    }
+
+    /// Remove chunk `d`; whether it was there.
+    pub fn remove_chunk(&self, d: &Digest) -> bool {
+        fs::remove_file(self.chunk_path(d)).is_ok()
+    }
+
+    /// Remove blob `d`; the bytes freed.
+    pub fn remove_blob(&self, d: &Digest) -> u64 {
+        let path = self.blob_path(d);
+        let n = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if fs::remove_file(&path).is_ok() { n } else { 0 }
+    }
+
+    /// Write `bytes` as record `name`, replacing an older one atomically.
+    pub fn put_meta_replace(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.meta_path(name);
+        let temp = self.temp_path();
+        let result = (|| {
+            let mut f = File::create(&temp)?;
+            f.write_all(bytes)?;
+            f.sync_data()?;
+            fs::rename(&temp, &path)
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            Error::io(format!("writing {}", path.display()), e)
+        })
     }
 
     fn remove_dead_temps(&self) {
@@ -111,13 +180,13 @@ impl ContentStore {
     /// Store a chunk after checking that `bytes` hash to `d`.
     pub fn put_chunk(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
         check(d, bytes, "chunk")?;
-        self.write_atomic(&self.chunk_path(d), bytes)
+        self.write_counted(&self.chunk_path(d), bytes)
     }
 
     /// Store a whole blob after checking that `bytes` hash to `d`.
     pub fn put_blob(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
         check(d, bytes, "blob")?;
-        self.write_atomic(&self.blob_path(d), bytes)
+        self.write_counted(&self.blob_path(d), bytes)
     }
 
     /// Store `len` bytes at `offset` of `file` as the chunk `d`, streaming
@@ -130,6 +199,7 @@ impl ContentStore {
         if dest.is_file() {
             return Ok(());
         }
+        self.reserve(len);
         let temp = self.temp_path();
         let result = (|| -> std::io::Result<Digest> {
             let out = BufWriter::with_capacity(256 * 1024, File::create(&temp)?);
@@ -164,6 +234,7 @@ impl ContentStore {
         };
         if outcome.is_err() {
             let _ = fs::remove_file(&temp);
+            self.release(len);
         }
         outcome
     }
@@ -203,12 +274,29 @@ impl ContentStore {
             File::open(temp).map_err(|e| Error::io(format!("opening {}", temp.display()), e))?;
         f.sync_data()
             .map_err(|e| Error::io(format!("syncing {}", temp.display()), e))?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        self.reserve(len);
         fs::rename(temp, dest).map_err(|e| {
+            self.release(len);
             Error::io(
                 format!("moving {} to {}", temp.display(), dest.display()),
                 e,
             )
         })
+    }
+
+    /// [`ContentStore::write_atomic`] for content the budget counts.
+    fn write_counted(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        if dest.is_file() {
+            return Ok(());
+        }
+        let len = bytes.len() as u64;
+        self.reserve(len);
+        let r = self.write_atomic(dest, bytes);
+        if r.is_err() {
+            self.release(len);
+        }
+        r
     }
 
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
@@ -228,16 +316,200 @@ impl ContentStore {
         })
     }
 
-    /// Bytes held by blobs and chunks.
+    /// Bytes held by blobs, chunks and kept ranges.
     pub fn usage(&self) -> u64 {
-        ["blobs/sha256", "chunks/sha256"]
+        let files: u64 = ["blobs/sha256", "chunks/sha256"]
             .iter()
             .filter_map(|s| fs::read_dir(self.root.join(s)).ok())
             .flat_map(|d| d.flatten())
             .filter_map(|e| e.metadata().ok())
             .map(|m| m.len())
-            .sum()
+            .sum();
+        let ranges: u64 = self
+            .partial_layers()
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|(s, e)| e - s))
+            .sum();
+        files + ranges
     }
+
+    /// The whole blobs held, with their sizes.
+    pub fn blobs(&self) -> Vec<(Digest, u64)> {
+        list_digests(&self.root.join("blobs/sha256"))
+            .into_iter()
+            .filter_map(|(d, p)| Some((d, fs::metadata(p).ok()?.len())))
+            .collect()
+    }
+
+    /// Record that `name:reference` (a repository and tag) resolved to the
+    /// manifest `digest` (itself kept as a blob), for serving it to peers.
+    pub fn put_ref(&self, name: &str, reference: &str, digest: &Digest) -> Result<()> {
+        let key = Digest::of(format!("{name}:{reference}").as_bytes());
+        let rec = serde_json::json!({"name": name, "reference": reference, "digest": digest});
+        let path = self.meta_path(&format!("ref-{}.json", &key.hex()[..32]));
+        // A tag moves: replace the record (atomically) rather than keep it.
+        let temp = self.temp_path();
+        let result = (|| {
+            let mut f = File::create(&temp)?;
+            f.write_all(rec.to_string().as_bytes())?;
+            f.sync_data()?;
+            fs::rename(&temp, &path)
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            Error::io(format!("writing {}", path.display()), e)
+        })
+    }
+
+    /// The manifest digest `name:reference` resolved to, if recorded.
+    pub fn lookup_ref(&self, name: &str, reference: &str) -> Option<Digest> {
+        let key = Digest::of(format!("{name}:{reference}").as_bytes());
+        let bytes = self
+            .read_meta(&format!("ref-{}.json", &key.hex()[..32]))
+            .ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        if v["name"] != name || v["reference"] != reference {
+            return None;
+        }
+        Digest::parse(v["digest"].as_str()?).ok()
+    }
+
+    /// The chunks held, with their sizes.
+    pub fn chunks(&self) -> Vec<(Digest, u64)> {
+        list_digests(&self.root.join("chunks/sha256"))
+            .into_iter()
+            .filter_map(|(d, p)| Some((d, fs::metadata(p).ok()?.len())))
+            .collect()
+    }
+
+    fn ranges_dir(&self, layer: &Digest) -> PathBuf {
+        self.root.join("ranges/sha256").join(layer.hex())
+    }
+
+    /// Keep `bytes` (verified by the caller: every chunk in them matched
+    /// its digest) as the range at `start` of layer blob `layer`.
+    pub fn put_range(&self, layer: &Digest, start: u64, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() || self.has_blob(layer) {
+            return Ok(());
+        }
+        let dir = self.ranges_dir(layer);
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let end = start + bytes.len() as u64;
+        self.write_counted(&dir.join(format!("{start}-{end}")), bytes)
+    }
+
+    /// The ranges kept of layer `layer`, sorted by start (may overlap).
+    pub fn held_ranges(&self, layer: &Digest) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = fs::read_dir(self.ranges_dir(layer))
+            .into_iter()
+            .flat_map(|d| d.flatten())
+            .filter_map(|e| parse_range(e.file_name().to_str()?))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Every layer with kept ranges (and no whole blob), with its ranges
+    /// merged where they touch.
+    pub fn partial_layers(&self) -> Vec<(Digest, Vec<(u64, u64)>)> {
+        list_digests(&self.root.join("ranges/sha256"))
+            .into_iter()
+            .map(|(d, _)| {
+                let merged = merge_ranges(&self.held_ranges(&d));
+                (d, merged)
+            })
+            .filter(|(_, r)| !r.is_empty())
+            .collect()
+    }
+
+    /// Drop the kept ranges of `layer` (once it is whole); the bytes freed.
+    pub fn remove_ranges(&self, layer: &Digest) -> u64 {
+        let freed = self.remove_ranges_quietly(layer);
+        self.release(freed);
+        freed
+    }
+
+    /// [`ContentStore::remove_ranges`] without telling the budget (which
+    /// calls it while evicting).
+    pub fn remove_ranges_quietly(&self, layer: &Digest) -> u64 {
+        let freed = self.held_ranges(layer).iter().map(|(s, e)| e - s).sum();
+        let _ = fs::remove_dir_all(self.ranges_dir(layer));
+        freed
+    }
+
+    /// `len` bytes at `start` of blob `blob` if the store holds them: from
+    /// the whole blob, or from kept ranges that cover them. Only verified
+    /// bytes are ever here.
+    pub fn read_held(&self, blob: &Digest, start: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let end = start.saturating_add(len);
+        let read = |path: &Path, at: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            File::open(path)?.read_exact_at(buf, at)
+        };
+        let mut out = vec![0u8; len as usize];
+        let whole = self.blob_path(blob);
+        if whole.is_file() {
+            return match read(&whole, start, &mut out) {
+                Ok(()) => Ok(Some(out)),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io(format!("reading {}", whole.display()), e)),
+            };
+        }
+        let dir = self.ranges_dir(blob);
+        let mut pos = start;
+        for (s, e) in self.held_ranges(blob) {
+            if pos >= end {
+                break;
+            }
+            if s > pos || e <= pos {
+                continue;
+            }
+            let take = e.min(end) - pos;
+            let dst = &mut out[(pos - start) as usize..(pos - start + take) as usize];
+            match read(&dir.join(format!("{s}-{e}")), pos - s, dst) {
+                Ok(()) => pos += take,
+                // Evicted meanwhile: not held after all.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(err) => {
+                    return Err(Error::io(format!("reading a kept range of {blob}"), err));
+                }
+            }
+        }
+        Ok((pos >= end).then_some(out))
+    }
+}
+
+fn parse_range(name: &str) -> Option<(u64, u64)> {
+    let (s, e) = name.split_once('-')?;
+    let (s, e) = (s.parse().ok()?, e.parse().ok()?);
+    (s < e).then_some((s, e))
+}
+
+/// Sorted, possibly overlapping ranges merged where they overlap or touch.
+pub fn merge_ranges(r: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in r {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The `sha256:HEX` names in a `.../sha256` directory with their paths.
+fn list_digests(dir: &Path) -> Vec<(Digest, PathBuf)> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flat_map(|d| d.flatten())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let d = Digest::parse(&format!("sha256:{}", name.to_str()?)).ok()?;
+            Some((d, e.path()))
+        })
+        .collect()
 }
 
 fn check(d: &Digest, bytes: &[u8], what: &str) -> Result<()> {

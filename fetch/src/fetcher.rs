@@ -10,7 +10,7 @@
 //! backoff; every chunk is decompressed and checked against its digest
 //! before it enters the store, and a waiter gives up after its deadline.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,8 @@ use breakfs_index::{Descriptor, Digest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
-use crate::{ContentStore, Error, Result, Source};
+use crate::metrics::Histogram;
+use crate::{ContentStore, Error, Result, Source, SourceClass};
 
 /// Where one chunk's bytes sit inside an eStargz layer blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +74,12 @@ pub struct FetchOptions {
     pub attempts: u32,
     /// How long an on-demand request waits before it fails.
     pub deadline: Duration,
+    /// Keep every verified compressed range (for peers) and assemble
+    /// complete layers into whole blobs: what a node daemon does.
+    pub keep_ranges: bool,
+    /// Background work (hydration, prefetch) moves at most this many
+    /// bytes per second; `None`: no limit.
+    pub background_rate: Option<u64>,
 }
 
 impl Default for FetchOptions {
@@ -87,6 +94,8 @@ impl Default for FetchOptions {
             attempt_timeout: Duration::from_secs(10),
             attempts: 3,
             deadline: Duration::from_secs(30),
+            keep_ranges: false,
+            background_rate: None,
         }
     }
 }
@@ -115,6 +124,14 @@ pub struct FetchStats {
     pub digest_failures: u64,
     /// Jobs queued now.
     pub queued: usize,
+    /// Chunk requests the store answered at once.
+    pub hits: u64,
+    /// Chunk requests that needed a fetch.
+    pub misses: u64,
+    /// Duration of range and blob requests, by source class.
+    pub latency: BTreeMap<String, Histogram>,
+    /// Layers assembled into whole, verified blobs.
+    pub layers_completed: u64,
 }
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
@@ -149,6 +166,10 @@ struct Inner {
     stats: Mutex<FetchStats>,
     blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     closed: std::sync::atomic::AtomicBool,
+    /// (source name, chunk digest) pairs that delivered wrong bytes.
+    bad: Mutex<HashSet<(String, Digest)>>,
+    /// When the background rate limit lets the next transfer start.
+    next_background: Mutex<Option<std::time::Instant>>,
 }
 
 /// The fetch scheduler; cheap to clone, one per store.
@@ -201,6 +222,8 @@ impl Fetcher {
             stats: Mutex::new(FetchStats::default()),
             blob_locks: Mutex::new(HashMap::new()),
             closed: false.into(),
+            bad: Mutex::new(HashSet::new()),
+            next_background: Mutex::new(None),
         });
         for _ in 0..workers {
             let inner = inner.clone();
@@ -252,8 +275,10 @@ impl Fetcher {
         deadline: Option<Duration>,
     ) -> Result<()> {
         if self.inner.store.has_chunk(&loc.digest) {
+            lock(&self.inner.stats).hits += 1;
             return Ok(());
         }
+        lock(&self.inner.stats).misses += 1;
         let rx = self.enqueue(loc, prio);
         let what = || {
             format!(
@@ -353,17 +378,18 @@ impl Fetcher {
             return Ok(dest);
         }
         let mut last: Option<Error> = None;
-        for src in &inner.sources {
+        for src in concrete_sources(inner, &desc.digest) {
+            if src.class() == SourceClass::Local {
+                continue;
+            }
             for attempt in 0..inner.opts.attempts.max(1) {
                 let temp = inner.store.temp_path();
+                let began = std::time::Instant::now();
                 let r = src.blob_to_file(desc, &temp).await;
                 let r = r.and_then(|()| inner.store.commit_temp(&temp, &dest));
                 match r {
                     Ok(()) => {
-                        let mut s = lock(&inner.stats);
-                        let e = s.sources.entry(src.name()).or_default();
-                        e.bytes += desc.size;
-                        e.requests += 1;
+                        record_success(inner, &*src, desc.size, began.elapsed());
                         return Ok(dest);
                     }
                     Err(e) => {
@@ -517,62 +543,25 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
         background = batch.background,
         "range request"
     );
-    // Chunks another path stored meanwhile need no fetch.
-    let (held, pending): (Vec<ChunkLoc>, Vec<ChunkLoc>) = batch
-        .jobs
-        .iter()
-        .cloned()
-        .partition(|j| inner.store.has_chunk(&j.digest));
-    let mut results: Vec<(Digest, std::result::Result<(), String>)> =
-        held.into_iter().map(|j| (j.digest, Ok(()))).collect();
-    if !pending.is_empty() {
-        match fetch_range(inner, &batch.layer, batch.start, batch.end - batch.start).await {
-            Ok(bytes) => {
-                let store = inner.store.clone();
-                let start = batch.start;
-                let stored = tokio::task::spawn_blocking(move || {
-                    pending
-                        .into_iter()
-                        .map(|j| {
-                            let r = store_chunk(&store, &j, &bytes, start);
-                            (j, r)
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .await;
-                match stored {
-                    Ok(list) => {
-                        let mut s = lock(&inner.stats);
-                        for (j, r) in list {
-                            match &r {
-                                Ok(()) => {
-                                    s.chunks_stored += 1;
-                                    s.chunk_bytes_stored += j.size;
-                                }
-                                Err(e) => {
-                                    if e.contains("digest") {
-                                        s.digest_failures += 1;
-                                    }
-                                    tracing::error!(chunk = %j.digest, layer = %j.layer, "{e}");
-                                }
-                            }
-                            results.push((j.digest, r));
-                        }
-                    }
-                    Err(e) => {
-                        for j in &batch.jobs {
-                            results.push((j.digest.clone(), Err(format!("worker failed: {e}"))));
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                for j in pending {
-                    results.push((j.digest, Err(reason.clone())));
-                }
-            }
-        }
+    if batch.background {
+        pace_background(inner, batch.end - batch.start).await;
+    }
+    let mut results: Vec<(Digest, std::result::Result<(), String>)> = Vec::new();
+    // Chunks another path stored meanwhile need no fetch; the range is
+    // still fetched whole (and all of it checked) when any chunk is missing,
+    // so that it can be kept as verified bytes for peers.
+    if batch.jobs.iter().all(|j| inner.store.has_chunk(&j.digest)) {
+        results.extend(batch.jobs.iter().map(|j| (j.digest.clone(), Ok(()))));
+    } else {
+        let outcome = fetch_verified(
+            inner,
+            &batch.layer,
+            batch.jobs.clone(),
+            batch.start,
+            batch.end,
+        )
+        .await;
+        results.extend(outcome);
     }
     let mut st = lock(&inner.state);
     for (d, r) in results {
@@ -582,6 +571,208 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
             }
         }
     }
+}
+
+/// Wait until the background rate limit lets `bytes` go.
+async fn pace_background(inner: &Inner, bytes: u64) {
+    let Some(rate) = inner.opts.background_rate.filter(|r| *r > 0) else {
+        return;
+    };
+    let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+    let wait = {
+        let mut next = lock(&inner.next_background);
+        let now = std::time::Instant::now();
+        let start = next.filter(|t| *t > now).unwrap_or(now);
+        *next = Some(start + cost);
+        start - now
+    };
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The sources to try for `blob`, in order (peers expanded, best first).
+fn concrete_sources(inner: &Inner, blob: &Digest) -> Vec<Arc<dyn Source>> {
+    let mut out = Vec::new();
+    for s in &inner.sources {
+        match s.expand(blob) {
+            Some(list) => out.extend(list),
+            None => out.push(s.clone()),
+        }
+    }
+    out
+}
+
+fn record_success(inner: &Inner, src: &dyn Source, bytes: u64, took: Duration) {
+    src.observe(bytes, took.as_secs_f64());
+    let mut s = lock(&inner.stats);
+    let e = s.sources.entry(src.name()).or_default();
+    e.bytes += bytes;
+    e.requests += 1;
+    s.latency
+        .entry(src.class().as_str().to_string())
+        .or_default()
+        .observe(took.as_secs_f64());
+}
+
+fn record_failure(inner: &Inner, src: &dyn Source) {
+    lock(&inner.stats)
+        .sources
+        .entry(src.name())
+        .or_default()
+        .failures += 1;
+}
+
+/// Whether the members of `jobs` cover `[start, end)` without a hole.
+fn covers(jobs: &[ChunkLoc], start: u64, end: u64) -> bool {
+    let mut spans: Vec<(u64, u64)> = jobs.iter().map(|j| (j.offset, j.compressed_end)).collect();
+    spans.sort_unstable();
+    let mut pos = start;
+    for (s, e) in spans {
+        if s > pos {
+            return false;
+        }
+        pos = pos.max(e);
+    }
+    pos >= end
+}
+
+/// Fetch the chunks `jobs` of layer `layer` (first as the range
+/// `[start, end)`), trying each source in turn: every chunk is checked
+/// against its digest, and a chunk a source got wrong is asked of the next
+/// source and never again of that one. Verified ranges are kept for peers
+/// when the options say so.
+async fn fetch_verified(
+    inner: &Arc<Inner>,
+    layer: &Digest,
+    jobs: Vec<ChunkLoc>,
+    start: u64,
+    end: u64,
+) -> Vec<(Digest, std::result::Result<(), String>)> {
+    let mut done: Vec<(Digest, std::result::Result<(), String>)> = Vec::new();
+    let mut pending = jobs;
+    let (mut start, mut end) = (start, end);
+    let mut last_error = String::from("no source is configured");
+    for src in concrete_sources(inner, layer) {
+        if pending.is_empty() {
+            break;
+        }
+        let name = src.name();
+        {
+            let bad = lock(&inner.bad);
+            if pending
+                .iter()
+                .any(|j| bad.contains(&(name.clone(), j.digest.clone())))
+            {
+                continue;
+            }
+        }
+        let len = end - start;
+        let mut got = None;
+        for attempt in 0..inner.opts.attempts.max(1) {
+            let began = std::time::Instant::now();
+            let r = tokio::time::timeout(
+                inner.opts.attempt_timeout,
+                src.read_range(layer, start, len),
+            )
+            .await;
+            let err = match r {
+                Ok(Ok(b)) if b.len() as u64 == len => {
+                    record_success(inner, &*src, len, began.elapsed());
+                    got = Some(b);
+                    break;
+                }
+                Ok(Ok(b)) => Error::Unavailable {
+                    what: format!("bytes {start}+{len} of {layer} from {name}"),
+                    reason: format!("got {} bytes", b.len()),
+                },
+                Ok(Err(e)) => e,
+                Err(_) => Error::Unavailable {
+                    what: format!("bytes {start}+{len} of {layer} from {name}"),
+                    reason: format!("no answer within {:?}", inner.opts.attempt_timeout),
+                },
+            };
+            record_failure(inner, &*src);
+            let fatal = matches!(err, Error::NotFound { .. });
+            if !fatal || src.class() == SourceClass::Cloud {
+                tracing::warn!(source = %name, attempt, "range request failed: {err}");
+            }
+            last_error = err.to_string();
+            if fatal {
+                break;
+            }
+            if attempt + 1 < inner.opts.attempts {
+                backoff(attempt).await;
+            }
+        }
+        let Some(bytes) = got else {
+            continue;
+        };
+        let exact = covers(&pending, start, end);
+        let store = inner.store.clone();
+        let list = pending.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let out: Vec<_> = list
+                .into_iter()
+                .map(|j| {
+                    let r = store_chunk(&store, &j, &bytes, start);
+                    (j, r)
+                })
+                .collect();
+            (out, bytes)
+        })
+        .await;
+        let Ok((checked, bytes)) = checked else {
+            last_error = "a worker thread failed".into();
+            continue;
+        };
+        let mut failed = Vec::new();
+        {
+            let mut s = lock(&inner.stats);
+            for (j, r) in checked {
+                match r {
+                    Ok(()) => {
+                        s.chunks_stored += 1;
+                        s.chunk_bytes_stored += j.size;
+                        done.push((j.digest, Ok(())));
+                    }
+                    Err(e) => {
+                        if e.contains("digest") {
+                            s.digest_failures += 1;
+                        }
+                        tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}");
+                        lock(&inner.bad).insert((name.clone(), j.digest.clone()));
+                        last_error = e;
+                        failed.push(j);
+                    }
+                }
+            }
+        }
+        if failed.is_empty() && exact && inner.opts.keep_ranges && src.class() != SourceClass::Local
+        {
+            let store = inner.store.clone();
+            let layer = layer.clone();
+            let kept =
+                tokio::task::spawn_blocking(move || store.put_range(&layer, start, &bytes)).await;
+            if let Ok(Err(e)) = kept {
+                tracing::warn!("keeping a verified range failed: {e}");
+            }
+        }
+        pending = failed;
+        if let (Some(lo), Some(hi)) = (
+            pending.iter().map(|j| j.offset).min(),
+            pending.iter().map(|j| j.compressed_end).max(),
+        ) {
+            start = lo;
+            end = hi;
+        }
+    }
+    done.extend(
+        pending
+            .into_iter()
+            .map(|j| (j.digest, Err(last_error.clone()))),
+    );
+    done
 }
 
 /// Decompress one chunk out of the fetched range, check it, store it.
@@ -628,50 +819,203 @@ fn store_chunk(
     })
 }
 
-/// Fetch a byte range of a blob from the first source that delivers it.
-async fn fetch_range(inner: &Inner, blob: &Digest, start: u64, len: u64) -> Result<Vec<u8>> {
-    let mut last: Option<Error> = None;
-    for src in &inner.sources {
-        for attempt in 0..inner.opts.attempts.max(1) {
+impl Fetcher {
+    /// `len` bytes at `start` of blob `blob` from the first source that has
+    /// them, unverified: for data the caller checks itself (a TOC against
+    /// its digest). With `trusted_only`, peers are not asked.
+    pub async fn read_any(
+        &self,
+        blob: &Digest,
+        start: u64,
+        len: u64,
+        trusted_only: bool,
+    ) -> Result<Vec<u8>> {
+        let inner = &self.inner;
+        let mut last: Option<Error> = None;
+        for src in concrete_sources(inner, blob) {
+            if trusted_only && src.class() == SourceClass::Peer {
+                continue;
+            }
+            let began = std::time::Instant::now();
             let r =
                 tokio::time::timeout(inner.opts.attempt_timeout, src.read_range(blob, start, len))
-                    .await;
-            let err = match r {
-                Ok(Ok(b)) if b.len() as u64 == len => {
-                    let mut s = lock(&inner.stats);
-                    let e = s.sources.entry(src.name()).or_default();
-                    e.bytes += len;
-                    e.requests += 1;
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::Unavailable {
+                            what: format!("bytes {start}+{len} of {blob} from {}", src.name()),
+                            reason: format!("no answer within {:?}", inner.opts.attempt_timeout),
+                        })
+                    });
+            match r {
+                Ok(b) if b.len() as u64 == len => {
+                    record_success(inner, &*src, len, began.elapsed());
                     return Ok(b);
                 }
-                Ok(Ok(b)) => Error::Unavailable {
-                    what: format!("bytes {start}+{len} of {blob} from {}", src.name()),
-                    reason: format!("got {} bytes", b.len()),
-                },
-                Ok(Err(e)) => e,
-                Err(_) => Error::Unavailable {
-                    what: format!("bytes {start}+{len} of {blob} from {}", src.name()),
-                    reason: format!("no answer within {:?}", inner.opts.attempt_timeout),
-                },
-            };
-            lock(&inner.stats)
-                .sources
-                .entry(src.name())
-                .or_default()
-                .failures += 1;
-            tracing::warn!(source = %src.name(), attempt, "range request failed: {err}");
-            let fatal = matches!(err, Error::NotFound { .. });
-            last = Some(err);
-            if fatal {
-                break;
-            }
-            if attempt + 1 < inner.opts.attempts {
-                backoff(attempt).await;
+                Ok(b) => {
+                    record_failure(inner, &*src);
+                    last = Some(Error::Unavailable {
+                        what: format!("bytes {start}+{len} of {blob} from {}", src.name()),
+                        reason: format!("got {} bytes", b.len()),
+                    });
+                }
+                Err(e) => {
+                    if !matches!(e, Error::NotFound { .. }) {
+                        record_failure(inner, &*src);
+                    }
+                    last = Some(e);
+                }
             }
         }
+        Err(last.unwrap_or_else(|| Error::Unavailable {
+            what: format!("blob {blob}"),
+            reason: "no source is configured".into(),
+        }))
     }
-    Err(last.unwrap_or_else(|| Error::Unavailable {
-        what: format!("blob {blob}"),
-        reason: "no source is configured".into(),
-    }))
+
+    /// Turn the kept ranges of layer `desc` into its whole blob: fetch what
+    /// no chunk covered (headers, the TOC), assemble, check the layer
+    /// digest, and keep the blob instead of the ranges. Returns whether the
+    /// blob is now held.
+    pub async fn complete_layer(&self, desc: &Descriptor) -> Result<bool> {
+        let inner = &self.inner;
+        if inner.store.has_blob(&desc.digest) {
+            return Ok(true);
+        }
+        let gate = lock(&inner.blob_locks)
+            .entry(desc.digest.clone())
+            .or_default()
+            .clone();
+        let _held = gate.lock().await;
+        if inner.store.has_blob(&desc.digest) {
+            return Ok(true);
+        }
+        let held = crate::cas::merge_ranges(&inner.store.held_ranges(&desc.digest));
+        let gaps = fill_spans(&held, desc.size, 64 << 10);
+        for trusted_only in [false, true] {
+            let mut fetched = Vec::new();
+            for &(s, e) in &gaps {
+                let b = self.read_any(&desc.digest, s, e - s, trusted_only).await?;
+                fetched.push((s, b));
+            }
+            let store = inner.store.clone();
+            let d = desc.clone();
+            let assembled = tokio::task::spawn_blocking(move || assemble(&store, &d, &fetched))
+                .await
+                .map_err(|e| Error::Unavailable {
+                    what: format!("assembling layer {}", desc.digest),
+                    reason: e.to_string(),
+                })?;
+            match assembled {
+                Ok(()) => {
+                    inner.store.remove_ranges(&desc.digest);
+                    lock(&inner.stats).layers_completed += 1;
+                    return Ok(true);
+                }
+                Err(Error::DigestMismatch { .. }) if !trusted_only && !gaps.is_empty() => {
+                    tracing::warn!(layer = %desc.digest, "an assembled layer did not match its digest; fetching its gaps from the cloud");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The spans of `[0, size)` that `held` (sorted, merged) leaves out, joined
+/// when they are less than `join` apart (fewer requests, a little overlap).
+fn fill_spans(held: &[(u64, u64)], size: u64, join: u64) -> Vec<(u64, u64)> {
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    for &(s, e) in held {
+        if s > pos {
+            gaps.push((pos, s.min(size)));
+        }
+        pos = pos.max(e);
+    }
+    if pos < size {
+        gaps.push((pos, size));
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in gaps {
+        match out.last_mut() {
+            Some(last) if s - last.1 < join => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Write layer `desc` from `fetched` spans and kept ranges into a temp
+/// file, check its digest and size, and move it into place.
+fn assemble(store: &ContentStore, desc: &Descriptor, fetched: &[(u64, Vec<u8>)]) -> Result<()> {
+    use std::io::Write;
+    let temp = store.temp_path();
+    let what = format!("layer {} assembled from kept ranges", desc.digest);
+    let result = (|| -> Result<Digest> {
+        let f = std::fs::File::create(&temp)
+            .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
+        let mut hw =
+            breakfs_index::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
+        let held = crate::cas::merge_ranges(&store.held_ranges(&desc.digest));
+        let mut pos = 0u64;
+        while pos < desc.size {
+            if let Some((s, b)) = fetched
+                .iter()
+                .find(|(s, b)| *s <= pos && pos < s + b.len() as u64)
+            {
+                let from = (pos - s) as usize;
+                hw.write_all(&b[from..])
+                    .map_err(|e| Error::io(what.clone(), e))?;
+                pos = s + b.len() as u64;
+                continue;
+            }
+            let Some(&(_, e)) = held.iter().find(|(s, e)| *s <= pos && pos < *e) else {
+                return Err(Error::Unavailable {
+                    what: what.clone(),
+                    reason: format!("nothing covers offset {pos}"),
+                });
+            };
+            let e = e.min(desc.size);
+            // Through the kept ranges in pieces of at most 4 MiB.
+            let mut at = pos;
+            while at < e {
+                let n = (e - at).min(4 << 20);
+                let bytes =
+                    store
+                        .read_held(&desc.digest, at, n)?
+                        .ok_or_else(|| Error::Unavailable {
+                            what: what.clone(),
+                            reason: format!("a kept range at {at} went away"),
+                        })?;
+                hw.write_all(&bytes)
+                    .map_err(|e| Error::io(what.clone(), e))?;
+                at += n;
+            }
+            pos = e;
+        }
+        let (out, digest, size) = hw.finish();
+        out.into_inner()
+            .map_err(|e| Error::io(what.clone(), e.into_error()))?;
+        if size != desc.size {
+            return Err(Error::SizeMismatch {
+                what: what.clone(),
+                expected: desc.size,
+                actual: size,
+            });
+        }
+        Ok(digest)
+    })();
+    let outcome = match result {
+        Ok(d) if d == desc.digest => store.commit_temp(&temp, &store.blob_path(&desc.digest)),
+        Ok(actual) => Err(Error::DigestMismatch {
+            what,
+            expected: desc.digest.clone(),
+            actual,
+        }),
+        Err(e) => Err(e),
+    };
+    if outcome.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    outcome
 }

@@ -15,24 +15,31 @@
 
 mod auth;
 mod blobfile;
+pub mod budget;
 mod cas;
 mod error;
 mod fetcher;
 mod layout;
+mod meta;
+pub mod metrics;
 mod options;
+pub mod peer;
+pub mod prefetch;
 mod registry;
+pub mod server;
 mod shaping;
 mod source;
 mod store;
 mod tocread;
 
-pub use cas::ContentStore;
+pub use cas::{ContentStore, merge_ranges};
 pub use error::{Error, Result};
 pub use fetcher::{ChunkLoc, FetchOptions, FetchStats, Fetcher, Priority, SourceStats};
 pub use layout::OciLayout;
+pub use meta::{chunk_loc, layer_chunk_locs};
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
 pub use shaping::{LinkShape, run_shaping_proxy};
-pub use source::{Source, StoreSource};
-pub use store::{Image, Store};
+pub use source::{CloudSource, LocalSource, Source, SourceClass, StoreSource};
+pub use store::{BlobLoader, Image, Store};
 pub use tocread::LayerToc;

@@ -1,18 +1,55 @@
 //! Where chunk and blob bytes come from: the seam between the fetch
-//! scheduler and the places that hold content (the cloud registry or an OCI
-//! layout today; peer edge nodes plug in here too).
+//! scheduler and the places that hold content. A node tries, per request,
+//! its own store ([`LocalSource`]), then peer edge nodes that hold the blob
+//! (`crate::peer`), then the cloud ([`CloudSource`]: the registry
+//! repository or OCI layout each blob was announced from).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
 
-use crate::{Result, Store};
+use crate::{ContentStore, Error, Result, Store};
+
+/// The kind of a source, for metrics and for deciding what to trust it with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceClass {
+    /// The node's own store.
+    Local,
+    /// Another edge node.
+    Peer,
+    /// The registry (or layout) the image comes from.
+    Cloud,
+}
+
+impl SourceClass {
+    /// `local`, `peer` or `cloud`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceClass::Local => "local",
+            SourceClass::Peer => "peer",
+            SourceClass::Cloud => "cloud",
+        }
+    }
+}
 
 /// A place that serves layer blobs by digest.
 pub trait Source: Send + Sync {
     /// A short name for status and logs (`cloud`, `peer 10.0.0.2:7070`).
     fn name(&self) -> String;
+
+    /// What kind of source this is.
+    fn class(&self) -> SourceClass {
+        SourceClass::Cloud
+    }
+
+    /// For a source standing for several (the peers), the ones to try for
+    /// `blob`, best first; `None` for a plain source.
+    fn expand(&self, _blob: &Digest) -> Option<Vec<Arc<dyn Source>>> {
+        None
+    }
 
     /// `len` bytes at `start` of blob `blob`, unverified (the caller checks
     /// every chunk against its digest).
@@ -29,6 +66,10 @@ pub trait Source: Send + Sync {
         desc: &'a Descriptor,
         path: &'a Path,
     ) -> BoxFuture<'a, Result<()>>;
+
+    /// Note a finished transfer of `bytes` that took `secs` (for link
+    /// measurements); nothing by default.
+    fn observe(&self, _bytes: u64, _secs: f64) {}
 }
 
 /// A registry or layout store as a source, named `name`.
@@ -60,4 +101,157 @@ impl Source for StoreSource {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.store.blob_to_file(desc, path))
     }
+}
+
+/// Called with (link, bytes, seconds) after each transfer.
+pub type TransferHook = Arc<dyn Fn(&str, u64, f64) + Send + Sync>;
+
+/// The cloud: every blob is fetched from the registry repository (or OCI
+/// layout) of an image that was opened with it. One `CloudSource` serves
+/// all images of a node, so one fetch scheduler orders all their requests.
+#[derive(Default)]
+pub struct CloudSource {
+    homes: Mutex<HashMap<Digest, Store>>,
+    measured: Mutex<Option<TransferHook>>,
+}
+
+impl CloudSource {
+    /// An empty cloud: no blob is known until [`CloudSource::announce`].
+    pub fn new() -> CloudSource {
+        CloudSource::default()
+    }
+
+    /// Blobs `digests` can be fetched from `store`.
+    pub fn announce<'a>(&self, store: &Store, digests: impl IntoIterator<Item = &'a Digest>) {
+        let mut homes = lock(&self.homes);
+        for d in digests {
+            homes.insert(d.clone(), store.clone());
+        }
+    }
+
+    /// Where `blob` comes from, if announced.
+    pub fn home(&self, blob: &Digest) -> Option<Store> {
+        lock(&self.homes).get(blob).cloned()
+    }
+
+    /// The registries (`HOST[:PORT]`) blobs are fetched from.
+    pub fn registries(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = lock(&self.homes)
+            .values()
+            .filter_map(|s| match s {
+                Store::Registry(r) => Some(r.host().to_string()),
+                Store::Layout(_) => None,
+            })
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// Call `f(registry, bytes, secs)` after each transfer (link measurements).
+    pub fn on_transfer(&self, f: TransferHook) {
+        *lock(&self.measured) = Some(f);
+    }
+
+    fn unknown(blob: &Digest) -> Error {
+        Error::NotFound {
+            what: format!("blob {blob} (no image announced it to the cloud source)"),
+        }
+    }
+}
+
+impl Source for CloudSource {
+    fn name(&self) -> String {
+        "cloud".into()
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        blob: &'a Digest,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let store = self.home(blob).ok_or_else(|| Self::unknown(blob))?;
+            store.read_range(blob, start, len).await
+        })
+    }
+
+    fn blob_to_file<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let store = self
+                .home(&desc.digest)
+                .ok_or_else(|| Self::unknown(&desc.digest))?;
+            store.blob_to_file(desc, path).await
+        })
+    }
+
+    fn observe(&self, bytes: u64, secs: f64) {
+        if let Some(f) = lock(&self.measured).clone() {
+            f("cloud", bytes, secs);
+        }
+    }
+}
+
+/// The node's own store as a source: ranges of whole blobs and of the
+/// verified compressed ranges kept for peers. Chunks themselves are checked
+/// before this source is asked, so it matters when a chunk was evicted or a
+/// layer was prefetched whole.
+pub struct LocalSource {
+    /// The store.
+    pub store: Arc<ContentStore>,
+}
+
+impl Source for LocalSource {
+    fn name(&self) -> String {
+        "local".into()
+    }
+
+    fn class(&self) -> SourceClass {
+        SourceClass::Local
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        blob: &'a Digest,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let store = self.store.clone();
+            let blob = blob.clone();
+            tokio::task::spawn_blocking(move || store.read_held(&blob, start, len))
+                .await
+                .map_err(|e| Error::Unavailable {
+                    what: "a local read".into(),
+                    reason: e.to_string(),
+                })?
+                .and_then(|o| {
+                    o.ok_or_else(|| Error::NotFound {
+                        what: "the range in the local store".into(),
+                    })
+                })
+        })
+    }
+
+    fn blob_to_file<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<()>> {
+        // A whole blob in the store is found before any source is asked.
+        Box::pin(async move {
+            Err(Error::NotFound {
+                what: format!("blob {} in the local store", desc.digest),
+            })
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

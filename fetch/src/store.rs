@@ -8,7 +8,7 @@ use breakfs_index::{
     Reference, annotations,
 };
 
-use crate::{ClientOptions, ContentStore, Error, OciLayout, RegistryRepo, Result};
+use crate::{ClientOptions, Error, OciLayout, RegistryRepo, Result};
 
 /// A resolved image: its manifest and config, both verified against their digests.
 #[derive(Clone, Debug)]
@@ -43,6 +43,10 @@ impl Image {
             .unwrap_or(breakfs_index::media_types::OCI_MANIFEST)
     }
 }
+
+/// Reads a small blob (a config) by descriptor, verified.
+pub type BlobLoader<'a> =
+    &'a (dyn Fn(Descriptor) -> futures::future::BoxFuture<'static, Result<Vec<u8>>> + Send + Sync);
 
 /// Where images are read from and written to: one layout or one repository.
 // A store is made once per reference; boxing the registry would buy nothing.
@@ -91,17 +95,17 @@ impl Store {
     /// Resolve `r` to a verified image manifest and config; an index is
     /// followed to the manifest for `platform`.
     pub async fn resolve_platform(&self, r: &ImageRef, platform: &Platform) -> Result<Image> {
-        self.resolve_cached(r, platform, None).await
+        self.resolve_with(r, platform, None).await
     }
 
-    /// [`Store::resolve_platform`], taking the config from `cache` when it
-    /// holds it and putting it there when not (the manifest is always asked
-    /// for, since a tag moves).
-    pub async fn resolve_cached(
+    /// [`Store::resolve_platform`], reading the config (and only the
+    /// config) through `config` when given: a node's content store and fetch
+    /// chain (the manifest is always asked of this store, since a tag moves).
+    pub async fn resolve_with(
         &self,
         r: &ImageRef,
         platform: &Platform,
-        cache: Option<&ContentStore>,
+        cache: Option<BlobLoader<'_>>,
     ) -> Result<Image> {
         if !self.holds(r) {
             return Err(Error::OtherLocation {
@@ -173,7 +177,7 @@ impl Store {
         desc: Descriptor,
         index_digest: Option<Digest>,
         platform: &Platform,
-        cache: Option<&ContentStore>,
+        cache: Option<BlobLoader<'_>>,
     ) -> Result<Image> {
         let what = format!("{platform} manifest {} of {r}", desc.digest);
         let bytes = match self {
@@ -205,21 +209,11 @@ impl Store {
         manifest_bytes: Vec<u8>,
         manifest_digest: Digest,
         index_digest: Option<Digest>,
-        cache: Option<&ContentStore>,
+        cache: Option<BlobLoader<'_>>,
     ) -> Result<Image> {
-        let cached = match cache {
-            Some(c) => c.read_blob(&manifest.config.digest).ok().flatten(),
-            None => None,
-        };
-        let config_bytes = match cached {
-            Some(b) => b,
-            None => {
-                let b = self.read_blob(&manifest.config).await?;
-                if let Some(c) = cache {
-                    c.put_blob(&manifest.config.digest, &b)?;
-                }
-                b
-            }
+        let config_bytes = match cache {
+            Some(load) => load(manifest.config.clone()).await?,
+            None => self.read_blob(&manifest.config).await?,
         };
         let config = ImageConfig::parse(&config_bytes, &format!("config of {r}"))?;
         Ok(Image {

@@ -28,19 +28,36 @@ impl Store {
     /// plain tar+gzip, zstd or uncompressed layer). The TOC is checked
     /// against the descriptor's TOC digest annotation when it has one.
     pub async fn read_toc(&self, desc: &Descriptor) -> Result<Option<LayerToc>> {
+        let what = format!("TOC of layer {} in {}", desc.digest, self.name());
+        read_toc_with(desc, &what, |start, len| {
+            self.read_range(&desc.digest, start, len)
+        })
+        .await
+    }
+}
+
+/// [`Store::read_toc`] over any range reader `read(start, len)`.
+pub async fn read_toc_with<F, Fut>(
+    desc: &Descriptor,
+    what: &str,
+    read: F,
+) -> Result<Option<LayerToc>>
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>>>,
+{
+    {
         use breakfs_index::{Compression, TailRead};
+        let what = what.to_string();
         if Compression::from_media_type(&desc.media_type) != Some(Compression::Gzip)
             || desc.size < breakfs_index::FOOTER_SIZE
         {
             return Ok(None);
         }
-        let what = format!("TOC of layer {} in {}", desc.digest, self.name());
         let mut want = FIRST_TAIL.min(desc.size);
         let mut fetched = 0;
         for _ in 0..2 {
-            let tail = self
-                .read_range(&desc.digest, desc.size - want, want)
-                .await?;
+            let tail = read(desc.size - want, want).await?;
             fetched += tail.len() as u64;
             let read = match Toc::read_from_blob_tail(&tail, desc.size) {
                 Ok(r) => r,

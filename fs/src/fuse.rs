@@ -220,6 +220,26 @@ fn file_type(k: EntryKind) -> FileType {
 }
 
 /// Read `size` bytes at `offset` of an open file from its chunks in the store.
+/// The chunks of `n` overlapping `[offset, end)` the store lacks.
+fn missing_in(n: &Node, store: &breakfs_fetch::ContentStore, offset: u64, end: u64) -> Vec<usize> {
+    n.chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.file_offset < end && c.file_offset + c.size > offset)
+        .filter(|(_, c)| !c.is_present(store))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Forget that the chunks of `n` overlapping `[offset, end)` are present.
+fn forget_in(n: &Node, offset: u64, end: u64) {
+    for c in &n.chunks {
+        if c.file_offset < end && c.file_offset + c.size > offset {
+            c.forget();
+        }
+    }
+}
+
 fn read_chunks(
     tree: &Tree,
     fetcher: &Fetcher,
@@ -325,29 +345,24 @@ impl fuser::Filesystem for ImageFs {
             return reply.data(&[]);
         }
         let store = self.fetcher.store();
-        let missing: Vec<usize> = n
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.file_offset < end && c.file_offset + c.size > offset)
-            .filter(|(_, c)| !c.is_present(store))
-            .map(|(i, _)| i)
-            .collect();
+        let missing = missing_in(n, store, offset, end);
         if missing.is_empty() {
-            self.stats.reads_local.fetch_add(1, Ordering::Relaxed);
-            return match read_chunks(&self.tree, &self.fetcher, &of, offset, size as u64) {
+            match read_chunks(&self.tree, &self.fetcher, &of, offset, size as u64) {
                 Ok(b) => {
+                    self.stats.reads_local.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .bytes_read
                         .fetch_add(b.len() as u64, Ordering::Relaxed);
-                    reply.data(&b)
+                    return reply.data(&b);
                 }
+                // Evicted since it was seen: fetch it again below.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => forget_in(n, offset, end),
                 Err(e) => {
                     self.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(path = %n.entry.path, "reading the store failed: {e}");
-                    reply.error(Errno::EIO)
+                    return reply.error(Errno::EIO);
                 }
-            };
+            }
         }
         self.stats.reads_waited.fetch_add(1, Ordering::Relaxed);
         self.read_ahead(n, &missing);
@@ -360,38 +375,50 @@ impl fuser::Filesystem for ImageFs {
                 return reply.error(Errno::ENOENT);
             };
             let deadline = fetcher.options().deadline;
-            let waits = missing.iter().map(|&i| {
-                let c = &n.chunks[i];
-                let fetcher = &fetcher;
-                async move { c.fetch(fetcher, Priority::OnDemand, Some(deadline)).await }
-            });
-            if let Err(e) = futures::future::try_join_all(waits).await {
-                stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(path = %n.entry.path, "read failed: {e}");
-                return reply.error(Errno::EIO);
-            }
-            let r = tokio::task::spawn_blocking(move || {
-                read_chunks(&tree, &fetcher, &of, offset, size as u64)
-            })
-            .await;
-            match r {
-                Ok(Ok(b)) => {
-                    stats
-                        .bytes_read
-                        .fetch_add(b.len() as u64, Ordering::Relaxed);
-                    reply.data(&b)
-                }
-                Ok(Err(e)) => {
+            // A chunk the cache budget evicts between fetch and read is
+            // fetched again (a few rounds at most).
+            for _round in 0..3 {
+                let missing = missing_in(n, fetcher.store(), offset, end);
+                let waits = missing.iter().map(|&i| {
+                    let c = &n.chunks[i];
+                    let fetcher = &fetcher;
+                    async move { c.fetch(fetcher, Priority::OnDemand, Some(deadline)).await }
+                });
+                if let Err(e) = futures::future::try_join_all(waits).await {
                     stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("reading the store failed: {e}");
-                    reply.error(Errno::EIO)
+                    tracing::error!(path = %n.entry.path, "read failed: {e}");
+                    return reply.error(Errno::EIO);
                 }
-                Err(e) => {
-                    stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("read task failed: {e}");
-                    reply.error(Errno::EIO)
+                let (t, f, o) = (tree.clone(), fetcher.clone(), of.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    read_chunks(&t, &f, &o, offset, size as u64)
+                })
+                .await;
+                match r {
+                    Ok(Ok(b)) => {
+                        stats
+                            .bytes_read
+                            .fetch_add(b.len() as u64, Ordering::Relaxed);
+                        return reply.data(&b);
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                        forget_in(n, offset, end);
+                    }
+                    Ok(Err(e)) => {
+                        stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("reading the store failed: {e}");
+                        return reply.error(Errno::EIO);
+                    }
+                    Err(e) => {
+                        stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("read task failed: {e}");
+                        return reply.error(Errno::EIO);
+                    }
                 }
             }
+            stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(path = %n.entry.path, "its chunks kept being evicted while read");
+            reply.error(Errno::EIO)
         });
     }
 

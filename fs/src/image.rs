@@ -6,10 +6,10 @@ use std::io::{BufWriter, Write};
 use std::sync::Arc;
 
 use breakfs_fetch::{
-    ChunkLoc, ClientOptions, ContentStore, FetchOptions, Fetcher, Image, Source, Store, StoreSource,
+    ClientOptions, CloudSource, ContentStore, FetchOptions, Fetcher, Image, Source, chunk_loc,
 };
 use breakfs_index::{
-    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, Toc, TocLayer,
+    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, TocLayer,
 };
 use futures::future::try_join_all;
 
@@ -39,17 +39,28 @@ pub enum LayerMode {
 }
 
 /// Resolve `reference` and build its tree, fetching only metadata for
-/// eStargz layers (and whole blobs for other layers).
+/// eStargz layers (and whole blobs for other layers): standalone, with a
+/// fetch scheduler of its own that reads from the image's registry or layout.
 pub async fn open_image(
     reference: &ImageRef,
     store: Arc<ContentStore>,
     client: &ClientOptions,
     fetch: FetchOptions,
 ) -> Result<OpenedImage> {
-    let source = Store::open(reference, client).await?;
-    let image = source
-        .resolve_cached(reference, source.platform(), Some(&store))
-        .await?;
+    let cloud = Arc::new(CloudSource::new());
+    let fetcher = Fetcher::new(store, vec![cloud.clone() as Arc<dyn Source>], fetch);
+    open_image_on(reference, client, &fetcher, &cloud).await
+}
+
+/// [`open_image`] through an existing fetch scheduler (a node daemon's,
+/// shared by all its mounts and its prefetch), whose chain ends in `cloud`.
+pub async fn open_image_on(
+    reference: &ImageRef,
+    client: &ClientOptions,
+    fetcher: &Fetcher,
+    cloud: &Arc<CloudSource>,
+) -> Result<OpenedImage> {
+    let image = breakfs_fetch::prefetch::resolve(reference, client, fetcher, cloud).await?;
     let diff_ids = image.config.diff_ids()?;
     if diff_ids.len() != image.layers().len() {
         return Err(Error::BadImage {
@@ -61,22 +72,11 @@ pub async fn open_image(
             ),
         });
     }
-    let sources: Vec<Arc<dyn Source>> = vec![Arc::new(StoreSource {
-        store: source.clone(),
-        name: match &source {
-            Store::Registry(_) => "cloud".to_string(),
-            Store::Layout(_) => "layout".to_string(),
-        },
-    })];
-    let fetcher = Fetcher::new(store.clone(), sources, fetch);
-    if let Some(name) = fetcher.first_source_name() {
-        fetcher.record_transfer(&name, image.manifest_bytes.len() as u64);
-    }
     let loads = image
         .layers()
         .iter()
         .zip(&diff_ids)
-        .map(|(desc, diff_id)| load_layer(&source, &fetcher, desc, diff_id, reference));
+        .map(|(desc, diff_id)| load_layer(fetcher, desc, diff_id, reference));
     let loaded = try_join_all(loads).await?;
     let (layers, modes): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
     let tree = tokio::task::spawn_blocking(move || Tree::build(layers))
@@ -88,13 +88,12 @@ pub async fn open_image(
     Ok(OpenedImage {
         image,
         tree: Arc::new(tree),
-        fetcher,
+        fetcher: fetcher.clone(),
         layers: modes,
     })
 }
 
 async fn load_layer(
-    source: &Store,
     fetcher: &Fetcher,
     desc: &Descriptor,
     diff_id: &Digest,
@@ -102,7 +101,7 @@ async fn load_layer(
 ) -> Result<(Vec<LayerFile>, LayerMode)> {
     let store = fetcher.store().clone();
     let what = format!("layer {} of {reference}", desc.digest);
-    if let Some(toc_layer) = cached_or_read_toc(source, fetcher, desc).await?
+    if let Some(toc_layer) = fetcher.layer_toc(desc).await?
         && let Some(files) = lazy_files(&toc_layer, desc)
     {
         return Ok((files, LayerMode::Lazy));
@@ -135,45 +134,6 @@ async fn load_layer(
     Ok((whole_files(entries), LayerMode::Whole))
 }
 
-/// The TOC of an eStargz layer, from the store's record or read by range
-/// requests (and then recorded). `None` for a layer without a TOC.
-async fn cached_or_read_toc(
-    source: &Store,
-    fetcher: &Fetcher,
-    desc: &Descriptor,
-) -> Result<Option<TocLayer>> {
-    let store = fetcher.store();
-    let name = format!("toc-{}.json", desc.digest.hex());
-    if let Some(bytes) = store.read_meta(&name)? {
-        if bytes == b"none" {
-            return Ok(None);
-        }
-        if let Some(nl) = bytes.iter().position(|&b| b == b'\n')
-            && let Ok(off) = std::str::from_utf8(&bytes[..nl])
-                .unwrap_or("")
-                .parse::<u64>()
-            && let Ok(toc) = Toc::parse(&bytes[nl + 1..])
-        {
-            return Ok(Some(toc.to_layer(desc.size, Some(off))?));
-        }
-    }
-    match source.read_toc(desc).await? {
-        Some(t) => {
-            if let Some(name) = fetcher.first_source_name() {
-                fetcher.record_transfer(&name, t.fetched);
-            }
-            let mut rec = format!("{}\n", t.toc_offset).into_bytes();
-            rec.extend_from_slice(&t.toc.to_json());
-            store.put_meta(&name, &rec)?;
-            Ok(Some(t.layer))
-        }
-        None => {
-            store.put_meta(&name, b"none")?;
-            Ok(None)
-        }
-    }
-}
-
 /// The files of an eStargz layer with their chunk locations, or `None` if
 /// some chunk has no digest to check it by (the layer is then fetched whole).
 fn lazy_files(layer: &TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
@@ -181,23 +141,11 @@ fn lazy_files(layer: &TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
     for (entry, chunks) in &layer.entries {
         let mut fc = Vec::with_capacity(chunks.len());
         for c in chunks {
-            let digest = match (&c.chunk_digest, &entry.digest) {
-                (Some(d), _) => d.clone(),
-                (None, Some(d)) if chunks.len() == 1 && c.chunk_size == entry.size => d.clone(),
-                _ => return None,
-            };
-            let loc = ChunkLoc {
-                layer: desc.digest.clone(),
-                offset: c.offset,
-                compressed_end: c.compressed_end,
-                inner_offset: c.inner_offset,
-                size: c.chunk_size,
-                digest: digest.clone(),
-            };
+            let loc = chunk_loc(desc, entry, chunks.len(), c)?;
             fc.push(FileChunk::new(
                 c.chunk_offset,
                 c.chunk_size,
-                digest,
+                loc.digest.clone(),
                 Some(loc),
             ));
         }

@@ -18,7 +18,7 @@ mod tree;
 pub use error::{Error, Result};
 pub use extract::{ExtractStats, extract};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
-pub use image::{LayerMode, OpenedImage, open_image};
+pub use image::{LayerMode, OpenedImage, open_image, open_image_on};
 pub use mount::{
     Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint, is_mountpoint, mount,
     read_status, remove_status, status_dir, status_path, write_status,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use breakfs_fetch::{FetchStats, Fetcher, Priority};
+use breakfs_index::Descriptor;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,10 @@ pub struct Mounted {
 /// What a mount reports about itself (JSON in the status file).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StatusRecord {
+    /// The node daemon serving the mount (`unix:PATH` or `http://...`), if
+    /// a daemon serves it rather than a mount process of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The image reference.
     pub image: String,
     /// The manifest digest.
@@ -224,7 +229,15 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
     {
         let (tree, fetcher, hydration) = (tree.clone(), fetcher.clone(), hydration.clone());
         let enabled = opts.hydrate;
-        tokio::spawn(async move { hydrate(tree, fetcher, hydration, enabled).await });
+        let lazy: Vec<Descriptor> = opened
+            .image
+            .layers()
+            .iter()
+            .zip(&opened.layers)
+            .filter(|(_, m)| **m == LayerMode::Lazy)
+            .map(|(d, _)| d.clone())
+            .collect();
+        tokio::spawn(async move { hydrate(tree, fetcher, hydration, enabled, lazy).await });
     }
     Ok(Mounted {
         session: Some(session),
@@ -238,8 +251,15 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
 }
 
 /// Fetch every chunk not in the store at background priority, retrying
-/// failures until all are there; with `enabled` false only count.
-async fn hydrate(tree: Arc<Tree>, fetcher: Fetcher, h: Arc<Hydration>, enabled: bool) {
+/// failures until all are there; with `enabled` false only count. A node
+/// (which keeps ranges for peers) then makes each lazy layer a whole blob.
+async fn hydrate(
+    tree: Arc<Tree>,
+    fetcher: Fetcher,
+    h: Arc<Hydration>,
+    enabled: bool,
+    lazy: Vec<Descriptor>,
+) {
     let store = fetcher.store().clone();
     loop {
         let chunks = tree.fetchable_chunks();
@@ -255,6 +275,13 @@ async fn hydrate(tree: Arc<Tree>, fetcher: Fetcher, h: Arc<Hydration>, enabled: 
             .collect();
         if missing.is_empty() {
             h.done.store(true, Ordering::Relaxed);
+            if enabled && fetcher.options().keep_ranges {
+                for desc in &lazy {
+                    if let Err(e) = fetcher.complete_layer(desc).await {
+                        tracing::warn!(layer = %desc.digest, "keeping the whole layer failed: {e}");
+                    }
+                }
+            }
             return;
         }
         if !enabled {

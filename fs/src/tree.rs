@@ -48,6 +48,11 @@ impl FileChunk {
         here
     }
 
+    /// Forget that the store held it (it was evicted).
+    pub fn forget(&self) {
+        self.present.store(false, Ordering::Relaxed);
+    }
+
     /// Remember that the store holds it.
     pub fn mark_present(&self) {
         self.present.store(true, Ordering::Relaxed);

@@ -1,0 +1,302 @@
+//! The cache budget: keeps a content store within a configured size.
+//!
+//! Every write into the store reserves its bytes first; when the store
+//! would go over its limit, the least valuable layers are evicted (their
+//! whole blob, kept ranges and chunks) until the write fits with some room
+//! to spare. A layer's value is its popularity (uses, decayed by the hour)
+//! weighted by how recently it was used, ten times more while a live mount
+//! uses it. A layer a live mount needs is never evicted when it cannot be
+//! fetched again (a layer indexed whole, or no peer and no reachable
+//! cloud); readers whose chunk went away fetch it again. Uses are saved in
+//! the store (`meta/budget-uses.json`), so values survive restarts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use breakfs_index::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::ContentStore;
+
+/// Says whether a layer can be fetched again if evicted.
+pub type Refetchable = Box<dyn Fn(&Digest) -> bool + Send + Sync>;
+
+/// How one layer has been used.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Use {
+    /// Unix seconds of the last use.
+    last: u64,
+    /// Uses, decayed with a half-life of an hour.
+    popularity: f64,
+    /// Live mounts using it now (not saved).
+    #[serde(skip)]
+    live: u32,
+    /// Indexed whole (its chunks cannot be fetched one by one).
+    #[serde(default)]
+    whole: bool,
+}
+
+/// What the budget knows; one lock, held during eviction.
+#[derive(Default)]
+struct State {
+    used: u64,
+    uses: HashMap<Digest, Use>,
+    /// Layer → its chunks, from the store's TOC and index records.
+    chunks_of: HashMap<Digest, Vec<Digest>>,
+    /// How many meta records `chunks_of` was built from.
+    records_seen: usize,
+}
+
+/// A size budget over one store.
+pub struct Budget {
+    limit: u64,
+    state: Mutex<State>,
+    refetchable: Mutex<Option<Refetchable>>,
+    /// Layers evicted so far.
+    pub evictions: AtomicU64,
+    /// Bytes freed by evictions so far.
+    pub evicted_bytes: AtomicU64,
+}
+
+const USES: &str = "budget-uses.json";
+const HALF_LIFE_SECS: f64 = 3600.0;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Budget {
+    /// A budget of `limit` bytes for `store`, starting from what is on disk.
+    pub fn new(limit: u64, store: &ContentStore) -> Budget {
+        let uses = store
+            .read_meta(USES)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Budget {
+            limit,
+            state: Mutex::new(State {
+                used: store.usage(),
+                uses,
+                ..State::default()
+            }),
+            refetchable: Mutex::new(None),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes in use by the budget's count.
+    pub fn used(&self) -> u64 {
+        self.lock().used
+    }
+
+    /// Tell the budget how to know whether a layer can be fetched again.
+    pub fn set_refetchable(&self, f: Refetchable) {
+        *self.refetchable.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Layers `layers` were used now (a mount opened or read them, a peer
+    /// or a prefetch asked for them).
+    pub fn touch<'a>(&self, layers: impl IntoIterator<Item = &'a Digest>) {
+        let t = now();
+        let mut st = self.lock();
+        for l in layers {
+            let u = st.uses.entry(l.clone()).or_default();
+            let age = t.saturating_sub(u.last) as f64;
+            u.popularity = u.popularity * 0.5f64.powf(age / HALF_LIFE_SECS) + 1.0;
+            u.last = t;
+        }
+    }
+
+    /// A live mount starts (`+1`) or stops (`-1`) using `layers`; `whole`
+    /// marks layers indexed whole.
+    pub fn live<'a>(&self, layers: impl IntoIterator<Item = (&'a Digest, bool)>, delta: i32) {
+        let mut st = self.lock();
+        for (l, whole) in layers {
+            let u = st.uses.entry(l.clone()).or_default();
+            u.live = u.live.saturating_add_signed(delta);
+            u.whole |= whole;
+        }
+    }
+
+    /// Make room for `len` more bytes, evicting if needed, and count them.
+    pub fn reserve(&self, store: &ContentStore, len: u64) {
+        let mut st = self.lock();
+        if st.used + len > self.limit {
+            // Evict down to 90% so that evictions come in batches.
+            let target = (self.limit / 10 * 9).saturating_sub(len);
+            self.evict(store, &mut st, target);
+        }
+        st.used += len;
+    }
+
+    /// `len` reserved bytes were not written after all, or were removed.
+    pub fn release(&self, len: u64) {
+        let mut st = self.lock();
+        st.used = st.used.saturating_sub(len);
+    }
+
+    /// Recount from disk (corrects drift from writes that raced).
+    pub fn resync(&self, store: &ContentStore) {
+        let used = store.usage();
+        self.lock().used = used;
+    }
+
+    /// Save the use records (atomically).
+    pub fn save(&self, store: &ContentStore) {
+        let json = serde_json::to_vec(&self.lock().uses).unwrap_or_default();
+        if let Err(e) = store.put_meta_replace(USES, &json) {
+            tracing::warn!("saving the cache budget's records: {e}");
+        }
+    }
+
+    fn evict(&self, store: &ContentStore, st: &mut State, target: u64) {
+        refresh_chunk_map(store, st);
+        let refetchable = self.refetchable.lock().unwrap_or_else(|p| p.into_inner());
+        let t = now();
+        // Candidates: layers with something on disk, least valuable first.
+        let mut layers: HashSet<Digest> = st.chunks_of.keys().cloned().collect();
+        layers.extend(
+            store
+                .blobs()
+                .into_iter()
+                .map(|(d, _)| d)
+                .filter(|d| st.chunks_of.contains_key(d) || st.uses.contains_key(d)),
+        );
+        layers.extend(store.partial_layers().into_iter().map(|(d, _)| d));
+        let mut ranked: Vec<(f64, Digest)> = Vec::new();
+        let mut protected_chunks: HashSet<Digest> = HashSet::new();
+        for l in layers {
+            let u = st.uses.get(&l).cloned().unwrap_or_default();
+            let pinned = u.live > 0 && (u.whole || !refetchable.as_ref().is_some_and(|f| f(&l)));
+            if pinned {
+                if let Some(c) = st.chunks_of.get(&l) {
+                    protected_chunks.extend(c.iter().cloned());
+                }
+                continue;
+            }
+            let age = t.saturating_sub(u.last) as f64;
+            let pop = u.popularity * 0.5f64.powf(age / HALF_LIFE_SECS);
+            let recency = 1.0 / (1.0 + age / 600.0);
+            let value = (1.0 + pop) * recency * if u.live > 0 { 10.0 } else { 1.0 };
+            ranked.push((value, l));
+        }
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut freed = 0u64;
+        // Chunks no known layer refers to go first.
+        let known: HashSet<&Digest> = st.chunks_of.values().flatten().collect();
+        for (d, size) in store.chunks() {
+            if st.used.saturating_sub(freed) <= target {
+                break;
+            }
+            if !known.contains(&d) && store.remove_chunk(&d) {
+                freed += size;
+            }
+        }
+        let mut evicted = 0;
+        for (_, l) in &ranked {
+            if st.used.saturating_sub(freed) <= target {
+                break;
+            }
+            let mut n = store.remove_blob(l) + store.remove_ranges_quietly(l);
+            if let Some(chunks) = st.chunks_of.get(l) {
+                for c in chunks {
+                    if protected_chunks.contains(c) {
+                        continue;
+                    }
+                    if let Ok(m) = std::fs::metadata(store.chunk_path(c))
+                        && store.remove_chunk(c)
+                    {
+                        n += m.len();
+                    }
+                }
+            }
+            if n > 0 {
+                evicted += 1;
+                freed += n;
+                tracing::info!(layer = %l, bytes = n, "evicted to stay within the cache budget");
+            }
+        }
+        st.used = st.used.saturating_sub(freed);
+        self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+        if st.used > target {
+            tracing::warn!(
+                used = st.used,
+                limit = self.limit,
+                "the cache is over its budget: what is left is needed by live mounts and cannot be fetched again"
+            );
+        }
+    }
+}
+
+/// Rebuild the layer → chunks map when the store has new records.
+fn refresh_chunk_map(store: &ContentStore, st: &mut State) {
+    let records: Vec<String> = std::fs::read_dir(store.root().join("meta"))
+        .into_iter()
+        .flat_map(|d| d.flatten())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| n.starts_with("toc-") || n.starts_with("layer-"))
+        .collect();
+    if records.len() == st.records_seen {
+        return;
+    }
+    st.records_seen = records.len();
+    for name in records {
+        let Some(hex) = name
+            .strip_prefix("toc-")
+            .or_else(|| name.strip_prefix("layer-"))
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let Ok(layer) = Digest::parse(&format!("sha256:{hex}")) else {
+            continue;
+        };
+        let Ok(Some(bytes)) = store.read_meta(&name) else {
+            continue;
+        };
+        let mut chunks = Vec::new();
+        if name.starts_with("toc-") {
+            let Some(nl) = bytes.iter().position(|&b| b == b'\n') else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes[nl + 1..]) else {
+                continue;
+            };
+            for e in v["entries"].as_array().into_iter().flatten() {
+                let d = e["chunkDigest"].as_str().or_else(|| e["digest"].as_str());
+                if let Some(d) = d.and_then(|d| Digest::parse(d).ok()) {
+                    chunks.push(d);
+                }
+            }
+        } else {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            for e in v.as_array().into_iter().flatten() {
+                if let Some(d) = e["digest"].as_str().and_then(|d| Digest::parse(d).ok()) {
+                    chunks.push(d);
+                }
+            }
+            st.uses.entry(layer.clone()).or_default().whole = true;
+        }
+        st.chunks_of.insert(layer, chunks);
+    }
+}

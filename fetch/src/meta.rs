@@ -1,0 +1,126 @@
+//! Image metadata through the fetch chain (store → peers → cloud): configs
+//! and eStargz TOCs, recorded in the content store so that a remount or a
+//! restart reads them from disk.
+
+use breakfs_index::{Descriptor, Toc, TocLayer};
+
+use crate::tocread::read_toc_with;
+use crate::{Error, Fetcher, Result};
+
+impl Fetcher {
+    /// A small blob (a config, a manifest) by descriptor, verified: from the
+    /// store, else fetched whole through the sources and kept.
+    pub async fn small_blob(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        if let Some(b) = self.store().read_blob(&desc.digest)? {
+            return Ok(b);
+        }
+        self.ensure_blob(desc).await?;
+        self.store()
+            .read_blob(&desc.digest)?
+            .ok_or_else(|| Error::NotFound {
+                what: format!("blob {} in the store right after fetching it", desc.digest),
+            })
+    }
+
+    /// The TOC of layer `desc` (eStargz) with the offset of its member, or
+    /// `None` for a layer without one. Read from the store's record, or
+    /// from the blob's tail through the sources (peers only when the
+    /// descriptor carries the TOC digest to check it by) and then recorded.
+    pub async fn layer_toc(&self, desc: &Descriptor) -> Result<Option<TocLayer>> {
+        let store = self.store();
+        let name = format!("toc-{}.json", desc.digest.hex());
+        if let Some(bytes) = store.read_meta(&name)? {
+            if bytes == b"none" {
+                return Ok(None);
+            }
+            if let Some(nl) = bytes.iter().position(|&b| b == b'\n')
+                && let Ok(off) = std::str::from_utf8(&bytes[..nl])
+                    .unwrap_or("")
+                    .parse::<u64>()
+                && let Ok(toc) = Toc::parse(&bytes[nl + 1..])
+            {
+                return Ok(Some(toc.to_layer(desc.size, Some(off))?));
+            }
+        }
+        let what = format!("TOC of layer {}", desc.digest);
+        // Peers only when the TOC can be checked; when a peer's TOC does not
+        // check out, read it again from the cloud.
+        let mut found = None;
+        for trusted_only in [desc.toc_digest().is_none(), true] {
+            let read = |start, len| self.read_any(&desc.digest, start, len, trusted_only);
+            match read_toc_with(desc, &what, read).await {
+                Ok(t) => {
+                    found = Some(t);
+                    break;
+                }
+                Err(e) if !trusted_only => {
+                    tracing::warn!(layer = %desc.digest, "a TOC from a peer did not check out, reading it from the cloud: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match found.flatten() {
+            Some(t) => {
+                let mut rec = format!("{}\n", t.toc_offset).into_bytes();
+                rec.extend_from_slice(&t.toc.to_json());
+                store.put_meta(&name, &rec)?;
+                Ok(Some(t.layer))
+            }
+            None => {
+                store.put_meta(&name, b"none")?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Where chunk `c` of an entry of layer `desc` sits, or `None` when the TOC
+/// gives nothing to check it by (no chunk digest, and not a single-chunk
+/// file with a file digest).
+pub fn chunk_loc(
+    desc: &Descriptor,
+    entry: &breakfs_index::Entry,
+    chunks: usize,
+    c: &breakfs_index::TocChunk,
+) -> Option<crate::ChunkLoc> {
+    let digest = match (&c.chunk_digest, &entry.digest) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) if chunks == 1 && c.chunk_size == entry.size => d.clone(),
+        _ => return None,
+    };
+    Some(crate::ChunkLoc {
+        layer: desc.digest.clone(),
+        offset: c.offset,
+        compressed_end: c.compressed_end,
+        inner_offset: c.inner_offset,
+        size: c.chunk_size,
+        digest,
+    })
+}
+
+/// Every chunk of layer `desc`, or `None` if some chunk cannot be checked.
+pub fn layer_chunk_locs(desc: &Descriptor, layer: &TocLayer) -> Option<Vec<crate::ChunkLoc>> {
+    let mut out = Vec::new();
+    for (entry, chunks) in &layer.entries {
+        for c in chunks {
+            out.push(chunk_loc(desc, entry, chunks.len(), c)?);
+        }
+    }
+    Some(out)
+}
+
+impl crate::Image {
+    /// Keep the manifest in `store` as a blob and record what the reference
+    /// resolved to, so that the node can serve the image to peers and OCI
+    /// clients (`skopeo copy` from a node).
+    pub fn keep_in(&self, store: &crate::ContentStore) -> Result<()> {
+        store.put_blob(&self.manifest_digest, &self.manifest_bytes)?;
+        if let breakfs_index::ImageRef::Registry {
+            repo, reference, ..
+        } = &self.reference
+        {
+            store.put_ref(repo, &reference.to_string(), &self.manifest_digest)?;
+        }
+        Ok(())
+    }
+}

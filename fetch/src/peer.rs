@@ -1,0 +1,564 @@
+//! The cooperative cache's client side: the peer edge nodes a node knows,
+//! what each holds (its published cache index), how good the link to each
+//! is (measured), and [`PeerSource`], which puts the peers that hold a blob
+//! into the fetch chain, best first.
+//!
+//! A peer speaks the OCI distribution read API for what it holds, so a peer
+//! is read with the same registry client as the cloud; only
+//! content-addressed data is asked of it, and the fetcher checks every
+//! chunk it returns.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use breakfs_index::{Descriptor, Digest};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::{ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass};
+
+/// The repository name a node uses when reading blobs from peers (peers
+/// serve blobs under any name: blobs are addressed by digest).
+pub const PEER_REPO: &str = "breakfs/cache";
+
+/// A peer's index is not trusted for routing after this long without a refresh.
+const STALE: Duration = Duration::from_secs(15);
+
+/// What a node holds, as it publishes it at `GET /cache/index`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CacheIndex {
+    /// The node's own base URL, as configured.
+    pub node: String,
+    /// Whole blobs (layers, configs, manifests), verified.
+    pub blobs: Vec<HeldBlob>,
+    /// Layers held in part: verified compressed ranges.
+    pub partial: Vec<PartialLayer>,
+    /// Uncompressed chunks held.
+    pub chunks: u64,
+    /// Their bytes.
+    pub chunk_bytes: u64,
+    /// Bytes the store uses on disk (blobs, ranges, chunks).
+    pub used: u64,
+    /// The configured budget, if any.
+    pub budget: Option<u64>,
+    /// Peers this node knows (so that peers learn of each other).
+    pub peers: Vec<String>,
+}
+
+/// A whole blob in an index.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeldBlob {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+}
+
+/// A layer held in part.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartialLayer {
+    /// The layer blob's digest.
+    pub digest: Digest,
+    /// Held byte ranges `[start, end)`, sorted, merged.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl CacheIndex {
+    /// The index of `store` as it is on disk now.
+    pub fn of_store(
+        store: &ContentStore,
+        node: &str,
+        budget: Option<u64>,
+        peers: Vec<String>,
+    ) -> CacheIndex {
+        let mut blobs: Vec<HeldBlob> = store
+            .blobs()
+            .into_iter()
+            .map(|(digest, size)| HeldBlob { digest, size })
+            .collect();
+        blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
+        let mut partial: Vec<PartialLayer> = store
+            .partial_layers()
+            .into_iter()
+            .map(|(digest, ranges)| PartialLayer { digest, ranges })
+            .collect();
+        partial.sort_by(|a, b| a.digest.cmp(&b.digest));
+        let chunks = store.chunks();
+        let chunk_bytes: u64 = chunks.iter().map(|(_, n)| n).sum();
+        let held: u64 = blobs.iter().map(|b| b.size).sum::<u64>()
+            + partial
+                .iter()
+                .flat_map(|p| p.ranges.iter().map(|(s, e)| e - s))
+                .sum::<u64>();
+        CacheIndex {
+            node: node.to_string(),
+            blobs,
+            partial,
+            chunks: chunks.len() as u64,
+            chunk_bytes,
+            used: held + chunk_bytes,
+            budget,
+            peers,
+        }
+    }
+
+    /// How much of blob `d` the node holds: `Some(None)` whole,
+    /// `Some(Some(ranges))` in part, `None` not at all.
+    pub fn holding(&self, d: &Digest) -> Option<Option<&[(u64, u64)]>> {
+        if self.blobs.iter().any(|b| &b.digest == d) {
+            return Some(None);
+        }
+        self.partial
+            .iter()
+            .find(|p| &p.digest == d)
+            .map(|p| Some(p.ranges.as_slice()))
+    }
+}
+
+/// Measured quality of one link (to the registry or to a peer): EWMAs over
+/// real transfers and light probes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LinkStats {
+    /// Round-trip time, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Bandwidth, Mbit/s (from transfers of at least 64 KiB).
+    pub bandwidth_mbps: Option<f64>,
+    /// Transfers and probes seen.
+    pub samples: u64,
+    /// Probes or transfers that failed.
+    pub failures: u64,
+    /// Seconds since the last success (at the time of reading).
+    pub last_ok_secs: Option<f64>,
+    #[serde(skip)]
+    last_ok: Option<Instant>,
+}
+
+/// The weight of a new sample in the moving averages.
+const ALPHA: f64 = 0.3;
+
+fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(match old {
+        Some(o) => o + ALPHA * (new - o),
+        None => new,
+    })
+}
+
+/// Link measurements by name (`registry HOST`, or a peer's URL).
+#[derive(Default)]
+pub struct Links {
+    map: Mutex<BTreeMap<String, LinkStats>>,
+}
+
+impl Links {
+    /// A transfer of `bytes` over `link` that took `secs`.
+    pub fn transfer(&self, link: &str, bytes: u64, secs: f64) {
+        let mut m = lock(&self.map);
+        let l = m.entry(link.to_string()).or_default();
+        l.samples += 1;
+        l.last_ok = Some(Instant::now());
+        if bytes >= 64 << 10 && secs > 0.0 {
+            // The first byte costs a round trip; the rest is bandwidth.
+            let rtt = l.rtt_ms.unwrap_or(0.0) / 1000.0;
+            let secs = (secs - rtt).max(secs * 0.2);
+            l.bandwidth_mbps = ewma(l.bandwidth_mbps, bytes as f64 * 8.0 / secs / 1e6);
+        }
+    }
+
+    /// A round trip of `secs` measured on `link`.
+    pub fn rtt(&self, link: &str, secs: f64) {
+        let mut m = lock(&self.map);
+        let l = m.entry(link.to_string()).or_default();
+        l.samples += 1;
+        l.last_ok = Some(Instant::now());
+        l.rtt_ms = ewma(l.rtt_ms, secs * 1000.0);
+    }
+
+    /// A failed probe or transfer on `link`.
+    pub fn failure(&self, link: &str) {
+        lock(&self.map)
+            .entry(link.to_string())
+            .or_default()
+            .failures += 1;
+    }
+
+    /// All links now.
+    pub fn snapshot(&self) -> BTreeMap<String, LinkStats> {
+        let mut m = lock(&self.map).clone();
+        for l in m.values_mut() {
+            l.last_ok_secs = l.last_ok.map(|t| t.elapsed().as_secs_f64());
+        }
+        m
+    }
+
+    /// Whether `link` carried a transfer or probe within the last `secs`.
+    pub fn ok_within(&self, link: &str, secs: f64) -> bool {
+        lock(&self.map)
+            .get(link)
+            .and_then(|l| l.last_ok)
+            .is_some_and(|t| t.elapsed().as_secs_f64() < secs)
+    }
+
+    /// One link now.
+    pub fn get(&self, link: &str) -> Option<LinkStats> {
+        lock(&self.map).get(link).cloned()
+    }
+
+    /// Expected seconds to move `bytes` over `link` (unknown links count as
+    /// 100 ms and 100 Mbit/s).
+    pub fn cost(&self, link: &str, bytes: u64) -> f64 {
+        let l = self.get(link).unwrap_or_default();
+        let rtt = l.rtt_ms.unwrap_or(100.0) / 1000.0;
+        let bw = l.bandwidth_mbps.unwrap_or(100.0).max(0.01);
+        rtt + bytes as f64 * 8.0 / (bw * 1e6)
+    }
+}
+
+struct PeerState {
+    repo: RegistryRepo,
+    index: Option<CacheIndex>,
+    refreshed: Option<Instant>,
+    configured: bool,
+}
+
+/// The peers a node knows and what they hold.
+pub struct Peers {
+    me: String,
+    client: reqwest::Client,
+    opts: ClientOptions,
+    peers: Mutex<BTreeMap<String, PeerState>>,
+    links: Arc<Links>,
+}
+
+impl Peers {
+    /// Peers from `urls` (`http://HOST:PORT`), this node being `me` (never
+    /// its own peer).
+    pub fn new(me: &str, urls: &[String], links: Arc<Links>) -> Result<Arc<Peers>> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Error::Unavailable {
+                what: "an HTTP client for peers".into(),
+                reason: e.to_string(),
+            })?;
+        let peers = Arc::new(Peers {
+            me: normalize(me),
+            client,
+            opts: ClientOptions {
+                timeout: Duration::from_secs(5),
+                ..ClientOptions::default()
+            },
+            peers: Mutex::new(BTreeMap::new()),
+            links,
+        });
+        for u in urls {
+            peers.add(u, true)?;
+        }
+        Ok(peers)
+    }
+
+    /// Learn of peer `url`.
+    pub fn add(&self, url: &str, configured: bool) -> Result<()> {
+        let url = normalize(url);
+        if url == self.me || url.is_empty() {
+            return Ok(());
+        }
+        let mut peers = lock(&self.peers);
+        if let Some(p) = peers.get_mut(&url) {
+            p.configured |= configured;
+            return Ok(());
+        }
+        let parsed = reqwest::Url::parse(&url).map_err(|e| Error::Protocol {
+            what: format!("peer {url}"),
+            reason: format!("not a URL like http://10.0.0.2:7070: {e}"),
+        })?;
+        let host = match (parsed.host_str(), parsed.port_or_known_default()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            _ => {
+                return Err(Error::Protocol {
+                    what: format!("peer {url}"),
+                    reason: "it has no host".into(),
+                });
+            }
+        };
+        let opts = ClientOptions {
+            plain_http: parsed.scheme() == "http",
+            ..self.opts.clone()
+        };
+        let repo = RegistryRepo::new(&host, PEER_REPO, &opts)?;
+        peers.insert(
+            url,
+            PeerState {
+                repo,
+                index: None,
+                refreshed: None,
+                configured,
+            },
+        );
+        Ok(())
+    }
+
+    /// The known peers' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        lock(&self.peers).keys().cloned().collect()
+    }
+
+    /// The link measurements.
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
+    }
+
+    /// The last index each peer published (`None` if it is stale or failed).
+    pub fn indexes(&self) -> BTreeMap<String, Option<CacheIndex>> {
+        lock(&self.peers)
+            .iter()
+            .map(|(u, p)| (u.clone(), fresh(p).cloned()))
+            .collect()
+    }
+
+    /// Fetch every peer's cache index once (timing it: the light probe of
+    /// the link), learning the peers they know.
+    pub async fn refresh(&self) {
+        let urls = self.urls();
+        let polls = urls.iter().map(|u| async move {
+            let began = Instant::now();
+            let r = async {
+                let resp = self
+                    .client
+                    .get(format!("{u}/cache/index"))
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .map_err(|e| e.to_string())?;
+                let body = resp.bytes().await.map_err(|e| e.to_string())?;
+                serde_json::from_slice::<CacheIndex>(&body).map_err(|e| e.to_string())
+            }
+            .await;
+            (u.clone(), began.elapsed(), r)
+        });
+        for (u, took, r) in futures::future::join_all(polls).await {
+            match r {
+                Ok(index) => {
+                    self.links.rtt(&u, took.as_secs_f64());
+                    let learned: Vec<String> = index.peers.clone();
+                    if let Some(p) = lock(&self.peers).get_mut(&u) {
+                        p.index = Some(index);
+                        p.refreshed = Some(Instant::now());
+                    }
+                    for l in learned {
+                        let _ = self.add(&l, false);
+                    }
+                }
+                Err(e) => {
+                    self.links.failure(&u);
+                    tracing::debug!(peer = %u, "cache index poll failed: {e}");
+                    if let Some(p) = lock(&self.peers).get_mut(&u) {
+                        p.index = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Poll the peers every `every` until the process ends.
+    pub fn spawn_polling(self: &Arc<Self>, every: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(p) = me.upgrade() else { return };
+                p.refresh().await;
+                drop(p);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// Whether a peer with a fresh index holds all of `blob`.
+    pub fn someone_holds(&self, blob: &Digest) -> bool {
+        lock(&self.peers)
+            .values()
+            .any(|p| fresh(p).is_some_and(|i| i.holding(blob) == Some(None)))
+    }
+
+    /// The peers holding (some of) `blob`, cheapest first for a 1 MiB read.
+    fn holders(&self, blob: &Digest) -> Vec<Arc<dyn Source>> {
+        let peers = lock(&self.peers);
+        let mut out: Vec<(f64, PeerLink)> = peers
+            .iter()
+            .filter_map(|(u, p)| {
+                let held = fresh(p)?.holding(blob)?;
+                Some((
+                    self.links.cost(u, 1 << 20),
+                    PeerLink {
+                        url: u.clone(),
+                        repo: p.repo.clone(),
+                        ranges: held.map(|r| r.to_vec()),
+                        links: self.links.clone(),
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out.into_iter()
+            .map(|(_, l)| Arc::new(l) as Arc<dyn Source>)
+            .collect()
+    }
+}
+
+fn fresh(p: &PeerState) -> Option<&CacheIndex> {
+    let ok = p.refreshed.is_some_and(|t| t.elapsed() < STALE);
+    ok.then_some(p.index.as_ref()).flatten()
+}
+
+fn normalize(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_string()
+}
+
+/// The peers as one entry of the fetch chain: expands, per blob, into the
+/// peers that hold it.
+pub struct PeerSource {
+    /// The peers.
+    pub peers: Arc<Peers>,
+}
+
+impl Source for PeerSource {
+    fn name(&self) -> String {
+        "peers".into()
+    }
+
+    fn class(&self) -> SourceClass {
+        SourceClass::Peer
+    }
+
+    fn expand(&self, blob: &Digest) -> Option<Vec<Arc<dyn Source>>> {
+        Some(self.peers.holders(blob))
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        blob: &'a Digest,
+        _start: u64,
+        _len: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            Err(Error::NotFound {
+                what: format!("blob {blob} at a peer"),
+            })
+        })
+    }
+
+    fn blob_to_file<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            Err(Error::NotFound {
+                what: format!("blob {} at a peer", desc.digest),
+            })
+        })
+    }
+}
+
+/// One peer holding one blob (whole, or the given ranges).
+struct PeerLink {
+    url: String,
+    repo: RegistryRepo,
+    ranges: Option<Vec<(u64, u64)>>,
+    links: Arc<Links>,
+}
+
+impl Source for PeerLink {
+    fn name(&self) -> String {
+        format!("peer {}", self.repo.host())
+    }
+
+    fn class(&self) -> SourceClass {
+        SourceClass::Peer
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        blob: &'a Digest,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            if let Some(r) = &self.ranges {
+                let end = start + len;
+                if !r.iter().any(|(s, e)| *s <= start && end <= *e) {
+                    return Err(Error::NotFound {
+                        what: format!("bytes {start}+{len} of {blob} at peer {}", self.url),
+                    });
+                }
+            }
+            let r = self.repo.read_range(blob, start, len).await;
+            if r.is_err() {
+                self.links.failure(&self.url);
+            }
+            r
+        })
+    }
+
+    fn blob_to_file<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.ranges.is_some() {
+                return Err(Error::NotFound {
+                    what: format!("whole blob {} at peer {}", desc.digest, self.url),
+                });
+            }
+            self.repo.blob_to_file(desc, path).await
+        })
+    }
+
+    fn observe(&self, bytes: u64, secs: f64) {
+        self.links.transfer(&self.url, bytes, secs);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_discounts_the_round_trip_and_averages() {
+        let l = Links::default();
+        l.rtt("p", 0.05);
+        // 1 MiB in 0.05 s RTT + 0.168 s at 50 Mbit/s.
+        l.transfer("p", 1 << 20, 0.05 + (8.0 * 1048576.0) / 50e6);
+        let s = l.get("p").expect("measured");
+        let bw = s.bandwidth_mbps.expect("bandwidth");
+        assert!((bw - 50.0).abs() < 1.0, "{bw}");
+        assert!(l.cost("p", 1 << 20) < l.cost("unknown-slow", 100 << 20));
+    }
+
+    #[test]
+    fn index_holding_distinguishes_whole_and_partial() {
+        let d1 = Digest::of(b"1");
+        let d2 = Digest::of(b"2");
+        let idx = CacheIndex {
+            blobs: vec![HeldBlob {
+                digest: d1.clone(),
+                size: 1,
+            }],
+            partial: vec![PartialLayer {
+                digest: d2.clone(),
+                ranges: vec![(0, 10)],
+            }],
+            ..CacheIndex::default()
+        };
+        assert_eq!(idx.holding(&d1), Some(None));
+        assert_eq!(idx.holding(&d2), Some(Some(&[(0u64, 10u64)][..])));
+        assert_eq!(idx.holding(&Digest::of(b"3")), None);
+    }
+}

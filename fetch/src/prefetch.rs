@@ -1,0 +1,230 @@
+//! Prefetch: get whole images or layers into the node before anyone mounts
+//! them (the push side of deployment). Work goes through the node's fetch
+//! scheduler at background priority, so on-demand reads always pass ahead
+//! of it, and at the background rate limit.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use breakfs_index::{Descriptor, Digest, ImageRef};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{ClientOptions, CloudSource, Error, Fetcher, Priority, Result, Store};
+
+/// A `POST /prefetch` body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PrefetchRequest {
+    /// Whole images: every layer of each.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Only these layers (digests) of `image`.
+    #[serde(default)]
+    pub layers: Vec<Digest>,
+    /// The image `layers` belong to (needed to know where they live).
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// The state of one prefetch task.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PrefetchTask {
+    /// The image.
+    pub image: String,
+    /// Layers asked for.
+    pub layers: usize,
+    /// Layers now held whole.
+    pub done: usize,
+    /// Finished (with or without an error).
+    pub finished: bool,
+    /// The error, if it failed.
+    pub error: Option<String>,
+}
+
+/// Runs prefetch tasks on a node's fetcher.
+pub struct Prefetcher {
+    fetcher: Fetcher,
+    cloud: Arc<CloudSource>,
+    client: ClientOptions,
+    tasks: Mutex<BTreeMap<u64, PrefetchTask>>,
+    next: Mutex<u64>,
+}
+
+impl Prefetcher {
+    /// A prefetcher over `fetcher`, whose chain ends in `cloud`.
+    pub fn new(
+        fetcher: Fetcher,
+        cloud: Arc<CloudSource>,
+        client: ClientOptions,
+    ) -> Arc<Prefetcher> {
+        Arc::new(Prefetcher {
+            fetcher,
+            cloud,
+            client,
+            tasks: Mutex::new(BTreeMap::new()),
+            next: Mutex::new(0),
+        })
+    }
+
+    /// Check `req` and start its tasks; returns their ids.
+    pub fn start(self: &Arc<Self>, req: PrefetchRequest) -> Result<Vec<u64>> {
+        let mut jobs: Vec<(ImageRef, Option<Vec<Digest>>)> = Vec::new();
+        for i in &req.images {
+            jobs.push((ImageRef::parse(i)?, None));
+        }
+        if !req.layers.is_empty() {
+            let Some(image) = &req.image else {
+                return Err(Error::Protocol {
+                    what: "prefetch request".into(),
+                    reason: "\"layers\" needs \"image\": the image they belong to".into(),
+                });
+            };
+            jobs.push((ImageRef::parse(image)?, Some(req.layers.clone())));
+        }
+        if jobs.is_empty() {
+            return Err(Error::Protocol {
+                what: "prefetch request".into(),
+                reason: "give \"images\": [REF...] or \"image\": REF with \"layers\": [DIGEST...]"
+                    .into(),
+            });
+        }
+        let mut ids = Vec::new();
+        for (r, only) in jobs {
+            let id = {
+                let mut n = lock(&self.next);
+                *n += 1;
+                *n
+            };
+            lock(&self.tasks).insert(
+                id,
+                PrefetchTask {
+                    image: r.to_string(),
+                    ..PrefetchTask::default()
+                },
+            );
+            let me = self.clone();
+            tokio::spawn(async move {
+                let r = me.run(id, &r, only).await;
+                let mut tasks = lock(&me.tasks);
+                if let Some(t) = tasks.get_mut(&id) {
+                    t.finished = true;
+                    if let Err(e) = r {
+                        tracing::warn!(image = %t.image, "prefetch failed: {e}");
+                        t.error = Some(e.to_string());
+                    }
+                }
+            });
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// All tasks so far.
+    pub fn tasks(&self) -> BTreeMap<u64, PrefetchTask> {
+        lock(&self.tasks).clone()
+    }
+
+    async fn run(&self, id: u64, r: &ImageRef, only: Option<Vec<Digest>>) -> Result<()> {
+        let image = resolve(r, &self.client, &self.fetcher, &self.cloud).await?;
+        let layers: Vec<Descriptor> = image
+            .layers()
+            .iter()
+            .filter(|l| only.as_ref().is_none_or(|o| o.contains(&l.digest)))
+            .cloned()
+            .collect();
+        if let Some(t) = lock(&self.tasks).get_mut(&id) {
+            t.layers = layers.len();
+        }
+        let mut work = futures::stream::iter(layers.into_iter().map(|l| async move {
+            let r = self.layer(&l).await;
+            (l, r)
+        }))
+        .buffer_unordered(4);
+        let mut first_error = None;
+        while let Some((l, r)) = work.next().await {
+            match r {
+                Ok(()) => {
+                    if let Some(t) = lock(&self.tasks).get_mut(&id) {
+                        t.done += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %l.digest, "prefetching a layer failed: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// One layer whole into the store: an eStargz layer chunk by chunk at
+    /// background priority (then assembled), any other layer as one blob.
+    async fn layer(&self, desc: &Descriptor) -> Result<()> {
+        let f = &self.fetcher;
+        if let Some(b) = f.store().budget() {
+            b.touch([&desc.digest]);
+        }
+        if f.store().has_blob(&desc.digest) {
+            return Ok(());
+        }
+        let locs = match f.layer_toc(desc).await? {
+            Some(toc) => crate::layer_chunk_locs(desc, &toc),
+            None => None,
+        };
+        let Some(locs) = locs else {
+            f.ensure_blob(desc).await?;
+            return Ok(());
+        };
+        let mut seen = std::collections::HashSet::new();
+        let waits: futures::stream::FuturesUnordered<_> = locs
+            .iter()
+            .filter(|l| seen.insert(l.digest.clone()))
+            .map(|l| f.ensure(l, Priority::Background, None))
+            .collect();
+        let results: Vec<Result<()>> = waits.collect().await;
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+            return Err(e);
+        }
+        if !f.complete_layer(desc).await? {
+            return Err(Error::Unavailable {
+                what: format!("layer {}", desc.digest),
+                reason: "its ranges did not assemble into the layer".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Resolve `r` through `fetcher` (config through the chain), announce its
+/// blobs to `cloud` and keep its manifest in the store.
+pub async fn resolve(
+    r: &ImageRef,
+    client: &ClientOptions,
+    fetcher: &Fetcher,
+    cloud: &Arc<CloudSource>,
+) -> Result<crate::Image> {
+    let source = Store::open(r, client).await?;
+    let load_config = {
+        let (fetcher, cloud, source) = (fetcher.clone(), cloud.clone(), source.clone());
+        move |desc: Descriptor| -> futures::future::BoxFuture<'static, Result<Vec<u8>>> {
+            cloud.announce(&source, [&desc.digest]);
+            let fetcher = fetcher.clone();
+            Box::pin(async move { fetcher.small_blob(&desc).await })
+        }
+    };
+    let image = source
+        .resolve_with(r, source.platform(), Some(&load_config))
+        .await?;
+    let name = match &source {
+        Store::Registry(_) => "cloud",
+        Store::Layout(_) => "layout",
+    };
+    fetcher.record_transfer(name, image.manifest_bytes.len() as u64);
+    cloud.announce(&source, image.layers().iter().map(|l| &l.digest));
+    image.keep_in(fetcher.store())?;
+    Ok(image)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,608 @@
+//! The node's HTTP service, peer side: the OCI distribution read API for
+//! what the node holds (`/v2/`, manifests it resolved, blobs and verified
+//! ranges with single Range requests), `GET /cache/index`, `GET
+//! /measurements`, `GET /metrics` (Prometheus text) and `POST /prefetch`.
+//! Only content-addressed data is served: blobs by digest, manifests by
+//! digest or by a tag the node itself resolved (the bytes are still the
+//! digest's).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use breakfs_index::Digest;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::metrics::{Histogram, PromText};
+use crate::peer::{CacheIndex, Peers};
+use crate::prefetch::{PrefetchRequest, Prefetcher};
+use crate::{CloudSource, ContentStore, Fetcher};
+
+/// Extra metric lines a node adds (its mounts' hydration, evictions).
+pub type MetricsHook = Box<dyn Fn(&mut PromText) + Send + Sync>;
+
+/// Counters of what the node served to peers and clients.
+#[derive(Default)]
+pub struct Served {
+    /// Blob bytes sent (whole or ranges).
+    pub blob_bytes: AtomicU64,
+    /// Manifest bytes sent.
+    pub manifest_bytes: AtomicU64,
+    /// Requests answered with content.
+    pub hits: AtomicU64,
+    /// Requests for something not held.
+    pub misses: AtomicU64,
+}
+
+/// Everything the service answers from.
+pub struct NodeService {
+    /// The content store.
+    pub store: Arc<ContentStore>,
+    /// The node's fetch scheduler.
+    pub fetcher: Fetcher,
+    /// The end of its chain.
+    pub cloud: Arc<CloudSource>,
+    /// Its peers.
+    pub peers: Arc<Peers>,
+    /// Its prefetcher.
+    pub prefetcher: Arc<Prefetcher>,
+    /// The URL peers reach it at.
+    pub node_url: String,
+    /// The store's budget in bytes, if any.
+    pub budget: Option<u64>,
+    /// What was served.
+    pub served: Served,
+    /// Extra metrics.
+    pub metrics_hook: Mutex<Option<MetricsHook>>,
+}
+
+/// The routes of the peer-facing service.
+pub fn routes(svc: Arc<NodeService>) -> Router {
+    Router::new()
+        .route("/v2/", get(api_base))
+        .route("/v2", get(api_base))
+        .route("/v2/{*rest}", get(distribution))
+        .route("/cache/index", get(cache_index))
+        .route("/measurements", get(measurements))
+        .route("/metrics", get(metrics))
+        .route("/prefetch", get(prefetch_list).post(prefetch_start))
+        .with_state(svc)
+}
+
+const API_VERSION: &str = "registry/2.0";
+
+async fn api_base() -> Response {
+    (
+        [("Docker-Distribution-API-Version", API_VERSION)],
+        axum::Json(serde_json::json!({})),
+    )
+        .into_response()
+}
+
+fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        [("Docker-Distribution-API-Version", API_VERSION)],
+        axum::Json(serde_json::json!({"errors": [{"code": code, "message": message}]})),
+    )
+        .into_response()
+}
+
+async fn distribution(
+    State(svc): State<Arc<NodeService>>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        return blob(&svc, name, digest, &headers).await;
+    }
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        return manifest(&svc, name, reference).await;
+    }
+    oci_error(
+        StatusCode::NOT_FOUND,
+        "UNSUPPORTED",
+        "this node serves /v2/<name>/blobs/<digest> and /v2/<name>/manifests/<reference> only",
+    )
+}
+
+/// A single `bytes=` range of a `size`-byte blob: `Ok(None)` without a
+/// Range header, `Err` when it is malformed or unsatisfiable.
+fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, String> {
+    let Some(v) = headers.get(header::RANGE) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| "the Range header is not text")?;
+    let spec = v
+        .strip_prefix("bytes=")
+        .ok_or_else(|| format!("only bytes ranges are served, not {v:?}"))?;
+    if spec.contains(',') {
+        return Err("only a single range is served".into());
+    }
+    let (a, b) = spec
+        .split_once('-')
+        .ok_or_else(|| format!("malformed range {spec:?}"))?;
+    let num = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("malformed range {spec:?}"))
+    };
+    let (start, end) = match (a.trim().is_empty(), b.trim().is_empty()) {
+        (false, false) => (num(a)?, num(b)?.saturating_add(1).min(size)),
+        (false, true) => (num(a)?, size),
+        (true, false) => (size.saturating_sub(num(b)?), size),
+        (true, true) => return Err(format!("malformed range {spec:?}")),
+    };
+    if start >= end || start >= size {
+        return Err(format!("range {spec:?} is outside the {size}-byte blob"));
+    }
+    Ok(Some((start, end)))
+}
+
+async fn blob(svc: &Arc<NodeService>, _name: &str, digest: &str, headers: &HeaderMap) -> Response {
+    let Ok(d) = Digest::parse(digest) else {
+        return oci_error(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            "not a sha256 digest",
+        );
+    };
+    let path = svc.store.blob_path(&d);
+    let size = tokio::fs::metadata(&path)
+        .await
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    let Some(size) = size else {
+        return partial_blob(svc, &d, headers).await;
+    };
+    let range = match parse_range(headers, size) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+                e,
+            )
+                .into_response();
+        }
+    };
+    let (start, end) = range.unwrap_or((0, size));
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => return partial_blob(svc, &d, headers).await,
+    };
+    let mut file = file;
+    if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", "seek failed");
+    }
+    svc.served.hits.fetch_add(1, Ordering::Relaxed);
+    svc.served
+        .blob_bytes
+        .fetch_add(end - start, Ordering::Relaxed);
+    if let Some(b) = svc.store.budget() {
+        b.touch([&d]);
+    }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(end - start)));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&d.to_string()) {
+        h.insert("Docker-Content-Digest", v);
+    }
+    if range.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    resp
+}
+
+/// A Range request for a layer held only in part: served from verified
+/// ranges when they cover it.
+async fn partial_blob(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) -> Response {
+    let held = {
+        let (store, d) = (svc.store.clone(), d.clone());
+        tokio::task::spawn_blocking(move || store.held_ranges(&d))
+            .await
+            .unwrap_or_default()
+    };
+    if held.is_empty() {
+        svc.served.misses.fetch_add(1, Ordering::Relaxed);
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "this node does not hold the blob",
+        );
+    }
+    let end_known = held.iter().map(|r| r.1).max().unwrap_or(0);
+    let range = match parse_range(headers, end_known) {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(_) => {
+            svc.served.misses.fetch_add(1, Ordering::Relaxed);
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+                "this node holds only parts of the blob: ask for a range it holds (see /cache/index)",
+            );
+        }
+    };
+    let bytes = {
+        let (store, d) = (svc.store.clone(), d.clone());
+        tokio::task::spawn_blocking(move || store.read_held(&d, range.0, range.1 - range.0))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten()
+    };
+    let Some(bytes) = bytes else {
+        svc.served.misses.fetch_add(1, Ordering::Relaxed);
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "this node does not hold that range",
+        );
+    };
+    svc.served.hits.fetch_add(1, Ordering::Relaxed);
+    svc.served
+        .blob_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    (
+        StatusCode::PARTIAL_CONTENT,
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/*", range.0, range.1 - 1),
+            ),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                d.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+async fn manifest(svc: &Arc<NodeService>, name: &str, reference: &str) -> Response {
+    let digest = match Digest::parse(reference) {
+        Ok(d) => Some(d),
+        Err(_) => svc.store.lookup_ref(name, reference),
+    };
+    let bytes = digest
+        .as_ref()
+        .and_then(|d| svc.store.read_blob(d).ok().flatten());
+    let (Some(d), Some(bytes)) = (digest, bytes) else {
+        svc.served.misses.fetch_add(1, Ordering::Relaxed);
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            &format!("this node has not resolved {name}:{reference}"),
+        );
+    };
+    let Some(media_type) = manifest_media_type(&bytes) else {
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "that digest is not a manifest",
+        );
+    };
+    svc.served.hits.fetch_add(1, Ordering::Relaxed);
+    svc.served
+        .manifest_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    (
+        [
+            (header::CONTENT_TYPE, media_type),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                d.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// The media type of a manifest or index document, `None` if `bytes` is
+/// not one.
+fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.get("schemaVersion")?;
+    if let Some(m) = v.get("mediaType").and_then(|m| m.as_str()) {
+        return Some(m.to_string());
+    }
+    Some(if v.get("manifests").is_some() {
+        breakfs_index::media_types::OCI_INDEX.to_string()
+    } else {
+        breakfs_index::media_types::OCI_MANIFEST.to_string()
+    })
+}
+
+async fn cache_index(State(svc): State<Arc<NodeService>>) -> Response {
+    let s = svc.clone();
+    let index = tokio::task::spawn_blocking(move || {
+        CacheIndex::of_store(&s.store, &s.node_url, s.budget, s.peers.urls())
+    })
+    .await;
+    match index {
+        Ok(i) => axum::Json(i).into_response(),
+        Err(e) => oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &e.to_string()),
+    }
+}
+
+async fn measurements(State(svc): State<Arc<NodeService>>) -> Response {
+    axum::Json(serde_json::json!({
+        "node": svc.node_url,
+        "links": svc.peers.links().snapshot(),
+    }))
+    .into_response()
+}
+
+async fn prefetch_start(State(svc): State<Arc<NodeService>>, body: axum::body::Bytes) -> Response {
+    let req: PrefetchRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a prefetch request ({{\"images\": [REF...]}}): {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    match svc.prefetcher.start(req) {
+        Ok(ids) => (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"tasks": ids})),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn prefetch_list(State(svc): State<Arc<NodeService>>) -> Response {
+    axum::Json(svc.prefetcher.tasks()).into_response()
+}
+
+async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
+    let s = svc.clone();
+    let used = tokio::task::spawn_blocking(move || s.store.usage())
+        .await
+        .unwrap_or(0);
+    let stats = svc.fetcher.stats();
+    let mut p = PromText::new();
+    let mut by_class: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    for c in ["local", "peer", "cloud"] {
+        by_class.insert(c, (0, 0, 0));
+    }
+    for (name, st) in &stats.sources {
+        let class = match name.split_whitespace().next() {
+            Some("local") => "local",
+            Some("peer") | Some("peers") => "peer",
+            _ => "cloud",
+        };
+        let e = by_class.entry(class).or_default();
+        e.0 += st.bytes;
+        e.1 += st.requests;
+        e.2 += st.failures;
+    }
+    p.family(
+        "breakfs_fetch_bytes_total",
+        "counter",
+        "Compressed bytes fetched, by source.",
+    );
+    for (c, v) in &by_class {
+        p.sample("breakfs_fetch_bytes_total", &[("source", c)], v.0 as f64);
+    }
+    p.family(
+        "breakfs_fetch_requests_total",
+        "counter",
+        "Range and blob requests answered, by source.",
+    );
+    for (c, v) in &by_class {
+        p.sample("breakfs_fetch_requests_total", &[("source", c)], v.1 as f64);
+    }
+    p.family(
+        "breakfs_fetch_failures_total",
+        "counter",
+        "Requests that failed, by source.",
+    );
+    for (c, v) in &by_class {
+        p.sample("breakfs_fetch_failures_total", &[("source", c)], v.2 as f64);
+    }
+    p.family(
+        "breakfs_fetch_duration_seconds",
+        "histogram",
+        "Duration of range and blob requests, by source.",
+    );
+    for c in ["local", "peer", "cloud"] {
+        let h = stats
+            .latency
+            .get(c)
+            .cloned()
+            .unwrap_or_else(Histogram::default);
+        p.histogram("breakfs_fetch_duration_seconds", &[("source", c)], &h);
+    }
+    p.family(
+        "breakfs_cache_hits_total",
+        "counter",
+        "Chunk requests the store answered at once.",
+    );
+    p.sample("breakfs_cache_hits_total", &[], stats.hits as f64);
+    p.family(
+        "breakfs_cache_misses_total",
+        "counter",
+        "Chunk requests that needed a fetch.",
+    );
+    p.sample("breakfs_cache_misses_total", &[], stats.misses as f64);
+    p.family(
+        "breakfs_chunks_stored_total",
+        "counter",
+        "Chunks verified and stored.",
+    );
+    p.sample(
+        "breakfs_chunks_stored_total",
+        &[],
+        stats.chunks_stored as f64,
+    );
+    p.family(
+        "breakfs_digest_failures_total",
+        "counter",
+        "Chunks that arrived with wrong bytes (not used).",
+    );
+    p.sample(
+        "breakfs_digest_failures_total",
+        &[],
+        stats.digest_failures as f64,
+    );
+    p.family(
+        "breakfs_layers_completed_total",
+        "counter",
+        "Layers assembled into whole, verified blobs.",
+    );
+    p.sample(
+        "breakfs_layers_completed_total",
+        &[],
+        stats.layers_completed as f64,
+    );
+    p.family("breakfs_fetch_queued", "gauge", "Chunk fetches queued now.");
+    p.sample("breakfs_fetch_queued", &[], stats.queued as f64);
+    p.family(
+        "breakfs_cache_bytes",
+        "gauge",
+        "Bytes the content store uses.",
+    );
+    p.sample("breakfs_cache_bytes", &[], used as f64);
+    p.family(
+        "breakfs_cache_budget_bytes",
+        "gauge",
+        "The store's budget (0: none).",
+    );
+    p.sample(
+        "breakfs_cache_budget_bytes",
+        &[],
+        svc.budget.unwrap_or(0) as f64,
+    );
+    let (evictions, evicted) = svc.store.budget().map_or((0, 0), |b| {
+        (
+            b.evictions.load(Ordering::Relaxed),
+            b.evicted_bytes.load(Ordering::Relaxed),
+        )
+    });
+    p.family(
+        "breakfs_cache_evictions_total",
+        "counter",
+        "Layers evicted to stay within the budget.",
+    );
+    p.sample("breakfs_cache_evictions_total", &[], evictions as f64);
+    p.family(
+        "breakfs_cache_evicted_bytes_total",
+        "counter",
+        "Bytes evicted to stay within the budget.",
+    );
+    p.sample("breakfs_cache_evicted_bytes_total", &[], evicted as f64);
+    p.family(
+        "breakfs_served_bytes_total",
+        "counter",
+        "Bytes served to peers and clients.",
+    );
+    p.sample(
+        "breakfs_served_bytes_total",
+        &[("kind", "blob")],
+        svc.served.blob_bytes.load(Ordering::Relaxed) as f64,
+    );
+    p.sample(
+        "breakfs_served_bytes_total",
+        &[("kind", "manifest")],
+        svc.served.manifest_bytes.load(Ordering::Relaxed) as f64,
+    );
+    p.family(
+        "breakfs_served_requests_total",
+        "counter",
+        "Peer and client requests, by outcome.",
+    );
+    p.sample(
+        "breakfs_served_requests_total",
+        &[("outcome", "hit")],
+        svc.served.hits.load(Ordering::Relaxed) as f64,
+    );
+    p.sample(
+        "breakfs_served_requests_total",
+        &[("outcome", "miss")],
+        svc.served.misses.load(Ordering::Relaxed) as f64,
+    );
+    let links = svc.peers.links().snapshot();
+    p.family(
+        "breakfs_link_rtt_seconds",
+        "gauge",
+        "Measured round-trip time, by link.",
+    );
+    for (l, s) in &links {
+        if let Some(r) = s.rtt_ms {
+            p.sample("breakfs_link_rtt_seconds", &[("link", l)], r / 1000.0);
+        }
+    }
+    p.family(
+        "breakfs_link_bandwidth_bits_per_second",
+        "gauge",
+        "Measured bandwidth, by link.",
+    );
+    for (l, s) in &links {
+        if let Some(b) = s.bandwidth_mbps {
+            p.sample(
+                "breakfs_link_bandwidth_bits_per_second",
+                &[("link", l)],
+                b * 1e6,
+            );
+        }
+    }
+    if let Some(hook) = svc
+        .metrics_hook
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        hook(&mut p);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        p.finish(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, size: u64) -> Result<Option<(u64, u64)>, String> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).expect("header"));
+        parse_range(&h, size)
+    }
+
+    #[test]
+    fn ranges_parse_like_http_says() {
+        assert_eq!(range("bytes=0-9", 100), Ok(Some((0, 10))));
+        assert_eq!(range("bytes=90-200", 100), Ok(Some((90, 100))));
+        assert_eq!(range("bytes=50-", 100), Ok(Some((50, 100))));
+        assert_eq!(range("bytes=-10", 100), Ok(Some((90, 100))));
+        assert!(range("bytes=100-", 100).is_err());
+        assert!(range("bytes=0-1,5-6", 100).is_err());
+        assert!(range("items=0-1", 100).is_err());
+        assert!(range("bytes=9-3", 100).is_err());
+        assert_eq!(parse_range(&HeaderMap::new(), 100), Ok(None));
+    }
+}
