@@ -143,6 +143,20 @@ impl Node {
         )
     }
 
+    /// SIGTERM and wait for the exit status.
+    pub(crate) fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        ok(Command::new("kill").arg(c.id().to_string()));
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < until, "the node daemon did not stop: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub(crate) fn sigkill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -316,6 +330,15 @@ fn a_peer_serves_a_hydrated_image_without_the_registry_and_to_skopeo() {
     assert!(
         measured["links"][&a.url]["rtt_ms"].as_f64().is_some(),
         "no RTT measured to A: {measured}"
+    );
+    // Stopping B unmounts its mount cleanly.
+    let point = m.point.clone();
+    let mut b = b;
+    assert!(b.stop().success(), "{}", b.log_text());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&format!(" {} ", point.display())),
+        "B's mount outlived B"
     );
     drop(m);
 
