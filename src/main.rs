@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod mountcmd;
 mod node;
 mod notify;
+mod schedcmd;
 
 /// breakfs: fast container deployment on edge clouds.
 ///
@@ -109,6 +110,25 @@ enum Command {
     ///   curl -X POST -d '{"images":["docker://reg:5000/app:v2"]}' http://127.0.0.1:7480/prefetch
     #[command(verbatim_doc_comment)]
     Node(node::NodeArgs),
+    /// Run the scheduler score service: a kube-scheduler extender.
+    ///
+    /// kube-scheduler calls POST {prefix}/filter and {prefix}/prioritize
+    /// (k8s.io/kube-scheduler/extender/v1, Nodes or NodeNames form); the
+    /// service filters out nodes that break the pod's limits
+    /// (breakfs.io/limit-delay in ms, breakfs.io/limit-bandwidth in Mbit/s,
+    /// as annotations or labels) or lack cache space for the missing layers,
+    /// and scores the rest by the expected time to get the image (layers on
+    /// the node, at a peer of its cluster, or in the cloud, over measured
+    /// links), layer locality, balanced allocation and least requested.
+    /// GET {prefix}/plan?image=REF&node=NAME says where each layer should
+    /// come from. It polls each node daemon's /cache/index and /measurements.
+    ///
+    /// Examples:
+    ///   breakfs sched --listen 0.0.0.0:7490 --plain-http \
+    ///       --node edge-1=http://10.0.0.1:7480@east --node edge-2=http://10.0.0.2:7480@east
+    ///   breakfs sched --config /etc/breakfs/sched.yaml
+    #[command(verbatim_doc_comment)]
+    Sched(schedcmd::SchedArgs),
 }
 
 #[derive(Args)]
@@ -511,6 +531,7 @@ fn main() -> std::process::ExitCode {
             Command::Status(a) => mountcmd::run_status(a),
             Command::Pull(a) => mountcmd::run_pull(a).await,
             Command::Node(a) => node::run_node(a).await,
+            Command::Sched(a) => schedcmd::run_sched(a).await,
         }
     });
     match result {

@@ -366,7 +366,7 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
         .with_context(|| format!("binding the control socket {}", path.display()))
 }
 
-/// Every 10 s, time a `GET /v2/` of each registry the node fetches from:
+/// Every 3 s, time a `GET /v2/` of each registry the node fetches from:
 /// the light probe of the cloud link's RTT.
 fn spawn_cloud_probe(
     cloud: Arc<CloudSource>,
@@ -387,7 +387,7 @@ fn spawn_cloud_probe(
                     Err(_) => links.failure("cloud"),
                 }
             }
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
     });
 }

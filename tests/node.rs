@@ -152,7 +152,11 @@ impl Node {
             if let Some(st) = c.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < until, "the node daemon did not stop: {}", self.log_text());
+            assert!(
+                Instant::now() < until,
+                "the node daemon did not stop: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -7,5 +7,6 @@ mod mount;
 mod node;
 mod oci_io;
 mod refactor;
+mod sched;
 mod support;
 mod systemd;

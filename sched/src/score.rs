@@ -1,0 +1,408 @@
+//! Filtering and scoring, pure functions over what the service knows of
+//! each node: which layers it holds, how good its links are, its resources.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use breakfs_index::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::types::Limits;
+
+/// A link's measured quality.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// Round-trip time, ms.
+    pub rtt_ms: f64,
+    /// Bandwidth, Mbit/s.
+    pub mbps: f64,
+}
+
+impl Link {
+    /// Seconds to move `bytes` over the link (one round trip plus transfer).
+    pub fn secs(&self, bytes: u64) -> f64 {
+        self.rtt_ms / 1000.0 + bytes as f64 * 8.0 / (self.mbps.max(0.001) * 1e6)
+    }
+}
+
+/// What the service knows of one node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    /// Kubernetes node name.
+    pub name: String,
+    /// The edge cluster it belongs to.
+    pub cluster: String,
+    /// Layers it holds whole.
+    pub whole: HashSet<Digest>,
+    /// Layers it holds in part, with the bytes held.
+    pub partial: HashMap<Digest, u64>,
+    /// Its link to the registry, if measured.
+    pub cloud: Option<Link>,
+    /// Its links to other nodes (by node name), if measured.
+    pub peers: HashMap<String, Link>,
+    /// Bytes its cache may still take, if known.
+    pub disk_free: Option<u64>,
+    /// Allocatable CPU cores and memory bytes, if known.
+    pub allocatable: Option<(f64, f64)>,
+    /// Requested CPU cores and memory bytes of the pods on it.
+    pub requested: (f64, f64),
+}
+
+/// One layer of an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its compressed size.
+    pub size: u64,
+}
+
+/// Where one layer should come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "from")]
+pub enum From {
+    /// Already on the node.
+    Local,
+    /// A peer node of the same cluster that holds it whole.
+    Peer {
+        /// The peer's node name.
+        node: String,
+    },
+    /// The registry.
+    Cloud,
+}
+
+/// A layer's source in a plan, with the expected seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerPlan {
+    /// The layer.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Where from.
+    #[serde(flatten)]
+    pub from: From,
+}
+
+/// What a node is expected to cost for an image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// Node name.
+    pub node: String,
+    /// Seconds until the node has the image (parallel sources).
+    pub fetch_secs: f64,
+    /// Bytes of the image already there.
+    pub local_bytes: u64,
+    /// Bytes to fetch.
+    pub missing_bytes: u64,
+    /// Per layer.
+    pub plan: Vec<LayerPlan>,
+}
+
+/// Assumed links when nothing was measured: a far cloud, a near peer.
+pub const DEFAULT_CLOUD: Link = Link {
+    rtt_ms: 50.0,
+    mbps: 100.0,
+};
+/// See [`DEFAULT_CLOUD`].
+pub const DEFAULT_PEER: Link = Link {
+    rtt_ms: 1.0,
+    mbps: 1000.0,
+};
+
+/// How `node` would get `layers`, given every node of its cluster
+/// (`cluster`, which may include `node` itself).
+pub fn estimate(node: &NodeView, cluster: &[&NodeView], layers: &[Layer]) -> Estimate {
+    let mut plan = Vec::new();
+    let (mut local, mut missing) = (0u64, 0u64);
+    // Bytes per source, fetched in parallel across sources.
+    let mut per_source: BTreeMap<String, (Link, u64)> = BTreeMap::new();
+    for l in layers {
+        if node.whole.contains(&l.digest) {
+            local += l.size;
+            plan.push(LayerPlan {
+                digest: l.digest.clone(),
+                size: l.size,
+                from: From::Local,
+            });
+            continue;
+        }
+        let held = node
+            .partial
+            .get(&l.digest)
+            .copied()
+            .unwrap_or(0)
+            .min(l.size);
+        local += held;
+        let need = l.size - held;
+        missing += need;
+        let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
+        let mut best = (cloud.secs(need), From::Cloud, cloud, "cloud".to_string());
+        for p in cluster {
+            if p.name == node.name || !p.whole.contains(&l.digest) {
+                continue;
+            }
+            let link = node.peers.get(&p.name).copied().unwrap_or(DEFAULT_PEER);
+            let t = link.secs(need);
+            if t < best.0 {
+                best = (
+                    t,
+                    From::Peer {
+                        node: p.name.clone(),
+                    },
+                    link,
+                    format!("peer {}", p.name),
+                );
+            }
+        }
+        let e = per_source.entry(best.3).or_insert((best.2, 0));
+        e.1 += need;
+        plan.push(LayerPlan {
+            digest: l.digest.clone(),
+            size: l.size,
+            from: best.1,
+        });
+    }
+    let fetch_secs = per_source
+        .values()
+        .map(|(link, bytes)| link.secs(*bytes))
+        .fold(0.0, f64::max);
+    Estimate {
+        node: node.name.clone(),
+        fetch_secs,
+        local_bytes: local,
+        missing_bytes: missing,
+        plan,
+    }
+}
+
+/// Why `node` cannot take the pod, in words, or `None` if it can.
+pub fn refuse(node: &NodeView, est: &Estimate, limits: &Limits) -> Option<String> {
+    if let (Some(max), Some(c)) = (limits.delay_ms, node.cloud)
+        && c.rtt_ms > max
+    {
+        return Some(format!(
+            "its round trip to the registry is {:.0} ms; the pod allows at most {max:.0} ms (breakfs.io/limit-delay)",
+            c.rtt_ms
+        ));
+    }
+    if let (Some(min), Some(c)) = (limits.bandwidth_mbps, node.cloud)
+        && c.mbps < min
+    {
+        return Some(format!(
+            "its bandwidth to the registry is {:.0} Mbit/s; the pod needs at least {min:.0} Mbit/s (breakfs.io/limit-bandwidth)",
+            c.mbps
+        ));
+    }
+    if let Some(free) = node.disk_free
+        && est.missing_bytes > free
+    {
+        return Some(format!(
+            "its image cache has {} MB free; the image needs {} MB more",
+            free / 1_000_000,
+            est.missing_bytes.div_ceil(1_000_000)
+        ));
+    }
+    None
+}
+
+/// Weights of the score parts (the paper's netWeight, layerWeight, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Weights {
+    /// Expected time to get the image.
+    #[serde(default = "one")]
+    pub net_weight: f64,
+    /// Share of the image already on the node.
+    #[serde(default = "one")]
+    pub layer_weight: f64,
+    /// CPU and memory use balanced.
+    #[serde(default = "one")]
+    pub balanced_weight: f64,
+    /// Least requested.
+    #[serde(default = "one")]
+    pub least_requested_weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            net_weight: 1.0,
+            layer_weight: 1.0,
+            balanced_weight: 1.0,
+            least_requested_weight: 1.0,
+        }
+    }
+}
+
+/// The parts of one node's score, each 0..1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Parts {
+    /// 1 for the fastest candidate, 0 for the slowest.
+    pub net: f64,
+    /// Share of the image's bytes on the node.
+    pub layer: f64,
+    /// 1 when CPU and memory would be used in the same proportion.
+    pub balanced: f64,
+    /// Share of CPU and memory left free.
+    pub least_requested: f64,
+}
+
+/// Scores 0–10 for candidates `ests` (with their views), for a pod that
+/// requests `pod` (CPU cores, memory bytes).
+pub fn scores(
+    views: &[&NodeView],
+    ests: &[Estimate],
+    pod: (f64, f64),
+    w: &Weights,
+) -> Vec<(i64, Parts)> {
+    let t_max = ests.iter().map(|e| e.fetch_secs).fold(0.0, f64::max);
+    let t_min = ests
+        .iter()
+        .map(|e| e.fetch_secs)
+        .fold(f64::INFINITY, f64::min);
+    views
+        .iter()
+        .zip(ests)
+        .map(|(v, e)| {
+            let net = if t_max - t_min <= 1e-9 {
+                1.0
+            } else {
+                (t_max - e.fetch_secs) / (t_max - t_min)
+            };
+            let total = e.local_bytes + e.missing_bytes;
+            let layer = if total == 0 {
+                1.0
+            } else {
+                e.local_bytes as f64 / total as f64
+            };
+            let (balanced, least_requested) = match v.allocatable {
+                Some((cpu, mem)) if cpu > 0.0 && mem > 0.0 => {
+                    let fc = ((v.requested.0 + pod.0) / cpu).min(1.0);
+                    let fm = ((v.requested.1 + pod.1) / mem).min(1.0);
+                    (1.0 - (fc - fm).abs(), 1.0 - (fc + fm) / 2.0)
+                }
+                _ => (1.0, 1.0),
+            };
+            let p = Parts {
+                net,
+                layer,
+                balanced,
+                least_requested,
+            };
+            let sum = w.net_weight + w.layer_weight + w.balanced_weight + w.least_requested_weight;
+            let s = if sum <= 0.0 {
+                0.0
+            } else {
+                (w.net_weight * net
+                    + w.layer_weight * layer
+                    + w.balanced_weight * balanced
+                    + w.least_requested_weight * least_requested)
+                    / sum
+            };
+            ((s * 10.0).round().clamp(0.0, 10.0) as i64, p)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn layers(n: usize) -> Vec<Layer> {
+        (0..n)
+            .map(|i| Layer {
+                digest: Digest::of(format!("layer{i}").as_bytes()),
+                size: 1_000_000 * (i as u64 + 1),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_peer_in_the_cluster_beats_the_far_cloud() {
+        let ls = layers(2);
+        let holder = NodeView {
+            name: "a".into(),
+            whole: ls.iter().map(|l| l.digest.clone()).collect(),
+            ..NodeView::default()
+        };
+        let empty = NodeView {
+            name: "b".into(),
+            ..NodeView::default()
+        };
+        let e = estimate(&empty, &[&holder, &empty], &ls);
+        assert!(
+            e.plan
+                .iter()
+                .all(|p| p.from == From::Peer { node: "a".into() })
+        );
+        let far = estimate(&empty, &[&empty], &ls);
+        assert!(far.fetch_secs > e.fetch_secs * 10.0);
+        assert_eq!(estimate(&holder, &[&holder], &ls).fetch_secs, 0.0);
+    }
+
+    #[test]
+    fn limits_and_disk_refuse_in_words() {
+        let far = NodeView {
+            name: "far".into(),
+            cloud: Some(Link {
+                rtt_ms: 80.0,
+                mbps: 50.0,
+            }),
+            disk_free: Some(1_000),
+            ..NodeView::default()
+        };
+        let e = estimate(&far, &[&far], &layers(1));
+        let delay = Limits {
+            delay_ms: Some(25.0),
+            bandwidth_mbps: None,
+        };
+        assert!(refuse(&far, &e, &delay).unwrap().contains("80 ms"));
+        let bw = Limits {
+            delay_ms: None,
+            bandwidth_mbps: Some(200.0),
+        };
+        assert!(refuse(&far, &e, &bw).unwrap().contains("50 Mbit/s"));
+        assert!(
+            refuse(&far, &e, &Limits::default())
+                .unwrap()
+                .contains("MB free")
+        );
+    }
+
+    proptest! {
+        /// All else equal, a node holding more of the image's layers never
+        /// scores lower.
+        #[test]
+        fn holding_more_layers_never_scores_lower(
+            n in 1usize..8,
+            held_a in proptest::collection::vec(any::<bool>(), 8),
+            extra in proptest::collection::vec(any::<bool>(), 8),
+            rtt in 1.0f64..200.0,
+            mbps in 1.0f64..1000.0,
+            others in 0usize..4,
+        ) {
+            let ls = layers(n);
+            let cloud = Some(Link { rtt_ms: rtt, mbps });
+            let less: HashSet<Digest> = ls.iter().zip(&held_a).filter(|(_, h)| **h).map(|(l, _)| l.digest.clone()).collect();
+            let mut more = less.clone();
+            more.extend(ls.iter().zip(&extra).filter(|(_, h)| **h).map(|(l, _)| l.digest.clone()));
+            let a = NodeView { name: "a".into(), whole: less, cloud, ..NodeView::default() };
+            let b = NodeView { name: "b".into(), whole: more, cloud, ..NodeView::default() };
+            let mut views = vec![a, b];
+            for i in 0..others {
+                views.push(NodeView { name: format!("o{i}"), cloud, whole: ls.iter().take(i).map(|l| l.digest.clone()).collect(), ..NodeView::default() });
+            }
+            let refs: Vec<&NodeView> = views.iter().collect();
+            let ests: Vec<Estimate> = refs.iter().map(|v| estimate(v, &[], &ls)).collect();
+            let s = scores(&refs, &ests, (0.0, 0.0), &Weights::default());
+            prop_assert!(s[1].0 >= s[0].0, "{:?}", s);
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The extender HTTP service: `POST {prefix}/filter`, `POST
+//! {prefix}/prioritize`, `GET {prefix}/plan`, and the node directory it
+//! scores from (cache indexes and measurements polled from node daemons).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use breakfs_fetch::peer::{CacheIndex, LinkStats};
+use breakfs_fetch::{ClientOptions, Store};
+use breakfs_index::{Digest, ImageRef};
+use serde::{Deserialize, Serialize};
+
+use crate::score::{self, DEFAULT_CLOUD, DEFAULT_PEER, Layer, Link, NodeView, Weights};
+use crate::types::{ExtenderArgs, ExtenderFilterResult, HostPriority, NodeList, Pod};
+
+/// One node daemon the service watches.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeEntry {
+    /// The Kubernetes node name.
+    pub name: String,
+    /// The daemon's URL (`http://HOST:PORT`).
+    pub url: String,
+    /// The edge cluster it belongs to.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+}
+
+fn default_cluster() -> String {
+    "default".into()
+}
+
+/// The service's configuration (YAML, in the spirit of the paper's).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SchedConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// URL prefix of the extender verbs (`urlPrefix` in the scheduler's
+    /// extender config ends here).
+    #[serde(default)]
+    pub prefix: String,
+    /// Score weights.
+    #[serde(flatten)]
+    pub weights: Weights,
+    /// Bytes of cache per cluster the prefetch planner may fill
+    /// (e.g. `26Gi`).
+    #[serde(default)]
+    pub cache_sum_size: Option<String>,
+    /// The node daemons to watch.
+    #[serde(default)]
+    pub nodes: Vec<NodeEntry>,
+    /// Talk plain HTTP to registries.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Seconds between polls of each node daemon.
+    #[serde(default = "default_poll")]
+    pub poll_secs: f64,
+    /// A node's data older than this many seconds is not trusted.
+    #[serde(default = "default_stale")]
+    pub stale_secs: f64,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:7490".into()
+}
+fn default_poll() -> f64 {
+    2.0
+}
+fn default_stale() -> f64 {
+    30.0
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig {
+            listen: default_listen(),
+            prefix: String::new(),
+            weights: Weights::default(),
+            cache_sum_size: None,
+            nodes: Vec::new(),
+            plain_http: false,
+            poll_secs: default_poll(),
+            stale_secs: default_stale(),
+        }
+    }
+}
+
+impl SchedConfig {
+    /// Parse a YAML config.
+    pub fn from_yaml(text: &str) -> Result<SchedConfig, String> {
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// What was last polled from one node daemon.
+#[derive(Clone, Debug)]
+struct Polled {
+    index: CacheIndex,
+    links: HashMap<String, LinkStats>,
+    at: Instant,
+}
+
+/// The service state.
+pub struct Sched {
+    cfg: SchedConfig,
+    client: ClientOptions,
+    http: reqwest::Client,
+    polled: Mutex<HashMap<String, Polled>>,
+    images: Mutex<HashMap<String, (Vec<Layer>, Instant)>>,
+    /// Layer popularity fed by placements (decayed by the hour).
+    popularity: Mutex<HashMap<Digest, (f64, Instant)>>,
+}
+
+/// How long a resolved tag is trusted.
+const IMAGE_TTL: Duration = Duration::from_secs(60);
+
+impl Sched {
+    /// A service for `cfg`.
+    pub fn new(cfg: SchedConfig) -> Arc<Sched> {
+        let client = ClientOptions {
+            plain_http: cfg.plain_http,
+            ..ClientOptions::default()
+        };
+        Arc::new(Sched {
+            cfg,
+            client,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+            polled: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
+            popularity: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SchedConfig {
+        &self.cfg
+    }
+
+    /// Poll every node daemon once.
+    pub async fn poll(&self) {
+        let polls = self.cfg.nodes.iter().map(|n| async move {
+            let get = |path: &'static str| {
+                let url = format!("{}{path}", n.url.trim_end_matches('/'));
+                async move {
+                    let r = self.http.get(url).send().await.map_err(|e| e.to_string())?;
+                    let r = r.error_for_status().map_err(|e| e.to_string())?;
+                    r.bytes().await.map_err(|e| e.to_string())
+                }
+            };
+            let idx = get("/cache/index")
+                .await
+                .and_then(|b| serde_json::from_slice::<CacheIndex>(&b).map_err(|e| e.to_string()));
+            let m = get("/measurements").await.and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+            });
+            (n.name.clone(), idx, m)
+        });
+        for (name, idx, m) in futures::future::join_all(polls).await {
+            match (idx, m) {
+                (Ok(index), Ok(m)) => {
+                    let links = serde_json::from_value(m["links"].clone()).unwrap_or_default();
+                    lock(&self.polled).insert(
+                        name,
+                        Polled {
+                            index,
+                            links,
+                            at: Instant::now(),
+                        },
+                    );
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!(node = %name, "polling the node daemon failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Poll every `poll_secs` until the process ends.
+    pub fn spawn_polling(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let every = Duration::from_secs_f64(self.cfg.poll_secs.max(0.1));
+        tokio::spawn(async move {
+            loop {
+                let Some(s) = me.upgrade() else { return };
+                s.poll().await;
+                drop(s);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// The view of node `name` (an unwatched or stale node: nothing cached,
+    /// nothing measured).
+    pub fn view(&self, name: &str) -> NodeView {
+        let entry = self.cfg.nodes.iter().find(|n| n.name == name);
+        let mut v = NodeView {
+            name: name.to_string(),
+            cluster: entry.map_or_else(default_cluster, |e| e.cluster.clone()),
+            ..NodeView::default()
+        };
+        let polled = lock(&self.polled).get(name).cloned();
+        let Some(p) = polled.filter(|p| p.at.elapsed().as_secs_f64() < self.cfg.stale_secs) else {
+            return v;
+        };
+        v.whole = p.index.blobs.iter().map(|b| b.digest.clone()).collect();
+        v.partial = p
+            .index
+            .partial
+            .iter()
+            .map(|l| (l.digest.clone(), l.ranges.iter().map(|(s, e)| e - s).sum()))
+            .collect();
+        v.disk_free = p.index.budget.map(|b| b.saturating_sub(p.index.used));
+        let link = |l: &LinkStats, d: Link| Link {
+            rtt_ms: l.rtt_ms.unwrap_or(d.rtt_ms),
+            mbps: l.bandwidth_mbps.unwrap_or(d.mbps),
+        };
+        v.cloud = p.links.get("cloud").map(|l| link(l, DEFAULT_CLOUD));
+        for n in &self.cfg.nodes {
+            if let Some(l) = p.links.get(n.url.trim_end_matches('/')) {
+                v.peers.insert(n.name.clone(), link(l, DEFAULT_PEER));
+            }
+        }
+        v
+    }
+
+    /// The layers of `image` (a pod's image reference), resolved and cached.
+    pub async fn layers(&self, image: &str) -> Result<Vec<Layer>, String> {
+        if let Some((l, at)) = lock(&self.images).get(image)
+            && at.elapsed() < IMAGE_TTL
+        {
+            return Ok(l.clone());
+        }
+        let r = if image.contains("://") || image.starts_with("oci:") {
+            image.to_string()
+        } else {
+            format!("docker://{image}")
+        };
+        let reference = ImageRef::parse(&r).map_err(|e| e.to_string())?;
+        let store = Store::open(&reference, &self.client)
+            .await
+            .map_err(|e| e.to_string())?;
+        let resolved = store.resolve(&reference).await.map_err(|e| e.to_string())?;
+        let layers: Vec<Layer> = resolved
+            .layers()
+            .iter()
+            .map(|d| Layer {
+                digest: d.digest.clone(),
+                size: d.size,
+            })
+            .collect();
+        lock(&self.images).insert(image.to_string(), (layers.clone(), Instant::now()));
+        Ok(layers)
+    }
+
+    /// Views and estimates of `names` for `pod`.
+    async fn evaluate(&self, pod: &Pod, names: &[String]) -> (Vec<NodeView>, Vec<score::Estimate>) {
+        let mut layers = Vec::new();
+        for c in &pod.spec.containers {
+            match self.layers(&c.image).await {
+                Ok(l) => layers.extend(l),
+                Err(e) => {
+                    tracing::warn!(image = %c.image, "cannot resolve the image, scoring without it: {e}")
+                }
+            }
+        }
+        let all: Vec<NodeView> = self.cfg.nodes.iter().map(|n| self.view(&n.name)).collect();
+        let views: Vec<NodeView> = names.iter().map(|n| self.view(n)).collect();
+        let ests = views
+            .iter()
+            .map(|v| {
+                let cluster: Vec<&NodeView> =
+                    all.iter().filter(|o| o.cluster == v.cluster).collect();
+                score::estimate(v, &cluster, &layers)
+            })
+            .collect();
+        (views, ests)
+    }
+
+    /// The extender's filter.
+    pub async fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
+        let pod = args.pod.unwrap_or_default();
+        let (names, nodes) = candidate_names(&args.nodes, &args.node_names);
+        let limits = pod.limits();
+        let (mut views, ests) = self.evaluate(&pod, &names).await;
+        fill_resources(&mut views, &nodes);
+        let mut result = ExtenderFilterResult::default();
+        let mut passed = Vec::new();
+        for (v, e) in views.iter().zip(&ests) {
+            match score::refuse(v, e, &limits) {
+                Some(why) => {
+                    result.failed_nodes.insert(v.name.clone(), why);
+                }
+                None => passed.push(v.name.clone()),
+            }
+        }
+        match args.nodes {
+            Some(list) => {
+                result.nodes = Some(NodeList {
+                    items: list
+                        .items
+                        .into_iter()
+                        .filter(|n| n.name().is_some_and(|x| passed.iter().any(|p| p == x)))
+                        .collect(),
+                    rest: list.rest,
+                });
+            }
+            None => result.node_names = Some(passed),
+        }
+        result
+    }
+
+    /// The extender's prioritize.
+    pub async fn prioritize(&self, args: ExtenderArgs) -> Vec<HostPriority> {
+        let pod = args.pod.unwrap_or_default();
+        let (names, nodes) = candidate_names(&args.nodes, &args.node_names);
+        let (mut views, ests) = self.evaluate(&pod, &names).await;
+        fill_resources(&mut views, &nodes);
+        let refs: Vec<&NodeView> = views.iter().collect();
+        let pod_req = (pod.request("cpu"), pod.request("memory"));
+        score::scores(&refs, &ests, pod_req, &self.cfg.weights)
+            .into_iter()
+            .zip(&views)
+            .map(|((s, _), v)| HostPriority {
+                host: v.name.clone(),
+                score: s,
+            })
+            .collect()
+    }
+
+    /// Where each layer of `image` should come from for `node`; counts as
+    /// a placement for popularity.
+    pub async fn plan(&self, image: &str, node: &str) -> Result<score::Estimate, String> {
+        let layers = self.layers(image).await?;
+        let all: Vec<NodeView> = self.cfg.nodes.iter().map(|n| self.view(&n.name)).collect();
+        let v = self.view(node);
+        let cluster: Vec<&NodeView> = all.iter().filter(|o| o.cluster == v.cluster).collect();
+        let est = score::estimate(&v, &cluster, &layers);
+        let mut pop = lock(&self.popularity);
+        for l in &layers {
+            let e = pop.entry(l.digest.clone()).or_insert((0.0, Instant::now()));
+            let hours = e.1.elapsed().as_secs_f64() / 3600.0;
+            *e = (e.0 * 0.5f64.powf(hours) + 1.0, Instant::now());
+        }
+        Ok(est)
+    }
+}
+
+/// The candidate names, and the whole nodes when given.
+fn candidate_names(
+    nodes: &Option<NodeList>,
+    names: &Option<Vec<String>>,
+) -> (Vec<String>, Vec<crate::types::Node>) {
+    match (nodes, names) {
+        (Some(list), _) => (
+            list.items
+                .iter()
+                .filter_map(|n| n.name().map(String::from))
+                .collect(),
+            list.items.clone(),
+        ),
+        (None, Some(n)) => (n.clone(), Vec::new()),
+        (None, None) => (Vec::new(), Vec::new()),
+    }
+}
+
+/// Allocatable resources from the request's nodes; requested ones from the
+/// `breakfs.io/requested-cpu` / `-memory` labels when present.
+fn fill_resources(views: &mut [NodeView], nodes: &[crate::types::Node]) {
+    for v in views {
+        if let Some(n) = nodes.iter().find(|n| n.name() == Some(v.name.as_str())) {
+            if let (Some(cpu), Some(mem)) = (n.allocatable("cpu"), n.allocatable("memory")) {
+                v.allocatable = Some((cpu, mem));
+            }
+            let q = |k| {
+                n.label(k)
+                    .and_then(crate::types::parse_quantity)
+                    .unwrap_or(0.0)
+            };
+            v.requested = (
+                q("breakfs.io/requested-cpu"),
+                q("breakfs.io/requested-memory"),
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The routes, under the configured prefix.
+pub fn routes(s: Arc<Sched>) -> Router {
+    let p = s.cfg.prefix.trim_end_matches('/').to_string();
+    Router::new()
+        .route(&format!("{p}/filter"), post(filter))
+        .route(&format!("{p}/prioritize"), post(prioritize))
+        .route(&format!("{p}/plan"), get(plan))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(s)
+}
+
+/// A 400 answer saying why the body is not `ExtenderArgs`.
+fn bad_request(why: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        format!(
+            "the body is not an ExtenderArgs document ({{\"Pod\": ..., \"Nodes\"|\"NodeNames\": ...}}): {why}\n"
+        ),
+    )
+        .into_response()
+}
+
+/// The request body as `ExtenderArgs`, or why not.
+fn check_args(body: &[u8]) -> Result<Box<ExtenderArgs>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if !v.is_object() {
+        return Err("it is not a JSON object".into());
+    }
+    let args: ExtenderArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    if args.pod.is_none() {
+        return Err("it has no Pod".into());
+    }
+    if args.nodes.is_none() && args.node_names.is_none() {
+        return Err("it has neither Nodes nor NodeNames".into());
+    }
+    Ok(Box::new(args))
+}
+
+async fn filter(State(s): State<Arc<Sched>>, body: axum::body::Bytes) -> Response {
+    match check_args(&body) {
+        Ok(a) => axum::Json(s.filter(*a).await).into_response(),
+        Err(why) => bad_request(why),
+    }
+}
+
+async fn prioritize(State(s): State<Arc<Sched>>, body: axum::body::Bytes) -> Response {
+    match check_args(&body) {
+        Ok(a) => axum::Json(s.prioritize(*a).await).into_response(),
+        Err(why) => bad_request(why),
+    }
+}
+
+#[derive(Deserialize)]
+struct PlanQuery {
+    image: String,
+    node: String,
+}
+
+async fn plan(
+    State(s): State<Arc<Sched>>,
+    q: Result<Query<PlanQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return (StatusCode::BAD_REQUEST, "give ?image=REF&node=NAME\n").into_response();
+    };
+    match s.plan(&q.image, &q.node).await {
+        Ok(e) => axum::Json(e).into_response(),
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("planning {} on {}: {e}\n", q.image, q.node),
+        )
+            .into_response(),
+    }
+}

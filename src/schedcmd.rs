@@ -1,0 +1,104 @@
+//! `breakfs sched`: the kube-scheduler extender service.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
+use clap::Args;
+
+/// The line the service prints on stdout once it serves.
+const READY: &str = "BREAKFS-SCHED-READY";
+
+#[derive(Args)]
+pub struct SchedArgs {
+    /// A YAML config: netWeight, layerWeight, balancedWeight,
+    /// leastRequestedWeight, cacheSumSize, nodes (name, url, cluster),
+    /// plainHttp, listen, prefix, pollSecs, staleSecs. Flags win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:7490; port 0 picks a free one].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// A node daemon to watch: NAME=URL or NAME=URL@CLUSTER (NAME is the
+    /// Kubernetes node name); repeat for each node.
+    #[arg(long = "node", value_name = "NAME=URL[@CLUSTER]")]
+    nodes: Vec<String>,
+    /// Talk plain HTTP to registries.
+    #[arg(long)]
+    plain_http: bool,
+}
+
+fn parse_node(s: &str) -> Result<NodeEntry> {
+    let Some((name, rest)) = s.split_once('=') else {
+        bail!(
+            "--node {s:?}: give NAME=URL or NAME=URL@CLUSTER, e.g. edge-1=http://10.0.0.1:7480@east"
+        );
+    };
+    let (url, cluster) = match rest.rsplit_once('@') {
+        Some((u, c)) if !c.contains('/') => (u, c),
+        _ => (rest, "default"),
+    };
+    Ok(NodeEntry {
+        name: name.to_string(),
+        url: url.to_string(),
+        cluster: cluster.to_string(),
+    })
+}
+
+pub async fn run_sched(a: SchedArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the scheduler config {}", p.display()))?;
+            SchedConfig::from_yaml(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("parsing the scheduler config {}", p.display()))?
+        }
+        None => SchedConfig::default(),
+    };
+    if let Some(l) = &a.listen {
+        cfg.listen = l.clone();
+    }
+    for n in &a.nodes {
+        cfg.nodes.push(parse_node(n)?);
+    }
+    cfg.plain_http |= a.plain_http;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {} (choose another with --listen)", cfg.listen))?;
+    let local = listener.local_addr()?;
+    let sched = Sched::new(cfg);
+    sched.poll().await;
+    sched.spawn_polling();
+    eprintln!(
+        "breakfs sched: serving the extender on http://{local}{}/filter and /prioritize, watching {} node daemons",
+        sched.config().prefix,
+        sched.config().nodes.len()
+    );
+    println!("{READY} http://{local}");
+    let app = routes(sched);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = axum::serve(listener, app) => r.context("the extender server stopped")?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_flags_name_url_and_cluster() {
+        let n = parse_node("edge-1=http://10.0.0.1:7480@east").expect("parses");
+        assert_eq!(
+            (n.name.as_str(), n.url.as_str(), n.cluster.as_str()),
+            ("edge-1", "http://10.0.0.1:7480", "east")
+        );
+        let n = parse_node("b=http://h:1").expect("parses");
+        assert_eq!(n.cluster, "default");
+        assert!(parse_node("nope").is_err());
+    }
+}
