@@ -1,7 +1,7 @@
 //! Filtering and scoring, pure functions over what the service knows of
 //! each node: which layers it holds, how good its links are, its resources.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use breakfs_index::Digest;
 use serde::{Deserialize, Serialize};
@@ -109,21 +109,56 @@ pub const DEFAULT_PEER: Link = Link {
     mbps: 1000.0,
 };
 
-/// How `node` would get `layers`, given every node of its cluster
-/// (`cluster`, which may include `node` itself).
-pub fn estimate(node: &NodeView, cluster: &[&NodeView], layers: &[Layer]) -> Estimate {
+/// Which nodes hold each layer whole, from `views` (one cluster's nodes).
+pub fn holders<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holders {
+    let mut out: Holders = HashMap::default();
+    for v in views {
+        for d in &v.whole {
+            out.entry(d.clone()).or_default().push(v.name.clone());
+        }
+    }
+    out
+}
+
+/// Layer → the nodes of a cluster holding it whole.
+pub type Holders = HashMap<Digest, Vec<String>>;
+
+/// Peers examined per layer at most (the first holders listed).
+const MAX_HOLDERS: usize = 8;
+
+/// How `node` would get `layers`, given which nodes of its cluster hold
+/// which layers (`holders`, which may list `node` itself).
+pub fn estimate(node: &NodeView, holders: &Holders, layers: &[Layer]) -> Estimate {
+    estimate_with(node, holders, layers, true)
+}
+
+/// [`estimate`] without the per-layer plan (the scoring path: no
+/// allocation per layer).
+pub fn estimate_time(node: &NodeView, holders: &Holders, layers: &[Layer]) -> Estimate {
+    estimate_with(node, holders, layers, false)
+}
+
+fn estimate_with(
+    node: &NodeView,
+    holders: &Holders,
+    layers: &[Layer],
+    with_plan: bool,
+) -> Estimate {
     let mut plan = Vec::new();
     let (mut local, mut missing) = (0u64, 0u64);
-    // Bytes per source, fetched in parallel across sources.
-    let mut per_source: BTreeMap<String, (Link, u64)> = BTreeMap::new();
+    // Bytes per source (None: the cloud), fetched in parallel across sources.
+    let mut per_source: Vec<(Option<&str>, Link, u64)> = Vec::new();
+    let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
     for l in layers {
         if node.whole.contains(&l.digest) {
             local += l.size;
-            plan.push(LayerPlan {
-                digest: l.digest.clone(),
-                size: l.size,
-                from: From::Local,
-            });
+            if with_plan {
+                plan.push(LayerPlan {
+                    digest: l.digest.clone(),
+                    size: l.size,
+                    from: From::Local,
+                });
+            }
             continue;
         }
         let held = node
@@ -135,39 +170,49 @@ pub fn estimate(node: &NodeView, cluster: &[&NodeView], layers: &[Layer]) -> Est
         local += held;
         let need = l.size - held;
         missing += need;
-        let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
-        let mut best = (cloud.secs(need), From::Cloud, cloud, "cloud".to_string());
-        for p in cluster {
-            if p.name == node.name || !p.whole.contains(&l.digest) {
+        let mut best: (f64, Option<&str>, Link) = (cloud.secs(need), None, cloud);
+        for p in holders
+            .get(&l.digest)
+            .into_iter()
+            .flatten()
+            .take(MAX_HOLDERS)
+        {
+            if *p == node.name {
                 continue;
             }
-            let link = node.peers.get(&p.name).copied().unwrap_or(DEFAULT_PEER);
+            let link = node.peers.get(p).copied().unwrap_or(DEFAULT_PEER);
             let t = link.secs(need);
             if t < best.0 {
-                best = (
-                    t,
-                    From::Peer {
-                        node: p.name.clone(),
-                    },
-                    link,
-                    format!("peer {}", p.name),
-                );
+                best = (t, Some(p.as_str()), link);
             }
         }
-        let e = per_source.entry(best.3).or_insert((best.2, 0));
-        e.1 += need;
-        plan.push(LayerPlan {
-            digest: l.digest.clone(),
-            size: l.size,
-            from: best.1,
-        });
+        match per_source.iter_mut().find(|(k, _, _)| *k == best.1) {
+            Some(e) => e.2 += need,
+            None => per_source.push((best.1, best.2, need)),
+        }
+        if with_plan {
+            plan.push(LayerPlan {
+                digest: l.digest.clone(),
+                size: l.size,
+                from: match best.1 {
+                    Some(p) => From::Peer {
+                        node: p.to_string(),
+                    },
+                    None => From::Cloud,
+                },
+            });
+        }
     }
     let fetch_secs = per_source
-        .values()
-        .map(|(link, bytes)| link.secs(*bytes))
+        .iter()
+        .map(|(_, link, bytes)| link.secs(*bytes))
         .fold(0.0, f64::max);
     Estimate {
-        node: node.name.clone(),
+        node: if with_plan {
+            node.name.clone()
+        } else {
+            String::new()
+        },
         fetch_secs,
         local_bytes: local,
         missing_bytes: missing,
@@ -336,15 +381,15 @@ mod tests {
             name: "b".into(),
             ..NodeView::default()
         };
-        let e = estimate(&empty, &[&holder, &empty], &ls);
+        let e = estimate(&empty, &holders([&holder, &empty]), &ls);
         assert!(
             e.plan
                 .iter()
                 .all(|p| p.from == From::Peer { node: "a".into() })
         );
-        let far = estimate(&empty, &[&empty], &ls);
+        let far = estimate(&empty, &Holders::default(), &ls);
         assert!(far.fetch_secs > e.fetch_secs * 10.0);
-        assert_eq!(estimate(&holder, &[&holder], &ls).fetch_secs, 0.0);
+        assert_eq!(estimate(&holder, &holders([&holder]), &ls).fetch_secs, 0.0);
     }
 
     #[test]
@@ -358,7 +403,7 @@ mod tests {
             disk_free: Some(1_000),
             ..NodeView::default()
         };
-        let e = estimate(&far, &[&far], &layers(1));
+        let e = estimate(&far, &Holders::default(), &layers(1));
         let delay = Limits {
             delay_ms: Some(25.0),
             bandwidth_mbps: None,
@@ -400,7 +445,7 @@ mod tests {
                 views.push(NodeView { name: format!("o{i}"), cloud, whole: ls.iter().take(i).map(|l| l.digest.clone()).collect(), ..NodeView::default() });
             }
             let refs: Vec<&NodeView> = views.iter().collect();
-            let ests: Vec<Estimate> = refs.iter().map(|v| estimate(v, &[], &ls)).collect();
+            let ests: Vec<Estimate> = refs.iter().map(|v| estimate(v, &Holders::default(), &ls)).collect();
             let s = scores(&refs, &ests, (0.0, 0.0), &Weights::default());
             prop_assert!(s[1].0 >= s[0].0, "{:?}", s);
         }

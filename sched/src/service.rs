@@ -16,7 +16,7 @@ use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::{Digest, ImageRef};
 use serde::{Deserialize, Serialize};
 
-use crate::score::{self, DEFAULT_CLOUD, DEFAULT_PEER, Layer, Link, NodeView, Weights};
+use crate::score::{self, DEFAULT_CLOUD, DEFAULT_PEER, Holders, Layer, Link, NodeView, Weights};
 use crate::types::{ExtenderArgs, ExtenderFilterResult, HostPriority, NodeList, Pod};
 
 /// One node daemon the service watches.
@@ -99,12 +99,14 @@ impl SchedConfig {
     }
 }
 
-/// What was last polled from one node daemon.
-#[derive(Clone, Debug)]
-struct Polled {
-    index: CacheIndex,
-    links: HashMap<String, LinkStats>,
-    at: Instant,
+/// What the service knows of every node, rebuilt after each poll and read
+/// by requests without copying.
+#[derive(Default)]
+pub struct Directory {
+    /// Node views by name, with when they were polled.
+    views: HashMap<String, (Arc<NodeView>, Instant)>,
+    /// Per cluster: which node holds which layer whole.
+    holders: HashMap<String, Holders>,
 }
 
 /// The service state.
@@ -112,7 +114,7 @@ pub struct Sched {
     cfg: SchedConfig,
     client: ClientOptions,
     http: reqwest::Client,
-    polled: Mutex<HashMap<String, Polled>>,
+    directory: Mutex<Arc<Directory>>,
     images: Mutex<HashMap<String, (Vec<Layer>, Instant)>>,
     /// Layer popularity fed by placements (decayed by the hour).
     popularity: Mutex<HashMap<Digest, (f64, Instant)>>,
@@ -135,7 +137,7 @@ impl Sched {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
-            polled: Mutex::new(HashMap::new()),
+            directory: Mutex::new(Arc::new(Directory::default())),
             images: Mutex::new(HashMap::new()),
             popularity: Mutex::new(HashMap::new()),
         })
@@ -165,24 +167,88 @@ impl Sched {
             });
             (n.name.clone(), idx, m)
         });
+        let mut fresh = Vec::new();
         for (name, idx, m) in futures::future::join_all(polls).await {
             match (idx, m) {
                 (Ok(index), Ok(m)) => {
-                    let links = serde_json::from_value(m["links"].clone()).unwrap_or_default();
-                    lock(&self.polled).insert(
-                        name,
-                        Polled {
-                            index,
-                            links,
-                            at: Instant::now(),
-                        },
-                    );
+                    let links: HashMap<String, LinkStats> =
+                        serde_json::from_value(m["links"].clone()).unwrap_or_default();
+                    fresh.push(self.view_of(&name, &index, &links));
                 }
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::debug!(node = %name, "polling the node daemon failed: {e}");
                 }
             }
         }
+        self.update(fresh);
+    }
+
+    /// Replace the views of the nodes in `views` (polled now) and rebuild
+    /// the cluster holder maps; the simulation and benchmarks feed views
+    /// here directly.
+    pub fn update(&self, views: Vec<NodeView>) {
+        let old = lock(&self.directory).clone();
+        let mut d = Directory {
+            views: old.views.clone(),
+            holders: HashMap::new(),
+        };
+        let now = Instant::now();
+        for v in views {
+            d.views.insert(v.name.clone(), (Arc::new(v), now));
+        }
+        let stale = self.cfg.stale_secs;
+        let mut by_cluster: HashMap<String, Vec<&NodeView>> = HashMap::new();
+        for (v, at) in d.views.values() {
+            if at.elapsed().as_secs_f64() < stale {
+                by_cluster.entry(v.cluster.clone()).or_default().push(v);
+            }
+        }
+        let holders = by_cluster
+            .into_iter()
+            .map(|(c, vs)| (c, score::holders(vs)))
+            .collect();
+        d.holders = holders;
+        *lock(&self.directory) = Arc::new(d);
+    }
+
+    /// A node's view from its published index and measurements.
+    fn view_of(
+        &self,
+        name: &str,
+        index: &CacheIndex,
+        links: &HashMap<String, LinkStats>,
+    ) -> NodeView {
+        let mut v = NodeView {
+            name: name.to_string(),
+            cluster: self.cluster_of(name),
+            ..NodeView::default()
+        };
+        v.whole = index.blobs.iter().map(|b| b.digest.clone()).collect();
+        v.partial = index
+            .partial
+            .iter()
+            .map(|l| (l.digest.clone(), l.ranges.iter().map(|(s, e)| e - s).sum()))
+            .collect();
+        v.disk_free = index.budget.map(|b| b.saturating_sub(index.used));
+        let link = |l: &LinkStats, d: Link| Link {
+            rtt_ms: l.rtt_ms.unwrap_or(d.rtt_ms),
+            mbps: l.bandwidth_mbps.unwrap_or(d.mbps),
+        };
+        v.cloud = links.get("cloud").map(|l| link(l, DEFAULT_CLOUD));
+        for n in &self.cfg.nodes {
+            if let Some(l) = links.get(n.url.trim_end_matches('/')) {
+                v.peers.insert(n.name.clone(), link(l, DEFAULT_PEER));
+            }
+        }
+        v
+    }
+
+    fn cluster_of(&self, name: &str) -> String {
+        self.cfg
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map_or_else(default_cluster, |e| e.cluster.clone())
     }
 
     /// Poll every `poll_secs` until the process ends.
@@ -199,38 +265,23 @@ impl Sched {
         });
     }
 
-    /// The view of node `name` (an unwatched or stale node: nothing cached,
-    /// nothing measured).
-    pub fn view(&self, name: &str) -> NodeView {
-        let entry = self.cfg.nodes.iter().find(|n| n.name == name);
-        let mut v = NodeView {
-            name: name.to_string(),
-            cluster: entry.map_or_else(default_cluster, |e| e.cluster.clone()),
-            ..NodeView::default()
-        };
-        let polled = lock(&self.polled).get(name).cloned();
-        let Some(p) = polled.filter(|p| p.at.elapsed().as_secs_f64() < self.cfg.stale_secs) else {
-            return v;
-        };
-        v.whole = p.index.blobs.iter().map(|b| b.digest.clone()).collect();
-        v.partial = p
-            .index
-            .partial
-            .iter()
-            .map(|l| (l.digest.clone(), l.ranges.iter().map(|(s, e)| e - s).sum()))
-            .collect();
-        v.disk_free = p.index.budget.map(|b| b.saturating_sub(p.index.used));
-        let link = |l: &LinkStats, d: Link| Link {
-            rtt_ms: l.rtt_ms.unwrap_or(d.rtt_ms),
-            mbps: l.bandwidth_mbps.unwrap_or(d.mbps),
-        };
-        v.cloud = p.links.get("cloud").map(|l| link(l, DEFAULT_CLOUD));
-        for n in &self.cfg.nodes {
-            if let Some(l) = p.links.get(n.url.trim_end_matches('/')) {
-                v.peers.insert(n.name.clone(), link(l, DEFAULT_PEER));
-            }
+    /// The view of node `name` in `d` (an unwatched or stale node: nothing
+    /// cached, nothing measured).
+    fn view(&self, d: &Directory, name: &str) -> Arc<NodeView> {
+        match d.views.get(name) {
+            Some((v, at)) if at.elapsed().as_secs_f64() < self.cfg.stale_secs => v.clone(),
+            _ => Arc::new(NodeView {
+                name: name.to_string(),
+                cluster: self.cluster_of(name),
+                ..NodeView::default()
+            }),
         }
-        v
+    }
+
+    /// Take `layers` as the layers of `image` for a while (the simulation
+    /// and benchmarks have no registry).
+    pub fn set_image(&self, image: &str, layers: Vec<Layer>) {
+        lock(&self.images).insert(image.to_string(), (layers, Instant::now()));
     }
 
     /// The layers of `image` (a pod's image reference), resolved and cached.
@@ -263,7 +314,11 @@ impl Sched {
     }
 
     /// Views and estimates of `names` for `pod`.
-    async fn evaluate(&self, pod: &Pod, names: &[String]) -> (Vec<NodeView>, Vec<score::Estimate>) {
+    async fn evaluate(
+        &self,
+        pod: &Pod,
+        names: &[String],
+    ) -> (Vec<Arc<NodeView>>, Vec<score::Estimate>) {
         let mut layers = Vec::new();
         for c in &pod.spec.containers {
             match self.layers(&c.image).await {
@@ -273,15 +328,12 @@ impl Sched {
                 }
             }
         }
-        let all: Vec<NodeView> = self.cfg.nodes.iter().map(|n| self.view(&n.name)).collect();
-        let views: Vec<NodeView> = names.iter().map(|n| self.view(n)).collect();
+        let d = lock(&self.directory).clone();
+        let none = Holders::default();
+        let views: Vec<Arc<NodeView>> = names.iter().map(|n| self.view(&d, n)).collect();
         let ests = views
             .iter()
-            .map(|v| {
-                let cluster: Vec<&NodeView> =
-                    all.iter().filter(|o| o.cluster == v.cluster).collect();
-                score::estimate(v, &cluster, &layers)
-            })
+            .map(|v| score::estimate_time(v, d.holders.get(&v.cluster).unwrap_or(&none), &layers))
             .collect();
         (views, ests)
     }
@@ -325,7 +377,7 @@ impl Sched {
         let (names, nodes) = candidate_names(&args.nodes, &args.node_names);
         let (mut views, ests) = self.evaluate(&pod, &names).await;
         fill_resources(&mut views, &nodes);
-        let refs: Vec<&NodeView> = views.iter().collect();
+        let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
         let pod_req = (pod.request("cpu"), pod.request("memory"));
         score::scores(&refs, &ests, pod_req, &self.cfg.weights)
             .into_iter()
@@ -341,10 +393,10 @@ impl Sched {
     /// a placement for popularity.
     pub async fn plan(&self, image: &str, node: &str) -> Result<score::Estimate, String> {
         let layers = self.layers(image).await?;
-        let all: Vec<NodeView> = self.cfg.nodes.iter().map(|n| self.view(&n.name)).collect();
-        let v = self.view(node);
-        let cluster: Vec<&NodeView> = all.iter().filter(|o| o.cluster == v.cluster).collect();
-        let est = score::estimate(&v, &cluster, &layers);
+        let d = lock(&self.directory).clone();
+        let v = self.view(&d, node);
+        let none = Holders::default();
+        let est = score::estimate(&v, d.holders.get(&v.cluster).unwrap_or(&none), &layers);
         let mut pop = lock(&self.popularity);
         for l in &layers {
             let e = pop.entry(l.digest.clone()).or_insert((0.0, Instant::now()));
@@ -375,9 +427,10 @@ fn candidate_names(
 
 /// Allocatable resources from the request's nodes; requested ones from the
 /// `breakfs.io/requested-cpu` / `-memory` labels when present.
-fn fill_resources(views: &mut [NodeView], nodes: &[crate::types::Node]) {
+fn fill_resources(views: &mut [Arc<NodeView>], nodes: &[crate::types::Node]) {
     for v in views {
         if let Some(n) = nodes.iter().find(|n| n.name() == Some(v.name.as_str())) {
+            let v = Arc::make_mut(v);
             if let (Some(cpu), Some(mem)) = (n.allocatable("cpu"), n.allocatable("memory")) {
                 v.allocatable = Some((cpu, mem));
             }

@@ -1,0 +1,146 @@
+//! Latency and memory of the scheduler extender at scale: 1,000 nodes in 4
+//! clusters, each holding 500 layers of a pool of 5,000, scored by `POST
+//! /prioritize` (NodeNames form, all 1,000 candidates, a 10-layer image)
+//! over loopback HTTP, as kube-scheduler calls it.
+//!
+//! `cargo bench --bench sched -- [--requests N]` (default 2,000); writes
+//! target/bench-sched.md.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use breakfs_index::Digest;
+use breakfs_sched::score::{Layer, Link, NodeView};
+use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
+
+const NODES: usize = 1000;
+const CLUSTERS: usize = 4;
+const LAYERS_PER_NODE: usize = 500;
+const POOL: usize = 5000;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn main() {
+    let requests: usize = std::env::args()
+        .skip_while(|a| a != "--requests")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let pool: Vec<Layer> = (0..POOL)
+            .map(|i| Layer {
+                digest: Digest::of(format!("layer-{i}").as_bytes()),
+                size: 1_000_000 + (i as u64 * 7919) % 50_000_000,
+            })
+            .collect();
+        let nodes: Vec<NodeEntry> = (0..NODES)
+            .map(|i| NodeEntry {
+                name: format!("edge-{i}"),
+                url: format!("http://10.0.{}.{}:7480", i / 250, i % 250),
+                cluster: format!("c{}", i % CLUSTERS),
+            })
+            .collect();
+        let cfg = SchedConfig {
+            nodes: nodes.clone(),
+            stale_secs: 3600.0,
+            ..SchedConfig::default()
+        };
+        let before = rss_kib();
+        let sched = Sched::new(cfg);
+        let mut rng = Rng(0x2545F4914F6CDD1D);
+        let views: Vec<NodeView> = nodes
+            .iter()
+            .map(|n| {
+                let whole = (0..LAYERS_PER_NODE)
+                    .map(|_| pool[(rng.next() % POOL as u64) as usize].digest.clone())
+                    .collect();
+                let peers = nodes
+                    .iter()
+                    .filter(|o| o.cluster == n.cluster && o.name != n.name)
+                    .take(16)
+                    .map(|o| (o.name.clone(), Link { rtt_ms: 1.0, mbps: 1000.0 }))
+                    .collect();
+                NodeView {
+                    name: n.name.clone(),
+                    cluster: n.cluster.clone(),
+                    whole,
+                    cloud: Some(Link {
+                        rtt_ms: 20.0 + (rng.next() % 80) as f64,
+                        mbps: 50.0 + (rng.next() % 200) as f64,
+                    }),
+                    peers,
+                    disk_free: Some(20 << 30),
+                    ..NodeView::default()
+                }
+            })
+            .collect();
+        sched.update(views);
+        let after = rss_kib();
+        let image: Vec<Layer> = (0..10).map(|i| pool[i * 37].clone()).collect();
+        sched.set_image("reg:5000/app:v1", image);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, routes(sched)).await });
+        let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let body = serde_json::json!({
+            "Pod": {"metadata": {"name": "p", "annotations": {"breakfs.io/limit-delay": "90"}},
+                    "spec": {"containers": [{"image": "reg:5000/app:v1",
+                             "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}]}},
+            "NodeNames": names,
+        })
+        .to_string();
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/prioritize");
+        let mut times = Vec::with_capacity(requests);
+        for i in 0..requests + 100 {
+            let t = Instant::now();
+            let r = client.post(&url).body(body.clone()).send().await.unwrap();
+            assert!(r.status().is_success());
+            let scores: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            if i >= 100 {
+                times.push(t.elapsed());
+            }
+            assert_eq!(scores.as_array().unwrap().len(), NODES);
+        }
+        times.sort();
+        let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let report = format!(
+            "### Scheduler extender at scale\n\n\
+             `cargo bench --bench sched` — {NODES} nodes in {CLUSTERS} clusters, {LAYERS_PER_NODE} cached layers each \
+             (pool of {POOL}), a 10-layer image, {requests} `POST /prioritize` calls with all {NODES} nodes \
+             (NodeNames form) over loopback HTTP, one at a time, after 100 warm-up calls; 2-core machine.\n\n\
+             | p50 | p90 | p99 | max | target p99 | directory memory (RSS growth) |\n\
+             |---|---|---|---|---|---|\n\
+             | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | ≤ 5 ms | {:.1} MB |\n",
+            ms(pct(0.5)),
+            ms(pct(0.9)),
+            ms(pct(0.99)),
+            ms(*times.last().unwrap()),
+            (after.saturating_sub(before)) as f64 / 1024.0,
+        );
+        println!("{report}");
+        let _ = std::fs::create_dir_all("target");
+        std::fs::write("target/bench-sched.md", report).unwrap();
+    });
+}
