@@ -525,3 +525,36 @@ async fn plan(
             .into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_parses_and_unknown_keys_are_refused() {
+        let c = SchedConfig::from_yaml(include_str!("../deploy/sched.yaml")).unwrap();
+        assert_eq!(c.weights.net_weight, 1.5);
+        assert_eq!(c.weights.layer_weight, 2.0);
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.nodes[2].cluster, "west");
+        assert_eq!(c.cache_sum_size.as_deref(), Some("26Gi"));
+        let e = SchedConfig::from_yaml("netWeight: 1\nnetWeiht: 2\n").unwrap_err();
+        assert!(e.contains("netWeiht"), "{e}");
+    }
+
+    #[test]
+    fn bodies_that_are_not_extender_args_are_refused_with_a_reason() {
+        for (body, why) in [
+            (&b"[]"[..], "not a JSON object"),
+            (b"{}", "no Pod"),
+            (b"{\"Pod\": {}}", "neither Nodes nor NodeNames"),
+            (b"{\"Pod\": {}, \"NodeNames\": 3}", "invalid type"),
+        ] {
+            let e = check_args(body).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        let a = check_args(b"{\"Pod\": {}, \"NodeNames\": [\"n\"], \"X\": 1}").unwrap();
+        assert_eq!(a.node_names.unwrap(), vec!["n"]);
+    }
+}
