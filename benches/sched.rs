@@ -98,10 +98,28 @@ fn main() {
         let after = rss_kib();
         let image: Vec<Layer> = (0..10).map(|i| pool[i * 37].clone()).collect();
         sched.set_image("reg:5000/app:v1", image);
+        // The same call in process: scoring alone, without HTTP and JSON.
+        let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let args: breakfs_sched::types::ExtenderArgs = serde_json::from_value(serde_json::json!({
+            "Pod": {"metadata": {"name": "p"}, "spec": {"containers": [{"image": "reg:5000/app:v1"}]}},
+            "NodeNames": names,
+        }))
+        .unwrap();
+        let mut inproc = Vec::new();
+        for i in 0..requests.min(500) + 50 {
+            let t = Instant::now();
+            let r = sched.prioritize(args.clone()).await;
+            if i >= 50 {
+                inproc.push(t.elapsed());
+            }
+            assert_eq!(r.len(), NODES);
+        }
+        inproc.sort();
+        let inproc_p50 = inproc[inproc.len() / 2];
+        let inproc_p99 = inproc[(inproc.len() * 99 / 100).min(inproc.len() - 1)];
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, routes(sched)).await });
-        let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         let body = serde_json::json!({
             "Pod": {"metadata": {"name": "p", "annotations": {"breakfs.io/limit-delay": "90"}},
                     "spec": {"containers": [{"image": "reg:5000/app:v1",
@@ -132,12 +150,16 @@ fn main() {
              (NodeNames form) over loopback HTTP, one at a time, after 100 warm-up calls; 2-core machine.\n\n\
              | p50 | p90 | p99 | max | target p99 | directory memory (RSS growth) |\n\
              |---|---|---|---|---|---|\n\
-             | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | ≤ 5 ms | {:.1} MB |\n",
+             | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | ≤ 5 ms | {:.1} MB |\n\n\
+             Scoring alone (`Sched::prioritize` in process, same arguments, no HTTP or JSON): \
+             p50 {:.2} ms, p99 {:.2} ms.\n",
             ms(pct(0.5)),
             ms(pct(0.9)),
             ms(pct(0.99)),
             ms(*times.last().unwrap()),
             (after.saturating_sub(before)) as f64 / 1024.0,
+            ms(inproc_p50),
+            ms(inproc_p99),
         );
         println!("{report}");
         let _ = std::fs::create_dir_all("target");

@@ -123,8 +123,9 @@ pub fn holders<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holders {
 /// Layer → the nodes of a cluster holding it whole.
 pub type Holders = HashMap<Digest, Vec<String>>;
 
-/// Peers examined per layer at most (the first holders listed).
-const MAX_HOLDERS: usize = 8;
+/// Peers examined per layer at most (the first holders listed: within a
+/// cluster links are alike, and scoring 1,000 nodes must stay fast).
+const MAX_HOLDERS: usize = 3;
 
 /// How `node` would get `layers`, given which nodes of its cluster hold
 /// which layers (`holders`, which may list `node` itself).
@@ -146,8 +147,10 @@ fn estimate_with(
 ) -> Estimate {
     let mut plan = Vec::new();
     let (mut local, mut missing) = (0u64, 0u64);
-    // Bytes per source (None: the cloud), fetched in parallel across sources.
-    let mut per_source: Vec<(Option<&str>, Link, u64)> = Vec::new();
+    // Bytes per source (None: the cloud), fetched in parallel across
+    // sources; a few sources at most, kept inline (no allocation).
+    let mut per_source: [(Option<&str>, Link, u64); 8] = [(None, DEFAULT_CLOUD, 0); 8];
+    let mut sources = 0usize;
     let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
     for l in layers {
         if node.whole.contains(&l.digest) {
@@ -186,9 +189,15 @@ fn estimate_with(
                 best = (t, Some(p.as_str()), link);
             }
         }
-        match per_source.iter_mut().find(|(k, _, _)| *k == best.1) {
-            Some(e) => e.2 += need,
-            None => per_source.push((best.1, best.2, need)),
+        const SLOTS: usize = 8;
+        match per_source[..sources].iter().position(|(k, _, _)| *k == best.1) {
+            Some(i) => per_source[i].2 += need,
+            None if sources < SLOTS => {
+                per_source[sources] = (best.1, best.2, need);
+                sources += 1;
+            }
+            // More sources than slots: count the bytes on the last one kept.
+            None => per_source[SLOTS - 1].2 += need,
         }
         if with_plan {
             plan.push(LayerPlan {
@@ -203,7 +212,7 @@ fn estimate_with(
             });
         }
     }
-    let fetch_secs = per_source
+    let fetch_secs = per_source[..sources]
         .iter()
         .map(|(_, link, bytes)| link.secs(*bytes))
         .fold(0.0, f64::max);

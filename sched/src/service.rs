@@ -104,9 +104,9 @@ impl SchedConfig {
 #[derive(Default)]
 pub struct Directory {
     /// Node views by name, with when they were polled.
-    views: HashMap<String, (Arc<NodeView>, Instant)>,
+    views: rustc_hash::FxHashMap<String, (Arc<NodeView>, Instant)>,
     /// Per cluster: which node holds which layer whole.
-    holders: HashMap<String, Holders>,
+    holders: rustc_hash::FxHashMap<String, Holders>,
 }
 
 /// The service state.
@@ -190,7 +190,7 @@ impl Sched {
         let old = lock(&self.directory).clone();
         let mut d = Directory {
             views: old.views.clone(),
-            holders: HashMap::new(),
+            holders: Default::default(),
         };
         let now = Instant::now();
         for v in views {
