@@ -190,7 +190,10 @@ fn estimate_with(
             }
         }
         const SLOTS: usize = 8;
-        match per_source[..sources].iter().position(|(k, _, _)| *k == best.1) {
+        match per_source[..sources]
+            .iter()
+            .position(|(k, _, _)| *k == best.1)
+        {
             Some(i) => per_source[i].2 += need,
             None if sources < SLOTS => {
                 per_source[sources] = (best.1, best.2, need);
