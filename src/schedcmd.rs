@@ -26,6 +26,13 @@ pub struct SchedArgs {
     /// Talk plain HTTP to registries.
     #[arg(long)]
     plain_http: bool,
+    /// Bytes of hot layers the prefetch planner keeps in each cluster
+    /// (a Kubernetes quantity like 26Gi; without it, no planner runs).
+    #[arg(long, value_name = "SIZE")]
+    cache_sum_size: Option<String>,
+    /// Seconds between planner runs.
+    #[arg(long, value_name = "SECS")]
+    plan_secs: Option<f64>,
 }
 
 fn parse_node(s: &str) -> Result<NodeEntry> {
@@ -63,6 +70,15 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
         cfg.nodes.push(parse_node(n)?);
     }
     cfg.plain_http |= a.plain_http;
+    if let Some(c) = &a.cache_sum_size {
+        if breakfs_sched::types::parse_quantity(c).is_none() {
+            bail!("--cache-sum-size {c:?}: give a size like 26Gi or 500M");
+        }
+        cfg.cache_sum_size = Some(c.clone());
+    }
+    if let Some(p) = a.plan_secs {
+        cfg.plan_secs = p;
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {} (choose another with --listen)", cfg.listen))?;
@@ -70,6 +86,7 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
     let sched = Sched::new(cfg);
     sched.poll().await;
     sched.spawn_polling();
+    sched.spawn_planner();
     eprintln!(
         "breakfs sched: serving the extender on http://{local}{}/filter and /prioritize, watching {} node daemons",
         sched.config().prefix,

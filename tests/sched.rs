@@ -142,6 +142,10 @@ fn the_extender_ranks_full_half_and_far_nodes_and_plans_from_peers() {
     });
 
     let sched = SchedProc::start(&[
+        "--cache-sum-size".into(),
+        "1Gi".into(),
+        "--plan-secs".into(),
+        "1".into(),
         "--node".into(),
         format!("full={}@edge", full.url),
         "--node".into(),
@@ -239,6 +243,27 @@ fn the_extender_ranks_full_half_and_far_nodes_and_plans_from_peers() {
             assert_eq!(l["node"], "full", "{plan}");
         }
     }
+
+    // The placement made the image's layers popular: the planner puts a
+    // second copy of each in the cluster (the first is on full already).
+    wait_for("second copies of the image's layers in the cluster", || {
+        let held: Vec<Value> = [&full, &half, &far]
+            .iter()
+            .map(|n| n.json("/cache/index"))
+            .collect();
+        layers.iter().all(|l| {
+            held.iter()
+                .filter(|i| {
+                    i["blobs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|b| b["digest"] == l.as_str())
+                })
+                .count()
+                >= 2
+        })
+    });
 
     // Bad bodies get 400 with a reason, and the service keeps serving.
     for bad in [

@@ -6,6 +6,7 @@
 //! and scoring over what is known of each node, [`service`] the HTTP
 //! extender and the node directory it polls.
 
+pub mod planner;
 pub mod score;
 pub mod service;
 pub mod types;

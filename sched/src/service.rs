@@ -65,6 +65,14 @@ pub struct SchedConfig {
     /// A node's data older than this many seconds is not trusted.
     #[serde(default = "default_stale")]
     pub stale_secs: f64,
+    /// Seconds between runs of the prefetch planner (when `cacheSumSize`
+    /// is set).
+    #[serde(default = "default_plan")]
+    pub plan_secs: f64,
+}
+
+fn default_plan() -> f64 {
+    30.0
 }
 
 fn default_listen() -> String {
@@ -88,6 +96,7 @@ impl Default for SchedConfig {
             plain_http: false,
             poll_secs: default_poll(),
             stale_secs: default_stale(),
+            plan_secs: default_plan(),
         }
     }
 }
@@ -116,8 +125,24 @@ pub struct Sched {
     http: reqwest::Client,
     directory: Mutex<Arc<Directory>>,
     images: Mutex<HashMap<String, (Vec<Layer>, Instant)>>,
-    /// Layer popularity fed by placements (decayed by the hour).
-    popularity: Mutex<HashMap<Digest, (f64, Instant)>>,
+    /// Layer popularity fed by placements (decayed by the hour), with the
+    /// layer's size and an image it belongs to.
+    popularity: Mutex<HashMap<Digest, Popular>>,
+}
+
+/// A layer's popularity record.
+#[derive(Clone, Debug)]
+struct Popular {
+    score: f64,
+    at: Instant,
+    size: u64,
+    image: String,
+}
+
+impl Popular {
+    fn now(&self) -> f64 {
+        self.score * 0.5f64.powf(self.at.elapsed().as_secs_f64() / 3600.0)
+    }
 }
 
 /// How long a resolved tag is trusted.
@@ -399,11 +424,113 @@ impl Sched {
         let est = score::estimate(&v, d.holders.get(&v.cluster).unwrap_or(&none), &layers);
         let mut pop = lock(&self.popularity);
         for l in &layers {
-            let e = pop.entry(l.digest.clone()).or_insert((0.0, Instant::now()));
-            let hours = e.1.elapsed().as_secs_f64() / 3600.0;
-            *e = (e.0 * 0.5f64.powf(hours) + 1.0, Instant::now());
+            let e = pop.entry(l.digest.clone()).or_insert(Popular {
+                score: 0.0,
+                at: Instant::now(),
+                size: l.size,
+                image: image.to_string(),
+            });
+            e.score = e.now() + 1.0;
+            e.at = Instant::now();
         }
         Ok(est)
+    }
+
+    /// Run the prefetch planner every `planSecs` when `cacheSumSize` is set.
+    pub fn spawn_planner(self: &Arc<Self>) {
+        let Some(sum) = self
+            .cfg
+            .cache_sum_size
+            .as_deref()
+            .and_then(crate::types::parse_quantity)
+        else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let every = Duration::from_secs_f64(self.cfg.plan_secs.max(0.1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(s) = me.upgrade() else { return };
+                s.plan_once(sum as u64).await;
+            }
+        });
+    }
+
+    /// One planner run: per cluster, the hottest layers placed within
+    /// `sum` bytes, pushed to the node daemons with `POST /prefetch`.
+    pub async fn plan_once(&self, sum: u64) {
+        let hot: Vec<(crate::planner::Hot, String)> = lock(&self.popularity)
+            .iter()
+            .map(|(d, p)| {
+                (
+                    crate::planner::Hot {
+                        digest: d.clone(),
+                        size: p.size,
+                        popularity: p.now(),
+                    },
+                    p.image.clone(),
+                )
+            })
+            .collect();
+        if hot.is_empty() {
+            return;
+        }
+        let layers: Vec<crate::planner::Hot> = hot.iter().map(|(h, _)| h.clone()).collect();
+        let image_of: HashMap<Digest, String> =
+            hot.into_iter().map(|(h, i)| (h.digest, i)).collect();
+        let d = lock(&self.directory).clone();
+        let mut clusters: HashMap<String, Vec<Arc<NodeView>>> = HashMap::new();
+        for n in &self.cfg.nodes {
+            clusters
+                .entry(n.cluster.clone())
+                .or_default()
+                .push(self.view(&d, &n.name));
+        }
+        for views in clusters.values() {
+            let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
+            let plan = crate::planner::plan_prefetch(&refs, &layers, sum);
+            // One request per node and image.
+            let mut asks: HashMap<(String, String), Vec<Digest>> = HashMap::new();
+            for (node, digest) in plan {
+                if let Some(image) = image_of.get(&digest) {
+                    asks.entry((node, image.clone())).or_default().push(digest);
+                }
+            }
+            for ((node, image), digests) in asks {
+                let Some(url) = self
+                    .cfg
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == node)
+                    .map(|n| n.url.clone())
+                else {
+                    continue;
+                };
+                let image = if image.contains("://") {
+                    image
+                } else {
+                    format!("docker://{image}")
+                };
+                let body = serde_json::json!({"image": image, "layers": digests});
+                let r = self
+                    .http
+                    .post(format!("{}/prefetch", url.trim_end_matches('/')))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        tracing::info!(node = %node, layers = digests.len(), "prefetch planned")
+                    }
+                    Ok(r) => {
+                        tracing::warn!(node = %node, status = %r.status(), "the node refused a prefetch")
+                    }
+                    Err(e) => tracing::warn!(node = %node, "asking for a prefetch failed: {e}"),
+                }
+            }
+        }
     }
 }
 
