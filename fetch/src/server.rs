@@ -383,9 +383,10 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
         .unwrap_or(0);
     let stats = svc.fetcher.stats();
     let mut p = PromText::new();
-    let mut by_class: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    // Bytes, requests, failures by source class.
+    let mut by_class: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
     for c in ["local", "peer", "cloud"] {
-        by_class.insert(c, (0, 0, 0));
+        by_class.insert(c, [0; 3]);
     }
     for (name, st) in &stats.sources {
         let class = match name.split_whitespace().next() {
@@ -394,33 +395,32 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
             _ => "cloud",
         };
         let e = by_class.entry(class).or_default();
-        e.0 += st.bytes;
-        e.1 += st.requests;
-        e.2 += st.failures;
+        e[0] += st.bytes;
+        e[1] += st.requests;
+        e[2] += st.failures;
     }
-    p.family(
-        "breakfs_fetch_bytes_total",
-        "counter",
-        "Compressed bytes fetched, by source.",
-    );
-    for (c, v) in &by_class {
-        p.sample("breakfs_fetch_bytes_total", &[("source", c)], v.0 as f64);
-    }
-    p.family(
-        "breakfs_fetch_requests_total",
-        "counter",
-        "Range and blob requests answered, by source.",
-    );
-    for (c, v) in &by_class {
-        p.sample("breakfs_fetch_requests_total", &[("source", c)], v.1 as f64);
-    }
-    p.family(
-        "breakfs_fetch_failures_total",
-        "counter",
-        "Requests that failed, by source.",
-    );
-    for (c, v) in &by_class {
-        p.sample("breakfs_fetch_failures_total", &[("source", c)], v.2 as f64);
+    let per_source = [
+        (
+            "breakfs_fetch_bytes_total",
+            "Compressed bytes fetched, by source.",
+            0,
+        ),
+        (
+            "breakfs_fetch_requests_total",
+            "Range and blob requests answered, by source.",
+            1,
+        ),
+        (
+            "breakfs_fetch_failures_total",
+            "Requests that failed, by source.",
+            2,
+        ),
+    ];
+    for (name, help, field) in per_source {
+        p.family(name, "counter", help);
+        for (c, v) in &by_class {
+            p.sample(name, &[("source", c)], v[field] as f64);
+        }
     }
     p.family(
         "breakfs_fetch_duration_seconds",
@@ -435,64 +435,52 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
             .unwrap_or_else(Histogram::default);
         p.histogram("breakfs_fetch_duration_seconds", &[("source", c)], &h);
     }
-    p.family(
+    p.single(
         "breakfs_cache_hits_total",
         "counter",
         "Chunk requests the store answered at once.",
+        stats.hits as f64,
     );
-    p.sample("breakfs_cache_hits_total", &[], stats.hits as f64);
-    p.family(
+    p.single(
         "breakfs_cache_misses_total",
         "counter",
         "Chunk requests that needed a fetch.",
+        stats.misses as f64,
     );
-    p.sample("breakfs_cache_misses_total", &[], stats.misses as f64);
-    p.family(
+    p.single(
         "breakfs_chunks_stored_total",
         "counter",
         "Chunks verified and stored.",
-    );
-    p.sample(
-        "breakfs_chunks_stored_total",
-        &[],
         stats.chunks_stored as f64,
     );
-    p.family(
+    p.single(
         "breakfs_digest_failures_total",
         "counter",
         "Chunks that arrived with wrong bytes (not used).",
-    );
-    p.sample(
-        "breakfs_digest_failures_total",
-        &[],
         stats.digest_failures as f64,
     );
-    p.family(
+    p.single(
         "breakfs_layers_completed_total",
         "counter",
         "Layers assembled into whole, verified blobs.",
-    );
-    p.sample(
-        "breakfs_layers_completed_total",
-        &[],
         stats.layers_completed as f64,
     );
-    p.family("breakfs_fetch_queued", "gauge", "Chunk fetches queued now.");
-    p.sample("breakfs_fetch_queued", &[], stats.queued as f64);
-    p.family(
+    p.single(
+        "breakfs_fetch_queued",
+        "gauge",
+        "Chunk fetches queued now.",
+        stats.queued as f64,
+    );
+    p.single(
         "breakfs_cache_bytes",
         "gauge",
         "Bytes the content store uses.",
+        used as f64,
     );
-    p.sample("breakfs_cache_bytes", &[], used as f64);
-    p.family(
+    p.single(
         "breakfs_cache_budget_bytes",
         "gauge",
         "The store's budget (0: none).",
-    );
-    p.sample(
-        "breakfs_cache_budget_bytes",
-        &[],
         svc.budget.unwrap_or(0) as f64,
     );
     let (evictions, evicted) = svc.store.budget().map_or((0, 0), |b| {
@@ -501,18 +489,18 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
             b.evicted_bytes.load(Ordering::Relaxed),
         )
     });
-    p.family(
+    p.single(
         "breakfs_cache_evictions_total",
         "counter",
         "Layers evicted to stay within the budget.",
+        evictions as f64,
     );
-    p.sample("breakfs_cache_evictions_total", &[], evictions as f64);
-    p.family(
+    p.single(
         "breakfs_cache_evicted_bytes_total",
         "counter",
         "Bytes evicted to stay within the budget.",
+        evicted as f64,
     );
-    p.sample("breakfs_cache_evicted_bytes_total", &[], evicted as f64);
     p.family(
         "breakfs_served_bytes_total",
         "counter",
