@@ -89,7 +89,7 @@ fn main() {
                         mbps: 50.0 + (rng.next() % 200) as f64,
                     }),
                     peers,
-                    disk_free: Some(20 << 30),
+                    cache_room: Some(20 << 30),
                     ..NodeView::default()
                 }
             })

@@ -282,7 +282,6 @@ fn the_extender_ranks_full_half_and_far_nodes_and_plans_from_peers() {
         "/prioritize",
         &json!({"Pod": pod(image, json!({})), "NodeNames": ["a"]}),
     );
-    // Alone it is the fastest (1) with nothing cached (0) and no resources
-    // known (1, 1): 10 * 3/4, rounded.
-    assert_eq!(r, json!([{"Host": "a", "Score": 8}]));
+    // Alone it is the best candidate, whatever its parts: 10.
+    assert_eq!(r, json!([{"Host": "a", "Score": 10}]));
 }

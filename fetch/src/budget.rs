@@ -124,6 +124,19 @@ impl Budget {
         }
     }
 
+    /// Layers are valued at least `popularity` (as of now) each: what the
+    /// cluster's scheduler knows of them.
+    pub fn at_least<'a>(&self, layers: impl IntoIterator<Item = (&'a Digest, f64)>) {
+        let t = now();
+        let mut st = self.lock();
+        for (l, p) in layers {
+            let u = st.uses.entry(l.clone()).or_default();
+            let age = t.saturating_sub(u.last) as f64;
+            u.popularity = (u.popularity * 0.5f64.powf(age / HALF_LIFE_SECS)).max(p);
+            u.last = t;
+        }
+    }
+
     /// A live mount starts (`+1`) or stops (`-1`) using `layers`; `whole`
     /// marks layers indexed whole.
     pub fn live<'a>(&self, layers: impl IntoIterator<Item = (&'a Digest, bool)>, delta: i32) {
@@ -192,10 +205,7 @@ impl Budget {
                 continue;
             }
             let age = t.saturating_sub(u.last) as f64;
-            let pop = u.popularity * 0.5f64.powf(age / HALF_LIFE_SECS);
-            let recency = 1.0 / (1.0 + age / 600.0);
-            let value = (1.0 + pop) * recency * if u.live > 0 { 10.0 } else { 1.0 };
-            ranked.push((value, l));
+            ranked.push((layer_value(u.popularity, age, u.live > 0), l));
         }
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut freed = 0u64;
@@ -244,6 +254,16 @@ impl Budget {
             );
         }
     }
+}
+
+/// A layer's value to the cache, the order of eviction (least first):
+/// its uses (`popularity` as of its last use, `age_secs` ago) decayed with
+/// a half-life of an hour, weighted by recency (halved after ten minutes)
+/// and ten times more while a live mount uses it.
+pub fn layer_value(popularity: f64, age_secs: f64, live: bool) -> f64 {
+    let pop = popularity * 0.5f64.powf(age_secs / HALF_LIFE_SECS);
+    let recency = 1.0 / (1.0 + age_secs / 600.0);
+    (1.0 + pop) * recency * if live { 10.0 } else { 1.0 }
 }
 
 /// Rebuild the layer → chunks map when the store has new records.
@@ -298,5 +318,35 @@ fn refresh_chunk_map(store: &ContentStore, st: &mut State) {
             st.uses.entry(layer.clone()).or_default().whole = true;
         }
         st.chunks_of.insert(layer, chunks);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn the_schedulers_popularity_keeps_a_layer_over_a_locally_used_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let budget = Arc::new(Budget::new(2500, &store));
+        store.set_budget(budget.clone());
+        let (a, b, c) = (vec![1u8; 1000], vec![2u8; 1000], vec![3u8; 1000]);
+        let (da, db, dc) = (Digest::of(&a), Digest::of(&b), Digest::of(&c));
+        store.put_blob(&da, &a).unwrap();
+        store.put_blob(&db, &b).unwrap();
+        // A was used twice here; B was prefetched for a layer the cluster
+        // placed ten times.
+        budget.touch([&da]);
+        budget.touch([&da]);
+        budget.touch([&db]);
+        budget.at_least([(&db, 10.0)]);
+        store.put_blob(&dc, &c).unwrap();
+        assert!(store.has_blob(&db) && store.has_blob(&dc));
+        assert!(!store.has_blob(&da));
+        assert_eq!(budget.evictions.load(Ordering::Relaxed), 1);
     }
 }

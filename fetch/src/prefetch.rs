@@ -24,6 +24,11 @@ pub struct PrefetchRequest {
     /// The image `layers` belong to (needed to know where they live).
     #[serde(default)]
     pub image: Option<String>,
+    /// Layers' popularity across the cluster as the scheduler sees it
+    /// (decayed placements): the node's budget values each layer at least
+    /// that much, so what the planner keeps is not the first evicted.
+    #[serde(default)]
+    pub popularity: BTreeMap<Digest, f64>,
 }
 
 /// The state of one prefetch task.
@@ -87,6 +92,9 @@ impl Prefetcher {
                 reason: "give \"images\": [REF...] or \"image\": REF with \"layers\": [DIGEST...]"
                     .into(),
             });
+        }
+        if let Some(b) = self.fetcher.store().budget() {
+            b.at_least(req.popularity.iter().map(|(d, p)| (d, *p)));
         }
         let mut ids = Vec::new();
         for (r, only) in jobs {

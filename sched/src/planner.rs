@@ -22,24 +22,40 @@ pub struct Hot {
 /// Which node of `cluster` should prefetch which layers, so that the
 /// hottest layers (`hot`, any order) are in the cluster within `cache_sum`
 /// bytes: every hot layer once (most popular first), then second copies
-/// while the sum allows. A node takes a layer only if its free cache
-/// (`disk_free`, unknown: unlimited) holds it.
+/// while the sum allows, each on the node with the most room for it.
+///
+/// A node's room for a layer is its `cache_room` (unknown: unlimited) less
+/// the hot layers it holds that are at least as popular and what this plan
+/// already gives it: colder layers it holds make way (the node's budget
+/// evicts the least valuable), hotter ones never do.
 pub fn plan_prefetch(cluster: &[&NodeView], hot: &[Hot], cache_sum: u64) -> Vec<(String, Digest)> {
     let mut hot: Vec<&Hot> = hot.iter().filter(|h| h.popularity > 0.0).collect();
     hot.sort_by(|a, b| b.popularity.total_cmp(&a.popularity));
-    let mut free: HashMap<&str, u64> = cluster
-        .iter()
-        .map(|n| (n.name.as_str(), n.disk_free.unwrap_or(u64::MAX)))
-        .collect();
-    let copies = |d: &Digest, planned: &[(String, Digest)]| {
-        cluster.iter().filter(|n| n.whole.contains(d)).count()
-            + planned.iter().filter(|(_, p)| p == d).count()
+    // Bytes each node keeps for layers hotter than the one at hand, and
+    // for what is planned.
+    let mut committed: HashMap<&str, u64> = HashMap::default();
+    let room = |n: &NodeView, committed: &HashMap<&str, u64>| {
+        n.cache_room
+            .unwrap_or(u64::MAX)
+            .saturating_sub(committed.get(n.name.as_str()).copied().unwrap_or(0))
     };
     let mut planned: Vec<(String, Digest)> = Vec::new();
+    let is_planned = |planned: &[(String, Digest)], n: &str, d: &Digest| {
+        planned.iter().any(|(p, q)| p == n && q == d)
+    };
     let mut sum = 0u64;
     for round in 1..=2usize {
         for h in &hot {
-            let have = copies(&h.digest, &planned);
+            let holders: Vec<&&NodeView> = cluster
+                .iter()
+                .filter(|n| n.whole.contains(&h.digest))
+                .collect();
+            if round == 1 {
+                for n in &holders {
+                    *committed.entry(n.name.as_str()).or_default() += h.size;
+                }
+            }
+            let have = holders.len() + planned.iter().filter(|(_, d)| *d == h.digest).count();
             if have >= round {
                 if round == 1 {
                     sum += h.size;
@@ -49,19 +65,15 @@ pub fn plan_prefetch(cluster: &[&NodeView], hot: &[Hot], cache_sum: u64) -> Vec<
             if sum + h.size > cache_sum {
                 continue;
             }
-            // The node with the most room that does not hold it.
             let target = cluster
                 .iter()
                 .filter(|n| {
-                    !n.whole.contains(&h.digest)
-                        && !planned.iter().any(|(p, d)| p == &n.name && d == &h.digest)
+                    !n.whole.contains(&h.digest) && !is_planned(&planned, &n.name, &h.digest)
                 })
-                .filter(|n| free.get(n.name.as_str()).is_some_and(|f| *f >= h.size))
-                .max_by_key(|n| free.get(n.name.as_str()).copied().unwrap_or(0));
+                .filter(|n| room(n, &committed) >= h.size)
+                .max_by_key(|n| room(n, &committed));
             if let Some(n) = target {
-                if let Some(f) = free.get_mut(n.name.as_str()) {
-                    *f = f.saturating_sub(h.size);
-                }
+                *committed.entry(n.name.as_str()).or_default() += h.size;
                 sum += h.size;
                 planned.push((n.name.clone(), h.digest.clone()));
             }
@@ -88,12 +100,12 @@ mod tests {
         let a = NodeView {
             name: "a".into(),
             whole: [Digest::of(&[1])].into_iter().collect(),
-            disk_free: Some(100),
+            cache_room: Some(100),
             ..NodeView::default()
         };
         let b = NodeView {
             name: "b".into(),
-            disk_free: Some(60),
+            cache_room: Some(60),
             ..NodeView::default()
         };
         let hots = [hot(1, 40, 9.0), hot(2, 40, 5.0), hot(3, 40, 1.0)];
@@ -102,22 +114,48 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p.iter().any(|(_, d)| *d == Digest::of(&[2])));
         assert!(p.iter().any(|(_, d)| *d == Digest::of(&[3])));
-        // 80 bytes: only the hotter of the missing two fits.
+        // 80 bytes: only the hotter of the missing two fits, on the node
+        // with the most room left (a keeps 40 for layer 1: 60 each; b
+        // then only 20, so layer 3 would go to a).
         let p = plan_prefetch(&[&a, &b], &hots, 80);
-        assert_eq!(p, vec![("a".to_string(), Digest::of(&[2]))]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].1, Digest::of(&[2]));
+        let p = plan_prefetch(&[&a, &b], &hots, 120);
+        let on = |d: u8| {
+            p.iter()
+                .find(|(_, x)| *x == Digest::of(&[d]))
+                .map(|(n, _)| n.as_str())
+        };
+        assert_ne!(on(2), on(3), "{p:?}");
         // Room for more: a second copy of the hottest goes to a node with
         // room for it, before any other second copy.
         let roomy = NodeView {
-            disk_free: Some(200),
+            cache_room: Some(200),
             ..b.clone()
         };
         let p = plan_prefetch(&[&a, &roomy], &hots, 160);
         assert_eq!(p.len(), 3, "{p:?}");
         assert_eq!(p[2], ("b".to_string(), Digest::of(&[1])), "{p:?}");
-        // Nodes' free space is never exceeded.
+        // Colder layers a node holds make way; hotter ones do not: a
+        // full node holding only a cold layer takes the hot one, a full
+        // node holding a hotter layer takes nothing.
+        let cold = NodeView {
+            name: "c".into(),
+            whole: [Digest::of(&[9])].into_iter().collect(),
+            cache_room: Some(40),
+            ..NodeView::default()
+        };
+        let with_cold = [hot(9, 40, 0.5), hot(2, 40, 5.0)];
+        assert_eq!(
+            plan_prefetch(&[&cold], &with_cold, 1000),
+            vec![("c".to_string(), Digest::of(&[2]))]
+        );
+        let with_hot = [hot(9, 40, 50.0), hot(2, 40, 5.0)];
+        assert!(plan_prefetch(&[&cold], &with_hot, 1000).is_empty());
+        // A node's room is never exceeded.
         let tiny = NodeView {
             name: "t".into(),
-            disk_free: Some(10),
+            cache_room: Some(10),
             ..NodeView::default()
         };
         assert!(plan_prefetch(&[&tiny], &hots, 1000).is_empty());

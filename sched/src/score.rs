@@ -39,8 +39,9 @@ pub struct NodeView {
     pub cloud: Option<Link>,
     /// Its links to other nodes (by node name), if measured.
     pub peers: HashMap<String, Link>,
-    /// Bytes its cache may still take, if known.
-    pub disk_free: Option<u64>,
+    /// Bytes its cache can hold, if known: its budget (the node evicts
+    /// colder layers to make room; what live mounts need, it refetches).
+    pub cache_room: Option<u64>,
     /// Allocatable CPU cores and memory bytes, if known.
     pub allocatable: Option<(f64, f64)>,
     /// Requested CPU cores and memory bytes of the pods on it.
@@ -250,12 +251,12 @@ pub fn refuse(node: &NodeView, est: &Estimate, limits: &Limits) -> Option<String
             c.mbps
         ));
     }
-    if let Some(free) = node.disk_free
-        && est.missing_bytes > free
+    if let Some(room) = node.cache_room
+        && est.missing_bytes > room
     {
         return Some(format!(
-            "its image cache has {} MB free; the image needs {} MB more",
-            free / 1_000_000,
+            "its image cache holds at most {} MB; the image needs {} MB more",
+            room / 1_000_000,
             est.missing_bytes.div_ceil(1_000_000)
         ));
     }
@@ -309,7 +310,9 @@ pub struct Parts {
 }
 
 /// Scores 0–10 for candidates `ests` (with their views), for a pod that
-/// requests `pod` (CPU cores, memory bytes).
+/// requests `pod` (CPU cores, memory bytes): the weighted sum of the parts,
+/// stretched so the best candidate gets 10 and the worst 0 (the protocol's
+/// scores are integers: unstretched, nodes that differ would often tie).
 pub fn scores(
     views: &[&NodeView],
     ests: &[Estimate],
@@ -321,7 +324,7 @@ pub fn scores(
         .iter()
         .map(|e| e.fetch_secs)
         .fold(f64::INFINITY, f64::min);
-    views
+    let raw: Vec<(f64, Parts)> = views
         .iter()
         .zip(ests)
         .map(|(v, e)| {
@@ -350,17 +353,23 @@ pub fn scores(
                 balanced,
                 least_requested,
             };
-            let sum = w.net_weight + w.layer_weight + w.balanced_weight + w.least_requested_weight;
-            let s = if sum <= 0.0 {
-                0.0
+            let s = w.net_weight * net
+                + w.layer_weight * layer
+                + w.balanced_weight * balanced
+                + w.least_requested_weight * least_requested;
+            (s, p)
+        })
+        .collect();
+    let hi = raw.iter().map(|r| r.0).fold(f64::MIN, f64::max);
+    let lo = raw.iter().map(|r| r.0).fold(f64::MAX, f64::min);
+    raw.into_iter()
+        .map(|(s, p)| {
+            let s = if hi - lo <= 1e-9 {
+                10.0
             } else {
-                (w.net_weight * net
-                    + w.layer_weight * layer
-                    + w.balanced_weight * balanced
-                    + w.least_requested_weight * least_requested)
-                    / sum
+                10.0 * (s - lo) / (hi - lo)
             };
-            ((s * 10.0).round().clamp(0.0, 10.0) as i64, p)
+            (s.round().clamp(0.0, 10.0) as i64, p)
         })
         .collect()
 }
@@ -412,7 +421,7 @@ mod tests {
                 rtt_ms: 80.0,
                 mbps: 50.0,
             }),
-            disk_free: Some(1_000),
+            cache_room: Some(1_000),
             ..NodeView::default()
         };
         let e = estimate(&far, &Holders::default(), &layers(1));
@@ -429,7 +438,7 @@ mod tests {
         assert!(
             refuse(&far, &e, &Limits::default())
                 .unwrap()
-                .contains("MB free")
+                .contains("at most 0 MB")
         );
     }
 

@@ -2,7 +2,7 @@
 //! {prefix}/prioritize`, `GET {prefix}/plan`, and the node directory it
 //! scores from (cache indexes and measurements polled from node daemons).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,7 +128,14 @@ pub struct Sched {
     /// Layer popularity fed by placements (decayed by the hour), with the
     /// layer's size and an image it belongs to.
     popularity: Mutex<HashMap<Digest, Popular>>,
+    /// Prefetches asked for, by node and layer, and when: counted as held
+    /// by the planner until the node's index shows them (or they expire),
+    /// so a layer in flight is not asked of a second node.
+    asked: Mutex<HashMap<(String, Digest), Instant>>,
 }
+
+/// How long an asked-for prefetch counts as held without showing up.
+const ASKED_TTL: Duration = Duration::from_secs(600);
 
 /// A layer's popularity record.
 #[derive(Clone, Debug)]
@@ -165,6 +172,7 @@ impl Sched {
             directory: Mutex::new(Arc::new(Directory::default())),
             images: Mutex::new(HashMap::new()),
             popularity: Mutex::new(HashMap::new()),
+            asked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -254,7 +262,7 @@ impl Sched {
             .iter()
             .map(|l| (l.digest.clone(), l.ranges.iter().map(|(s, e)| e - s).sum()))
             .collect();
-        v.disk_free = index.budget.map(|b| b.saturating_sub(index.used));
+        v.cache_room = index.budget;
         let link = |l: &LinkStats, d: Link| Link {
             rtt_ms: l.rtt_ms.unwrap_or(d.rtt_ms),
             mbps: l.bandwidth_mbps.unwrap_or(d.mbps),
@@ -477,15 +485,29 @@ impl Sched {
             return;
         }
         let layers: Vec<crate::planner::Hot> = hot.iter().map(|(h, _)| h.clone()).collect();
+        let pop_of: HashMap<Digest, f64> = layers
+            .iter()
+            .map(|h| (h.digest.clone(), h.popularity))
+            .collect();
         let image_of: HashMap<Digest, String> =
             hot.into_iter().map(|(h, i)| (h.digest, i)).collect();
         let d = lock(&self.directory).clone();
         let mut clusters: HashMap<String, Vec<Arc<NodeView>>> = HashMap::new();
-        for n in &self.cfg.nodes {
-            clusters
-                .entry(n.cluster.clone())
-                .or_default()
-                .push(self.view(&d, &n.name));
+        {
+            let mut asked = lock(&self.asked);
+            asked.retain(|_, at| at.elapsed() < ASKED_TTL);
+            for n in &self.cfg.nodes {
+                let mut v = self.view(&d, &n.name);
+                let pending: Vec<Digest> = asked
+                    .keys()
+                    .filter(|(node, l)| *node == n.name && !v.whole.contains(l))
+                    .map(|(_, l)| l.clone())
+                    .collect();
+                if !pending.is_empty() {
+                    Arc::make_mut(&mut v).whole.extend(pending);
+                }
+                clusters.entry(n.cluster.clone()).or_default().push(v);
+            }
         }
         for views in clusters.values() {
             let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
@@ -512,7 +534,11 @@ impl Sched {
                 } else {
                     format!("docker://{image}")
                 };
-                let body = serde_json::json!({"image": image, "layers": digests});
+                let popularity: BTreeMap<&Digest, f64> = digests
+                    .iter()
+                    .filter_map(|d| pop_of.get(d).map(|p| (d, *p)))
+                    .collect();
+                let body = serde_json::json!({"image": image, "layers": digests, "popularity": popularity});
                 let r = self
                     .http
                     .post(format!("{}/prefetch", url.trim_end_matches('/')))
@@ -522,7 +548,11 @@ impl Sched {
                     .await;
                 match r {
                     Ok(r) if r.status().is_success() => {
-                        tracing::info!(node = %node, layers = digests.len(), "prefetch planned")
+                        tracing::info!(node = %node, layers = digests.len(), "prefetch planned");
+                        let mut asked = lock(&self.asked);
+                        for l in digests {
+                            asked.insert((node.clone(), l), Instant::now());
+                        }
                     }
                     Ok(r) => {
                         tracing::warn!(node = %node, status = %r.status(), "the node refused a prefetch")
