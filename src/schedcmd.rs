@@ -13,7 +13,8 @@ const READY: &str = "BREAKFS-SCHED-READY";
 pub struct SchedArgs {
     /// A YAML config: netWeight, layerWeight, balancedWeight,
     /// leastRequestedWeight, cacheSumSize, nodes (name, url, cluster),
-    /// plainHttp, listen, prefix, pollSecs, staleSecs. Flags win over it.
+    /// plainHttp, listen, prefix, pollSecs, staleSecs, planSecs,
+    /// kubernetes (enabled, url, publishLabels, syncSecs). Flags win over it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 0.0.0.0:7490; port 0 picks a free one].
@@ -33,6 +34,16 @@ pub struct SchedArgs {
     /// Seconds between planner runs.
     #[arg(long, value_name = "SECS")]
     plan_secs: Option<f64>,
+    /// Use the Kubernetes API (in-cluster service account or kubeconfig):
+    /// watch Nodes and Pods for resources in NodeNames mode, discover node
+    /// daemons by their breakfs.io/daemon-url annotation, publish measured
+    /// links as node labels.
+    #[arg(long)]
+    kube: bool,
+    /// The Kubernetes API at this URL, without credentials (e.g. what
+    /// `kubectl proxy` serves); implies --kube.
+    #[arg(long, value_name = "URL")]
+    kube_url: Option<String>,
 }
 
 fn parse_node(s: &str) -> Result<NodeEntry> {
@@ -79,18 +90,40 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
     if let Some(p) = a.plan_secs {
         cfg.plan_secs = p;
     }
+    cfg.kubernetes.enabled |= a.kube || a.kube_url.is_some();
+    if a.kube_url.is_some() {
+        cfg.kubernetes.url = a.kube_url.clone();
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {} (choose another with --listen)", cfg.listen))?;
     let local = listener.local_addr()?;
+    let kube = cfg.kubernetes.clone();
     let sched = Sched::new(cfg);
+    if kube.enabled {
+        let client = breakfs_sched::k8s::client(kube.url.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let glue = breakfs_sched::k8s::Glue::start(client);
+        tokio::time::timeout(std::time::Duration::from_secs(30), glue.ready())
+            .await
+            .context("the Kubernetes API did not list Nodes and Pods within 30 s")?
+            .map_err(anyhow::Error::msg)?;
+        breakfs_sched::k8s::sync_once(&sched, &glue, false).await;
+        breakfs_sched::k8s::spawn(
+            sched.clone(),
+            glue,
+            std::time::Duration::from_secs_f64(kube.sync_secs.max(1.0)),
+            kube.publish_labels,
+        );
+    }
     sched.poll().await;
     sched.spawn_polling();
     sched.spawn_planner();
     eprintln!(
         "breakfs sched: serving the extender on http://{local}{}/filter and /prioritize, watching {} node daemons",
         sched.config().prefix,
-        sched.config().nodes.len()
+        sched.node_entries().len()
     );
     println!("{READY} http://{local}");
     let app = routes(sched);

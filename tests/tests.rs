@@ -3,6 +3,7 @@
 mod bad_input;
 mod corpus;
 mod interop_tools;
+mod kube;
 mod mount;
 mod node;
 mod oci_io;

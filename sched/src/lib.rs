@@ -4,8 +4,10 @@
 //!
 //! [`types`] holds the extender wire types, [`score`] the pure filtering
 //! and scoring over what is known of each node, [`service`] the HTTP
-//! extender and the node directory it polls.
+//! extender and the node directory it polls, [`planner`] the prefetch
+//! planner, [`k8s`] the Kubernetes glue.
 
+pub mod k8s;
 pub mod planner;
 pub mod score;
 pub mod service;

@@ -16,6 +16,7 @@ use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::{Digest, ImageRef};
 use serde::{Deserialize, Serialize};
 
+use crate::k8s::ClusterNode;
 use crate::score::{self, DEFAULT_CLOUD, DEFAULT_PEER, Holders, Layer, Link, NodeView, Weights};
 use crate::types::{ExtenderArgs, ExtenderFilterResult, HostPriority, NodeList, Pod};
 
@@ -69,6 +70,48 @@ pub struct SchedConfig {
     /// is set).
     #[serde(default = "default_plan")]
     pub plan_secs: f64,
+    /// The Kubernetes API, when the service runs in a cluster.
+    #[serde(default)]
+    pub kubernetes: KubeSettings,
+}
+
+/// How the service uses the Kubernetes API.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeSettings {
+    /// Watch Nodes and Pods (resources for `NodeNames` requests, node
+    /// daemons announced by the `breakfs.io/daemon-url` annotation).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The API's URL without credentials (e.g. `kubectl proxy`'s); unset:
+    /// in-cluster service account or kubeconfig.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Publish each node's measured registry link as node labels
+    /// (`breakfs.io/rtt-registry-ms`, `breakfs.io/bw-registry-mbps`).
+    #[serde(default = "yes")]
+    pub publish_labels: bool,
+    /// Seconds between syncs with the API's view.
+    #[serde(default = "default_sync")]
+    pub sync_secs: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_sync() -> f64 {
+    10.0
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        KubeSettings {
+            enabled: false,
+            url: None,
+            publish_labels: true,
+            sync_secs: default_sync(),
+        }
+    }
 }
 
 fn default_plan() -> f64 {
@@ -97,6 +140,7 @@ impl Default for SchedConfig {
             poll_secs: default_poll(),
             stale_secs: default_stale(),
             plan_secs: default_plan(),
+            kubernetes: KubeSettings::default(),
         }
     }
 }
@@ -132,6 +176,11 @@ pub struct Sched {
     /// by the planner until the node's index shows them (or they expire),
     /// so a layer in flight is not asked of a second node.
     asked: Mutex<HashMap<(String, Digest), Instant>>,
+    /// The node daemons: the configured ones, then those discovered from
+    /// node annotations.
+    entries: Mutex<Arc<Vec<NodeEntry>>>,
+    /// What the Kubernetes API says of each node (empty without it).
+    cluster: Mutex<Arc<HashMap<String, ClusterNode>>>,
 }
 
 /// How long an asked-for prefetch counts as held without showing up.
@@ -163,7 +212,6 @@ impl Sched {
             ..ClientOptions::default()
         };
         Arc::new(Sched {
-            cfg,
             client,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -173,6 +221,9 @@ impl Sched {
             images: Mutex::new(HashMap::new()),
             popularity: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Arc::new(cfg.nodes.clone())),
+            cluster: Mutex::new(Arc::new(HashMap::new())),
+            cfg,
         })
     }
 
@@ -181,9 +232,45 @@ impl Sched {
         &self.cfg
     }
 
+    /// The node daemons watched: configured and discovered.
+    pub fn node_entries(&self) -> Arc<Vec<NodeEntry>> {
+        lock(&self.entries).clone()
+    }
+
+    /// Take what the Kubernetes API says of the nodes: resources, labelled
+    /// links, and node daemons announced by annotation (added to those
+    /// watched; a configured entry wins).
+    pub fn set_cluster(&self, nodes: HashMap<String, ClusterNode>) {
+        let mut entries = self.cfg.nodes.clone();
+        for n in nodes.values() {
+            if let Some(d) = &n.daemon
+                && !entries.iter().any(|e| e.name == d.name)
+            {
+                entries.push(d.clone());
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        *lock(&self.entries) = Arc::new(entries);
+        *lock(&self.cluster) = Arc::new(nodes);
+    }
+
+    /// The registry links the node daemons measured (fresh views only).
+    pub fn measured_links(&self) -> Vec<(String, Link)> {
+        let d = lock(&self.directory).clone();
+        let mut out: Vec<(String, Link)> = d
+            .views
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed().as_secs_f64() < self.cfg.stale_secs)
+            .filter_map(|(name, (v, _))| Some((name.clone(), v.cloud?)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Poll every node daemon once.
     pub async fn poll(&self) {
-        let polls = self.cfg.nodes.iter().map(|n| async move {
+        let entries = self.node_entries();
+        let polls = entries.iter().map(|n| async move {
             let get = |path: &'static str| {
                 let url = format!("{}{path}", n.url.trim_end_matches('/'));
                 async move {
@@ -268,7 +355,7 @@ impl Sched {
             mbps: l.bandwidth_mbps.unwrap_or(d.mbps),
         };
         v.cloud = links.get("cloud").map(|l| link(l, DEFAULT_CLOUD));
-        for n in &self.cfg.nodes {
+        for n in self.node_entries().iter() {
             if let Some(l) = links.get(n.url.trim_end_matches('/')) {
                 v.peers.insert(n.name.clone(), link(l, DEFAULT_PEER));
             }
@@ -277,8 +364,7 @@ impl Sched {
     }
 
     fn cluster_of(&self, name: &str) -> String {
-        self.cfg
-            .nodes
+        self.node_entries()
             .iter()
             .find(|n| n.name == name)
             .map_or_else(default_cluster, |e| e.cluster.clone())
@@ -377,7 +463,7 @@ impl Sched {
         let (names, nodes) = candidate_names(&args.nodes, &args.node_names);
         let limits = pod.limits();
         let (mut views, ests) = self.evaluate(&pod, &names).await;
-        fill_resources(&mut views, &nodes);
+        fill_resources(&mut views, &nodes, &lock(&self.cluster).clone());
         let mut result = ExtenderFilterResult::default();
         let mut passed = Vec::new();
         for (v, e) in views.iter().zip(&ests) {
@@ -409,7 +495,7 @@ impl Sched {
         let pod = args.pod.unwrap_or_default();
         let (names, nodes) = candidate_names(&args.nodes, &args.node_names);
         let (mut views, ests) = self.evaluate(&pod, &names).await;
-        fill_resources(&mut views, &nodes);
+        fill_resources(&mut views, &nodes, &lock(&self.cluster).clone());
         let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
         let pod_req = (pod.request("cpu"), pod.request("memory"));
         score::scores(&refs, &ests, pod_req, &self.cfg.weights)
@@ -496,7 +582,7 @@ impl Sched {
         {
             let mut asked = lock(&self.asked);
             asked.retain(|_, at| at.elapsed() < ASKED_TTL);
-            for n in &self.cfg.nodes {
+            for n in self.node_entries().iter() {
                 let mut v = self.view(&d, &n.name);
                 let pending: Vec<Digest> = asked
                     .keys()
@@ -521,8 +607,7 @@ impl Sched {
             }
             for ((node, image), digests) in asks {
                 let Some(url) = self
-                    .cfg
-                    .nodes
+                    .node_entries()
                     .iter()
                     .find(|n| n.name == node)
                     .map(|n| n.url.clone())
@@ -582,12 +667,24 @@ fn candidate_names(
     }
 }
 
-/// Allocatable resources from the request's nodes; requested ones from the
-/// `breakfs.io/requested-cpu` / `-memory` labels when present.
-fn fill_resources(views: &mut [Arc<NodeView>], nodes: &[crate::types::Node]) {
+/// Resources and links the daemons' views lack: allocatable from the
+/// request's nodes, else the Kubernetes API's; requested from the API (the
+/// pods bound to the node), else the `breakfs.io/requested-cpu` /
+/// `-memory` labels; the registry link from the node's labels when its
+/// daemon was not heard from.
+fn fill_resources(
+    views: &mut [Arc<NodeView>],
+    nodes: &[crate::types::Node],
+    cluster: &HashMap<String, ClusterNode>,
+) {
     for v in views {
-        if let Some(n) = nodes.iter().find(|n| n.name() == Some(v.name.as_str())) {
-            let v = Arc::make_mut(v);
+        let given = nodes.iter().find(|n| n.name() == Some(v.name.as_str()));
+        let known = cluster.get(&v.name);
+        if given.is_none() && known.is_none() {
+            continue;
+        }
+        let v = Arc::make_mut(v);
+        if let Some(n) = given {
             if let (Some(cpu), Some(mem)) = (n.allocatable("cpu"), n.allocatable("memory")) {
                 v.allocatable = Some((cpu, mem));
             }
@@ -600,6 +697,27 @@ fn fill_resources(views: &mut [Arc<NodeView>], nodes: &[crate::types::Node]) {
                 q("breakfs.io/requested-cpu"),
                 q("breakfs.io/requested-memory"),
             );
+            if v.cloud.is_none()
+                && let (Some(rtt), Some(bw)) = (
+                    n.label(crate::k8s::LABEL_RTT),
+                    n.label(crate::k8s::LABEL_BW),
+                )
+            {
+                let labels = [(crate::k8s::LABEL_RTT, rtt), (crate::k8s::LABEL_BW, bw)]
+                    .into_iter()
+                    .map(|(k, x)| (k.to_string(), x.to_string()))
+                    .collect();
+                v.cloud = crate::k8s::link_from_labels(&labels);
+            }
+        }
+        if let Some(k) = known {
+            if v.allocatable.is_none() {
+                v.allocatable = k.allocatable;
+            }
+            v.requested = k.requested;
+            if v.cloud.is_none() {
+                v.cloud = k.link;
+            }
         }
     }
 }
