@@ -134,11 +134,13 @@ fn main() {
             let t = Instant::now();
             let r = client.post(&url).body(body.clone()).send().await.unwrap();
             assert!(r.status().is_success());
-            let scores: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            // Typed, as kube-scheduler reads it.
+            let scores: Vec<breakfs_sched::types::HostPriority> =
+                serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
             if i >= 100 {
                 times.push(t.elapsed());
             }
-            assert_eq!(scores.as_array().unwrap().len(), NODES);
+            assert_eq!(scores.len(), NODES);
         }
         times.sort();
         let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];

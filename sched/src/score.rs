@@ -146,6 +146,79 @@ fn estimate_with(
     layers: &[Layer],
     with_plan: bool,
 ) -> Estimate {
+    estimate_core(
+        node,
+        layers,
+        with_plan,
+        |_, l| node.whole.contains(&l.digest),
+        |_, l| holders.get(&l.digest).map_or(&[][..], |h| h.as_slice()),
+    )
+}
+
+/// [`estimate_time`] for many nodes: each layer's holders are looked up
+/// once per cluster, and which layers a node holds comes from them (one
+/// lookup per node, not one per layer). `holders` gives a cluster's
+/// holder map, which must list every layer the views of that cluster hold
+/// whole (as [`holders`] builds it from the same views).
+pub fn estimate_times<'h>(
+    views: &[&NodeView],
+    holders: impl Fn(&str) -> Option<&'h Holders>,
+    layers: &[Layer],
+) -> Vec<Estimate> {
+    if layers.len() > 64 {
+        let none = Holders::default();
+        return views
+            .iter()
+            .map(|v| estimate_time(v, holders(&v.cluster).unwrap_or(&none), layers))
+            .collect();
+    }
+    // Per cluster: each layer's holders, and each holder's layers as bits.
+    struct Ctx<'h> {
+        cands: Vec<&'h [String]>,
+        held: HashMap<&'h str, u64>,
+    }
+    let mut ctxs: HashMap<&str, Ctx<'h>> = HashMap::default();
+    views
+        .iter()
+        .map(|v| {
+            let ctx = ctxs.entry(v.cluster.as_str()).or_insert_with(|| {
+                let h = holders(&v.cluster);
+                let cands: Vec<&'h [String]> = layers
+                    .iter()
+                    .map(|l| {
+                        h.and_then(|h| h.get(&l.digest))
+                            .map_or(&[][..], |x| x.as_slice())
+                    })
+                    .collect();
+                let mut held: HashMap<&'h str, u64> = HashMap::default();
+                for (i, c) in cands.iter().enumerate() {
+                    for name in c.iter() {
+                        *held.entry(name.as_str()).or_default() |= 1 << i;
+                    }
+                }
+                Ctx { cands, held }
+            });
+            let mask = ctx.held.get(v.name.as_str()).copied().unwrap_or(0);
+            estimate_core(
+                v,
+                layers,
+                false,
+                |i, _| mask >> i & 1 == 1,
+                |i, _| ctx.cands[i],
+            )
+        })
+        .collect()
+}
+
+/// The estimate of `node` for `layers`, given which it holds (`local`)
+/// and which nodes of its cluster hold each (`cands`).
+fn estimate_core<'c>(
+    node: &NodeView,
+    layers: &[Layer],
+    with_plan: bool,
+    holds: impl Fn(usize, &Layer) -> bool,
+    cands: impl Fn(usize, &Layer) -> &'c [String],
+) -> Estimate {
     let mut plan = Vec::new();
     let (mut local, mut missing) = (0u64, 0u64);
     // Bytes per source (None: the cloud), fetched in parallel across
@@ -153,8 +226,8 @@ fn estimate_with(
     let mut per_source: [(Option<&str>, Link, u64); 8] = [(None, DEFAULT_CLOUD, 0); 8];
     let mut sources = 0usize;
     let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
-    for l in layers {
-        if node.whole.contains(&l.digest) {
+    for (i, l) in layers.iter().enumerate() {
+        if holds(i, l) {
             local += l.size;
             if with_plan {
                 plan.push(LayerPlan {
@@ -165,22 +238,20 @@ fn estimate_with(
             }
             continue;
         }
-        let held = node
-            .partial
-            .get(&l.digest)
-            .copied()
-            .unwrap_or(0)
-            .min(l.size);
+        let held = if node.partial.is_empty() {
+            0
+        } else {
+            node.partial
+                .get(&l.digest)
+                .copied()
+                .unwrap_or(0)
+                .min(l.size)
+        };
         local += held;
         let need = l.size - held;
         missing += need;
         let mut best: (f64, Option<&str>, Link) = (cloud.secs(need), None, cloud);
-        for p in holders
-            .get(&l.digest)
-            .into_iter()
-            .flatten()
-            .take(MAX_HOLDERS)
-        {
+        for p in cands(i, l).iter().take(MAX_HOLDERS) {
             if *p == node.name {
                 continue;
             }
@@ -443,6 +514,42 @@ mod tests {
     }
 
     proptest! {
+        /// The many-node path gives what the one-node path gives.
+        #[test]
+        fn estimating_many_equals_estimating_each(
+            held in proptest::collection::vec(proptest::collection::vec(any::<bool>(), 6), 1..9),
+            partial in proptest::collection::vec(0u64..3_000_000, 6),
+        ) {
+            let ls = layers(6);
+            let views: Vec<NodeView> = held
+                .iter()
+                .enumerate()
+                .map(|(k, h)| NodeView {
+                    name: format!("n{k}"),
+                    cluster: format!("c{}", k % 2),
+                    whole: ls.iter().zip(h).filter(|(_, x)| **x).map(|(l, _)| l.digest.clone()).collect(),
+                    partial: if k == 0 {
+                        ls.iter().zip(&partial).map(|(l, p)| (l.digest.clone(), *p)).collect()
+                    } else {
+                        HashMap::default()
+                    },
+                    cloud: Some(Link { rtt_ms: 10.0 + k as f64, mbps: 100.0 }),
+                    peers: [("n1".to_string(), Link { rtt_ms: 5.0, mbps: 50.0 })].into_iter().collect(),
+                    ..NodeView::default()
+                })
+                .collect();
+            let by_cluster: HashMap<String, Holders> = ["c0", "c1"]
+                .iter()
+                .map(|c| (c.to_string(), holders(views.iter().filter(|v| v.cluster == *c))))
+                .collect();
+            let refs: Vec<&NodeView> = views.iter().collect();
+            let many = estimate_times(&refs, |c| by_cluster.get(c), &ls);
+            for (v, m) in views.iter().zip(&many) {
+                let one = estimate_time(v, &by_cluster[&v.cluster], &ls);
+                prop_assert_eq!(&one, m);
+            }
+        }
+
         /// All else equal, a node holding more of the image's layers never
         /// scores lower.
         #[test]

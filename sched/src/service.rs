@@ -448,12 +448,9 @@ impl Sched {
             }
         }
         let d = lock(&self.directory).clone();
-        let none = Holders::default();
         let views: Vec<Arc<NodeView>> = names.iter().map(|n| self.view(&d, n)).collect();
-        let ests = views
-            .iter()
-            .map(|v| score::estimate_time(v, d.holders.get(&v.cluster).unwrap_or(&none), &layers))
-            .collect();
+        let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
+        let ests = score::estimate_times(&refs, |c| d.holders.get(c), &layers);
         (views, ests)
     }
 
@@ -750,11 +747,12 @@ fn bad_request(why: String) -> Response {
 
 /// The request body as `ExtenderArgs`, or why not.
 fn check_args(body: &[u8]) -> Result<Box<ExtenderArgs>, String> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    if !v.is_object() {
+    // Straight into the types (no JSON tree first: this is the hot path);
+    // serde would take a JSON array for a struct, so look first.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err("it is not a JSON object".into());
     }
-    let args: ExtenderArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let args: ExtenderArgs = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     if args.pod.is_none() {
         return Err("it has no Pod".into());
     }
