@@ -27,18 +27,20 @@
 //!   GC). It gets the pods' limits as a filter too, so both pick among the
 //!   same nodes.
 //! * ablations: default-like placement in the breakfs world (what placement
-//!   alone is worth), breakfs without the planner.
+//!   alone is worth), breakfs without the planner; and a bound: always the
+//!   node with the least expected fetch time, in the breakfs world.
 //!
 //! Reported: mean expected fetch time of the chosen nodes (sched's
 //! estimator, with each world's sources), limit violations, unschedulable
 //! pods, and the cluster-level byte hit ratio (bytes of each deployment
 //! already on some node of its cluster when it is placed).
 //!
-//! `cargo bench --bench sched_sim -- [--trace FILE] [--seed N] [--budget-share F]`;
+//! `cargo bench --bench sched_sim -- [--trace FILE] [--seed N] [--runs N]
+//! [--budget-share F] [--sum-share F]`;
 //! writes target/bench-sched-sim.md.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use breakfs_fetch::budget::layer_value;
 use breakfs_index::Digest;
@@ -173,7 +175,7 @@ struct World {
 struct Node {
     view: NodeView,
     budget: u64,
-    cache: HashMap<Digest, Held>,
+    cache: BTreeMap<Digest, Held>,
     used: u64,
     /// When its registry link is free for the next prefetch.
     link_free: f64,
@@ -254,10 +256,11 @@ impl Node {
 struct Sim {
     world: World,
     nodes: Vec<Node>,
-    popularity: HashMap<Digest, (f64, f64, u64)>,
+    popularity: BTreeMap<Digest, (f64, f64, u64)>,
     /// Prefetches asked for: (node, layer) → when (sched's `asked`).
-    asked: HashMap<(usize, Digest), f64>,
+    asked: BTreeMap<(usize, Digest), f64>,
     next_plan: f64,
+    sum_share: f64,
     times: Vec<f64>,
     hit: u64,
     /// Bytes already on the chosen node.
@@ -302,7 +305,7 @@ fn build_nodes(seed: u64, budget: u64) -> Vec<Node> {
                     ..NodeView::default()
                 },
                 budget,
-                cache: HashMap::new(),
+                cache: BTreeMap::new(),
                 used: 0,
                 link_free: 0.0,
                 pods: Vec::new(),
@@ -513,9 +516,9 @@ impl Sim {
         }
     }
 
+    /// The planner's cacheSumSize: a share of the cluster's cache.
     fn cache_sum(&self) -> u64 {
-        // Half of a cluster's cache for the hottest layers.
-        self.nodes[0].budget * PER as u64 / 2
+        (self.nodes[0].budget as f64 * PER as f64 * self.sum_share) as u64
     }
 }
 
@@ -559,7 +562,7 @@ const WORLDS: [World; 5] = [
 
 /// One replay of the trace with clients mapped onto clusters at random
 /// (`seed`); the worlds' outcomes.
-fn replay(deploys: &[Deploy], seed: u64, budget: u64) -> (Vec<Sim>, usize) {
+fn replay(deploys: &[Deploy], seed: u64, budget: u64, sum_share: f64) -> (Vec<Sim>, usize) {
     let mut clients: Vec<String> = deploys.iter().map(|d| d.client.clone()).collect();
     clients.sort();
     clients.dedup();
@@ -573,9 +576,10 @@ fn replay(deploys: &[Deploy], seed: u64, budget: u64) -> (Vec<Sim>, usize) {
         .map(|&world| Sim {
             world,
             nodes: build_nodes(seed, budget),
-            popularity: HashMap::new(),
-            asked: HashMap::new(),
+            popularity: BTreeMap::new(),
+            asked: BTreeMap::new(),
             next_plan: PLAN_EVERY,
+            sum_share,
             times: Vec::new(),
             hit: 0,
             on_node: 0,
@@ -629,6 +633,10 @@ fn main() {
     let share: f64 = opt("--budget-share")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0.125);
+    // cacheSumSize as a share of a cluster's cache (default: half).
+    let sum_share: f64 = opt("--sum-share")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.5);
     let deploys = read_trace(&trace);
     let unique: u64 = deploys
         .iter()
@@ -644,6 +652,20 @@ fn main() {
         .collect::<HashSet<_>>()
         .len();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let ceiling = {
+        let mut seen: HashSet<&Digest> = HashSet::new();
+        let (mut again, mut all) = (0u64, 0u64);
+        for d in &deploys {
+            for l in &d.layers {
+                all += l.size;
+                if seen.contains(&l.digest) {
+                    again += l.size;
+                }
+            }
+            seen.extend(d.layers.iter().map(|l| &l.digest));
+        }
+        again as f64 / all.max(1) as f64
+    };
     // Per world: sums over the runs, and each run's ratios to default-like.
     let n = WORLDS.len();
     let mut time_sum = vec![0.0; n];
@@ -659,7 +681,7 @@ fn main() {
     let mut limited = 0;
     let mut cache_sum = 0;
     for r in 0..runs {
-        let (sims, lim) = replay(&deploys, seed + r, budget);
+        let (sims, lim) = replay(&deploys, seed + r, budget, sum_share);
         limited += lim;
         cache_sum = sims[0].cache_sum();
         let bt = mean(&sims[1].times);
@@ -692,7 +714,7 @@ fn main() {
         let t = time_sum[w] / placed[w].max(1) as f64;
         let h = hits[w] as f64 / total[w].max(1) as f64;
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} s = {:.2}× | {} | {:.3} = {:.2}× | {} | {:.3} | {:.2}× |\n",
+            "| {} | {} | {} | {} | {:.2} s = {:.3}× | {} | {:.3} = {:.3}× | {} | {:.3} | {:.2}× |\n",
             WORLDS[w].name,
             placed[w],
             unsched[w],
@@ -709,14 +731,16 @@ fn main() {
     }
     let report = format!(
         "### Placement and prefetch simulation (IBM trace sample)\n\n\
-         `cargo bench --bench sched_sim -- --seed {seed} --runs {runs} --budget-share {share}`: \
+         `cargo bench --bench sched_sim -- --seed {seed} --runs {runs} --budget-share {share} --sum-share {sum_share}`: \
          {} deployments over {:.0} min from {clients} clients, replayed {runs} times with the clients \
          mapped onto {CLUSTERS} clusters × {PER} nodes (2 vCPU, 4 GB) at random (seeds {seed}–{}); \
          node cache {:.0} MB each ({share} of the trace's {:.0} MB of distinct layers), planner \
          cacheSumSize {:.0} MB per cluster, every {PLAN_EVERY:.0} s; registry links 30/50/70/90 ms × 0.5–2 \
          and 200/100/80/50 Mbit/s × 0.25–1.25 by cluster × node, peers ~1 ms / ~1 Gbit/s; {:.0} of the pods \
          per run limit delay to 60 ms; pods request 0.1–0.5 CPU and 0.25–1 GB for {POD_LIFE:.0} s. \
-         Totals over all runs; ratios against default-like.\n\n{table}",
+         Totals over all runs; ratios against default-like.\n\n{table}\n\
+         Ceiling of the cluster byte hit ratio for any prefetcher (every layer deployed anywhere before \
+         already in the cluster, caches unbounded, all deployments): {ceiling:.3} = {:.3}× default-like.\n",
         deploys.len(),
         (deploys.last().map_or(0.0, |d| d.at) - deploys.first().map_or(0.0, |d| d.at)) / 60.0,
         seed + runs - 1,
@@ -724,6 +748,7 @@ fn main() {
         unique as f64 / 1e6,
         cache_sum as f64 / 1e6,
         limited as f64 / runs as f64,
+        ceiling / base_h.max(1e-9),
     );
     println!("{report}");
     let _ = std::fs::create_dir_all("target");
