@@ -1,0 +1,385 @@
+//! What the benchmarks that run real node daemons share: the temp
+//! setting, `breakfs shape` in front of the registry, refactored images
+//! pushed to it, `breakfs node` processes and mounts through them, each
+//! stopped or unmounted when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+
+use crate::corpus::CorpusImage;
+use crate::registry::{self, TestRegistry};
+
+pub const BREAKFS: &str = env!("CARGO_BIN_EXE_breakfs");
+
+pub struct Env {
+    pub tmp: PathBuf,
+    /// `BREAKFS_RUN_DIR` of every breakfs command (status records).
+    pub run_dir: PathBuf,
+    /// `HOST:PORT` of the shaping proxy in front of the registry.
+    pub link: String,
+}
+
+impl Env {
+    pub fn breakfs(&self) -> Command {
+        let mut c = Command::new(BREAKFS);
+        c.env("BREAKFS_RUN_DIR", &self.run_dir)
+            .env_remove("BREAKFS_STORE")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// A new, empty directory under the temp dir.
+    pub fn fresh(&self, name: &str) -> Result<PathBuf> {
+        let p = self.tmp.join(name);
+        if p.exists() {
+            ensure!(
+                !mounted_under(&p),
+                "{} still has a mount in it",
+                p.display()
+            );
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(p)
+    }
+}
+
+/// `breakfs shape` in front of the registry; killed when dropped.
+pub struct Shaper {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Shaper {
+    pub fn start(upstream: &str, rtt_ms: u64, mbit: u64) -> Result<Shaper> {
+        for _ in 0..5 {
+            let addr = format!("127.0.0.1:{}", registry::free_port());
+            let mut s = Shaper {
+                child: Command::new(BREAKFS)
+                    .args(["shape", "--listen", &addr, "--upstream", upstream])
+                    .args(["--rtt-ms", &rtt_ms.to_string()])
+                    .args(["--mbit", &mbit.to_string()])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting breakfs shape")?,
+                addr,
+            };
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until {
+                if std::net::TcpStream::connect(&s.addr).is_ok() {
+                    return Ok(s);
+                }
+                if s.child.try_wait()?.is_some() {
+                    break; // the port was taken meanwhile: try another
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        bail!("breakfs shape did not come up on a free loopback port")
+    }
+}
+
+impl Drop for Shaper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `cmd`; its stdout, or an error with its output.
+pub fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The mount points in this mount namespace.
+pub fn mount_points() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .collect()
+}
+
+pub fn is_mountpoint(p: &Path) -> bool {
+    mount_points().iter().any(|m| m == p)
+}
+
+pub fn mounted_under(p: &Path) -> bool {
+    mount_points().iter().any(|m| m.starts_with(p))
+}
+
+/// Detach whatever is still mounted at or under `p`.
+pub fn detach_under(p: &Path) {
+    for m in mount_points().into_iter().filter(|m| m.starts_with(p)) {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+}
+
+/// A refactored image in the registry, with its local layout.
+pub struct Published {
+    pub title: String,
+    /// `docker://LINK/refactored/FAMILY:TAG`: as the node reaches it.
+    pub remote: String,
+    pub layout: PathBuf,
+    pub tag: String,
+    pub size: u64,
+    pub layers: usize,
+}
+
+/// Refactor `image` into a layout, push it to the registry directly.
+pub fn publish(env: &Env, reg: &TestRegistry, image: &CorpusImage) -> Result<Published> {
+    let name = format!("{}-{}", image.family, image.tag);
+    eprintln!("bench: refactoring and pushing {name}");
+    let layout = env.fresh(&format!("{name}-refactored"))?;
+    let work = env.tmp.join(format!("{name}-work"));
+    run(
+        env.breakfs()
+            .args(["refactor", "--work-dir"])
+            .arg(&work)
+            .arg("--to")
+            .arg(format!("oci:{}", layout.display()))
+            .arg(&image.reference),
+        "breakfs refactor",
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
+    let repo = format!("refactored/{}:{}", image.family, image.tag);
+    run(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{}", layout.display(), image.tag))
+            .arg(reg.reference(&repo)),
+        "skopeo copy of the refactored image to the registry",
+    )?;
+    let layers = layout_layers(&layout, &image.tag)?;
+    Ok(Published {
+        title: format!("{} {}", image.family, image.tag),
+        remote: format!("docker://{}/{repo}", env.link),
+        layout,
+        tag: image.tag.clone(),
+        size: layers.iter().map(|l| l.1).sum(),
+        layers: layers.len(),
+    })
+}
+
+pub fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| anyhow!("digest {digest:?} is not sha256"))?;
+    Ok(layout.join("blobs/sha256").join(hex))
+}
+
+/// The layers (digest, size) of `tag` in an OCI layout, bottom first.
+pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, u64)>> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let m = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
+        .ok_or_else(|| anyhow!("{} has no tag {tag}", layout.display()))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob_path(
+        layout,
+        m["digest"].as_str().unwrap_or_default(),
+    )?)?)?;
+    manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            let d = l["digest"].as_str().unwrap_or_default().to_string();
+            let size = l["size"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("layer {d} has no size"))?;
+            Ok((d, size))
+        })
+        .collect()
+}
+
+/// A `breakfs node` with a fresh cache in `dir`; stopped (SIGTERM, then
+/// SIGKILL) when dropped, its leftover mounts detached.
+pub struct Node {
+    pub child: Option<Child>,
+    pub url: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Node {
+    pub fn start(env: &Env, dir: &Path, extra: &[&str], log_filter: &str) -> Result<Node> {
+        let log = dir.join("node.log");
+        let socket = dir.join("node.sock");
+        let mut child = env
+            .breakfs()
+            .arg("node")
+            .args(["--plain-http", "--cache"])
+            .arg(dir.join("cache"))
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .env("BREAKFS_LOG", log_filter)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting breakfs node")?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout from breakfs node"))?;
+        let mut node = Node {
+            child: Some(child),
+            url: String::new(),
+            socket,
+            log,
+            dir: dir.to_path_buf(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("BREAKFS-NODE-READY ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        node.url = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            anyhow!(
+                "breakfs node did not say it was ready; its log:\n{}",
+                node.log_text()
+            )
+        })?;
+        Ok(node)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> Result<String> {
+        run(
+            Command::new("curl")
+                .args(["-sSf", "--max-time", "30"])
+                .arg(format!("{}{path}", self.url)),
+            &format!("GET {path} of the node"),
+        )
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Result<String> {
+        run(
+            Command::new("curl")
+                .args(["-sSf", "--max-time", "30", "-X", "POST"])
+                .args(["-H", "Content-Type: application/json", "-d", body])
+                .arg(format!("{}{path}", self.url)),
+            &format!("POST {path} to the node"),
+        )
+    }
+
+    /// Bytes the node fetched from the cloud (registries), by its metrics.
+    pub fn cloud_bytes(&self) -> Result<f64> {
+        let page = self.get("/metrics")?;
+        page.lines()
+            .find_map(|l| l.strip_prefix("breakfs_fetch_bytes_total{source=\"cloud\"} "))
+            .map(|v| v.trim().parse::<f64>())
+            .transpose()?
+            .map_or(Ok(0.0), Ok)
+    }
+
+    pub fn prefetch_tasks(&self) -> Result<Vec<serde_json::Value>> {
+        let v: serde_json::Value = serde_json::from_str(&self.get("/prefetch")?)?;
+        Ok(v.as_object()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: the daemon unmounts its mounts and stops.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until && !matches!(c.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        detach_under(&self.dir);
+    }
+}
+
+/// An image mounted through a node; unmounted (`breakfs umount`, then
+/// `umount -l` if that left it) when dropped.
+pub struct NodeMount<'a> {
+    pub env: &'a Env,
+    pub point: PathBuf,
+}
+
+impl<'a> NodeMount<'a> {
+    pub fn mount(
+        env: &'a Env,
+        node: &Node,
+        reference: &str,
+        point: &Path,
+    ) -> Result<NodeMount<'a>> {
+        std::fs::create_dir_all(point)?;
+        let point = point.canonicalize()?;
+        let result = run(
+            env.breakfs()
+                .args([
+                    "mount",
+                    "--plain-http",
+                    "--no-hydrate",
+                    "--no-dependency-prefetch",
+                ])
+                .arg("--node")
+                .arg(format!("unix:{}", node.socket.display()))
+                .arg(reference)
+                .arg(&point),
+            &format!("breakfs mount --node {reference}"),
+        );
+        // Guard the mount even if the command failed half-way.
+        let m = NodeMount { env, point };
+        result?;
+        Ok(m)
+    }
+}
+
+impl Drop for NodeMount<'_> {
+    fn drop(&mut self) {
+        let _ = run(
+            self.env.breakfs().arg("umount").arg(&self.point),
+            "breakfs umount",
+        );
+        if is_mountpoint(&self.point) {
+            let _ = Command::new("umount").arg("-l").arg(&self.point).status();
+        }
+    }
+}
