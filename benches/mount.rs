@@ -26,6 +26,8 @@
 
 #[path = "../tests/support/corpus.rs"]
 mod corpus;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "../tests/support/registry.rs"]
 #[allow(dead_code)]
 mod registry;
@@ -43,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use breakfs_fetch::{LinkShape, run_shaping_proxy};
 use corpus::{Build, CorpusImage, IMAGE_PATH};
+use harness::{blob_path, is_mountpoint, layout_layers, mounted_under, run, run_chroot};
 use registry::TestRegistry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -328,58 +331,8 @@ impl Env {
     }
 }
 
-/// Run `cmd`; its stdout, or an error with its output.
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {what}"))?;
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn secs_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
-}
-
-/// The mount points in this mount namespace.
-fn mount_points() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .collect()
-}
-
-fn is_mountpoint(p: &Path) -> bool {
-    mount_points().iter().any(|m| m == p)
-}
-
-fn mounted_under(p: &Path) -> bool {
-    mount_points().iter().any(|m| m.starts_with(p))
-}
-
-/// Run the image's command in a chroot of `rootfs`, in new mount and pid
-/// namespaces with /proc mounted (as `corpus::unpack_and_run` does).
-fn run_chroot(rootfs: &Path, command: &[String]) -> Result<()> {
-    let out = corpus::run_in_rootfs(rootfs, command)
-        .with_context(|| format!("running {command:?} in a chroot of {}", rootfs.display()))?;
-    ensure!(
-        out.status.success(),
-        "{command:?} in a chroot of {} failed ({}): {}{}",
-        rootfs.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// Run the image's command in a chroot of an overlayfs over `lower` (upper
@@ -577,30 +530,6 @@ fn fetched_by_sources(status: &serde_json::Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// The layers (digest, size) of `tag` in an OCI layout.
-fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, u64)>> {
-    let (manifest, _) = layout_image(layout, tag)?;
-    manifest["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|l| {
-            let d = l["digest"].as_str().unwrap_or_default().to_string();
-            let size = l["size"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("layer {d} has no size"))?;
-            Ok((d, size))
-        })
-        .collect()
-}
-
-fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| anyhow!("digest {digest:?} is not sha256"))?;
-    Ok(layout.join("blobs/sha256").join(hex))
-}
-
 /// Bytes of the eStargz TOC members and footers of the layers: the least
 /// a mount must fetch to show the tree.
 fn toc_bytes(layout: &Path, layers: &[(String, u64)]) -> Result<u64> {
@@ -722,18 +651,7 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// The manifest and config of `tag` in an OCI layout.
 fn layout_image(layout: &Path, tag: &str) -> Result<(serde_json::Value, serde_json::Value)> {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
-    let m = index["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
-        .ok_or_else(|| anyhow!("{} has no tag {tag}", layout.display()))?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob_path(
-        layout,
-        m["digest"].as_str().unwrap_or_default(),
-    )?)?)?;
+    let manifest = harness::layout_manifest(layout, tag)?;
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(blob_path(
         layout,
         manifest["config"]["digest"].as_str().unwrap_or_default(),

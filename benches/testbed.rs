@@ -47,7 +47,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use corpus::CorpusImage;
-use harness::{Env, Node, Published, Shaper, detach_under, is_mountpoint, publish, run};
+use harness::{
+    Env, Node, NodeMount, Published, Shaper, detach_under, is_mountpoint, publish, run, run_chroot,
+};
 use registry::TestRegistry;
 use sha2::{Digest as _, Sha256};
 
@@ -367,71 +369,6 @@ impl Drop for Overlay {
     }
 }
 
-/// A breakfs mount (through a node or standalone); unmounted when dropped.
-struct Lazy {
-    env: Env,
-    point: PathBuf,
-}
-
-impl Lazy {
-    fn mount(env: &Env, args: &[String], reference: &str, point: &Path) -> Result<Lazy> {
-        std::fs::create_dir_all(point)?;
-        let r = run(
-            env.breakfs()
-                .args(["mount", "--plain-http"])
-                .args(args)
-                .arg(reference)
-                .arg(point),
-            &format!("breakfs mount {reference}"),
-        );
-        let m = Lazy {
-            env: Env {
-                tmp: env.tmp.clone(),
-                run_dir: env.run_dir.clone(),
-                link: env.link.clone(),
-            },
-            point: point.to_path_buf(),
-        };
-        r?;
-        Ok(m)
-    }
-
-    /// Bytes fetched from anything but the local store, by its record.
-    fn fetched_bytes(&self) -> u64 {
-        let Ok(out) = run(
-            self.env
-                .breakfs()
-                .args(["status", "--json"])
-                .arg(&self.point),
-            "breakfs status",
-        ) else {
-            return 0;
-        };
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        v["fetch"]["sources"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter(|(k, _)| !k.starts_with("local"))
-                    .filter_map(|(_, s)| s["bytes"].as_u64())
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Lazy {
-    fn drop(&mut self) {
-        let _ = run(
-            self.env.breakfs().arg("umount").arg(&self.point),
-            "breakfs umount",
-        );
-        if is_mountpoint(&self.point) {
-            let _ = Command::new("umount").arg("-l").arg(&self.point).status();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // docker-like: one layer at a time, each extracted into its own directory.
 
@@ -598,7 +535,7 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
         let cdir = dir.join(format!("c{i}"));
         let ov = Overlay::mount(&cdir, &lowerdirs.join(":"))?;
         let _ = std::fs::remove_file(ov.rootfs.join(".done"));
-        run_command(&ov.rootfs, image)?;
+        run_chroot(&ov.rootfs, &image.command)?;
         let secs = t.elapsed().as_secs_f64();
         verify(
             &ov.rootfs,
@@ -616,25 +553,35 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
     Ok(out)
 }
 
-fn run_command(rootfs: &Path, image: &CorpusImage) -> Result<()> {
-    let o = corpus::run_in_rootfs(rootfs, &image.command).context("running unshare + chroot")?;
-    ensure!(
-        o.status.success(),
-        "{:?} of {} failed ({}): {}{}",
-        image.command,
-        image.reference,
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(())
-}
-
 fn progress(what: &str, i: usize, n: usize, secs: f64) {
     eprintln!(
         "testbed: {what} deployment {}/{n}: ready in {secs:.2} s",
         i + 1
     );
+}
+
+/// The rest of a deployment once its image is mounted at `m`: the
+/// container's overlay, the command, the time since `t`; then the check
+/// against the original and the clean-up. Returns the seconds to ready
+/// and the bytes the mount fetched.
+fn ready_on_mount(
+    w: &World,
+    m: NodeMount,
+    cdir: &Path,
+    d: &Deployment,
+    t: Instant,
+    what: &str,
+) -> Result<(f64, u64)> {
+    let image = &w.images[d.image];
+    let ov = Overlay::mount(cdir, &m.point.display().to_string())?;
+    run_chroot(&ov.rootfs, &image.command)?;
+    let secs = t.elapsed().as_secs_f64();
+    verify(&ov.rootfs, &w.refs[d.image], what)?;
+    let bytes = m.fetched_bytes();
+    drop(ov);
+    drop(m);
+    let _ = std::fs::remove_dir_all(cdir);
+    Ok((secs, bytes))
 }
 
 fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
@@ -656,19 +603,9 @@ fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Samp
             dir.join(format!("node{node}/store")).display().to_string(),
         ];
         let t = Instant::now();
-        let m = Lazy::mount(w.env, &args, &reference, &cdir.join("image"))?;
-        let ov = Overlay::mount(&cdir, &m.point.display().to_string())?;
-        run_command(&ov.rootfs, image)?;
-        let secs = t.elapsed().as_secs_f64();
-        verify(
-            &ov.rootfs,
-            &w.refs[d.image],
-            &format!("lazy-cloud deployment {i}"),
-        )?;
-        let bytes = m.fetched_bytes();
-        drop(ov);
-        drop(m);
-        let _ = std::fs::remove_dir_all(&cdir);
+        let m = NodeMount::with_args(w.env, &args, &reference, &cdir.join("image"))?;
+        let (secs, bytes) =
+            ready_on_mount(w, m, &cdir, d, t, &format!("lazy-cloud deployment {i}"))?;
         out.push(Sample {
             secs,
             cloud_bytes: bytes,
@@ -813,18 +750,8 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
             "--node".to_string(),
             format!("unix:{}", nodes[n].socket.display()),
         ];
-        let m = Lazy::mount(w.env, &args, &reference, &cdir.join("image"))?;
-        let ov = Overlay::mount(&cdir, &m.point.display().to_string())?;
-        run_command(&ov.rootfs, image)?;
-        let secs = t.elapsed().as_secs_f64();
-        verify(
-            &ov.rootfs,
-            &w.refs[d.image],
-            &format!("breakfs deployment {i}"),
-        )?;
-        drop(ov);
-        drop(m);
-        let _ = std::fs::remove_dir_all(&cdir);
+        let m = NodeMount::with_args(w.env, &args, &reference, &cdir.join("image"))?;
+        let (secs, _) = ready_on_mount(w, m, &cdir, d, t, &format!("breakfs deployment {i}"))?;
         // What every node fetched from the registry meanwhile: this
         // deployment, background hydration and planned prefetch.
         out.push(Sample {

@@ -186,8 +186,8 @@ pub fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
     Ok(layout.join("blobs/sha256").join(hex))
 }
 
-/// The layers (digest, size) of `tag` in an OCI layout, bottom first.
-pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, u64)>> {
+/// The manifest of `tag` in an OCI layout.
+pub fn layout_manifest(layout: &Path, tag: &str) -> Result<serde_json::Value> {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
     let m = index["manifests"]
@@ -196,10 +196,15 @@ pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, u64)>> {
         .flatten()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
         .ok_or_else(|| anyhow!("{} has no tag {tag}", layout.display()))?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob_path(
+    Ok(serde_json::from_slice(&std::fs::read(blob_path(
         layout,
         m["digest"].as_str().unwrap_or_default(),
-    )?)?)?;
+    )?)?)?)
+}
+
+/// The layers (digest, size) of `tag` in an OCI layout, bottom first.
+pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, u64)>> {
+    let manifest = layout_manifest(layout, tag)?;
     manifest["layers"]
         .as_array()
         .into_iter()
@@ -343,9 +348,30 @@ pub struct NodeMount<'a> {
 }
 
 impl<'a> NodeMount<'a> {
+    /// Mount `reference` through `node` without hydration or dependency
+    /// prefetch (on-demand reads only).
     pub fn mount(
         env: &'a Env,
         node: &Node,
+        reference: &str,
+        point: &Path,
+    ) -> Result<NodeMount<'a>> {
+        let args: Vec<String> = [
+            "--no-hydrate",
+            "--no-dependency-prefetch",
+            "--node",
+            &format!("unix:{}", node.socket.display()),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        NodeMount::with_args(env, &args, reference, point)
+    }
+
+    /// `breakfs mount --plain-http ARGS REFERENCE POINT`.
+    pub fn with_args(
+        env: &'a Env,
+        args: &[String],
         reference: &str,
         point: &Path,
     ) -> Result<NodeMount<'a>> {
@@ -353,22 +379,40 @@ impl<'a> NodeMount<'a> {
         let point = point.canonicalize()?;
         let result = run(
             env.breakfs()
-                .args([
-                    "mount",
-                    "--plain-http",
-                    "--no-hydrate",
-                    "--no-dependency-prefetch",
-                ])
-                .arg("--node")
-                .arg(format!("unix:{}", node.socket.display()))
+                .args(["mount", "--plain-http"])
+                .args(args)
                 .arg(reference)
                 .arg(&point),
-            &format!("breakfs mount --node {reference}"),
+            &format!("breakfs mount {reference}"),
         );
         // Guard the mount even if the command failed half-way.
         let m = NodeMount { env, point };
         result?;
         Ok(m)
+    }
+
+    /// Bytes the mount fetched from anything but the local store, by its
+    /// status record.
+    pub fn fetched_bytes(&self) -> u64 {
+        let Ok(out) = run(
+            self.env
+                .breakfs()
+                .args(["status", "--json"])
+                .arg(&self.point),
+            "breakfs status",
+        ) else {
+            return 0;
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["fetch"]["sources"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| !k.starts_with("local"))
+                    .filter_map(|(_, s)| s["bytes"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -382,4 +426,20 @@ impl Drop for NodeMount<'_> {
             let _ = Command::new("umount").arg("-l").arg(&self.point).status();
         }
     }
+}
+
+/// Run the image's command in a chroot of `rootfs`, in new mount and pid
+/// namespaces with /proc mounted (as `corpus::unpack_and_run` does).
+pub fn run_chroot(rootfs: &Path, command: &[String]) -> Result<()> {
+    let out = crate::corpus::run_in_rootfs(rootfs, command)
+        .with_context(|| format!("running {command:?} in a chroot of {}", rootfs.display()))?;
+    ensure!(
+        out.status.success(),
+        "{command:?} in a chroot of {} failed ({}): {}{}",
+        rootfs.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
