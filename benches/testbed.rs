@@ -14,6 +14,8 @@
 //!   **docker-like** (layers downloaded one by one through the link, each
 //!   extracted in turn into its own directory, the rootfs an overlay of
 //!   them, as overlay2 does; per-node layer store; least-loaded node),
+//!   **containerd** (the real one, one per node: `ctr image pull
+//!   --plain-http` through the link and `ctr run`; least-loaded node),
 //!   **lazy-cloud** (`breakfs mount --standalone` of the original image,
 //!   cloud only, per-node cache; least-loaded node), **breakfs** (a
 //!   `breakfs node` per node with its cluster's nodes as peers, the
@@ -26,10 +28,13 @@
 //! [--families a,b] [--deployments D] [--seed S] [--cloud-rtt MS]
 //! [--cloud-mbit M] [--strategies s,t]`; writes target/bench-testbed.md.
 //!
-//! First cut: deployments run one at a time; containerd and the ablations
-//! are not in yet; peer links are plain loopback (not shaped).
+//! First cut: deployments run one at a time; the ablations are not in
+//! yet; peer links are plain loopback (not shaped).
 #![allow(clippy::unwrap_used)]
 
+#[path = "../tests/support/containerd.rs"]
+#[allow(dead_code)]
+mod containerd;
 #[path = "../tests/support/corpus.rs"]
 mod corpus;
 #[path = "support/harness.rs"]
@@ -81,25 +86,58 @@ struct Opts {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Strategy {
     DockerLike,
+    Containerd,
     LazyCloud,
     Breakfs,
+    /// Ablations: breakfs without one of its parts.
+    NoRefactor,
+    NoPeers,
+    NoPrefetch,
+    NoSched,
 }
 
 impl Strategy {
     fn name(self) -> &'static str {
         match self {
             Strategy::DockerLike => "docker-like",
+            Strategy::Containerd => "containerd",
             Strategy::LazyCloud => "lazy-cloud",
             Strategy::Breakfs => "breakfs",
+            Strategy::NoRefactor => "breakfs without refactoring",
+            Strategy::NoPeers => "breakfs without peers",
+            Strategy::NoPrefetch => "breakfs without prefetch",
+            Strategy::NoSched => "breakfs without the scheduler",
         }
     }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Strategy::NoRefactor => "no-refactor",
+            Strategy::NoPeers => "no-peers",
+            Strategy::NoPrefetch => "no-prefetch",
+            Strategy::NoSched => "no-sched",
+            s => s.name(),
+        }
+    }
+
+    const ALL: [Strategy; 8] = [
+        Strategy::DockerLike,
+        Strategy::Containerd,
+        Strategy::LazyCloud,
+        Strategy::Breakfs,
+        Strategy::NoRefactor,
+        Strategy::NoPeers,
+        Strategy::NoPrefetch,
+        Strategy::NoSched,
+    ];
     fn parse(s: &str) -> Result<Strategy> {
-        Ok(match s {
-            "docker-like" => Strategy::DockerLike,
-            "lazy-cloud" => Strategy::LazyCloud,
-            "breakfs" => Strategy::Breakfs,
-            _ => bail!("unknown strategy {s:?}: docker-like, lazy-cloud, breakfs"),
-        })
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.flag() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Strategy::ALL.iter().map(|x| x.flag()).collect();
+                anyhow!("unknown strategy {s:?}: {}", names.join(", "))
+            })
     }
 }
 
@@ -115,7 +153,7 @@ fn parse_opts() -> Result<Opts> {
         seed: 1,
         cloud_rtt: 50,
         cloud_mbit: 100,
-        strategies: vec![Strategy::DockerLike, Strategy::LazyCloud, Strategy::Breakfs],
+        strategies: Strategy::ALL.to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -141,7 +179,7 @@ fn parse_opts() -> Result<Opts> {
             }
             other => bail!(
                 "unknown argument {other:?}: --clusters K --nodes N --families a,b --deployments D \
-                 --seed S --cloud-rtt MS --cloud-mbit M --strategies docker-like,lazy-cloud,breakfs"
+                 --seed S --cloud-rtt MS --cloud-mbit M --strategies docker-like,containerd,lazy-cloud,breakfs,no-refactor,no-peers,no-prefetch,no-sched"
             ),
         }
     }
@@ -510,7 +548,8 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
         for digest in &layers {
             let hex = digest.trim_start_matches("sha256:");
             let ldir = store.join(hex);
-            if !ldir.join(".done").exists() {
+            let done = store.join(format!("{hex}.done"));
+            if !done.exists() {
                 let blob = store.join(format!("{hex}.blob"));
                 curl(
                     &format!("http://{host}/v2/{repo}/blobs/{digest}"),
@@ -522,7 +561,7 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
                 std::fs::create_dir_all(&ldir)?;
                 extract_layer(&blob, &ldir)?;
                 std::fs::remove_file(&blob)?;
-                std::fs::write(ldir.join(".done"), b"")?;
+                std::fs::write(&done, b"")?;
             }
             lower.push(ldir);
         }
@@ -534,7 +573,6 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
             .collect();
         let cdir = dir.join(format!("c{i}"));
         let ov = Overlay::mount(&cdir, &lowerdirs.join(":"))?;
-        let _ = std::fs::remove_file(ov.rootfs.join(".done"));
         run_chroot(&ov.rootfs, &image.command)?;
         let secs = t.elapsed().as_secs_f64();
         verify(
@@ -584,6 +622,64 @@ fn ready_on_mount(
     Ok((secs, bytes))
 }
 
+/// containerd itself, one per node: `ctr image pull --plain-http` through
+/// the cluster's link, then `ctr run` of the command (runc). Cloud bytes:
+/// the image's layers the node did not hold yet (containerd keeps pulled
+/// content).
+fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
+    let nodes: Vec<containerd::TestContainerd> = (0..w.o.clusters * w.o.nodes)
+        .map(|_| containerd::TestContainerd::start())
+        .collect::<Result<_>>()?;
+    let mut held: Vec<std::collections::HashSet<String>> = vec![Default::default(); nodes.len()];
+    let mut load = vec![0usize; nodes.len()];
+    let mut out = Vec::new();
+    for (i, d) in deps.iter().enumerate() {
+        check_interrupt()?;
+        let n = least_loaded(&mut load, w.o, d.cluster);
+        let image = &w.images[d.image];
+        let reference = format!(
+            "{}/orig/{}:{}",
+            w.links[d.cluster].addr, image.family, image.tag
+        );
+        let t = Instant::now();
+        nodes[n]
+            .pull_plain_http(&reference)
+            .with_context(|| format!("containerd log:\n{}", nodes[n].log()))?;
+        let args: Vec<&str> = image.command.iter().map(String::as_str).collect();
+        let o = nodes[n].run(&reference, &args)?;
+        ensure!(
+            o.status.success(),
+            "ctr run {reference} {args:?} failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let secs = t.elapsed().as_secs_f64();
+        let view = dir.join(format!("c{i}"));
+        std::fs::create_dir_all(&view)?;
+        {
+            let m = nodes[n].mount_image(&reference, &view)?;
+            verify(
+                m.path(),
+                &w.refs[d.image],
+                &format!("containerd deployment {i}"),
+            )?;
+        }
+        let _ = std::fs::remove_dir_all(&view);
+        let bytes = harness::layout_layers(&image.layout, &image.tag)?
+            .into_iter()
+            .filter(|(digest, _)| held[n].insert(digest.clone()))
+            .map(|(_, size)| size)
+            .sum();
+        out.push(Sample {
+            secs,
+            cloud_bytes: bytes,
+        });
+        progress("containerd", i, deps.len(), secs);
+    }
+    Ok(out)
+}
+
 fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
     let mut load = vec![0usize; w.o.clusters * w.o.nodes];
     let mut out = Vec::new();
@@ -622,15 +718,17 @@ struct SchedProc {
 }
 
 impl SchedProc {
-    fn start(env: &Env, nodes: &[(String, String, usize)], cache_sum: u64) -> Result<SchedProc> {
+    /// With `cache_sum`, the prefetch planner runs every 5 s.
+    fn start(
+        env: &Env,
+        nodes: &[(String, String, usize)],
+        cache_sum: Option<u64>,
+    ) -> Result<SchedProc> {
         let mut c = env.breakfs();
-        c.args(["sched", "--plain-http", "--listen", "127.0.0.1:0"])
-            .args([
-                "--cache-sum-size",
-                &cache_sum.to_string(),
-                "--plan-secs",
-                "5",
-            ]);
+        c.args(["sched", "--plain-http", "--listen", "127.0.0.1:0"]);
+        if let Some(sum) = cache_sum {
+            c.args(["--cache-sum-size", &sum.to_string(), "--plan-secs", "5"]);
+        }
         for (name, url, cluster) in nodes {
             c.arg("--node").arg(format!("{name}={url}@c{cluster}"));
         }
@@ -662,8 +760,18 @@ impl Drop for SchedProc {
     }
 }
 
-fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
+fn run_breakfs(
+    w: &World,
+    deps: &[Deployment],
+    dir: &Path,
+    variant: Strategy,
+) -> Result<Vec<Sample>> {
     let o = w.o;
+    let repo = if variant == Strategy::NoRefactor {
+        "orig"
+    } else {
+        "refactored"
+    };
     // Ports chosen first, so that each node starts knowing its cluster's
     // peers.
     let ports: Vec<u16> = (0..o.clusters * o.nodes)
@@ -677,7 +785,7 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
         std::fs::create_dir_all(&ndir)?;
         let mut extra: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{port}")];
         for m in c * o.nodes..(c + 1) * o.nodes {
-            if m != n {
+            if m != n && variant != Strategy::NoPeers {
                 extra.push("--peer".into());
                 extra.push(url(m));
             }
@@ -691,7 +799,9 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
         .map(|(n, node)| (format!("n{n}"), node.url.clone(), n / o.nodes))
         .collect();
     let total: u64 = w.published.iter().map(|p| p.size).sum();
-    let sched = SchedProc::start(w.env, &entries, total / o.clusters as u64)?;
+    let cache_sum = (variant != Strategy::NoPrefetch).then_some(total / o.clusters as u64);
+    let sched = SchedProc::start(w.env, &entries, cache_sum)?;
+    let mut load = vec![0usize; nodes.len()];
     let cloud_now = |nodes: &[Node]| -> u64 {
         nodes
             .iter()
@@ -704,7 +814,7 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
         let image = &w.images[d.image];
         let cloud_before = cloud_now(&nodes);
         // The scheduler resolves images itself (control plane, unshaped).
-        let sched_ref = format!("{}/refactored/{}:{}", w.reg.host(), image.family, image.tag);
+        let sched_ref = format!("{}/{repo}/{}:{}", w.reg.host(), image.family, image.tag);
         let names: Vec<String> = (d.cluster * o.nodes..(d.cluster + 1) * o.nodes)
             .map(|n| format!("n{n}"))
             .collect();
@@ -714,26 +824,31 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
                     "spec": {"containers": [{"name": "app", "image": sched_ref}]}},
             "NodeNames": names,
         });
-        let scores: Vec<serde_json::Value> = serde_json::from_str(&run(
-            Command::new("curl")
-                .args([
-                    "-sSf",
-                    "--max-time",
-                    "30",
-                    "-H",
-                    "Content-Type: application/json",
-                ])
-                .arg("-d")
-                .arg(body.to_string())
-                .arg(format!("{}/prioritize", sched.url)),
-            "POST /prioritize",
-        )?)?;
-        let best = scores
-            .iter()
-            .max_by_key(|s| s["Score"].as_i64().unwrap_or(0))
-            .and_then(|s| s["Host"].as_str())
-            .ok_or_else(|| anyhow!("sched returned no scores"))?
-            .to_string();
+
+        let best = if variant == Strategy::NoSched {
+            format!("n{}", least_loaded(&mut load, o, d.cluster))
+        } else {
+            let scores: Vec<serde_json::Value> = serde_json::from_str(&run(
+                Command::new("curl")
+                    .args([
+                        "-sSf",
+                        "--max-time",
+                        "30",
+                        "-H",
+                        "Content-Type: application/json",
+                    ])
+                    .arg("-d")
+                    .arg(body.to_string())
+                    .arg(format!("{}/prioritize", sched.url)),
+                "POST /prioritize",
+            )?)?;
+            scores
+                .iter()
+                .max_by_key(|s| s["Score"].as_i64().unwrap_or(0))
+                .and_then(|s| s["Host"].as_str())
+                .ok_or_else(|| anyhow!("sched returned no scores"))?
+                .to_string()
+        };
         // The placement feeds popularity, for the prefetch planner.
         let _ = curl(
             &format!("{}/plan?image={sched_ref}&node={best}", sched.url),
@@ -742,7 +857,7 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
         );
         let n: usize = best.trim_start_matches('n').parse()?;
         let reference = format!(
-            "docker://{}/refactored/{}:{}",
+            "docker://{}/{repo}/{}:{}",
             w.links[d.cluster].addr, image.family, image.tag
         );
         let cdir = dir.join(format!("c{i}"));
@@ -751,14 +866,15 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>
             format!("unix:{}", nodes[n].socket.display()),
         ];
         let m = NodeMount::with_args(w.env, &args, &reference, &cdir.join("image"))?;
-        let (secs, _) = ready_on_mount(w, m, &cdir, d, t, &format!("breakfs deployment {i}"))?;
+        let what = format!("{} deployment {i}", variant.name());
+        let (secs, _) = ready_on_mount(w, m, &cdir, d, t, &what)?;
         // What every node fetched from the registry meanwhile: this
         // deployment, background hydration and planned prefetch.
         out.push(Sample {
             secs,
             cloud_bytes: cloud_now(&nodes).saturating_sub(cloud_before),
         });
-        progress("breakfs", i, deps.len(), secs);
+        progress(variant.name(), i, deps.len(), secs);
     }
     drop(sched);
     drop(nodes);
@@ -777,6 +893,64 @@ fn push_original(env: &Env, reg: &TestRegistry, image: &CorpusImage) -> Result<(
         "skopeo copy of the original image to the registry",
     )?;
     Ok(())
+}
+
+/// An SVG strip plot of each strategy's times to ready (one dot per
+/// deployment, a bar at the median), log-scaled seconds.
+fn svg_plot(results: &[(Strategy, Vec<Sample>)]) -> String {
+    let (w, row, left, top) = (760.0, 34.0, 230.0, 20.0);
+    let h = top * 2.0 + row * results.len() as f64 + 30.0;
+    let all = results.iter().flat_map(|(_, v)| v.iter().map(|x| x.secs));
+    let lo = all.clone().fold(f64::MAX, f64::min).max(0.01);
+    let hi = all.fold(0.0, f64::max).max(lo * 2.0);
+    let (l0, l1) = (lo.log10().floor(), hi.log10().ceil());
+    let x = |secs: f64| left + (secs.max(1e-6).log10() - l0) / (l1 - l0) * (w - left - 20.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let bottom = top + row * results.len() as f64;
+    let mut d = l0;
+    while d <= l1 {
+        let v = 10f64.powf(d);
+        let xv = x(v);
+        out.push_str(&format!(
+            "<line x1=\"{xv:.1}\" y1=\"{top}\" x2=\"{xv:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/>\n\
+             <text x=\"{xv:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v} s</text>\n",
+            bottom + 16.0
+        ));
+        d += 1.0;
+    }
+    for (i, (s, v)) in results.iter().enumerate() {
+        let y = top + row * (i as f64 + 0.5);
+        out.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            left - 10.0,
+            y + 4.0,
+            s.name()
+        ));
+        for (k, sample) in v.iter().enumerate() {
+            let jitter = ((k * 7919) % 11) as f64 - 5.0;
+            out.push_str(&format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#3060c0\" fill-opacity=\"0.5\"/>\n",
+                x(sample.secs),
+                y + jitter
+            ));
+        }
+        let mut t: Vec<f64> = v.iter().map(|x| x.secs).collect();
+        let m = median(&mut t);
+        out.push_str(&format!(
+            "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#c03030\" stroke-width=\"3\"/>\n",
+            x(m),
+            y - 12.0,
+            y + 12.0
+        ));
+    }
+    out.push_str(&format!(
+        "<text x=\"{left}\" y=\"{:.1}\">time to ready per deployment (dots), median (red bar); log scale</text>\n</svg>\n",
+        h - 4.0
+    ));
+    out
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -854,12 +1028,13 @@ fn main() -> Result<()> {
     };
     let mut results: Vec<(Strategy, Vec<Sample>)> = Vec::new();
     for s in &o.strategies {
-        let dir = env.tmp.join(format!("strategy-{}", s.name()));
+        let dir = env.tmp.join(format!("strategy-{}", s.flag()));
         std::fs::create_dir_all(&dir)?;
         let r = match s {
             Strategy::DockerLike => run_docker_like(&w, &deps, &dir),
+            Strategy::Containerd => run_containerd(&w, &deps, &dir),
             Strategy::LazyCloud => run_lazy_cloud(&w, &deps, &dir),
-            Strategy::Breakfs => run_breakfs(&w, &deps, &dir),
+            v => run_breakfs(&w, &deps, &dir, *v),
         };
         detach_under(&dir);
         results.push((*s, r.with_context(|| format!("strategy {}", s.name()))?));
@@ -915,6 +1090,7 @@ fn main() -> Result<()> {
     println!("{report}");
     let _ = std::fs::create_dir_all("target");
     std::fs::write("target/bench-testbed.md", &report)?;
+    std::fs::write("target/bench-testbed.svg", svg_plot(&results))?;
     drop(links);
     drop(reg);
     detach_under(tmpdir.path());
