@@ -7,11 +7,15 @@
 //! target/bench-sched.md.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/rng.rs"]
+mod rng;
+
 use std::time::{Duration, Instant};
 
 use breakfs_index::Digest;
 use breakfs_sched::score::{Layer, Link, NodeView};
 use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
+use rng::Rng;
 
 const NODES: usize = 1000;
 const CLUSTERS: usize = 4;
@@ -25,18 +29,6 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn main() {

@@ -40,6 +40,9 @@
 //! writes target/bench-sched-sim.md.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/rng.rs"]
+mod rng;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use breakfs_fetch::budget::layer_value;
@@ -47,6 +50,7 @@ use breakfs_index::Digest;
 use breakfs_sched::planner::{Hot, plan_prefetch};
 use breakfs_sched::score::{self, Layer, Link, NodeView, Weights};
 use breakfs_sched::types::Limits;
+use rng::Rng;
 
 const CLUSTERS: usize = 4;
 const PER: usize = 4;
@@ -58,19 +62,6 @@ const PLAN_EVERY: f64 = 30.0;
 const POP_HALF_LIFE: f64 = 3600.0;
 /// Seconds an asked-for prefetch counts as held (sched's `ASKED_TTL`).
 const ASKED_TTL: f64 = 600.0;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() % 1_000_000) as f64 / 1e6
-    }
-}
 
 /// One deployment: when (seconds into the trace), from which client,
 /// which layers.
