@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::{Compression, ImageRef, LayerIndex, Platform, Reference, decoder};
 use breakfs_refactor::{ImageReport, PlanOptions, Progress, RefactorOptions, WriterOptions};
@@ -57,6 +57,9 @@ enum Command {
     ///
     /// Example: a 50 ms, 50 Mbit/s link to a local registry:
     ///   breakfs shape --listen 127.0.0.1:6000 --upstream 127.0.0.1:5000 --rtt-ms 50 --mbit 50
+    /// One 20 ms, 200 Mbit/s link to two hosts of a far site (shared bandwidth):
+    ///   breakfs shape --route 127.0.0.1:6001=127.0.0.1:7001 \
+    ///       --route 127.0.0.1:6002=127.0.0.1:7002 --rtt-ms 20 --mbit 200
     #[command(verbatim_doc_comment)]
     Shape(ShapeArgs),
     /// Mount an image read-only over FUSE, lazily.
@@ -134,11 +137,15 @@ enum Command {
 #[derive(Args)]
 struct ShapeArgs {
     /// Address to listen on.
-    #[arg(long)]
-    listen: std::net::SocketAddr,
+    #[arg(long, requires = "upstream")]
+    listen: Option<std::net::SocketAddr>,
     /// Address to forward to.
-    #[arg(long)]
-    upstream: std::net::SocketAddr,
+    #[arg(long, requires = "listen")]
+    upstream: Option<std::net::SocketAddr>,
+    /// Another route through the same link, LISTEN=UPSTREAM (repeatable):
+    /// every route shares the link's bandwidth.
+    #[arg(long = "route", value_name = "LISTEN=UPSTREAM", value_parser = parse_route)]
+    routes: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
     /// Round-trip time added, in milliseconds (half each way).
     #[arg(long, default_value_t = 0)]
     rtt_ms: u64,
@@ -158,6 +165,21 @@ struct ClientArgs {
     /// Platform to pick from a multi-platform image.
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
+    /// Reach registry HOST at ADDR instead (a mirror, or this site's path
+    /// to it); images keep their names. Repeatable.
+    #[arg(long = "registry-endpoint", value_name = "HOST=ADDR", value_parser = parse_endpoint)]
+    endpoints: Vec<(String, String)>,
+}
+
+fn parse_endpoint(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((h, a)) if !h.trim().is_empty() && !a.trim().is_empty() => {
+            Ok((h.trim().to_string(), a.trim().to_string()))
+        }
+        _ => Err(format!(
+            "{s:?} is not HOST=ADDR, like registry.example.com=10.0.0.5:5000"
+        )),
+    }
 }
 
 impl ClientArgs {
@@ -165,6 +187,7 @@ impl ClientArgs {
         Ok(ClientOptions {
             plain_http: self.plain_http,
             platform: Platform::parse(&self.platform)?,
+            endpoints: self.endpoints.iter().cloned().collect(),
             ..ClientOptions::default()
         })
     }
@@ -469,10 +492,32 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_route(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
+    let (l, u) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?} is not LISTEN=UPSTREAM, like 127.0.0.1:6001=127.0.0.1:7001")
+    })?;
+    let addr = |a: &str| {
+        a.parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("{a:?} in {s:?} is not HOST:PORT: {e}"))
+    };
+    Ok((addr(l)?, addr(u)?))
+}
+
 async fn run_shape(a: ShapeArgs) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("listening on {}", a.listen))?;
+    let mut routes = a.routes.clone();
+    if let (Some(l), Some(u)) = (a.listen, a.upstream) {
+        routes.insert(0, (l, u));
+    }
+    if routes.is_empty() {
+        bail!("breakfs shape needs --listen ADDR --upstream ADDR, or --route LISTEN=UPSTREAM");
+    }
+    let mut listeners = Vec::new();
+    for (l, u) in &routes {
+        let listener = tokio::net::TcpListener::bind(l)
+            .await
+            .with_context(|| format!("listening on {l}"))?;
+        listeners.push((listener, *u));
+    }
     let down = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
     let up = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -480,15 +525,15 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         let _ = tx.send(true);
     });
+    let names: Vec<String> = routes.iter().map(|(l, u)| format!("{l} -> {u}")).collect();
     eprintln!(
-        "shaping {} -> {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops",
-        a.listen,
-        a.upstream,
+        "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops",
+        names.join(", "),
         a.rtt_ms,
         a.mbit,
         a.up_mbit.unwrap_or(a.mbit)
     );
-    breakfs_fetch::run_shaping_proxy(listener, a.upstream, up, down, rx)
+    breakfs_fetch::run_shaping_routes(listeners, up, down, rx)
         .await
         .context("shaping proxy")
 }

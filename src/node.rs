@@ -37,7 +37,7 @@ const READY: &str = "BREAKFS-NODE-READY";
 #[derive(Args)]
 pub struct NodeArgs {
     /// A TOML file with any of the settings below (flags win over it):
-    /// listen, socket, advertise, cache, budget, peers, plain_http,
+    /// listen, socket, advertise, cache, budget, peers, learn_peers, plain_http,
     /// prefetch_rate, deadline, parallel.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -63,8 +63,15 @@ pub struct NodeArgs {
     /// from the cache indexes peers publish.
     #[arg(long = "peer", value_name = "URL")]
     peers: Vec<String>,
-    /// Background work (hydration, prefetch) at most this many bytes per
-    /// second (e.g. 20MiB); on-demand reads always go first.
+    /// Ask only the configured peers; do not add the peers they know (for
+    /// networks where a node is reached at a different address from each
+    /// place: NAT, proxies, shaped links).
+    #[arg(long)]
+    no_learn_peers: bool,
+    /// Background work (hydration, prefetch) from the cloud at most this
+    /// many bytes per second (e.g. 2MiB: keep it below this node's share of
+    /// the cloud link); what peers hold is not limited; on-demand reads
+    /// always go first.
     #[arg(long, value_name = "SIZE")]
     prefetch_rate: Option<String>,
     /// Seconds a read waits for a missing chunk before it fails with EIO.
@@ -88,6 +95,7 @@ struct NodeConfig {
     budget: Option<String>,
     #[serde(default)]
     peers: Vec<String>,
+    learn_peers: Option<bool>,
     plain_http: Option<bool>,
     prefetch_rate: Option<String>,
     deadline: Option<u64>,
@@ -127,6 +135,7 @@ struct Settings {
     cache: PathBuf,
     budget: Option<u64>,
     peers: Vec<String>,
+    learn_peers: bool,
     plain_http: bool,
     prefetch_rate: Option<u64>,
     deadline: u64,
@@ -170,6 +179,7 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
             .transpose()
             .context("--budget")?,
         peers,
+        learn_peers: !a.no_learn_peers && file.learn_peers.unwrap_or(true),
         plain_http: a.client.plain_http || file.plain_http.unwrap_or(false),
         prefetch_rate: rate
             .as_deref()
@@ -229,6 +239,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     });
     let links = Arc::new(Links::default());
     let peers = Peers::new(&url, &s.peers, links.clone())?;
+    peers.set_learning(s.learn_peers);
     peers.spawn_polling(Duration::from_secs(2));
     let cloud = Arc::new(CloudSource::new());
     {
@@ -381,8 +392,9 @@ fn spawn_cloud_probe(
         loop {
             for host in cloud.registries() {
                 let scheme = if client.plain_http { "http" } else { "https" };
+                let at = client.endpoints.get(&host).unwrap_or(&host);
                 let began = std::time::Instant::now();
-                match http.get(format!("{scheme}://{host}/v2/")).send().await {
+                match http.get(format!("{scheme}://{at}/v2/")).send().await {
                     Ok(_) => links.rtt("cloud", began.elapsed().as_secs_f64()),
                     Err(_) => links.failure("cloud"),
                 }

@@ -77,8 +77,9 @@ pub struct FetchOptions {
     /// Keep every verified compressed range (for peers) and assemble
     /// complete layers into whole blobs: what a node daemon does.
     pub keep_ranges: bool,
-    /// Background work (hydration, prefetch) moves at most this many
-    /// bytes per second; `None`: no limit.
+    /// Background work (hydration, prefetch) that only the cloud can serve
+    /// moves at most this many bytes per second (what a peer holds is not
+    /// limited); `None`: no limit.
     pub background_rate: Option<u64>,
 }
 
@@ -543,7 +544,13 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
         background = batch.background,
         "range request"
     );
-    if batch.background {
+    // The rate limit guards the cloud link: background work that a peer
+    // can serve (a fast link of its own) goes at once.
+    if batch.background
+        && !concrete_sources(inner, &batch.layer)
+            .iter()
+            .any(|s| s.class() == SourceClass::Peer)
+    {
         pace_background(inner, batch.end - batch.start).await;
     }
     let mut results: Vec<(Digest, std::result::Result<(), String>)> = Vec::new();

@@ -1,5 +1,6 @@
 //! How to talk to registries: scheme, platform, credentials, timeouts.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +18,10 @@ pub struct ClientOptions {
     pub docker_config: Option<PathBuf>,
     /// Connect timeout, and the longest a transfer may stall without a byte.
     pub timeout: Duration,
+    /// Registries reached at another address (`HOST[:PORT]` → `ADDR:PORT`):
+    /// a mirror, or this site's path to the registry. Images keep their
+    /// names; only the connection goes elsewhere.
+    pub endpoints: BTreeMap<String, String>,
 }
 
 impl Default for ClientOptions {
@@ -26,6 +31,7 @@ impl Default for ClientOptions {
             platform: Platform::linux_amd64(),
             docker_config: None,
             timeout: Duration::from_secs(30),
+            endpoints: BTreeMap::new(),
         }
     }
 }

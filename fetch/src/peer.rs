@@ -229,6 +229,8 @@ pub struct Peers {
     opts: ClientOptions,
     peers: Mutex<BTreeMap<String, PeerState>>,
     links: Arc<Links>,
+    /// Whether peers named in other peers' indexes are added.
+    learn: std::sync::atomic::AtomicBool,
 }
 
 impl Peers {
@@ -252,6 +254,7 @@ impl Peers {
             },
             peers: Mutex::new(BTreeMap::new()),
             links,
+            learn: std::sync::atomic::AtomicBool::new(true),
         });
         for u in urls {
             peers.add(u, true)?;
@@ -300,6 +303,13 @@ impl Peers {
         Ok(())
     }
 
+    /// Whether to learn of the peers other peers know (on by default).
+    /// Off, only the configured peers are asked: for networks where a peer
+    /// is reached at a different address from each place (NAT, proxies).
+    pub fn set_learning(&self, on: bool) {
+        self.learn.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The known peers' URLs.
     pub fn urls(&self) -> Vec<String> {
         lock(&self.peers).keys().cloned().collect()
@@ -342,7 +352,12 @@ impl Peers {
             match r {
                 Ok(index) => {
                     self.links.rtt(&u, took.as_secs_f64());
-                    let learned: Vec<String> = index.peers.clone();
+                    let learned: Vec<String> =
+                        if self.learn.load(std::sync::atomic::Ordering::Relaxed) {
+                            index.peers.clone()
+                        } else {
+                            Vec::new()
+                        };
                     if let Some(p) = lock(&self.peers).get_mut(&u) {
                         p.index = Some(index);
                         p.refreshed = Some(Instant::now());

@@ -95,8 +95,9 @@ impl RegistryRepo {
     /// A client for `HOST[:PORT]/REPO`; reads the docker config, makes no request yet.
     pub fn new(host: &str, repo: &str, opts: &ClientOptions) -> Result<RegistryRepo> {
         let scheme = if opts.plain_http { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{host}/")).map_err(|e| Error::Protocol {
-            what: format!("registry {host}"),
+        let at = opts.endpoints.get(host).map_or(host, String::as_str);
+        let base = Url::parse(&format!("{scheme}://{at}/")).map_err(|e| Error::Protocol {
+            what: format!("registry {host} (at {at})"),
             reason: format!("not a valid host[:port]: {e}"),
         })?;
         let client = reqwest::Client::builder()
@@ -1002,6 +1003,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("docker login {host}")), "{err}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_reaches_a_named_registry_at_another_address() {
+        let (port, task) = fake_registry().await;
+        let dir = tempfile::tempdir().unwrap();
+        // The image's registry name; its credentials are filed under it.
+        let name = "registry.edge.invalid:5000";
+        let cfg = dir.path().join("config.json");
+        let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:pw");
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"auths": {name: {"auth": auth}}}).to_string(),
+        )
+        .unwrap();
+        let mut opts = ClientOptions {
+            plain_http: true,
+            docker_config: Some(cfg),
+            ..ClientOptions::default()
+        };
+        opts.endpoints
+            .insert(name.to_string(), format!("127.0.0.1:{port}"));
+        let repo = RegistryRepo::new(name, "x", &opts).unwrap();
+        assert_eq!(repo.host(), name);
+        assert_eq!(repo.tags().await.unwrap(), vec!["a", "b"]);
         task.abort();
     }
 

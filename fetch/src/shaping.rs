@@ -44,15 +44,30 @@ pub async fn run_shaping_proxy(
     upstream: SocketAddr,
     up: LinkShape,
     down: LinkShape,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    run_shaping_routes(vec![(listener, upstream)], up, down, shutdown).await
+}
+
+/// Like [`run_shaping_proxy`] for several routes (listener → upstream)
+/// that share one link: the bandwidth of each direction is shared by every
+/// connection of every route (a link between two sites, whatever host of
+/// the far site a connection goes to).
+pub async fn run_shaping_routes(
+    routes: Vec<(TcpListener, SocketAddr)>,
+    up: LinkShape,
+    down: LinkShape,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let up_pacer: Pacer = Arc::new(Mutex::new(Instant::now()));
     let down_pacer: Pacer = Arc::new(Mutex::new(Instant::now()));
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (client, _) = accepted?;
-                let (upp, downp) = (up_pacer.clone(), down_pacer.clone());
+    let mut accepting: tokio::task::JoinSet<std::io::Result<()>> = tokio::task::JoinSet::new();
+    for (listener, upstream) in routes {
+        let (upp, downp) = (up_pacer.clone(), down_pacer.clone());
+        accepting.spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await?;
+                let (upp, downp) = (upp.clone(), downp.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         let _ = client.set_nodelay(true);
@@ -64,6 +79,17 @@ pub async fn run_shaping_proxy(
                         let _ = tokio::join!(a, b);
                     }
                 });
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            done = accepting.join_next() => {
+                match done {
+                    Some(Ok(Err(e))) => return Err(e),
+                    Some(_) => {}
+                    None => return Ok(()),
+                }
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
@@ -117,14 +143,11 @@ where
 mod tests {
     use super::*;
 
-    async fn proxy(
-        up: LinkShape,
-        down: LinkShape,
-        payload: usize,
-    ) -> (SocketAddr, watch::Sender<bool>) {
-        // Upstream: answers every connection with `payload` bytes after one byte arrives.
+    /// An upstream that answers every connection with `payload` bytes
+    /// after one byte arrives.
+    async fn upstream(payload: usize) -> SocketAddr {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = server.local_addr().unwrap();
+        let addr = server.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = server.accept().await {
                 tokio::spawn(async move {
@@ -135,6 +158,15 @@ mod tests {
                 });
             }
         });
+        addr
+    }
+
+    async fn proxy(
+        up: LinkShape,
+        down: LinkShape,
+        payload: usize,
+    ) -> (SocketAddr, watch::Sender<bool>) {
+        let upstream = upstream(payload).await;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
@@ -171,6 +203,30 @@ mod tests {
         let (a, b) = tokio::join!(fetch(addr), fetch(addr));
         assert_eq!((a.1, b.1), (500_000, 500_000));
         // 1 MB over a shared 1 MB/s link takes at least ~1 s.
+        assert!(
+            t.elapsed() >= Duration::from_millis(950),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn routes_reach_their_own_upstream_and_share_the_link() {
+        let up = LinkShape::from_rtt_mbit(0, 0);
+        let down = LinkShape::from_rtt_mbit(0, 8);
+        let mut routes = Vec::new();
+        let mut addrs = Vec::new();
+        for payload in [400_000, 600_000] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(l.local_addr().unwrap());
+            routes.push((l, upstream(payload).await));
+        }
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(run_shaping_routes(routes, up, down, rx));
+        let t = Instant::now();
+        let (a, b) = tokio::join!(fetch(addrs[0]), fetch(addrs[1]));
+        assert_eq!((a.1, b.1), (400_000, 600_000));
+        // 1 MB over one shared 1 MB/s link, whichever route it took.
         assert!(
             t.elapsed() >= Duration::from_millis(950),
             "{:?}",
