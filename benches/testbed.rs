@@ -3,13 +3,19 @@
 //! the image has run to completion in its rootfs.
 //!
 //! * the cloud: a real `docker-registry` holding the corpus images in
-//!   original and refactored form, reached by every cluster through its own
-//!   `breakfs shape` link (default 50 ms RTT, 100 Mbit/s, shared by the
-//!   cluster's nodes);
-//! * the workload: the IBM trace sample's deployments in order (a client's
-//!   run of blob requests for a repository), repositories mapped onto corpus
-//!   families by popularity, the version advancing with trace time (v1, then
-//!   the point release, then v2: version updates), clients onto clusters;
+//!   original and refactored form (refactored jointly, as BREAK refactors
+//!   the set of images a registry serves), reached by every cluster through
+//!   its own `breakfs shape` link (default 50 ms RTT, 100 Mbit/s, shared by
+//!   the cluster's nodes);
+//! * node to node: one shaped link per pair of clusters (and one inside
+//!   each), default 1 ms / 1 Gbit/s inside a cluster and 20 ms / 200 Mbit/s
+//!   across;
+//! * the workload: the IBM trace sample's deployments (a client's run of
+//!   blob requests for a repository), repositories mapped onto corpus
+//!   families by popularity, the version advancing with trace time (v1,
+//!   then the point release, then v2: version updates), clients onto
+//!   clusters, arrivals at the trace's times scaled into `--replay-secs`
+//!   (deployments overlap, as they do);
 //! * strategies, each from empty caches on the same deployments:
 //!   **docker-like** (layers downloaded one by one through the link, each
 //!   extracted in turn into its own directory, the rootfs an overlay of
@@ -18,18 +24,16 @@
 //!   --plain-http` through the link and `ctr run`; least-loaded node),
 //!   **lazy-cloud** (`breakfs mount --standalone` of the original image,
 //!   cloud only, per-node cache; least-loaded node), **breakfs** (a
-//!   `breakfs node` per node with its cluster's nodes as peers, the
-//!   refactored images, `breakfs sched` placing each pod and planning
-//!   prefetch).
+//!   `breakfs node` per node with every other node as a peer over the
+//!   shaped links, the refactored images, `breakfs sched` placing each pod
+//!   and planning prefetch), and the ablations.
 //!
 //! Each deployment's rootfs is checked against the original image (content
 //! hashes of sampled files, from `umoci unpack`); the run fails on any
-//! difference. `cargo bench --bench testbed -- [--clusters K] [--nodes N]
-//! [--families a,b] [--deployments D] [--seed S] [--cloud-rtt MS]
-//! [--cloud-mbit M] [--strategies s,t]`; writes target/bench-testbed.md.
-//!
-//! First cut: deployments run one at a time; the ablations are not in
-//! yet; peer links are plain loopback (not shaped).
+//! difference. Set-up work is cached outside the repository (refactored
+//! layouts keyed by the breakfs binary, reference hashes by image digest).
+//! `cargo bench --bench testbed -- --help` lists the settings; writes
+//! target/bench-testbed.md and target/bench-testbed.svg.
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/support/containerd.rs"]
@@ -43,18 +47,17 @@ mod harness;
 #[allow(dead_code)]
 mod registry;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use corpus::CorpusImage;
-use harness::{
-    Env, Node, NodeMount, Published, Shaper, detach_under, is_mountpoint, publish, run, run_chroot,
-};
+use harness::{Env, Node, NodeMount, Shaper, detach_under, is_mountpoint, run, run_chroot};
 use registry::TestRegistry;
 use sha2::{Digest as _, Sha256};
 
@@ -72,28 +75,118 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-struct Opts {
-    clusters: usize,
-    nodes: usize,
-    families: Vec<String>,
-    deployments: usize,
-    seed: u64,
-    cloud_rtt: u64,
-    cloud_mbit: u64,
-    strategies: Vec<Strategy>,
+/// Stop (and clean up) on SIGINT and SIGTERM: the run's own processes
+/// (nodes, links, registry, containerd, commands) get SIGTERM at once, so
+/// that deployments in flight fail fast; then every guard cleans up.
+pub fn catch_interrupts() {
+    std::thread::spawn(|| {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let me = std::process::id().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let parent = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .map(str::trim);
+            if parent == Some(me.as_str())
+                && let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+    });
+    let handler = nix::sys::signal::SigHandler::Handler(on_interrupt);
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: the handler only stores to an atomic.
+        #[allow(unsafe_code)]
+        let _ = unsafe { nix::sys::signal::signal(sig, handler) };
+    }
 }
 
+/// The testbed's settings (see `USAGE`).
+pub struct Opts {
+    /// Clusters.
+    pub clusters: usize,
+    /// Nodes per cluster.
+    pub nodes: usize,
+    /// Corpus families.
+    pub families: Vec<String>,
+    /// Deployments replayed.
+    pub deployments: usize,
+    /// Clients onto clusters.
+    pub seed: u64,
+    /// Cluster ↔ registry round trip, ms.
+    pub cloud_rtt: u64,
+    /// Cluster ↔ registry bandwidth, Mbit/s, shared by the cluster.
+    pub cloud_mbit: u64,
+    /// Node ↔ node inside a cluster, ms.
+    pub peer_rtt: u64,
+    /// Node ↔ node inside a cluster, Mbit/s.
+    pub peer_mbit: u64,
+    /// Node ↔ node across clusters, ms.
+    pub cross_rtt: u64,
+    /// Node ↔ node across clusters, Mbit/s (one link per pair of clusters).
+    pub cross_mbit: u64,
+    /// The trace's arrivals scaled into this many seconds.
+    pub replay_secs: f64,
+    /// What to run, in order.
+    pub strategies: Vec<Strategy>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            clusters: 4,
+            nodes: 4,
+            families: corpus::FAMILIES
+                .iter()
+                .map(|f| f.name.to_string())
+                .collect(),
+            deployments: 32,
+            seed: 1,
+            cloud_rtt: 50,
+            cloud_mbit: 100,
+            peer_rtt: 1,
+            peer_mbit: 1000,
+            cross_rtt: 20,
+            cross_mbit: 200,
+            replay_secs: 60.0,
+            strategies: Strategy::ALL.to_vec(),
+        }
+    }
+}
+
+/// How deployments get their images.
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Strategy {
+pub enum Strategy {
+    /// Layers pulled one by one and extracted, overlay2-style.
     DockerLike,
+    /// The real containerd: `ctr image pull` + `ctr run`.
     Containerd,
+    /// A lazy mount of the original image from the cloud only.
     LazyCloud,
+    /// Everything: refactored images, peers, prefetch, placement.
     Breakfs,
     /// Ablations: breakfs without one of its parts.
+    /// The original images.
     NoRefactor,
+    /// No peer nodes.
     NoPeers,
+    /// No prefetch planner.
     NoPrefetch,
+    /// Least-loaded placement instead of `breakfs sched`.
     NoSched,
+    /// A variant (not run unless asked for): each mount also hydrates its
+    /// image in the background (the node's default).
+    Hydrate,
 }
 
 impl Strategy {
@@ -107,6 +200,7 @@ impl Strategy {
             Strategy::NoPeers => "breakfs without peers",
             Strategy::NoPrefetch => "breakfs without prefetch",
             Strategy::NoSched => "breakfs without the scheduler",
+            Strategy::Hydrate => "breakfs with hydration",
         }
     }
 
@@ -116,11 +210,13 @@ impl Strategy {
             Strategy::NoPeers => "no-peers",
             Strategy::NoPrefetch => "no-prefetch",
             Strategy::NoSched => "no-sched",
+            Strategy::Hydrate => "hydrate",
             s => s.name(),
         }
     }
 
-    const ALL: [Strategy; 8] = [
+    /// Every strategy, in the order they run.
+    pub const ALL: [Strategy; 8] = [
         Strategy::DockerLike,
         Strategy::Containerd,
         Strategy::LazyCloud,
@@ -130,31 +226,44 @@ impl Strategy {
         Strategy::NoPrefetch,
         Strategy::NoSched,
     ];
-    fn parse(s: &str) -> Result<Strategy> {
-        Strategy::ALL
-            .into_iter()
-            .find(|x| x.flag() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Strategy::ALL.iter().map(|x| x.flag()).collect();
-                anyhow!("unknown strategy {s:?}: {}", names.join(", "))
-            })
+
+    /// A strategy by its flag (`docker-like`, `no-peers`, ...).
+    pub fn parse(s: &str) -> Result<Strategy> {
+        let known = || Strategy::ALL.into_iter().chain([Strategy::Hydrate]);
+        known().find(|x| x.flag() == s).ok_or_else(|| {
+            let names: Vec<&str> = known().map(|x| x.flag()).collect();
+            anyhow!("unknown strategy {s:?}: {}", names.join(", "))
+        })
     }
 }
 
-fn parse_opts() -> Result<Opts> {
-    let mut o = Opts {
-        clusters: 4,
-        nodes: 4,
-        families: corpus::FAMILIES
-            .iter()
-            .map(|f| f.name.to_string())
-            .collect(),
-        deployments: 40,
-        seed: 1,
-        cloud_rtt: 50,
-        cloud_mbit: 100,
-        strategies: Strategy::ALL.to_vec(),
-    };
+const USAGE: &str = "cargo bench --bench testbed -- [OPTIONS]
+
+Replays deployments from the IBM trace sample on K clusters x N nodes and
+measures each strategy's time to ready (decision -> the image's command has
+run in its rootfs), bytes from the cloud and from peers, and cache use.
+
+  --clusters K          clusters [4]
+  --nodes N             nodes per cluster [4]
+  --families a,b        corpus families [all: python,postgres,nginx,redis,httpd,node,openjdk,mariadb]
+  --deployments D       deployments replayed [32]
+  --replay-secs S       the trace's arrivals scaled into S seconds [60]
+  --seed S              clients onto clusters [1]
+  --cloud-rtt MS        cluster <-> registry round trip [50]
+  --cloud-mbit M        cluster <-> registry bandwidth, shared by the cluster [100]
+  --peer-rtt MS         node <-> node inside a cluster [1]
+  --peer-mbit M         [1000]
+  --cross-rtt MS        node <-> node across clusters [20]
+  --cross-mbit M        [200]
+  --strategies s,t      docker-like,containerd,lazy-cloud,breakfs,no-refactor,no-peers,no-prefetch,no-sched [all]
+                        and hydrate (breakfs whose mounts hydrate in the background, not in the default set)
+
+Needs root (FUSE, overlayfs, chroot), docker-registry, skopeo, umoci,
+containerd. Ctrl-C stops and cleans up. Writes target/bench-testbed.md and
+target/bench-testbed.svg.";
+
+fn parse_opts() -> Result<Option<Opts>> {
+    let mut o = Opts::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| anyhow!("{a} wants a value"));
@@ -164,12 +273,18 @@ fn parse_opts() -> Result<Opts> {
         };
         match a.as_str() {
             "--bench" => {}
+            "-h" | "--help" => return Ok(None),
             "--clusters" => o.clusters = num(val()?)? as usize,
             "--nodes" => o.nodes = num(val()?)? as usize,
             "--deployments" => o.deployments = num(val()?)? as usize,
+            "--replay-secs" => o.replay_secs = num(val()?)? as f64,
             "--seed" => o.seed = num(val()?)?,
             "--cloud-rtt" => o.cloud_rtt = num(val()?)?,
             "--cloud-mbit" => o.cloud_mbit = num(val()?)?,
+            "--peer-rtt" => o.peer_rtt = num(val()?)?,
+            "--peer-mbit" => o.peer_mbit = num(val()?)?,
+            "--cross-rtt" => o.cross_rtt = num(val()?)?,
+            "--cross-mbit" => o.cross_mbit = num(val()?)?,
             "--families" => o.families = val()?.split(',').map(String::from).collect(),
             "--strategies" => {
                 o.strategies = val()?
@@ -177,27 +292,41 @@ fn parse_opts() -> Result<Opts> {
                     .map(Strategy::parse)
                     .collect::<Result<_>>()?
             }
-            other => bail!(
-                "unknown argument {other:?}: --clusters K --nodes N --families a,b --deployments D \
-                 --seed S --cloud-rtt MS --cloud-mbit M --strategies docker-like,containerd,lazy-cloud,breakfs,no-refactor,no-peers,no-prefetch,no-sched"
-            ),
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
     }
     ensure!(
         o.clusters > 0 && o.nodes > 0 && o.deployments > 0,
         "--clusters, --nodes and --deployments must be positive"
     );
-    Ok(o)
+    Ok(Some(o))
 }
 
 // ---------------------------------------------------------------------------
 // The workload.
 
-/// One deployment: which image, from which cluster.
+/// One deployment: which image, from which cluster, when (seconds after
+/// the replay starts).
 #[derive(Clone, Debug)]
-struct Deployment {
-    cluster: usize,
-    image: usize,
+pub struct Deployment {
+    /// The cluster it is deployed in.
+    pub cluster: usize,
+    /// Index into the images.
+    pub image: usize,
+    /// Seconds after the replay starts.
+    pub at: f64,
+}
+
+/// `2017-06-20 00:00:03.589` as seconds (day of month included: the
+/// sample spans days of one month).
+fn trace_secs(ts: &str) -> Option<f64> {
+    let (date, time) = ts.trim().split_once(' ')?;
+    let day: f64 = date.rsplit('-').next()?.parse().ok()?;
+    let mut t = time.split(':');
+    let h: f64 = t.next()?.parse().ok()?;
+    let m: f64 = t.next()?.parse().ok()?;
+    let s: f64 = t.next()?.parse().ok()?;
+    Some(day * 86400.0 + h * 3600.0 + m * 60.0 + s)
 }
 
 /// The trace's deployments mapped onto the images (`images` sorted by
@@ -235,18 +364,19 @@ fn workload(o: &Opts, images: &[CorpusImage]) -> Result<Vec<Deployment>> {
         })
         .collect();
     rows.sort();
-    // Runs of a client's requests for one repository.
-    let mut runs: Vec<(String, String)> = Vec::new();
+    // Runs of a client's requests for one repository, at their first request.
+    let mut runs: Vec<(f64, String, String)> = Vec::new();
     let mut last: HashMap<String, String> = HashMap::new();
-    for (_, c, repo) in &rows {
+    for (t, c, repo) in &rows {
         if last.get(c) != Some(repo) {
-            runs.push((c.clone(), repo.clone()));
+            let secs = trace_secs(t).ok_or_else(|| anyhow!("{path}: bad timestamp {t:?}"))?;
+            runs.push((secs, c.clone(), repo.clone()));
             last.insert(c.clone(), repo.clone());
         }
     }
     // Repositories by popularity onto families; clients onto clusters.
     let mut pop: BTreeMap<&str, usize> = BTreeMap::new();
-    for (_, r) in &runs {
+    for (_, _, r) in &runs {
         *pop.entry(r).or_default() += 1;
     }
     let mut ranked: Vec<(&str, usize)> = pop.into_iter().collect();
@@ -258,7 +388,7 @@ fn workload(o: &Opts, images: &[CorpusImage]) -> Result<Vec<Deployment>> {
         .map(|(i, (r, _))| (*r, i % families.len()))
         .collect();
     let mut rng = o.seed.max(1) * 0x9E37_79B9_7F4A_7C15;
-    let mut clients: Vec<&str> = runs.iter().map(|(c, _)| c.as_str()).collect();
+    let mut clients: Vec<&str> = runs.iter().map(|(_, c, _)| c.as_str()).collect();
     clients.sort();
     clients.dedup();
     let cluster_of: HashMap<&str, usize> = clients
@@ -271,10 +401,16 @@ fn workload(o: &Opts, images: &[CorpusImage]) -> Result<Vec<Deployment>> {
         })
         .collect();
     let n = o.deployments.min(runs.len());
+    let (t0, t1) = (runs[0].0, runs[n - 1].0);
+    let scale = if t1 > t0 {
+        o.replay_secs / (t1 - t0)
+    } else {
+        0.0
+    };
     runs.iter()
         .take(n)
         .enumerate()
-        .map(|(i, (c, r))| {
+        .map(|(i, (t, c, r))| {
             let family = families[fam_of[r.as_str()]];
             // The version advances with trace time: v1, point, v2.
             let tag = ["v1", "point", "v2"][(i * 3 / n).min(2)];
@@ -285,9 +421,255 @@ fn workload(o: &Opts, images: &[CorpusImage]) -> Result<Vec<Deployment>> {
             Ok(Deployment {
                 cluster: cluster_of[c.as_str()],
                 image,
+                at: (t - t0) * scale,
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Set-up, cached outside the repository.
+
+/// `$BREAKFS_TESTBED_CACHE`, or ~/.cache/breakfs/testbed.
+fn cache_root() -> PathBuf {
+    std::env::var_os("BREAKFS_TESTBED_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/breakfs/testbed")
+        })
+}
+
+/// A refactored image in the registry.
+pub struct Refactored {
+    /// Its bytes (layers).
+    pub size: u64,
+    /// Its layers (digest, size).
+    pub layers: Vec<(String, u64)>,
+}
+
+/// `root/KIND-KEY`, made by `build` (into a fresh directory) unless a
+/// finished one is there. Keeps the newest other one of the same kind (a
+/// second configuration, the test suite's or the benchmark's), drops
+/// older ones.
+fn cached_dir(kind: &str, key: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let root = cache_root();
+    let dir = root.join(format!("{kind}-{key}"));
+    if dir.join("done").exists() {
+        return Ok(dir);
+    }
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{kind}-"))
+        })
+        .filter(|e| e.path().join("done").exists())
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    others.sort();
+    others.pop();
+    for (_, p) in others {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    let fresh = root.join(format!(".{kind}-{key}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&fresh);
+    std::fs::create_dir_all(&fresh)?;
+    if let Err(e) = build(&fresh) {
+        let _ = std::fs::remove_dir_all(&fresh);
+        return Err(e);
+    }
+    std::fs::write(fresh.join("done"), b"")?;
+    // Another run may have made the same meanwhile: keep one.
+    if std::fs::rename(&fresh, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&fresh);
+    }
+    Ok(dir)
+}
+
+/// Fill the registry: the originals at `orig/FAMILY:TAG` and the images
+/// refactored jointly (`breakfs refactor --joint`, as BREAK refactors the
+/// set of images a registry serves) at `refactored/FAMILY:TAG`. The
+/// refactored layout and then the registry's storage are cached, keyed by
+/// the breakfs binary and the images' digests.
+fn fill_registry(
+    env: &Env,
+    reg: &mut TestRegistry,
+    images: &[CorpusImage],
+) -> Result<Vec<Refactored>> {
+    let mut key = Sha256::new();
+    key.update(sha256_file(Path::new(harness::BREAKFS))?.as_bytes());
+    for im in images {
+        key.update(im.manifest_digest.as_bytes());
+    }
+    let key = &hex::encode(key.finalize())[..16];
+    let layout = cached_dir("joint", key, |fresh| {
+        let work = env.tmp.join("joint-work");
+        eprintln!(
+            "testbed: refactoring {} images jointly (cached for the next run)",
+            images.len()
+        );
+        let r = run(
+            env.breakfs()
+                .args(["refactor", "--joint", "--work-dir"])
+                .arg(&work)
+                .arg("--to")
+                .arg(format!("oci:{}", fresh.display()))
+                .args(images.iter().map(|i| i.reference.clone())),
+            "breakfs refactor --joint",
+        );
+        let _ = std::fs::remove_dir_all(&work);
+        r.map(|_| ())
+    })?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let tags: Vec<String> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .map(String::from)
+        .collect();
+    let jobs: Vec<(&CorpusImage, String)> = images
+        .iter()
+        .map(|im| {
+            let want = format!("{}-{}", im.family, im.tag);
+            let tag = tags
+                .iter()
+                .find(|t| **t == want)
+                .ok_or_else(|| anyhow!("the joint layout has no tag {want} (it has {tags:?})"))?;
+            Ok((im, tag.clone()))
+        })
+        .collect::<Result<_>>()?;
+    let storage = reg.storage_dir();
+    let mut pushed = false;
+    let cached = cached_dir("registry", key, |fresh| {
+        eprintln!(
+            "testbed: pushing {} original and {} refactored images (cached for the next run)",
+            images.len(),
+            images.len()
+        );
+        push_originals(reg, images)?;
+        // One at a time: the images share layers, and the registry's
+        // filesystem driver fails concurrent uploads of one blob.
+        for (im, tag) in &jobs {
+            check_interrupt()?;
+            skopeo_copy(
+                &format!("oci:{}:{tag}", layout.display()),
+                &reg.reference(&format!("refactored/{}:{}", im.family, im.tag)),
+            )?;
+        }
+        pushed = true;
+        copy_tree(&storage, &fresh.join("storage"))
+    })?;
+    if !pushed {
+        // The cached storage, hard-linked (the registry never rewrites a
+        // blob), under a restarted registry.
+        reg.kill();
+        let _ = std::fs::remove_dir_all(&storage);
+        copy_tree(&cached.join("storage"), &storage)?;
+        reg.restart();
+    }
+    jobs.iter()
+        .map(|(_, tag)| {
+            let layers = harness::layout_layers(&layout, tag)?;
+            Ok(Refactored {
+                size: layers.iter().map(|l| l.1).sum(),
+                layers,
+            })
+        })
+        .collect()
+}
+
+/// `cp -al FROM TO` (hard links), or a real copy across file systems.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(from)
+        .arg(to)
+        .stderr(Stdio::null())
+        .status()?;
+    if !linked.success() {
+        let _ = std::fs::remove_dir_all(to);
+        run(
+            Command::new("cp").arg("-a").arg(from).arg(to),
+            "copying the registry storage",
+        )?;
+    }
+    Ok(())
+}
+
+/// `f` over `items` on `threads` threads, results in order.
+fn parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let next = AtomicU64::new(0);
+    let out: Mutex<Vec<Option<Result<R>>>> = Mutex::new(items.iter().map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+                    if i >= items.len() || INTERRUPTED.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let r = f(&items[i]);
+                    out.lock().unwrap()[i] = Some(r);
+                }
+            });
+        }
+    });
+    out.into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow!("interrupted: stopping and cleaning up"))))
+        .collect()
+}
+
+/// `skopeo copy FROM TO` to the plain-HTTP registry, tried three times
+/// (the registry answers 500 now and then under load).
+fn skopeo_copy(from: &str, to: &str) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match run(
+            Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                .arg(from)
+                .arg(to),
+            &format!("skopeo copy {from} {to}"),
+        ) {
+            Ok(_) => return Ok(()),
+            Err(e) if tries >= 3 => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// The originals, one family (repository) per thread.
+fn push_originals(reg: &TestRegistry, images: &[CorpusImage]) -> Result<()> {
+    let families: Vec<Vec<&CorpusImage>> = {
+        let mut by: BTreeMap<&str, Vec<&CorpusImage>> = BTreeMap::new();
+        for im in images {
+            by.entry(im.family).or_default().push(im);
+        }
+        by.into_values().collect()
+    };
+    parallel(&families, 3, |fam| {
+        for im in fam {
+            skopeo_copy(
+                &format!("oci:{}:{}", im.layout.display(), im.tag),
+                &reg.reference(&format!("orig/{}:{}", im.family, im.tag)),
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -312,7 +694,38 @@ fn sha256_file(p: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The reference hashes of `image`, cached by its manifest digest.
 fn reference(env: &Env, image: &CorpusImage, samples: usize) -> Result<Reference> {
+    let cached = cache_root().join("refs").join(format!(
+        "{}-{samples}.txt",
+        image.manifest_digest.trim_start_matches("sha256:")
+    ));
+    if let Ok(text) = std::fs::read_to_string(&cached) {
+        let files: Vec<(PathBuf, String)> = text
+            .lines()
+            .filter_map(|l| l.split_once("  "))
+            .map(|(h, p)| (PathBuf::from(p), h.to_string()))
+            .collect();
+        if !files.is_empty() {
+            return Ok(Reference { files });
+        }
+    }
+    let r = unpack_reference(env, image, samples)?;
+    if let Some(d) = cached.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let text: String = r
+        .files
+        .iter()
+        .map(|(p, h)| format!("{h}  {}\n", p.display()))
+        .collect();
+    let partial = cached.with_extension("partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, &cached)?;
+    Ok(r)
+}
+
+fn unpack_reference(env: &Env, image: &CorpusImage, samples: usize) -> Result<Reference> {
     let dir = env.tmp.join(format!("ref-{}-{}", image.family, image.tag));
     run(
         Command::new("umoci")
@@ -502,9 +915,16 @@ fn extract_layer(blob: &Path, dir: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------
 // One strategy over the workload.
 
-struct Sample {
-    secs: f64,
-    cloud_bytes: u64,
+/// What a strategy did over the whole workload.
+pub struct Outcome {
+    /// Seconds to ready, per deployment.
+    pub secs: Vec<f64>,
+    /// Bytes from the registry, all nodes.
+    pub cloud: u64,
+    /// Bytes from peer nodes.
+    pub peer: u64,
+    /// Bytes the nodes' caches (layer stores) use at the end.
+    pub cache: u64,
 }
 
 struct World<'a> {
@@ -514,49 +934,217 @@ struct World<'a> {
     links: &'a [Shaper],
     images: &'a [CorpusImage],
     refs: &'a [Reference],
-    published: &'a [Published],
+    refactored: &'a [Refactored],
 }
 
-/// The least-loaded node of `cluster` (fewest deployments so far; the
-/// default scheduler's least-requested with equal pods).
-fn least_loaded(load: &mut [usize], o: &Opts, cluster: usize) -> usize {
-    let range = cluster * o.nodes..(cluster + 1) * o.nodes;
-    let n = range
-        .clone()
-        .min_by_key(|&n| (load[n], n))
-        .unwrap_or(range.start);
-    load[n] += 1;
-    n
+impl Outcome {
+    /// The outcome of a strategy whose nodes keep their layers in
+    /// `dir/nodeN/SUB` and fetch only from the cloud.
+    fn with_node_dirs(w: &World, dir: &Path, sub: &str, secs: Vec<f64>, cloud: u64) -> Outcome {
+        let cache = (0..w.o.clusters * w.o.nodes)
+            .map(|n| disk_bytes(&dir.join(format!("node{n}/{sub}"))))
+            .sum();
+        Outcome {
+            secs,
+            cloud,
+            peer: 0,
+            cache,
+        }
+    }
 }
 
-fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
-    let mut load = vec![0usize; w.o.clusters * w.o.nodes];
-    let mut out = Vec::new();
-    for (i, d) in deps.iter().enumerate() {
-        check_interrupt()?;
-        let node = least_loaded(&mut load, w.o, d.cluster);
+/// Node choice by the default scheduler's least-requested with equal
+/// pods: the node of `cluster` with the fewest deployments so far.
+struct LeastLoaded(Mutex<Vec<usize>>);
+
+impl LeastLoaded {
+    fn new(o: &Opts) -> LeastLoaded {
+        LeastLoaded(Mutex::new(vec![0; o.clusters * o.nodes]))
+    }
+
+    fn pick(&self, o: &Opts, cluster: usize) -> usize {
+        let mut load = self.0.lock().unwrap();
+        let range = cluster * o.nodes..(cluster + 1) * o.nodes;
+        let n = range
+            .clone()
+            .min_by_key(|&n| (load[n], n))
+            .unwrap_or(range.start);
+        load[n] += 1;
+        n
+    }
+}
+
+/// One lock per key: work on one thing (a layer on a node) at a time.
+struct Gates<K>(Mutex<HashMap<K, Arc<Mutex<()>>>>);
+
+impl<K: std::hash::Hash + Eq> Gates<K> {
+    fn new() -> Gates<K> {
+        Gates(Mutex::new(HashMap::new()))
+    }
+
+    fn gate(&self, key: K) -> Arc<Mutex<()>> {
+        self.0.lock().unwrap().entry(key).or_default().clone()
+    }
+}
+
+/// Every deployment of a replay reaching its ready point (or failing).
+struct AllReady {
+    n: usize,
+    count: Mutex<usize>,
+    cv: std::sync::Condvar,
+}
+
+impl AllReady {
+    fn arrive(&self) {
+        *self.count.lock().unwrap() += 1;
+        self.cv.notify_all();
+    }
+
+    fn arrive_and_wait(&self) {
+        self.arrive();
+        let mut c = self.count.lock().unwrap();
+        while *c < self.n && !INTERRUPTED.load(Ordering::SeqCst) {
+            c = self
+                .cv
+                .wait_timeout(c, Duration::from_millis(200))
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+/// One deployment's clock: started at the decision, read when the image's
+/// command has run.
+struct Ready<'a> {
+    t: Instant,
+    secs: Mutex<Option<f64>>,
+    all: &'a AllReady,
+    what: &'a str,
+    i: usize,
+    d: &'a Deployment,
+}
+
+impl Ready<'_> {
+    /// The deployment is ready: record the time, then hold it (mounts up)
+    /// until every deployment is, so that the checks against the original
+    /// images and the clean-up run after the measured part (they would
+    /// otherwise take CPU and link from deployments still starting).
+    fn now(&self) -> f64 {
+        let secs = self.t.elapsed().as_secs_f64();
+        *self.secs.lock().unwrap() = Some(secs);
+        let k = *self.all.count.lock().unwrap() + 1;
+        eprintln!(
+            "testbed: {} deployment {} (cluster {}, arrived at {:.1} s) ready in {secs:.2} s [{k}/{}]",
+            self.what, self.i, self.d.cluster, self.d.at, self.all.n
+        );
+        self.all.arrive_and_wait();
+        secs
+    }
+}
+
+/// Run `deploy` for every deployment at its arrival time, each on its own
+/// thread (deployments overlap as they arrive); `deploy` calls
+/// [`Ready::now`] when the image's command has run, then checks and
+/// cleans up. Returns the seconds to ready.
+fn replay(
+    what: &str,
+    deps: &[Deployment],
+    deploy: impl Fn(usize, &Deployment, &Ready) -> Result<()> + Sync,
+) -> Result<Vec<f64>> {
+    let start = Instant::now();
+    let all = AllReady {
+        n: deps.len(),
+        count: Mutex::new(0),
+        cv: std::sync::Condvar::new(),
+    };
+    let results: Vec<Result<f64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = deps
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (deploy, all) = (&deploy, &all);
+                s.spawn(move || {
+                    let due = start + Duration::from_secs_f64(d.at);
+                    while Instant::now() < due && !INTERRUPTED.load(Ordering::SeqCst) {
+                        std::thread::sleep((due - Instant::now()).min(Duration::from_millis(100)));
+                    }
+                    let ready = Ready {
+                        t: Instant::now(),
+                        secs: Mutex::new(None),
+                        all,
+                        what,
+                        i,
+                        d,
+                    };
+                    let r = check_interrupt().and_then(|()| deploy(i, d, &ready));
+                    let secs = *ready.secs.lock().unwrap();
+                    if secs.is_none() {
+                        all.arrive(); // failed before it was ready
+                    }
+                    r.with_context(|| format!("{what} deployment {i}"))?;
+                    secs.ok_or_else(|| anyhow!("{what} deployment {i} never became ready"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a deployment thread panicked")))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Bytes under `p` on disk (`du -sb`).
+fn disk_bytes(p: &Path) -> u64 {
+    Command::new("du")
+        .arg("-sb")
+        .arg(p)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome> {
+    let load = LeastLoaded::new(w.o);
+    let cloud = AtomicU64::new(0);
+    // One download of a layer per node at a time; the others wait for it.
+    let layer_gates = Gates::new();
+    let secs = replay("docker-like", deps, |i, d, ready| {
+        let node = load.pick(w.o, d.cluster);
         let store = dir.join(format!("node{node}/layers"));
         std::fs::create_dir_all(&store)?;
         let image = &w.images[d.image];
         let repo = format!("orig/{}", image.family);
         let host = &w.links[d.cluster].addr;
-        let t = Instant::now();
-        let mut bytes = 0u64;
         let (layers, mbytes) = manifest_layers(host, &repo, &image.tag)?;
-        bytes += mbytes;
+        cloud.fetch_add(mbytes, Ordering::SeqCst);
         let mut lower = Vec::new();
         for digest in &layers {
+            let gate = layer_gates.gate((node, digest.clone()));
+            let _held = gate.lock().unwrap();
             let hex = digest.trim_start_matches("sha256:");
             let ldir = store.join(hex);
             let done = store.join(format!("{hex}.done"));
             if !done.exists() {
+                check_interrupt()?;
                 let blob = store.join(format!("{hex}.blob"));
                 curl(
                     &format!("http://{host}/v2/{repo}/blobs/{digest}"),
                     &[],
                     Some(&blob),
                 )?;
-                bytes += std::fs::metadata(&blob)?.len();
+                cloud.fetch_add(std::fs::metadata(&blob)?.len(), Ordering::SeqCst);
                 let _ = std::fs::remove_dir_all(&ldir);
                 std::fs::create_dir_all(&ldir)?;
                 extract_layer(&blob, &ldir)?;
@@ -574,7 +1162,7 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
         let cdir = dir.join(format!("c{i}"));
         let ov = Overlay::mount(&cdir, &lowerdirs.join(":"))?;
         run_chroot(&ov.rootfs, &image.command)?;
-        let secs = t.elapsed().as_secs_f64();
+        ready.now();
         verify(
             &ov.rootfs,
             &w.refs[d.image],
@@ -582,69 +1170,69 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sam
         )?;
         drop(ov);
         let _ = std::fs::remove_dir_all(&cdir);
-        out.push(Sample {
-            secs,
-            cloud_bytes: bytes,
-        });
-        progress("docker-like", i, deps.len(), secs);
-    }
-    Ok(out)
-}
-
-fn progress(what: &str, i: usize, n: usize, secs: f64) {
-    eprintln!(
-        "testbed: {what} deployment {}/{n}: ready in {secs:.2} s",
-        i + 1
-    );
+        Ok(())
+    })?;
+    Ok(Outcome::with_node_dirs(
+        w,
+        dir,
+        "layers",
+        secs,
+        cloud.into_inner(),
+    ))
 }
 
 /// The rest of a deployment once its image is mounted at `m`: the
-/// container's overlay, the command, the time since `t`; then the check
-/// against the original and the clean-up. Returns the seconds to ready
-/// and the bytes the mount fetched.
+/// container's overlay, the command, ready; then the check against the
+/// original and the clean-up. Returns the bytes the mount fetched until
+/// ready.
 fn ready_on_mount(
     w: &World,
     m: NodeMount,
     cdir: &Path,
     d: &Deployment,
-    t: Instant,
+    ready: &Ready,
     what: &str,
-) -> Result<(f64, u64)> {
+) -> Result<u64> {
     let image = &w.images[d.image];
     let ov = Overlay::mount(cdir, &m.point.display().to_string())?;
     run_chroot(&ov.rootfs, &image.command)?;
-    let secs = t.elapsed().as_secs_f64();
-    verify(&ov.rootfs, &w.refs[d.image], what)?;
+    // What the deployment fetched (the check below fetches more).
     let bytes = m.fetched_bytes();
+    ready.now();
+    verify(&ov.rootfs, &w.refs[d.image], what)?;
     drop(ov);
     drop(m);
     let _ = std::fs::remove_dir_all(cdir);
-    Ok((secs, bytes))
+    Ok(bytes)
 }
 
 /// containerd itself, one per node: `ctr image pull --plain-http` through
 /// the cluster's link, then `ctr run` of the command (runc). Cloud bytes:
 /// the image's layers the node did not hold yet (containerd keeps pulled
 /// content).
-fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
+fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome> {
     let nodes: Vec<containerd::TestContainerd> = (0..w.o.clusters * w.o.nodes)
         .map(|_| containerd::TestContainerd::start())
         .collect::<Result<_>>()?;
-    let mut held: Vec<std::collections::HashSet<String>> = vec![Default::default(); nodes.len()];
-    let mut load = vec![0usize; nodes.len()];
-    let mut out = Vec::new();
-    for (i, d) in deps.iter().enumerate() {
-        check_interrupt()?;
-        let n = least_loaded(&mut load, w.o, d.cluster);
+    let held: Mutex<Vec<HashSet<String>>> = Mutex::new(vec![Default::default(); nodes.len()]);
+    // Two pulls of one image on one node at once: the second waits.
+    let pulls = Gates::new();
+    let load = LeastLoaded::new(w.o);
+    let cloud = AtomicU64::new(0);
+    let secs = replay("containerd", deps, |i, d, ready| {
+        let n = load.pick(w.o, d.cluster);
         let image = &w.images[d.image];
         let reference = format!(
             "{}/orig/{}:{}",
             w.links[d.cluster].addr, image.family, image.tag
         );
-        let t = Instant::now();
-        nodes[n]
-            .pull_plain_http(&reference)
-            .with_context(|| format!("containerd log:\n{}", nodes[n].log()))?;
+        {
+            let gate = pulls.gate((n, d.image));
+            let _held = gate.lock().unwrap();
+            nodes[n]
+                .pull_plain_http_within(&reference, Duration::from_secs(900))
+                .with_context(|| format!("containerd log:\n{}", nodes[n].log()))?;
+        }
         let args: Vec<&str> = image.command.iter().map(String::as_str).collect();
         let o = nodes[n].run(&reference, &args)?;
         ensure!(
@@ -654,7 +1242,7 @@ fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Samp
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        let secs = t.elapsed().as_secs_f64();
+        ready.now();
         let view = dir.join(format!("c{i}"));
         std::fs::create_dir_all(&view)?;
         {
@@ -666,26 +1254,33 @@ fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Samp
             )?;
         }
         let _ = std::fs::remove_dir_all(&view);
-        let bytes = harness::layout_layers(&image.layout, &image.tag)?
+        let layers = harness::layout_layers(&image.layout, &image.tag)?;
+        let mut held = held.lock().unwrap();
+        let new: u64 = layers
             .into_iter()
             .filter(|(digest, _)| held[n].insert(digest.clone()))
             .map(|(_, size)| size)
             .sum();
-        out.push(Sample {
-            secs,
-            cloud_bytes: bytes,
-        });
-        progress("containerd", i, deps.len(), secs);
-    }
-    Ok(out)
+        cloud.fetch_add(new, Ordering::SeqCst);
+        Ok(())
+    })?;
+    let cache = nodes
+        .iter()
+        .map(|c| disk_bytes(&c.root().join("io.containerd.content.v1.content")))
+        .sum();
+    Ok(Outcome {
+        secs,
+        cloud: cloud.into_inner(),
+        peer: 0,
+        cache,
+    })
 }
 
-fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Sample>> {
-    let mut load = vec![0usize; w.o.clusters * w.o.nodes];
-    let mut out = Vec::new();
-    for (i, d) in deps.iter().enumerate() {
-        check_interrupt()?;
-        let node = least_loaded(&mut load, w.o, d.cluster);
+fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome> {
+    let load = LeastLoaded::new(w.o);
+    let cloud = AtomicU64::new(0);
+    let secs = replay("lazy-cloud", deps, |i, d, ready| {
+        let node = load.pick(w.o, d.cluster);
         let image = &w.images[d.image];
         let reference = format!(
             "docker://{}/orig/{}:{}",
@@ -698,17 +1293,18 @@ fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Vec<Samp
             "--cache".to_string(),
             dir.join(format!("node{node}/store")).display().to_string(),
         ];
-        let t = Instant::now();
         let m = NodeMount::with_args(w.env, &args, &reference, &cdir.join("image"))?;
-        let (secs, bytes) =
-            ready_on_mount(w, m, &cdir, d, t, &format!("lazy-cloud deployment {i}"))?;
-        out.push(Sample {
-            secs,
-            cloud_bytes: bytes,
-        });
-        progress("lazy-cloud", i, deps.len(), secs);
-    }
-    Ok(out)
+        let bytes = ready_on_mount(w, m, &cdir, d, ready, &format!("lazy-cloud deployment {i}"))?;
+        cloud.fetch_add(bytes, Ordering::SeqCst);
+        Ok(())
+    })?;
+    Ok(Outcome::with_node_dirs(
+        w,
+        dir,
+        "store",
+        secs,
+        cloud.into_inner(),
+    ))
 }
 
 /// `breakfs sched` over the nodes; stopped when dropped.
@@ -751,6 +1347,35 @@ impl SchedProc {
             .map_err(|_| anyhow!("breakfs sched did not say it was ready"))?;
         Ok(SchedProc { child, url })
     }
+
+    /// The node the extender scores best among `names`.
+    fn best(&self, pod: &str, image: &str, names: &[String]) -> Result<String> {
+        let body = serde_json::json!({
+            "Pod": {"metadata": {"name": pod},
+                    "spec": {"containers": [{"name": "app", "image": image}]}},
+            "NodeNames": names,
+        });
+        let scores: Vec<serde_json::Value> = serde_json::from_str(&run(
+            Command::new("curl")
+                .args([
+                    "-sSf",
+                    "--max-time",
+                    "30",
+                    "-H",
+                    "Content-Type: application/json",
+                ])
+                .arg("-d")
+                .arg(body.to_string())
+                .arg(format!("{}/prioritize", self.url)),
+            "POST /prioritize",
+        )?)?;
+        Ok(scores
+            .iter()
+            .max_by_key(|s| s["Score"].as_i64().unwrap_or(0))
+            .and_then(|s| s["Host"].as_str())
+            .ok_or_else(|| anyhow!("sched returned no scores"))?
+            .to_string())
+    }
 }
 
 impl Drop for SchedProc {
@@ -760,34 +1385,83 @@ impl Drop for SchedProc {
     }
 }
 
-fn run_breakfs(
-    w: &World,
-    deps: &[Deployment],
-    dir: &Path,
-    variant: Strategy,
-) -> Result<Vec<Sample>> {
+/// The shaped node-to-node links: for each pair of clusters (client
+/// cluster, serving cluster) one link, with a route to each serving node.
+/// `url(x, m)` is node `m` as nodes of cluster `x` reach it.
+struct PeerLinks {
+    _shapers: Vec<Shaper>,
+    urls: Vec<Vec<String>>,
+}
+
+impl PeerLinks {
+    fn start(o: &Opts, ports: &[u16]) -> Result<PeerLinks> {
+        let mut shapers = Vec::new();
+        let mut urls = vec![vec![String::new(); ports.len()]; o.clusters];
+        for (x, row) in urls.iter_mut().enumerate() {
+            for y in 0..o.clusters {
+                let serving: Vec<usize> = (y * o.nodes..(y + 1) * o.nodes).collect();
+                let upstreams: Vec<String> = serving
+                    .iter()
+                    .map(|&m| format!("127.0.0.1:{}", ports[m]))
+                    .collect();
+                let (rtt, mbit) = if x == y {
+                    (o.peer_rtt, o.peer_mbit)
+                } else {
+                    (o.cross_rtt, o.cross_mbit)
+                };
+                let s = Shaper::routes(&upstreams, rtt, mbit)?;
+                for (&m, a) in serving.iter().zip(&s.addrs) {
+                    row[m] = format!("http://{a}");
+                }
+                shapers.push(s);
+            }
+        }
+        Ok(PeerLinks {
+            _shapers: shapers,
+            urls,
+        })
+    }
+}
+
+fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) -> Result<Outcome> {
     let o = w.o;
     let repo = if variant == Strategy::NoRefactor {
         "orig"
     } else {
         "refactored"
     };
-    // Ports chosen first, so that each node starts knowing its cluster's
-    // peers.
+    // Ports chosen first, so that each node starts knowing its peers.
     let ports: Vec<u16> = (0..o.clusters * o.nodes)
-        .map(|_| registry::free_port())
+        .map(|_| harness::reserve_port())
         .collect();
-    let url = |n: usize| format!("http://127.0.0.1:{}", ports[n]);
+    let peer_links = if variant == Strategy::NoPeers {
+        None
+    } else {
+        Some(PeerLinks::start(o, &ports)?)
+    };
     let mut nodes: Vec<Node> = Vec::new();
     for (n, port) in ports.iter().enumerate() {
         let c = n / o.nodes;
         let ndir = dir.join(format!("node{n}"));
         std::fs::create_dir_all(&ndir)?;
-        let mut extra: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{port}")];
-        for m in c * o.nodes..(c + 1) * o.nodes {
-            if m != n && variant != Strategy::NoPeers {
-                extra.push("--peer".into());
-                extra.push(url(m));
+        // The node reaches the registry through its cluster's link and
+        // every other node through the shaped peer links; it learns no
+        // other addresses (they would bypass the shaping).
+        let mut extra: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--prefetch-rate".into(),
+            background_rate(o).to_string(),
+            "--no-learn-peers".into(),
+            "--registry-endpoint".into(),
+            format!("{}={}", w.reg.host(), w.links[c].addr),
+        ];
+        if let Some(pl) = &peer_links {
+            for (m, url) in pl.urls[c].iter().enumerate() {
+                if m != n {
+                    extra.push("--peer".into());
+                    extra.push(url.clone());
+                }
             }
         }
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -798,109 +1472,106 @@ fn run_breakfs(
         .enumerate()
         .map(|(n, node)| (format!("n{n}"), node.url.clone(), n / o.nodes))
         .collect();
-    let total: u64 = w.published.iter().map(|p| p.size).sum();
-    let cache_sum = (variant != Strategy::NoPrefetch).then_some(total / o.clusters as u64);
+    // The planner may keep a quarter of the distinct bytes per cluster.
+    let cache_sum = (variant != Strategy::NoPrefetch).then_some(distinct_bytes(w.refactored) / 4);
     let sched = SchedProc::start(w.env, &entries, cache_sum)?;
-    let mut load = vec![0usize; nodes.len()];
-    let cloud_now = |nodes: &[Node]| -> u64 {
-        nodes
-            .iter()
-            .map(|n| n.cloud_bytes().unwrap_or(0.0) as u64)
-            .sum()
-    };
-    let mut out = Vec::new();
-    for (i, d) in deps.iter().enumerate() {
-        check_interrupt()?;
+    let load = LeastLoaded::new(o);
+    let name = variant.name();
+    let secs = replay(name, deps, |i, d, ready| {
         let image = &w.images[d.image];
-        let cloud_before = cloud_now(&nodes);
-        // The scheduler resolves images itself (control plane, unshaped).
-        let sched_ref = format!("{}/{repo}/{}:{}", w.reg.host(), image.family, image.tag);
+        // Everyone names the image by the registry's own address; each
+        // node reaches it through its cluster's link.
+        let image_ref = format!("{}/{repo}/{}:{}", w.reg.host(), image.family, image.tag);
         let names: Vec<String> = (d.cluster * o.nodes..(d.cluster + 1) * o.nodes)
             .map(|n| format!("n{n}"))
             .collect();
-        let t = Instant::now();
-        let body = serde_json::json!({
-            "Pod": {"metadata": {"name": format!("d{i}")},
-                    "spec": {"containers": [{"name": "app", "image": sched_ref}]}},
-            "NodeNames": names,
-        });
-
         let best = if variant == Strategy::NoSched {
-            format!("n{}", least_loaded(&mut load, o, d.cluster))
+            format!("n{}", load.pick(o, d.cluster))
         } else {
-            let scores: Vec<serde_json::Value> = serde_json::from_str(&run(
-                Command::new("curl")
-                    .args([
-                        "-sSf",
-                        "--max-time",
-                        "30",
-                        "-H",
-                        "Content-Type: application/json",
-                    ])
-                    .arg("-d")
-                    .arg(body.to_string())
-                    .arg(format!("{}/prioritize", sched.url)),
-                "POST /prioritize",
-            )?)?;
-            scores
-                .iter()
-                .max_by_key(|s| s["Score"].as_i64().unwrap_or(0))
-                .and_then(|s| s["Host"].as_str())
-                .ok_or_else(|| anyhow!("sched returned no scores"))?
-                .to_string()
+            sched.best(&format!("d{i}"), &image_ref, &names)?
         };
         // The placement feeds popularity, for the prefetch planner.
         let _ = curl(
-            &format!("{}/plan?image={sched_ref}&node={best}", sched.url),
+            &format!("{}/plan?image={image_ref}&node={best}", sched.url),
             &[],
             None,
         );
         let n: usize = best.trim_start_matches('n').parse()?;
-        let reference = format!(
-            "docker://{}/{repo}/{}:{}",
-            w.links[d.cluster].addr, image.family, image.tag
-        );
         let cdir = dir.join(format!("c{i}"));
-        let args = vec![
+        // Mounts fetch what is read (lazy, like lazy-cloud); whole
+        // layers come from the planner's prefetch (and, with `hydrate`,
+        // from each mount's background hydration).
+        let mut args = vec![
             "--node".to_string(),
             format!("unix:{}", nodes[n].socket.display()),
         ];
-        let m = NodeMount::with_args(w.env, &args, &reference, &cdir.join("image"))?;
-        let what = format!("{} deployment {i}", variant.name());
-        let (secs, _) = ready_on_mount(w, m, &cdir, d, t, &what)?;
-        // What every node fetched from the registry meanwhile: this
-        // deployment, background hydration and planned prefetch.
-        out.push(Sample {
-            secs,
-            cloud_bytes: cloud_now(&nodes).saturating_sub(cloud_before),
-        });
-        progress(variant.name(), i, deps.len(), secs);
+        if variant != Strategy::Hydrate {
+            args.push("--no-hydrate".to_string());
+        }
+        let m = NodeMount::with_args(
+            w.env,
+            &args,
+            &format!("docker://{image_ref}"),
+            &cdir.join("image"),
+        )?;
+        ready_on_mount(w, m, &cdir, d, ready, &format!("{name} deployment {i}"))?;
+        Ok(())
+    })?;
+    // Background hydration and planned prefetch go on after the last
+    // deployment: count them too, until the nodes are quiet (≤ 90 s).
+    let moved = |nodes: &[Node]| -> (u64, u64) {
+        nodes.iter().fold((0, 0), |(c, p), n| {
+            (
+                c + n.source_bytes("cloud").unwrap_or(0.0) as u64,
+                p + n.source_bytes("peer").unwrap_or(0.0) as u64,
+            )
+        })
+    };
+    let mut last = moved(&nodes);
+    let mut quiet = 0;
+    let until = Instant::now() + Duration::from_secs(90);
+    while quiet < 6 && Instant::now() < until {
+        check_interrupt()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let now = moved(&nodes);
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
     }
+    let cache = nodes.iter().map(|n| n.store_bytes().unwrap_or(0)).sum();
     drop(sched);
     drop(nodes);
-    Ok(out)
+    drop(peer_links);
+    Ok(Outcome {
+        secs,
+        cloud: last.0,
+        peer: last.1,
+        cache,
+    })
+}
+
+/// Each node's background budget on the cloud link (bytes/s): half the
+/// cluster's link, shared by its nodes.
+fn background_rate(o: &Opts) -> u64 {
+    o.cloud_mbit * 1_000_000 / 8 / 2 / o.nodes.max(1) as u64
+}
+
+/// Bytes of the distinct layers of `images`.
+fn distinct_bytes(images: &[Refactored]) -> u64 {
+    let distinct: HashMap<&str, u64> = images
+        .iter()
+        .flat_map(|r| r.layers.iter().map(|(d, size)| (d.as_str(), *size)))
+        .collect();
+    distinct.values().sum()
 }
 
 // ---------------------------------------------------------------------------
 
-fn push_original(env: &Env, reg: &TestRegistry, image: &CorpusImage) -> Result<()> {
-    let _ = env;
-    run(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{}", image.layout.display(), image.tag))
-            .arg(reg.reference(&format!("orig/{}:{}", image.family, image.tag))),
-        "skopeo copy of the original image to the registry",
-    )?;
-    Ok(())
-}
-
 /// An SVG strip plot of each strategy's times to ready (one dot per
 /// deployment, a bar at the median), log-scaled seconds.
-fn svg_plot(results: &[(Strategy, Vec<Sample>)]) -> String {
+fn svg_plot(results: &[(Strategy, Outcome)]) -> String {
     let (w, row, left, top) = (760.0, 34.0, 230.0, 20.0);
     let h = top * 2.0 + row * results.len() as f64 + 30.0;
-    let all = results.iter().flat_map(|(_, v)| v.iter().map(|x| x.secs));
+    let all = results.iter().flat_map(|(_, v)| v.secs.iter().copied());
     let lo = all.clone().fold(f64::MAX, f64::min).max(0.01);
     let hi = all.fold(0.0, f64::max).max(lo * 2.0);
     let (l0, l1) = (lo.log10().floor(), hi.log10().ceil());
@@ -929,15 +1600,15 @@ fn svg_plot(results: &[(Strategy, Vec<Sample>)]) -> String {
             y + 4.0,
             s.name()
         ));
-        for (k, sample) in v.iter().enumerate() {
+        for (k, secs) in v.secs.iter().enumerate() {
             let jitter = ((k * 7919) % 11) as f64 - 5.0;
             out.push_str(&format!(
                 "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#3060c0\" fill-opacity=\"0.5\"/>\n",
-                x(sample.secs),
+                x(*secs),
                 y + jitter
             ));
         }
-        let mut t: Vec<f64> = v.iter().map(|x| x.secs).collect();
+        let mut t: Vec<f64> = v.secs.clone();
         let m = median(&mut t);
         out.push_str(&format!(
             "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#c03030\" stroke-width=\"3\"/>\n",
@@ -958,142 +1629,249 @@ fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-fn main() -> Result<()> {
-    let o = parse_opts()?;
+/// This machine, for the report.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{} × {cpu}, {mem_gib:.0} GiB RAM, Linux {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    )
+}
+
+/// A finished run: the strategies' outcomes and the Markdown report.
+pub struct Report {
+    /// Each strategy's outcome, in the order run.
+    pub results: Vec<(Strategy, Outcome)>,
+    /// The report: settings, machine, table.
+    pub markdown: String,
+    /// The strip plot of times to ready.
+    pub svg: String,
+    /// Deployments replayed.
+    pub deployments: usize,
+}
+
+/// The whole benchmark with `o`, in a temp dir of its own (removed after).
+pub fn run_testbed(o: &Opts) -> Result<Report> {
     ensure!(
         nix::unistd::geteuid().is_root(),
         "the testbed needs root (FUSE mounts, overlayfs, chroot)"
     );
-    // SAFETY-free: a plain flag set from the handler.
-    let handler = nix::sys::signal::SigHandler::Handler(on_interrupt);
-    for sig in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-    ] {
-        // The handler only stores to an atomic.
-        #[allow(unsafe_code)]
-        let _ = unsafe { nix::sys::signal::signal(sig, handler) };
-    }
     let started = Instant::now();
     let families: Vec<&str> = o.families.iter().map(String::as_str).collect();
+    let order = |t: &str| ["v1", "point", "v2"].iter().position(|x| *x == t);
     let mut images = corpus::build_families(&families)?;
-    images.sort_by(|a, b| {
-        (
-            a.family,
-            ["v1", "point", "v2"].iter().position(|t| *t == a.tag),
-        )
-            .cmp(&(
-                b.family,
-                ["v1", "point", "v2"].iter().position(|t| *t == b.tag),
-            ))
-    });
-    let deps = workload(&o, &images)?;
+    images.sort_by(|a, b| (a.family, order(&a.tag)).cmp(&(b.family, order(&b.tag))));
+    let deps = workload(o, &images)?;
     let tmpdir = tempfile::Builder::new()
         .prefix("breakfs-testbed")
         .tempdir()?;
-    let reg = TestRegistry::start();
-    let env = Env {
-        tmp: tmpdir.path().to_path_buf(),
-        run_dir: tmpdir.path().join("run"),
-        link: reg.host(),
-    };
-    std::fs::create_dir_all(&env.run_dir)?;
-    let mut published = Vec::new();
-    let mut refs = Vec::new();
-    for image in &images {
-        check_interrupt()?;
-        push_original(&env, &reg, image)?;
-        published.push(publish(&env, &reg, image)?);
-        refs.push(reference(&env, image, 40)?);
-    }
-    let links: Vec<Shaper> = (0..o.clusters)
-        .map(|_| Shaper::start(&reg.host(), o.cloud_rtt, o.cloud_mbit))
-        .collect::<Result<_>>()?;
-    eprintln!(
-        "testbed: {} deployments of {} images on {} × {} nodes, set up in {:.0} s",
-        deps.len(),
-        images.len(),
-        o.clusters,
-        o.nodes,
-        started.elapsed().as_secs_f64()
-    );
-    let w = World {
-        o: &o,
-        env: &env,
-        reg: &reg,
-        links: &links,
-        images: &images,
-        refs: &refs,
-        published: &published,
-    };
-    let mut results: Vec<(Strategy, Vec<Sample>)> = Vec::new();
-    for s in &o.strategies {
-        let dir = env.tmp.join(format!("strategy-{}", s.flag()));
-        std::fs::create_dir_all(&dir)?;
-        let r = match s {
-            Strategy::DockerLike => run_docker_like(&w, &deps, &dir),
-            Strategy::Containerd => run_containerd(&w, &deps, &dir),
-            Strategy::LazyCloud => run_lazy_cloud(&w, &deps, &dir),
-            v => run_breakfs(&w, &deps, &dir, *v),
+    eprintln!("testbed: working in {}", tmpdir.path().display());
+    let result = (|| {
+        let mut reg = TestRegistry::start();
+        let env = Env {
+            tmp: tmpdir.path().to_path_buf(),
+            run_dir: tmpdir.path().join("run"),
+            link: reg.host(),
         };
-        detach_under(&dir);
-        results.push((*s, r.with_context(|| format!("strategy {}", s.name()))?));
-    }
-    let base = results
-        .iter()
-        .find(|(s, _)| *s == Strategy::DockerLike)
-        .map(|(_, v)| median(&mut v.iter().map(|s| s.secs).collect::<Vec<_>>()));
+        std::fs::create_dir_all(&env.run_dir)?;
+        check_interrupt()?;
+        let refactored = fill_registry(&env, &mut reg, &images)?;
+        let refs = parallel(&images, 2, |im| reference(&env, im, 40))?;
+        check_interrupt()?;
+        let links: Vec<Shaper> = (0..o.clusters)
+            .map(|_| Shaper::start(&reg.host(), o.cloud_rtt, o.cloud_mbit))
+            .collect::<Result<_>>()?;
+        let setup_secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "testbed: {} deployments of {} images on {} × {} nodes, set up in {setup_secs:.0} s",
+            deps.len(),
+            images.len(),
+            o.clusters,
+            o.nodes,
+        );
+        let w = World {
+            o,
+            env: &env,
+            reg: &reg,
+            links: &links,
+            images: &images,
+            refs: &refs,
+            refactored: &refactored,
+        };
+        let mut results: Vec<(Strategy, Outcome)> = Vec::new();
+        for s in &o.strategies {
+            check_interrupt()?;
+            let dir = env.tmp.join(format!("strategy-{}", s.flag()));
+            std::fs::create_dir_all(&dir)?;
+            let t = Instant::now();
+            let r = match s {
+                Strategy::DockerLike => run_docker_like(&w, &deps, &dir),
+                Strategy::Containerd => run_containerd(&w, &deps, &dir),
+                Strategy::LazyCloud => run_lazy_cloud(&w, &deps, &dir),
+                v => run_breakfs(&w, &deps, &dir, *v),
+            };
+            detach_under(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            let r = r.with_context(|| format!("strategy {}", s.name()))?;
+            eprintln!(
+                "testbed: strategy {} done in {:.0} s: median time to ready {:.2} s, {:.0} MB from the cloud, {:.0} MB from peers, caches {:.0} MB",
+                s.name(),
+                t.elapsed().as_secs_f64(),
+                median(&mut r.secs.clone()),
+                r.cloud as f64 / 1e6,
+                r.peer as f64 / 1e6,
+                r.cache as f64 / 1e6,
+            );
+            results.push((*s, r));
+        }
+        let markdown = report(
+            o,
+            &deps,
+            &images,
+            &refactored,
+            &results,
+            setup_secs,
+            started,
+        );
+        let svg = svg_plot(&results);
+        Ok(Report {
+            results,
+            markdown,
+            svg,
+            deployments: deps.len(),
+        })
+    })();
+    detach_under(tmpdir.path());
+    drop(tmpdir);
+    // Interrupted, whatever failed first failed for that reason.
+    result.map_err(|e: anyhow::Error| {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            e.context("interrupted: stopped and cleaned up")
+        } else {
+            e
+        }
+    })
+}
+
+fn report(
+    o: &Opts,
+    deps: &[Deployment],
+    images: &[CorpusImage],
+    refactored: &[Refactored],
+    results: &[(Strategy, Outcome)],
+    setup_secs: f64,
+    started: Instant,
+) -> String {
+    let med = |s: Strategy| {
+        results
+            .iter()
+            .find(|(x, _)| *x == s)
+            .map(|(_, v)| median(&mut v.secs.clone()))
+    };
     let base_bytes = results
         .iter()
         .find(|(s, _)| *s == Strategy::DockerLike)
-        .map(|(_, v)| v.iter().map(|s| s.cloud_bytes).sum::<u64>());
+        .map(|(_, v)| v.cloud);
+    let ratio = |x: f64, b: Option<f64>| b.map_or("–".into(), |b| format!("{:.2}", x / b));
     let mut table = String::from(
-        "| strategy | median time to ready | p90 | mean | vs docker-like (median) | bytes from the cloud | vs docker-like |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| strategy | median time to ready | p90 | mean | ÷ docker-like | ÷ containerd | ÷ lazy-cloud | from the cloud | ÷ docker-like | from peers | cache at the end |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (s, v) in &results {
-        let mut t: Vec<f64> = v.iter().map(|x| x.secs).collect();
-        let med = median(&mut t);
+    for (s, v) in results {
+        let mut t = v.secs.clone();
+        let m = median(&mut t);
         let p90 = t[(t.len() * 9 / 10).min(t.len() - 1)];
         let mean = t.iter().sum::<f64>() / t.len() as f64;
-        let bytes: u64 = v.iter().map(|x| x.cloud_bytes).sum();
         table.push_str(&format!(
-            "| {} | {med:.2} s | {p90:.2} s | {mean:.2} s | {} | {:.1} MB | {} |\n",
+            "| {} | {m:.2} s | {p90:.2} s | {mean:.2} s | {} | {} | {} | {:.0} MB | {} | {:.0} MB | {:.0} MB |\n",
             s.name(),
-            base.map_or("–".into(), |b| format!("{:.2}", med / b)),
-            bytes as f64 / 1e6,
-            base_bytes.map_or("–".into(), |b| format!(
-                "{:.2}",
-                bytes as f64 / b.max(1) as f64
-            )),
+            ratio(m, med(Strategy::DockerLike)),
+            ratio(m, med(Strategy::Containerd)),
+            ratio(m, med(Strategy::LazyCloud)),
+            v.cloud as f64 / 1e6,
+            ratio(v.cloud as f64, base_bytes.map(|b| b.max(1) as f64)),
+            v.peer as f64 / 1e6,
+            v.cache as f64 / 1e6,
         ));
     }
-    let report = format!(
-        "### Edge testbed (first cut)\n\n`cargo bench --bench testbed -- --clusters {} --nodes {} --deployments {} --seed {} \
-         --cloud-rtt {} --cloud-mbit {} --families {}`: {} deployments of {} images (IBM trace sample order, \
-         versions advancing v1 → point → v2), one at a time; each cluster reaches the registry through its own \
-         link of {} ms RTT and {} Mbit/s shared by its nodes; peers over loopback. Every deployment's rootfs \
-         matched the original image on sampled file hashes. Machine: {} cores. Total run {:.0} s.\n\n{table}",
+    let orig: u64 = images
+        .iter()
+        .flat_map(|im| im.layers.iter().map(|l| (l.digest.as_str(), l.size)))
+        .collect::<HashMap<&str, u64>>()
+        .values()
+        .sum();
+    let per_cluster: Vec<usize> = (0..o.clusters)
+        .map(|c| deps.iter().filter(|d| d.cluster == c).count())
+        .collect();
+    format!(
+        "### Edge testbed\n\n`cargo bench --bench testbed -- --clusters {} --nodes {} --deployments {} --replay-secs {} --seed {} \
+         --cloud-rtt {} --cloud-mbit {} --peer-rtt {} --peer-mbit {} --cross-rtt {} --cross-mbit {} --families {}`\n\n\
+         {} deployments of {} images (the IBM trace sample's order and arrival times scaled into {} s, versions advancing \
+         v1 → point → v2; deployments per cluster {:?}) on {} clusters × {} nodes. Links: each cluster reaches the \
+         registry through its own {} ms / {} Mbit/s link shared by its nodes; node ↔ node {} ms / {} Mbit/s inside a \
+         cluster, {} ms / {} Mbit/s across (one shared link per pair of clusters); a breakfs node's background work \
+         from the cloud at most {:.2} MB/s (half the cluster's link over its nodes). The images' distinct layers are {:.0} MB \
+         compressed as built, {:.0} MB refactored jointly. Seed {}. Every deployment's rootfs matched the \
+         original image on sampled file hashes. Machine: {}. Set-up {:.0} s (cached parts reused), total {:.0} s.\n\n{table}",
         o.clusters,
         o.nodes,
         o.deployments,
+        o.replay_secs,
         o.seed,
         o.cloud_rtt,
         o.cloud_mbit,
+        o.peer_rtt,
+        o.peer_mbit,
+        o.cross_rtt,
+        o.cross_mbit,
         o.families.join(","),
         deps.len(),
         images.len(),
+        o.replay_secs,
+        per_cluster,
+        o.clusters,
+        o.nodes,
         o.cloud_rtt,
         o.cloud_mbit,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        o.peer_rtt,
+        o.peer_mbit,
+        o.cross_rtt,
+        o.cross_mbit,
+        background_rate(o) as f64 / 1e6,
+        orig as f64 / 1e6,
+        distinct_bytes(refactored) as f64 / 1e6,
+        o.seed,
+        machine(),
+        setup_secs,
         started.elapsed().as_secs_f64(),
-    );
-    println!("{report}");
+    )
+}
+
+#[allow(dead_code)]
+fn main() -> Result<()> {
+    let Some(o) = parse_opts()? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    catch_interrupts();
+    let r = run_testbed(&o)?;
+    println!("{}", r.markdown);
     let _ = std::fs::create_dir_all("target");
-    std::fs::write("target/bench-testbed.md", &report)?;
-    std::fs::write("target/bench-testbed.svg", svg_plot(&results))?;
-    drop(links);
-    drop(reg);
-    detach_under(tmpdir.path());
-    drop(tmpdir);
+    std::fs::write("target/bench-testbed.md", &r.markdown)?;
+    std::fs::write("target/bench-testbed.svg", &r.svg)?;
+    eprintln!("testbed: wrote target/bench-testbed.md and target/bench-testbed.svg");
     Ok(())
 }

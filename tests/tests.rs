@@ -11,3 +11,4 @@ mod refactor;
 mod sched;
 mod support;
 mod systemd;
+mod testbed;

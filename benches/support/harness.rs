@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-use crate::corpus::CorpusImage;
-use crate::registry::{self, TestRegistry};
+use super::corpus::CorpusImage;
+use super::registry::TestRegistry;
 
 pub const BREAKFS: &str = env!("CARGO_BIN_EXE_breakfs");
 
@@ -49,39 +49,85 @@ impl Env {
     }
 }
 
-/// `breakfs shape` in front of the registry; killed when dropped.
+/// A loopback port for a server started later: below the kernel's
+/// ephemeral range (so no outgoing connection takes it meanwhile), free
+/// now, and never handed out twice by this process.
+pub fn reserve_port() -> u16 {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20000 + (x % 12000) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// `breakfs shape` in front of the registry (or, with [`Shaper::routes`],
+/// one link to several hosts); killed when dropped.
 pub struct Shaper {
     pub child: Child,
+    /// The first route's listening address.
     pub addr: String,
+    /// Every route's listening address, in the order of the upstreams.
+    pub addrs: Vec<String>,
 }
 
 impl Shaper {
     pub fn start(upstream: &str, rtt_ms: u64, mbit: u64) -> Result<Shaper> {
+        Shaper::routes(&[upstream.to_string()], rtt_ms, mbit)
+    }
+
+    /// One shaped link of `rtt_ms` and `mbit` (shared) to each of
+    /// `upstreams`, each reached at its own local address.
+    pub fn routes(upstreams: &[String], rtt_ms: u64, mbit: u64) -> Result<Shaper> {
+        ensure!(!upstreams.is_empty(), "a shaped link needs an upstream");
         for _ in 0..5 {
-            let addr = format!("127.0.0.1:{}", registry::free_port());
+            let addrs: Vec<String> = upstreams
+                .iter()
+                .map(|_| format!("127.0.0.1:{}", reserve_port()))
+                .collect();
+            let mut c = Command::new(BREAKFS);
+            c.arg("shape");
+            for (a, u) in addrs.iter().zip(upstreams) {
+                c.arg("--route").arg(format!("{a}={u}"));
+            }
             let mut s = Shaper {
-                child: Command::new(BREAKFS)
-                    .args(["shape", "--listen", &addr, "--upstream", upstream])
+                child: c
                     .args(["--rtt-ms", &rtt_ms.to_string()])
                     .args(["--mbit", &mbit.to_string()])
                     .stdin(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
                     .context("starting breakfs shape")?,
-                addr,
+                addr: addrs[0].clone(),
+                addrs,
             };
             let until = Instant::now() + Duration::from_secs(10);
             while Instant::now() < until {
-                if std::net::TcpStream::connect(&s.addr).is_ok() {
+                if s.addrs
+                    .iter()
+                    .all(|a| std::net::TcpStream::connect(a).is_ok())
+                {
                     return Ok(s);
                 }
                 if s.child.try_wait()?.is_some() {
-                    break; // the port was taken meanwhile: try another
+                    break; // a port was taken meanwhile: try others
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        bail!("breakfs shape did not come up on a free loopback port")
+        bail!("breakfs shape did not come up on free loopback ports")
     }
 }
 
@@ -305,12 +351,27 @@ impl Node {
 
     /// Bytes the node fetched from the cloud (registries), by its metrics.
     pub fn cloud_bytes(&self) -> Result<f64> {
+        self.source_bytes("cloud")
+    }
+
+    /// Bytes the node fetched from `source` (`cloud`, `peer`, `local`), by
+    /// its metrics.
+    pub fn source_bytes(&self, source: &str) -> Result<f64> {
         let page = self.get("/metrics")?;
+        let key = format!("breakfs_fetch_bytes_total{{source=\"{source}\"}} ");
         page.lines()
-            .find_map(|l| l.strip_prefix("breakfs_fetch_bytes_total{source=\"cloud\"} "))
+            .find_map(|l| l.strip_prefix(key.as_str()))
             .map(|v| v.trim().parse::<f64>())
             .transpose()?
             .map_or(Ok(0.0), Ok)
+    }
+
+    /// Bytes the node's store uses on disk, by its cache index.
+    pub fn store_bytes(&self) -> Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(&self.get("/cache/index")?)?;
+        v["used"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("the node's /cache/index has no \"used\""))
     }
 
     pub fn prefetch_tasks(&self) -> Result<Vec<serde_json::Value>> {
@@ -431,7 +492,7 @@ impl Drop for NodeMount<'_> {
 /// Run the image's command in a chroot of `rootfs`, in new mount and pid
 /// namespaces with /proc mounted (as `corpus::unpack_and_run` does).
 pub fn run_chroot(rootfs: &Path, command: &[String]) -> Result<()> {
-    let out = crate::corpus::run_in_rootfs(rootfs, command)
+    let out = super::corpus::run_in_rootfs(rootfs, command)
         .with_context(|| format!("running {command:?} in a chroot of {}", rootfs.display()))?;
     ensure!(
         out.status.success(),

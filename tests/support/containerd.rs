@@ -228,12 +228,15 @@ disabled_plugins = [
 
     /// Pull and unpack `reference` (`127.0.0.1:PORT/repo:tag`) over plain HTTP.
     pub fn pull_plain_http(&self, reference: &str) -> Result<()> {
+        self.pull_plain_http_within(reference, PULL_TIMEOUT)
+    }
+
+    /// [`pull_plain_http`](Self::pull_plain_http) with a time limit (slow,
+    /// shared links).
+    pub fn pull_plain_http_within(&self, reference: &str, limit: Duration) -> Result<()> {
         let snap = format!("--snapshotter={}", self.snapshotter);
-        self.ctr_checked(
-            &["image", "pull", "--plain-http", &snap, reference],
-            PULL_TIMEOUT,
-        )
-        .with_context(|| format!("pulling {reference} into the test containerd"))?;
+        self.ctr_checked(&["image", "pull", "--plain-http", &snap, reference], limit)
+            .with_context(|| format!("pulling {reference} into the test containerd"))?;
         Ok(())
     }
 
