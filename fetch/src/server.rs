@@ -98,17 +98,56 @@ async fn distribution(
     Path(rest): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    match v2_object(&rest) {
+        Some(V2Object::Blob { name, digest }) => blob(&svc, name, digest, &headers).await,
+        Some(V2Object::Manifest { name, reference }) => manifest(&svc, name, reference).await,
+        None => oci_error(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "this node serves /v2/<name>/blobs/<digest> and /v2/<name>/manifests/<reference> only",
+        ),
+    }
+}
+
+/// What a `/v2/{rest}` request path names. Public (hidden) for the fuzz
+/// targets in `fuzz/` only, like [`v2_object`] and [`range_of`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V2Object<'a> {
+    /// `NAME/blobs/DIGEST`.
+    Blob {
+        /// The repository name.
+        name: &'a str,
+        /// The digest as given (not yet checked).
+        digest: &'a str,
+    },
+    /// `NAME/manifests/REFERENCE`.
+    Manifest {
+        /// The repository name.
+        name: &'a str,
+        /// A tag or a digest.
+        reference: &'a str,
+    },
+}
+
+/// Split the part of a request path after `/v2/`; `None` for anything
+/// but a blob or a manifest.
+#[doc(hidden)]
+pub fn v2_object(rest: &str) -> Option<V2Object<'_>> {
     if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
-        return blob(&svc, name, digest, &headers).await;
+        return Some(V2Object::Blob { name, digest });
     }
-    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-        return manifest(&svc, name, reference).await;
-    }
-    oci_error(
-        StatusCode::NOT_FOUND,
-        "UNSUPPORTED",
-        "this node serves /v2/<name>/blobs/<digest> and /v2/<name>/manifests/<reference> only",
-    )
+    rest.rsplit_once("/manifests/")
+        .map(|(name, reference)| V2Object::Manifest { name, reference })
+}
+
+/// The range a `Range` header value asks of a `size`-byte blob, as the
+/// blob handlers read it (see `parse_range`).
+#[doc(hidden)]
+pub fn range_of(value: &HeaderValue, size: u64) -> Result<Option<(u64, u64)>, String> {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::RANGE, value.clone());
+    parse_range(&headers, size)
 }
 
 /// A single `bytes=` range of a `size`-byte blob: `Ok(None)` without a
@@ -317,8 +356,9 @@ async fn manifest(svc: &Arc<NodeService>, name: &str, reference: &str) -> Respon
 }
 
 /// The media type of a manifest or index document, `None` if `bytes` is
-/// not one.
-fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+/// not one. Public (hidden) for the fuzz targets.
+#[doc(hidden)]
+pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     v.get("schemaVersion")?;
     if let Some(m) = v.get("mediaType").and_then(|m| m.as_str()) {

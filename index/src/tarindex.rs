@@ -171,7 +171,14 @@ impl LayerIndex {
                 None => size,
             };
             let padding = (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64;
-            skip(&mut stream, content + padding, what)?;
+            // A PAX size may be any u64: past the largest stream, not an overflow.
+            let rest = content
+                .checked_add(padding)
+                .ok_or_else(|| Error::BadEntry {
+                    path: shown(),
+                    reason: format!("size {size} is larger than any tar stream (in {what})"),
+                })?;
+            skip(&mut stream, rest, what)?;
         }
         io::copy(&mut stream, &mut io::sink()).map_err(|e| Error::io(what, e))?;
         let (diff_id, tar_size) = stream.finish();
@@ -1020,6 +1027,20 @@ mod tests {
         let (path, reason) = bad_reason(read(&b.into_inner().unwrap()));
         assert_eq!(path, "big");
         assert!(reason.contains("sparse"), "{reason}");
+    }
+
+    #[test]
+    fn huge_pax_size_on_a_non_file_is_refused() {
+        // A directory whose PAX size is u64::MAX overflowed the skip over
+        // its content and padding (a panic in debug builds, a wrong skip of
+        // 0 bytes in release builds).
+        let mut b = Builder::new(Vec::new());
+        b.append_pax_extensions([("size", &b"18446744073709551615"[..])])
+            .unwrap();
+        append(&mut b, &Entry::new("d", EntryKind::Dir), b"");
+        let (path, reason) = bad_reason(read(&b.into_inner().unwrap()));
+        assert_eq!(path, "d");
+        assert!(reason.contains("larger than any tar stream"), "{reason}");
     }
 
     #[test]
