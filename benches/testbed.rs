@@ -1549,8 +1549,8 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
     })
 }
 
-/// Each node's background budget on the cloud link (bytes/s): half the
-/// cluster's link, shared by its nodes.
+/// Each node's background budget (bytes/s, any source): half the
+/// cluster's cloud link, shared by its nodes.
 fn background_rate(o: &Opts) -> u64 {
     o.cloud_mbit * 1_000_000 / 8 / 2 / o.nodes.max(1) as u64
 }
@@ -1823,7 +1823,7 @@ fn report(
          v1 → point → v2; deployments per cluster {:?}) on {} clusters × {} nodes. Links: each cluster reaches the \
          registry through its own {} ms / {} Mbit/s link shared by its nodes; node ↔ node {} ms / {} Mbit/s inside a \
          cluster, {} ms / {} Mbit/s across (one shared link per pair of clusters); a breakfs node's background work \
-         from the cloud at most {:.2} MB/s (half the cluster's link over its nodes). The images' distinct layers are {:.0} MB \
+         (prefetch) at most {:.2} MB/s (half the cluster's cloud link over its nodes). The images' distinct layers are {:.0} MB \
          compressed as built, {:.0} MB refactored jointly. Seed {}. Every deployment's rootfs matched the \
          original image on sampled file hashes. Machine: {}. Set-up {:.0} s (cached parts reused), total {:.0} s.\n\n{table}",
         o.clusters,

@@ -68,10 +68,9 @@ pub struct NodeArgs {
     /// place: NAT, proxies, shaped links).
     #[arg(long)]
     no_learn_peers: bool,
-    /// Background work (hydration, prefetch) from the cloud at most this
-    /// many bytes per second (e.g. 2MiB: keep it below this node's share of
-    /// the cloud link); what peers hold is not limited; on-demand reads
-    /// always go first.
+    /// Background work (hydration, prefetch) at most this many bytes per
+    /// second, from any source (e.g. 2MiB: below this node's share of the
+    /// cloud link); on-demand reads always go first.
     #[arg(long, value_name = "SIZE")]
     prefetch_rate: Option<String>,
     /// Seconds a read waits for a missing chunk before it fails with EIO.

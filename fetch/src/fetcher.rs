@@ -77,9 +77,8 @@ pub struct FetchOptions {
     /// Keep every verified compressed range (for peers) and assemble
     /// complete layers into whole blobs: what a node daemon does.
     pub keep_ranges: bool,
-    /// Background work (hydration, prefetch) that only the cloud can serve
-    /// moves at most this many bytes per second (what a peer holds is not
-    /// limited); `None`: no limit.
+    /// Background work (hydration, prefetch) moves at most this many
+    /// bytes per second, whatever its source; `None`: no limit.
     pub background_rate: Option<u64>,
 }
 
@@ -544,13 +543,9 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
         background = batch.background,
         "range request"
     );
-    // The rate limit guards the cloud link: background work that a peer
-    // can serve (a fast link of its own) goes at once.
-    if batch.background
-        && !concrete_sources(inner, &batch.layer)
-            .iter()
-            .any(|s| s.class() == SourceClass::Peer)
-    {
+    // All background work is paced, from peers too: unpaced prefetch from
+    // peers took the CPU and links that deployments needed (testbed).
+    if batch.background {
         pace_background(inner, batch.end - batch.start).await;
     }
     let mut results: Vec<(Digest, std::result::Result<(), String>)> = Vec::new();
