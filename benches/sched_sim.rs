@@ -612,12 +612,21 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    // The project's shared copy, else the one in the repository.
     let trace = opt("--trace").unwrap_or_else(|| {
-        concat!(
+        let shared = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../shared/data/ibm-dal09-blobs-sample.csv"
-        )
-        .to_string()
+        );
+        if std::path::Path::new(shared).exists() {
+            shared.to_string()
+        } else {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/ibm-dal09-blobs-sample.csv"
+            )
+            .to_string()
+        }
     });
     let seed: u64 = opt("--seed").and_then(|s| s.parse().ok()).unwrap_or(1);
     let runs: u64 = opt("--runs").and_then(|s| s.parse().ok()).unwrap_or(20);

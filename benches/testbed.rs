@@ -332,10 +332,21 @@ fn trace_secs(ts: &str) -> Option<f64> {
 /// The trace's deployments mapped onto the images (`images` sorted by
 /// family then tag v1, point, v2).
 fn workload(o: &Opts, images: &[CorpusImage]) -> Result<Vec<Deployment>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/ibm-dal09-blobs-sample.csv"
-    );
+    // The project's shared copy, else the one in the repository (a clean
+    // clone has only that).
+    let path = [
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/ibm-dal09-blobs-sample.csv"
+        ),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/ibm-dal09-blobs-sample.csv"
+        ),
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .ok_or_else(|| anyhow!("the IBM trace sample is missing from tests/data"))?;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
@@ -1651,6 +1662,25 @@ fn machine() -> String {
     )
 }
 
+/// The node logs of a failed strategy, kept in target/testbed-logs/FLAG.
+fn keep_logs(dir: &Path, flag: &str) {
+    let keep = Path::new("target/testbed-logs").join(flag);
+    let _ = std::fs::remove_dir_all(&keep);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let log = e.path().join("node.log");
+        if log.exists() && std::fs::create_dir_all(&keep).is_ok() {
+            let name = format!("{}.log", e.file_name().to_string_lossy());
+            let _ = std::fs::copy(&log, keep.join(name));
+        }
+    }
+    if keep.exists() {
+        eprintln!(
+            "testbed: the node logs of the failed strategy are in {}",
+            keep.display()
+        );
+    }
+}
+
 /// A finished run: the strategies' outcomes and the Markdown report.
 pub struct Report {
     /// Each strategy's outcome, in the order run.
@@ -1724,6 +1754,9 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
                 v => run_breakfs(&w, &deps, &dir, *v),
             };
             detach_under(&dir);
+            if r.is_err() {
+                keep_logs(&dir, s.flag());
+            }
             let _ = std::fs::remove_dir_all(&dir);
             let r = r.with_context(|| format!("strategy {}", s.name()))?;
             eprintln!(
