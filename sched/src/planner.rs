@@ -82,6 +82,31 @@ pub fn plan_prefetch(cluster: &[&NodeView], hot: &[Hot], cache_sum: u64) -> Vec<
     planned
 }
 
+/// A cluster's `plan` with the layers that would come from the cloud
+/// while the edge already has them coming: a layer no node holds whole
+/// (`at_edge`) is asked of one cluster only; it stays out of the others'
+/// plans while it is `in_flight`, and they get it from that cluster once it
+/// is there. Layers asked here are added to `in_flight`.
+pub fn edge_first(
+    plan: Vec<(String, Digest)>,
+    at_edge: &rustc_hash::FxHashSet<Digest>,
+    in_flight: &mut rustc_hash::FxHashSet<Digest>,
+) -> Vec<(String, Digest)> {
+    let mut asked_here = rustc_hash::FxHashSet::default();
+    plan.into_iter()
+        .filter(|(_, d)| {
+            if at_edge.contains(d) || asked_here.contains(d) {
+                return true;
+            }
+            if in_flight.insert(d.clone()) {
+                asked_here.insert(d.clone());
+                return true;
+            }
+            false
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -93,6 +118,36 @@ mod tests {
             size,
             popularity: pop,
         }
+    }
+
+    #[test]
+    fn a_layer_new_to_the_edge_goes_to_one_cluster_first() {
+        let d = |i: u8| Digest::of(&[i]);
+        let at_edge: rustc_hash::FxHashSet<Digest> = [d(1)].into_iter().collect();
+        let mut in_flight: rustc_hash::FxHashSet<Digest> = [d(2)].into_iter().collect();
+        let plan = |n: &str| {
+            vec![
+                (format!("{n}1"), d(1)),
+                (format!("{n}1"), d(2)),
+                (format!("{n}1"), d(3)),
+                (format!("{n}2"), d(3)),
+            ]
+        };
+        // Held somewhere: every cluster may take it (from that peer); in
+        // flight elsewhere: wait; new: this cluster, both its copies.
+        let a = edge_first(plan("a"), &at_edge, &mut in_flight);
+        assert_eq!(
+            a,
+            vec![
+                ("a1".to_string(), d(1)),
+                ("a1".to_string(), d(3)),
+                ("a2".to_string(), d(3))
+            ]
+        );
+        assert!(in_flight.contains(&d(3)));
+        // The next cluster waits for layer 3.
+        let b = edge_first(plan("b"), &at_edge, &mut in_flight);
+        assert_eq!(b, vec![("b1".to_string(), d(1))]);
     }
 
     #[test]

@@ -176,6 +176,8 @@ pub struct Sched {
     /// by the planner until the node's index shows them (or they expire),
     /// so a layer in flight is not asked of a second node.
     asked: Mutex<HashMap<(String, Digest), Instant>>,
+    /// Planner runs so far.
+    plan_runs: std::sync::atomic::AtomicU64,
     /// The node daemons: the configured ones, then those discovered from
     /// node annotations.
     entries: Mutex<Arc<Vec<NodeEntry>>>,
@@ -221,6 +223,7 @@ impl Sched {
             images: Mutex::new(HashMap::new()),
             popularity: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashMap::new()),
+            plan_runs: std::sync::atomic::AtomicU64::new(0),
             entries: Mutex::new(Arc::new(cfg.nodes.clone())),
             cluster: Mutex::new(Arc::new(HashMap::new())),
             cfg,
@@ -576,25 +579,45 @@ impl Sched {
             hot.into_iter().map(|(h, i)| (h.digest, i)).collect();
         let d = lock(&self.directory).clone();
         let mut clusters: HashMap<String, Vec<Arc<NodeView>>> = HashMap::new();
+        // Layers some node at the edge holds whole, and those on their way
+        // to one: a layer goes from the cloud into one cluster only; the
+        // others wait until it is there and then take it from that peer
+        // (closer than the registry, and the cloud link stays free).
+        let mut at_edge: rustc_hash::FxHashSet<Digest> = Default::default();
+        let mut in_flight: rustc_hash::FxHashSet<Digest> = Default::default();
         {
             let mut asked = lock(&self.asked);
             asked.retain(|_, at| at.elapsed() < ASKED_TTL);
             for n in self.node_entries().iter() {
                 let mut v = self.view(&d, &n.name);
+                at_edge.extend(v.whole.iter().cloned());
                 let pending: Vec<Digest> = asked
                     .keys()
                     .filter(|(node, l)| *node == n.name && !v.whole.contains(l))
                     .map(|(_, l)| l.clone())
                     .collect();
                 if !pending.is_empty() {
+                    in_flight.extend(pending.iter().cloned());
                     Arc::make_mut(&mut v).whole.extend(pending);
                 }
                 clusters.entry(n.cluster.clone()).or_default().push(v);
             }
         }
-        for views in clusters.values() {
-            let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
+        // Clusters in turn, starting one further each run, so that first
+        // copies spread over the clusters.
+        let mut order: Vec<&String> = clusters.keys().collect();
+        order.sort();
+        let turn = self
+            .plan_runs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !order.is_empty() {
+            let k = turn as usize % order.len();
+            order.rotate_left(k);
+        }
+        for cluster in order {
+            let refs: Vec<&NodeView> = clusters[cluster].iter().map(|v| v.as_ref()).collect();
             let plan = crate::planner::plan_prefetch(&refs, &layers, sum);
+            let plan = crate::planner::edge_first(plan, &at_edge, &mut in_flight);
             // One request per node and image.
             let mut asks: HashMap<(String, String), Vec<Digest>> = HashMap::new();
             for (node, digest) in plan {
