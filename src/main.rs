@@ -14,6 +14,7 @@ mod mountcmd;
 mod node;
 mod notify;
 mod schedcmd;
+mod verifycmd;
 
 /// breakfs: fast container deployment on edge clouds.
 ///
@@ -132,6 +133,23 @@ enum Command {
     ///   breakfs sched --config /etc/breakfs/sched.yaml
     #[command(verbatim_doc_comment)]
     Sched(schedcmd::SchedArgs),
+    /// Check a content store end to end: every blob and chunk against its
+    /// digest, every kept range against its layer's TOC record (each chunk
+    /// in it inflated and checked), every record in meta/, and temp files
+    /// left by killed processes.
+    ///
+    /// Exits non-zero when something is corrupt and --repair was not
+    /// given; --repair removes what is corrupt or left over, so that it is
+    /// fetched again when needed. Safe while a node daemon or mounts use
+    /// the store (what they write meanwhile is left alone). A kill or a
+    /// crash leaves nothing corrupt (writes are atomic); run it after a
+    /// power loss or a disk error, or `breakfs node --verify`.
+    ///
+    /// Examples:
+    ///   breakfs verify --cache /var/lib/breakfs/store
+    ///   breakfs verify --repair --cache ~/.cache/breakfs/store
+    #[command(verbatim_doc_comment)]
+    Verify(verifycmd::VerifyArgs),
 }
 
 #[derive(Args)]
@@ -577,6 +595,7 @@ fn main() -> std::process::ExitCode {
             Command::Pull(a) => mountcmd::run_pull(a).await,
             Command::Node(a) => node::run_node(a).await,
             Command::Sched(a) => schedcmd::run_sched(a).await,
+            Command::Verify(a) => verifycmd::run_verify(a).await,
         }
     });
     match result {

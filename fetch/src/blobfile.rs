@@ -30,8 +30,11 @@ impl VerifyingFile {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::io(format!("creating directory {}", dir.display()), e))?;
+        // Named after this process, so that a content store opened by
+        // another process meanwhile tells it from a dead process's leftover.
+        let prefix = format!(".tmp-{}-", crate::cas::process_mark());
         let named = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&prefix)
             .tempfile_in(&dir)
             .map_err(|e| Error::io(format!("creating a temp file in {}", dir.display()), e))?;
         let (file, temp) = named.into_parts();

@@ -9,13 +9,15 @@
 //!                           so that peers can fetch them; assembled into
 //!                           blobs/ once the layer is complete
 //! CACHE/meta/...            derived records (TOCs, layer indexes, refs)
-//! CACHE/tmp/PID-N           writes in progress
+//! CACHE/tmp/PID.START.BOOT-N writes in progress, named after the process
 //! ```
 //!
 //! Every byte is checked against its digest before it is renamed into place
 //! (temp file, `fdatasync`, rename), so a crash or `SIGKILL` leaves the old
-//! state or the new one, never a torn file. Temp files of dead processes are
-//! removed when the store is opened.
+//! state or the new one, never a torn file. What a killed process leaves
+//! behind is removed when the store is opened: its temp files, and the
+//! kept ranges of a layer it had just assembled whole. `breakfs verify`
+//! (`crate::verify`) checks every byte.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -69,6 +71,7 @@ impl ContentStore {
             budget: std::sync::OnceLock::new(),
         };
         store.remove_dead_temps();
+        store.remove_ranges_of_whole_layers();
         Ok(store)
     }
 
@@ -132,14 +135,22 @@ impl ContentStore {
             return;
         };
         for e in dir.flatten() {
-            let name = e.file_name();
-            let pid = name
-                .to_str()
-                .and_then(|n| n.split('-').next())
-                .and_then(|p| p.parse::<u32>().ok());
-            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
+            if !e.file_name().to_str().is_some_and(temp_owner_alive) {
                 let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Drop the kept ranges of layers held whole: a process killed between
+    /// assembling a layer and dropping its ranges leaves both (and an empty
+    /// directory when killed before its first range landed).
+    fn remove_ranges_of_whole_layers(&self) {
+        for (layer, dir) in list_digests(&self.root.join("ranges/sha256")) {
+            if self.has_blob(&layer) {
+                let _ = fs::remove_dir_all(&dir);
+            } else {
+                // Only removed when empty.
+                let _ = fs::remove_dir(&dir);
             }
         }
     }
@@ -159,12 +170,13 @@ impl ContentStore {
         self.root.join("meta").join(name)
     }
 
-    /// A fresh temp path inside the store (same filesystem, for renames).
+    /// A fresh temp path inside the store (same filesystem, for renames),
+    /// named after this process (see [`process_mark`]).
     pub fn temp_path(&self) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         self.root
             .join("tmp")
-            .join(format!("{}-{n}", std::process::id()))
+            .join(format!("{}-{n}", process_mark()))
     }
 
     /// Whether the store holds the chunk `d`.
@@ -481,6 +493,104 @@ impl ContentStore {
     }
 }
 
+/// This process's mark in the names of its temp files, `PID.START.BOOT`:
+/// its PID, its start time (clock ticks after boot) and the start of the
+/// boot's id. A temp file of a dead process is then told from one of a live
+/// process even when the PID was given out again: a daemon restarted in a
+/// container often gets the very PID its killed predecessor had.
+pub(crate) fn process_mark() -> &'static str {
+    static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARK.get_or_init(|| {
+        let pid = std::process::id();
+        let start = process_start(pid).unwrap_or(0);
+        format!("{pid}.{start}.{}", boot_tag())
+    })
+}
+
+/// When process `pid` started (clock ticks after boot), if it runs: a
+/// zombie or a gone process has no start.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses: the state
+    // (field 3) first, the start time is field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&("Z" | "X" | "x"))) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// The first 8 hex digits of this boot's id.
+pub(crate) fn boot_tag() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(8)
+        .collect()
+}
+
+/// Whether the process that named temp file `name` still runs: names are
+/// `MARK-N`, or `.tmp-MARK-RANDOM` for a blob being downloaded (see
+/// [`process_mark`]); `PID-N` of older versions is judged by its PID alone.
+/// A name with no owner in it has none alive.
+pub(crate) fn temp_owner_alive(name: &str) -> bool {
+    let name = name.strip_prefix(".tmp-").unwrap_or(name);
+    let owner = name.split('-').next().unwrap_or_default();
+    let mut parts = owner.split('.');
+    let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    match (parts.next(), parts.next()) {
+        (Some(start), Some(boot)) => {
+            boot == boot_tag() && start.parse::<u64>().ok() == process_start(pid)
+        }
+        _ => Path::new(&format!("/proc/{pid}")).exists(),
+    }
+}
+
+/// The uncompressed bytes of chunk `j` out of `bytes`, compressed bytes of
+/// its layer starting at offset `start`: its gzip member inflated and
+/// checked against the size the TOC gives (the caller checks the digest).
+/// How the fetcher reads a chunk out of a range before it keeps the range,
+/// and the verifier again.
+pub(crate) fn inflate_chunk(
+    j: &crate::ChunkLoc,
+    bytes: &[u8],
+    start: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let what = || {
+        format!(
+            "chunk {} of layer {} (member at {})",
+            j.digest, j.layer, j.offset
+        )
+    };
+    let lo = j.offset.saturating_sub(start) as usize;
+    let hi = (j.compressed_end.saturating_sub(start) as usize).min(bytes.len());
+    if j.offset < start || lo >= hi {
+        return Err(format!("{}: the fetched range is short", what()));
+    }
+    let mut dec = flate2::read::GzDecoder::new(&bytes[lo..hi]);
+    std::io::copy(&mut (&mut dec).take(j.inner_offset), &mut std::io::sink())
+        .map_err(|e| format!("{}: not a gzip member: {e}", what()))?;
+    let mut out = Vec::with_capacity(j.size as usize);
+    (&mut dec)
+        .take(j.size)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{}: not a gzip member: {e}", what()))?;
+    if out.len() as u64 != j.size {
+        return Err(format!(
+            "{}: the member holds {} bytes, the TOC says {}",
+            what(),
+            out.len(),
+            j.size
+        ));
+    }
+    Ok(out)
+}
+
 fn parse_range(name: &str) -> Option<(u64, u64)> {
     let (s, e) = name.split_once('-')?;
     let (s, e) = (s.parse().ok()?, e.parse().ok()?);
@@ -553,6 +663,62 @@ mod tests {
         ContentStore::open(dir.path()).unwrap();
         assert!(!dir.path().join("tmp/0-1").exists());
         assert!(mine.exists());
+    }
+
+    #[test]
+    fn a_temp_of_a_dead_process_whose_pid_was_reused_is_removed_on_open() {
+        // A daemon killed and restarted in a container often gets its
+        // predecessor's PID: the start time in the name tells them apart.
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let pid = std::process::id();
+        let reused = [
+            format!("{pid}.1.{}-7", boot_tag()),
+            format!(".tmp-{pid}.1.{}-dl", boot_tag()),
+            format!("{pid}.{}.0ther-8", process_start(pid).unwrap()),
+        ];
+        let live = [
+            format!("{}-9", process_mark()),
+            format!(".tmp-{}-dl", process_mark()),
+        ];
+        for n in reused.iter().chain(&live) {
+            fs::write(tmp.join(n), b"partial").unwrap();
+        }
+        let s = ContentStore::open(dir.path()).unwrap();
+        for n in &reused {
+            assert!(!tmp.join(n).exists(), "{n} outlived its process");
+        }
+        for n in &live {
+            assert!(tmp.join(n).exists(), "{n} of a live process was removed");
+        }
+        // Our own temps carry our mark.
+        let t = s.temp_path();
+        let name = t.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(process_mark()) && temp_owner_alive(name));
+    }
+
+    #[test]
+    fn ranges_of_a_layer_assembled_whole_are_dropped_on_open() {
+        // Killed between assembling the blob and dropping its ranges.
+        let dir = tempfile::tempdir().unwrap();
+        let s = ContentStore::open(dir.path()).unwrap();
+        let layer = b"a whole layer".to_vec();
+        let d = Digest::of(&layer);
+        s.put_range(&d, 0, &layer[..4]).unwrap();
+        s.put_range(&Digest::of(b"other"), 0, b"kept").unwrap();
+        fs::write(s.blob_path(&d), &layer).unwrap();
+        let empty = dir
+            .path()
+            .join("ranges/sha256")
+            .join(Digest::of(b"e").hex());
+        fs::create_dir_all(&empty).unwrap();
+        let s = ContentStore::open(dir.path()).unwrap();
+        assert!(s.held_ranges(&d).is_empty());
+        assert!(!dir.path().join("ranges/sha256").join(d.hex()).exists());
+        assert!(!empty.exists());
+        assert_eq!(s.held_ranges(&Digest::of(b"other")), [(0, 4)]);
+        assert!(s.has_blob(&d));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! land atomically; pushes skip blobs already present and mount across
 //! repositories where they can.
 //!
+//! [`ContentStore`] is a node's verified, content-addressed cache;
+//! [`verify_store`] checks one end to end (`breakfs verify`).
+//!
 //! [`run_shaping_proxy`] is a TCP proxy with delay and bandwidth per
 //! direction, standing in for slow links in tests and benchmarks.
 
@@ -31,6 +34,7 @@ mod shaping;
 mod source;
 mod store;
 mod tocread;
+mod verify;
 
 pub use cas::{ContentStore, merge_ranges};
 pub use error::{Error, Result};
@@ -43,3 +47,4 @@ pub use shaping::{LinkShape, run_shaping_proxy, run_shaping_routes};
 pub use source::{CloudSource, LocalSource, Source, SourceClass, StoreSource};
 pub use store::{BlobLoader, Image, Store};
 pub use tocread::LayerToc;
+pub use verify::{Finding, Severity, Tally, VerifyReport, verify_store};
