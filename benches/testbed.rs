@@ -1210,7 +1210,22 @@ fn ready_on_mount(
     // What the deployment fetched (the check below fetches more).
     let bytes = m.fetched_bytes();
     ready.now();
-    verify(&ov.rootfs, &w.refs[d.image], what)?;
+    verify(&ov.rootfs, &w.refs[d.image], what).with_context(|| {
+        format!(
+            "the image mount {} is {}mounted, the container's overlay {}",
+            m.point.display(),
+            if is_mountpoint(&m.point) {
+                ""
+            } else {
+                "no longer "
+            },
+            if is_mountpoint(&ov.rootfs) {
+                "is still there"
+            } else {
+                "is gone"
+            }
+        )
+    })?;
     drop(ov);
     drop(m);
     let _ = std::fs::remove_dir_all(cdir);

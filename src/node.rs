@@ -576,6 +576,15 @@ impl Daemon {
     }
 
     fn write_statuses(&self) {
+        for (at, m) in self.lock().iter_mut() {
+            if let Some(why) = m.m.ended() {
+                tracing::error!(
+                    "the mount at {} stopped serving: {why}; its readers get ENOTCONN \
+                     (unmount it and mount again)",
+                    at.display()
+                );
+            }
+        }
         let recs: Vec<StatusRecord> = self.lock().values().map(|m| self.record(&m.m)).collect();
         if let Some(b) = self.svc.store.budget() {
             // Mounts being read keep their layers recent.

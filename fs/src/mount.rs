@@ -341,6 +341,21 @@ impl Mounted {
         Ok(())
     }
 
+    /// Whether the FUSE session has ended while this mount was still
+    /// meant to serve (nobody unmounted it through this handle): then the
+    /// reason, once (the kernel aborted the connection, or its request
+    /// threads stopped on an error). Readers get `ENOTCONN` from then on.
+    pub fn ended(&mut self) -> Option<String> {
+        if !self.session.as_ref()?.guard.is_finished() {
+            return None;
+        }
+        let s = self.session.take()?;
+        Some(match s.join() {
+            Ok(()) => "the kernel ended the session (unmounted or aborted from outside)".into(),
+            Err(e) => format!("the session stopped: {e}"),
+        })
+    }
+
     /// Unmount (also done on drop).
     pub fn unmount(mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
