@@ -108,6 +108,15 @@ pub enum Error {
         /// Why every source failed.
         reason: String,
     },
+    /// A server too slow to wait for: no answer in time, or a body that
+    /// trickles in (a slow link, or a hostile server holding the reader).
+    #[error("{what}: {reason}; cut off")]
+    TooSlow {
+        /// What was being read, with from where.
+        what: String,
+        /// How slow it was.
+        reason: String,
+    },
     /// A registry or layout that breaks the protocol or format (bad header, bad token reply).
     #[error("{what}: {reason}")]
     Protocol {
@@ -141,7 +150,7 @@ impl Error {
 }
 
 /// An error and its causes on one line: reqwest's own message is terse.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -170,7 +170,15 @@ struct Inner {
     bad: Mutex<HashSet<(String, Digest)>>,
     /// When the background rate limit lets the next transfer start.
     next_background: Mutex<Option<std::time::Instant>>,
+    /// Peers that failed a request (no answer in time, a broken or short
+    /// body, a refused redirect), by source name, and until when they are
+    /// not asked.
+    resting: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a peer that failed a request is not asked: the next source
+/// (the cloud at the end) serves meanwhile.
+const PEER_REST: Duration = Duration::from_secs(30);
 
 /// The fetch scheduler; cheap to clone, one per store.
 #[derive(Clone)]
@@ -224,6 +232,7 @@ impl Fetcher {
             closed: false.into(),
             bad: Mutex::new(HashSet::new()),
             next_background: Mutex::new(None),
+            resting: Mutex::new(HashMap::new()),
         });
         for _ in 0..workers {
             let inner = inner.clone();
@@ -379,7 +388,7 @@ impl Fetcher {
         }
         let mut last: Option<Error> = None;
         for src in concrete_sources(inner, &desc.digest) {
-            if src.class() == SourceClass::Local {
+            if src.class() == SourceClass::Local || resting(inner, &*src) {
                 continue;
             }
             for attempt in 0..inner.opts.attempts.max(1) {
@@ -401,8 +410,9 @@ impl Fetcher {
                             .failures += 1;
                         tracing::warn!(source = %src.name(), blob = %desc.digest, "fetching a blob failed: {e}");
                         let fatal = matches!(e, Error::NotFound { .. });
+                        let rests = !fatal && rest(inner, &*src, &e);
                         last = Some(e);
-                        if fatal {
+                        if fatal || rests {
                             break;
                         }
                         backoff(attempt).await;
@@ -625,6 +635,39 @@ fn record_failure(inner: &Inner, src: &dyn Source) {
         .failures += 1;
 }
 
+/// Whether `src` is a peer resting after a failure.
+fn resting(inner: &Inner, src: &dyn Source) -> bool {
+    if src.class() != SourceClass::Peer {
+        return false;
+    }
+    let mut r = lock(&inner.resting);
+    let name = src.name();
+    match r.get(&name) {
+        Some(until) if *until > std::time::Instant::now() => true,
+        Some(_) => {
+            r.remove(&name);
+            false
+        }
+        None => false,
+    }
+}
+
+/// After `src` failed with `e`: a peer rests for [`PEER_REST`] (its
+/// failures cost a reader the attempt timeout each; the next source
+/// serves meanwhile). Returns whether it rests.
+fn rest(inner: &Inner, src: &dyn Source, e: &Error) -> bool {
+    if src.class() != SourceClass::Peer {
+        return false;
+    }
+    tracing::warn!(
+        source = %src.name(),
+        "{e}; {} is not asked again for {PEER_REST:?}",
+        src.name()
+    );
+    lock(&inner.resting).insert(src.name(), std::time::Instant::now() + PEER_REST);
+    true
+}
+
 /// Whether the members of `jobs` cover `[start, end)` without a hole.
 fn covers(jobs: &[ChunkLoc], start: u64, end: u64) -> bool {
     let mut spans: Vec<(u64, u64)> = jobs.iter().map(|j| (j.offset, j.compressed_end)).collect();
@@ -660,6 +703,9 @@ async fn fetch_verified(
             break;
         }
         let name = src.name();
+        if resting(inner, &*src) {
+            continue;
+        }
         {
             let bad = lock(&inner.bad);
             if pending
@@ -699,8 +745,9 @@ async fn fetch_verified(
             if !fatal || src.class() == SourceClass::Cloud {
                 tracing::warn!(source = %name, attempt, "range request failed: {err}");
             }
+            let rests = !fatal && rest(inner, &*src, &err);
             last_error = err.to_string();
-            if fatal {
+            if fatal || rests {
                 break;
             }
             if attempt + 1 < inner.opts.attempts {
@@ -738,12 +785,15 @@ async fn fetch_verified(
                         s.chunk_bytes_stored += j.size;
                         done.push((j.digest, Ok(())));
                     }
-                    Err(e) => {
-                        if e.contains("digest") {
-                            s.digest_failures += 1;
-                        }
-                        tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}");
+                    Err(Refused::Wrong(e)) => {
+                        s.digest_failures += 1;
+                        tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}; the bytes were not used");
                         lock(&inner.bad).insert((name.clone(), j.digest.clone()));
+                        last_error = e;
+                        failed.push(j);
+                    }
+                    Err(Refused::Store(e)) => {
+                        tracing::error!(chunk = %j.digest, layer = %j.layer, "{e}");
                         last_error = e;
                         failed.push(j);
                     }
@@ -777,13 +827,22 @@ async fn fetch_verified(
     done
 }
 
+/// Why a fetched chunk was not stored.
+enum Refused {
+    /// The source's bytes are wrong: short, not gzip, the wrong size or
+    /// digest (the source is not asked for that chunk again).
+    Wrong(String),
+    /// The store could not keep them.
+    Store(String),
+}
+
 /// Decompress one chunk out of the fetched range, check it, store it.
 fn store_chunk(
     store: &ContentStore,
     j: &ChunkLoc,
     bytes: &[u8],
     start: u64,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Refused> {
     let what = || {
         format!(
             "chunk {} of layer {} (member at {})",
@@ -793,31 +852,33 @@ fn store_chunk(
     let lo = (j.offset - start) as usize;
     let hi = ((j.compressed_end - start) as usize).min(bytes.len());
     if lo >= hi {
-        return Err(format!("{}: the fetched range is short", what()));
+        return Err(Refused::Wrong(format!(
+            "{}: the fetched range is short",
+            what()
+        )));
     }
     let mut dec = flate2::read::GzDecoder::new(&bytes[lo..hi]);
     std::io::copy(&mut (&mut dec).take(j.inner_offset), &mut std::io::sink())
-        .map_err(|e| format!("{}: not a gzip member: {e}", what()))?;
+        .map_err(|e| Refused::Wrong(format!("{}: not a gzip member: {e}", what())))?;
     let mut out = Vec::with_capacity(j.size as usize);
     (&mut dec)
         .take(j.size)
         .read_to_end(&mut out)
-        .map_err(|e| format!("{}: not a gzip member: {e}", what()))?;
+        .map_err(|e| Refused::Wrong(format!("{}: not a gzip member: {e}", what())))?;
     if out.len() as u64 != j.size {
-        return Err(format!(
+        return Err(Refused::Wrong(format!(
             "{}: the member holds {} bytes, the TOC says {}",
             what(),
             out.len(),
             j.size
-        ));
+        )));
     }
     store.put_chunk(&j.digest, &out).map_err(|e| match e {
-        Error::DigestMismatch { actual, .. } => format!(
-            "{}: digest mismatch: got {actual}; the layer is corrupt or the source is lying, \
-             the bytes were not used",
+        Error::DigestMismatch { actual, .. } => Refused::Wrong(format!(
+            "{}: digest mismatch: got {actual}; the layer is corrupt or the source is lying",
             what()
-        ),
-        other => format!("{}: {other}", what()),
+        )),
+        other => Refused::Store(format!("{}: {other}", what())),
     })
 }
 
@@ -835,7 +896,7 @@ impl Fetcher {
         let inner = &self.inner;
         let mut last: Option<Error> = None;
         for src in concrete_sources(inner, blob) {
-            if trusted_only && src.class() == SourceClass::Peer {
+            if (trusted_only && src.class() == SourceClass::Peer) || resting(inner, &*src) {
                 continue;
             }
             let began = std::time::Instant::now();
@@ -855,14 +916,17 @@ impl Fetcher {
                 }
                 Ok(b) => {
                     record_failure(inner, &*src);
-                    last = Some(Error::Unavailable {
+                    let e = Error::Unavailable {
                         what: format!("bytes {start}+{len} of {blob} from {}", src.name()),
                         reason: format!("got {} bytes", b.len()),
-                    });
+                    };
+                    rest(inner, &*src, &e);
+                    last = Some(e);
                 }
                 Err(e) => {
                     if !matches!(e, Error::NotFound { .. }) {
                         record_failure(inner, &*src);
+                        rest(inner, &*src, &e);
                     }
                     last = Some(e);
                 }

@@ -22,6 +22,7 @@ pub mod budget;
 mod cas;
 mod error;
 mod fetcher;
+pub mod guard;
 mod layout;
 mod meta;
 pub mod metrics;

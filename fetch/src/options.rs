@@ -22,6 +22,9 @@ pub struct ClientOptions {
     /// a mirror, or this site's path to the registry. Images keep their
     /// names; only the connection goes elsewhere.
     pub endpoints: BTreeMap<String, String>,
+    /// Follow redirects to other hosts (a registry sending blobs to its
+    /// storage); off for peers, which serve what they hold themselves.
+    pub foreign_redirects: bool,
 }
 
 impl Default for ClientOptions {
@@ -32,6 +35,7 @@ impl Default for ClientOptions {
             docker_config: None,
             timeout: Duration::from_secs(30),
             endpoints: BTreeMap::new(),
+            foreign_redirects: true,
         }
     }
 }

@@ -26,6 +26,14 @@ pub const PEER_REPO: &str = "breakfs/cache";
 /// A peer's index is not trusted for routing after this long without a refresh.
 const STALE: Duration = Duration::from_secs(15);
 
+/// A cache index larger than this is refused (a store of 100,000 blobs
+/// lists in about 10 MiB).
+pub const MAX_INDEX: usize = 32 << 20;
+
+/// Peers learned from other peers' indexes, at most: a hostile index cannot
+/// make the node poll the whole network.
+const MAX_LEARNED: usize = 256;
+
 /// What a node holds, as it publishes it at `GET /cache/index`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CacheIndex {
@@ -240,6 +248,7 @@ impl Peers {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Unavailable {
                 what: "an HTTP client for peers".into(),
@@ -250,6 +259,7 @@ impl Peers {
             client,
             opts: ClientOptions {
                 timeout: Duration::from_secs(5),
+                foreign_redirects: false,
                 ..ClientOptions::default()
             },
             peers: Mutex::new(BTreeMap::new()),
@@ -272,6 +282,12 @@ impl Peers {
         if let Some(p) = peers.get_mut(&url) {
             p.configured |= configured;
             return Ok(());
+        }
+        if !configured && peers.values().filter(|p| !p.configured).count() >= MAX_LEARNED {
+            return Err(Error::Protocol {
+                what: format!("peer {url}"),
+                reason: format!("{MAX_LEARNED} peers are learned already; not added"),
+            });
         }
         let parsed = reqwest::Url::parse(&url).map_err(|e| Error::Protocol {
             what: format!("peer {url}"),
@@ -342,7 +358,9 @@ impl Peers {
                     .await
                     .and_then(|r| r.error_for_status())
                     .map_err(|e| e.to_string())?;
-                let body = resp.bytes().await.map_err(|e| e.to_string())?;
+                let body = crate::guard::body_within(resp, MAX_INDEX, "the cache index")
+                    .await
+                    .map_err(|e| e.to_string())?;
                 serde_json::from_slice::<CacheIndex>(&body).map_err(|e| e.to_string())
             }
             .await;
@@ -555,6 +573,19 @@ mod tests {
         let bw = s.bandwidth_mbps.expect("bandwidth");
         assert!((bw - 50.0).abs() < 1.0, "{bw}");
         assert!(l.cost("p", 1 << 20) < l.cost("unknown-slow", 100 << 20));
+    }
+
+    #[tokio::test]
+    async fn learned_peers_are_bounded_and_configured_ones_always_added() {
+        let peers = Peers::new("http://me:1", &[], Arc::new(Links::default())).expect("peers");
+        for i in 0..MAX_LEARNED + 10 {
+            let _ = peers.add(&format!("http://10.0.{}.{}:7480", i / 256, i % 256), false);
+        }
+        assert_eq!(peers.urls().len(), MAX_LEARNED);
+        peers
+            .add("http://10.9.9.9:7480", true)
+            .expect("a configured peer is added");
+        assert_eq!(peers.urls().len(), MAX_LEARNED + 1);
     }
 
     #[test]

@@ -25,6 +25,20 @@ const BACKOFF: Duration = Duration::from_millis(100);
 const DEFAULT_CHUNK: usize = 16 << 20;
 /// Manifests bigger than this are refused (the distribution spec caps at 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
+/// A token reply is a small JSON document.
+const MAX_TOKEN_REPLY: usize = 1 << 20;
+/// One page of a tag list.
+const MAX_TAG_PAGE: usize = 16 << 20;
+/// Error bodies are read this far at most: the message is at the start.
+const MAX_ERROR_BODY: usize = 4 << 10;
+/// How long an error body may take (it is only for the message).
+const ERROR_BODY_GRACE: Duration = Duration::from_secs(5);
+/// A body must average at least this many bytes a second once the client
+/// timeout has passed since it began: a server that trickles bytes to hold
+/// a reader (slowloris) is cut off, while any link worth using is far faster.
+const MIN_RATE: u64 = 8 << 10;
+/// Redirects followed at most (a registry sends blobs to its storage once).
+const MAX_REDIRECTS: usize = 5;
 
 /// A manifest as the registry served it.
 #[derive(Clone, Debug)]
@@ -51,6 +65,9 @@ pub struct RegistryRepo {
     auth: Arc<Mutex<Option<String>>>,
     chunk_size: usize,
     platform: Platform,
+    /// The connect timeout, the longest wait for an answer, and the grace
+    /// before a body must keep [`MIN_RATE`].
+    timeout: Duration,
 }
 
 /// One request, rebuilt for each attempt.
@@ -100,9 +117,15 @@ impl RegistryRepo {
             what: format!("registry {host} (at {at})"),
             reason: format!("not a valid host[:port]: {e}"),
         })?;
+        let redirects = if opts.foreign_redirects {
+            reqwest::redirect::Policy::limited(MAX_REDIRECTS)
+        } else {
+            reqwest::redirect::Policy::custom(same_host_redirects)
+        };
         let client = reqwest::Client::builder()
             .connect_timeout(opts.timeout)
             .read_timeout(opts.timeout)
+            .redirect(redirects)
             .user_agent(concat!("breakfs/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Unreachable {
@@ -125,6 +148,7 @@ impl RegistryRepo {
             auth: Arc::new(Mutex::new(None)),
             chunk_size: DEFAULT_CHUNK,
             platform: opts.platform.clone(),
+            timeout: opts.timeout,
         })
     }
 
@@ -171,11 +195,29 @@ impl RegistryRepo {
         }
     }
 
-    fn unreachable(&self, e: reqwest::Error) -> Error {
-        Error::Unreachable {
-            registry: self.host.clone(),
-            source: e,
+    /// A transport error: the server could not be reached, or it answered
+    /// with something that is not HTTP breakfs can read (a redirect
+    /// refused, a head too large).
+    fn transport(&self, e: reqwest::Error, what: &str) -> Error {
+        if e.is_connect() || e.is_timeout() {
+            return Error::Unreachable {
+                registry: self.host.clone(),
+                source: e,
+            };
         }
+        Error::Protocol {
+            what: what.to_string(),
+            reason: format!(
+                "{} answered what breakfs cannot read: {}",
+                self.host,
+                crate::error::chain(&e)
+            ),
+        }
+    }
+
+    /// A body of `resp` read within the client's limits.
+    fn body<'a>(&self, resp: Response, what: &'a str) -> BodyReader<'a> {
+        BodyReader::new(resp, what, self.timeout)
     }
 
     /// Send with auth (one re-try after a 401 challenge) and, for GET/HEAD,
@@ -195,16 +237,24 @@ impl RegistryRepo {
             if let Some(b) = &req.body {
                 rb = rb.body(b.clone());
             }
-            let resp = match rb.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    if idempotent && attempt + 1 < ATTEMPTS {
+            // The answer's head within the timeout: a server that accepts
+            // and then says nothing (or trickles its headers) holds no one.
+            let resp = match tokio::time::timeout(self.timeout, rb.send()).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    if idempotent && !e.is_redirect() && attempt + 1 < ATTEMPTS {
                         tracing::debug!(registry = %self.host, error = %e, "retrying {}", req.what);
                         tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
                         attempt += 1;
                         continue;
                     }
-                    return Err(self.unreachable(e));
+                    return Err(self.transport(e, req.what));
+                }
+                Err(_) => {
+                    return Err(Error::TooSlow {
+                        what: req.what.to_string(),
+                        reason: format!("{} did not answer within {:?}", self.host, self.timeout),
+                    });
                 }
             };
             if resp.status() == StatusCode::UNAUTHORIZED {
@@ -344,10 +394,7 @@ impl RegistryRepo {
         }
         let what = format!("token from {realm} for registry {}", self.host);
         let resp = expect(resp, &[StatusCode::OK], &what).await?;
-        let body = resp.bytes().await.map_err(|e| Error::Transfer {
-            what: what.clone(),
-            source: e,
-        })?;
+        let body = self.body(resp, &what).within(MAX_TOKEN_REPLY).await?;
         auth::parse_token_reply(&body).ok_or_else(|| Error::Protocol {
             what,
             reason: "the reply has no \"token\" or \"access_token\"".into(),
@@ -367,15 +414,6 @@ impl RegistryRepo {
         let req = Req::new(Method::GET, url, &what)
             .header(header::ACCEPT, media_types::ACCEPT_MANIFESTS)?;
         let resp = expect(self.send(req).await?, &[StatusCode::OK], &what).await?;
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST as u64)
-        {
-            return Err(Error::Protocol {
-                what,
-                reason: format!("larger than {MAX_MANIFEST} bytes"),
-            });
-        }
         let content_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -386,10 +424,7 @@ impl RegistryRepo {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| Digest::parse(s.trim()).ok());
-        let bytes = resp.bytes().await.map_err(|e| Error::Transfer {
-            what: what.clone(),
-            source: e,
-        })?;
+        let bytes = self.body(resp, &what).within(MAX_MANIFEST).await?;
         let digest = Digest::of(&bytes);
         let expected = match reference {
             Reference::Digest(d) => Some(d.clone()),
@@ -405,7 +440,7 @@ impl RegistryRepo {
             });
         }
         Ok(FetchedManifest {
-            bytes: bytes.to_vec(),
+            bytes,
             content_type,
             digest,
         })
@@ -436,10 +471,7 @@ impl RegistryRepo {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_link_next);
             let page_url = resp.url().clone();
-            let body = resp.bytes().await.map_err(|e| Error::Transfer {
-                what: what.clone(),
-                source: e,
-            })?;
+            let body = self.body(resp, &what).within(MAX_TAG_PAGE).await?;
             let list: TagList = serde_json::from_slice(&body).map_err(|e| Error::Protocol {
                 what: what.clone(),
                 reason: format!("not a tag list: {e}"),
@@ -496,12 +528,10 @@ impl RegistryRepo {
     }
 
     async fn blob_to_file_once(&self, desc: &Descriptor, path: &Path, what: &str) -> Result<()> {
-        let mut resp = self.get_blob(&desc.digest, what).await?;
+        let resp = self.get_blob(&desc.digest, what).await?;
+        let mut body = self.body(resp, what);
         let mut out = VerifyingFile::create(path).await?;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| Error::Transfer {
-            what: what.to_string(),
-            source: e,
-        })? {
+        while let Some(chunk) = body.chunk().await? {
             out.write_within(&chunk, desc, what).await?;
         }
         out.finish(desc, what).await
@@ -510,12 +540,10 @@ impl RegistryRepo {
     /// Read a whole blob, verified against its descriptor.
     pub async fn read_blob(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         let what = self.blob_what(&desc.digest);
-        let mut resp = self.get_blob(&desc.digest, &what).await?;
+        let resp = self.get_blob(&desc.digest, &what).await?;
+        let mut body = self.body(resp, &what);
         let mut out = Vec::with_capacity(usize::try_from(desc.size.min(64 << 20)).unwrap_or(0));
-        while let Some(chunk) = resp.chunk().await.map_err(|e| Error::Transfer {
-            what: what.clone(),
-            source: e,
-        })? {
+        while let Some(chunk) = body.chunk().await? {
             out.extend_from_slice(&chunk);
             if out.len() as u64 > desc.size {
                 return Err(Error::SizeMismatch {
@@ -541,7 +569,7 @@ impl RegistryRepo {
         let url = self.url(&format!("blobs/{d}"))?;
         let req = Req::new(Method::GET, url, &what)
             .header(header::RANGE, &format!("bytes={start}-{end}"))?;
-        let mut resp = expect(
+        let resp = expect(
             self.send(req).await?,
             &[StatusCode::OK, StatusCode::PARTIAL_CONTENT],
             &what,
@@ -549,10 +577,8 @@ impl RegistryRepo {
         .await?;
         let whole = resp.status() == StatusCode::OK;
         let mut window = RangeWindow::new(if whole { start } else { 0 }, len);
-        while let Some(chunk) = resp.chunk().await.map_err(|e| Error::Transfer {
-            what: what.clone(),
-            source: e,
-        })? {
+        let mut body = self.body(resp, &what);
+        while let Some(chunk) = body.chunk().await? {
             if window.push(&chunk) {
                 break;
             }
@@ -799,7 +825,7 @@ async fn expect(resp: Response, ok: &[StatusCode], what: &str) -> Result<Respons
             what: what.to_string(),
         });
     }
-    let body = resp.text().await.unwrap_or_default();
+    let body = error_text(resp, what).await;
     let mut body: String = body.trim().chars().take(300).collect();
     if body.is_empty() {
         body = "(no body)".into();
@@ -809,6 +835,110 @@ async fn expect(resp: Response, ok: &[StatusCode], what: &str) -> Result<Respons
         status: status.as_u16(),
         body,
     })
+}
+
+/// The start of an error body, as text: at most [`MAX_ERROR_BODY`] bytes,
+/// given up on (with what came) when it is slow.
+async fn error_text(resp: Response, what: &str) -> String {
+    let mut body = BodyReader::new(resp, what, ERROR_BODY_GRACE);
+    let mut out = Vec::new();
+    while out.len() < MAX_ERROR_BODY {
+        match body.chunk().await {
+            Ok(Some(c)) => out.extend_from_slice(&c),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out.truncate(MAX_ERROR_BODY);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The redirect policy for peers: a redirect to the same host and port is
+/// followed (a few times), one anywhere else is refused: a peer serves what
+/// it holds itself, and must not send the node to other addresses.
+fn same_host_redirects(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
+    let same = attempt.previous().first().is_some_and(|first| {
+        first.host_str() == attempt.url().host_str()
+            && first.port_or_known_default() == attempt.url().port_or_known_default()
+    });
+    if !same {
+        let to = attempt.url().to_string();
+        return attempt.error(format!(
+            "it redirected to {to}: a peer must serve what it holds itself; not followed"
+        ));
+    }
+    if attempt.previous().len() > MAX_REDIRECTS {
+        return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+    }
+    attempt.follow()
+}
+
+/// A response body read within limits: at most a given size where the
+/// caller says, and on average at least [`MIN_RATE`] bytes a second once
+/// `grace` has passed since the body began.
+struct BodyReader<'a> {
+    resp: Response,
+    what: &'a str,
+    grace: Duration,
+    began: tokio::time::Instant,
+    got: u64,
+}
+
+impl<'a> BodyReader<'a> {
+    fn new(resp: Response, what: &'a str, grace: Duration) -> Self {
+        BodyReader {
+            resp,
+            what,
+            grace,
+            began: tokio::time::Instant::now(),
+            got: 0,
+        }
+    }
+
+    /// The next piece of the body; `None` at its end.
+    async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        let allowed = Duration::from_secs_f64(self.got as f64 / MIN_RATE as f64);
+        let due = self.began + self.grace + allowed;
+        match tokio::time::timeout_at(due, self.resp.chunk()).await {
+            Ok(Ok(Some(c))) => {
+                self.got += c.len() as u64;
+                Ok(Some(c))
+            }
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(e)) => Err(Error::Transfer {
+                what: self.what.to_string(),
+                source: e,
+            }),
+            Err(_) => Err(Error::TooSlow {
+                what: self.what.to_string(),
+                reason: format!(
+                    "the body trickles in: {} bytes in {:.1} s, less than {MIN_RATE} bytes/s \
+                     after the first {:?}",
+                    self.got,
+                    self.began.elapsed().as_secs_f64(),
+                    self.grace
+                ),
+            }),
+        }
+    }
+
+    /// The whole body, refused as soon as it passes `max` bytes.
+    async fn within(mut self, max: usize) -> Result<Vec<u8>> {
+        let too_big = |n: u64| Error::Protocol {
+            what: self.what.to_string(),
+            reason: format!("the body is larger than {max} bytes ({n} or more); refused"),
+        };
+        if let Some(n) = self.resp.content_length().filter(|n| *n > max as u64) {
+            return Err(too_big(n));
+        }
+        let mut out = Vec::new();
+        while let Some(c) = self.chunk().await? {
+            if out.len() + c.len() > max {
+                return Err(too_big((out.len() + c.len()) as u64));
+            }
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
 }
 
 /// The `rel="next"` target of a `Link` header.
