@@ -187,6 +187,11 @@ struct ClientArgs {
     /// to it); images keep their names. Repeatable.
     #[arg(long = "registry-endpoint", value_name = "HOST=ADDR", value_parser = parse_endpoint)]
     endpoints: Vec<(String, String)>,
+    /// Seconds to connect to a registry, and the longest it may take to
+    /// answer or stall mid-body; a body must also average 8 KiB/s after
+    /// that long [default: 30].
+    #[arg(long, value_name = "SECS")]
+    registry_timeout: Option<u64>,
 }
 
 fn parse_endpoint(s: &str) -> Result<(String, String), String> {
@@ -206,6 +211,11 @@ impl ClientArgs {
             plain_http: self.plain_http,
             platform: Platform::parse(&self.platform)?,
             endpoints: self.endpoints.iter().cloned().collect(),
+            timeout: self
+                .registry_timeout
+                .map_or(ClientOptions::default().timeout, |s| {
+                    std::time::Duration::from_secs(s.max(1))
+                }),
             ..ClientOptions::default()
         })
     }

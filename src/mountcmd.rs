@@ -95,6 +95,9 @@ pub struct MountArgs {
     /// answers there.
     #[arg(long, env = "BREAKFS_NODE", value_name = "URL")]
     node: Option<String>,
+    /// The node's token file (its --token-file), for mount control over TCP.
+    #[arg(long, env = "BREAKFS_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Mount in a process of its own even when a node daemon runs.
     #[arg(long, conflicts_with = "node")]
     standalone: bool,
@@ -208,12 +211,22 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
 }
 
 /// An HTTP client for node `node` (`unix:PATH`, an absolute socket path, or
-/// `http://HOST:PORT`) and the base URL to use with it.
-pub fn node_client(node: &str) -> Result<(reqwest::Client, String)> {
+/// `http://HOST:PORT`) and the base URL to use with it; it carries the
+/// bearer token in `token_file`, if given.
+pub fn node_client(node: &str, token_file: Option<&Path>) -> Result<(reqwest::Client, String)> {
     let sock = node
         .strip_prefix("unix:")
         .or_else(|| node.starts_with('/').then_some(node));
-    let b = reqwest::Client::builder().timeout(Duration::from_secs(600));
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(600));
+    if let Some(p) = token_file {
+        let token = breakfs_fetch::guard::Token::from_file(p).context("--token-file")?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut value = reqwest::header::HeaderValue::from_str(&token.bearer())
+            .context("the token cannot travel in an HTTP header")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        b = b.default_headers(headers);
+    }
     Ok(match sock {
         Some(path) => (
             b.unix_socket(path)
@@ -230,7 +243,7 @@ pub fn node_client(node: &str) -> Result<(reqwest::Client, String)> {
 
 /// Ask node daemon `node` to mount the image; returns once it answers.
 async fn mount_via_node(node: &str, a: &MountArgs, abs: &Path) -> Result<()> {
-    let (client, base) = node_client(node)?;
+    let (client, base) = node_client(node, a.token_file.as_deref())?;
     let req = crate::node::MountRequest {
         image: a.image.clone(),
         mountpoint: abs.to_path_buf(),
@@ -319,6 +332,9 @@ pub struct UmountArgs {
     /// The mountpoint.
     #[arg(value_name = "MOUNTPOINT")]
     mountpoint: PathBuf,
+    /// The node's token file (its --token-file), for mount control over TCP.
+    #[arg(long, env = "BREAKFS_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 pub async fn run_umount(a: UmountArgs) -> Result<()> {
@@ -337,7 +353,7 @@ pub async fn run_umount(a: UmountArgs) -> Result<()> {
         && let Some(node) = &s.node
         && process_alive(s.pid)
     {
-        let (client, base) = node_client(node)?;
+        let (client, base) = node_client(node, a.token_file.as_deref())?;
         let resp = client
             .delete(format!("{base}/mounts"))
             .query(&[("mountpoint", &abs)])

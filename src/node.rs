@@ -14,8 +14,9 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use breakfs_fetch::budget::Budget;
+use breakfs_fetch::guard::{self, Token};
 use breakfs_fetch::metrics::PromText;
 use breakfs_fetch::peer::{Links, PeerSource, Peers};
 use breakfs_fetch::prefetch::Prefetcher;
@@ -38,7 +39,7 @@ const READY: &str = "BREAKFS-NODE-READY";
 pub struct NodeArgs {
     /// A TOML file with any of the settings below (flags win over it):
     /// listen, socket, advertise, cache, budget, peers, learn_peers, plain_http,
-    /// prefetch_rate, deadline, parallel.
+    /// prefetch_rate, deadline, parallel, token_file, registry_timeout, verify.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve peers, the scheduler and OCI clients on
@@ -79,6 +80,18 @@ pub struct NodeArgs {
     /// Parallel range requests.
     #[arg(long)]
     parallel: Option<usize>,
+    /// A file holding a secret: requests that change the node's state over
+    /// TCP (`POST /prefetch`, mount control) must then carry it as
+    /// `Authorization: Bearer SECRET`; reads of content-addressed data stay
+    /// open to peers. Without it, mount control is served on the control
+    /// socket only.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Check every byte of the store before serving and remove what is
+    /// corrupt (`breakfs verify --repair`): after a power loss or a disk
+    /// error. A killed daemon needs none of it.
+    #[arg(long)]
+    verify: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -99,6 +112,9 @@ struct NodeConfig {
     prefetch_rate: Option<String>,
     deadline: Option<u64>,
     parallel: Option<usize>,
+    token_file: Option<PathBuf>,
+    registry_timeout: Option<u64>,
+    verify: Option<bool>,
 }
 
 /// `20GiB`, `500MB`, `64k`, `1048576`: a size in bytes.
@@ -139,6 +155,9 @@ struct Settings {
     prefetch_rate: Option<u64>,
     deadline: u64,
     parallel: usize,
+    token: Option<Token>,
+    registry_timeout: Option<u64>,
+    verify: bool,
 }
 
 fn settings(a: &NodeArgs) -> Result<Settings> {
@@ -187,6 +206,15 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
             .context("--prefetch-rate")?,
         deadline: a.deadline.or(file.deadline).unwrap_or(30).max(1),
         parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
+        token: a
+            .token_file
+            .clone()
+            .or(file.token_file)
+            .map(|p| Token::from_file(&p))
+            .transpose()
+            .context("--token-file")?,
+        registry_timeout: a.client.registry_timeout.or(file.registry_timeout),
+        verify: a.verify || file.verify.unwrap_or(false),
     })
 }
 
@@ -215,10 +243,20 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut client = a.client.options()?;
     client.plain_http = s.plain_http;
+    if let Some(t) = s.registry_timeout {
+        client.timeout = Duration::from_secs(t.max(1));
+    }
     let store = Arc::new(
         ContentStore::open(&s.cache)
             .with_context(|| format!("opening the content store {}", s.cache.display()))?,
     );
+    if s.verify {
+        let cache = s.cache.clone();
+        let report = tokio::task::spawn_blocking(move || breakfs_fetch::verify_store(&cache, true))
+            .await?
+            .with_context(|| format!("verifying the content store {}", s.cache.display()))?;
+        eprintln!("breakfs node: {report}");
+    }
     let budget = s.budget.map(|limit| {
         let b = Arc::new(Budget::new(limit, &store));
         store.set_budget(b.clone());
@@ -317,9 +355,16 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
                 }
             }));
     }
-    let app = breakfs_fetch::server::routes(svc.clone()).merge(control_routes(daemon.clone()));
+    // The control socket's permissions guard it; over TCP, mount control
+    // needs the token, and without one it is not served there.
+    let tcp_mounts = match &s.token {
+        Some(t) => guard::require_token(control_routes(daemon.clone()), Some(t.clone()), "node"),
+        None => Router::new().route("/mounts", any(mounts_over_tcp)),
+    };
+    let tcp_app = breakfs_fetch::server::routes(svc.clone(), s.token.clone()).merge(tcp_mounts);
+    let app =
+        breakfs_fetch::server::routes(svc.clone(), None).merge(control_routes(daemon.clone()));
     let unix = bind_socket(&s.socket)?;
-    let tcp_app = app.clone();
     let tcp = tokio::spawn(async move { axum::serve(listener, tcp_app).await });
     let uds = tokio::spawn(async move { axum::serve(unix, app).await });
     {
@@ -332,12 +377,17 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         });
     }
     eprintln!(
-        "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}",
+        "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}{}",
         s.socket.display(),
         s.cache.display(),
         s.budget
             .map(|b| format!(", budget {} MB", b / 1_000_000))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if s.token.is_some() {
+            ", control over TCP with the bearer token"
+        } else {
+            ""
+        }
     );
     println!("{READY} {url}");
     if let Err(e) = crate::notify::notify("READY=1") {
@@ -431,12 +481,21 @@ struct MountpointQuery {
 }
 
 fn control_routes(d: Arc<Daemon>) -> Router {
-    Router::new()
+    let r = Router::new()
         .route(
             "/mounts",
             get(list_mounts).post(add_mount).delete(remove_mount),
         )
-        .with_state(d)
+        .with_state(d);
+    guard::limit_body(r, guard::MAX_CONTROL_BODY, "")
+}
+
+async fn mounts_over_tcp() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "mount control is served on the node's control socket only (breakfs mount --node \
+         unix:PATH); start the node with --token-file to allow it over TCP with a bearer token",
+    )
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {

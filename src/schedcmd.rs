@@ -14,7 +14,8 @@ pub struct SchedArgs {
     /// A YAML config: netWeight, layerWeight, balancedWeight,
     /// leastRequestedWeight, cacheSumSize, nodes (name, url, cluster),
     /// plainHttp, listen, prefix, pollSecs, staleSecs, planSecs,
-    /// kubernetes (enabled, url, publishLabels, syncSecs). Flags win over it.
+    /// kubernetes (enabled, url, publishLabels, syncSecs), tokenFile,
+    /// maxBodySize. Flags win over it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 0.0.0.0:7490; port 0 picks a free one].
@@ -44,6 +45,16 @@ pub struct SchedArgs {
     /// `kubectl proxy` serves); implies --kube.
     #[arg(long, value_name = "URL")]
     kube_url: Option<String>,
+    /// A file holding a secret: `/plan` then needs it as `Authorization:
+    /// Bearer SECRET`, and requests to the node daemons carry it (give them
+    /// the same --token-file). The extender verbs stay open: kube-scheduler
+    /// sends no token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Refuse request bodies larger than this (413), e.g. 32Mi [default:
+    /// 32Mi; `Nodes`-form args carry about 6.5 KB a node].
+    #[arg(long, value_name = "SIZE")]
+    max_body_size: Option<String>,
 }
 
 fn parse_node(s: &str) -> Result<NodeEntry> {
@@ -90,6 +101,21 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
     if let Some(p) = a.plan_secs {
         cfg.plan_secs = p;
     }
+    if let Some(t) = &a.token_file {
+        cfg.token_file = Some(t.clone());
+    }
+    if let Some(m) = &a.max_body_size {
+        cfg.max_body_size = m.clone();
+    }
+    cfg.max_body()
+        .map_err(anyhow::Error::msg)
+        .context("--max-body-size")?;
+    let token = cfg
+        .token_file
+        .as_deref()
+        .map(breakfs_fetch::guard::Token::from_file)
+        .transpose()
+        .context("--token-file")?;
     cfg.kubernetes.enabled |= a.kube || a.kube_url.is_some();
     if a.kube_url.is_some() {
         cfg.kubernetes.url = a.kube_url.clone();
@@ -99,7 +125,7 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
         .with_context(|| format!("listening on {} (choose another with --listen)", cfg.listen))?;
     let local = listener.local_addr()?;
     let kube = cfg.kubernetes.clone();
-    let sched = Sched::new(cfg);
+    let sched = Sched::with_token(cfg, token);
     if kube.enabled {
         let client = breakfs_sched::k8s::client(kube.url.as_deref())
             .await

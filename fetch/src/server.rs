@@ -4,7 +4,9 @@
 //! /measurements`, `GET /metrics` (Prometheus text) and `POST /prefetch`.
 //! Only content-addressed data is served: blobs by digest, manifests by
 //! digest or by a tag the node itself resolved (the bytes are still the
-//! digest's).
+//! digest's). Reads are open to anyone who reaches the node; `POST
+//! /prefetch` changes its state and can require a bearer token; request
+//! bodies are limited to [`guard::MAX_CONTROL_BODY`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,10 +16,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use breakfs_index::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use crate::guard::{self, Token};
 use crate::metrics::{Histogram, PromText};
 use crate::peer::{CacheIndex, Peers};
 use crate::prefetch::{PrefetchRequest, Prefetcher};
@@ -61,17 +64,23 @@ pub struct NodeService {
     pub metrics_hook: Mutex<Option<MetricsHook>>,
 }
 
-/// The routes of the peer-facing service.
-pub fn routes(svc: Arc<NodeService>) -> Router {
-    Router::new()
+/// The routes of the peer-facing service; with `token`, `POST /prefetch`
+/// requires it.
+pub fn routes(svc: Arc<NodeService>, token: Option<Token>) -> Router {
+    let reads = Router::new()
         .route("/v2/", get(api_base))
         .route("/v2", get(api_base))
         .route("/v2/{*rest}", get(distribution))
         .route("/cache/index", get(cache_index))
         .route("/measurements", get(measurements))
         .route("/metrics", get(metrics))
-        .route("/prefetch", get(prefetch_list).post(prefetch_start))
-        .with_state(svc)
+        .route("/prefetch", get(prefetch_list))
+        .with_state(svc.clone());
+    let control = Router::new()
+        .route("/prefetch", post(prefetch_start))
+        .with_state(svc);
+    let control = guard::require_token(control, token, "node");
+    guard::limit_body(reads.merge(control), guard::MAX_CONTROL_BODY, "")
 }
 
 const API_VERSION: &str = "registry/2.0";

@@ -1,6 +1,12 @@
 //! The extender HTTP service: `POST {prefix}/filter`, `POST
 //! {prefix}/prioritize`, `GET {prefix}/plan`, and the node directory it
 //! scores from (cache indexes and measurements polled from node daemons).
+//!
+//! kube-scheduler calls the extender verbs without credentials (its
+//! extender config has `tlsConfig` but no bearer token), so they stay
+//! open; `/plan`, which counts a placement, needs the bearer token when one
+//! is configured, and the same token goes to the node daemons. Request
+//! bodies are limited to `maxBodySize`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -11,7 +17,8 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use breakfs_fetch::peer::{CacheIndex, LinkStats};
+use breakfs_fetch::guard::{self, Token};
+use breakfs_fetch::peer::{CacheIndex, LinkStats, MAX_INDEX};
 use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::{Digest, ImageRef};
 use serde::{Deserialize, Serialize};
@@ -73,6 +80,19 @@ pub struct SchedConfig {
     /// The Kubernetes API, when the service runs in a cluster.
     #[serde(default)]
     pub kubernetes: KubeSettings,
+    /// A file holding the bearer token `/plan` requires and the node
+    /// daemons are sent (their `--token-file`).
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Request bodies larger than this are refused with 413 (a quantity
+    /// like `32Mi`): `ExtenderArgs` in the `Nodes` form carry whole Node
+    /// objects, about 6.5 KB each.
+    #[serde(default = "default_max_body")]
+    pub max_body_size: String,
+}
+
+fn default_max_body() -> String {
+    "32Mi".into()
 }
 
 /// How the service uses the Kubernetes API.
@@ -141,6 +161,8 @@ impl Default for SchedConfig {
             stale_secs: default_stale(),
             plan_secs: default_plan(),
             kubernetes: KubeSettings::default(),
+            token_file: None,
+            max_body_size: default_max_body(),
         }
     }
 }
@@ -148,7 +170,22 @@ impl Default for SchedConfig {
 impl SchedConfig {
     /// Parse a YAML config.
     pub fn from_yaml(text: &str) -> Result<SchedConfig, String> {
-        serde_yaml::from_str(text).map_err(|e| e.to_string())
+        let c: SchedConfig = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        c.max_body()?;
+        Ok(c)
+    }
+
+    /// `maxBodySize` in bytes.
+    pub fn max_body(&self) -> Result<usize, String> {
+        crate::types::parse_quantity(&self.max_body_size)
+            .filter(|n| *n >= 1.0)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                format!(
+                    "maxBodySize {:?} is not a size like 32Mi or 1000000",
+                    self.max_body_size
+                )
+            })
     }
 }
 
@@ -183,6 +220,8 @@ pub struct Sched {
     entries: Mutex<Arc<Vec<NodeEntry>>>,
     /// What the Kubernetes API says of each node (empty without it).
     cluster: Mutex<Arc<HashMap<String, ClusterNode>>>,
+    /// The bearer token `/plan` requires and requests to nodes carry.
+    token: Option<Token>,
 }
 
 /// How long an asked-for prefetch counts as held without showing up.
@@ -207,18 +246,34 @@ impl Popular {
 const IMAGE_TTL: Duration = Duration::from_secs(60);
 
 impl Sched {
-    /// A service for `cfg`.
+    /// A service for `cfg`, without a token.
     pub fn new(cfg: SchedConfig) -> Arc<Sched> {
+        Sched::with_token(cfg, None)
+    }
+
+    /// A service for `cfg` whose `/plan` requires `token` and whose
+    /// requests to node daemons carry it.
+    pub fn with_token(cfg: SchedConfig, token: Option<Token>) -> Arc<Sched> {
         let client = ClientOptions {
             plain_http: cfg.plain_http,
             ..ClientOptions::default()
         };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(mut v) = token
+            .as_ref()
+            .and_then(|t| reqwest::header::HeaderValue::from_str(&t.bearer()).ok())
+        {
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         Arc::new(Sched {
             client,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
+                .default_headers(headers)
                 .build()
                 .unwrap_or_default(),
+            token,
             directory: Mutex::new(Arc::new(Directory::default())),
             images: Mutex::new(HashMap::new()),
             popularity: Mutex::new(HashMap::new()),
@@ -279,7 +334,9 @@ impl Sched {
                 async move {
                     let r = self.http.get(url).send().await.map_err(|e| e.to_string())?;
                     let r = r.error_for_status().map_err(|e| e.to_string())?;
-                    r.bytes().await.map_err(|e| e.to_string())
+                    guard::body_within(r, MAX_INDEX, path)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
             };
             let idx = get("/cache/index")
@@ -746,15 +803,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The routes, under the configured prefix.
+/// The routes, under the configured prefix: the extender verbs open,
+/// `/plan` behind the token if there is one, bodies within `maxBodySize`.
 pub fn routes(s: Arc<Sched>) -> Router {
     let p = s.cfg.prefix.trim_end_matches('/').to_string();
-    Router::new()
+    let open = Router::new()
         .route(&format!("{p}/filter"), post(filter))
         .route(&format!("{p}/prioritize"), post(prioritize))
-        .route(&format!("{p}/plan"), get(plan))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(s)
+        .with_state(s.clone());
+    let control = Router::new()
+        .route(&format!("{p}/plan"), get(plan))
+        .with_state(s.clone());
+    let control = guard::require_token(control, s.token.clone(), "scheduler");
+    let max = s.cfg.max_body().unwrap_or(32 << 20);
+    guard::limit_body(
+        open.merge(control),
+        max,
+        "; raise maxBodySize in the scheduler config (--max-body-size)",
+    )
 }
 
 /// A 400 answer saying why the body is not `ExtenderArgs`.
@@ -837,6 +904,10 @@ mod tests {
         assert_eq!(c.cache_sum_size.as_deref(), Some("26Gi"));
         let e = SchedConfig::from_yaml("netWeight: 1\nnetWeiht: 2\n").unwrap_err();
         assert!(e.contains("netWeiht"), "{e}");
+        assert_eq!(c.max_body(), Ok(32 << 20));
+        assert_eq!(c.token_file, None);
+        let e = SchedConfig::from_yaml("maxBodySize: lots\n").unwrap_err();
+        assert!(e.contains("maxBodySize \"lots\""), "{e}");
     }
 
     #[test]
