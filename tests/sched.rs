@@ -14,10 +14,12 @@ use crate::mount::{Shaper, breakfs, corpus, ok, refactor_into};
 use crate::node::{Node, layers_of};
 use crate::support::registry::TestRegistry;
 
-struct SchedProc(Child, String);
+/// `breakfs sched` on a free loopback port: the process and its URL;
+/// killed on drop.
+pub(crate) struct SchedProc(pub(crate) Child, pub(crate) String);
 
 impl SchedProc {
-    fn start(args: &[String]) -> SchedProc {
+    pub(crate) fn start(args: &[String]) -> SchedProc {
         let mut child = breakfs()
             .args(["sched", "--plain-http", "--listen", "127.0.0.1:0"])
             .args(args)

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod corpus;
+mod hostile_net;
 mod interop_tools;
 mod kube;
 mod mount;
@@ -9,6 +10,7 @@ mod node;
 mod oci_io;
 mod refactor;
 mod sched;
+mod security;
 mod support;
 mod systemd;
 mod testbed;

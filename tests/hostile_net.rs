@@ -1,0 +1,776 @@
+//! Hostile peers and registries (issue 7, item 3): small HTTP servers
+//! written here play a peer or the registry and answer with wrong bytes,
+//! truncated bodies, endless slow bodies (slowloris), huge headers,
+//! redirects elsewhere and wrong lengths, against a real `breakfs node`
+//! with a real FUSE mount and a real `breakfs pull`. Each run must end in
+//! bounded time (a watchdog, not a timing assert) with an error that names
+//! what was wrong, nothing unverified may reach a reader, the store or
+//! another peer, and the node must keep serving meanwhile.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::mount::{breakfs, files_of, hex_sha256, ok};
+use crate::node::Node;
+use crate::support::images::{Layer, T, tar_of, write_image};
+use crate::support::registry::TestRegistry;
+
+/// A request as the hostile servers see it.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    authorization: Option<String>,
+    /// A `bytes=A-B` range as `[A, B+1)`.
+    range: Option<(usize, usize)>,
+}
+
+type Answer = dyn Fn(&Seen, &mut TcpStream) + Send + Sync;
+
+/// An HTTP server on a loopback port answering each request (one per
+/// connection) with `answer` on a thread of its own; stops accepting when
+/// dropped.
+struct Server {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Answers to blob requests in progress.
+    busy: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn start(answer: impl Fn(&Seen, &mut TcpStream) + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answer: Arc<Answer> = Arc::new(answer);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, b2, halt) = (seen.clone(), busy.clone(), stop.clone());
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if halt.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut sock) = conn else { continue };
+                let (answer, seen, busy) = (answer.clone(), s2.clone(), b2.clone());
+                thread::spawn(move || {
+                    let Some(req) = read_head(&mut sock) else {
+                        return;
+                    };
+                    seen.lock().unwrap().push(req.clone());
+                    let blob = usize::from(req.path.contains("/blobs/"));
+                    busy.fetch_add(blob, Ordering::SeqCst);
+                    answer(&req, &mut sock);
+                    busy.fetch_sub(blob, Ordering::SeqCst);
+                    let _ = sock.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Server {
+            port,
+            seen,
+            busy,
+            stop,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn blob_requests(&self) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.path.contains("/blobs/"))
+            .count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Read a request head (the hostile servers take no bodies).
+fn read_head(sock: &mut TcpStream) -> Option<Seen> {
+    sock.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut b).ok()?;
+        if n == 0 || head.len() > 64 << 10 {
+            return None;
+        }
+        head.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let path = text.split_whitespace().nth(1)?.to_string();
+    let header = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let range = header("range").and_then(|r| {
+        let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+        Some((a.parse().ok()?, b.parse::<usize>().ok()? + 1))
+    });
+    Some(Seen {
+        path,
+        authorization: header("authorization"),
+        range,
+    })
+}
+
+/// Write a response head; `length` is what Content-Length claims.
+fn head(sock: &mut TcpStream, status: &str, length: usize, extra: &str) -> bool {
+    let h = format!(
+        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {length}\r\n\
+         Content-Type: application/octet-stream\r\n{extra}\r\n"
+    );
+    sock.write_all(h.as_bytes()).is_ok()
+}
+
+fn respond(sock: &mut TcpStream, status: &str, extra: &str, body: &[u8]) {
+    if head(sock, status, body.len(), extra) {
+        let _ = sock.write_all(body);
+    }
+}
+
+/// `bytes`, or the asked range of them, as 200 or 206.
+fn serve_range(sock: &mut TcpStream, req: &Seen, bytes: &[u8]) {
+    match req.range {
+        Some((a, b)) if a < bytes.len() => {
+            let b = b.min(bytes.len());
+            let cr = format!("Content-Range: bytes {a}-{}/{}\r\n", b - 1, bytes.len());
+            respond(sock, "206 Partial Content", &cr, &bytes[a..b]);
+        }
+        _ => respond(sock, "200 OK", "", bytes),
+    }
+}
+
+/// The digest a `/v2/NAME/blobs/DIGEST` path asks for.
+fn blob_of(path: &str) -> Option<&str> {
+    path.rsplit_once("/blobs/").map(|(_, d)| d)
+}
+
+/// Send one byte every 200 ms until the reader goes (at most a minute).
+fn drip(sock: &mut TcpStream) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        if sock.write_all(b"x").is_err() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a hostile peer does with a blob request.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    /// The right length, every byte flipped.
+    WrongBytes,
+    /// Half the body, then the connection closes.
+    Truncated,
+    /// The head at once, then a byte every 200 ms.
+    Slowloris,
+    /// A 1 MiB header before the body.
+    HugeHeaders,
+    /// 307 to another server.
+    Redirect,
+    /// Content-Length half of what is sent.
+    ShortLength,
+}
+
+const LIES: [Lie; 6] = [
+    Lie::WrongBytes,
+    Lie::Truncated,
+    Lie::Slowloris,
+    Lie::HugeHeaders,
+    Lie::Redirect,
+    Lie::ShortLength,
+];
+
+/// A peer that claims to hold `blobs` whole (its cache index) and lies
+/// about their bytes as `lie` says; redirects go to `decoy`.
+fn hostile_peer(lie: Lie, blobs: Arc<HashMap<String, Vec<u8>>>, decoy: String) -> Server {
+    let listed: Vec<serde_json::Value> = blobs
+        .iter()
+        .map(|(d, b)| serde_json::json!({"digest": d, "size": b.len()}))
+        .collect();
+    Server::start(move |req, sock| {
+        if req.path == "/cache/index" {
+            let index = serde_json::json!({
+                "node": "http://hostile.invalid", "blobs": listed, "partial": [],
+                "chunks": 0, "chunk_bytes": 0, "used": 0, "budget": null, "peers": [],
+            });
+            return respond(sock, "200 OK", "", index.to_string().as_bytes());
+        }
+        let Some(bytes) = blob_of(&req.path).and_then(|d| blobs.get(d)) else {
+            return respond(sock, "404 Not Found", "", b"");
+        };
+        let (a, b) = req.range.unwrap_or((0, bytes.len()));
+        let body = &bytes[a.min(bytes.len())..b.min(bytes.len())];
+        let status = if req.range.is_some() {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
+        match lie {
+            Lie::WrongBytes => {
+                let wrong: Vec<u8> = body.iter().map(|x| x ^ 0x5a).collect();
+                respond(sock, status, "", &wrong);
+            }
+            Lie::Truncated => {
+                if head(sock, status, body.len(), "") {
+                    let _ = sock.write_all(&body[..body.len() / 2]);
+                }
+            }
+            Lie::Slowloris => {
+                if head(sock, status, body.len(), "") {
+                    drip(sock);
+                }
+            }
+            Lie::HugeHeaders => {
+                let pad = format!("X-Padding: {}\r\n", "a".repeat(1 << 20));
+                respond(sock, status, &pad, body);
+            }
+            Lie::Redirect => {
+                let to = format!("Location: {decoy}{}\r\n", req.path);
+                respond(sock, "307 Temporary Redirect", &to, b"");
+            }
+            Lie::ShortLength => {
+                if head(sock, status, body.len() / 2, "") {
+                    let _ = sock.write_all(body);
+                }
+            }
+        }
+    })
+}
+
+/// xorshift bytes: content that does not compress.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A small image of incompressible files, as an OCI layout at `dir:v1`;
+/// returns the files by path.
+fn small_image(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                format!("data/f{i}"),
+                noise(i + 1, 40_000 + 30_000 * i as usize),
+            )
+        })
+        .collect();
+    let mut entries = vec![T::Dir("data/")];
+    entries.extend(files.iter().map(|(p, b)| T::File(p, b, 0o644)));
+    write_image(dir, "v1", &[Layer::gzip(tar_of(&entries))]);
+    files
+}
+
+/// Refactor the layout `src:v1` to `dest` (a registry or a layout).
+fn refactor(src: &Path, dest: &str, work: &Path) {
+    ok(breakfs()
+        .args(["refactor", "--plain-http", "--work-dir"])
+        .arg(work)
+        .args(["--to", dest])
+        .arg(format!("oci:{}:v1", src.display())));
+}
+
+/// Run `cmd`; it must end within `limit` (else it is killed: it hung).
+fn within(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{cmd:?} did not finish within {limit:?}: it hung");
+        }
+    }
+}
+
+/// Wait for `cond` (a condition, not a time), failing after `limit`.
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < until,
+            "{what} did not happen within {limit:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every blob and chunk file in store `cache` hashes to its name, and every
+/// kept range is the registry's bytes: nothing unverified is held (so none
+/// can be served to a reader or a peer). Files going away meanwhile (a
+/// layer being assembled) are skipped.
+fn assert_store_verified(cache: &Path, blob: impl Fn(&str) -> Option<Vec<u8>>) {
+    for kind in ["blobs", "chunks"] {
+        for e in std::fs::read_dir(cache.join(kind).join("sha256"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                assert_eq!(hex_sha256(&bytes), name, "{kind}/{name} is not verified");
+            }
+        }
+    }
+    for l in std::fs::read_dir(cache.join("ranges/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let layer = l.file_name().to_string_lossy().into_owned();
+        let original = blob(&format!("sha256:{layer}")).unwrap();
+        for r in std::fs::read_dir(l.path()).into_iter().flatten().flatten() {
+            let name = r.file_name().to_string_lossy().into_owned();
+            let Some((s, e)) = name.split_once('-') else {
+                continue;
+            };
+            let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
+            if let Ok(bytes) = std::fs::read(r.path()) {
+                assert!(
+                    bytes == original[s..e],
+                    "kept range {layer}/{name} is not the layer's bytes"
+                );
+            }
+        }
+    }
+}
+
+/// An image as a registry serves it: the manifest of tag `v1` and every blob.
+struct Served {
+    manifest: Vec<u8>,
+    config: String,
+    layers: Vec<String>,
+    blobs: HashMap<String, Vec<u8>>,
+}
+
+impl Served {
+    fn from_layout(dir: &Path) -> Served {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+        let read = |d: &str| std::fs::read(dir.join("blobs/sha256").join(&d[7..])).unwrap();
+        let m = index["manifests"][0]["digest"].as_str().unwrap();
+        let manifest = read(m);
+        let v: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let config = v["config"]["digest"].as_str().unwrap().to_string();
+        let layers: Vec<String> = v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect();
+        let blobs = std::iter::once(&config)
+            .chain(&layers)
+            .map(|d| (d.clone(), read(d)))
+            .collect();
+        Served {
+            manifest,
+            config,
+            layers,
+            blobs,
+        }
+    }
+}
+
+#[test]
+fn hostile_peers_are_skipped_nothing_they_send_is_used_and_the_node_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = small_image(&tmp.path().join("src"));
+    let reg = TestRegistry::start();
+    let reference = reg.reference("hostile/app:v1");
+    refactor(
+        &tmp.path().join("src"),
+        &reference,
+        &tmp.path().join("work"),
+    );
+    let manifest =
+        ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &reference]));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let registry_blob = |d: &str| std::fs::read(reg.blob_data_path(&d[7..])).ok();
+    let layers: HashMap<String, Vec<u8>> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let d = l["digest"].as_str().unwrap().to_string();
+            let b = registry_blob(&d).unwrap();
+            (d, b)
+        })
+        .collect();
+    let layers = Arc::new(layers);
+
+    // Peers lying each their own way, all claiming every layer; and where
+    // the redirecting one points.
+    let decoy = Server::start(|_, sock| respond(sock, "200 OK", "", b"not the blob"));
+    let peers: Vec<(Lie, Server)> = LIES
+        .iter()
+        .map(|&lie| (lie, hostile_peer(lie, layers.clone(), decoy.url())))
+        .collect();
+    let peer_urls: Vec<String> = peers.iter().map(|(_, p)| p.url()).collect();
+    let peer_refs: Vec<&str> = peer_urls.iter().map(String::as_str).collect();
+    // A registry that trickles its manifest, for a prefetch meanwhile.
+    let slow_registry = Server::start(|req, sock| {
+        if req.path.contains("/manifests/") && head(sock, "200 OK", 1000, "") {
+            drip(sock);
+        } else {
+            respond(sock, "200 OK", "", b"{}");
+        }
+    });
+
+    let node = Node::start(
+        &tmp.path().join("b"),
+        &peer_refs,
+        &["--deadline", "6", "--registry-timeout", "3"],
+    );
+    wait_for(
+        "the node learning every peer's index",
+        Duration::from_secs(20),
+        || {
+            let m = node.json("/measurements");
+            peer_urls
+                .iter()
+                .all(|u| m["links"][u]["rtt_ms"].is_number())
+        },
+    );
+    let slow_ref = format!("docker://{}/stuck/app:v1", slow_registry.host());
+    node.post(
+        "/prefetch",
+        &serde_json::json!({ "images": [slow_ref] }).to_string(),
+    );
+
+    // Mount and read everything; a watchdog fails the test if it hangs.
+    let point = tmp.path().join("mnt");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = {
+        let (node_dir, reference, point) = (tmp.path().join("b"), reference.clone(), point.clone());
+        let control = node.control();
+        thread::spawn(move || {
+            let m = crate::mount::Mount::new(
+                &reference,
+                &point,
+                &node_dir.join("unused-cache"),
+                &["--node", &control],
+            );
+            let got: Vec<(String, Vec<u8>)> = files_of(&m.point)
+                .into_iter()
+                .map(|(p, _)| {
+                    let b = std::fs::read(m.point.join(&p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+                    (p, b)
+                })
+                .collect();
+            let _ = tx.send(got);
+            m
+        })
+    };
+    // While a request hangs on the slowloris peer, the node serves others.
+    let slowloris = &peers
+        .iter()
+        .find(|(l, _)| matches!(l, Lie::Slowloris))
+        .unwrap()
+        .1;
+    wait_for(
+        "a request held by the slowloris peer",
+        Duration::from_secs(30),
+        || slowloris.busy.load(Ordering::SeqCst) > 0,
+    );
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    for (path, want) in [
+        ("/cache/index".to_string(), None),
+        (format!("/v2/any/blobs/{config}"), Some(&config[7..])),
+    ] {
+        let probe = within(
+            Command::new("curl")
+                .args(["-sSf", "--max-time", "10"])
+                .arg(format!("{}{path}", node.url)),
+            Duration::from_secs(20),
+        );
+        assert!(
+            probe.status.success(),
+            "the node stopped serving: {probe:?}"
+        );
+        if let Some(hex) = want {
+            assert_eq!(hex_sha256(&probe.stdout), hex, "{path}");
+        }
+    }
+    let got = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("reading the mount hung: {}", node.log_text()));
+    let mount = reader.join().unwrap();
+    let mut want = files.clone();
+    want.sort();
+    assert_eq!(got.len(), want.len());
+    for ((p, b), (wp, wb)) in got.iter().zip(&want) {
+        assert_eq!(p, wp);
+        assert!(b == wb, "{p} read wrong bytes through the mount");
+    }
+
+    // Every liar was asked and found out; the redirect was not followed.
+    let log = node.log_text();
+    for (lie, p) in &peers {
+        assert!(p.blob_requests() > 0, "{lie:?} peer was never asked");
+        if !matches!(lie, Lie::WrongBytes) {
+            assert!(
+                log.contains(&format!("peer {} is not asked again", p.host())),
+                "{lie:?} peer was not set aside: {log}"
+            );
+        }
+    }
+    assert!(decoy.seen().is_empty(), "a peer's redirect was followed");
+    for needle in [
+        "the bytes were not used",
+        "redirected to",
+        "no answer within",
+        "answered what breakfs cannot read: ",
+    ] {
+        assert!(
+            log.contains(needle),
+            "the log does not say {needle:?}: {log}"
+        );
+    }
+    let samples = crate::node::parse_metrics(&node.get("/metrics"));
+    let metric = |k: &str| samples.iter().find(|(n, _)| n == k).map(|s| s.1).unwrap();
+    assert!(metric("breakfs_digest_failures_total") > 0.0);
+    assert!(metric("breakfs_fetch_bytes_total{source=\"cloud\"}") > 0.0);
+
+    // The prefetch from the trickling registry failed on its own, clearly.
+    wait_for("the stuck prefetch to end", Duration::from_secs(30), || {
+        node.json("/prefetch")["1"]["finished"] == true
+    });
+    let task = node.json("/prefetch")["1"].clone();
+    let err = task["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("trickles in") && err.contains(&slow_registry.host()),
+        "{task}"
+    );
+
+    drop(mount);
+    assert_store_verified(&node.cache, |d| registry_blob(d));
+}
+
+/// How the hostile registry misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// The manifest never ends (chunked, fast).
+    EndlessManifest,
+    /// The manifest trickles in.
+    SlowManifest,
+    /// A 1 MiB header with the manifest.
+    HugeHeaders,
+    /// The config's bytes flipped.
+    WrongConfig,
+    /// The config's Content-Length half of its size.
+    ShortConfig,
+    /// Layer bodies cut in half.
+    TruncatedLayer,
+    /// Blobs redirected to a storage server elsewhere; Basic auth asked.
+    RedirectToStorage,
+}
+
+/// A registry serving `img` as repository `app`, misbehaving as `fault`
+/// says; blobs redirect to `storage` when asked to.
+fn hostile_registry(img: Arc<Served>, fault: Fault, storage: String) -> Server {
+    Server::start(move |req, sock| {
+        if fault == Fault::RedirectToStorage && req.authorization.is_none() {
+            let challenge = "WWW-Authenticate: Basic realm=\"hostile\"\r\n";
+            return respond(sock, "401 Unauthorized", challenge, b"");
+        }
+        if req.path.ends_with("/manifests/v1") {
+            let ct = "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n";
+            match fault {
+                Fault::EndlessManifest => {
+                    let h = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    if sock.write_all(h.as_bytes()).is_ok() {
+                        let piece = format!("10000\r\n{}\r\n", "{".repeat(0x10000));
+                        while sock.write_all(piece.as_bytes()).is_ok() {}
+                    }
+                }
+                Fault::SlowManifest => {
+                    if head(sock, "200 OK", img.manifest.len(), ct) {
+                        drip(sock);
+                    }
+                }
+                Fault::HugeHeaders => {
+                    let pad = format!("{ct}X-Padding: {}\r\n", "a".repeat(1 << 20));
+                    respond(sock, "200 OK", &pad, &img.manifest);
+                }
+                _ => respond(sock, "200 OK", ct, &img.manifest),
+            }
+            return;
+        }
+        let Some(d) = blob_of(&req.path) else {
+            return respond(sock, "200 OK", "", b"{}");
+        };
+        let Some(bytes) = img.blobs.get(d) else {
+            return respond(sock, "404 Not Found", "", b"");
+        };
+        match fault {
+            Fault::WrongConfig if *d == img.config => {
+                let wrong: Vec<u8> = bytes.iter().map(|x| x ^ 0x5a).collect();
+                respond(sock, "200 OK", "", &wrong);
+            }
+            Fault::ShortConfig if *d == img.config => {
+                if head(sock, "200 OK", bytes.len() / 2, "") {
+                    let _ = sock.write_all(bytes);
+                }
+            }
+            Fault::TruncatedLayer if img.layers.iter().any(|l| l == d) => {
+                let (a, b) = req.range.unwrap_or((0, bytes.len()));
+                let body = &bytes[a..b.min(bytes.len())];
+                if head(sock, "206 Partial Content", body.len(), "") {
+                    let _ = sock.write_all(&body[..body.len() / 2]);
+                }
+            }
+            Fault::RedirectToStorage => {
+                let to = format!("Location: {storage}/storage/{d}\r\n");
+                respond(sock, "307 Temporary Redirect", &to, b"");
+            }
+            _ => serve_range(sock, req, bytes),
+        }
+    })
+}
+
+#[test]
+fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unverified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = small_image(&tmp.path().join("src"));
+    let layout = tmp.path().join("refactored");
+    refactor(
+        &tmp.path().join("src"),
+        &format!("oci:{}:v1", layout.display()),
+        &tmp.path().join("work"),
+    );
+    let img = Arc::new(Served::from_layout(&layout));
+    let storage = {
+        let img = img.clone();
+        Server::start(move |req, sock| {
+            match req
+                .path
+                .strip_prefix("/storage/")
+                .and_then(|d| img.blobs.get(d))
+            {
+                Some(b) => serve_range(sock, req, b),
+                None => respond(sock, "404 Not Found", "", b""),
+            }
+        })
+    };
+    let docker = tmp.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+
+    let cases: [(Fault, &[&str]); 7] = [
+        (
+            Fault::EndlessManifest,
+            &["manifest", "larger than 8388608 bytes"],
+        ),
+        (Fault::SlowManifest, &["manifest", "trickles in", "cut off"]),
+        (
+            Fault::HugeHeaders,
+            &["manifest", "message head is too large"],
+        ),
+        (Fault::WrongConfig, &["digest mismatch", &img.config]),
+        (Fault::ShortConfig, &["size mismatch", &img.config]),
+        (Fault::TruncatedLayer, &["transfer failed"]),
+        (Fault::RedirectToStorage, &[]),
+    ];
+    for (i, (fault, needles)) in cases.iter().enumerate() {
+        let reg = hostile_registry(img.clone(), *fault, storage.url());
+        std::fs::write(
+            docker.join("config.json"),
+            serde_json::json!({"auths": {reg.host(): {"auth": "YWxpY2U6cHc="}}}).to_string(),
+        )
+        .unwrap();
+        let (cache, dest) = (
+            tmp.path().join(format!("cache{i}")),
+            tmp.path().join(format!("x{i}")),
+        );
+        let out = within(
+            breakfs()
+                .env("DOCKER_CONFIG", &docker)
+                .args([
+                    "pull",
+                    "--plain-http",
+                    "--registry-timeout",
+                    "2",
+                    "--deadline",
+                    "4",
+                ])
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--extract")
+                .arg(&dest)
+                .arg(format!("docker://{}/app:v1", reg.host())),
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("{fault:?}: {err}");
+        assert_store_verified(&cache, |d| img.blobs.get(d).cloned());
+        if *fault == Fault::RedirectToStorage {
+            assert!(out.status.success(), "{err}");
+            for (p, b) in &files {
+                assert!(std::fs::read(dest.join(p)).unwrap() == *b, "{p}");
+            }
+            // The registry had the credentials; its storage elsewhere never did.
+            assert!(reg.seen().iter().any(|s| s.authorization.is_some()));
+            assert!(storage.seen().iter().all(|s| s.authorization.is_none()));
+            assert!(!storage.seen().is_empty());
+            continue;
+        }
+        assert!(!out.status.success(), "{fault:?}: the pull succeeded");
+        assert!(
+            err.contains(&reg.host()),
+            "{fault:?}: the error does not name the registry: {err}"
+        );
+        for n in *needles {
+            assert!(
+                err.contains(n),
+                "{fault:?}: the error does not say {n:?}: {err}"
+            );
+        }
+        if *fault == Fault::TruncatedLayer {
+            let named = img.layers.iter().any(|l| err.contains(&l[..19]));
+            assert!(named, "the error does not name the layer: {err}");
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Security of the services (issue 7, item 6): `breakfs node` and `breakfs
+//! sched` listen on the configured address only, refuse oversized bodies
+//! with 413 and the reason, and with --token-file require a bearer token on
+//! the endpoints that change state, while peers' reads of content-addressed
+//! data and kube-scheduler's extender calls stay open.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use crate::node::Node;
+use crate::sched::SchedProc;
+
+/// `curl` a request: (status, body). `target` is a URL, or
+/// `unix:SOCKET URL` for the control socket.
+fn call(method: &str, target: &str, token: Option<&str>, body: Option<&[u8]>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    let url = match target.strip_prefix("unix:").and_then(|t| t.split_once(' ')) {
+        Some((sock, url)) => {
+            c.args(["--unix-socket", sock]);
+            url
+        }
+        None => target,
+    };
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if body.is_some() {
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    let mut child = c
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(body.unwrap_or_default()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+fn token_file(dir: &Path, secret: &str) -> String {
+    let p = dir.join("token");
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    p.display().to_string()
+}
+
+/// The TCP addresses that process `pid` listens on (from its socket fds
+/// and /proc/net/tcp{,6}).
+fn listening(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(
+                l.strip_prefix("socket:[")?
+                    .trim_end_matches(']')
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // f[1] local address (hex), f[3] state (0A: LISTEN), f[9] inode.
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                out.push(decode_addr(f[1]));
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` → `127.0.0.1:8080` (IPv6 addresses as hex).
+fn decode_addr(hex: &str) -> String {
+    let (ip, port) = hex.split_once(':').unwrap();
+    let port = u16::from_str_radix(port, 16).unwrap();
+    if ip.len() == 8 {
+        let n = u32::from_str_radix(ip, 16).unwrap();
+        format!("{}:{port}", std::net::Ipv4Addr::from(n.swap_bytes()))
+    } else {
+        format!("[{ip}]:{port}")
+    }
+}
+
+/// The pid of the process listening on TCP `port`.
+fn pid_listening_on(port: u16) -> u32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_dir(format!("/proc/{pid}/fd")).is_err() {
+            continue;
+        }
+        if listening(pid)
+            .iter()
+            .any(|a| a.ends_with(&format!(":{port}")))
+        {
+            return pid;
+        }
+    }
+    panic!("no process listens on port {port}");
+}
+
+#[test]
+fn node_control_needs_the_token_while_reads_stay_open_and_bodies_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path(), "node-secret-1");
+    let node = Node::start(&tmp.path().join("n"), &[], &["--token-file", &token]);
+    let u = |p: &str| format!("{}{p}", node.url);
+    let valid_prefetch = br#"{"images": []}"#;
+
+    // It listens where it was told and nowhere else (and on its socket).
+    let pid = pid_listening_on(node.port());
+    assert_eq!(listening(pid), vec![format!("127.0.0.1:{}", node.port())]);
+
+    // Control without the token, or with another: 401 and why.
+    let (s, b) = call("POST", &u("/prefetch"), None, Some(valid_prefetch));
+    assert_eq!(s, 401, "{b}");
+    assert!(
+        b.contains("needs `Authorization: Bearer TOKEN`") && b.contains("--token-file"),
+        "{b}"
+    );
+    let (s, b) = call("POST", &u("/prefetch"), Some("guess"), Some(valid_prefetch));
+    assert!(s == 401 && b.contains("not this node's"), "{s} {b}");
+    let (s, b) = call("POST", &u("/mounts"), None, Some(b"{}"));
+    assert_eq!(s, 401, "{b}");
+    let (s, b) = call("DELETE", &u("/mounts?mountpoint=/tmp"), None, None);
+    assert_eq!(s, 401, "{b}");
+    // With it, the request reaches the handler (which refuses these bodies).
+    let (s, b) = call(
+        "POST",
+        &u("/prefetch"),
+        Some("node-secret-1"),
+        Some(valid_prefetch),
+    );
+    assert!(s == 400 && b.contains("give \"images\""), "{s} {b}");
+    let (s, b) = call("POST", &u("/mounts"), Some("node-secret-1"), Some(b"{}"));
+    assert!(s == 400 && b.contains("not a mount request"), "{s} {b}");
+
+    // Bodies over 1 MiB: 413 and why, token or not.
+    let big = vec![b' '; (1 << 20) + 1];
+    for t in [None, Some("node-secret-1")] {
+        let (s, b) = call("POST", &u("/prefetch"), t, Some(&big));
+        assert!(s == 413 && b.contains("limit of 1048576 bytes"), "{s} {b}");
+    }
+
+    // Reads stay open: the distribution API, the index, metrics, tasks.
+    for p in [
+        "/v2/",
+        "/cache/index",
+        "/measurements",
+        "/metrics",
+        "/prefetch",
+    ] {
+        let (s, b) = call("GET", &u(p), None, None);
+        assert_eq!(s, 200, "{p}: {b}");
+    }
+    let missing = format!("/v2/any/blobs/sha256:{}", "0".repeat(64));
+    assert_eq!(call("GET", &u(&missing), None, None).0, 404);
+    // Only content-addressed names: a blob by anything but a digest is refused.
+    assert_eq!(call("GET", &u("/v2/any/blobs/latest"), None, None).0, 400);
+
+    // The control socket needs no token: its file permissions guard it.
+    let sock = format!("unix:{} http://node/mounts", node.socket.display());
+    assert_eq!(call("GET", &sock, None, None).0, 200);
+    drop(node);
+
+    // Without a token, mount control is not served over TCP at all.
+    let open = Node::start(&tmp.path().join("open"), &[], &[]);
+    let (s, b) = call("POST", &format!("{}/mounts", open.url), None, Some(b"{}"));
+    assert!(
+        s == 403 && b.contains("control socket only") && b.contains("--token-file"),
+        "{s} {b}"
+    );
+    let (s, b) = call(
+        "POST",
+        &format!("{}/prefetch", open.url),
+        None,
+        Some(valid_prefetch),
+    );
+    assert_eq!(s, 400, "{b}");
+}
+
+#[test]
+fn sched_extender_stays_open_plan_needs_the_token_and_nodes_get_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path(), "sched-secret-2");
+    // A node daemon stand-in that records the Authorization of each poll.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let node_url = format!("http://{}", listener.local_addr().unwrap());
+    let auths = Arc::new(Mutex::new(Vec::new()));
+    {
+        let auths = auths.clone();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b) {
+                        Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
+                        _ => break,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_lowercase();
+                let auth = text.lines().find_map(|l| {
+                    l.strip_prefix("authorization:")
+                        .map(|v| v.trim().to_string())
+                });
+                auths.lock().unwrap().push(auth);
+                let body = serde_json::json!({"node": "n", "blobs": [], "partial": [], "chunks": 0,
+                    "chunk_bytes": 0, "used": 0, "budget": null, "peers": [], "links": {}})
+                .to_string();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+    }
+    let sched = SchedProc::start(&[
+        "--token-file".into(),
+        token,
+        "--max-body-size".into(),
+        "64Ki".into(),
+        "--node".into(),
+        format!("n1={node_url}"),
+    ]);
+    let u = |p: &str| format!("{}{p}", sched.1);
+    let port: u16 = sched.1.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(listening(sched.0.id()), vec![format!("127.0.0.1:{port}")]);
+
+    // kube-scheduler sends no token: the extender verbs answer without one.
+    let args = serde_json::json!({
+        "Pod": {"metadata": {"name": "p"}, "spec": {"containers": []}},
+        "NodeNames": ["n1"],
+    })
+    .to_string();
+    for verb in ["/filter", "/prioritize"] {
+        let (s, b) = call("POST", &u(verb), None, Some(args.as_bytes()));
+        assert_eq!(s, 200, "{verb}: {b}");
+    }
+    assert_eq!(call("GET", &u("/healthz"), None, None).0, 200);
+    // Bodies past maxBodySize: 413 and how to raise it.
+    let big = vec![b' '; 65 << 10];
+    let (s, b) = call("POST", &u("/prioritize"), None, Some(&big));
+    assert!(
+        s == 413 && b.contains("limit of 65536 bytes") && b.contains("maxBodySize"),
+        "{s} {b}"
+    );
+
+    // /plan counts a placement: it needs the token.
+    let plan = u("/plan?image=docker://127.0.0.1:9/x:v1&node=n1");
+    let (s, b) = call("GET", &plan, None, None);
+    assert!(
+        s == 401 && b.contains("scheduler's --token-file"),
+        "{s} {b}"
+    );
+    let (s, b) = call("GET", &plan, Some("sched-secret-2"), None);
+    assert!(s == 422 && b.contains("planning"), "{s} {b}");
+
+    // Its requests to node daemons carry the token.
+    let seen = auths.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the scheduler never polled the node");
+    assert!(
+        seen.iter()
+            .all(|a| a.as_deref() == Some("bearer sched-secret-2")),
+        "{seen:?}"
+    );
+}
