@@ -999,22 +999,35 @@ impl<K: std::hash::Hash + Eq> Gates<K> {
 }
 
 /// Every deployment of a replay reaching its ready point (or failing).
-struct AllReady {
+struct AllReady<'h> {
     n: usize,
     count: Mutex<usize>,
     cv: std::sync::Condvar,
+    /// Run once when the last deployment is ready (or failed), before any
+    /// is let go to its check.
+    at_all_ready: &'h (dyn Fn() + Sync),
+    released: AtomicBool,
 }
 
-impl AllReady {
+impl AllReady<'_> {
     fn arrive(&self) {
-        *self.count.lock().unwrap() += 1;
+        let last = {
+            let mut c = self.count.lock().unwrap();
+            *c += 1;
+            *c == self.n
+        };
+        if last {
+            (self.at_all_ready)();
+            self.released.store(true, Ordering::SeqCst);
+        }
+        let _c = self.count.lock().unwrap();
         self.cv.notify_all();
     }
 
     fn arrive_and_wait(&self) {
         self.arrive();
         let mut c = self.count.lock().unwrap();
-        while *c < self.n && !INTERRUPTED.load(Ordering::SeqCst) {
+        while !self.released.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
             c = self
                 .cv
                 .wait_timeout(c, Duration::from_millis(200))
@@ -1029,7 +1042,7 @@ impl AllReady {
 struct Ready<'a> {
     t: Instant,
     secs: Mutex<Option<f64>>,
-    all: &'a AllReady,
+    all: &'a AllReady<'a>,
     what: &'a str,
     i: usize,
     d: &'a Deployment,
@@ -1062,11 +1075,25 @@ fn replay(
     deps: &[Deployment],
     deploy: impl Fn(usize, &Deployment, &Ready) -> Result<()> + Sync,
 ) -> Result<Vec<f64>> {
+    replay_then(what, deps, deploy, &|| {})
+}
+
+/// [`replay`], running `at_all_ready` once every deployment is ready and
+/// before any is checked (the checks read files, which a lazy mount
+/// fetches: measure before them).
+fn replay_then(
+    what: &str,
+    deps: &[Deployment],
+    deploy: impl Fn(usize, &Deployment, &Ready) -> Result<()> + Sync,
+    at_all_ready: &(dyn Fn() + Sync),
+) -> Result<Vec<f64>> {
     let start = Instant::now();
     let all = AllReady {
         n: deps.len(),
         count: Mutex::new(0),
         cv: std::sync::Condvar::new(),
+        at_all_ready,
+        released: AtomicBool::new(false),
     };
     let results: Vec<Result<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = deps
@@ -1503,49 +1530,81 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
     let sched = SchedProc::start(w.env, &entries, cache_sum)?;
     let load = LeastLoaded::new(o);
     let name = variant.name();
-    let secs = replay(name, deps, |i, d, ready| {
-        let image = &w.images[d.image];
-        // Everyone names the image by the registry's own address; each
-        // node reaches it through its cluster's link.
-        let image_ref = format!("{}/{repo}/{}:{}", w.reg.host(), image.family, image.tag);
-        let names: Vec<String> = (d.cluster * o.nodes..(d.cluster + 1) * o.nodes)
-            .map(|n| format!("n{n}"))
-            .collect();
-        let best = if variant == Strategy::NoSched {
-            format!("n{}", load.pick(o, d.cluster))
-        } else {
-            sched.best(&format!("d{i}"), &image_ref, &names)?
-        };
-        // The placement feeds popularity, for the prefetch planner.
-        let _ = curl(
-            &format!("{}/plan?image={image_ref}&node={best}", sched.url),
-            &[],
-            None,
-        );
-        let n: usize = best.trim_start_matches('n').parse()?;
-        let cdir = dir.join(format!("c{i}"));
-        // Mounts fetch what is read (lazy, like lazy-cloud); whole
-        // layers come from the planner's prefetch (and, with `hydrate`,
-        // from each mount's background hydration).
-        let mut args = vec![
-            "--node".to_string(),
-            format!("unix:{}", nodes[n].socket.display()),
-        ];
-        if variant != Strategy::Hydrate {
-            args.push("--no-hydrate".to_string());
-        }
-        let m = NodeMount::with_args(
-            w.env,
-            &args,
-            &format!("docker://{image_ref}"),
-            &cdir.join("image"),
-        )?;
-        ready_on_mount(w, m, &cdir, d, ready, &format!("{name} deployment {i}"))?;
-        Ok(())
-    })?;
-    // Background hydration and planned prefetch go on after the last
-    // deployment: count them too, until the nodes are quiet (≤ 90 s).
-    let moved = |nodes: &[Node]| -> (u64, u64) {
+    // Bytes moved once every deployment is ready and the nodes' background
+    // work (planned prefetch, hydration) has gone quiet, before the checks
+    // (which read sampled files and so fetch more).
+    let measured: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+    let at_all_ready = || {
+        *measured.lock().unwrap() = Some(bytes_when_quiet(&nodes));
+    };
+    let secs = replay_then(
+        name,
+        deps,
+        |i, d, ready| {
+            let image = &w.images[d.image];
+            // Everyone names the image by the registry's own address; each
+            // node reaches it through its cluster's link.
+            let image_ref = format!("{}/{repo}/{}:{}", w.reg.host(), image.family, image.tag);
+            let names: Vec<String> = (d.cluster * o.nodes..(d.cluster + 1) * o.nodes)
+                .map(|n| format!("n{n}"))
+                .collect();
+            let best = if variant == Strategy::NoSched {
+                format!("n{}", load.pick(o, d.cluster))
+            } else {
+                sched.best(&format!("d{i}"), &image_ref, &names)?
+            };
+            // The placement feeds popularity, for the prefetch planner.
+            let _ = curl(
+                &format!("{}/plan?image={image_ref}&node={best}", sched.url),
+                &[],
+                None,
+            );
+            let n: usize = best.trim_start_matches('n').parse()?;
+            let cdir = dir.join(format!("c{i}"));
+            // Mounts fetch what is read (lazy, like lazy-cloud); whole
+            // layers come from the planner's prefetch (and, with `hydrate`,
+            // from each mount's background hydration).
+            let mut args = vec![
+                "--node".to_string(),
+                format!("unix:{}", nodes[n].socket.display()),
+            ];
+            if variant != Strategy::Hydrate {
+                args.push("--no-hydrate".to_string());
+            }
+            let m = NodeMount::with_args(
+                w.env,
+                &args,
+                &format!("docker://{image_ref}"),
+                &cdir.join("image"),
+            )?;
+            ready_on_mount(w, m, &cdir, d, ready, &format!("{name} deployment {i}"))?;
+            Ok(())
+        },
+        &at_all_ready,
+    )?;
+    check_interrupt()?;
+    let (cloud, peer) = measured
+        .into_inner()
+        .unwrap()
+        .ok_or_else(|| anyhow!("{name}: the bytes moved were not measured"))?;
+    let cache = nodes.iter().map(|n| n.store_bytes().unwrap_or(0)).sum();
+    drop(sched);
+    drop(nodes);
+    drop(peer_links);
+    Ok(Outcome {
+        secs,
+        cloud,
+        peer,
+        cache,
+    })
+}
+
+/// Bytes the nodes fetched from the cloud and from peers, read once their
+/// background work (hydration, planned prefetch) has been quiet for 6 s
+/// (at most 90 s after the call): what the deployments and the work they
+/// set off moved.
+fn bytes_when_quiet(nodes: &[Node]) -> (u64, u64) {
+    let moved = || -> (u64, u64) {
         nodes.iter().fold((0, 0), |(c, p), n| {
             (
                 c + n.source_bytes("cloud").unwrap_or(0.0) as u64,
@@ -1553,26 +1612,16 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
             )
         })
     };
-    let mut last = moved(&nodes);
+    let mut last = moved();
     let mut quiet = 0;
     let until = Instant::now() + Duration::from_secs(90);
-    while quiet < 6 && Instant::now() < until {
-        check_interrupt()?;
+    while quiet < 6 && Instant::now() < until && !INTERRUPTED.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_secs(1));
-        let now = moved(&nodes);
+        let now = moved();
         quiet = if now == last { quiet + 1 } else { 0 };
         last = now;
     }
-    let cache = nodes.iter().map(|n| n.store_bytes().unwrap_or(0)).sum();
-    drop(sched);
-    drop(nodes);
-    drop(peer_links);
-    Ok(Outcome {
-        secs,
-        cloud: last.0,
-        peer: last.1,
-        cache,
-    })
+    last
 }
 
 /// Each node's background budget (bytes/s, any source): half the
