@@ -1600,9 +1600,10 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
 }
 
 /// Bytes the nodes fetched from the cloud and from peers, read once their
-/// background work (hydration, planned prefetch) has been quiet for 6 s
-/// (at most 90 s after the call): what the deployments and the work they
-/// set off moved.
+/// background work (hydration, planned prefetch) has been quiet for 6 s,
+/// at most 30 s after the call: what the deployments and the work they set
+/// off moved (the planner would go on filling the clusters' caches for
+/// deployments that never come).
 fn bytes_when_quiet(nodes: &[Node]) -> (u64, u64) {
     let moved = || -> (u64, u64) {
         nodes.iter().fold((0, 0), |(c, p), n| {
@@ -1614,7 +1615,7 @@ fn bytes_when_quiet(nodes: &[Node]) -> (u64, u64) {
     };
     let mut last = moved();
     let mut quiet = 0;
-    let until = Instant::now() + Duration::from_secs(90);
+    let until = Instant::now() + Duration::from_secs(30);
     while quiet < 6 && Instant::now() < until && !INTERRUPTED.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_secs(1));
         let now = moved();
