@@ -157,6 +157,16 @@ fn the_extender_ranks_full_half_and_far_nodes_and_plans_from_peers() {
     ]);
     let image = redis.trim_start_matches("docker://");
     let names = json!(["full", "half", "far", "unwatched"]);
+    // The scheduler learns the nodes' measurements by polling them: until
+    // its first poll of the far node, nothing is known to filter it on.
+    let limited = pod(image, json!({"breakfs.io/limit-delay": "100"}));
+    wait_for("the scheduler to know the far node's link", || {
+        let r = sched.json(
+            "/filter",
+            &json!({"Pod": limited.clone(), "NodeNames": names.clone()}),
+        );
+        r["FailedNodes"]["far"].is_string()
+    });
 
     // NodeNames form, no limits: everything passes; every field is there.
     let r = sched.json(
