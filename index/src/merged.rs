@@ -50,9 +50,12 @@ struct Builder {
 }
 
 impl Builder {
-    /// Refuse a path whose ancestors are symlinks or files.
+    /// Refuse a path whose ancestors are symlinks or files. Nothing in the
+    /// view ever sits below a non-directory (an entry over a directory
+    /// removes its subtree), so the nearest ancestor in the view decides:
+    /// one lookup for most paths, not one per level of a deep tree.
     fn check_parents(&self, path: &str) -> Result<()> {
-        for (i, _) in path.match_indices('/') {
+        for (i, _) in path.rmatch_indices('/') {
             let parent = &path[..i];
             let kind = match self.nodes.get(parent) {
                 None => continue,
@@ -60,7 +63,7 @@ impl Builder {
                 Some(Node::Other(m)) => m.entry.kind,
             };
             match kind {
-                EntryKind::Dir => {}
+                EntryKind::Dir => return Ok(()),
                 EntryKind::Symlink => {
                     return Err(Error::BadEntry {
                         path: path.to_string(),
@@ -263,10 +266,21 @@ impl MergedView {
     pub fn build(layers: &[LayerIndex]) -> Result<MergedView> {
         let mut b = Builder::default();
         for (index, layer) in layers.iter().enumerate() {
+            let in_layer = |e: Error| match e {
+                Error::BadEntry { path, reason } => Error::BadEntry {
+                    path,
+                    reason: format!(
+                        "{reason} (layer {} of {}, from the bottom)",
+                        index + 1,
+                        layers.len()
+                    ),
+                },
+                other => other,
+            };
             // Whiteouts hide what the layers below had, wherever they sit in
             // this layer's tar; this layer's own entries are not affected.
-            b.apply_whiteouts(layer)?;
-            b.apply_entries(index, layer)?;
+            b.apply_whiteouts(layer).map_err(in_layer)?;
+            b.apply_entries(index, layer).map_err(in_layer)?;
         }
         Ok(b.finish())
     }
@@ -299,6 +313,11 @@ impl MergedView {
     /// All entries in path order.
     pub fn iter(&self) -> impl Iterator<Item = &MergedEntry> {
         self.entries.values()
+    }
+
+    /// All entries in path order, taken out of the view.
+    pub fn into_entries(self) -> impl Iterator<Item = MergedEntry> {
+        self.entries.into_values()
     }
 
     /// Number of entries.

@@ -379,7 +379,7 @@ fn index_entry(header: &tar::Header, ext: &Extensions, what: &str) -> Result<Opt
         (None, Some(p)) => p.to_vec(),
         (None, None) => header.path_bytes().into_owned(),
     };
-    let shown = String::from_utf8_lossy(&raw_path).into_owned();
+    let shown = shown_path(&String::from_utf8_lossy(&raw_path));
     let bad = |reason: String| Error::BadEntry {
         path: shown.clone(),
         reason: format!("{reason} (in {what})"),
@@ -520,6 +520,25 @@ fn index_entry(header: &tar::Header, ext: &Extensions, what: &str) -> Result<Opt
     Ok(Some(entry))
 }
 
+/// Longest path accepted, in bytes: Linux's PATH_MAX (4096) less its NUL.
+/// No runtime could create a longer path, and it bounds how deep a tree
+/// goes (a 16 MiB PAX path made the tree builder recurse until the stack
+/// overflowed).
+const MAX_PATH: usize = 4095;
+
+/// A path for a message: long ones cut to their first bytes and their size.
+pub(crate) fn shown_path(raw: &str) -> String {
+    const SHOWN: usize = 128;
+    if raw.len() <= 2 * SHOWN {
+        return raw.to_string();
+    }
+    let mut end = SHOWN;
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &raw[..end], raw.len())
+}
+
 /// Normalise a tar path: drop `./`, empty and `.` components and a trailing
 /// `/`. `Ok(None)` is the root itself; `Err` says why the path is refused.
 pub(crate) fn normalize(raw: &str) -> std::result::Result<Option<String>, String> {
@@ -542,7 +561,16 @@ pub(crate) fn normalize(raw: &str) -> std::result::Result<Option<String>, String
     if absolute {
         return Err("absolute path: layer paths must be relative to the image root".to_string());
     }
-    Ok(Some(parts.join("/")))
+    let path = parts.join("/");
+    if path.len() > MAX_PATH {
+        return Err(format!(
+            "path of {} bytes ({} components) is longer than PATH_MAX 4096 allows: \
+             no runtime could create it",
+            path.len(),
+            parts.len()
+        ));
+    }
+    Ok(Some(path))
 }
 
 /// A name for a tar entry type in messages.
@@ -1041,6 +1069,27 @@ mod tests {
         let (path, reason) = bad_reason(read(&b.into_inner().unwrap()));
         assert_eq!(path, "d");
         assert!(reason.contains("larger than any tar stream"), "{reason}");
+    }
+
+    #[test]
+    fn rejects_paths_longer_than_path_max_with_a_short_message() {
+        // A GNU long name 300,000 directories deep.
+        let deep = format!("{}f", "d/".repeat(300_000));
+        let mut b = Builder::new(Vec::new());
+        append(&mut b, &file(&deep, 0o644), b"x");
+        let (path, reason) = bad_reason(read(&b.into_inner().unwrap()));
+        assert!(path.ends_with("… (600001 bytes)"), "{path}");
+        assert!(reason.contains("PATH_MAX 4096"), "{reason}");
+        // The longest path Linux can create is fine.
+        let longest = format!("{}/f", "d".repeat(MAX_PATH - 2));
+        let mut b = Builder::new(Vec::new());
+        append(&mut b, &file(&longest, 0o644), b"x");
+        assert_eq!(
+            read(&b.into_inner().unwrap()).unwrap().entries[0]
+                .entry
+                .path,
+            longest
+        );
     }
 
     #[test]

@@ -369,7 +369,9 @@ pub fn toc_json_from_member(bytes: &[u8]) -> Result<Vec<u8>> {
             "TOC JSON is {size} bytes, more than the {MAX_TOC_JSON} breakfs accepts"
         )));
     }
-    let mut json = Vec::with_capacity(size as usize);
+    // The declared size may lie: reserve no more than the compressed
+    // member's size, and let what is actually read grow the buffer.
+    let mut json = Vec::with_capacity(size.min(bytes.len() as u64) as usize);
     entry
         .read_to_end(&mut json)
         .map_err(|e| Error::io(what, e))?;
@@ -383,27 +385,15 @@ pub fn toc_json_from_member(bytes: &[u8]) -> Result<Vec<u8>> {
 }
 
 fn bad(name: &str, reason: impl std::fmt::Display) -> Error {
-    Error::BadToc(format!("entry {name:?}: {reason}"))
+    Error::BadToc(format!(
+        "entry {:?}: {reason}",
+        crate::tarindex::shown_path(name)
+    ))
 }
 
 /// Normalise a TOC name the way [`Entry`] paths are: `None` for the root.
 fn normalise(name: &str) -> Result<Option<String>> {
-    if name.starts_with('/') {
-        return Err(bad(name, "absolute path in a layer"));
-    }
-    let mut parts = Vec::new();
-    for part in name.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => return Err(bad(name, "path has a `..` component")),
-            p => parts.push(p),
-        }
-    }
-    if parts.is_empty() {
-        Ok(None)
-    } else {
-        Ok(Some(parts.join("/")))
-    }
+    crate::tarindex::normalize(name).map_err(|reason| bad(name, reason))
 }
 
 fn parse_modtime(name: &str, s: &str) -> Result<i64> {
@@ -455,13 +445,19 @@ impl Toc {
     /// The TOC JSON as the reference writer formats it (tab-indented).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        self.append_json(&mut out);
+        out
+    }
+
+    /// [`Toc::to_json`] appended to `out` (a big TOC is not copied again).
+    pub fn append_json(&self, out: &mut Vec<u8>) {
+        let start = out.len();
         let fmt = serde_json::ser::PrettyFormatter::with_indent(b"\t");
-        let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+        let mut ser = serde_json::Serializer::with_formatter(&mut *out, fmt);
         // Serialising plain structs of strings and numbers cannot fail.
         if self.serialize(&mut ser).is_err() {
-            out.clear();
+            out.truncate(start);
         }
-        out
     }
 
     /// Parse the TOC from its gzip member (the blob bytes from the TOC
@@ -585,9 +581,15 @@ impl Toc {
                     }
                     entry.link = te.link_name.clone();
                 }
-                EntryKind::Hardlink => match normalise(&te.link_name)? {
-                    Some(target) => entry.link = target,
-                    None => return Err(bad(raw_name, "hard link without a target")),
+                EntryKind::Hardlink => match crate::tarindex::normalize(&te.link_name) {
+                    Ok(Some(target)) => entry.link = target,
+                    Ok(None) => return Err(bad(raw_name, "hard link without a target")),
+                    Err(reason) => {
+                        return Err(bad(
+                            raw_name,
+                            format!("hard link target {:?}: {reason}", te.link_name),
+                        ));
+                    }
                 },
                 EntryKind::CharDev | EntryKind::BlockDev => {
                     entry.dev_major = te.dev_major;
@@ -916,6 +918,46 @@ mod tests {
         let layer = toc.to_layer(100, None).unwrap();
         assert_eq!(layer.entries.len(), 1);
         assert_eq!(layer.entries[0].0.path, "a/b");
+    }
+
+    #[test]
+    fn rejects_deep_names_and_bad_link_targets_naming_the_entry() {
+        let deep = format!("{}f", "d/".repeat(100_000));
+        let toc = Toc {
+            version: 1,
+            entries: vec![TocEntry::new(deep, TocEntryType::Dir)],
+        };
+        let err = toc.to_layer(100, None).unwrap_err().to_string();
+        assert!(
+            err.contains("PATH_MAX") && err.contains("(200001 bytes)"),
+            "{err}"
+        );
+        assert!(err.len() < 400, "the message repeats the whole path: {err}");
+        let mut link = TocEntry::new("x", TocEntryType::Hardlink);
+        link.link_name = "../../etc/shadow".into();
+        let toc = Toc {
+            version: 1,
+            entries: vec![link],
+        };
+        let err = toc.to_layer(100, None).unwrap_err().to_string();
+        assert!(err.contains("entry \"x\": hard link target"), "{err}");
+    }
+
+    #[test]
+    fn a_toc_member_lying_about_its_size_is_refused() {
+        // A TOC entry declaring 1 GiB over a few bytes: an error, with no
+        // buffer of the declared size.
+        let mut h = tar::Header::new_gnu();
+        h.set_path(TOC_TAR_NAME).unwrap();
+        h.set_size(1 << 30);
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend_from_slice(&[b' '; 512]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let member = gz.finish().unwrap();
+        let err = toc_json_from_member(&member).unwrap_err().to_string();
+        assert!(err.contains("TOC"), "{err}");
     }
 
     #[test]
