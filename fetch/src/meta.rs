@@ -74,15 +74,27 @@ impl Fetcher {
     }
 }
 
+/// Largest chunk fetched on its own, compressed or not: a chunk is held in
+/// memory while it is checked, so a TOC declaring a huge chunk (or a small
+/// member that inflates to gigabytes) must not be taken at its word. Chunks
+/// are 4 MiB as breakfs and the eStargz tools write them.
+const MAX_CHUNK: u64 = 16 << 20;
+
 /// Where chunk `c` of an entry of layer `desc` sits, or `None` when the TOC
 /// gives nothing to check it by (no chunk digest, and not a single-chunk
-/// file with a file digest).
+/// file with a file digest) or the chunk is larger than `MAX_CHUNK`: such
+/// a layer is fetched whole and its tar stream indexed instead.
 pub fn chunk_loc(
     desc: &Descriptor,
     entry: &breakfs_index::Entry,
     chunks: usize,
     c: &breakfs_index::TocChunk,
 ) -> Option<crate::ChunkLoc> {
+    let inflated = c.inner_offset.saturating_add(c.chunk_size);
+    let compressed = c.compressed_end.saturating_sub(c.offset);
+    if inflated > MAX_CHUNK || compressed > MAX_CHUNK {
+        return None;
+    }
     let digest = match (&c.chunk_digest, &entry.digest) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) if chunks == 1 && c.chunk_size == entry.size => d.clone(),
@@ -122,5 +134,38 @@ impl crate::Image {
             store.put_ref(repo, &reference.to_string(), &self.manifest_digest)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use breakfs_index::{Digest, Entry, EntryKind, TocChunk};
+
+    use super::*;
+
+    #[test]
+    fn chunks_too_big_to_hold_are_not_fetched_alone() {
+        let desc = Descriptor::new(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            Digest::of(b"l"),
+            1 << 40,
+        );
+        let mut file = Entry::new("f", EntryKind::File);
+        let chunk = |offset: u64, compressed_end: u64, size: u64| TocChunk {
+            offset,
+            inner_offset: 0,
+            compressed_end,
+            chunk_offset: 0,
+            chunk_size: size,
+            chunk_digest: Some(Digest::of(b"c")),
+        };
+        file.size = 4 << 20;
+        assert!(chunk_loc(&desc, &file, 1, &chunk(0, 1 << 20, 4 << 20)).is_some());
+        // A TOC's word for a 1 TiB chunk, and a 1 GiB member for a small one.
+        file.size = 1 << 40;
+        assert!(chunk_loc(&desc, &file, 1, &chunk(0, 100, 1 << 40)).is_none());
+        file.size = 10;
+        assert!(chunk_loc(&desc, &file, 1, &chunk(0, 1 << 30, 10)).is_none());
     }
 }
