@@ -124,6 +124,9 @@ pub async fn extract(
     Ok(ExtractStats { paths, bytes })
 }
 
+/// Bytes a writer copies at a time.
+const COPY_PIECE: u64 = 1 << 20;
+
 /// Writes arrived chunks into every file that holds them.
 struct Writer {
     tree: Arc<Tree>,
@@ -147,8 +150,12 @@ impl Writer {
         );
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let chunk = std::fs::read(store.chunk_path(&digest))
+            let chunk_path = store.chunk_path(&digest);
+            let chunk = File::open(&chunk_path)
                 .map_err(|e| Error::io(format!("reading chunk {digest}"), e))?;
+            // A chunk of a layer fetched whole is a whole file, of any size:
+            // copied in pieces, so memory stays bounded.
+            let mut buf = vec![0u8; size.min(COPY_PIECE) as usize];
             let mut n = 0;
             for (ino, off) in targets.get(&digest).into_iter().flatten() {
                 let Some(node) = tree.node(*ino) else {
@@ -159,8 +166,16 @@ impl Writer {
                     .write(true)
                     .open(&path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                f.write_all_at(&chunk, *off)
-                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                let mut done = 0;
+                while done < size {
+                    let piece = &mut buf[..(size - done).min(COPY_PIECE) as usize];
+                    chunk
+                        .read_exact_at(piece, done)
+                        .map_err(|e| Error::io(format!("reading {}", chunk_path.display()), e))?;
+                    f.write_all_at(piece, off + done)
+                        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                    done += piece.len() as u64;
+                }
                 n += size;
             }
             progress.fetch_add(n, Ordering::Relaxed);

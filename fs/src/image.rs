@@ -84,7 +84,11 @@ pub async fn open_image_on(
         .map_err(|e| Error::BadImage {
             what: reference.to_string(),
             reason: format!("building the tree failed: {e}"),
-        })??;
+        })?
+        .map_err(|e| Error::BadImage {
+            what: reference.to_string(),
+            reason: e.to_string(),
+        })?;
     Ok(OpenedImage {
         image,
         tree: Arc::new(tree),
@@ -101,8 +105,12 @@ async fn load_layer(
 ) -> Result<(Vec<LayerFile>, LayerMode)> {
     let store = fetcher.store().clone();
     let what = format!("layer {} of {reference}", desc.digest);
-    if let Some(toc_layer) = fetcher.layer_toc(desc).await?
-        && let Some(files) = lazy_files(&toc_layer, desc)
+    let toc = fetcher.layer_toc(desc).await.map_err(|e| Error::BadImage {
+        what: what.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Some(toc_layer) = toc
+        && let Some(files) = lazy_files(toc_layer, desc)
     {
         return Ok((files, LayerMode::Lazy));
     }
@@ -136,12 +144,12 @@ async fn load_layer(
 
 /// The files of an eStargz layer with their chunk locations, or `None` if
 /// some chunk has no digest to check it by (the layer is then fetched whole).
-fn lazy_files(layer: &TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
+fn lazy_files(layer: TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
     let mut out = Vec::with_capacity(layer.entries.len());
-    for (entry, chunks) in &layer.entries {
+    for (entry, chunks) in layer.entries {
         let mut fc = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let loc = chunk_loc(desc, entry, chunks.len(), c)?;
+        for c in &chunks {
+            let loc = chunk_loc(desc, &entry, chunks.len(), c)?;
             fc.push(FileChunk::new(
                 c.chunk_offset,
                 c.chunk_size,
@@ -149,7 +157,7 @@ fn lazy_files(layer: &TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
                 Some(loc),
             ));
         }
-        out.push((entry.clone(), fc));
+        out.push((entry, fc));
     }
     Some(out)
 }

@@ -178,6 +178,8 @@ impl Tree {
             })
             .collect();
         let view = MergedView::build(&indexes)?;
+        // A big image has a million entries: hold as few copies as we can.
+        drop(indexes);
         let mut layers: Vec<Vec<Option<LayerFile>>> = layers
             .into_iter()
             .map(|l| l.into_iter().map(Some).collect())
@@ -198,7 +200,7 @@ impl Tree {
         };
         let mut by_path: BTreeMap<String, u64> = BTreeMap::new();
         by_path.insert(String::new(), ROOT);
-        for m in view.iter() {
+        for m in view.into_entries() {
             let path = m.entry.path.clone();
             let (dir, name) = match path.rsplit_once('/') {
                 Some((d, n)) => (d.to_string(), n.to_string()),
@@ -220,7 +222,7 @@ impl Tree {
             if let Some(&existing) = by_path.get(&path) {
                 // A directory made up for a child that sorted first
                 // cannot happen (parents sort first); keep the entry's metadata.
-                tree.nodes[(existing - 1) as usize].entry = m.entry.clone();
+                tree.nodes[(existing - 1) as usize].entry = m.entry;
                 continue;
             }
             let chunks = if m.entry.kind == EntryKind::File {
@@ -236,7 +238,7 @@ impl Tree {
             if m.entry.kind == EntryKind::File {
                 tree.file_bytes += m.entry.size;
             }
-            let ino = tree.push(m.entry.clone(), parent, chunks);
+            let ino = tree.push(m.entry, parent, chunks);
             tree.nodes[(parent - 1) as usize].children.push((name, ino));
             by_path.insert(path, ino);
         }
