@@ -84,6 +84,8 @@ impl WrittenLayer {
 
 /// Uncompressed bytes gathered before a batch is compressed in parallel.
 const BATCH_BYTES: usize = 64 << 20;
+/// Most header and padding bytes in one member between payloads.
+const MAX_HEADER_BYTES: usize = 1 << 20;
 
 /// Write `entries` (in order; directories before their children, hard links
 /// after their targets) as an eStargz layer to `out`, reading file content
@@ -143,15 +145,20 @@ fn write_layer_batched<W: Write>(
     w.flush_batch()?;
 
     // The TOC member: header, JSON, padding and the end-of-archive blocks.
-    let json = w.toc.to_json();
-    let toc_digest = Digest::of(&json);
-    let mut tail = Vec::with_capacity(json.len() + 3 * 512);
+    // The JSON is written once, after room for its header, and the TOC
+    // dropped before it is compressed: a TOC of a million entries is big.
+    let mut tail = vec![0; 512];
+    w.toc.append_json(&mut tail);
+    w.toc.entries = Vec::new();
+    let json_len = tail.len() - 512;
+    let toc_digest = Digest::of(&tail[512..]);
     let mut meta = Entry::new(TOC_TAR_NAME, EntryKind::File);
     meta.mode = 0o644;
-    meta.size = json.len() as u64;
-    push_header(&mut tail, &meta, TOC_TAR_NAME)?;
-    tail.extend_from_slice(&json);
-    tail.resize(tail.len() + padding(json.len() as u64), 0);
+    meta.size = json_len as u64;
+    let mut header = Vec::with_capacity(512);
+    push_header(&mut header, &meta, TOC_TAR_NAME)?;
+    tail.splice(..512, header);
+    tail.resize(tail.len() + padding(json_len as u64), 0);
     tail.resize(tail.len() + 1024, 0);
     w.diff.update(&tail);
     w.uncompressed += tail.len() as u64;
@@ -293,9 +300,21 @@ struct LayerWriter<'a, W: Write> {
 }
 
 impl<W: Write> LayerWriter<'_, W> {
-    fn push_bytes(&mut self, bytes: Vec<u8>) {
+    /// Add headers or padding to the open member. Entries without content
+    /// (directories, links, empty files) add headers only: past
+    /// `MAX_HEADER_BYTES` of them the member is closed, so a layer of a
+    /// million such entries is written a batch at a time, not held whole.
+    fn push_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.open.len += bytes.len();
         self.open.pieces.push(Piece::Bytes(bytes));
+        let payload = self.open.chunk.map_or(0, |c| c.len);
+        if self.open.len - payload >= MAX_HEADER_BYTES {
+            self.close_open_segment();
+            if self.batch_len >= self.batch_bytes {
+                self.flush_batch()?;
+            }
+        }
+        Ok(())
     }
 
     fn close_open_segment(&mut self) {
@@ -334,7 +353,7 @@ impl<W: Write> LayerWriter<'_, W> {
         };
         let mut header = Vec::with_capacity(512);
         push_header(&mut header, e, &name)?;
-        self.push_bytes(header);
+        self.push_bytes(header)?;
 
         let mut te = TocEntry::new(name, toc_type(e.kind));
         te.mode = i64::from(e.mode & 0o7777);
@@ -413,7 +432,7 @@ impl<W: Write> LayerWriter<'_, W> {
         }
         let pad = padding(size);
         if pad > 0 {
-            self.push_bytes(vec![0; pad]);
+            self.push_bytes(vec![0; pad])?;
         }
         Ok(())
     }
@@ -424,7 +443,7 @@ impl<W: Write> LayerWriter<'_, W> {
         meta.size = 1;
         let mut header = Vec::with_capacity(512);
         push_header(&mut header, &meta, name)?;
-        self.push_bytes(header);
+        self.push_bytes(header)?;
         let mut te = TocEntry::new(name, TocEntryType::Reg);
         te.mode = 0o644;
         te.size = 1;
@@ -437,7 +456,7 @@ impl<W: Write> LayerWriter<'_, W> {
             file: None,
         };
         self.start_chunk_segment(chunk, Piece::Bytes(vec![LANDMARK_CONTENT]))?;
-        self.push_bytes(vec![0; padding(1)]);
+        self.push_bytes(vec![0; padding(1)])?;
         Ok(())
     }
 
@@ -1010,6 +1029,44 @@ mod tests {
         let mut all = Vec::new();
         gz.read_to_end(&mut all).unwrap();
         all[c.inner_offset as usize..(c.inner_offset + c.chunk_size) as usize].to_vec()
+    }
+
+    #[test]
+    fn headers_of_many_empty_entries_are_cut_into_bounded_members() {
+        // 5,000 headers with no content between them: several members of
+        // at most MAX_HEADER_BYTES each (and one small batch at a time),
+        // not one member holding all of them; every entry still reads.
+        let mut entries = vec![Entry::new("d", EntryKind::Dir)];
+        for i in 0..5000 {
+            let mut x = Entry::new(format!("d/{i}"), EntryKind::File);
+            x.digest = Some(Digest::of(b""));
+            entries.push(x);
+        }
+        let (blob, w) = write(
+            &entries,
+            &MemSource(HashMap::new()),
+            &WriterOptions::default(),
+            1,
+        );
+        let (names, raw, _) = read_tar(&blob);
+        assert_eq!(names.len(), entries.len() + 2);
+        assert_eq!(w.diff_id, Digest::of(&raw));
+        let mut sizes = Vec::new();
+        let mut rest = &blob[..];
+        while !rest.is_empty() {
+            let mut gz = flate2::bufread::GzDecoder::new(rest);
+            sizes.push(std::io::copy(&mut gz, &mut std::io::sink()).unwrap());
+            rest = gz.into_inner();
+        }
+        // The last two members are the TOC and the footer.
+        let headers = &sizes[..sizes.len() - 2];
+        assert!(headers.len() >= 5000 * 512 / MAX_HEADER_BYTES, "{sizes:?}");
+        assert!(
+            headers
+                .iter()
+                .all(|&n| n <= (MAX_HEADER_BYTES + 512) as u64),
+            "{sizes:?}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Instant;
 use breakfs_fetch::{ClientOptions, Image, Store};
 use breakfs_index::{
     Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, Manifest, MergedView,
-    Reference, decoder, media_types,
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Reference, TOC_TAR_NAME, decoder, media_types,
 };
 
 use crate::dpkg::{INFO_DIR, STATUS_PATH};
@@ -188,12 +188,25 @@ fn short_name(r: &ImageRef) -> String {
     }
 }
 
-/// Read the content of a regular file of a view from its layer tar.
+/// Largest dpkg database file read (a real status file is a few MiB): a
+/// bigger one is not a package database but a way to make us hold it all.
+const MAX_DB_FILE: u64 = 64 << 20;
+
+/// Read the content of a regular file of a view from its layer tar; `None`
+/// for a missing or non-regular file, or one larger than `MAX_DB_FILE`.
 fn read_file(tars: &[PathBuf], view: &MergedView, path: &str) -> Result<Option<Vec<u8>>> {
     let Some(me) = view.get(path) else {
         return Ok(None);
     };
     if !matches!(me.entry.kind, EntryKind::File | EntryKind::Hardlink) {
+        return Ok(None);
+    }
+    if me.entry.size > MAX_DB_FILE {
+        tracing::warn!(
+            "{path} has {} bytes, more than a dpkg database file holds: \
+             left out of package ownership",
+            me.entry.size
+        );
         return Ok(None);
     }
     let tar = &tars[me.layer];
@@ -271,10 +284,20 @@ pub async fn load_image(
         .await?
         .into_iter()
         .unzip();
-    let view = MergedView::build(&indexes).map_err(|e| Error::Source {
+    let mut view = MergedView::build(&indexes).map_err(|e| Error::Source {
         image: r.to_string(),
         reason: e.to_string(),
     })?;
+    // An eStargz source carries its TOC and landmarks as files: they belong
+    // to the format, not the image, and every new layer gets its own.
+    for path in [TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK] {
+        if view
+            .get(path)
+            .is_some_and(|m| m.entry.kind == EntryKind::File)
+        {
+            view.remove(path);
+        }
+    }
     let packages = package_db(&tars, &view)?;
     Ok(LoadedImage {
         reference: r.clone(),
