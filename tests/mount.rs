@@ -62,7 +62,7 @@ impl Mount {
         }
     }
 
-    fn try_new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Output {
+    pub(crate) fn try_new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Output {
         std::fs::create_dir_all(point).unwrap();
         breakfs()
             .args(["mount", "--plain-http", "--cache"])
@@ -101,7 +101,7 @@ impl Mount {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.status()["pid"].as_u64().unwrap() as u32
     }
 
@@ -122,7 +122,7 @@ impl Mount {
     }
 
     /// The mount process's log.
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         let mut all = String::new();
         for e in std::fs::read_dir(self.cache.join("logs"))
             .unwrap()

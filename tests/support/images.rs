@@ -1,6 +1,7 @@
 //! Small hand-made images for tests: tar layers built entry by entry and
 //! written into an OCI layout, including deliberately broken ones.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 
@@ -42,6 +43,15 @@ fn set_raw_path(h: &mut tar::Header, path: &str) {
 
 /// An uncompressed tar of `entries`.
 pub fn tar_of(entries: &[T]) -> Vec<u8> {
+    let mut out = tar_entries(entries);
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// The tar blocks of `entries`, without the end-of-archive marker (to
+/// stream a big layer entry by entry). Paths longer than a header holds
+/// get a GNU long-name entry first.
+pub fn tar_entries(entries: &[T]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
         let mut h = header(true);
@@ -69,14 +79,27 @@ pub fn tar_of(entries: &[T]) -> Vec<u8> {
                 (p, b"")
             }
         };
-        set_raw_path(&mut h, path);
+        let name_field = h.as_old().name.len();
+        if path.len() > name_field {
+            let mut long = header(false);
+            long.set_entry_type(tar::EntryType::GNULongName);
+            set_raw_path(&mut long, "././@LongLink");
+            long.set_size(path.len() as u64 + 1);
+            long.set_cksum();
+            out.extend_from_slice(long.as_bytes());
+            out.extend_from_slice(path.as_bytes());
+            out.push(0);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+            set_raw_path(&mut h, &path[..name_field]);
+        } else {
+            set_raw_path(&mut h, path);
+        }
         h.set_size(data.len() as u64);
         h.set_cksum();
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(data);
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
-    out.resize(out.len() + 1024, 0);
     out
 }
 
@@ -110,6 +133,8 @@ pub struct Layer {
     pub media_type: String,
     /// A digest to declare instead of the blob's (to test verification).
     pub declared_digest: Option<String>,
+    /// Annotations of the layer's descriptor.
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl Layer {
@@ -121,6 +146,7 @@ impl Layer {
             blob,
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             declared_digest: None,
+            annotations: BTreeMap::new(),
         }
     }
 }
@@ -128,20 +154,105 @@ impl Layer {
 /// Write an image of `layers` into the OCI layout `dir` under `tag`
 /// (adding to an existing layout's index).
 pub fn write_image(dir: &Path, tag: &str, layers: &[Layer]) {
+    let blobs: Vec<LayerBlob> = layers
+        .iter()
+        .map(|l| {
+            let d = put_blob(dir, &l.blob);
+            LayerBlob {
+                digest: l.declared_digest.clone().unwrap_or(d),
+                size: l.blob.len() as u64,
+                diff_id: digest(&l.tar),
+                media_type: l.media_type.clone(),
+                annotations: l.annotations.clone(),
+            }
+        })
+        .collect();
+    write_manifest(dir, tag, &blobs);
+}
+
+/// A layer blob already in a layout, described for its manifest and config.
+pub struct LayerBlob {
+    /// `sha256:HEX` of the blob as declared.
+    pub digest: String,
+    /// Size of the blob.
+    pub size: u64,
+    /// `sha256:HEX` of the uncompressed tar.
+    pub diff_id: String,
+    /// The media type to declare.
+    pub media_type: String,
+    /// Annotations of the descriptor.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Stream a gzip layer too big to hold in memory into the layout `dir`:
+/// `fill` writes the uncompressed tar, compressed at `level` on the way.
+pub fn stream_layer(
+    dir: &Path,
+    level: u32,
+    fill: impl FnOnce(&mut dyn std::io::Write),
+) -> LayerBlob {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("create blobs dir");
+    let temp = blobs.join("streaming");
+    let file = std::fs::File::create(&temp).expect("create blob");
+    let compressed = Hashing(std::io::BufWriter::new(file), Sha256::new(), 0);
+    let mut tar = Hashing(
+        GzEncoder::new(compressed, Compression::new(level)),
+        Sha256::new(),
+        0,
+    );
+    fill(&mut tar);
+    let Hashing(gz, tar_hash, _) = tar;
+    let Hashing(mut out, blob_hash, size) = gz.finish().expect("gzip to file");
+    out.flush().expect("write blob");
+    let digest = format!("sha256:{}", hex::encode(blob_hash.finalize()));
+    std::fs::rename(&temp, blobs.join(&digest[7..])).expect("name blob");
+    LayerBlob {
+        digest,
+        size,
+        diff_id: format!("sha256:{}", hex::encode(tar_hash.finalize())),
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        annotations: BTreeMap::new(),
+    }
+}
+
+/// A writer that hashes and counts what passes through it.
+struct Hashing<W>(W, Sha256, u64);
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1.update(&buf[..n]);
+        self.2 += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Write an image of layer blobs already in the layout `dir` under `tag`
+/// (adding to an existing layout's index).
+pub fn write_manifest(dir: &Path, tag: &str, layers: &[LayerBlob]) {
     std::fs::create_dir_all(dir).expect("layout dir");
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
         .expect("oci-layout");
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for l in layers {
-        let d = put_blob(dir, &l.blob);
-        descs.push(serde_json::json!({
-            "mediaType": l.media_type,
-            "digest": l.declared_digest.clone().unwrap_or(d),
-            "size": l.blob.len(),
-        }));
-        diff_ids.push(digest(&l.tar));
-    }
+    let descs: Vec<_> = layers
+        .iter()
+        .map(|l| {
+            let mut d = serde_json::json!({
+                "mediaType": l.media_type,
+                "digest": l.digest,
+                "size": l.size,
+            });
+            if !l.annotations.is_empty() {
+                d["annotations"] = serde_json::json!(l.annotations);
+            }
+            d
+        })
+        .collect();
+    let diff_ids: Vec<_> = layers.iter().map(|l| l.diff_id.clone()).collect();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "created": "2024-01-01T00:00:00Z",
@@ -211,17 +322,15 @@ pub fn estargz_layer(
     tamper(&mut toc);
     let toc_offset = blob.len() as u64;
     let json = toc.to_json();
-    blob.extend_from_slice(&gzip(&tar_of(&[T::File(
-        "stargz.index.json",
-        &json,
-        0o644,
-    )])));
+    let toc_tar = tar_of(&[T::File("stargz.index.json", &json, 0o644)]);
+    blob.extend_from_slice(&gzip(&toc_tar));
     blob.extend_from_slice(&footer(toc_offset));
-    tar.resize(tar.len() + 1024, 0);
+    tar.extend_from_slice(&toc_tar);
     Layer {
         tar,
         blob,
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
         declared_digest: None,
+        annotations: BTreeMap::new(),
     }
 }
