@@ -11,8 +11,8 @@
 //! the store (`meta/budget-uses.json`), so values survive restarts.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use breakfs_index::Digest;
@@ -148,6 +148,25 @@ impl Budget {
         }
     }
 
+    /// Count `layers` live until the returned pin is dropped: an image
+    /// being opened, mounted or extracted pins its layers from the start,
+    /// so that none is evicted under it before a mount is counted live
+    /// (a layer indexed whole cannot be fetched again chunk by chunk).
+    pub fn pin(self: &Arc<Self>, layers: impl IntoIterator<Item = Digest>) -> LivePin {
+        let layers: Vec<Digest> = layers.into_iter().collect();
+        self.live(layers.iter().map(|d| (d, false)), 1);
+        LivePin {
+            budget: self.clone(),
+            layers,
+        }
+    }
+
+    /// Layer `layer` is indexed whole: its chunks cannot be fetched one by
+    /// one, so a live mount of it pins them.
+    pub fn mark_whole(&self, layer: &Digest) {
+        self.live([(layer, true)], 0);
+    }
+
     /// Make room for `len` more bytes, evicting if needed, and count them.
     pub fn reserve(&self, store: &ContentStore, len: u64) {
         let mut st = self.lock();
@@ -256,6 +275,18 @@ impl Budget {
     }
 }
 
+/// Layers counted live while it lives (see [`Budget::pin`]).
+pub struct LivePin {
+    budget: Arc<Budget>,
+    layers: Vec<Digest>,
+}
+
+impl Drop for LivePin {
+    fn drop(&mut self) {
+        self.budget.live(self.layers.iter().map(|d| (d, false)), -1);
+    }
+}
+
 /// A layer's value to the cache, the order of eviction (least first):
 /// its uses (`popularity` as of its last use, `age_secs` ago) decayed with
 /// a half-life of an hour, weighted by recency (halved after ten minutes)
@@ -324,8 +355,6 @@ fn refresh_chunk_map(store: &ContentStore, st: &mut State) {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::sync::Arc;
-
     use super::*;
 
     #[test]

@@ -5,6 +5,7 @@
 use std::io::{BufWriter, Write};
 use std::sync::Arc;
 
+use breakfs_fetch::budget::LivePin;
 use breakfs_fetch::{
     ClientOptions, CloudSource, ContentStore, FetchOptions, Fetcher, Image, Source, chunk_loc,
 };
@@ -26,6 +27,9 @@ pub struct OpenedImage {
     pub fetcher: Fetcher,
     /// How each layer is served.
     pub layers: Vec<LayerMode>,
+    /// The layers counted live in the store's budget, from the start of
+    /// opening until this (or the mount made of it) is dropped.
+    pub pin: Option<LivePin>,
 }
 
 /// How a layer's content is reached.
@@ -61,6 +65,10 @@ pub async fn open_image_on(
     cloud: &Arc<CloudSource>,
 ) -> Result<OpenedImage> {
     let image = breakfs_fetch::prefetch::resolve(reference, client, fetcher, cloud).await?;
+    let pin = fetcher
+        .store()
+        .budget()
+        .map(|b| b.pin(image.layers().iter().map(|l| l.digest.clone())));
     let diff_ids = image.config.diff_ids()?;
     if diff_ids.len() != image.layers().len() {
         return Err(Error::BadImage {
@@ -94,6 +102,7 @@ pub async fn open_image_on(
         tree: Arc::new(tree),
         fetcher: fetcher.clone(),
         layers: modes,
+        pin,
     })
 }
 
@@ -114,25 +123,34 @@ async fn load_layer(
     {
         return Ok((files, LayerMode::Lazy));
     }
+    if let Some(b) = store.budget() {
+        b.mark_whole(&desc.digest);
+    }
     let index_name = format!("layer-{}.json", desc.digest.hex());
     if let Some(bytes) = store.read_meta(&index_name)? {
         let entries: Vec<Entry> = serde_json::from_slice(&bytes).map_err(|e| Error::BadImage {
             what: format!("cached index of {what}"),
             reason: e.to_string(),
         })?;
-        return Ok((whole_files(entries), LayerMode::Whole));
+        // The chunks of a layer indexed whole come only from its blob: when
+        // some went (evicted while no mount used the layer, or removed by
+        // `breakfs verify --repair`), index the blob again below.
+        let gone = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File && e.size > 0)
+            .filter_map(|e| e.digest.as_ref())
+            .filter(|d| !store.has_chunk(d))
+            .count();
+        if gone == 0 {
+            return Ok((whole_files(entries), LayerMode::Whole));
+        }
+        tracing::info!(layer = %desc.digest, gone, "files of a layer indexed whole left the store; indexing it again");
     }
     let blob = fetcher.ensure_blob(desc).await?;
     let desc = desc.clone();
     let diff_id = diff_id.clone();
     let entries = tokio::task::spawn_blocking(move || {
-        let entries = index_whole_layer(&store, &blob, &desc, &diff_id, &what)?;
-        let json = serde_json::to_vec(&entries).map_err(|e| Error::BadImage {
-            what: what.clone(),
-            reason: e.to_string(),
-        })?;
-        store.put_meta(&index_name, &json)?;
-        Ok::<_, Error>(entries)
+        index_whole_layer(&store, &blob, &desc, &diff_id, &index_name, &what)
     })
     .await
     .map_err(|e| Error::BadImage {
@@ -177,13 +195,18 @@ fn whole_files(entries: Vec<Entry>) -> Vec<LayerFile> {
         .collect()
 }
 
-/// Decompress a whole layer blob, check its diff_id, index it, and store
-/// each file's content as a chunk keyed by its digest.
+/// Decompress a whole layer blob, check its diff_id, index it, record
+/// the index as `record`, and store each file's content as a chunk keyed
+/// by its digest. The record comes first: the budget learns from it which
+/// layer the chunks belong to, and does not take them for strays while
+/// they land (a kill meanwhile leaves a record whose missing chunks
+/// [`load_layer`] stores again).
 fn index_whole_layer(
     store: &ContentStore,
     blob: &std::path::Path,
     desc: &Descriptor,
     diff_id: &Digest,
+    record: &str,
     what: &str,
 ) -> Result<Vec<Entry>> {
     let compression =
@@ -215,6 +238,12 @@ fn index_whole_layer(
                 ),
             });
         }
+        let entries: Vec<Entry> = index.entries.iter().map(|le| le.entry.clone()).collect();
+        let json = serde_json::to_vec(&entries).map_err(|e| Error::BadImage {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })?;
+        store.put_meta(record, &json)?;
         let tar = std::fs::File::open(&tar_path)
             .map_err(|e| Error::io(format!("opening {}", tar_path.display()), e))?;
         // Each file synced on its own: spread them over a few threads.
@@ -253,8 +282,68 @@ fn index_whole_layer(
                 })
             })
         })?;
-        Ok(index.entries.into_iter().map(|le| le.entry).collect())
+        Ok(entries)
     })();
     let _ = std::fs::remove_file(&tar_path);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write as _;
+
+    use breakfs_fetch::budget::Budget;
+
+    use super::*;
+
+    #[test]
+    fn a_layer_indexed_whole_keeps_its_chunks_while_a_full_budget_evicts() {
+        // Eight files of 2 KiB in a layer, the budget 4 KiB: every chunk
+        // stored makes the budget evict.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ContentStore::open(&dir.path().join("store")).unwrap());
+        let budget = Arc::new(Budget::new(4096, &store));
+        store.set_budget(budget.clone());
+        let mut tar = tar::Builder::new(Vec::new());
+        for i in 0..8u8 {
+            let data = vec![i; 2048];
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("f{i}"), &data[..]).unwrap();
+        }
+        let tar = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, &gz).unwrap();
+        let desc = Descriptor::new(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            Digest::of(&gz),
+            gz.len() as u64,
+        );
+        let record = format!("layer-{}.json", desc.digest.hex());
+        // As opening an image does: pinned from the start, marked whole.
+        let pin = budget.pin([desc.digest.clone()]);
+        budget.mark_whole(&desc.digest);
+        let entries =
+            index_whole_layer(&store, &blob, &desc, &Digest::of(&tar), &record, "a layer").unwrap();
+        let chunks: Vec<&Digest> = entries.iter().filter_map(|e| e.digest.as_ref()).collect();
+        assert_eq!(chunks.len(), 8);
+        for d in &chunks {
+            assert!(
+                store.has_chunk(d),
+                "chunk {d} was evicted while its layer was pinned"
+            );
+        }
+        // Unpinned, the layer is the first to go.
+        drop(pin);
+        store
+            .put_chunk(&Digest::of(&[9u8; 2048]), &[9u8; 2048])
+            .unwrap();
+        assert!(chunks.iter().any(|d| !store.has_chunk(d)));
+    }
 }

@@ -64,6 +64,8 @@ pub struct Mounted {
     pub hydration: Arc<Hydration>,
     /// What `breakfs status` shows, less the counters.
     pub info: StatusRecord,
+    /// Its layers, counted live in the budget until the session ends.
+    _pin: Option<breakfs_fetch::budget::LivePin>,
 }
 
 /// What a mount reports about itself (JSON in the status file).
@@ -115,6 +117,14 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
         reason,
     };
     let meta = std::fs::metadata(mountpoint).map_err(|e| {
+        if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32) {
+            // A FUSE mount whose process was killed answers nothing.
+            return err(format!(
+                "a mount whose process died is still there ({e}); \
+                 `breakfs umount {}` detaches it",
+                mountpoint.display()
+            ));
+        }
         err(format!(
             "{e}; create the directory first (mkdir -p {})",
             mountpoint.display()
@@ -247,6 +257,7 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
         reads,
         hydration,
         info,
+        _pin: opened.pin,
     })
 }
 
