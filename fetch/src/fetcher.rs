@@ -11,7 +11,6 @@
 //! before it enters the store, and a waiter gives up after its deadline.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -849,30 +848,7 @@ fn store_chunk(
             j.digest, j.layer, j.offset
         )
     };
-    let lo = (j.offset - start) as usize;
-    let hi = ((j.compressed_end - start) as usize).min(bytes.len());
-    if lo >= hi {
-        return Err(Refused::Wrong(format!(
-            "{}: the fetched range is short",
-            what()
-        )));
-    }
-    let mut dec = flate2::read::GzDecoder::new(&bytes[lo..hi]);
-    std::io::copy(&mut (&mut dec).take(j.inner_offset), &mut std::io::sink())
-        .map_err(|e| Refused::Wrong(format!("{}: not a gzip member: {e}", what())))?;
-    let mut out = Vec::with_capacity(j.size as usize);
-    (&mut dec)
-        .take(j.size)
-        .read_to_end(&mut out)
-        .map_err(|e| Refused::Wrong(format!("{}: not a gzip member: {e}", what())))?;
-    if out.len() as u64 != j.size {
-        return Err(Refused::Wrong(format!(
-            "{}: the member holds {} bytes, the TOC says {}",
-            what(),
-            out.len(),
-            j.size
-        )));
-    }
+    let out = crate::cas::inflate_chunk(j, bytes, start).map_err(Refused::Wrong)?;
     store.put_chunk(&j.digest, &out).map_err(|e| match e {
         Error::DigestMismatch { actual, .. } => Refused::Wrong(format!(
             "{}: digest mismatch: got {actual}; the layer is corrupt or the source is lying",
