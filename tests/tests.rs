@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod corpus;
+mod crash;
 mod hostile;
 mod hostile_net;
 mod interop_tools;

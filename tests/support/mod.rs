@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod corpus;
+pub mod crashloop;
 pub mod images;
 pub mod measure;
 pub mod proxy;
