@@ -419,7 +419,21 @@ fn check_ranges(root: &Path, tocs: &BTreeMap<Digest, TocRecord>, report: &mut Ve
             report.find(Severity::Leftover, root, &dir, reason, 0);
             continue;
         }
-        let locs = match tocs.get(&layer) {
+        // A record written since the records were read (a live node
+        // fetching a new layer) is read now.
+        let late = || -> Option<TocRecord> {
+            let bytes = fs::read(root.join("meta").join(format!("toc-{hex}.json"))).ok()?;
+            parse_toc_record(&bytes).ok()?
+        };
+        let read_late;
+        let rec = match tocs.get(&layer) {
+            Some(rec) => Some(rec),
+            None => {
+                read_late = late();
+                read_late.as_ref()
+            }
+        };
+        let locs = match rec {
             Some(rec) => chunk_locs(&layer, rec),
             None => Err("no TOC record of the layer to check it by".to_string()),
         };
@@ -707,6 +721,17 @@ mod tests {
             "{r}"
         );
         assert!(!f.range.exists());
+    }
+
+    #[test]
+    fn a_toc_record_written_after_the_records_were_read_still_vouches_for_its_ranges() {
+        // A live node: the layer's TOC record lands between the two passes.
+        let f = fixture();
+        let tocs = BTreeMap::new();
+        let mut r = VerifyReport::default();
+        check_ranges(f.dir.path(), &tocs, &mut r);
+        assert!(r.findings.is_empty(), "{r}");
+        assert_eq!(r.ranges.count, 1);
     }
 
     #[test]
