@@ -71,8 +71,24 @@ fn now() -> u64 {
 }
 
 impl Budget {
-    /// A budget of `limit` bytes for `store`, starting from what is on disk.
+    /// A budget of `limit` bytes for `store`, starting from what is on
+    /// disk; a store already over it (a smaller budget than last time, or
+    /// what the live mounts of a killed daemon held) is evicted down at once.
     pub fn new(limit: u64, store: &ContentStore) -> Budget {
+        let b = Budget::counted(limit, store);
+        let used = b.used();
+        if used > limit {
+            tracing::info!(
+                used,
+                limit,
+                "the store is over its budget: evicting the least valuable layers"
+            );
+            b.reserve(store, 0);
+        }
+        b
+    }
+
+    fn counted(limit: u64, store: &ContentStore) -> Budget {
         let uses = store
             .read_meta(USES)
             .ok()
@@ -356,6 +372,27 @@ fn refresh_chunk_map(store: &ContentStore, st: &mut State) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_store_over_its_budget_at_start_is_evicted_down_at_once() {
+        // What a daemon killed while live mounts pinned more than its
+        // budget leaves, or a budget made smaller across a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let budget = Arc::new(Budget::new(10_000, &store));
+        store.set_budget(budget.clone());
+        for n in 1..=3u8 {
+            let b = vec![n; 1000];
+            store.put_blob(&Digest::of(&b), &b).unwrap();
+            budget.touch([&Digest::of(&b)]);
+        }
+        budget.save(&store);
+        let store = ContentStore::open(dir.path()).unwrap();
+        let budget = Budget::new(2500, &store);
+        assert!(budget.used() <= 2500, "{} bytes", budget.used());
+        assert_eq!(store.usage(), budget.used());
+        assert!(budget.evictions.load(Ordering::Relaxed) > 0);
+    }
 
     #[test]
     fn the_schedulers_popularity_keeps_a_layer_over_a_locally_used_one() {

@@ -136,7 +136,7 @@ pub struct Report {
     pub read_secs: Vec<f64>,
     /// Files compared with the original trees.
     pub files_compared: usize,
-    /// Largest store seen right after a restart, and the budget.
+    /// Largest store seen right after a restart (at most the budget).
     pub max_store_after_restart: u64,
 }
 
@@ -671,6 +671,11 @@ fn iteration(ctx: &Ctx, node: &mut NodeProc, rng: &mut Rng, report: &mut Report)
             .as_u64()
             .unwrap_or(0);
         report.max_store_after_restart = report.max_store_after_restart.max(used);
+        ensure!(
+            used <= o.budget,
+            "the restarted daemon's store holds {used} bytes, over its budget of {}",
+            o.budget
+        );
     }
     let image = &o.images[mounted];
     ctx.mount(&image.reference, false)?;
