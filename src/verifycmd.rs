@@ -21,6 +21,13 @@ pub struct VerifyArgs {
 }
 
 pub async fn run_verify(a: VerifyArgs) -> Result<()> {
+    if !a.cache.join("blobs/sha256").is_dir() {
+        bail!(
+            "{} is not a breakfs content store (it has no blobs/sha256): give a store's \
+             directory with --cache, like a node's /var/lib/breakfs/store",
+            a.cache.display()
+        );
+    }
     let (cache, repair) = (a.cache.clone(), a.repair);
     let report = tokio::task::spawn_blocking(move || breakfs_fetch::verify_store(&cache, repair))
         .await?
@@ -33,7 +40,8 @@ pub async fn run_verify(a: VerifyArgs) -> Result<()> {
     let left = report.corrupt_remaining();
     if left > 0 {
         bail!(
-            "{left} corrupt entries in {}; run `breakfs verify --repair --cache {}` to remove them",
+            "{left} corrupt {} in {}; run `breakfs verify --repair --cache {}` to remove them",
+            if left == 1 { "entry" } else { "entries" },
             a.cache.display(),
             a.cache.display()
         );

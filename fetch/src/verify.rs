@@ -115,6 +115,11 @@ impl VerifyReport {
     }
 }
 
+/// "1 corrupt entry", "2 corrupt entries".
+fn entries(n: usize) -> String {
+    format!("{n} corrupt {}", if n == 1 { "entry" } else { "entries" })
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -158,17 +163,15 @@ impl fmt::Display for VerifyReport {
             }
         }
         let corrupt = self.corrupt().count();
+        let entries = entries(corrupt);
         if corrupt == 0 {
             write!(f, "  nothing corrupt")
         } else if self.corrupt_remaining() == 0 {
-            write!(
-                f,
-                "  {corrupt} corrupt entries removed: they are fetched again when needed"
-            )
+            write!(f, "  {entries} removed: fetched again when needed")
         } else {
             write!(
                 f,
-                "  {corrupt} corrupt entries; `breakfs verify --repair` removes them so that they are fetched again"
+                "  {entries}; `breakfs verify --repair` removes them so that they are fetched again"
             )
         }
     }
@@ -180,10 +183,7 @@ pub fn verify_store(root: &Path, repair: bool) -> Result<VerifyReport> {
     for sub in ["blobs/sha256", "chunks/sha256"] {
         if !root.join(sub).is_dir() {
             return Err(Error::NotFound {
-                what: format!(
-                    "a breakfs content store at {} (it has no {sub}; give the store with --cache)",
-                    root.display()
-                ),
+                what: format!("a breakfs content store ({sub}) in {}", root.display()),
             });
         }
     }
