@@ -57,7 +57,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use corpus::CorpusImage;
-use harness::{Env, Node, NodeMount, Shaper, detach_under, is_mountpoint, run, run_chroot};
+use harness::{
+    Env, Node, NodeMount, Shaper, detach_under, is_mountpoint, run, run_chroot, skopeo_copy,
+};
 use registry::TestRegistry;
 use sha2::{Digest as _, Sha256};
 
@@ -640,26 +642,6 @@ fn parallel<T: Sync, R: Send>(
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(anyhow!("interrupted: stopping and cleaning up"))))
         .collect()
-}
-
-/// `skopeo copy FROM TO` to the plain-HTTP registry, tried three times
-/// (the registry answers 500 now and then under load).
-fn skopeo_copy(from: &str, to: &str) -> Result<()> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match run(
-            Command::new("skopeo")
-                .args(["copy", "--quiet", "--dest-tls-verify=false"])
-                .arg(from)
-                .arg(to),
-            &format!("skopeo copy {from} {to}"),
-        ) {
-            Ok(_) => return Ok(()),
-            Err(e) if tries >= 3 => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_secs(1)),
-        }
-    }
 }
 
 /// The originals, one family (repository) per thread.

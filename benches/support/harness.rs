@@ -207,12 +207,9 @@ pub fn publish(env: &Env, reg: &TestRegistry, image: &CorpusImage) -> Result<Pub
     )?;
     let _ = std::fs::remove_dir_all(&work);
     let repo = format!("refactored/{}:{}", image.family, image.tag);
-    run(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{}", layout.display(), image.tag))
-            .arg(reg.reference(&repo)),
-        "skopeo copy of the refactored image to the registry",
+    skopeo_copy(
+        &format!("oci:{}:{}", layout.display(), image.tag),
+        &reg.reference(&repo),
     )?;
     let layers = layout_layers(&layout, &image.tag)?;
     Ok(Published {
@@ -503,4 +500,24 @@ pub fn run_chroot(rootfs: &Path, command: &[String]) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// `skopeo copy FROM TO` to the plain-HTTP registry, tried three times
+/// (the registry answers 500 now and then under load).
+pub fn skopeo_copy(from: &str, to: &str) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match run(
+            Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                .arg(from)
+                .arg(to),
+            &format!("skopeo copy {from} {to}"),
+        ) {
+            Ok(_) => return Ok(()),
+            Err(e) if tries >= 3 => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
 }
