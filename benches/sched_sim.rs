@@ -358,9 +358,10 @@ impl Sim {
         } else {
             score::Holders::default()
         };
+        let edge = score::Holders::default();
         let ests: Vec<score::Estimate> = cluster
             .iter()
-            .map(|v| score::estimate_time(v, &holders, &d.layers))
+            .map(|v| score::estimate_time(v, &holders, &edge, &d.layers))
             .collect();
         // kube-scheduler's own filter (resources) and the extender's
         // (limits, cache room), for every policy.

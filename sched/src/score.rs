@@ -63,7 +63,8 @@ pub struct Layer {
 pub enum From {
     /// Already on the node.
     Local,
-    /// A peer node of the same cluster that holds it whole.
+    /// A peer node that holds it whole: of the same cluster, or of
+    /// another when none of its own has it.
     Peer {
         /// The peer's node name.
         node: String,
@@ -109,6 +110,12 @@ pub const DEFAULT_PEER: Link = Link {
     rtt_ms: 1.0,
     mbps: 1000.0,
 };
+/// Assumed link to a peer in another cluster when nothing was measured:
+/// between the two above, like the edge testbed's links across clusters.
+pub const DEFAULT_FAR_PEER: Link = Link {
+    rtt_ms: 20.0,
+    mbps: 200.0,
+};
 
 /// Which nodes hold each layer whole, from `views` (one cluster's nodes).
 pub fn holders<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holders {
@@ -124,25 +131,53 @@ pub fn holders<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holders {
 /// Layer → the nodes of a cluster holding it whole.
 pub type Holders = HashMap<Digest, Vec<String>>;
 
+/// The edge-wide holder map from each cluster's (`clusters`): for each
+/// layer, one holder per cluster that has it (within a cluster links are
+/// alike, so one stands for all). A node whose own cluster lacks a layer
+/// is estimated to get it from the best of these.
+pub fn edge_holders<'a>(clusters: impl IntoIterator<Item = &'a Holders>) -> Holders {
+    let mut out: Holders = HashMap::default();
+    for h in clusters {
+        for (d, names) in h {
+            if let Some(first) = names.first() {
+                out.entry(d.clone()).or_default().push(first.clone());
+            }
+        }
+    }
+    // The same order whatever the clusters' order (a stable plan).
+    for names in out.values_mut() {
+        names.sort();
+    }
+    out
+}
+
 /// Peers examined per layer at most (the first holders listed: within a
 /// cluster links are alike, and scoring 1,000 nodes must stay fast).
 const MAX_HOLDERS: usize = 3;
 
 /// How `node` would get `layers`, given which nodes of its cluster hold
-/// which layers (`holders`, which may list `node` itself).
-pub fn estimate(node: &NodeView, holders: &Holders, layers: &[Layer]) -> Estimate {
-    estimate_with(node, holders, layers, true)
+/// which layers (`holders`, which may list `node` itself) and, for layers
+/// its cluster lacks, which nodes elsewhere at the edge do (`edge`, from
+/// [`edge_holders`]).
+pub fn estimate(node: &NodeView, holders: &Holders, edge: &Holders, layers: &[Layer]) -> Estimate {
+    estimate_with(node, holders, edge, layers, true)
 }
 
 /// [`estimate`] without the per-layer plan (the scoring path: no
 /// allocation per layer).
-pub fn estimate_time(node: &NodeView, holders: &Holders, layers: &[Layer]) -> Estimate {
-    estimate_with(node, holders, layers, false)
+pub fn estimate_time(
+    node: &NodeView,
+    holders: &Holders,
+    edge: &Holders,
+    layers: &[Layer],
+) -> Estimate {
+    estimate_with(node, holders, edge, layers, false)
 }
 
 fn estimate_with(
     node: &NodeView,
     holders: &Holders,
+    edge: &Holders,
     layers: &[Layer],
     with_plan: bool,
 ) -> Estimate {
@@ -151,27 +186,35 @@ fn estimate_with(
         layers,
         with_plan,
         |_, l| node.whole.contains(&l.digest),
-        |_, l| holders.get(&l.digest).map_or(&[][..], |h| h.as_slice()),
+        |_, l| held_by(holders, l),
+        |_, l| held_by(edge, l),
     )
+}
+
+fn held_by<'h>(holders: &'h Holders, l: &Layer) -> &'h [String] {
+    holders.get(&l.digest).map_or(&[][..], |h| h.as_slice())
 }
 
 /// [`estimate_time`] for many nodes: each layer's holders are looked up
 /// once per cluster, and which layers a node holds comes from them (one
 /// lookup per node, not one per layer). `holders` gives a cluster's
 /// holder map, which must list every layer the views of that cluster hold
-/// whole (as [`holders`] builds it from the same views).
+/// whole (as [`holders`] builds it from the same views); `edge` is the
+/// edge-wide map ([`edge_holders`]).
 pub fn estimate_times<'h>(
     views: &[&NodeView],
     holders: impl Fn(&str) -> Option<&'h Holders>,
+    edge: &Holders,
     layers: &[Layer],
 ) -> Vec<Estimate> {
     if layers.len() > 64 {
         let none = Holders::default();
         return views
             .iter()
-            .map(|v| estimate_time(v, holders(&v.cluster).unwrap_or(&none), layers))
+            .map(|v| estimate_time(v, holders(&v.cluster).unwrap_or(&none), edge, layers))
             .collect();
     }
+    let far: Vec<&[String]> = layers.iter().map(|l| held_by(edge, l)).collect();
     // Per cluster: each layer's holders, and each holder's layers as bits.
     struct Ctx<'h> {
         cands: Vec<&'h [String]>,
@@ -205,19 +248,23 @@ pub fn estimate_times<'h>(
                 false,
                 |i, _| mask >> i & 1 == 1,
                 |i, _| ctx.cands[i],
+                |i, _| far[i],
             )
         })
         .collect()
 }
 
-/// The estimate of `node` for `layers`, given which it holds (`local`)
-/// and which nodes of its cluster hold each (`cands`).
+/// The estimate of `node` for `layers`, given which it holds (`holds`),
+/// which nodes of its cluster hold each (`cands`), and which nodes of
+/// other clusters (`far`: asked only when its cluster has none; peers of
+/// its own cluster come first, as the node daemon keeps them closer).
 fn estimate_core<'c>(
     node: &NodeView,
     layers: &[Layer],
     with_plan: bool,
     holds: impl Fn(usize, &Layer) -> bool,
     cands: impl Fn(usize, &Layer) -> &'c [String],
+    far: impl Fn(usize, &Layer) -> &'c [String],
 ) -> Estimate {
     let mut plan = Vec::new();
     let (mut local, mut missing) = (0u64, 0u64);
@@ -251,11 +298,14 @@ fn estimate_core<'c>(
         let need = l.size - held;
         missing += need;
         let mut best: (f64, Option<&str>, Link) = (cloud.secs(need), None, cloud);
-        for p in cands(i, l).iter().take(MAX_HOLDERS) {
-            if *p == node.name {
-                continue;
-            }
-            let link = node.peers.get(p).copied().unwrap_or(DEFAULT_PEER);
+        let near = cands(i, l);
+        let (peers, default) = if near.iter().any(|p| *p != node.name) {
+            (near, DEFAULT_PEER)
+        } else {
+            (far(i, l), DEFAULT_FAR_PEER)
+        };
+        for p in peers.iter().filter(|p| **p != node.name).take(MAX_HOLDERS) {
+            let link = node.peers.get(p).copied().unwrap_or(default);
             let t = link.secs(need);
             if t < best.0 {
                 best = (t, Some(p.as_str()), link);
@@ -473,15 +523,93 @@ mod tests {
             name: "b".into(),
             ..NodeView::default()
         };
-        let e = estimate(&empty, &holders([&holder, &empty]), &ls);
+        let none = Holders::default();
+        let e = estimate(&empty, &holders([&holder, &empty]), &none, &ls);
         assert!(
             e.plan
                 .iter()
                 .all(|p| p.from == From::Peer { node: "a".into() })
         );
-        let far = estimate(&empty, &Holders::default(), &ls);
+        let far = estimate(&empty, &none, &none, &ls);
         assert!(far.fetch_secs > e.fetch_secs * 10.0);
-        assert_eq!(estimate(&holder, &holders([&holder]), &ls).fetch_secs, 0.0);
+        assert_eq!(
+            estimate(&holder, &holders([&holder]), &none, &ls).fetch_secs,
+            0.0
+        );
+    }
+
+    #[test]
+    fn a_peer_in_another_cluster_serves_what_the_cluster_lacks_when_it_beats_the_cloud() {
+        let ls = layers(2);
+        let all: HashSet<Digest> = ls.iter().map(|l| l.digest.clone()).collect();
+        // Layer 0 is in the node's cluster (at "near"), both are in the
+        // other cluster (at "far"); the node's link to far is measured.
+        let near = NodeView {
+            name: "near".into(),
+            cluster: "west".into(),
+            whole: [ls[0].digest.clone()].into_iter().collect(),
+            ..NodeView::default()
+        };
+        let far = NodeView {
+            name: "far".into(),
+            cluster: "east".into(),
+            whole: all,
+            ..NodeView::default()
+        };
+        let node = |cloud: Link| NodeView {
+            name: "n".into(),
+            cluster: "west".into(),
+            cloud: Some(cloud),
+            peers: [(
+                "far".to_string(),
+                Link {
+                    rtt_ms: 20.0,
+                    mbps: 200.0,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..NodeView::default()
+        };
+        let west = holders([&near]);
+        let east = holders([&far]);
+        let edge = edge_holders([&west, &east]);
+        let from = |e: &Estimate| e.plan.iter().map(|p| p.from.clone()).collect::<Vec<_>>();
+        let peer = |n: &str| From::Peer { node: n.into() };
+        // A slow registry link: the far peer, but the near one first.
+        let slow = node(Link {
+            rtt_ms: 90.0,
+            mbps: 50.0,
+        });
+        let e = estimate(&slow, &west, &edge, &ls);
+        assert_eq!(from(&e), vec![peer("near"), peer("far")]);
+        let cloud_only = estimate(&slow, &west, &Holders::default(), &ls);
+        assert!(e.fetch_secs < cloud_only.fetch_secs / 2.0, "{e:?}");
+        // A registry link better than the far peer's: the registry.
+        let fast = node(Link {
+            rtt_ms: 5.0,
+            mbps: 300.0,
+        });
+        let e = estimate(&fast, &west, &edge, &ls);
+        assert_eq!(from(&e), vec![peer("near"), From::Cloud]);
+        // An unmeasured far peer is taken as the testbed's link across
+        // clusters, not as a peer of the cluster.
+        let unmeasured = NodeView {
+            peers: HashMap::default(),
+            ..slow.clone()
+        };
+        let e = estimate(&unmeasured, &Holders::default(), &edge, &ls[1..]);
+        assert_eq!(e.fetch_secs, DEFAULT_FAR_PEER.secs(ls[1].size));
+        // The many-node path agrees.
+        let many = estimate_times(&[&slow, &fast], |_| Some(&west), &edge, &ls);
+        assert_eq!(
+            many[0].fetch_secs,
+            estimate_time(&slow, &west, &edge, &ls).fetch_secs
+        );
+        assert_eq!(
+            many[1].fetch_secs,
+            estimate_time(&fast, &west, &edge, &ls).fetch_secs
+        );
     }
 
     #[test]
@@ -495,7 +623,8 @@ mod tests {
             cache_room: Some(1_000),
             ..NodeView::default()
         };
-        let e = estimate(&far, &Holders::default(), &layers(1));
+        let none = Holders::default();
+        let e = estimate(&far, &none, &none, &layers(1));
         let delay = Limits {
             delay_ms: Some(25.0),
             bandwidth_mbps: None,
@@ -543,9 +672,10 @@ mod tests {
                 .map(|c| (c.to_string(), holders(views.iter().filter(|v| v.cluster == *c))))
                 .collect();
             let refs: Vec<&NodeView> = views.iter().collect();
-            let many = estimate_times(&refs, |c| by_cluster.get(c), &ls);
+            let edge = edge_holders(by_cluster.values());
+            let many = estimate_times(&refs, |c| by_cluster.get(c), &edge, &ls);
             for (v, m) in views.iter().zip(&many) {
-                let one = estimate_time(v, &by_cluster[&v.cluster], &ls);
+                let one = estimate_time(v, &by_cluster[&v.cluster], &edge, &ls);
                 prop_assert_eq!(&one, m);
             }
         }
@@ -573,7 +703,8 @@ mod tests {
                 views.push(NodeView { name: format!("o{i}"), cloud, whole: ls.iter().take(i).map(|l| l.digest.clone()).collect(), ..NodeView::default() });
             }
             let refs: Vec<&NodeView> = views.iter().collect();
-            let ests: Vec<Estimate> = refs.iter().map(|v| estimate(v, &Holders::default(), &ls)).collect();
+            let none = Holders::default();
+            let ests: Vec<Estimate> = refs.iter().map(|v| estimate(v, &none, &none, &ls)).collect();
             let s = scores(&refs, &ests, (0.0, 0.0), &Weights::default());
             prop_assert!(s[1].0 >= s[0].0, "{:?}", s);
         }

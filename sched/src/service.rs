@@ -24,7 +24,9 @@ use breakfs_index::{Digest, ImageRef};
 use serde::{Deserialize, Serialize};
 
 use crate::k8s::ClusterNode;
-use crate::score::{self, DEFAULT_CLOUD, DEFAULT_PEER, Holders, Layer, Link, NodeView, Weights};
+use crate::score::{
+    self, DEFAULT_CLOUD, DEFAULT_FAR_PEER, DEFAULT_PEER, Holders, Layer, Link, NodeView, Weights,
+};
 use crate::types::{ExtenderArgs, ExtenderFilterResult, HostPriority, NodeList, Pod};
 
 /// One node daemon the service watches.
@@ -197,6 +199,8 @@ pub struct Directory {
     views: rustc_hash::FxHashMap<String, (Arc<NodeView>, Instant)>,
     /// Per cluster: which node holds which layer whole.
     holders: rustc_hash::FxHashMap<String, Holders>,
+    /// Edge-wide: one holder of each layer per cluster that has it.
+    edge: Holders,
 }
 
 /// The service state.
@@ -371,6 +375,7 @@ impl Sched {
         let mut d = Directory {
             views: old.views.clone(),
             holders: Default::default(),
+            edge: Default::default(),
         };
         let now = Instant::now();
         for v in views {
@@ -383,10 +388,11 @@ impl Sched {
                 by_cluster.entry(v.cluster.clone()).or_default().push(v);
             }
         }
-        let holders = by_cluster
+        let holders: rustc_hash::FxHashMap<String, Holders> = by_cluster
             .into_iter()
             .map(|(c, vs)| (c, score::holders(vs)))
             .collect();
+        d.edge = score::edge_holders(holders.values());
         d.holders = holders;
         *lock(&self.directory) = Arc::new(d);
     }
@@ -417,7 +423,14 @@ impl Sched {
         v.cloud = links.get("cloud").map(|l| link(l, DEFAULT_CLOUD));
         for n in self.node_entries().iter() {
             if let Some(l) = links.get(n.url.trim_end_matches('/')) {
-                v.peers.insert(n.name.clone(), link(l, DEFAULT_PEER));
+                // What was not measured of a peer in another cluster is
+                // taken as a link across clusters, not as one within.
+                let default = if n.cluster == v.cluster {
+                    DEFAULT_PEER
+                } else {
+                    DEFAULT_FAR_PEER
+                };
+                v.peers.insert(n.name.clone(), link(l, default));
             }
         }
         v
@@ -510,7 +523,7 @@ impl Sched {
         let d = lock(&self.directory).clone();
         let views: Vec<Arc<NodeView>> = names.iter().map(|n| self.view(&d, n)).collect();
         let refs: Vec<&NodeView> = views.iter().map(|v| v.as_ref()).collect();
-        let ests = score::estimate_times(&refs, |c| d.holders.get(c), &layers);
+        let ests = score::estimate_times(&refs, |c| d.holders.get(c), &d.edge, &layers);
         (views, ests)
     }
 
@@ -572,7 +585,12 @@ impl Sched {
         let d = lock(&self.directory).clone();
         let v = self.view(&d, node);
         let none = Holders::default();
-        let est = score::estimate(&v, d.holders.get(&v.cluster).unwrap_or(&none), &layers);
+        let est = score::estimate(
+            &v,
+            d.holders.get(&v.cluster).unwrap_or(&none),
+            &d.edge,
+            &layers,
+        );
         let mut pop = lock(&self.popularity);
         for l in &layers {
             let e = pop.entry(l.digest.clone()).or_insert(Popular {
@@ -908,6 +926,66 @@ mod tests {
         assert_eq!(c.token_file, None);
         let e = SchedConfig::from_yaml("maxBodySize: lots\n").unwrap_err();
         assert!(e.contains("maxBodySize \"lots\""), "{e}");
+    }
+
+    fn two_clusters() -> Arc<Sched> {
+        let entry = |name: &str, cluster: &str| NodeEntry {
+            name: name.into(),
+            url: format!("http://{name}:7480"),
+            cluster: cluster.into(),
+        };
+        Sched::new(SchedConfig {
+            nodes: vec![
+                entry("w1", "west"),
+                entry("w2", "west"),
+                entry("e1", "east"),
+            ],
+            ..SchedConfig::default()
+        })
+    }
+
+    #[test]
+    fn peers_in_another_cluster_get_the_far_defaults_and_serve_what_the_cluster_lacks() {
+        let s = two_clusters();
+        let stats = |rtt: f64| {
+            let mut l = LinkStats::default();
+            l.rtt_ms = Some(rtt);
+            l
+        };
+        let links: HashMap<String, LinkStats> = [
+            ("http://w2:7480".to_string(), stats(1.0)),
+            ("http://e1:7480".to_string(), stats(25.0)),
+            ("cloud".to_string(), stats(90.0)),
+        ]
+        .into_iter()
+        .collect();
+        let v = s.view_of("w1", &CacheIndex::default(), &links);
+        assert_eq!(v.cluster, "west");
+        assert_eq!(v.peers["w2"].mbps, DEFAULT_PEER.mbps);
+        assert_eq!(v.peers["e1"].mbps, DEFAULT_FAR_PEER.mbps);
+        assert_eq!(v.peers["e1"].rtt_ms, 25.0);
+        // A layer only the other cluster holds: /plan sends w1 there.
+        let l = Layer {
+            digest: Digest::of(b"layer"),
+            size: 50_000_000,
+        };
+        let east = NodeView {
+            name: "e1".into(),
+            cluster: "east".into(),
+            whole: [l.digest.clone()].into_iter().collect(),
+            ..NodeView::default()
+        };
+        s.update(vec![v, east]);
+        s.set_image("reg/app:1", vec![l]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let e = rt.block_on(s.plan("reg/app:1", "w1")).unwrap();
+        assert_eq!(
+            e.plan[0].from,
+            score::From::Peer { node: "e1".into() },
+            "{e:?}"
+        );
     }
 
     #[test]
