@@ -15,10 +15,12 @@
 //! * **breakfs**: the extender's filter and scores (sched/src/score.rs:
 //!   expected fetch time over local, peer and cloud, layer locality,
 //!   balanced, least requested; the paper's weights), nodes fetch missing
-//!   layers from a peer of their cluster or the cloud, caches evict by the
-//!   node budget's value (fetch/src/budget.rs), and the prefetch planner
-//!   (sched/src/planner.rs) runs every 30 s over the popularity that
-//!   placements feed; prefetches take the time their link needs.
+//!   layers from a peer (of their cluster, else of another: links across
+//!   clusters around the edge testbed's 20 ms / 200 Mbit/s) or the cloud,
+//!   as the node daemon does, caches evict by the node budget's value
+//!   (fetch/src/budget.rs), and the prefetch planner (sched/src/planner.rs)
+//!   runs every 30 s over the popularity that placements feed; prefetches
+//!   take the time their link needs.
 //! * **default-like**: what a stock cluster does: kube-scheduler's
 //!   least-requested and ImageLocality scores (an image counts only when
 //!   all its layers are on the node, scaled by size and spread), each node
@@ -260,11 +262,14 @@ struct Sim {
     unschedulable: usize,
     violations: usize,
     from_cloud: u64,
+    /// Bytes deployments took from peers in other clusters.
+    from_far: u64,
     rng: Rng,
 }
 
 /// Node links: clusters differ in how far the registry is, nodes of a
-/// cluster in their access (fibre, cable, radio).
+/// cluster in their access (fibre, cable, radio); between clusters, one
+/// link per ordered pair around the edge testbed's 20 ms / 200 Mbit/s.
 fn build_nodes(seed: u64, budget: u64) -> Vec<Node> {
     let mut rng = Rng(seed.max(1) * 0x9E3779B97F4A7C15);
     let mut nodes = Vec::new();
@@ -301,6 +306,22 @@ fn build_nodes(seed: u64, budget: u64) -> Vec<Node> {
                 link_free: 0.0,
                 pods: Vec::new(),
             });
+        }
+    }
+    // Drawn apart, so that the links above are those of every world.
+    let mut far = Rng(seed.max(1) * 0xD1B54A32D192ED03);
+    for a in 0..CLUSTERS {
+        for b in (0..CLUSTERS).filter(|&b| b != a) {
+            let link = Link {
+                rtt_ms: 20.0 * (0.75 + 0.5 * far.unit()),
+                mbps: 200.0 * (0.75 + 0.5 * far.unit()),
+            };
+            for n in a * PER..(a + 1) * PER {
+                for m in b * PER..(b + 1) * PER {
+                    let name = nodes[m].view.name.clone();
+                    nodes[n].view.peers.insert(name, link);
+                }
+            }
         }
     }
     nodes
@@ -349,16 +370,20 @@ impl Sim {
         let t = d.at;
         self.plan_until(t);
         let idx: Vec<usize> = (c * PER..(c + 1) * PER).collect();
-        for &n in &idx {
-            self.nodes[n].sync(t, None);
+        for n in &mut self.nodes {
+            n.sync(t, None);
         }
         let cluster: Vec<&NodeView> = idx.iter().map(|&n| &self.nodes[n].view).collect();
-        let holders = if self.world.peers {
-            score::holders(cluster.iter().copied())
+        // breakfs nodes fetch from any peer that holds a layer, a peer of
+        // another cluster too; the default-like nodes from the registry.
+        let (holders, edge) = if self.world.peers {
+            let all: Vec<score::Holders> = (0..CLUSTERS)
+                .map(|b| score::holders(self.nodes[b * PER..(b + 1) * PER].iter().map(|n| &n.view)))
+                .collect();
+            (all[c].clone(), score::edge_holders(&all))
         } else {
-            score::Holders::default()
+            Default::default()
         };
-        let edge = score::Holders::default();
         let ests: Vec<score::Estimate> = cluster
             .iter()
             .map(|v| score::estimate_time(v, &holders, &edge, &d.layers))
@@ -408,14 +433,25 @@ impl Sim {
             .map(|l| l.size)
             .sum();
         let local: u64 = ests[k].local_bytes;
+        let plan = score::estimate(cluster[k], &holders, &edge, &d.layers).plan;
+        let from = |far: bool| -> u64 {
+            plan.iter()
+                .filter(|p| match &p.from {
+                    score::From::Cloud => !far,
+                    score::From::Peer { node } => {
+                        far && !idx.iter().any(|&n| self.nodes[n].view.name == *node)
+                    }
+                    score::From::Local => false,
+                })
+                .map(|p| p.size)
+                .sum()
+        };
         self.total += bytes;
         self.hit += in_cluster;
         self.on_node += local;
-        self.from_cloud += if self.world.peers {
-            bytes - in_cluster
-        } else {
-            bytes - local
-        };
+        let (cloud_bytes, far_bytes) = (from(false), from(true));
+        self.from_cloud += cloud_bytes;
+        self.from_far += far_bytes;
         self.times.push(ests[k].fetch_secs);
         let node = &mut self.nodes[idx[k]];
         for l in &d.layers {
@@ -476,19 +512,20 @@ impl Sim {
                         .find(|&n| self.nodes[n].view.name == name)
                         .unwrap();
                     let size = self.popularity[&digest].2;
-                    // From a peer of the cluster that has it, else the cloud;
-                    // one prefetch at a time per node.
-                    let peer = idx.iter().find(|&&m| {
-                        m != n
-                            && self.nodes[m]
-                                .cache
-                                .get(&digest)
-                                .is_some_and(|h| h.ready <= now)
-                    });
-                    let link = match peer {
-                        Some(&m) => self.nodes[n].view.peers[&self.nodes[m].view.name],
-                        None => self.nodes[n].view.cloud.unwrap(),
-                    };
+                    // As the node daemon does: from the best peer that has
+                    // it, of any cluster, else the cloud; one prefetch at a
+                    // time per node.
+                    let peer = (0..self.nodes.len())
+                        .filter(|&m| {
+                            m != n
+                                && self.nodes[m]
+                                    .cache
+                                    .get(&digest)
+                                    .is_some_and(|h| h.ready <= now)
+                        })
+                        .map(|m| self.nodes[n].view.peers[&self.nodes[m].view.name])
+                        .min_by(|a, b| a.secs(size).total_cmp(&b.secs(size)));
+                    let link = peer.unwrap_or_else(|| self.nodes[n].view.cloud.unwrap());
                     let pop = hot
                         .iter()
                         .find(|h| h.digest == digest)
@@ -579,6 +616,7 @@ fn replay(deploys: &[Deploy], seed: u64, budget: u64, sum_share: f64) -> (Vec<Si
             unschedulable: 0,
             violations: 0,
             from_cloud: 0,
+            from_far: 0,
             rng: Rng(seed.max(1) + 1),
         })
         .collect();
@@ -675,6 +713,7 @@ fn main() {
     let mut on_node = vec![0u64; n];
     let mut total = vec![0u64; n];
     let mut cloud = vec![0u64; n];
+    let mut far = vec![0u64; n];
     let mut unsched = vec![0usize; n];
     let mut violations = vec![0usize; n];
     let mut t_ratio: Vec<Vec<f64>> = vec![Vec::new(); n];
@@ -694,6 +733,7 @@ fn main() {
             on_node[w] += s.on_node;
             total[w] += s.total;
             cloud[w] += s.from_cloud;
+            far[w] += s.from_far;
             unsched[w] += s.unschedulable;
             violations[w] += s.violations;
             t_ratio[w].push(mean(&s.times) / bt.max(1e-9));
@@ -708,14 +748,14 @@ fn main() {
     let base_t = time_sum[1] / placed[1].max(1) as f64;
     let base_h = hits[1] as f64 / total[1].max(1) as f64;
     let mut table = String::from(
-        "| world | placed | unschedulable | limit violations | mean expected fetch time | vs default-like (per run: median, min–max) | cluster byte hit ratio | vs default-like (per run) | bytes on the chosen node | registry bytes (incl. prefetch) |\n\
-         |---|---:|---:|---:|---:|---|---:|---|---:|---:|\n",
+        "| world | placed | unschedulable | limit violations | mean expected fetch time | vs default-like (per run: median, min–max) | cluster byte hit ratio | vs default-like (per run) | bytes on the chosen node | from other clusters | registry bytes (incl. prefetch) |\n\
+         |---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|\n",
     );
     for w in 0..n {
         let t = time_sum[w] / placed[w].max(1) as f64;
         let h = hits[w] as f64 / total[w].max(1) as f64;
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} s = {:.3}× | {} | {:.3} = {:.3}× | {} | {:.3} | {:.2}× |\n",
+            "| {} | {} | {} | {} | {:.2} s = {:.3}× | {} | {:.3} = {:.3}× | {} | {:.3} | {:.3} | {:.2}× |\n",
             WORLDS[w].name,
             placed[w],
             unsched[w],
@@ -727,6 +767,7 @@ fn main() {
             h / base_h.max(1e-9),
             spread(&h_ratio[w]),
             on_node[w] as f64 / total[w].max(1) as f64,
+            far[w] as f64 / total[w].max(1) as f64,
             cloud[w] as f64 / cloud[1].max(1) as f64,
         ));
     }
@@ -737,7 +778,8 @@ fn main() {
          mapped onto {CLUSTERS} clusters × {PER} nodes (2 vCPU, 4 GB) at random (seeds {seed}–{}); \
          node cache {:.0} MB each ({share} of the trace's {:.0} MB of distinct layers), planner \
          cacheSumSize {:.0} MB per cluster, every {PLAN_EVERY:.0} s; registry links 30/50/70/90 ms × 0.5–2 \
-         and 200/100/80/50 Mbit/s × 0.25–1.25 by cluster × node, peers ~1 ms / ~1 Gbit/s; {:.0} of the pods \
+         and 200/100/80/50 Mbit/s × 0.25–1.25 by cluster × node, peers ~1 ms / ~1 Gbit/s in a cluster and \
+         20 ms / 200 Mbit/s × 0.75–1.25 between clusters (breakfs nodes fetch from peers of any cluster); {:.0} of the pods \
          per run limit delay to 60 ms; pods request 0.1–0.5 CPU and 0.25–1 GB for {POD_LIFE:.0} s. \
          Totals over all runs; ratios against default-like.\n\n{table}\n\
          Ceiling of the cluster byte hit ratio for any prefetcher (every layer deployed anywhere before \
