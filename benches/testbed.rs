@@ -31,7 +31,8 @@
 //! Each deployment's rootfs is checked against the original image (content
 //! hashes of sampled files, from `umoci unpack`); the run fails on any
 //! difference. Set-up work is cached outside the repository (refactored
-//! layouts keyed by the breakfs binary, reference hashes by image digest).
+//! layouts keyed by the sources of the refactor and index crates, reference
+//! hashes by image digest).
 //! `cargo bench --bench testbed -- --help` lists the settings; writes
 //! target/bench-testbed.md and target/bench-testbed.svg.
 #![allow(clippy::unwrap_used)]
@@ -507,14 +508,14 @@ fn cached_dir(kind: &str, key: &str, build: impl FnOnce(&Path) -> Result<()>) ->
 /// refactored jointly (`breakfs refactor --joint`, as BREAK refactors the
 /// set of images a registry serves) at `refactored/FAMILY:TAG`. The
 /// refactored layout and then the registry's storage are cached, keyed by
-/// the breakfs binary and the images' digests.
+/// the refactoring's sources and the images' digests.
 fn fill_registry(
     env: &Env,
     reg: &mut TestRegistry,
     images: &[CorpusImage],
 ) -> Result<Vec<Refactored>> {
     let mut key = Sha256::new();
-    key.update(sha256_file(Path::new(harness::BREAKFS))?.as_bytes());
+    refactor_sources(&mut key, Path::new(env!("CARGO_MANIFEST_DIR")))?;
     for im in images {
         key.update(im.manifest_digest.as_bytes());
     }
@@ -549,10 +550,13 @@ fn fill_registry(
     let jobs: Vec<(&CorpusImage, String)> = images
         .iter()
         .map(|im| {
+            // `refactor --joint` names a tag FAMILY-TAG, or TAG when every
+            // image is of one family.
             let want = format!("{}-{}", im.family, im.tag);
             let tag = tags
                 .iter()
                 .find(|t| **t == want)
+                .or_else(|| tags.iter().find(|t| **t == im.tag))
                 .ok_or_else(|| anyhow!("the joint layout has no tag {want} (it has {tags:?})"))?;
             Ok((im, tag.clone()))
         })
@@ -595,6 +599,31 @@ fn fill_registry(
             })
         })
         .collect()
+}
+
+/// Hash what the refactored images depend on: the sources of the refactor
+/// and index crates (the layer and TOC formats) and Cargo.lock. A rebuild
+/// for any other change (the node daemon, this benchmark) keeps the cached
+/// joint refactoring and registry, which take minutes to redo.
+fn refactor_sources(key: &mut Sha256, root: &Path) -> Result<()> {
+    let mut files = vec![root.join("Cargo.lock")];
+    let mut dirs = vec![root.join("refactor"), root.join("index")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs" || x == "toml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        key.update(f.strip_prefix(root)?.to_string_lossy().as_bytes());
+        key.update(sha256_file(&f)?.as_bytes());
+    }
+    Ok(())
 }
 
 /// `cp -al FROM TO` (hard links), or a real copy across file systems.
@@ -1053,28 +1082,43 @@ impl Ready<'_> {
 /// [`Ready::now`] when the image's command has run, then checks and
 /// cleans up. Returns the seconds to ready.
 fn replay(
+    w: &World,
     what: &str,
     deps: &[Deployment],
     deploy: impl Fn(usize, &Deployment, &Ready) -> Result<()> + Sync,
 ) -> Result<Vec<f64>> {
-    replay_then(what, deps, deploy, &|| {})
+    replay_then(w, what, deps, deploy, &|| {})
 }
 
 /// [`replay`], running `at_all_ready` once every deployment is ready and
 /// before any is checked (the checks read files, which a lazy mount
-/// fetches: measure before them).
+/// fetches: measure before them). Once every deployment is ready the
+/// cloud links are lifted (nothing is measured any more), so the checks
+/// and what `at_all_ready` waits for do not wait on them.
 fn replay_then(
+    w: &World,
     what: &str,
     deps: &[Deployment],
     deploy: impl Fn(usize, &Deployment, &Ready) -> Result<()> + Sync,
     at_all_ready: &(dyn Fn() + Sync),
 ) -> Result<Vec<f64>> {
     let start = Instant::now();
+    let hook = || {
+        eprintln!(
+            "testbed: {what}: every deployment ready {:.0} s after the first arrived; links lifted for the checks",
+            start.elapsed().as_secs_f64()
+        );
+        for l in w.links {
+            l.lift();
+        }
+        at_all_ready();
+        eprintln!("testbed: {what}: checking every rootfs against the original image");
+    };
     let all = AllReady {
         n: deps.len(),
         count: Mutex::new(0),
         cv: std::sync::Condvar::new(),
-        at_all_ready,
+        at_all_ready: &hook,
         released: AtomicBool::new(false),
     };
     let results: Vec<Result<f64>> = std::thread::scope(|s| {
@@ -1114,6 +1158,10 @@ fn replay_then(
             })
             .collect()
     });
+    eprintln!(
+        "testbed: {what}: checked and cleaned up {:.0} s after the first arrived",
+        start.elapsed().as_secs_f64()
+    );
     results.into_iter().collect()
 }
 
@@ -1140,7 +1188,7 @@ fn run_docker_like(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome
     let cloud = AtomicU64::new(0);
     // One download of a layer per node at a time; the others wait for it.
     let layer_gates = Gates::new();
-    let secs = replay("docker-like", deps, |i, d, ready| {
+    let secs = replay(w, "docker-like", deps, |i, d, ready| {
         let node = load.pick(w.o, d.cluster);
         let store = dir.join(format!("node{node}/layers"));
         std::fs::create_dir_all(&store)?;
@@ -1247,14 +1295,19 @@ fn ready_on_mount(
 /// content).
 fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome> {
     let nodes: Vec<containerd::TestContainerd> = (0..w.o.clusters * w.o.nodes)
-        .map(|_| containerd::TestContainerd::start())
+        .map(|_| {
+            containerd::TestContainerd::start_with(containerd::ContainerdOptions {
+                parent: Some(dir.to_path_buf()),
+                ..Default::default()
+            })
+        })
         .collect::<Result<_>>()?;
     let held: Mutex<Vec<HashSet<String>>> = Mutex::new(vec![Default::default(); nodes.len()]);
     // Two pulls of one image on one node at once: the second waits.
     let pulls = Gates::new();
     let load = LeastLoaded::new(w.o);
     let cloud = AtomicU64::new(0);
-    let secs = replay("containerd", deps, |i, d, ready| {
+    let secs = replay(w, "containerd", deps, |i, d, ready| {
         let n = load.pick(w.o, d.cluster);
         let image = &w.images[d.image];
         let reference = format!(
@@ -1314,7 +1367,7 @@ fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome>
 fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome> {
     let load = LeastLoaded::new(w.o);
     let cloud = AtomicU64::new(0);
-    let secs = replay("lazy-cloud", deps, |i, d, ready| {
+    let secs = replay(w, "lazy-cloud", deps, |i, d, ready| {
         let node = load.pick(w.o, d.cluster);
         let image = &w.images[d.image];
         let reference = format!(
@@ -1411,6 +1464,15 @@ impl SchedProc {
             .ok_or_else(|| anyhow!("sched returned no scores"))?
             .to_string())
     }
+
+    /// Stop it now (SIGKILL; its planner sends nothing more); dropping it
+    /// reaps it.
+    fn stop(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 impl Drop for SchedProc {
@@ -1424,7 +1486,7 @@ impl Drop for SchedProc {
 /// cluster, serving cluster) one link, with a route to each serving node.
 /// `url(x, m)` is node `m` as nodes of cluster `x` reach it.
 struct PeerLinks {
-    _shapers: Vec<Shaper>,
+    shapers: Vec<Shaper>,
     urls: Vec<Vec<String>>,
 }
 
@@ -1451,10 +1513,7 @@ impl PeerLinks {
                 shapers.push(s);
             }
         }
-        Ok(PeerLinks {
-            _shapers: shapers,
-            urls,
-        })
+        Ok(PeerLinks { shapers, urls })
     }
 }
 
@@ -1515,11 +1574,19 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
     // Bytes moved once every deployment is ready and the nodes' background
     // work (planned prefetch, hydration) has gone quiet, before the checks
     // (which read sampled files and so fetch more).
+    // Every pod is placed by then: the planner stops (prefetch for pods
+    // that never come is not counted), the peer links are lifted like the
+    // cloud's, and what the nodes were asked to do finishes.
     let measured: Mutex<Option<(u64, u64)>> = Mutex::new(None);
     let at_all_ready = || {
+        sched.stop();
+        for l in peer_links.iter().flat_map(|p| &p.shapers) {
+            l.lift();
+        }
         *measured.lock().unwrap() = Some(bytes_when_quiet(&nodes));
     };
     let secs = replay_then(
+        w,
         name,
         deps,
         |i, d, ready| {
@@ -1571,6 +1638,9 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
         .ok_or_else(|| anyhow!("{name}: the bytes moved were not measured"))?;
     let cache = nodes.iter().map(|n| n.store_bytes().unwrap_or(0)).sum();
     drop(sched);
+    for n in &nodes {
+        n.ask_to_stop();
+    }
     drop(nodes);
     drop(peer_links);
     Ok(Outcome {
@@ -1788,11 +1858,15 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
             refs: &refs,
             refactored: &refactored,
         };
+        let work = strategies_dir(&env.tmp)?;
         let mut results: Vec<(Strategy, Outcome)> = Vec::new();
         for s in &o.strategies {
             check_interrupt()?;
-            let dir = env.tmp.join(format!("strategy-{}", s.flag()));
+            let dir = work.join(s.flag());
             std::fs::create_dir_all(&dir)?;
+            for l in &links {
+                l.put_back();
+            }
             let t = Instant::now();
             let r = match s {
                 Strategy::DockerLike => run_docker_like(&w, &deps, &dir),
@@ -1844,6 +1918,48 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
             e
         }
     })
+}
+
+/// Where each strategy keeps its nodes' layers, caches and containers: a
+/// tmpfs of half the memory at `tmp/s` (unmounted with the rest at the
+/// end), else `tmp/s` on disk. Removing the gigabytes a strategy leaves
+/// takes minutes on a file system mounted with `discard` (each unlink
+/// waits for the disk to discard its blocks), and the next strategy would
+/// wait for it. Writing to memory rather than disk, if anything, favours
+/// the strategies that write the most (docker-like and containerd
+/// extract every layer).
+fn strategies_dir(tmp: &Path) -> Result<PathBuf> {
+    let dir = tmp.join("s");
+    std::fs::create_dir_all(&dir)?;
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let mounted = mem_kb > 0
+        && Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={}k,mode=0700", mem_kb / 2))
+            .arg("breakfs-testbed")
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+    if mounted {
+        eprintln!(
+            "testbed: strategies work in a tmpfs of {} GB at {}",
+            mem_kb / 2 / 1_000_000,
+            dir.display()
+        );
+    } else {
+        eprintln!(
+            "testbed: warning: no tmpfs at {}: strategies work on disk, and removing what each leaves may take minutes",
+            dir.display()
+        );
+    }
+    Ok(dir)
 }
 
 fn report(

@@ -61,6 +61,10 @@ enum Command {
     /// One 20 ms, 200 Mbit/s link to two hosts of a far site (shared bandwidth):
     ///   breakfs shape --route 127.0.0.1:6001=127.0.0.1:7001 \
     ///       --route 127.0.0.1:6002=127.0.0.1:7002 --rtt-ms 20 --mbit 200
+    ///
+    /// SIGUSR1 lifts the shaping (bytes pass at once, open connections
+    /// included) and SIGUSR2 puts it back: measure through the slow link,
+    /// then check the results without waiting on it.
     #[command(verbatim_doc_comment)]
     Shape(ShapeArgs),
     /// Mount an image read-only over FUSE, lazily.
@@ -553,15 +557,37 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         let _ = tx.send(true);
     });
+    let lifted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use tokio::signal::unix::{SignalKind, signal};
+    for (kind, lift) in [
+        (SignalKind::user_defined1(), true),
+        (SignalKind::user_defined2(), false),
+    ] {
+        let mut sig = signal(kind).context("listening for SIGUSR1/SIGUSR2")?;
+        let lifted = lifted.clone();
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                lifted.store(lift, std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "shaping {}",
+                    if lift {
+                        "lifted (SIGUSR1)"
+                    } else {
+                        "back on (SIGUSR2)"
+                    }
+                );
+            }
+        });
+    }
     let names: Vec<String> = routes.iter().map(|(l, u)| format!("{l} -> {u}")).collect();
     eprintln!(
-        "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops",
+        "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops, SIGUSR1 lifts, SIGUSR2 puts back",
         names.join(", "),
         a.rtt_ms,
         a.mbit,
         a.up_mbit.unwrap_or(a.mbit)
     );
-    breakfs_fetch::run_shaping_routes(listeners, up, down, rx)
+    breakfs_fetch::run_switchable_routes(listeners, up, down, lifted, rx)
         .await
         .context("shaping proxy")
 }

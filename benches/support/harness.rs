@@ -131,6 +131,22 @@ impl Shaper {
     }
 }
 
+impl Shaper {
+    /// Lift the shaping: bytes pass at once (`breakfs shape` on SIGUSR1).
+    pub fn lift(&self) {
+        self.signal(nix::sys::signal::Signal::SIGUSR1);
+    }
+
+    /// Put the shaping back (SIGUSR2).
+    pub fn put_back(&self) {
+        self.signal(nix::sys::signal::Signal::SIGUSR2);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
 impl Drop for Shaper {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -377,16 +393,24 @@ impl Node {
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default())
     }
-}
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: the daemon unmounts its mounts and stops.
+    /// Ask the daemon to stop (SIGTERM: it unmounts its mounts and stops)
+    /// without waiting; dropping it waits. Stopping many nodes: ask them
+    /// all first, then drop them.
+    pub fn ask_to_stop(&self) {
+        if let Some(c) = &self.child {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.ask_to_stop();
+        if let Some(mut c) = self.child.take() {
             let until = Instant::now() + Duration::from_secs(15);
             while Instant::now() < until && !matches!(c.try_wait(), Ok(Some(_))) {
                 std::thread::sleep(Duration::from_millis(50));

@@ -44,7 +44,7 @@ pub use layout::OciLayout;
 pub use meta::{chunk_loc, layer_chunk_locs};
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
-pub use shaping::{LinkShape, run_shaping_proxy, run_shaping_routes};
+pub use shaping::{LinkShape, run_shaping_proxy, run_shaping_routes, run_switchable_routes};
 pub use source::{CloudSource, LocalSource, Source, SourceClass, StoreSource};
 pub use store::{BlobLoader, Image, Store};
 pub use tocread::LayerToc;

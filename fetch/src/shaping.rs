@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,6 +58,20 @@ pub async fn run_shaping_routes(
     routes: Vec<(TcpListener, SocketAddr)>,
     up: LinkShape,
     down: LinkShape,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    run_switchable_routes(routes, up, down, Arc::default(), shutdown).await
+}
+
+/// [`run_shaping_routes`] with a switch: while `lifted` is true, bytes
+/// pass at once in both directions, as on loopback (connections open at
+/// that moment included). A benchmark measures through the slow link,
+/// then lifts it to check its results without waiting on the link.
+pub async fn run_switchable_routes(
+    routes: Vec<(TcpListener, SocketAddr)>,
+    up: LinkShape,
+    down: LinkShape,
+    lifted: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let up_pacer: Pacer = Arc::new(Mutex::new(Instant::now()));
@@ -64,18 +79,20 @@ pub async fn run_shaping_routes(
     let mut accepting: tokio::task::JoinSet<std::io::Result<()>> = tokio::task::JoinSet::new();
     for (listener, upstream) in routes {
         let (upp, downp) = (up_pacer.clone(), down_pacer.clone());
+        let lifted = lifted.clone();
         accepting.spawn(async move {
             loop {
                 let (client, _) = listener.accept().await?;
                 let (upp, downp) = (upp.clone(), downp.clone());
+                let (lift_up, lift_down) = (lifted.clone(), lifted.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
-                        let a = tokio::spawn(pipe(cr, sw, up, upp));
-                        let b = tokio::spawn(pipe(sr, cw, down, downp));
+                        let a = tokio::spawn(pipe(cr, sw, up, upp, lift_up));
+                        let b = tokio::spawn(pipe(sr, cw, down, downp, lift_down));
                         let _ = tokio::join!(a, b);
                     }
                 });
@@ -101,8 +118,9 @@ pub async fn run_shaping_routes(
 }
 
 /// Copy `from` to `to`: each chunk leaves `delay` after it arrived, and no
-/// sooner than the shared link has sent what was queued before it.
-async fn pipe<R, W>(mut from: R, mut to: W, shape: LinkShape, pacer: Pacer)
+/// sooner than the shared link has sent what was queued before it; at
+/// once while `lifted`.
+async fn pipe<R, W>(mut from: R, mut to: W, shape: LinkShape, pacer: Pacer, lifted: Arc<AtomicBool>)
 where
     R: AsyncReadExt + Unpin + Send + 'static,
     W: AsyncWriteExt + Unpin + Send + 'static,
@@ -122,6 +140,12 @@ where
         }
     });
     while let Some((arrived, data)) = rx.recv().await {
+        if lifted.load(Ordering::Relaxed) {
+            if to.write_all(&data).await.is_err() {
+                break;
+            }
+            continue;
+        }
         let mut due = arrived + shape.delay;
         if let Some(bps) = shape.bytes_per_sec {
             let cost = Duration::from_secs_f64(data.len() as f64 / bps as f64);
@@ -231,6 +255,36 @@ mod tests {
             t.elapsed() >= Duration::from_millis(950),
             "{:?}",
             t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lifted_link_passes_bytes_at_once_and_shapes_again_when_put_back() {
+        // 1 Mbit/s down and 400 ms: 2 MB would take 16 s shaped.
+        let up = LinkShape::from_rtt_mbit(400, 0);
+        let down = LinkShape::from_rtt_mbit(400, 1);
+        let lifted = Arc::new(AtomicBool::new(true));
+        let (_stop, rx) = watch::channel(false);
+        let mut routes = Vec::new();
+        let mut addrs = Vec::new();
+        for payload in [2_000_000, 10] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(l.local_addr().unwrap());
+            routes.push((l, upstream(payload).await));
+        }
+        tokio::spawn(run_switchable_routes(routes, up, down, lifted.clone(), rx));
+        let (took, n) = fetch(addrs[0]).await;
+        assert_eq!(n, 2_000_000);
+        assert!(
+            took < Duration::from_secs(8),
+            "lifted, yet shaped: {took:?}"
+        );
+        lifted.store(false, Ordering::Relaxed);
+        let (took, n) = fetch(addrs[1]).await;
+        assert_eq!(n, 10);
+        assert!(
+            took >= Duration::from_millis(400),
+            "put back, yet not shaped: {took:?}"
         );
     }
 

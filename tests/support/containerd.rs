@@ -58,6 +58,9 @@ pub struct ContainerdOptions {
     pub snapshotter: Option<String>,
     /// TOML appended to the generated config (e.g. a `[proxy_plugins.x]`).
     pub extra_config: String,
+    /// Where its temp dir goes (default /tmp); keep it short: its socket
+    /// path must fit in 108 bytes.
+    pub parent: Option<PathBuf>,
 }
 
 /// A running private containerd; killed with its shims on drop.
@@ -78,7 +81,7 @@ impl TestContainerd {
         // Socket paths are limited to 108 bytes: keep the dir short.
         let dir = tempfile::Builder::new()
             .prefix("ctrd")
-            .tempdir_in("/tmp")
+            .tempdir_in(opts.parent.as_deref().unwrap_or(Path::new("/tmp")))
             .context("creating a temp dir for containerd")?;
         let d = dir.path();
         let config = format!(
