@@ -373,6 +373,7 @@ impl Sim {
         for n in &mut self.nodes {
             n.sync(t, None);
         }
+        self.shown(t);
         let cluster: Vec<&NodeView> = idx.iter().map(|&n| &self.nodes[n].view).collect();
         // breakfs nodes fetch from any peer that holds a layer, a peer of
         // another cluster too; the default-like nodes from the registry.
@@ -494,6 +495,7 @@ impl Sim {
             for c in 0..CLUSTERS {
                 let idx: Vec<usize> = (c * PER..(c + 1) * PER).collect();
                 self.asked.retain(|_, at| now - *at < ASKED_TTL);
+                self.shown(now);
                 for &n in &idx {
                     let pending: HashSet<Digest> = self
                         .asked
@@ -543,6 +545,15 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Forget the prefetches asked for that the nodes' indexes show at `t`
+    /// (sched's `update` after a poll; deployments and planner runs stand
+    /// for the polls, and nothing is evicted between them).
+    fn shown(&mut self, t: f64) {
+        let nodes = &self.nodes;
+        self.asked
+            .retain(|(n, d), _| !nodes[*n].cache.get(d).is_some_and(|h| h.ready <= t));
     }
 
     /// The planner's cacheSumSize: a share of the cluster's cache.

@@ -214,8 +214,9 @@ pub struct Sched {
     /// layer's size and an image it belongs to.
     popularity: Mutex<HashMap<Digest, Popular>>,
     /// Prefetches asked for, by node and layer, and when: counted as held
-    /// by the planner until the node's index shows them (or they expire),
-    /// so a layer in flight is not asked of a second node.
+    /// by the planner until the node's index shows them (then forgotten:
+    /// the index says the rest) or they expire, so a layer in flight is not
+    /// asked of a second node.
     asked: Mutex<HashMap<(String, Digest), Instant>>,
     /// Planner runs so far.
     plan_runs: std::sync::atomic::AtomicU64,
@@ -378,6 +379,22 @@ impl Sched {
             edge: Default::default(),
         };
         let now = Instant::now();
+        // A prefetch asked of a node is done once its index shows the
+        // layer: from then on the index says whether the node still holds
+        // it (counted as held until the TTL, a layer the node evicted
+        // would not be planned again for that long).
+        {
+            let mut asked = lock(&self.asked);
+            if !asked.is_empty() {
+                let polled: HashMap<&str, &NodeView> =
+                    views.iter().map(|v| (v.name.as_str(), v)).collect();
+                asked.retain(|(node, l), _| {
+                    !polled
+                        .get(node.as_str())
+                        .is_some_and(|v| v.whole.contains(l))
+                });
+            }
+        }
         for v in views {
             d.views.insert(v.name.clone(), (Arc::new(v), now));
         }
@@ -942,6 +959,28 @@ mod tests {
             ],
             ..SchedConfig::default()
         })
+    }
+
+    #[test]
+    fn a_prefetch_is_no_longer_counted_as_asked_once_the_index_shows_it() {
+        let s = two_clusters();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        {
+            let mut asked = lock(&s.asked);
+            asked.insert(("w1".into(), a.clone()), Instant::now());
+            asked.insert(("w1".into(), b.clone()), Instant::now());
+        }
+        s.update(vec![NodeView {
+            name: "w1".into(),
+            cluster: "west".into(),
+            whole: [a.clone()].into_iter().collect(),
+            ..NodeView::default()
+        }]);
+        // Shown: from now on the index alone says whether w1 holds it (an
+        // eviction makes it plannable again); b is still on its way.
+        let asked = lock(&s.asked);
+        assert!(!asked.contains_key(&("w1".into(), a)));
+        assert!(asked.contains_key(&("w1".into(), b)));
     }
 
     #[test]
