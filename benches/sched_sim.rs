@@ -20,7 +20,8 @@
 //!   as the node daemon does, caches evict by the node budget's value
 //!   (fetch/src/budget.rs), and the prefetch planner (sched/src/planner.rs)
 //!   runs every 30 s over the popularity that placements feed; prefetches
-//!   take the time their link needs.
+//!   take the time their link needs, one at a time per node, and wait
+//!   while a deployment on the node fetches.
 //! * **default-like**: what a stock cluster does: kube-scheduler's
 //!   least-requested and ImageLocality scores (an image counts only when
 //!   all its layers are on the node, scaled by size and spread), each node
@@ -455,6 +456,16 @@ impl Sim {
         self.from_far += far_bytes;
         self.times.push(ests[k].fetch_secs);
         let node = &mut self.nodes[idx[k]];
+        // The node daemon starts no background request while a deployment
+        // reads (fetch/src/fetcher.rs, take_batch): the prefetches queued
+        // on the node wait until the deployment has its layers.
+        let fetch = ests[k].fetch_secs;
+        if node.link_free > t {
+            for h in node.cache.values_mut().filter(|h| h.ready > t) {
+                h.ready += fetch;
+            }
+            node.link_free += fetch;
+        }
         for l in &d.layers {
             node.keep(l, t, t, self.world.lru, 0.0);
         }
