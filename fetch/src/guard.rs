@@ -1,7 +1,8 @@
 //! Guards at the HTTP edges of the node and scheduler services: a bearer
 //! token for the endpoints that change state and a size limit on request
-//! bodies, each refused with a status and the reason; and a size limit on
-//! the answers these services read from each other.
+//! bodies, each refused with a status and the reason; a bound on the
+//! requests handled at once; and a size limit on the answers these
+//! services read from each other.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -120,6 +121,26 @@ pub fn limit_body(router: Router, max: usize, hint: &'static str) -> Router {
             explain_too_large,
         ))
         .layer(DefaultBodyLimit::max(max))
+}
+
+/// Handle at most `n` requests of `router` at once; the others wait their
+/// turn (in arrival order) before their body is read, so that memory stays
+/// bounded however many arrive together.
+pub fn limit_in_flight(router: Router, n: usize) -> Router {
+    let slots = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+    router.route_layer(middleware::from_fn_with_state(slots, one_slot))
+}
+
+async fn one_slot(
+    State(slots): State<Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match slots.acquire().await {
+        Ok(_slot) => next.run(req).await,
+        // Never closed: the semaphore lives as long as the router.
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
 }
 
 async fn explain_too_large(
@@ -254,5 +275,53 @@ mod tests {
         );
         let (s, t) = send(Some("Bearer tok"), reqwest::Body::wrap_stream(stream)).await;
         assert!(s == 413 && t.contains("limit of 16 bytes"), "{s} {t}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_n_requests_are_handled_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        #[derive(Default)]
+        struct Seen {
+            now: AtomicUsize,
+            most: AtomicUsize,
+        }
+        let seen = Arc::new(Seen::default());
+        let router = Router::new()
+            .route(
+                "/work",
+                post(
+                    |State(seen): State<Arc<Seen>>, _b: axum::body::Bytes| async move {
+                        let now = seen.now.fetch_add(1, Ordering::SeqCst) + 1;
+                        seen.most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        seen.now.fetch_sub(1, Ordering::SeqCst);
+                        "done"
+                    },
+                ),
+            )
+            .with_state(seen.clone());
+        let app =
+            limit_in_flight(router, 3).route("/healthz", axum::routing::get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let calls = (0..20).map(|_| {
+            let r = http.post(format!("{base}/work")).body("x").send();
+            async move { r.await.unwrap().status().as_u16() }
+        });
+        let (statuses, health) = tokio::join!(futures::future::join_all(calls), async {
+            // Routes outside the limit do not wait behind it.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            http.get(format!("{base}/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        assert_eq!(health, 200);
+        assert_eq!(seen.most.load(Ordering::SeqCst), 3);
     }
 }
