@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::mount::{breakfs, files_of, hex_sha256, ok};
 use crate::node::Node;
-use crate::support::images::{Layer, T, tar_of, write_image};
+use crate::support::images::{Layer, T, noise, tar_of, write_image};
 use crate::support::registry::TestRegistry;
 
 /// A request as the hostile servers see it.
@@ -264,19 +264,6 @@ fn hostile_peer(lie: Lie, blobs: Arc<HashMap<String, Vec<u8>>>, decoy: String) -
             }
         }
     })
-}
-
-/// xorshift bytes: content that does not compress.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A small image of incompressible files, as an OCI layout at `dir:v1`;

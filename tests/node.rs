@@ -94,6 +94,11 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// The daemon's process id (0 once stopped).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     pub(crate) fn port(&self) -> u16 {
         self.url.rsplit(':').next().unwrap().parse().unwrap()
     }

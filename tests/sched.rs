@@ -20,7 +20,23 @@ pub(crate) struct SchedProc(pub(crate) Child, pub(crate) String);
 
 impl SchedProc {
     pub(crate) fn start(args: &[String]) -> SchedProc {
-        let mut child = breakfs()
+        SchedProc::spawn(breakfs(), args)
+    }
+
+    /// [`SchedProc::start`] under a soft limit of `n` open files (what
+    /// systemd and containerd give a service unless told otherwise).
+    pub(crate) fn start_with_soft_nofile(n: u64, args: &[String]) -> SchedProc {
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={n}:"))
+            .arg(env!("CARGO_BIN_EXE_breakfs"))
+            .env("BREAKFS_RUN_DIR", crate::mount::run_dir());
+        SchedProc::spawn(prlimit, args)
+    }
+
+    /// `breakfs sched` by `cmd` (the binary or a wrapper that runs it).
+    fn spawn(mut cmd: Command, args: &[String]) -> SchedProc {
+        let mut child = cmd
             .args(["sched", "--plain-http", "--listen", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())

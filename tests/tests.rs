@@ -7,6 +7,7 @@ mod hostile;
 mod hostile_net;
 mod interop_tools;
 mod kube;
+mod load;
 mod mount;
 mod node;
 mod oci_io;

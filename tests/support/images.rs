@@ -103,6 +103,19 @@ pub fn tar_entries(entries: &[T]) -> Vec<u8> {
     out
 }
 
+/// xorshift bytes: content that does not compress.
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// gzip `data` at the default level.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());

@@ -5,6 +5,7 @@ pub mod containerd;
 pub mod corpus;
 pub mod crashloop;
 pub mod images;
+pub mod load;
 pub mod measure;
 pub mod proxy;
 pub mod registry;
