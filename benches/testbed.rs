@@ -1630,7 +1630,19 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
             Ok(())
         },
         &at_all_ready,
-    )?;
+    );
+    if secs.is_err() {
+        // A node that died mid-run leaves its mounts answering ENOTCONN:
+        // say which did, and how.
+        for (n, node) in nodes.iter_mut().enumerate() {
+            if let Some(c) = node.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                eprintln!("testbed: {name}: node {n} had exited before the teardown: {status}");
+            }
+        }
+    }
+    let secs = secs?;
     check_interrupt()?;
     let (cloud, peer) = measured
         .into_inner()

@@ -594,7 +594,10 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
 
 /// Restore the default SIGPIPE action (Rust ignores it), so that
 /// `breakfs inspect ... | head` ends quietly like other Unix tools instead
-/// of panicking on a closed stdout.
+/// of panicking on a closed stdout. Only for the commands that print and
+/// end: with the default action, a write to a socket whose peer hung up
+/// kills the process, and that killed node daemons whose peers gave up on
+/// a slow read (their mounts then answered ENOTCONN).
 #[allow(unsafe_code)]
 fn default_sigpipe() {
     use nix::sys::signal::{SigHandler, Signal, signal};
@@ -622,7 +625,6 @@ fn raise_open_files_limit() {
 
 fn main() -> std::process::ExitCode {
     raise_open_files_limit();
-    default_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BREAKFS_LOG")
@@ -631,6 +633,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Inspect(_) | Command::Status(_)) {
+        default_sigpipe();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

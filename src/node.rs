@@ -589,22 +589,23 @@ impl Daemon {
             .canonicalize()
             .or_else(|_| std::path::absolute(mountpoint))
             .with_context(|| format!("resolving {}", mountpoint.display()))?;
-        if !self.lock().contains_key(&abs) {
-            bail!("this node does not serve a mount at {}", abs.display());
-        }
-        match nix::mount::umount(&abs) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::EBUSY) => bail!(
-                "{} is busy: a process has a file open or its working directory there; \
-                 stop it first (or `umount -l {}` to detach it anyway)",
-                abs.display(),
-                abs.display()
-            ),
-            Err(e) => bail!("unmounting {}: {e}", abs.display()),
-        }
+        // Out of the map while it is unmounted: its session ends with the
+        // unmount, which the status writer must not take for a failure.
         let Some(m) = self.lock().remove(&abs) else {
-            bail!("the mount at {} went away meanwhile", abs.display());
+            bail!("this node does not serve a mount at {}", abs.display());
         };
+        if let Err(e) = nix::mount::umount(&abs) {
+            self.lock().insert(abs.clone(), m);
+            match e {
+                nix::errno::Errno::EBUSY => bail!(
+                    "{} is busy: a process has a file open or its working directory there; \
+                     stop it first (or `umount -l {}` to detach it anyway)",
+                    abs.display(),
+                    abs.display()
+                ),
+                e => bail!("unmounting {}: {e}", abs.display()),
+            }
+        }
         self.release_layers(&m);
         breakfs_fs::remove_status(&abs);
         // An overlay may still hold it: serve until the kernel ends the session.

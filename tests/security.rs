@@ -295,3 +295,91 @@ fn sched_extender_stays_open_plan_needs_the_token_and_nodes_get_it() {
         "{seen:?}"
     );
 }
+
+/// Whether process `pid` ignores SIGPIPE (`SigIgn` in its status).
+fn ignores_sigpipe(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    mask & (1 << (13 - 1)) != 0
+}
+
+/// SO_LINGER 0: closing `s` resets the connection.
+#[allow(unsafe_code)]
+fn reset_on_close(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid open socket and a pointer to a live linger struct
+    // of the size given.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            s.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_LINGER,
+            (&linger as *const nix::libc::linger).cast(),
+            std::mem::size_of::<nix::libc::linger>() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_LINGER");
+}
+
+/// A write to a socket whose client hung up must fail with EPIPE, not kill
+/// the service: with SIGPIPE at its default action, node daemons died when
+/// a peer gave up on a slow read, and their mounts answered ENOTCONN.
+#[test]
+fn services_outlive_clients_that_hang_up_mid_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("n"), &[], &[]);
+    let sched = SchedProc::start(&[format!("--node=n1={}", node.url)]);
+    let extender = serde_json::json!({
+        "Pod": {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x/y:z"}]}},
+        "NodeNames": ["n1"],
+    })
+    .to_string();
+    for (what, pid, addr, request) in [
+        (
+            "breakfs node",
+            node.pid(),
+            node.url.trim_start_matches("http://").to_string(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        ),
+        (
+            "breakfs sched",
+            sched.0.id(),
+            sched.1.trim_start_matches("http://").to_string(),
+            format!(
+                "POST /prioritize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{extender}",
+                extender.len()
+            ),
+        ),
+    ] {
+        assert!(ignores_sigpipe(pid), "{what} does not ignore SIGPIPE");
+        // Ask and hang up at once (a reset, not a clean close), many times.
+        for _ in 0..50 {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            reset_on_close(&s);
+            drop(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{what} died when clients hung up"
+        );
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = [0u8; 12];
+        s.read_exact(&mut answer).unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{what} answers {:?} after the hang-ups",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
