@@ -19,9 +19,10 @@
 //!   clusters around the edge testbed's 20 ms / 200 Mbit/s) or the cloud,
 //!   as the node daemon does, caches evict by the node budget's value
 //!   (fetch/src/budget.rs), and the prefetch planner (sched/src/planner.rs)
-//!   runs every 30 s over the popularity that placements feed; prefetches
-//!   take the time their link needs, one at a time per node, and wait
-//!   while a deployment on the node fetches.
+//!   runs every 30 s over the popularity that placements feed (a layer no
+//!   node holds goes from the cloud into one cluster first, as sched's
+//!   plan_once does); prefetches take the time their link needs, one at a
+//!   time per node, and wait while a deployment on the node fetches.
 //! * **default-like**: what a stock cluster does: kube-scheduler's
 //!   least-requested and ImageLocality scores (an image counts only when
 //!   all its layers are on the node, scaled by size and spread), each node
@@ -50,7 +51,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use breakfs_fetch::budget::layer_value;
 use breakfs_index::Digest;
-use breakfs_sched::planner::{Hot, plan_prefetch};
+use breakfs_sched::planner::{Hot, LayerSet, edge_first, plan_prefetch};
 use breakfs_sched::score::{self, Layer, Link, NodeView, Weights};
 use breakfs_sched::types::Limits;
 use rng::Rng;
@@ -253,6 +254,8 @@ struct Sim {
     popularity: BTreeMap<Digest, (f64, f64, u64)>,
     /// Prefetches asked for: (node, layer) → when (sched's `asked`).
     asked: BTreeMap<(usize, Digest), f64>,
+    /// Planner runs so far (sched's `plan_runs`).
+    plan_runs: usize,
     next_plan: f64,
     sum_share: f64,
     times: Vec<f64>,
@@ -503,21 +506,32 @@ impl Sim {
                     popularity: p * 0.5f64.powf((now - at) / POP_HALF_LIFE),
                 })
                 .collect();
-            for c in 0..CLUSTERS {
+            self.asked.retain(|_, at| now - *at < ASKED_TTL);
+            self.shown(now);
+            // As sched's plan_once: what some node holds whole (at_edge)
+            // and what is on its way to one (in_flight), then the clusters
+            // in turn, one further each run.
+            let mut at_edge = LayerSet::default();
+            let mut in_flight = LayerSet::default();
+            for n in 0..self.nodes.len() {
+                self.nodes[n].sync(now, None);
+                at_edge.extend(self.nodes[n].view.whole.iter().cloned());
+                let pending: HashSet<Digest> = self
+                    .asked
+                    .keys()
+                    .filter(|(m, d)| *m == n && !self.nodes[n].view.whole.contains(d))
+                    .map(|(_, d)| d.clone())
+                    .collect();
+                in_flight.extend(pending.iter().cloned());
+                self.nodes[n].sync(now, Some(&pending));
+            }
+            let turn = self.plan_runs;
+            self.plan_runs += 1;
+            for c in (0..CLUSTERS).map(|c| (c + turn) % CLUSTERS) {
                 let idx: Vec<usize> = (c * PER..(c + 1) * PER).collect();
-                self.asked.retain(|_, at| now - *at < ASKED_TTL);
-                self.shown(now);
-                for &n in &idx {
-                    let pending: HashSet<Digest> = self
-                        .asked
-                        .keys()
-                        .filter(|(m, _)| *m == n)
-                        .map(|(_, d)| d.clone())
-                        .collect();
-                    self.nodes[n].sync(now, Some(&pending));
-                }
                 let cluster: Vec<&NodeView> = idx.iter().map(|&n| &self.nodes[n].view).collect();
                 let plan = plan_prefetch(&cluster, &hot, self.cache_sum());
+                let plan = edge_first(plan, &at_edge, &mut in_flight);
                 for (name, digest) in plan {
                     let n = idx
                         .iter()
@@ -629,6 +643,7 @@ fn replay(deploys: &[Deploy], seed: u64, budget: u64, sum_share: f64) -> (Vec<Si
             nodes: build_nodes(seed, budget),
             popularity: BTreeMap::new(),
             asked: BTreeMap::new(),
+            plan_runs: 0,
             next_plan: PLAN_EVERY,
             sum_share,
             times: Vec::new(),

@@ -8,6 +8,9 @@ use breakfs_index::Digest;
 
 use crate::score::NodeView;
 
+/// A set of layers.
+pub type LayerSet = rustc_hash::FxHashSet<Digest>;
+
 /// A layer with its popularity.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hot {
@@ -89,10 +92,10 @@ pub fn plan_prefetch(cluster: &[&NodeView], hot: &[Hot], cache_sum: u64) -> Vec<
 /// is there. Layers asked here are added to `in_flight`.
 pub fn edge_first(
     plan: Vec<(String, Digest)>,
-    at_edge: &rustc_hash::FxHashSet<Digest>,
-    in_flight: &mut rustc_hash::FxHashSet<Digest>,
+    at_edge: &LayerSet,
+    in_flight: &mut LayerSet,
 ) -> Vec<(String, Digest)> {
-    let mut asked_here = rustc_hash::FxHashSet::default();
+    let mut asked_here = LayerSet::default();
     plan.into_iter()
         .filter(|(_, d)| {
             if at_edge.contains(d) || asked_here.contains(d) {
@@ -123,8 +126,8 @@ mod tests {
     #[test]
     fn a_layer_new_to_the_edge_goes_to_one_cluster_first() {
         let d = |i: u8| Digest::of(&[i]);
-        let at_edge: rustc_hash::FxHashSet<Digest> = [d(1)].into_iter().collect();
-        let mut in_flight: rustc_hash::FxHashSet<Digest> = [d(2)].into_iter().collect();
+        let at_edge: LayerSet = [d(1)].into_iter().collect();
+        let mut in_flight: LayerSet = [d(2)].into_iter().collect();
         let plan = |n: &str| {
             vec![
                 (format!("{n}1"), d(1)),
