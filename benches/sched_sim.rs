@@ -648,7 +648,7 @@ const WORLDS: [World; 5] = [
         lru: false,
     },
     World {
-        name: "bound: always the fastest node, breakfs caches",
+        name: "greedy: always the fastest node, breakfs caches",
         policy: Policy::Fastest,
         peers: true,
         planner: true,
