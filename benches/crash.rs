@@ -35,11 +35,10 @@ mod tree;
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use harness::{Env, publish, run};
+use harness::publish;
 use registry::TestRegistry;
 
 fn main() -> Result<()> {
@@ -75,26 +74,10 @@ fn main() -> Result<()> {
         .into_iter()
         .find(|i| i.tag == "v1")
         .ok_or_else(|| anyhow!("corpus family {family} has no v1"))?;
-    let tmpdir = tempfile::Builder::new()
-        .prefix("breakfs-bench-crash")
-        .tempdir()?;
     let reg = TestRegistry::start();
-    let env = Env {
-        tmp: tmpdir.path().to_path_buf(),
-        run_dir: tmpdir.path().join("run"),
-        link: reg.host(),
-    };
-    std::fs::create_dir_all(&env.run_dir)?;
+    let (_tmpdir, env) = harness::direct_env("breakfs-bench-crash", &reg)?;
     let published = publish(&env, &reg, &image)?;
-    let unpacked = env.fresh("umoci")?.join("tree");
-    run(
-        Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:{}", image.layout.display(), image.tag))
-            .arg(&unpacked),
-        "umoci unpack",
-    )?;
-    let expected = tree::snapshot(&unpacked.join("rootfs"))?;
+    let expected = tree::snapshot(&harness::umoci_rootfs(&env, &image)?)?;
     let opts = crashloop::Options::one_image_two_forms(
         harness::BREAKFS.into(),
         env.run_dir.clone(),

@@ -49,6 +49,33 @@ impl Env {
     }
 }
 
+/// A fresh temp dir (named `prefix...`) and an [`Env`] in it whose link
+/// is `reg` itself, unshaped. Keep the dir until everything in it is gone.
+pub fn direct_env(prefix: &str, reg: &TestRegistry) -> Result<(tempfile::TempDir, Env)> {
+    let tmpdir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let env = Env {
+        tmp: tmpdir.path().to_path_buf(),
+        run_dir: tmpdir.path().join("run"),
+        link: reg.host(),
+    };
+    std::fs::create_dir_all(&env.run_dir)?;
+    Ok((tmpdir, env))
+}
+
+/// `umoci unpack` of `image` into a fresh directory under the temp dir:
+/// the rootfs, to compare mounts with.
+pub fn umoci_rootfs(env: &Env, image: &CorpusImage) -> Result<PathBuf> {
+    let unpacked = env.fresh("umoci")?.join("tree");
+    run(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:{}", image.layout.display(), image.tag))
+            .arg(&unpacked),
+        "umoci unpack",
+    )?;
+    Ok(unpacked.join("rootfs"))
+}
+
 /// A loopback port for a server started later: below the kernel's
 /// ephemeral range (so no outgoing connection takes it meanwhile), free
 /// now, and never handed out twice by this process.
