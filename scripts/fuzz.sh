@@ -50,8 +50,11 @@ for t in "${targets[@]}"; do
     persec=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -n 1 | awk '{print $2}' || true)
     cov=$(grep -o ' cov: [0-9]*' "$log" | tail -n 1 | awk '{print $2}' || true)
     ft=$(grep -o ' ft: [0-9]*' "$log" | tail -n 1 | awk '{print $2}' || true)
-    units=$(find "$corpus" -type f | wc -l)
-    rows+=("| $t | $secs | ${execs:--} | ${persec:--} | ${cov:--} | ${ft:--} | $units | $result |")
+    # libFuzzer's corpus at the end (seeds and learned inputs that add
+    # coverage), not the files in $corpus, which keep every input that
+    # earlier runs wrote there.
+    units=$(grep -o ' corp: [0-9]*' "$log" | tail -n 1 | awk '{print $2}' || true)
+    rows+=("| $t | $secs | ${execs:--} | ${persec:--} | ${cov:--} | ${ft:--} | ${units:--} | $result |")
 done
 
 echo
