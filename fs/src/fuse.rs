@@ -68,7 +68,7 @@ pub struct ImageFs {
     rt: tokio::runtime::Handle,
     stats: Arc<ReadStats>,
     /// Open chunk files of recently read inodes (bounded).
-    open_files: Mutex<std::collections::HashMap<u64, Arc<OpenFile>>>,
+    open_files: Mutex<OpenFiles>,
     /// The kernel does without open/release (zero-message opens).
     no_open: bool,
     /// Dependency-aware prefetch, if on.
@@ -82,10 +82,44 @@ const READ_AHEAD_CHUNKS: usize = 2;
 
 /// Most inodes whose chunk files stay open at once.
 const OPEN_FILES: usize = 1024;
+/// Most chunk files they may hold open in all (one descriptor each): 1,024
+/// files of 4 MiB chunks could otherwise hold a descriptor per chunk of
+/// gigabytes of files.
+const OPEN_CHUNK_FILES: usize = 4096;
 
 struct OpenFile {
     ino: u64,
     files: Vec<std::sync::OnceLock<File>>,
+}
+
+/// The chunk files of recently read inodes, within [`OPEN_FILES`] inodes
+/// and [`OPEN_CHUNK_FILES`] chunk slots: past either, all are let go (reads
+/// in flight keep theirs until they end).
+#[derive(Default)]
+struct OpenFiles {
+    files: std::collections::HashMap<u64, Arc<OpenFile>>,
+    /// Chunk slots of `files`, each holding a descriptor once read.
+    slots: usize,
+}
+
+impl OpenFiles {
+    /// The chunk files of inode `ino`, which has `chunks` chunks.
+    fn get(&mut self, ino: u64, chunks: usize) -> Arc<OpenFile> {
+        if let Some(of) = self.files.get(&ino) {
+            return of.clone();
+        }
+        if self.files.len() >= OPEN_FILES || self.slots + chunks > OPEN_CHUNK_FILES {
+            self.files.clear();
+            self.slots = 0;
+        }
+        let of = Arc::new(OpenFile {
+            ino,
+            files: (0..chunks).map(|_| std::sync::OnceLock::new()).collect(),
+        });
+        self.files.insert(ino, of.clone());
+        self.slots += chunks;
+        of
+    }
 }
 
 impl ImageFs {
@@ -116,19 +150,10 @@ impl ImageFs {
 
     /// The chunk files of inode `ino` (opened lazily, kept for later reads).
     fn open_file(&self, ino: u64, chunks: usize) -> Arc<OpenFile> {
-        let mut map = self.open_files.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(of) = map.get(&ino) {
-            return of.clone();
-        }
-        if map.len() >= OPEN_FILES {
-            map.clear();
-        }
-        let of = Arc::new(OpenFile {
-            ino,
-            files: (0..chunks).map(|_| std::sync::OnceLock::new()).collect(),
-        });
-        map.insert(ino, of.clone());
-        of
+        self.open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(ino, chunks)
     }
 
     /// A read missed chunks of a file: ask for the file's other missing
@@ -535,4 +560,28 @@ pub fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_chunk_files_stay_within_their_bounds() {
+        let mut open = OpenFiles::default();
+        // Many files of many chunks: the descriptors they may hold stay
+        // bounded (before, 1,024 files of 100 chunks could hold 102,400).
+        for ino in 0..5_000u64 {
+            open.get(ino, 100);
+            assert!(open.slots <= OPEN_CHUNK_FILES, "{} slots", open.slots);
+        }
+        for ino in 0..5_000u64 {
+            open.get(ino, 1);
+            assert!(open.files.len() <= OPEN_FILES);
+        }
+        // A file read again gets the same slots while it is kept.
+        let a = open.get(7, 3);
+        assert!(Arc::ptr_eq(&a, &open.get(7, 3)));
+        assert_eq!(a.files.len(), 3);
+    }
 }
