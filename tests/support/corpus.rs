@@ -433,7 +433,7 @@ pub fn build_family(name: &str) -> Result<Vec<CorpusImage>> {
     let cache = cache_dir();
     ensure_apt_lists()?;
     let plan =
-        plan_family(fam, &cache).with_context(|| format!("planning corpus family {name}"))?;
+        cached_plan(fam, &cache).with_context(|| format!("planning corpus family {name}"))?;
 
     let layout = cache.join("corpus").join(fam.name);
     fs::create_dir_all(layout.join("blobs").join("sha256"))
@@ -536,6 +536,7 @@ pub fn run_in_rootfs(rootfs: &Path, command: &[String]) -> std::io::Result<std::
 // Planning: package sets and versions.
 
 /// The package plan of a family: names per layer (in install order) and versions.
+#[derive(Serialize, Deserialize)]
 struct Plan {
     base: Vec<String>,
     deps: Vec<String>,
@@ -715,6 +716,50 @@ fn archive_versions(names: &[String]) -> Result<BTreeMap<String, Vec<String>>> {
         list.sort_by(|a, b| compare_versions(a, b));
     }
     Ok(versions)
+}
+
+/// [`plan_family`], kept under `cache/plans` by the family and the apt
+/// lists it was made from (their names, sizes and times): resolving the
+/// closure and listing every version with apt takes seconds per family on
+/// each run, and the answer changes only with `apt-get update`.
+fn cached_plan(fam: &Family, cache: &Path) -> Result<Plan> {
+    let mut key = Sha256::new();
+    key.update(fam.name.as_bytes());
+    for p in BASE_PACKAGES.iter().chain(fam.app_packages) {
+        key.update(b"\0");
+        key.update(p.as_bytes());
+    }
+    let lists = Path::new("/var/lib/apt/lists");
+    let mut entries: Vec<(OsString, u64, i64, i64)> = fs::read_dir(lists)
+        .with_context(|| format!("reading {}", lists.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.file_name(), m.len(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect();
+    entries.sort();
+    for (name, len, secs, nsecs) in &entries {
+        key.update(name.as_encoded_bytes());
+        key.update(format!(" {len} {secs}.{nsecs}\n").as_bytes());
+    }
+    let dir = cache.join("plans");
+    let path = dir.join(format!(
+        "{}-{}.json",
+        fam.name,
+        &hex::encode(key.finalize())[..16]
+    ));
+    if let Ok(text) = fs::read_to_string(&path)
+        && let Ok(plan) = serde_json::from_str::<Plan>(&text)
+    {
+        return Ok(plan);
+    }
+    let plan = plan_family(fam, cache)?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let partial = path.with_extension(format!("partial{}", std::process::id()));
+    fs::write(&partial, serde_json::to_vec(&plan)?)?;
+    fs::rename(&partial, &path)?;
+    Ok(plan)
 }
 
 fn plan_family(fam: &Family, cache: &Path) -> Result<Plan> {
