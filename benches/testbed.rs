@@ -1468,10 +1468,7 @@ impl SchedProc {
     /// Stop it now (SIGKILL; its planner sends nothing more); dropping it
     /// reaps it.
     fn stop(&self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        harness::signal_child(&self.child, nix::sys::signal::Signal::SIGKILL);
     }
 }
 

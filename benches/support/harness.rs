@@ -170,8 +170,14 @@ impl Shaper {
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+        signal_child(&self.child, sig);
     }
+}
+
+/// Send `sig` to `child` without waiting (it is not reaped yet, so its pid
+/// is still its own).
+pub fn signal_child(child: &Child, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
 }
 
 impl Drop for Shaper {
@@ -426,10 +432,7 @@ impl Node {
     /// all first, then drop them.
     pub fn ask_to_stop(&self) {
         if let Some(c) = &self.child {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            signal_child(c, nix::sys::signal::Signal::SIGTERM);
         }
     }
 }
