@@ -109,11 +109,15 @@ enum Command {
     /// (`skopeo copy docker://NODE:PORT/REPO:TAG` works against it);
     /// publishes GET /cache/index, /measurements and /metrics; prefetches
     /// on POST /prefetch at background priority; and keeps the store
-    /// within --budget.
+    /// within --budget. With --relay HOST on each node of an edge whose
+    /// nodes have uplinks of their own, a layer no peer holds comes from
+    /// registry HOST over this node's link and its peers' links at once.
     ///
     /// Examples:
     ///   breakfs node --listen 0.0.0.0:7480 --cache /var/lib/breakfs/store --budget 20GiB \
     ///       --peer http://10.0.0.2:7480 --peer http://10.0.0.3:7480
+    ///   breakfs node --peer http://10.0.0.2:7480 --peer http://10.0.0.3:7480 \
+    ///       --relay registry.example.com
     ///   breakfs node --config /etc/breakfs/node.toml
     ///   curl -X POST -d '{"images":["docker://reg:5000/app:v2"]}' http://127.0.0.1:7480/prefetch
     #[command(verbatim_doc_comment)]

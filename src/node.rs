@@ -1,8 +1,10 @@
 //! `breakfs node`: the node daemon. One per edge node, it owns the content
 //! store, fetches through one scheduler for all its mounts and prefetches
-//! (store → peers → cloud), serves what it holds to peers over the OCI
-//! distribution API, publishes its cache index, measurements and metrics,
-//! and mounts images on request (`breakfs mount --node`).
+//! (store → peers → with `--relay`, the least loaded of its own and its
+//! peers' registry links → cloud), serves what it holds to peers over the
+//! OCI distribution API (and relays registry ranges for them), publishes
+//! its cache index, measurements and metrics, and mounts images on request
+//! (`breakfs mount --node`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use breakfs_fetch::guard::{self, Token};
 use breakfs_fetch::metrics::PromText;
 use breakfs_fetch::peer::{Links, PeerSource, Peers};
 use breakfs_fetch::prefetch::Prefetcher;
+use breakfs_fetch::relay::{Relay, RelaySource};
 use breakfs_fetch::server::{NodeService, Served};
 use breakfs_fetch::{CloudSource, ContentStore, FetchOptions, Fetcher, LocalSource, Source};
 use breakfs_fs::{MountOptions, Mounted, StatusRecord};
@@ -38,8 +41,9 @@ const READY: &str = "BREAKFS-NODE-READY";
 #[derive(Args)]
 pub struct NodeArgs {
     /// A TOML file with any of the settings below (flags win over it):
-    /// listen, socket, advertise, cache, budget, peers, learn_peers, plain_http,
-    /// prefetch_rate, deadline, parallel, token_file, registry_timeout, verify.
+    /// listen, socket, advertise, cache, budget, peers, learn_peers, relay,
+    /// plain_http, prefetch_rate, deadline, parallel, token_file,
+    /// registry_timeout, verify.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve peers, the scheduler and OCI clients on
@@ -69,6 +73,20 @@ pub struct NodeArgs {
     /// place: NAT, proxies, shaped links).
     #[arg(long)]
     no_learn_peers: bool,
+    /// Stripe cold pulls from registry HOST (as image references name it,
+    /// e.g. registry.example.com or 10.0.0.9:5000) over peers' registry
+    /// links; repeat for several registries. A layer no peer holds then
+    /// comes over this node's own link and, at once, through the peers that
+    /// relay for HOST too: each range request goes over the least loaded
+    /// link, and every chunk is checked as from any source (the registry
+    /// itself stays the fallback). The node also relays ranges from HOST
+    /// for its peers, over its own registry link, keeping nothing. Worth it
+    /// where each node has an uplink of its own; off by default (nodes
+    /// sharing one uplink gain nothing). With --token-file, relay requests
+    /// must carry the token, and this node sends its own: give the nodes of
+    /// an edge the same token file.
+    #[arg(long = "relay", value_name = "HOST")]
+    relay: Vec<String>,
     /// Background work (hydration, prefetch) at most this many bytes per
     /// second, from any source (e.g. 2MiB: below this node's share of the
     /// cloud link); on-demand reads always go first.
@@ -108,6 +126,8 @@ struct NodeConfig {
     #[serde(default)]
     peers: Vec<String>,
     learn_peers: Option<bool>,
+    #[serde(default)]
+    relay: Vec<String>,
     plain_http: Option<bool>,
     prefetch_rate: Option<String>,
     deadline: Option<u64>,
@@ -151,6 +171,7 @@ struct Settings {
     budget: Option<u64>,
     peers: Vec<String>,
     learn_peers: bool,
+    relay: Vec<String>,
     plain_http: bool,
     prefetch_rate: Option<u64>,
     deadline: u64,
@@ -174,6 +195,17 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
     let rate = a.prefetch_rate.clone().or(file.prefetch_rate);
     let mut peers = file.peers;
     peers.extend(a.peers.iter().cloned());
+    let mut relay = file.relay;
+    relay.extend(a.relay.iter().cloned());
+    if let Some(bad) = relay
+        .iter()
+        .find(|h| h.trim().is_empty() || h.contains('/'))
+    {
+        bail!(
+            "--relay {bad:?}: name a registry host as image references do \
+             (registry.example.com, 10.0.0.9:5000), without a scheme or path"
+        );
+    }
     Ok(Settings {
         listen: a
             .listen
@@ -198,6 +230,7 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
             .context("--budget")?,
         peers,
         learn_peers: !a.no_learn_peers && file.learn_peers.unwrap_or(true),
+        relay,
         plain_http: a.client.plain_http || file.plain_http.unwrap_or(false),
         prefetch_rate: rate
             .as_deref()
@@ -295,15 +328,23 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         background_rate: s.prefetch_rate,
         ..FetchOptions::default()
     };
-    let sources: Vec<Arc<dyn Source>> = vec![
+    let relay = Relay::new(&s.relay, &client, s.token.clone());
+    let mut sources: Vec<Arc<dyn Source>> = vec![
         Arc::new(LocalSource {
             store: store.clone(),
         }),
         Arc::new(PeerSource {
             peers: peers.clone(),
         }),
-        cloud.clone(),
     ];
+    if !s.relay.is_empty() {
+        sources.push(Arc::new(RelaySource {
+            relay: relay.clone(),
+            peers: peers.clone(),
+            cloud: cloud.clone(),
+        }));
+    }
+    sources.push(cloud.clone());
     if let Some(b) = &budget {
         let (peers, links) = (peers.clone(), links.clone());
         b.set_refetchable(Box::new(move |layer| {
@@ -338,6 +379,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         budget: s.budget,
         served: Served::default(),
         metrics_hook: Mutex::new(None),
+        relay,
     });
     spawn_cloud_probe(cloud, links, client.clone());
     let daemon = Arc::new(Daemon {
@@ -377,7 +419,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         });
     }
     eprintln!(
-        "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}{}",
+        "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}{}{}",
         s.socket.display(),
         s.cache.display(),
         s.budget
@@ -387,6 +429,11 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ", control over TCP with the bearer token"
         } else {
             ""
+        },
+        if s.relay.is_empty() {
+            String::new()
+        } else {
+            format!(", relaying for {}", s.relay.join(", "))
         }
     );
     println!("{READY} {url}");

@@ -108,6 +108,15 @@ pub enum Error {
         /// Why every source failed.
         reason: String,
     },
+    /// A source that is busy now (a relaying peer at its limit): ask the
+    /// next one, and this one again later.
+    #[error("{what}: {reason}")]
+    Busy {
+        /// What was asked, with of whom.
+        what: String,
+        /// Why it was turned away.
+        reason: String,
+    },
     /// A server too slow to wait for: no answer in time, or a body that
     /// trickles in (a slow link, or a hostile server holding the reader).
     #[error("{what}: {reason}; cut off")]

@@ -177,7 +177,7 @@ struct Inner {
 
 /// How long a peer that failed a request is not asked: the next source
 /// (the cloud at the end) serves meanwhile.
-const PEER_REST: Duration = Duration::from_secs(30);
+pub(crate) const PEER_REST: Duration = Duration::from_secs(30);
 
 /// The fetch scheduler; cheap to clone, one per store.
 #[derive(Clone)]
@@ -387,7 +387,10 @@ impl Fetcher {
         }
         let mut last: Option<Error> = None;
         for src in concrete_sources(inner, &desc.digest) {
-            if src.class() == SourceClass::Local || resting(inner, &*src) {
+            // Relays move ranges only.
+            if matches!(src.class(), SourceClass::Local | SourceClass::Relay)
+                || resting(inner, &*src)
+            {
                 continue;
             }
             for attempt in 0..inner.opts.attempts.max(1) {
@@ -408,7 +411,7 @@ impl Fetcher {
                             .or_default()
                             .failures += 1;
                         tracing::warn!(source = %src.name(), blob = %desc.digest, "fetching a blob failed: {e}");
-                        let fatal = matches!(e, Error::NotFound { .. });
+                        let fatal = passed_on(&e);
                         let rests = !fatal && rest(inner, &*src, &e);
                         last = Some(e);
                         if fatal || rests {
@@ -634,9 +637,9 @@ fn record_failure(inner: &Inner, src: &dyn Source) {
         .failures += 1;
 }
 
-/// Whether `src` is a peer resting after a failure.
+/// Whether `src` is a peer (or relay) resting after a failure.
 fn resting(inner: &Inner, src: &dyn Source) -> bool {
-    if src.class() != SourceClass::Peer {
+    if !src.class().other_node() {
         return false;
     }
     let mut r = lock(&inner.resting);
@@ -651,11 +654,11 @@ fn resting(inner: &Inner, src: &dyn Source) -> bool {
     }
 }
 
-/// After `src` failed with `e`: a peer rests for [`PEER_REST`] (its
+/// After `src` failed with `e`: a peer (or relay) rests for [`PEER_REST`] (its
 /// failures cost a reader the attempt timeout each; the next source
 /// serves meanwhile). Returns whether it rests.
 fn rest(inner: &Inner, src: &dyn Source, e: &Error) -> bool {
-    if src.class() != SourceClass::Peer {
+    if !src.class().other_node() {
         return false;
     }
     tracing::warn!(
@@ -665,6 +668,13 @@ fn rest(inner: &Inner, src: &dyn Source, e: &Error) -> bool {
     );
     lock(&inner.resting).insert(src.name(), std::time::Instant::now() + PEER_REST);
     true
+}
+
+/// Whether a source's answer `e` sends the request on to the next source
+/// at once, without retrying or resting this one: it does not have the
+/// bytes, or it is busy now.
+fn passed_on(e: &Error) -> bool {
+    matches!(e, Error::NotFound { .. } | Error::Busy { .. })
 }
 
 /// Whether the members of `jobs` cover `[start, end)` without a hole.
@@ -740,7 +750,7 @@ async fn fetch_verified(
                 },
             };
             record_failure(inner, &*src);
-            let fatal = matches!(err, Error::NotFound { .. });
+            let fatal = passed_on(&err);
             if !fatal || src.class() == SourceClass::Cloud {
                 tracing::warn!(source = %name, attempt, "range request failed: {err}");
             }
@@ -788,6 +798,7 @@ async fn fetch_verified(
                         s.digest_failures += 1;
                         tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}; the bytes were not used");
                         lock(&inner.bad).insert((name.clone(), j.digest.clone()));
+                        src.wrong_bytes();
                         last_error = e;
                         failed.push(j);
                     }
@@ -872,7 +883,7 @@ impl Fetcher {
         let inner = &self.inner;
         let mut last: Option<Error> = None;
         for src in concrete_sources(inner, blob) {
-            if (trusted_only && src.class() == SourceClass::Peer) || resting(inner, &*src) {
+            if (trusted_only && src.class().other_node()) || resting(inner, &*src) {
                 continue;
             }
             let began = std::time::Instant::now();
@@ -900,7 +911,7 @@ impl Fetcher {
                     last = Some(e);
                 }
                 Err(e) => {
-                    if !matches!(e, Error::NotFound { .. }) {
+                    if !passed_on(&e) {
                         record_failure(inner, &*src);
                         rest(inner, &*src, &e);
                     }

@@ -65,6 +65,14 @@ impl Token {
         format!("Bearer {}", self.secret)
     }
 
+    /// Whether an `Authorization` header value carries the token as
+    /// `Bearer TOKEN`.
+    pub fn admits_bearer(&self, authorization: Option<&[u8]>) -> bool {
+        authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .is_some_and(|t| self.admits(t))
+    }
+
     /// Whether `given` is the secret; takes the same time wherever they differ.
     fn admits(&self, given: &[u8]) -> bool {
         let want = self.secret.as_bytes();

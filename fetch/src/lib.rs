@@ -10,6 +10,10 @@
 //! land atomically; pushes skip blobs already present and mount across
 //! repositories where they can.
 //!
+//! A node's fetch chain is its store, its peers (`peer`), with `--relay`
+//! its peers' registry links beside its own (`relay`), and the cloud
+//! ([`CloudSource`]), under one scheduler ([`Fetcher`]).
+//!
 //! [`ContentStore`] is a node's verified, content-addressed cache;
 //! [`verify_store`] checks one end to end (`breakfs verify`).
 //!
@@ -30,6 +34,7 @@ mod options;
 pub mod peer;
 pub mod prefetch;
 mod registry;
+pub mod relay;
 pub mod server;
 mod shaping;
 mod source;

@@ -17,6 +17,7 @@ use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use crate::source::not_here;
 use crate::{ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass};
 
 /// The repository name a node uses when reading blobs from peers (peers
@@ -53,6 +54,10 @@ pub struct CacheIndex {
     pub budget: Option<u64>,
     /// Peers this node knows (so that peers learn of each other).
     pub peers: Vec<String>,
+    /// Registries (`HOST[:PORT]`) the node fetches ranges from for its
+    /// peers (`breakfs node --relay`).
+    #[serde(default)]
+    pub relay: Vec<String>,
 }
 
 /// A whole blob in an index.
@@ -109,6 +114,7 @@ impl CacheIndex {
             used: held + chunk_bytes,
             budget,
             peers,
+            relay: Vec::new(),
         }
     }
 
@@ -289,24 +295,7 @@ impl Peers {
                 reason: format!("{MAX_LEARNED} peers are learned already; not added"),
             });
         }
-        let parsed = reqwest::Url::parse(&url).map_err(|e| Error::Protocol {
-            what: format!("peer {url}"),
-            reason: format!("not a URL like http://10.0.0.2:7070: {e}"),
-        })?;
-        let host = match (parsed.host_str(), parsed.port_or_known_default()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            _ => {
-                return Err(Error::Protocol {
-                    what: format!("peer {url}"),
-                    reason: "it has no host".into(),
-                });
-            }
-        };
-        let opts = ClientOptions {
-            plain_http: parsed.scheme() == "http",
-            ..self.opts.clone()
-        };
-        let repo = RegistryRepo::new(&host, PEER_REPO, &opts)?;
+        let repo = peer_repo(&url, PEER_REPO, &self.opts)?;
         peers.insert(
             url,
             PeerState {
@@ -329,6 +318,16 @@ impl Peers {
     /// The known peers' URLs.
     pub fn urls(&self) -> Vec<String> {
         lock(&self.peers).keys().cloned().collect()
+    }
+
+    /// The peers with a fresh index that say they relay for registry
+    /// `host`.
+    pub fn relays_for(&self, host: &str) -> Vec<String> {
+        lock(&self.peers)
+            .iter()
+            .filter(|(_, p)| fresh(p).is_some_and(|i| i.relay.iter().any(|h| h == host)))
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 
     /// The link measurements.
@@ -445,6 +444,29 @@ fn fresh(p: &PeerState) -> Option<&CacheIndex> {
     ok.then_some(p.index.as_ref()).flatten()
 }
 
+/// A client for repository `repo` at the peer at `url` (`http://HOST:PORT`,
+/// normalized), with `opts` (plain HTTP when the URL says so).
+pub(crate) fn peer_repo(url: &str, repo: &str, opts: &ClientOptions) -> Result<RegistryRepo> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| Error::Protocol {
+        what: format!("peer {url}"),
+        reason: format!("not a URL like http://10.0.0.2:7070: {e}"),
+    })?;
+    let host = match (parsed.host_str(), parsed.port_or_known_default()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        _ => {
+            return Err(Error::Protocol {
+                what: format!("peer {url}"),
+                reason: "it has no host".into(),
+            });
+        }
+    };
+    let opts = ClientOptions {
+        plain_http: parsed.scheme() == "http",
+        ..opts.clone()
+    };
+    RegistryRepo::new(&host, repo, &opts)
+}
+
 fn normalize(url: &str) -> String {
     url.trim().trim_end_matches('/').to_string()
 }
@@ -475,11 +497,7 @@ impl Source for PeerSource {
         _start: u64,
         _len: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>>> {
-        Box::pin(async move {
-            Err(Error::NotFound {
-                what: format!("blob {blob} at a peer"),
-            })
-        })
+        not_here(format!("blob {blob} at a peer"))
     }
 
     fn blob_to_file<'a>(
@@ -487,11 +505,7 @@ impl Source for PeerSource {
         desc: &'a Descriptor,
         _path: &'a Path,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            Err(Error::NotFound {
-                what: format!("blob {} at a peer", desc.digest),
-            })
-        })
+        not_here(format!("blob {} at a peer", desc.digest))
     }
 }
 

@@ -68,6 +68,8 @@ pub struct RegistryRepo {
     /// The connect timeout, the longest wait for an answer, and the grace
     /// before a body must keep [`MIN_RATE`].
     timeout: Duration,
+    /// Headers sent with every request (a relay request's).
+    extra: HeaderMap,
 }
 
 /// One request, rebuilt for each attempt.
@@ -149,7 +151,18 @@ impl RegistryRepo {
             chunk_size: DEFAULT_CHUNK,
             platform: opts.platform.clone(),
             timeout: opts.timeout,
+            extra: HeaderMap::new(),
         })
+    }
+
+    /// The same client sending header `name: value` with every request.
+    pub fn with_header(mut self, name: header::HeaderName, value: &str) -> Result<RegistryRepo> {
+        let v = HeaderValue::from_str(value).map_err(|_| Error::Protocol {
+            what: self.name(),
+            reason: format!("{value:?} cannot be sent as the {name} header"),
+        })?;
+        self.extra.insert(name, v);
+        Ok(self)
     }
 
     /// `HOST[:PORT]`.
@@ -230,6 +243,7 @@ impl RegistryRepo {
             let mut rb = self
                 .client
                 .request(req.method.clone(), req.url.clone())
+                .headers(self.extra.clone())
                 .headers(req.headers.clone());
             if let Some(a) = self.current_auth() {
                 rb = rb.header(header::AUTHORIZATION, a);

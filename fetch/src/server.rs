@@ -6,7 +6,10 @@
 //! digest or by a tag the node itself resolved (the bytes are still the
 //! digest's). Reads are open to anyone who reaches the node; `POST
 //! /prefetch` changes its state and can require a bearer token; request
-//! bodies are limited to [`guard::MAX_CONTROL_BODY`].
+//! bodies are limited to [`guard::MAX_CONTROL_BODY`]. A blob range the
+//! node does not hold, asked with `Breakfs-Relay: HOST`, is relayed from
+//! that registry (`crate::relay`): only for the registries the node relays
+//! for, bounded in size and number, behind the token when there is one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,7 @@ use crate::guard::{self, Token};
 use crate::metrics::{Histogram, PromText};
 use crate::peer::{CacheIndex, Peers};
 use crate::prefetch::{PrefetchRequest, Prefetcher};
+use crate::relay::{MAX_RELAY_RANGE, RELAY_HEADER, Refusal, Relay, RelayAsk};
 use crate::{CloudSource, ContentStore, Fetcher};
 
 /// Extra metric lines a node adds (its mounts' hydration, evictions).
@@ -62,6 +66,8 @@ pub struct NodeService {
     pub served: Served,
     /// Extra metrics.
     pub metrics_hook: Mutex<Option<MetricsHook>>,
+    /// What it relays for its peers, and through them.
+    pub relay: Arc<Relay>,
 }
 
 /// The routes of the peer-facing service; with `token`, `POST /prefetch`
@@ -192,7 +198,7 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, Str
     Ok(Some((start, end)))
 }
 
-async fn blob(svc: &Arc<NodeService>, _name: &str, digest: &str, headers: &HeaderMap) -> Response {
+async fn blob(svc: &Arc<NodeService>, name: &str, digest: &str, headers: &HeaderMap) -> Response {
     let Ok(d) = Digest::parse(digest) else {
         return oci_error(
             StatusCode::BAD_REQUEST,
@@ -207,7 +213,7 @@ async fn blob(svc: &Arc<NodeService>, _name: &str, digest: &str, headers: &Heade
         .filter(|m| m.is_file())
         .map(|m| m.len());
     let Some(size) = size else {
-        return partial_blob(svc, &d, headers).await;
+        return partial_blob(svc, name, &d, headers).await;
     };
     let range = match parse_range(headers, size) {
         Ok(r) => r,
@@ -223,7 +229,7 @@ async fn blob(svc: &Arc<NodeService>, _name: &str, digest: &str, headers: &Heade
     let (start, end) = range.unwrap_or((0, size));
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
-        Err(_) => return partial_blob(svc, &d, headers).await,
+        Err(_) => return partial_blob(svc, name, &d, headers).await,
     };
     let mut file = file;
     if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
@@ -258,8 +264,38 @@ async fn blob(svc: &Arc<NodeService>, _name: &str, digest: &str, headers: &Heade
 }
 
 /// A Range request for a layer held only in part: served from verified
-/// ranges when they cover it.
-async fn partial_blob(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) -> Response {
+/// ranges when they cover it, else relayed when the request asks for it.
+async fn partial_blob(
+    svc: &Arc<NodeService>,
+    name: &str,
+    d: &Digest,
+    headers: &HeaderMap,
+) -> Response {
+    let held = match held_range(svc, d, headers).await {
+        Ok(r) => r,
+        Err(_) if headers.contains_key(RELAY_HEADER) => {
+            return relayed(svc, name, d, headers).await;
+        }
+        Err(why) => {
+            svc.served.misses.fetch_add(1, Ordering::Relaxed);
+            return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", why);
+        }
+    };
+    let (range, bytes) = held;
+    svc.served.hits.fetch_add(1, Ordering::Relaxed);
+    svc.served
+        .blob_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    range_answer(d, range.0, bytes)
+}
+
+/// The asked range of `d` from the verified ranges the store keeps, or
+/// why it is not there.
+async fn held_range(
+    svc: &Arc<NodeService>,
+    d: &Digest,
+    headers: &HeaderMap,
+) -> Result<((u64, u64), Vec<u8>), &'static str> {
     let held = {
         let (store, d) = (svc.store.clone(), d.clone());
         tokio::task::spawn_blocking(move || store.held_ranges(&d))
@@ -267,25 +303,22 @@ async fn partial_blob(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) -
             .unwrap_or_default()
     };
     if held.is_empty() {
-        svc.served.misses.fetch_add(1, Ordering::Relaxed);
-        return oci_error(
-            StatusCode::NOT_FOUND,
-            "BLOB_UNKNOWN",
-            "this node does not hold the blob",
-        );
+        return Err("this node does not hold the blob");
     }
     let end_known = held.iter().map(|r| r.1).max().unwrap_or(0);
-    let range = match parse_range(headers, end_known) {
-        Ok(Some(r)) => r,
-        Ok(None) | Err(_) => {
-            svc.served.misses.fetch_add(1, Ordering::Relaxed);
-            return oci_error(
-                StatusCode::NOT_FOUND,
-                "BLOB_UNKNOWN",
-                "this node holds only parts of the blob: ask for a range it holds (see /cache/index)",
-            );
-        }
+    let Ok(Some(range)) = parse_range(headers, end_known) else {
+        return Err(
+            "this node holds only parts of the blob: ask for a range it holds (see /cache/index)",
+        );
     };
+    // A closed range reaching past what is held is not held: a shorter
+    // answer would pass for all of it.
+    if let Ok(Some((_, asked_end))) = parse_range(headers, u64::MAX)
+        && asked_end < u64::MAX
+        && asked_end > range.1
+    {
+        return Err("this node does not hold that range");
+    }
     let bytes = {
         let (store, d) = (svc.store.clone(), d.clone());
         tokio::task::spawn_blocking(move || store.read_held(&d, range.0, range.1 - range.0))
@@ -294,26 +327,19 @@ async fn partial_blob(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) -
             .and_then(|r| r.ok())
             .flatten()
     };
-    let Some(bytes) = bytes else {
-        svc.served.misses.fetch_add(1, Ordering::Relaxed);
-        return oci_error(
-            StatusCode::NOT_FOUND,
-            "BLOB_UNKNOWN",
-            "this node does not hold that range",
-        );
-    };
-    svc.served.hits.fetch_add(1, Ordering::Relaxed);
-    svc.served
-        .blob_bytes
-        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    bytes
+        .map(|b| (range, b))
+        .ok_or("this node does not hold that range")
+}
+
+/// A 206 answer of `bytes` at `start` of blob `d` (its size unsaid).
+fn range_answer(d: &Digest, start: u64, bytes: Vec<u8>) -> Response {
+    let last = (start + bytes.len() as u64).saturating_sub(1);
     (
         StatusCode::PARTIAL_CONTENT,
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::CONTENT_RANGE,
-                format!("bytes {}-{}/*", range.0, range.1 - 1),
-            ),
+            (header::CONTENT_RANGE, format!("bytes {start}-{last}/*")),
             (
                 header::HeaderName::from_static("docker-content-digest"),
                 d.to_string(),
@@ -322,6 +348,61 @@ async fn partial_blob(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) -
         bytes,
     )
         .into_response()
+}
+
+/// A range of blob `d` in repository `name` fetched from the registry the
+/// `Breakfs-Relay` header names, for a peer.
+async fn relayed(svc: &Arc<NodeService>, name: &str, d: &Digest, headers: &HeaderMap) -> Response {
+    let Some(host) = headers.get(RELAY_HEADER).and_then(|v| v.to_str().ok()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "the Breakfs-Relay header is not text: name a registry as HOST[:PORT]\n",
+        )
+            .into_response();
+    };
+    // Any size: the registry knows the blob's; a range past it is the
+    // registry's to refuse.
+    let (start, end) = match parse_range(headers, u64::MAX) {
+        Ok(Some((s, e))) if e < u64::MAX => (s, e),
+        Ok(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "a relay request asks for one closed range, `Range: bytes=A-B`, of at most \
+                     {MAX_RELAY_RANGE} bytes\n"
+                ),
+            )
+                .into_response();
+        }
+        Err(e) => return (StatusCode::RANGE_NOT_SATISFIABLE, format!("{e}\n")).into_response(),
+    };
+    let ask = RelayAsk {
+        host: host.trim(),
+        name,
+        blob: d,
+        start,
+        end,
+        authorization: headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+    };
+    match svc.relay.relay_range(&ask).await {
+        Ok(bytes) => range_answer(d, start, bytes),
+        Err(r) => {
+            let status = match &r {
+                Refusal::NotRelayed { .. } => StatusCode::FORBIDDEN,
+                Refusal::NeedsToken => StatusCode::UNAUTHORIZED,
+                Refusal::BadRequest(_) | Refusal::TooLarge(_) => StatusCode::BAD_REQUEST,
+                Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::Upstream(crate::Error::NotFound { .. }) => StatusCode::NOT_FOUND,
+                Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
+            };
+            let mut resp = (status, format!("{r}\n")).into_response();
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            resp
+        }
+    }
 }
 
 async fn manifest(svc: &Arc<NodeService>, name: &str, reference: &str) -> Response {
@@ -383,7 +464,9 @@ pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
 async fn cache_index(State(svc): State<Arc<NodeService>>) -> Response {
     let s = svc.clone();
     let index = tokio::task::spawn_blocking(move || {
-        CacheIndex::of_store(&s.store, &s.node_url, s.budget, s.peers.urls())
+        let mut i = CacheIndex::of_store(&s.store, &s.node_url, s.budget, s.peers.urls());
+        i.relay = s.relay.hosts();
+        i
     })
     .await;
     match index {
@@ -396,6 +479,7 @@ async fn measurements(State(svc): State<Arc<NodeService>>) -> Response {
     axum::Json(serde_json::json!({
         "node": svc.node_url,
         "links": svc.peers.links().snapshot(),
+        "relay": svc.relay.status(),
     }))
     .into_response()
 }
@@ -425,6 +509,9 @@ async fn prefetch_list(State(svc): State<Arc<NodeService>>) -> Response {
     axum::Json(svc.prefetcher.tasks()).into_response()
 }
 
+/// The source classes the fetch metrics are labelled by.
+const CLASSES: [&str; 4] = ["local", "peer", "relay", "cloud"];
+
 async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
     let s = svc.clone();
     let used = tokio::task::spawn_blocking(move || s.store.usage())
@@ -434,13 +521,14 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
     let mut p = PromText::new();
     // Bytes, requests, failures by source class.
     let mut by_class: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
-    for c in ["local", "peer", "cloud"] {
+    for c in CLASSES {
         by_class.insert(c, [0; 3]);
     }
     for (name, st) in &stats.sources {
         let class = match name.split_whitespace().next() {
             Some("local") => "local",
             Some("peer") | Some("peers") => "peer",
+            Some("relay") | Some("relays") => "relay",
             _ => "cloud",
         };
         let e = by_class.entry(class).or_default();
@@ -476,7 +564,7 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
         "histogram",
         "Duration of range and blob requests, by source.",
     );
-    for c in ["local", "peer", "cloud"] {
+    for c in CLASSES {
         let h = stats
             .latency
             .get(c)
@@ -579,6 +667,29 @@ async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
         "breakfs_served_requests_total",
         &[("outcome", "miss")],
         svc.served.misses.load(Ordering::Relaxed) as f64,
+    );
+    let relay = svc.relay.status();
+    p.family(
+        "breakfs_relay_served_requests_total",
+        "counter",
+        "Range requests of peers relayed from a registry (--relay), by outcome.",
+    );
+    for (outcome, n) in [
+        ("relayed", relay.relayed_requests),
+        ("refused", relay.refused),
+        ("failed", relay.failed),
+    ] {
+        p.sample(
+            "breakfs_relay_served_requests_total",
+            &[("outcome", outcome)],
+            n as f64,
+        );
+    }
+    p.single(
+        "breakfs_relay_served_bytes_total",
+        "counter",
+        "Bytes relayed from a registry to peers (over this node's registry link).",
+        relay.relayed_bytes as f64,
     );
     let links = svc.peers.links().snapshot();
     p.family(

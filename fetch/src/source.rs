@@ -1,7 +1,8 @@
 //! Where chunk and blob bytes come from: the seam between the fetch
 //! scheduler and the places that hold content. A node tries, per request,
 //! its own store ([`LocalSource`]), then peer edge nodes that hold the blob
-//! (`crate::peer`), then the cloud ([`CloudSource`]: the registry
+//! (`crate::peer`), then, with relays, one of the links to the registry
+//! (`crate::relay`), then the cloud ([`CloudSource`]: the registry
 //! repository or OCI layout each blob was announced from).
 
 use std::collections::HashMap;
@@ -20,18 +21,27 @@ pub enum SourceClass {
     Local,
     /// Another edge node.
     Peer,
+    /// Another edge node fetching from the registry for this one.
+    Relay,
     /// The registry (or layout) the image comes from.
     Cloud,
 }
 
 impl SourceClass {
-    /// `local`, `peer` or `cloud`.
+    /// `local`, `peer`, `relay` or `cloud`.
     pub fn as_str(self) -> &'static str {
         match self {
             SourceClass::Local => "local",
             SourceClass::Peer => "peer",
+            SourceClass::Relay => "relay",
             SourceClass::Cloud => "cloud",
         }
+    }
+
+    /// Whether the bytes come through another node: not trusted with
+    /// unverifiable data, and rested after a failure.
+    pub fn other_node(self) -> bool {
+        matches!(self, SourceClass::Peer | SourceClass::Relay)
     }
 }
 
@@ -70,6 +80,10 @@ pub trait Source: Send + Sync {
     /// Note a finished transfer of `bytes` that took `secs` (for link
     /// measurements); nothing by default.
     fn observe(&self, _bytes: u64, _secs: f64) {}
+
+    /// Note that bytes this source delivered failed their check; nothing
+    /// by default (the fetcher never asks it for those chunks again).
+    fn wrong_bytes(&self) {}
 }
 
 /// A registry or layout store as a source, named `name`.
@@ -132,6 +146,15 @@ impl CloudSource {
     /// Where `blob` comes from, if announced.
     pub fn home(&self, blob: &Digest) -> Option<Store> {
         lock(&self.homes).get(blob).cloned()
+    }
+
+    /// The registry (`HOST[:PORT]`) and repository `blob` comes from, if
+    /// it was announced from a registry.
+    pub fn registry_home(&self, blob: &Digest) -> Option<(String, String)> {
+        match lock(&self.homes).get(blob)? {
+            Store::Registry(r) => Some((r.host().to_string(), r.repo().to_string())),
+            Store::Layout(_) => None,
+        }
     }
 
     /// The registries (`HOST[:PORT]`) blobs are fetched from.
@@ -250,6 +273,13 @@ impl Source for LocalSource {
             })
         })
     }
+}
+
+/// An answer of [`Error::NotFound`] for `what`: what a source standing
+/// for others (see [`Source::expand`]) or one that lacks a kind of
+/// transfer says.
+pub(crate) fn not_here<'a, T: Send + 'a>(what: String) -> BoxFuture<'a, Result<T>> {
+    Box::pin(async move { Err(Error::NotFound { what }) })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
