@@ -28,6 +28,8 @@ use crate::support::registry::TestRegistry;
 struct Seen {
     path: String,
     authorization: Option<String>,
+    /// The registry a relay request names (`Breakfs-Relay`).
+    relay: Option<String>,
     /// A `bytes=A-B` range as `[A, B+1)`.
     range: Option<(usize, usize)>,
 }
@@ -136,6 +138,7 @@ fn read_head(sock: &mut TcpStream) -> Option<Seen> {
     Some(Seen {
         path,
         authorization: header("authorization"),
+        relay: header("breakfs-relay"),
         range,
     })
 }
@@ -216,12 +219,39 @@ fn hostile_peer(lie: Lie, blobs: Arc<HashMap<String, Vec<u8>>>, decoy: String) -
         .iter()
         .map(|(d, b)| serde_json::json!({"digest": d, "size": b.len()}))
         .collect();
+    let index = serde_json::json!({
+        "node": "http://hostile.invalid", "blobs": listed, "partial": [],
+        "chunks": 0, "chunk_bytes": 0, "used": 0, "budget": null, "peers": [],
+    });
+    lying_node(lie, index, blobs, decoy)
+}
+
+/// A peer that holds nothing but says it relays for registry `host` (its
+/// cache index), and lies about the bytes of `blobs` as `lie` says.
+fn hostile_relay(
+    lie: Lie,
+    host: &str,
+    blobs: Arc<HashMap<String, Vec<u8>>>,
+    decoy: String,
+) -> Server {
+    let index = serde_json::json!({
+        "node": "http://hostile.invalid", "blobs": [], "partial": [],
+        "chunks": 0, "chunk_bytes": 0, "used": 0, "budget": null, "peers": [],
+        "relay": [host],
+    });
+    lying_node(lie, index, blobs, decoy)
+}
+
+/// A node publishing `index` and answering blob requests with lies about
+/// `blobs`.
+fn lying_node(
+    lie: Lie,
+    index: serde_json::Value,
+    blobs: Arc<HashMap<String, Vec<u8>>>,
+    decoy: String,
+) -> Server {
     Server::start(move |req, sock| {
         if req.path == "/cache/index" {
-            let index = serde_json::json!({
-                "node": "http://hostile.invalid", "blobs": listed, "partial": [],
-                "chunks": 0, "chunk_bytes": 0, "used": 0, "budget": null, "peers": [],
-            });
             return respond(sock, "200 OK", "", index.to_string().as_bytes());
         }
         let Some(bytes) = blob_of(&req.path).and_then(|d| blobs.get(d)) else {
@@ -269,11 +299,17 @@ fn hostile_peer(lie: Lie, blobs: Arc<HashMap<String, Vec<u8>>>, decoy: String) -
 /// A small image of incompressible files, as an OCI layout at `dir:v1`;
 /// returns the files by path.
 fn small_image(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let files: Vec<(String, Vec<u8>)> = (0..8)
+    image_of_files(dir, 8)
+}
+
+/// An image of `n` incompressible files of 40 KB and up, as an OCI layout
+/// at `dir:v1`; returns the files by path.
+fn image_of_files(dir: &Path, n: usize) -> Vec<(String, Vec<u8>)> {
+    let files: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             (
                 format!("data/f{i}"),
-                noise(i + 1, 40_000 + 30_000 * i as usize),
+                noise(i as u64 + 1, 40_000 + 30_000 * (i % 8)),
             )
         })
         .collect();
@@ -402,32 +438,124 @@ impl Served {
     }
 }
 
+/// An image of incompressible files refactored into a registry of its own.
+struct Pushed {
+    reg: TestRegistry,
+    /// `docker://REGISTRY/REPO:v1`.
+    reference: String,
+    /// The files by path.
+    files: Vec<(String, Vec<u8>)>,
+    /// The manifest as the registry serves it.
+    manifest: serde_json::Value,
+    /// Each layer's bytes as the registry holds them, by digest.
+    layers: Arc<HashMap<String, Vec<u8>>>,
+}
+
+impl Pushed {
+    /// An image of `n` files (see [`image_of_files`]) as `repo:v1`, built
+    /// under `tmp`.
+    fn new(tmp: &Path, n: usize, repo: &str) -> Pushed {
+        let files = image_of_files(&tmp.join("src"), n);
+        let reg = TestRegistry::start();
+        let reference = reg.reference(&format!("{repo}:v1"));
+        refactor(&tmp.join("src"), &reference, &tmp.join("work"));
+        let manifest =
+            ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &reference]));
+        let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        let mut p = Pushed {
+            reg,
+            reference,
+            files,
+            manifest,
+            layers: Arc::default(),
+        };
+        let layers = p.manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let d = l["digest"].as_str().unwrap().to_string();
+                let b = p.blob(&d).unwrap();
+                (d, b)
+            })
+            .collect();
+        p.layers = Arc::new(layers);
+        p
+    }
+
+    /// Blob `d` (`sha256:...`) as the registry holds it.
+    fn blob(&self, d: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.reg.blob_data_path(&d[7..])).ok()
+    }
+}
+
+/// A thread mounting an image through a node daemon and reading every file.
+struct Reader {
+    got: std::sync::mpsc::Receiver<Vec<(String, Vec<u8>)>>,
+    thread: thread::JoinHandle<crate::mount::Mount>,
+}
+
+impl Reader {
+    /// Mount `reference` through `node` (whose directory is `node_dir`) at
+    /// `point` and read every file, on a thread of its own.
+    fn start(node: &Node, node_dir: &Path, reference: &str, point: &Path) -> Reader {
+        let (tx, got) = std::sync::mpsc::channel();
+        let (node_dir, reference, point) = (
+            node_dir.to_path_buf(),
+            reference.to_string(),
+            point.to_path_buf(),
+        );
+        let control = node.control();
+        let thread = thread::spawn(move || {
+            let m = crate::mount::Mount::new(
+                &reference,
+                &point,
+                &node_dir.join("unused-cache"),
+                &["--node", &control],
+            );
+            let got: Vec<(String, Vec<u8>)> = files_of(&m.point)
+                .into_iter()
+                .map(|(p, _)| {
+                    let b = std::fs::read(m.point.join(&p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+                    (p, b)
+                })
+                .collect();
+            let _ = tx.send(got);
+            m
+        });
+        Reader { got, thread }
+    }
+
+    /// Wait for the files (at most `limit`: a watchdog, the read hung past
+    /// it) and check them against `files`; returns the mount.
+    fn finish(
+        self,
+        node: &Node,
+        limit: Duration,
+        files: &[(String, Vec<u8>)],
+    ) -> crate::mount::Mount {
+        let got = self
+            .got
+            .recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("reading the mount hung: {}", node.log_text()));
+        let mount = self.thread.join().unwrap();
+        let mut want = files.to_vec();
+        want.sort();
+        assert_eq!(got.len(), want.len());
+        for ((p, b), (wp, wb)) in got.iter().zip(&want) {
+            assert_eq!(p, wp);
+            assert!(b == wb, "{p} read wrong bytes through the mount");
+        }
+        mount
+    }
+}
+
 #[test]
 fn hostile_peers_are_skipped_nothing_they_send_is_used_and_the_node_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
-    let files = small_image(&tmp.path().join("src"));
-    let reg = TestRegistry::start();
-    let reference = reg.reference("hostile/app:v1");
-    refactor(
-        &tmp.path().join("src"),
-        &reference,
-        &tmp.path().join("work"),
-    );
-    let manifest =
-        ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &reference]));
-    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
-    let registry_blob = |d: &str| std::fs::read(reg.blob_data_path(&d[7..])).ok();
-    let layers: HashMap<String, Vec<u8>> = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            let d = l["digest"].as_str().unwrap().to_string();
-            let b = registry_blob(&d).unwrap();
-            (d, b)
-        })
-        .collect();
-    let layers = Arc::new(layers);
+    let img = Pushed::new(tmp.path(), 8, "hostile/app");
+    let (files, reference, manifest, layers) =
+        (&img.files, &img.reference, &img.manifest, &img.layers);
 
     // Peers lying each their own way, all claiming every layer; and where
     // the redirecting one points.
@@ -452,16 +580,7 @@ fn hostile_peers_are_skipped_nothing_they_send_is_used_and_the_node_keeps_servin
         &peer_refs,
         &["--deadline", "6", "--registry-timeout", "3"],
     );
-    wait_for(
-        "the node learning every peer's index",
-        Duration::from_secs(20),
-        || {
-            let m = node.json("/measurements");
-            peer_urls
-                .iter()
-                .all(|u| m["links"][u]["rtt_ms"].is_number())
-        },
-    );
+    node.wait_for_peers(&peer_refs);
     let slow_ref = format!("docker://{}/stuck/app:v1", slow_registry.host());
     node.post(
         "/prefetch",
@@ -469,29 +588,12 @@ fn hostile_peers_are_skipped_nothing_they_send_is_used_and_the_node_keeps_servin
     );
 
     // Mount and read everything; a watchdog fails the test if it hangs.
-    let point = tmp.path().join("mnt");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = {
-        let (node_dir, reference, point) = (tmp.path().join("b"), reference.clone(), point.clone());
-        let control = node.control();
-        thread::spawn(move || {
-            let m = crate::mount::Mount::new(
-                &reference,
-                &point,
-                &node_dir.join("unused-cache"),
-                &["--node", &control],
-            );
-            let got: Vec<(String, Vec<u8>)> = files_of(&m.point)
-                .into_iter()
-                .map(|(p, _)| {
-                    let b = std::fs::read(m.point.join(&p)).unwrap_or_else(|e| panic!("{p}: {e}"));
-                    (p, b)
-                })
-                .collect();
-            let _ = tx.send(got);
-            m
-        })
-    };
+    let reader = Reader::start(
+        &node,
+        &tmp.path().join("b"),
+        reference,
+        &tmp.path().join("mnt"),
+    );
     // While a request hangs on the slowloris peer, the node serves others.
     let slowloris = &peers
         .iter()
@@ -522,17 +624,7 @@ fn hostile_peers_are_skipped_nothing_they_send_is_used_and_the_node_keeps_servin
             assert_eq!(hex_sha256(&probe.stdout), hex, "{path}");
         }
     }
-    let got = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("reading the mount hung: {}", node.log_text()));
-    let mount = reader.join().unwrap();
-    let mut want = files.clone();
-    want.sort();
-    assert_eq!(got.len(), want.len());
-    for ((p, b), (wp, wb)) in got.iter().zip(&want) {
-        assert_eq!(p, wp);
-        assert!(b == wb, "{p} read wrong bytes through the mount");
-    }
+    let mount = reader.finish(&node, Duration::from_secs(60), files);
 
     // Every liar was asked and found out; the redirect was not followed.
     let log = node.log_text();
@@ -574,7 +666,70 @@ fn hostile_peers_are_skipped_nothing_they_send_is_used_and_the_node_keeps_servin
     );
 
     drop(mount);
-    assert_store_verified(&node.cache, |d| registry_blob(d));
+    assert_store_verified(&node.cache, |d| img.blob(d));
+}
+
+#[test]
+fn hostile_relays_are_set_aside_and_nothing_they_send_reaches_a_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = Pushed::new(tmp.path(), 40, "hostile/relayed");
+    let (reference, layers) = (&img.reference, &img.layers);
+
+    // Peers that say they relay for the registry, each lying its own way.
+    let host = img.reg.host();
+    let decoy = Server::start(|_, sock| respond(sock, "200 OK", "", b"not the blob"));
+    let relays: Vec<(Lie, Server)> = LIES
+        .iter()
+        .map(|&lie| (lie, hostile_relay(lie, &host, layers.clone(), decoy.url())))
+        .collect();
+    let relay_urls: Vec<String> = relays.iter().map(|(_, p)| p.url()).collect();
+    let relay_refs: Vec<&str> = relay_urls.iter().map(String::as_str).collect();
+    let node = Node::start(
+        &tmp.path().join("n"),
+        &relay_refs,
+        &[
+            "--relay",
+            &host,
+            "--deadline",
+            "6",
+            "--registry-timeout",
+            "3",
+        ],
+    );
+    node.wait_for_peers(&relay_refs);
+
+    // Read every file through a mount; a watchdog fails the test if it hangs.
+    let reader = Reader::start(
+        &node,
+        &tmp.path().join("n"),
+        reference,
+        &tmp.path().join("mnt"),
+    );
+    let mount = reader.finish(&node, Duration::from_secs(120), &img.files);
+
+    // Every liar was asked to relay from the registry and set aside; the
+    // redirect was not followed; the registry served instead.
+    for (lie, r) in &relays {
+        let asked = r
+            .seen()
+            .iter()
+            .filter(|s| s.path.contains("/blobs/") && s.relay.as_deref() == Some(host.as_str()))
+            .count();
+        assert!(asked > 0, "{lie:?} relay was never asked: {:?}", r.seen());
+    }
+    assert!(decoy.seen().is_empty(), "a relay's redirect was followed");
+    let log = node.log_text();
+    assert!(
+        log.contains("the bytes were not used") && log.contains("a relay delivered wrong bytes"),
+        "{log}"
+    );
+    let samples = crate::node::parse_metrics(&node.get("/metrics"));
+    let metric = |k: &str| samples.iter().find(|(n, _)| n == k).map(|s| s.1).unwrap();
+    assert!(metric("breakfs_digest_failures_total") > 0.0);
+    assert!(metric("breakfs_fetch_failures_total{source=\"relay\"}") > 0.0);
+    assert!(metric("breakfs_fetch_bytes_total{source=\"cloud\"}") > 0.0);
+    drop(mount);
+    assert_store_verified(&node.cache, |d| img.blob(d));
 }
 
 /// How the hostile registry misbehaves.

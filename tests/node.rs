@@ -30,6 +30,11 @@ pub(crate) struct Node {
 
 impl Node {
     pub(crate) fn start(dir: &Path, peers: &[&str], extra: &[&str]) -> Node {
+        Node::start_at(dir, None, peers, extra)
+    }
+
+    /// Start on `port` if given (peers can be named before they run).
+    pub(crate) fn start_at(dir: &Path, port: Option<u16>, peers: &[&str], extra: &[&str]) -> Node {
         std::fs::create_dir_all(dir).unwrap();
         let mut args: Vec<String> = vec![
             "--plain-http".into(),
@@ -50,7 +55,7 @@ impl Node {
             args,
             log: dir.join("node.log"),
         };
-        n.spawn(None);
+        n.spawn(port);
         n
     }
 
@@ -190,6 +195,23 @@ impl Node {
         self.spawn(Some(port));
     }
 
+    /// Wait until the node has polled the cache index of each of `peers`
+    /// (it knows what they hold and whether they relay).
+    pub(crate) fn wait_for_peers(&self, peers: &[&str]) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = self.json("/measurements");
+            if peers.iter().all(|u| m["links"][u]["rtt_ms"].is_number()) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the node never polled its peers' indexes: {m}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait until every layer of manifest `digest` is a whole blob here.
     pub(crate) fn wait_whole(&self, layers: &[String]) {
         let until = Instant::now() + Duration::from_secs(300);
@@ -270,7 +292,7 @@ pub(crate) fn parse_metrics(page: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn metric(samples: &[(String, f64)], key: &str) -> f64 {
+pub(crate) fn metric(samples: &[(String, f64)], key: &str) -> f64 {
     samples
         .iter()
         .find(|(k, _)| k == key)

@@ -12,6 +12,7 @@ mod mount;
 mod node;
 mod oci_io;
 mod refactor;
+mod relay;
 mod sched;
 mod security;
 mod support;

@@ -1,9 +1,10 @@
 //! A plain TCP forwarder that counts the HTTP requests passing through it,
-//! to prove which blobs a client asked a registry for.
+//! to prove which blobs a client asked a registry for, and the bytes the
+//! registry sent back.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -11,6 +12,7 @@ use std::thread;
 pub struct CountingProxy {
     port: u16,
     requests: Arc<Mutex<Vec<String>>>,
+    down: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -21,7 +23,9 @@ impl CountingProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicU64::new(0));
         let (reqs, halt, up) = (requests.clone(), stop.clone(), upstream.to_string());
+        let counted = down.clone();
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if halt.load(Ordering::Relaxed) {
@@ -36,14 +40,15 @@ impl CountingProxy {
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
                 );
-                let reqs = reqs.clone();
+                let (reqs, counted) = (reqs.clone(), counted.clone());
                 thread::spawn(move || pump_requests(client, server, reqs));
-                thread::spawn(move || pump(s2, c2));
+                thread::spawn(move || pump(s2, c2, &counted));
             }
         });
         CountingProxy {
             port,
             requests,
+            down,
             stop,
         }
     }
@@ -66,6 +71,11 @@ impl CountingProxy {
             .collect()
     }
 
+    /// Bytes the upstream sent back so far (heads and bodies).
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+
     /// Forget the requests seen so far.
     pub fn reset(&self) {
         self.requests.lock().expect("requests lock").clear();
@@ -79,12 +89,13 @@ impl Drop for CountingProxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+fn pump(mut from: TcpStream, mut to: TcpStream, counted: &AtomicU64) {
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = from.read(&mut buf) {
         if n == 0 || to.write_all(&buf[..n]).is_err() {
             break;
         }
+        counted.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown(Shutdown::Write);
 }
