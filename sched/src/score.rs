@@ -46,6 +46,12 @@ pub struct NodeView {
     pub allocatable: Option<(f64, f64)>,
     /// Requested CPU cores and memory bytes of the pods on it.
     pub requested: (f64, f64),
+    /// It relays registry ranges for its peers and uses theirs
+    /// (`breakfs node --relay`, published in its measurements).
+    pub relays: bool,
+    /// What a layer no node holds comes over when it and peers of its
+    /// cluster relay: see [`pooled_cloud`]; `None`: its own registry link.
+    pub pooled_cloud: Option<Link>,
 }
 
 /// One layer of an image.
@@ -116,6 +122,42 @@ pub const DEFAULT_FAR_PEER: Link = Link {
     rtt_ms: 20.0,
     mbps: 200.0,
 };
+
+/// The link a layer that no node holds comes over to `node` when it and
+/// peers of its cluster (`cluster`, which may list `node` itself) relay
+/// registry ranges (`breakfs node --relay`): the node spreads its range
+/// requests over its own registry link and each relaying peer's, so the
+/// bandwidths add up (a relayed range is bounded by the smaller of the
+/// peer's registry link and the link to the peer), and the slowest round
+/// trip counts (a relayed one is the peer's plus the hop). `None` when
+/// the node does not relay, or no peer of its cluster does, or its own
+/// registry link was not measured.
+pub fn pooled_cloud<'a>(
+    node: &NodeView,
+    cluster: impl IntoIterator<Item = &'a NodeView>,
+) -> Option<Link> {
+    if !node.relays {
+        return None;
+    }
+    let own = node.cloud?;
+    let mut pooled = own;
+    let mut any = false;
+    for p in cluster {
+        if p.name == node.name || !p.relays {
+            continue;
+        }
+        let (Some(up), hop) = (
+            p.cloud,
+            node.peers.get(&p.name).copied().unwrap_or(DEFAULT_PEER),
+        ) else {
+            continue;
+        };
+        pooled.mbps += up.mbps.min(hop.mbps);
+        pooled.rtt_ms = pooled.rtt_ms.max(up.rtt_ms + hop.rtt_ms);
+        any = true;
+    }
+    any.then_some(pooled)
+}
 
 /// Which nodes hold each layer whole, from `views` (one cluster's nodes).
 pub fn holders<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holders {
@@ -297,13 +339,19 @@ fn estimate_core<'c>(
         local += held;
         let need = l.size - held;
         missing += need;
-        let mut best: (f64, Option<&str>, Link) = (cloud.secs(need), None, cloud);
         let near = cands(i, l);
         let (peers, default) = if near.iter().any(|p| *p != node.name) {
             (near, DEFAULT_PEER)
         } else {
             (far(i, l), DEFAULT_FAR_PEER)
         };
+        // A layer no peer holds comes over the pooled registry links when
+        // the node relays (the daemon asks relays only after every peer).
+        let up = match node.pooled_cloud {
+            Some(p) if !peers.iter().any(|p| *p != node.name) => p,
+            _ => cloud,
+        };
+        let mut best: (f64, Option<&str>, Link) = (up.secs(need), None, up);
         for p in peers.iter().filter(|p| **p != node.name).take(MAX_HOLDERS) {
             let link = node.peers.get(p).copied().unwrap_or(default);
             let t = link.secs(need);
@@ -610,6 +658,49 @@ mod tests {
             many[1].fetch_secs,
             estimate_time(&fast, &west, &edge, &ls).fetch_secs
         );
+    }
+
+    #[test]
+    fn relaying_peers_pool_registry_links_for_layers_no_peer_holds() {
+        let ls = layers(2);
+        let up = |mbps: f64, rtt_ms: f64| Some(Link { rtt_ms, mbps });
+        let node = |name: &str, cloud: Option<Link>, relays: bool| NodeView {
+            name: name.into(),
+            cluster: "west".into(),
+            cloud,
+            relays,
+            ..NodeView::default()
+        };
+        let a = node("a", up(50.0, 20.0), true);
+        let b = node("b", up(100.0, 30.0), true);
+        let c = node("c", up(2000.0, 10.0), true);
+        let quiet = node("d", up(500.0, 10.0), false);
+        // b's uplink counts in full; c's only up to the 1 Gbit/s hop to it;
+        // d does not relay; the slowest round trip is b's plus the hop.
+        let pooled = pooled_cloud(&a, [&a, &b, &c, &quiet]).unwrap();
+        assert_eq!(pooled.mbps, 50.0 + 100.0 + 1000.0);
+        assert_eq!(pooled.rtt_ms, 31.0);
+        // Nothing to pool: a node that does not relay, or alone, or unmeasured.
+        assert_eq!(pooled_cloud(&quiet, [&a, &b, &quiet]), None);
+        assert_eq!(pooled_cloud(&a, [&a, &quiet]), None);
+        assert_eq!(pooled_cloud(&node("e", None, true), [&a, &b]), None);
+
+        let none = Holders::default();
+        let alone = estimate(&a, &none, &none, &ls);
+        let mut relaying = a.clone();
+        relaying.pooled_cloud = Some(pooled);
+        let striped = estimate(&relaying, &none, &none, &ls);
+        assert!(striped.fetch_secs < alone.fetch_secs / 5.0);
+        assert!(striped.plan.iter().all(|p| p.from == From::Cloud));
+        // A layer a peer holds still comes from the peer (the daemon asks
+        // relays only after every peer).
+        let holder = NodeView {
+            name: "h".into(),
+            whole: [ls[1].digest.clone()].into_iter().collect(),
+            ..node("h", None, false)
+        };
+        let e = estimate(&relaying, &holders([&holder]), &none, &ls);
+        assert_eq!(e.plan[1].from, From::Peer { node: "h".into() });
     }
 
     #[test]

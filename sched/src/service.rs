@@ -425,7 +425,36 @@ impl Sched {
                 });
             }
         }
-        for v in views {
+        // What a relaying node's cold layers come over, from its cluster's
+        // latest views (those polled now, else the directory's).
+        let pooled: Vec<Option<Link>> = if views.iter().any(|v| v.relays) {
+            let polled: std::collections::HashSet<&str> =
+                views.iter().map(|v| v.name.as_str()).collect();
+            let mut mates: HashMap<&str, Vec<&NodeView>> = HashMap::new();
+            // A node not heard from lately relays for no one.
+            let known = d
+                .views
+                .values()
+                .filter(|(_, at)| at.elapsed().as_secs_f64() < self.cfg.stale_secs)
+                .map(|(o, _)| &**o);
+            for o in views
+                .iter()
+                .chain(known.filter(|o| !polled.contains(o.name.as_str())))
+            {
+                mates.entry(o.cluster.as_str()).or_default().push(o);
+            }
+            views
+                .iter()
+                .map(|v| {
+                    let m = mates.get(v.cluster.as_str()).into_iter().flatten();
+                    score::pooled_cloud(v, m.copied())
+                })
+                .collect()
+        } else {
+            vec![None; views.len()]
+        };
+        for (mut v, p) in views.into_iter().zip(pooled) {
+            v.pooled_cloud = p;
             d.views.insert(v.name.clone(), (Arc::new(v), now));
         }
         let stale = self.cfg.stale_secs;
@@ -463,6 +492,8 @@ impl Sched {
             .map(|l| (l.digest.clone(), l.ranges.iter().map(|(s, e)| e - s).sum()))
             .collect();
         v.cache_room = index.budget;
+        // `breakfs node --relay HOST`: the registries it relays for.
+        v.relays = !index.relay.is_empty();
         let link = |l: &LinkStats, d: Link| Link {
             rtt_ms: l.rtt_ms.unwrap_or(d.rtt_ms),
             mbps: l.bandwidth_mbps.unwrap_or(d.mbps),
@@ -1047,6 +1078,36 @@ mod tests {
         let asked = lock(&s.asked);
         assert!(!asked.contains_key(&("w1".into(), a)));
         assert!(asked.contains_key(&("w1".into(), b)));
+    }
+
+    #[test]
+    fn relaying_nodes_pool_their_cluster_mates_registry_links_polled_now_or_before() {
+        let s = two_clusters();
+        let view = |name: &str, cluster: &str, mbps: f64| NodeView {
+            name: name.into(),
+            cluster: cluster.into(),
+            cloud: Some(Link { rtt_ms: 50.0, mbps }),
+            relays: true,
+            ..NodeView::default()
+        };
+        let pooled = |name: &str| lock(&s.directory).views[name].0.pooled_cloud;
+        s.update(vec![
+            view("w1", "west", 100.0),
+            view("w2", "west", 40.0),
+            view("e1", "east", 10.0),
+        ]);
+        assert_eq!(pooled("w1").map(|l| l.mbps), Some(140.0));
+        assert_eq!(pooled("w2").map(|l| l.mbps), Some(140.0));
+        // e1 has no relaying mate in its cluster.
+        assert_eq!(pooled("e1"), None);
+        // Polled alone, w1 still pools w2's link from the directory.
+        s.update(vec![view("w1", "west", 60.0)]);
+        assert_eq!(pooled("w1").map(|l| l.mbps), Some(100.0));
+        // A node that stops relaying gets its own link only.
+        let mut quiet = view("w2", "west", 40.0);
+        quiet.relays = false;
+        s.update(vec![quiet]);
+        assert_eq!(pooled("w2"), None);
     }
 
     #[test]
