@@ -1628,9 +1628,10 @@ fn run_breakfs(w: &World, deps: &[Deployment], dir: &Path, variant: Strategy) ->
         },
         &at_all_ready,
     );
-    if secs.is_err() {
+    if secs.is_err() && !INTERRUPTED.load(Ordering::SeqCst) {
         // A node that died mid-run leaves its mounts answering ENOTCONN:
-        // say which did, and how.
+        // say which did, and how (not when the run was interrupted: the
+        // nodes were told to stop then).
         for (n, node) in nodes.iter_mut().enumerate() {
             if let Some(c) = node.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
