@@ -329,6 +329,12 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         ..FetchOptions::default()
     };
     let relay = Relay::new(&s.relay, &client, s.token.clone());
+    {
+        let links = links.clone();
+        relay.on_transfer(Arc::new(move |link, bytes, secs| {
+            links.transfer(link, bytes, secs)
+        }));
+    }
     let mut sources: Vec<Arc<dyn Source>> = vec![
         Arc::new(LocalSource {
             store: store.clone(),

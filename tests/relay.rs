@@ -11,6 +11,7 @@ use std::process::Command;
 
 use crate::mount::{Shaper, assert_same, corpus, files_of, refactor_into, umoci_tree};
 use crate::node::{Node, layers_of, metric, parse_metrics};
+use crate::sched::SchedProc;
 use crate::support::proxy::CountingProxy;
 use crate::support::registry::{TestRegistry, free_port};
 use crate::support::tree;
@@ -224,5 +225,72 @@ fn a_cold_image_comes_over_three_links_and_relays_refuse_what_they_should() {
     assert!(
         s == 403 && text.contains("--relay") && text.contains(&host),
         "{s} {text}"
+    );
+
+    // The scheduler learns from the indexes that the three relay, and
+    // plans a layer no node holds over the pooled links: for A, whose own
+    // link it measured while reading above, an image none of them holds
+    // is expected in well under the time over A's link alone.
+    let other = images
+        .iter()
+        .find(|i| i.tag == "v1" && i.family != img.family)
+        .unwrap();
+    refactor_into(&reg, std::slice::from_ref(other), &tmp.path().join("work2"));
+    let image2 = format!("{host}/refactored/{}:{}", other.family, other.tag);
+    let sched = SchedProc::start(&[
+        "--token-file".into(),
+        token.clone(),
+        "--node".into(),
+        format!("a={}@edge", a.url),
+        "--node".into(),
+        format!("b={}@edge", b.url),
+        "--node".into(),
+        format!("c={}@edge", c.url),
+    ]);
+    // What B and C relayed measured their registry links, as their own
+    // fetches would.
+    for n in [b, c] {
+        let m = n.json("/measurements");
+        let bw = m["links"]["cloud"]["bandwidth_mbps"].as_f64();
+        assert!(bw.is_some_and(|bw| bw < 2.0 * LINK_MBIT as f64), "{m}");
+    }
+    let own = a.json("/measurements")["links"]["cloud"].clone();
+    let (rtt, mbps) = (
+        own["rtt_ms"].as_f64().unwrap(),
+        own["bandwidth_mbps"].as_f64().unwrap(),
+    );
+    assert!(
+        mbps < 2.0 * LINK_MBIT as f64,
+        "A measured {own} of its {LINK_MBIT} Mbit/s link"
+    );
+    let mut last = serde_json::Value::Null;
+    let pooled = (0..120).any(|_| {
+        let out = Command::new("curl")
+            .args(["-sS", "-G", "-H", "Authorization: Bearer edge-secret"])
+            .arg(format!("{}/plan", sched.1))
+            .args(["--data-urlencode", &format!("image={image2}")])
+            .args(["--data-urlencode", "node=a"])
+            .output()
+            .unwrap();
+        last = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let plan = last["plan"].as_array().cloned().unwrap_or_default();
+        let cloud: u64 = plan
+            .iter()
+            .filter(|l| l["from"] == "cloud")
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum();
+        let alone = rtt / 1000.0 + cloud as f64 * 8.0 / (mbps * 1e6);
+        let expected = last["fetch_secs"].as_f64().unwrap_or(f64::MAX);
+        let done = cloud > 1_000_000 && expected < 0.5 * alone;
+        if done {
+            eprintln!("A's plan: {cloud} bytes from the cloud in {expected:.2} s ({alone:.2} s over its own link)");
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        done
+    });
+    assert!(
+        pooled,
+        "A's plan for {image2} does not pool the relays' links (own link {mbps} Mbit/s, {rtt} ms): {last}"
     );
 }

@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::fetcher::PEER_REST;
 use crate::guard::Token;
 use crate::peer::{Peers, peer_repo};
-use crate::source::not_here;
+use crate::source::{TransferHook, not_here};
 use crate::{ClientOptions, CloudSource, Error, RegistryRepo, Result, Source, SourceClass};
 
 /// The request header that asks a peer to relay, naming the registry.
@@ -68,6 +68,8 @@ pub struct Relay {
     links: Mutex<BTreeMap<String, LinkLoad>>,
     downstream: Mutex<HashMap<(String, String, String), RegistryRepo>>,
     benched: Mutex<HashMap<String, Instant>>,
+    /// Told of every range relayed (the node's registry link measured).
+    measured: Mutex<Option<TransferHook>>,
 }
 
 /// Counters of the relay requests a node served.
@@ -200,7 +202,15 @@ impl Relay {
             links: Mutex::new(BTreeMap::new()),
             downstream: Mutex::new(HashMap::new()),
             benched: Mutex::new(HashMap::new()),
+            measured: Mutex::new(None),
         })
+    }
+
+    /// Call `f` with (`"cloud"`, bytes, seconds) after each range relayed:
+    /// it crossed this node's registry link, so it measures that link as
+    /// the node's own fetches do (and the scheduler learns it).
+    pub fn on_transfer(&self, f: TransferHook) {
+        *lock(&self.measured) = Some(f);
     }
 
     /// The registries relayed for and through, sorted.
@@ -270,9 +280,16 @@ impl Relay {
             return Err(Refusal::Busy);
         };
         let repo = self.upstream_client(ask.host, ask.name)?;
-        repo.read_range(ask.blob, ask.start, len)
+        let began = Instant::now();
+        let bytes = repo
+            .read_range(ask.blob, ask.start, len)
             .await
-            .map_err(Refusal::Upstream)
+            .map_err(Refusal::Upstream)?;
+        let hook = lock(&self.measured).clone();
+        if let Some(f) = hook {
+            f("cloud", bytes.len() as u64, began.elapsed().as_secs_f64());
+        }
+        Ok(bytes)
     }
 
     /// The node's own client for `name` at registry `host`, kept so that
