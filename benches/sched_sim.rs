@@ -359,22 +359,33 @@ fn build_nodes(seed: u64, budget: u64, relays: bool, relay_eff: f64) -> Vec<Node
             let pooled: Vec<Option<Link>> = range
                 .clone()
                 .map(|n| {
-                    score::pooled_cloud(
+                    pooled_at(
                         &nodes[n].view,
                         nodes[range.clone()].iter().map(|m| &m.view),
+                        relay_eff,
                     )
                 })
                 .collect();
             for (n, p) in range.zip(pooled) {
-                let own = nodes[n].view.cloud;
-                nodes[n].view.pooled_cloud = p.zip(own).map(|(p, own)| Link {
-                    mbps: own.mbps + relay_eff * (p.mbps - own.mbps),
-                    ..p
-                });
+                nodes[n].view.pooled_cloud = p;
             }
         }
     }
     nodes
+}
+
+/// `node`'s pooled registry link over its relaying `mates`, with what the
+/// mates add counted at `eff` of their sum (1: sched's estimate).
+fn pooled_at<'a>(
+    node: &NodeView,
+    mates: impl IntoIterator<Item = &'a NodeView>,
+    eff: f64,
+) -> Option<Link> {
+    let own = node.cloud?;
+    score::pooled_cloud(node, mates).map(|p| Link {
+        mbps: own.mbps + eff * (p.mbps - own.mbps),
+        ..p
+    })
 }
 
 /// kube-scheduler's default scores for the candidates: NodeResourcesFit
@@ -513,20 +524,14 @@ impl Sim {
         self.times.push(ests[k].fetch_secs);
         let busy = match cluster[k].pooled_cloud {
             Some(_) => {
-                let mut v = cluster[k].clone();
-                let idle: Vec<NodeView> = idx
+                let idle = idx
                     .iter()
                     .map(|&n| &self.nodes[n])
                     .filter(|n| n.link_free <= t && n.fetching_until <= t)
-                    .map(|n| n.view.clone())
-                    .collect();
-                let own = v.cloud;
-                v.pooled_cloud = score::pooled_cloud(&v, idle.iter())
-                    .zip(own)
-                    .map(|(p, own)| Link {
-                        mbps: own.mbps + self.relay_eff * (p.mbps - own.mbps),
-                        ..p
-                    });
+                    .map(|n| &n.view);
+                let pooled = pooled_at(cluster[k], idle, self.relay_eff);
+                let mut v = cluster[k].clone();
+                v.pooled_cloud = pooled;
                 score::estimate_time(&v, &holders, &edge, &d.layers).fetch_secs
             }
             None => ests[k].fetch_secs,
