@@ -445,17 +445,14 @@ impl Sim {
         let cluster: Vec<&NodeView> = idx.iter().map(|&n| &self.nodes[n].view).collect();
         // breakfs nodes fetch from any peer that holds a layer, a peer of
         // another cluster too; the default-like nodes from the registry.
-        let (holders, edge) = if self.world.peers {
-            let all: Vec<score::Holders> = (0..CLUSTERS)
-                .map(|b| score::holders(self.nodes[b * PER..(b + 1) * PER].iter().map(|n| &n.view)))
-                .collect();
-            (all[c].clone(), score::edge_holders(&all))
+        let holdings = if self.world.peers {
+            score::Holdings::new(self.nodes.iter().map(|n| &n.view))
         } else {
-            Default::default()
+            score::Holdings::default()
         };
         let ests: Vec<score::Estimate> = cluster
             .iter()
-            .map(|v| score::estimate_time(v, &holders, &edge, &d.layers))
+            .map(|v| holdings.estimate_time(v, &d.layers))
             .collect();
         // kube-scheduler's own filter (resources) and the extender's
         // (limits, cache room), for every policy.
@@ -502,7 +499,7 @@ impl Sim {
             .map(|l| l.size)
             .sum();
         let local: u64 = ests[k].local_bytes;
-        let plan = score::estimate(cluster[k], &holders, &edge, &d.layers).plan;
+        let plan = holdings.estimate(cluster[k], &d.layers).plan;
         let from = |far: bool| -> u64 {
             plan.iter()
                 .filter(|p| match &p.from {
@@ -532,7 +529,7 @@ impl Sim {
                 let pooled = pooled_at(cluster[k], idle, self.relay_eff);
                 let mut v = cluster[k].clone();
                 v.pooled_cloud = pooled;
-                score::estimate_time(&v, &holders, &edge, &d.layers).fetch_secs
+                holdings.estimate_time(&v, &d.layers).fetch_secs
             }
             None => ests[k].fetch_secs,
         };

@@ -54,6 +54,40 @@ pub struct NodeView {
     pub pooled_cloud: Option<Link>,
 }
 
+impl NodeView {
+    /// This view without the layers it holds and its peer links: what
+    /// filtering and scoring read once the estimates are made (links to the
+    /// registry, room, resources). Copying the layer sets of 1,000 nodes to
+    /// set their resources took a Nodes-form call 0.1 s.
+    pub fn without_layers(&self) -> NodeView {
+        // Every field named, so that a new one is not forgotten here.
+        let NodeView {
+            name,
+            cluster,
+            whole: _,
+            partial: _,
+            cloud,
+            peers: _,
+            cache_room,
+            allocatable,
+            requested,
+            relays,
+            pooled_cloud,
+        } = self;
+        NodeView {
+            name: name.clone(),
+            cluster: cluster.clone(),
+            cloud: *cloud,
+            cache_room: *cache_room,
+            allocatable: *allocatable,
+            requested: *requested,
+            relays: *relays,
+            pooled_cloud: *pooled_cloud,
+            ..NodeView::default()
+        }
+    }
+}
+
 /// One layer of an image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
@@ -159,246 +193,296 @@ pub fn pooled_cloud<'a>(
     any.then_some(pooled)
 }
 
-/// Which nodes hold each layer whole, from `views` (one cluster's nodes).
-pub fn holders<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holders {
-    let mut out: Holders = HashMap::default();
-    for v in views {
-        for d in &v.whole {
-            out.entry(d.clone()).or_default().push(v.name.clone());
-        }
-    }
-    out
-}
-
-/// Layer → the nodes of a cluster holding it whole.
-pub type Holders = HashMap<Digest, Vec<String>>;
-
-/// The edge-wide holder map from each cluster's (`clusters`): for each
-/// layer, one holder per cluster that has it (within a cluster links are
-/// alike, so one stands for all). A node whose own cluster lacks a layer
-/// is estimated to get it from the best of these.
-pub fn edge_holders<'a>(clusters: impl IntoIterator<Item = &'a Holders>) -> Holders {
-    let mut out: Holders = HashMap::default();
-    for h in clusters {
-        for (d, names) in h {
-            if let Some(first) = names.first() {
-                out.entry(d.clone()).or_default().push(first.clone());
-            }
-        }
-    }
-    // The same order whatever the clusters' order (a stable plan).
-    for names in out.values_mut() {
-        names.sort();
-    }
-    out
+/// Who holds which layer whole, at the edge, with node names numbered:
+/// what estimates read. The scoring path of a 1,000-node call compares and
+/// looks up numbers, not name strings (which were a third of its time).
+///
+/// Built from the views of the nodes heard from lately. Each cluster's
+/// holders of a layer are listed in the order of those views; the
+/// edge-wide list has one holder per cluster that has the layer (within a
+/// cluster links are alike, so one stands for all), in name order.
+#[derive(Clone, Debug, Default)]
+pub struct Holdings {
+    /// Node name → number (numbers follow name order).
+    ids: HashMap<String, u32>,
+    /// Number → node name.
+    names: Vec<String>,
+    /// Every node's measured links to peers, in one block (a map per node
+    /// cost a cache miss per lookup): node `k`'s peers are
+    /// `peer_ids[spans[k]..spans[k + 1]]` (sorted), their links alongside
+    /// in `peer_links`.
+    peer_ids: Vec<u32>,
+    /// See `peer_ids`.
+    peer_links: Vec<Link>,
+    /// See `peer_ids`.
+    spans: Vec<u32>,
+    /// Per cluster: layer → the nodes holding it whole.
+    clusters: HashMap<String, HashMap<Digest, Vec<u32>>>,
+    /// Layer → one holder per cluster that has it.
+    edge: HashMap<Digest, Vec<u32>>,
 }
 
 /// Peers examined per layer at most (the first holders listed: within a
 /// cluster links are alike, and scoring 1,000 nodes must stay fast).
 const MAX_HOLDERS: usize = 3;
 
-/// How `node` would get `layers`, given which nodes of its cluster hold
-/// which layers (`holders`, which may list `node` itself) and, for layers
-/// its cluster lacks, which nodes elsewhere at the edge do (`edge`, from
-/// [`edge_holders`]).
-pub fn estimate(node: &NodeView, holders: &Holders, edge: &Holders, layers: &[Layer]) -> Estimate {
-    estimate_with(node, holders, edge, layers, true)
+fn held_by<'h>(holders: Option<&'h HashMap<Digest, Vec<u32>>>, l: &Layer) -> &'h [u32] {
+    holders
+        .and_then(|h| h.get(&l.digest))
+        .map_or(&[][..], |h| h.as_slice())
 }
 
-/// [`estimate`] without the per-layer plan (the scoring path: no
-/// allocation per layer).
-pub fn estimate_time(
-    node: &NodeView,
-    holders: &Holders,
-    edge: &Holders,
-    layers: &[Layer],
-) -> Estimate {
-    estimate_with(node, holders, edge, layers, false)
-}
-
-fn estimate_with(
-    node: &NodeView,
-    holders: &Holders,
-    edge: &Holders,
-    layers: &[Layer],
-    with_plan: bool,
-) -> Estimate {
-    estimate_core(
-        node,
-        layers,
-        with_plan,
-        |_, l| node.whole.contains(&l.digest),
-        |_, l| held_by(holders, l),
-        |_, l| held_by(edge, l),
-    )
-}
-
-fn held_by<'h>(holders: &'h Holders, l: &Layer) -> &'h [String] {
-    holders.get(&l.digest).map_or(&[][..], |h| h.as_slice())
-}
-
-/// [`estimate_time`] for many nodes: each layer's holders are looked up
-/// once per cluster, and which layers a node holds comes from them (one
-/// lookup per node, not one per layer). `holders` gives a cluster's
-/// holder map, which must list every layer the views of that cluster hold
-/// whole (as [`holders`] builds it from the same views); `edge` is the
-/// edge-wide map ([`edge_holders`]).
-pub fn estimate_times<'h>(
-    views: &[&NodeView],
-    holders: impl Fn(&str) -> Option<&'h Holders>,
-    edge: &Holders,
-    layers: &[Layer],
-) -> Vec<Estimate> {
-    if layers.len() > 64 {
-        let none = Holders::default();
-        return views
+impl Holdings {
+    /// Who of `views` holds what.
+    pub fn new<'a>(views: impl IntoIterator<Item = &'a NodeView>) -> Holdings {
+        let views: Vec<&NodeView> = views.into_iter().collect();
+        let mut names: Vec<String> = views.iter().map(|v| v.name.clone()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let ids: HashMap<String, u32> = names
             .iter()
-            .map(|v| estimate_time(v, holders(&v.cluster).unwrap_or(&none), edge, layers))
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as u32))
             .collect();
-    }
-    let far: Vec<&[String]> = layers.iter().map(|l| held_by(edge, l)).collect();
-    // Per cluster: each layer's holders, and each holder's layers as bits.
-    struct Ctx<'h> {
-        cands: Vec<&'h [String]>,
-        held: HashMap<&'h str, u64>,
-    }
-    let mut ctxs: HashMap<&str, Ctx<'h>> = HashMap::default();
-    views
-        .iter()
-        .map(|v| {
-            let ctx = ctxs.entry(v.cluster.as_str()).or_insert_with(|| {
-                let h = holders(&v.cluster);
-                let cands: Vec<&'h [String]> = layers
-                    .iter()
-                    .map(|l| {
-                        h.and_then(|h| h.get(&l.digest))
-                            .map_or(&[][..], |x| x.as_slice())
-                    })
-                    .collect();
-                let mut held: HashMap<&'h str, u64> = HashMap::default();
-                for (i, c) in cands.iter().enumerate() {
-                    for name in c.iter() {
-                        *held.entry(name.as_str()).or_default() |= 1 << i;
-                    }
+        let mut by_id: Vec<Option<&NodeView>> = vec![None; names.len()];
+        let mut clusters: HashMap<String, HashMap<Digest, Vec<u32>>> = HashMap::default();
+        for v in &views {
+            let id = ids[&v.name];
+            by_id[id as usize] = Some(v);
+            let c = clusters.entry(v.cluster.clone()).or_default();
+            for d in &v.whole {
+                c.entry(d.clone()).or_default().push(id);
+            }
+        }
+        let mut edge: HashMap<Digest, Vec<u32>> = HashMap::default();
+        for c in clusters.values() {
+            for (d, h) in c {
+                if let Some(&first) = h.first() {
+                    edge.entry(d.clone()).or_default().push(first);
                 }
-                Ctx { cands, held }
-            });
-            let mask = ctx.held.get(v.name.as_str()).copied().unwrap_or(0);
-            estimate_core(
-                v,
-                layers,
-                false,
-                |i, _| mask >> i & 1 == 1,
-                |i, _| ctx.cands[i],
-                |i, _| far[i],
-            )
-        })
-        .collect()
-}
+            }
+        }
+        // The same order whatever the clusters' order (a stable plan).
+        for h in edge.values_mut() {
+            h.sort_unstable();
+        }
+        let (mut peer_ids, mut peer_links, mut spans) = (Vec::new(), Vec::new(), vec![0]);
+        for v in by_id {
+            let mut mine: Vec<(u32, Link)> = v
+                .into_iter()
+                .flat_map(|v| &v.peers)
+                .filter_map(|(p, l)| ids.get(p).map(|&q| (q, *l)))
+                .collect();
+            mine.sort_unstable_by_key(|(q, _)| *q);
+            peer_ids.extend(mine.iter().map(|(q, _)| *q));
+            peer_links.extend(mine.iter().map(|(_, l)| *l));
+            spans.push(peer_ids.len() as u32);
+        }
+        Holdings {
+            ids,
+            names,
+            peer_ids,
+            peer_links,
+            spans,
+            clusters,
+            edge,
+        }
+    }
 
-/// The estimate of `node` for `layers`, given which it holds (`holds`),
-/// which nodes of its cluster hold each (`cands`), and which nodes of
-/// other clusters (`far`: asked only when its cluster has none; peers of
-/// its own cluster come first, as the node daemon keeps them closer).
-fn estimate_core<'c>(
-    node: &NodeView,
-    layers: &[Layer],
-    with_plan: bool,
-    holds: impl Fn(usize, &Layer) -> bool,
-    cands: impl Fn(usize, &Layer) -> &'c [String],
-    far: impl Fn(usize, &Layer) -> &'c [String],
-) -> Estimate {
-    let mut plan = Vec::new();
-    let (mut local, mut missing) = (0u64, 0u64);
-    // Bytes per source (None: the cloud), fetched in parallel across
-    // sources; a few sources at most, kept inline (no allocation).
-    let mut per_source: [(Option<&str>, Link, u64); 8] = [(None, DEFAULT_CLOUD, 0); 8];
-    let mut sources = 0usize;
-    let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
-    for (i, l) in layers.iter().enumerate() {
-        if holds(i, l) {
-            local += l.size;
+    /// How `node` would get `layers`: from itself, a peer of its cluster
+    /// holding the layer, else a peer of another cluster, else the
+    /// registry, whichever is expected first. A node these holdings were
+    /// built from is taken with the peer links it had then.
+    pub fn estimate(&self, node: &NodeView, layers: &[Layer]) -> Estimate {
+        self.estimate_with(node, layers, true)
+    }
+
+    /// [`Holdings::estimate`] without the per-layer plan (no allocation
+    /// per layer).
+    pub fn estimate_time(&self, node: &NodeView, layers: &[Layer]) -> Estimate {
+        self.estimate_with(node, layers, false)
+    }
+
+    fn estimate_with(&self, node: &NodeView, layers: &[Layer], with_plan: bool) -> Estimate {
+        let near = self.clusters.get(&node.cluster);
+        self.estimate_core(
+            node,
+            self.ids.get(&node.name).copied(),
+            layers,
+            with_plan,
+            |_, l| node.whole.contains(&l.digest),
+            |_, l| held_by(near, l),
+            |_, l| held_by(Some(&self.edge), l),
+        )
+    }
+
+    /// [`Holdings::estimate_time`] for many nodes: each layer's holders are
+    /// looked up once per cluster, and which layers a node holds comes from
+    /// them (one lookup per node, not one per layer), so a node is taken to
+    /// hold what it held when these holdings were built.
+    pub fn estimate_times(&self, views: &[&NodeView], layers: &[Layer]) -> Vec<Estimate> {
+        if layers.len() > 64 {
+            return views
+                .iter()
+                .map(|v| self.estimate_time(v, layers))
+                .collect();
+        }
+        let far: Vec<&[u32]> = layers
+            .iter()
+            .map(|l| held_by(Some(&self.edge), l))
+            .collect();
+        // Per cluster: each layer's holders, and each holder's layers as bits.
+        struct Ctx<'h> {
+            cands: Vec<&'h [u32]>,
+            held: HashMap<u32, u64>,
+        }
+        let mut ctxs: HashMap<&str, Ctx<'_>> = HashMap::default();
+        views
+            .iter()
+            .map(|v| {
+                let ctx = ctxs.entry(v.cluster.as_str()).or_insert_with(|| {
+                    let h = self.clusters.get(&v.cluster);
+                    let cands: Vec<&[u32]> = layers.iter().map(|l| held_by(h, l)).collect();
+                    let mut held: HashMap<u32, u64> = HashMap::default();
+                    for (i, c) in cands.iter().enumerate() {
+                        for &id in c.iter() {
+                            *held.entry(id).or_default() |= 1 << i;
+                        }
+                    }
+                    Ctx { cands, held }
+                });
+                let me = self.ids.get(&v.name).copied();
+                let mask = me.and_then(|id| ctx.held.get(&id)).copied().unwrap_or(0);
+                self.estimate_core(
+                    v,
+                    me,
+                    layers,
+                    false,
+                    |i, _| mask >> i & 1 == 1,
+                    |i, _| ctx.cands[i],
+                    |i, _| far[i],
+                )
+            })
+            .collect()
+    }
+
+    /// The estimate of `node` (numbered `me`, if these holdings know it)
+    /// for `layers`, given which it holds (`holds`), which nodes of its
+    /// cluster hold each (`cands`), and which nodes of other clusters
+    /// (`far`: asked only when its cluster has none; peers of its own
+    /// cluster come first, as the node daemon keeps them closer).
+    #[allow(clippy::too_many_arguments)]
+    fn estimate_core<'c>(
+        &self,
+        node: &NodeView,
+        me: Option<u32>,
+        layers: &[Layer],
+        with_plan: bool,
+        holds: impl Fn(usize, &Layer) -> bool,
+        cands: impl Fn(usize, &Layer) -> &'c [u32],
+        far: impl Fn(usize, &Layer) -> &'c [u32],
+    ) -> Estimate {
+        let mine = me.map(|id| {
+            let span = self.spans[id as usize] as usize..self.spans[id as usize + 1] as usize;
+            (&self.peer_ids[span.clone()], &self.peer_links[span])
+        });
+        let link = |p: u32| match mine {
+            Some((ids, links)) => ids.binary_search(&p).ok().map(|k| links[k]),
+            None => node.peers.get(&self.names[p as usize]).copied(),
+        };
+        let other = |p: &u32| Some(*p) != me;
+        let mut plan = Vec::new();
+        let (mut local, mut missing) = (0u64, 0u64);
+        // Bytes per source (None: the cloud), fetched in parallel across
+        // sources; a few sources at most, kept inline (no allocation).
+        let mut per_source: [(Option<u32>, Link, u64); 8] = [(None, DEFAULT_CLOUD, 0); 8];
+        let mut sources = 0usize;
+        let cloud = node.cloud.unwrap_or(DEFAULT_CLOUD);
+        for (i, l) in layers.iter().enumerate() {
+            if holds(i, l) {
+                local += l.size;
+                if with_plan {
+                    plan.push(LayerPlan {
+                        digest: l.digest.clone(),
+                        size: l.size,
+                        from: From::Local,
+                    });
+                }
+                continue;
+            }
+            let held = if node.partial.is_empty() {
+                0
+            } else {
+                node.partial
+                    .get(&l.digest)
+                    .copied()
+                    .unwrap_or(0)
+                    .min(l.size)
+            };
+            local += held;
+            let need = l.size - held;
+            missing += need;
+            let near = cands(i, l);
+            let (peers, default) = if near.iter().any(other) {
+                (near, DEFAULT_PEER)
+            } else {
+                (far(i, l), DEFAULT_FAR_PEER)
+            };
+            // A layer no peer holds comes over the pooled registry links when
+            // the node relays (the daemon asks relays only after every peer).
+            let up = match node.pooled_cloud {
+                Some(p) if !peers.iter().any(other) => p,
+                _ => cloud,
+            };
+            let mut best: (f64, Option<u32>, Link) = (up.secs(need), None, up);
+            for &p in peers.iter().filter(|p| other(p)).take(MAX_HOLDERS) {
+                let link = link(p).unwrap_or(default);
+                let t = link.secs(need);
+                if t < best.0 {
+                    best = (t, Some(p), link);
+                }
+            }
+            const SLOTS: usize = 8;
+            match per_source[..sources]
+                .iter()
+                .position(|(k, _, _)| *k == best.1)
+            {
+                Some(i) => per_source[i].2 += need,
+                None if sources < SLOTS => {
+                    per_source[sources] = (best.1, best.2, need);
+                    sources += 1;
+                }
+                // More sources than slots: count the bytes on the last one kept.
+                None => per_source[SLOTS - 1].2 += need,
+            }
             if with_plan {
                 plan.push(LayerPlan {
                     digest: l.digest.clone(),
                     size: l.size,
-                    from: From::Local,
+                    from: match best.1 {
+                        Some(p) => From::Peer {
+                            node: self.names[p as usize].clone(),
+                        },
+                        None => From::Cloud,
+                    },
                 });
             }
-            continue;
         }
-        let held = if node.partial.is_empty() {
-            0
-        } else {
-            node.partial
-                .get(&l.digest)
-                .copied()
-                .unwrap_or(0)
-                .min(l.size)
-        };
-        local += held;
-        let need = l.size - held;
-        missing += need;
-        let near = cands(i, l);
-        let (peers, default) = if near.iter().any(|p| *p != node.name) {
-            (near, DEFAULT_PEER)
-        } else {
-            (far(i, l), DEFAULT_FAR_PEER)
-        };
-        // A layer no peer holds comes over the pooled registry links when
-        // the node relays (the daemon asks relays only after every peer).
-        let up = match node.pooled_cloud {
-            Some(p) if !peers.iter().any(|p| *p != node.name) => p,
-            _ => cloud,
-        };
-        let mut best: (f64, Option<&str>, Link) = (up.secs(need), None, up);
-        for p in peers.iter().filter(|p| **p != node.name).take(MAX_HOLDERS) {
-            let link = node.peers.get(p).copied().unwrap_or(default);
-            let t = link.secs(need);
-            if t < best.0 {
-                best = (t, Some(p.as_str()), link);
-            }
-        }
-        const SLOTS: usize = 8;
-        match per_source[..sources]
+        let fetch_secs = per_source[..sources]
             .iter()
-            .position(|(k, _, _)| *k == best.1)
-        {
-            Some(i) => per_source[i].2 += need,
-            None if sources < SLOTS => {
-                per_source[sources] = (best.1, best.2, need);
-                sources += 1;
-            }
-            // More sources than slots: count the bytes on the last one kept.
-            None => per_source[SLOTS - 1].2 += need,
+            .map(|(_, link, bytes)| link.secs(*bytes))
+            .fold(0.0, f64::max);
+        Estimate {
+            node: if with_plan {
+                node.name.clone()
+            } else {
+                String::new()
+            },
+            fetch_secs,
+            local_bytes: local,
+            missing_bytes: missing,
+            plan,
         }
-        if with_plan {
-            plan.push(LayerPlan {
-                digest: l.digest.clone(),
-                size: l.size,
-                from: match best.1 {
-                    Some(p) => From::Peer {
-                        node: p.to_string(),
-                    },
-                    None => From::Cloud,
-                },
-            });
-        }
-    }
-    let fetch_secs = per_source[..sources]
-        .iter()
-        .map(|(_, link, bytes)| link.secs(*bytes))
-        .fold(0.0, f64::max);
-    Estimate {
-        node: if with_plan {
-            node.name.clone()
-        } else {
-            String::new()
-        },
-        fetch_secs,
-        local_bytes: local,
-        missing_bytes: missing,
-        plan,
     }
 }
 
@@ -571,17 +655,16 @@ mod tests {
             name: "b".into(),
             ..NodeView::default()
         };
-        let none = Holders::default();
-        let e = estimate(&empty, &holders([&holder, &empty]), &none, &ls);
+        let e = Holdings::new([&holder, &empty]).estimate(&empty, &ls);
         assert!(
             e.plan
                 .iter()
                 .all(|p| p.from == From::Peer { node: "a".into() })
         );
-        let far = estimate(&empty, &none, &none, &ls);
+        let far = Holdings::default().estimate(&empty, &ls);
         assert!(far.fetch_secs > e.fetch_secs * 10.0);
         assert_eq!(
-            estimate(&holder, &holders([&holder]), &none, &ls).fetch_secs,
+            Holdings::new([&holder]).estimate(&holder, &ls).fetch_secs,
             0.0
         );
     }
@@ -619,9 +702,7 @@ mod tests {
             .collect(),
             ..NodeView::default()
         };
-        let west = holders([&near]);
-        let east = holders([&far]);
-        let edge = edge_holders([&west, &east]);
+        let edge = Holdings::new([&near, &far]);
         let from = |e: &Estimate| e.plan.iter().map(|p| p.from.clone()).collect::<Vec<_>>();
         let peer = |n: &str| From::Peer { node: n.into() };
         // A slow registry link: the far peer, but the near one first.
@@ -629,16 +710,16 @@ mod tests {
             rtt_ms: 90.0,
             mbps: 50.0,
         });
-        let e = estimate(&slow, &west, &edge, &ls);
+        let e = edge.estimate(&slow, &ls);
         assert_eq!(from(&e), vec![peer("near"), peer("far")]);
-        let cloud_only = estimate(&slow, &west, &Holders::default(), &ls);
+        let cloud_only = Holdings::new([&near]).estimate(&slow, &ls);
         assert!(e.fetch_secs < cloud_only.fetch_secs / 2.0, "{e:?}");
         // A registry link better than the far peer's: the registry.
         let fast = node(Link {
             rtt_ms: 5.0,
             mbps: 300.0,
         });
-        let e = estimate(&fast, &west, &edge, &ls);
+        let e = edge.estimate(&fast, &ls);
         assert_eq!(from(&e), vec![peer("near"), From::Cloud]);
         // An unmeasured far peer is taken as the testbed's link across
         // clusters, not as a peer of the cluster.
@@ -646,17 +727,17 @@ mod tests {
             peers: HashMap::default(),
             ..slow.clone()
         };
-        let e = estimate(&unmeasured, &Holders::default(), &edge, &ls[1..]);
+        let e = edge.estimate(&unmeasured, &ls[1..]);
         assert_eq!(e.fetch_secs, DEFAULT_FAR_PEER.secs(ls[1].size));
         // The many-node path agrees.
-        let many = estimate_times(&[&slow, &fast], |_| Some(&west), &edge, &ls);
+        let many = edge.estimate_times(&[&slow, &fast], &ls);
         assert_eq!(
             many[0].fetch_secs,
-            estimate_time(&slow, &west, &edge, &ls).fetch_secs
+            edge.estimate_time(&slow, &ls).fetch_secs
         );
         assert_eq!(
             many[1].fetch_secs,
-            estimate_time(&fast, &west, &edge, &ls).fetch_secs
+            edge.estimate_time(&fast, &ls).fetch_secs
         );
     }
 
@@ -685,11 +766,11 @@ mod tests {
         assert_eq!(pooled_cloud(&a, [&a, &quiet]), None);
         assert_eq!(pooled_cloud(&node("e", None, true), [&a, &b]), None);
 
-        let none = Holders::default();
-        let alone = estimate(&a, &none, &none, &ls);
+        let none = Holdings::default();
+        let alone = none.estimate(&a, &ls);
         let mut relaying = a.clone();
         relaying.pooled_cloud = Some(pooled);
-        let striped = estimate(&relaying, &none, &none, &ls);
+        let striped = none.estimate(&relaying, &ls);
         assert!(striped.fetch_secs < alone.fetch_secs / 5.0);
         assert!(striped.plan.iter().all(|p| p.from == From::Cloud));
         // A layer a peer holds still comes from the peer (the daemon asks
@@ -699,7 +780,7 @@ mod tests {
             whole: [ls[1].digest.clone()].into_iter().collect(),
             ..node("h", None, false)
         };
-        let e = estimate(&relaying, &holders([&holder]), &none, &ls);
+        let e = Holdings::new([&holder]).estimate(&relaying, &ls);
         assert_eq!(e.plan[1].from, From::Peer { node: "h".into() });
     }
 
@@ -714,8 +795,7 @@ mod tests {
             cache_room: Some(1_000),
             ..NodeView::default()
         };
-        let none = Holders::default();
-        let e = estimate(&far, &none, &none, &layers(1));
+        let e = Holdings::default().estimate(&far, &layers(1));
         let delay = Limits {
             delay_ms: Some(25.0),
             bandwidth_mbps: None,
@@ -758,15 +838,11 @@ mod tests {
                     ..NodeView::default()
                 })
                 .collect();
-            let by_cluster: HashMap<String, Holders> = ["c0", "c1"]
-                .iter()
-                .map(|c| (c.to_string(), holders(views.iter().filter(|v| v.cluster == *c))))
-                .collect();
+            let h = Holdings::new(&views);
             let refs: Vec<&NodeView> = views.iter().collect();
-            let edge = edge_holders(by_cluster.values());
-            let many = estimate_times(&refs, |c| by_cluster.get(c), &edge, &ls);
+            let many = h.estimate_times(&refs, &ls);
             for (v, m) in views.iter().zip(&many) {
-                let one = estimate_time(v, &by_cluster[&v.cluster], &edge, &ls);
+                let one = h.estimate_time(v, &ls);
                 prop_assert_eq!(&one, m);
             }
         }
@@ -794,8 +870,8 @@ mod tests {
                 views.push(NodeView { name: format!("o{i}"), cloud, whole: ls.iter().take(i).map(|l| l.digest.clone()).collect(), ..NodeView::default() });
             }
             let refs: Vec<&NodeView> = views.iter().collect();
-            let none = Holders::default();
-            let ests: Vec<Estimate> = refs.iter().map(|v| estimate(v, &none, &none, &ls)).collect();
+            let none = Holdings::default();
+            let ests: Vec<Estimate> = refs.iter().map(|v| none.estimate(v, &ls)).collect();
             let s = scores(&refs, &ests, (0.0, 0.0), &Weights::default());
             prop_assert!(s[1].0 >= s[0].0, "{:?}", s);
         }
