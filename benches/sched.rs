@@ -111,47 +111,91 @@ fn main() {
         let inproc_p99 = inproc[(inproc.len() * 99 / 100).min(inproc.len() - 1)];
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let sched_ref = sched.clone();
         tokio::spawn(async move { axum::serve(listener, routes(sched)).await });
-        let body = serde_json::json!({
-            "Pod": {"metadata": {"name": "p", "annotations": {"breakfs.io/limit-delay": "90"}},
-                    "spec": {"containers": [{"image": "reg:5000/app:v1",
-                             "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}]}},
-            "NodeNames": names,
-        })
-        .to_string();
+        let pod = serde_json::json!({
+            "metadata": {"name": "p", "annotations": {"breakfs.io/limit-delay": "90"}},
+            "spec": {"containers": [{"image": "reg:5000/app:v1",
+                     "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}]}});
+        let body = serde_json::json!({"Pod": pod, "NodeNames": names}).to_string();
         let client = reqwest::Client::new();
         let url = format!("http://{addr}/prioritize");
-        let mut times = Vec::with_capacity(requests);
-        for i in 0..requests + 100 {
-            let t = Instant::now();
-            let r = client.post(&url).body(body.clone()).send().await.unwrap();
-            assert!(r.status().is_success());
-            // Typed, as kube-scheduler reads it.
-            let scores: Vec<breakfs_sched::types::HostPriority> =
-                serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-            if i >= 100 {
-                times.push(t.elapsed());
-            }
-            assert_eq!(scores.len(), NODES);
-        }
-        times.sort();
-        let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+        let times = time_calls(&client, &url, &body, requests, 100).await;
+        // With the Kubernetes API watched (`kubernetes.enabled`, as in
+        // sched/deploy/sched.yaml): each node's allocatable and requested
+        // resources from it.
+        sched_ref.set_cluster(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let node = breakfs_sched::k8s::ClusterNode {
+                        allocatable: Some((2.0, 4.0 * (1u64 << 30) as f64)),
+                        requested: ((i % 4) as f64 * 0.25, (i % 8) as f64 * 256e6),
+                        link: None,
+                        daemon: None,
+                    };
+                    (n.clone(), node)
+                })
+                .collect(),
+        );
+        let api_times = time_calls(&client, &url, &body, requests, 100).await;
+        // The Nodes form (kube-scheduler's default, `nodeCacheCapable:
+        // false`): every candidate's whole v1.Node, here the workers of the
+        // kube fixtures (about 6.5 KB each) renamed.
+        let fixture: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string("tests/data/kube/nodes.json").unwrap(),
+        )
+        .unwrap();
+        let workers: Vec<&serde_json::Value> = fixture["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["metadata"]["labels"].get("node-role.kubernetes.io/control-plane").is_none())
+            .collect();
+        let items: Vec<serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut node = workers[i % workers.len()].clone();
+                node["metadata"]["name"] = n.as_str().into();
+                node
+            })
+            .collect();
+        let nodes_body = serde_json::json!({
+            "Pod": pod,
+            "Nodes": {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": items},
+        })
+        .to_string();
+        let nodes_calls = (requests / 10).max(20);
+        let nodes_times = time_calls(&client, &url, &nodes_body, nodes_calls, 10).await;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let row = |t: &[Duration]| {
+            format!(
+                "{:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms",
+                ms(pct(t, 0.5)),
+                ms(pct(t, 0.9)),
+                ms(pct(t, 0.99)),
+                ms(*t.last().unwrap())
+            )
+        };
         let report = format!(
             "### Scheduler extender at scale\n\n\
              `cargo bench --bench sched` — {NODES} nodes in {CLUSTERS} clusters, {LAYERS_PER_NODE} cached layers each \
              (pool of {POOL}), a 10-layer image, {requests} `POST /prioritize` calls with all {NODES} nodes \
              (NodeNames form) over loopback HTTP, one at a time, after 100 warm-up calls; 2-core machine.\n\n\
-             | p50 | p90 | p99 | max | target p99 | directory memory (RSS growth) |\n\
-             |---|---|---|---|---|---|\n\
-             | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | ≤ 5 ms | {:.1} MB |\n\n\
+             | form | p50 | p90 | p99 | max | target p99 | directory memory (RSS growth) |\n\
+             |---|---|---|---|---|---|---|\n\
+             | NodeNames | {} | ≤ 5 ms | {:.1} MB |\n\
+             | NodeNames, resources from the Kubernetes API's view | {} | ≤ 5 ms | |\n\
+             | Nodes ({:.1} MB bodies, {nodes_calls} calls) | {} | | |\n\n\
              Scoring alone (`Sched::prioritize` in process, same arguments, no HTTP or JSON): \
              p50 {:.2} ms, p99 {:.2} ms.\n",
-            ms(pct(0.5)),
-            ms(pct(0.9)),
-            ms(pct(0.99)),
-            ms(*times.last().unwrap()),
+            row(&times),
             (after.saturating_sub(before)) as f64 / 1024.0,
+            row(&api_times),
+            nodes_body.len() as f64 / 1e6,
+            row(&nodes_times),
             ms(inproc_p50),
             ms(inproc_p99),
         );
@@ -159,4 +203,40 @@ fn main() {
         let _ = std::fs::create_dir_all("target");
         std::fs::write("target/bench-sched.md", report).unwrap();
     });
+}
+
+/// The `p` quantile of sorted `times`.
+fn pct(times: &[Duration], p: f64) -> Duration {
+    times[((times.len() as f64 * p) as usize).min(times.len() - 1)]
+}
+
+/// `n` timed `POST`s of `body` to `url`, one at a time, after `warm`
+/// untimed ones; each reply read typed, as kube-scheduler reads it.
+/// Sorted.
+async fn time_calls(
+    client: &reqwest::Client,
+    url: &str,
+    body: &str,
+    n: usize,
+    warm: usize,
+) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n + warm {
+        let t = Instant::now();
+        let r = client
+            .post(url)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let scores: Vec<breakfs_sched::types::HostPriority> =
+            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        if i >= warm {
+            times.push(t.elapsed());
+        }
+        assert_eq!(scores.len(), NODES);
+    }
+    times.sort();
+    times
 }

@@ -52,35 +52,142 @@ pub struct HostPriority {
 }
 
 /// `v1.NodeList`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct NodeList {
     /// The nodes.
-    #[serde(default)]
     pub items: Vec<Node>,
     /// Everything else, passed back unchanged.
     #[serde(flatten)]
     pub rest: BTreeMap<String, serde_json::Value>,
 }
 
-/// `v1.Node`, kept whole (so that a filter result returns it unchanged),
-/// with accessors for what scoring reads.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Node(pub serde_json::Value);
+// By hand: `#[serde(flatten)]` would first buffer the whole list (~6 MB
+// for 1,000 nodes) as a tree, and `Node`'s raw JSON cannot come from one.
+impl<'de> Deserialize<'de> for NodeList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NodeList, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = NodeList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a v1.NodeList object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NodeList, A::Error> {
+                let mut list = NodeList::default();
+                while let Some(key) = m.next_key::<String>()? {
+                    if key == "items" {
+                        list.items = m.next_value::<Option<Vec<Node>>>()?.unwrap_or_default();
+                    } else {
+                        list.rest.insert(key, m.next_value()?);
+                    }
+                }
+                Ok(list)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// `v1.Node`, kept as received (a filter result returns it unchanged),
+/// with what scoring reads parsed from it. Not made a JSON tree: a
+/// Nodes-form body of 1,000 nodes is about 6 MB, and the tree took most of
+/// a call's time.
+#[derive(Clone, Debug)]
+pub struct Node {
+    raw: Box<serde_json::value::RawValue>,
+    read: NodeFields,
+}
+
+/// The parts of a `v1.Node` scoring reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeFields {
+    #[serde(default)]
+    metadata: NodeMeta,
+    #[serde(default)]
+    status: NodeStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeStatus {
+    #[serde(default)]
+    allocatable: BTreeMap<String, String>,
+}
+
+impl NodeFields {
+    /// What a node of unusual shape (a `null` where an object belongs, a
+    /// number where a string does) still says: the strings where they are
+    /// expected, nothing else.
+    fn leniently(v: &serde_json::Value) -> NodeFields {
+        let strings = |m: &serde_json::Value| -> BTreeMap<String, String> {
+            m.as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, x)| Some((k.clone(), x.as_str()?.to_string())))
+                .collect()
+        };
+        NodeFields {
+            metadata: NodeMeta {
+                name: v["metadata"]["name"].as_str().map(String::from),
+                labels: strings(&v["metadata"]["labels"]),
+            },
+            status: NodeStatus {
+                allocatable: strings(&v["status"]["allocatable"]),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let read = serde_json::from_str(raw.get()).unwrap_or_else(|_| {
+            NodeFields::leniently(&serde_json::from_str(raw.get()).unwrap_or_default())
+        });
+        Ok(Node { raw, read })
+    }
+}
+
+impl Serialize for Node {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl PartialEq for Node {
+    fn eq(&self, other: &Node) -> bool {
+        self.raw.get() == other.raw.get()
+    }
+}
 
 impl Node {
     /// `metadata.name`.
     pub fn name(&self) -> Option<&str> {
-        self.0["metadata"]["name"].as_str()
+        self.read.metadata.name.as_deref()
     }
 
     /// `status.allocatable[key]` parsed as a quantity.
     pub fn allocatable(&self, key: &str) -> Option<f64> {
-        parse_quantity(self.0["status"]["allocatable"][key].as_str()?)
+        parse_quantity(self.read.status.allocatable.get(key)?)
     }
 
     /// `metadata.labels[key]`.
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.0["metadata"]["labels"][key].as_str()
+        self.read.metadata.labels.get(key).map(String::as_str)
+    }
+
+    /// The node as received.
+    pub fn json(&self) -> &str {
+        self.raw.get()
     }
 }
 
@@ -218,6 +325,45 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn nodes_are_read_from_their_json_and_passed_back_byte_for_byte() {
+        // A recorded-shape NodeList (tests/data/kube), with odd spacing kept.
+        let fixture = include_str!("../../tests/data/kube/nodes.json");
+        let list: NodeList = serde_json::from_str(fixture).unwrap();
+        assert_eq!(list.items.len(), 4);
+        assert_eq!(list.rest["kind"], "NodeList");
+        let c = list.items.iter().find(|n| n.name() == Some("edge-c")).unwrap();
+        assert_eq!(c.label("breakfs.io/rtt-registry-ms"), Some("42.5"));
+        assert!(c.allocatable("cpu").unwrap() > 0.0);
+        assert!(c.allocatable("memory").unwrap() > 1e9);
+        let original: serde_json::Value = serde_json::from_str(fixture).unwrap();
+        let again: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&list).unwrap()).unwrap();
+        assert_eq!(again, original);
+        let spaced = r#"{ "metadata" : { "name" : "x" } , "future" : [1, 2] }"#;
+        let n: Node = serde_json::from_str(spaced).unwrap();
+        assert_eq!(serde_json::to_string(&n).unwrap(), spaced);
+    }
+
+    #[test]
+    fn nodes_of_odd_shape_still_say_what_they_can() {
+        let odd = r#"{"items": [
+            {"metadata": {"name": "a", "labels": {"k": "v", "n": 3}}, "status": null},
+            {"metadata": null},
+            7
+        ], "metadata": {}}"#;
+        let list: NodeList = serde_json::from_str(odd).unwrap();
+        assert_eq!(list.items[0].name(), Some("a"));
+        assert_eq!(list.items[0].label("k"), Some("v"));
+        assert_eq!(list.items[0].label("n"), None);
+        assert_eq!(list.items[0].allocatable("cpu"), None);
+        assert_eq!(list.items[1].name(), None);
+        assert_eq!(list.items[2].json(), "7");
+        let empty: NodeList = serde_json::from_str(r#"{"items": null}"#).unwrap();
+        assert!(empty.items.is_empty());
+        assert!(serde_json::from_str::<NodeList>("[1]").is_err());
+    }
 
     #[test]
     fn quantities_parse_like_kubernetes() {
