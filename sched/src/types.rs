@@ -333,7 +333,11 @@ mod tests {
         let list: NodeList = serde_json::from_str(fixture).unwrap();
         assert_eq!(list.items.len(), 4);
         assert_eq!(list.rest["kind"], "NodeList");
-        let c = list.items.iter().find(|n| n.name() == Some("edge-c")).unwrap();
+        let c = list
+            .items
+            .iter()
+            .find(|n| n.name() == Some("edge-c"))
+            .unwrap();
         assert_eq!(c.label("breakfs.io/rtt-registry-ms"), Some("42.5"));
         assert!(c.allocatable("cpu").unwrap() > 0.0);
         assert!(c.allocatable("memory").unwrap() > 1e9);
