@@ -43,6 +43,10 @@ const BLOCK: usize = 512;
 /// Largest GNU long name / long link / PAX header accepted, so a corrupt
 /// size field cannot make us buffer gigabytes.
 const MAX_EXTENSION: u64 = 16 << 20;
+/// Most entries a layer may have. Refactoring holds about 2.5 KiB per
+/// entry (a million took 2.5 GiB), so this bounds a layer to about 5 GiB;
+/// the largest layers of real images have a few hundred thousand.
+pub const MAX_ENTRIES: usize = 1 << 21;
 
 impl LayerIndex {
     /// [`LayerIndex::read`], copying every byte read into `out` on the way
@@ -64,6 +68,11 @@ impl LayerIndex {
     /// Global PAX headers are skipped. The root entry (`./`, `/`) is not
     /// recorded.
     pub fn read<R: Read>(reader: R, what: &str) -> Result<LayerIndex> {
+        LayerIndex::read_at_most(reader, what, MAX_ENTRIES)
+    }
+
+    /// [`LayerIndex::read`], refusing a layer of more than `max` entries.
+    fn read_at_most<R: Read>(reader: R, what: &str, max: usize) -> Result<LayerIndex> {
         let mut stream = HashingReader::new(reader);
         let mut entries = Vec::new();
         let mut ext = Extensions::default();
@@ -144,6 +153,19 @@ impl LayerIndex {
             let data_offset = stream.count();
             let parsed = index_entry(header, &exts, what)?;
             let content = match parsed {
+                Some(_) if entries.len() >= max => {
+                    return Err(Error::io(
+                        what,
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "the layer has more than {max} entries (the next is at offset \
+                                 {header_pos}); breakfs refuses layers this large, as indexing \
+                                 them would take gigabytes of memory: split the layer"
+                            ),
+                        ),
+                    ));
+                }
                 Some(mut entry) => {
                     if entry.kind == EntryKind::File {
                         let mut hashing = HashingReader::new((&mut stream).take(size));
@@ -757,6 +779,31 @@ mod tests {
             Err(Error::BadEntry { path, reason }) => (path, reason),
             other => panic!("expected BadEntry, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_layer_of_too_many_entries_is_refused_naming_the_cap_and_the_fix() {
+        let entries: Vec<(Entry, Vec<u8>)> = (0..5)
+            .map(|i| (file(&format!("f{i}"), 0o644), vec![b'x'; i]))
+            .collect();
+        let tar = tar_of(&entries);
+        assert_eq!(
+            LayerIndex::read_at_most(&tar[..], "layer test", 5)
+                .unwrap()
+                .entries
+                .len(),
+            5
+        );
+        // The root entry does not count.
+        let mut rooted = vec![(Entry::new("./", EntryKind::Dir), vec![])];
+        rooted.extend(entries.iter().cloned());
+        assert!(LayerIndex::read_at_most(&tar_of(&rooted)[..], "layer test", 5).is_ok());
+        let err = LayerIndex::read_at_most(&tar[..], "layer test", 4)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("layer test: "), "{err}");
+        assert!(err.contains("more than 4 entries"), "{err}");
+        assert!(err.contains("split the layer"), "{err}");
     }
 
     #[test]
