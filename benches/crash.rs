@@ -34,10 +34,9 @@ mod registry;
 mod tree;
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use harness::publish;
 use registry::TestRegistry;
 
@@ -103,10 +102,7 @@ fn main() -> Result<()> {
         Err(e) => (crashloop::Report::default(), Some(format!("{e:#}"))),
     };
     let md = render(&family, &opts, &report, failure.as_deref(), secs);
-    print!("{md}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-crash.md");
-    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("crash bench: wrote {}", out.display());
+    harness::write_report("crash", &md)?;
     if let Some(f) = failure {
         bail!("seed {seed}: {f}");
     }

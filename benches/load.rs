@@ -121,10 +121,7 @@ fn main() -> Result<()> {
     if parts.iter().any(|p| p == "prioritize") {
         md.push_str(&bench_prioritize(&env, &published, calls)?);
     }
-    println!("{md}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-load.md");
-    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("load bench: wrote {}", out.display());
+    harness::write_report("load", &md)?;
     drop(reg);
     drop(tmpdir);
     Ok(())

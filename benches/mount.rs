@@ -166,10 +166,7 @@ fn main() -> Result<()> {
         );
     }
     let md = markdown(&reports, &failures, runs)?;
-    println!("{md}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-mount.md");
-    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("written to {}", out.display());
+    harness::write_report("mount", &md)?;
     drop(env);
     drop(reg);
     drop(tmpdir);

@@ -256,10 +256,7 @@ fn main() -> Result<()> {
         gap.as_secs_f64()
     );
     let md = markdown(target, others, &files, &results, runs, gap, &command)?;
-    println!("{md}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-node.md");
-    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("written to {}", out.display());
+    harness::write_report("node", &md)?;
     drop(shaper);
     drop(reg);
     drop(tmpdir);

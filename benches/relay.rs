@@ -150,10 +150,7 @@ fn main() -> Result<()> {
         "cargo bench --bench relay -- --runs {runs} --image {family} --mbit {mbit} --rtt-ms {rtt_ms}"
     );
     let md = markdown(&published, &samples, mbit, rtt_ms, &command);
-    println!("{md}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.md");
-    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("written to {}", out.display());
+    harness::write_report("relay", &md)?;
     drop(links);
     drop(tmpdir);
     Ok(())

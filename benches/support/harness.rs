@@ -575,3 +575,12 @@ pub fn skopeo_copy(from: &str, to: &str) -> Result<()> {
         }
     }
 }
+
+/// Print the report `md` and write it to target/bench-`name`.md.
+pub fn write_report(name: &str, md: &str) -> Result<()> {
+    println!("{md}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-{name}.md"));
+    std::fs::write(&out, md).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("{name} bench: wrote {}", out.display());
+    Ok(())
+}
