@@ -576,11 +576,69 @@ pub fn skopeo_copy(from: &str, to: &str) -> Result<()> {
     }
 }
 
-/// Print the report `md` and write it to target/bench-`name`.md.
+/// Print the report `md` and write it to target/bench-`name`.md, and with
+/// the command, machine and date above it to docs/results/`name`.md (the
+/// results the README links to).
 pub fn write_report(name: &str, md: &str) -> Result<()> {
     println!("{md}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-{name}.md"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join(format!("target/bench-{name}.md"));
     std::fs::write(&out, md).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("{name} bench: wrote {}", out.display());
+    // cargo passes `--bench` to the bench binary: not part of the command.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let command = if args.is_empty() {
+        format!("cargo bench --bench {name}")
+    } else {
+        format!("cargo bench --bench {name} -- {}", args.join(" "))
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|l| l.trim_matches('"').to_string())
+        .unwrap_or_else(|| "unknown OS".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_date(secs / 86_400);
+    let head = format!(
+        "# {name} benchmark\n\n* Command: `{command}`\n* Machine: {cores} cores ({cpu}), {os}, \
+         Linux {}\n* Date: {y}-{m:02}-{d:02} {:02}:{:02} UTC\n\n",
+        kernel.trim(),
+        secs % 86_400 / 3600,
+        secs % 3600 / 60,
+    );
+    let results = root.join("docs/results");
+    std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
+    let out = results.join(format!("{name}.md"));
+    std::fs::write(&out, head + md).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("{name} bench: wrote {}", out.display());
     Ok(())
+}
+
+/// Year, month and day of `days` since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for days after the epoch).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
 }
