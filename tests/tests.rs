@@ -11,6 +11,7 @@ mod load;
 mod mount;
 mod node;
 mod oci_io;
+mod readme;
 mod refactor;
 mod relay;
 mod sched;
