@@ -595,30 +595,13 @@ pub fn write_report(name: &str, md: &str) -> Result<()> {
     } else {
         format!("cargo bench --bench {name} -- {}", args.join(" "))
     };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let os = std::fs::read_to_string("/etc/os-release")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-        .map(|l| l.trim_matches('"').to_string())
-        .unwrap_or_else(|| "unknown OS".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let secs = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_date(secs / 86_400);
     let head = format!(
-        "# {name} benchmark\n\n* Command: `{command}`\n* Machine: {cores} cores ({cpu}), {os}, \
-         Linux {}\n* Date: {y}-{m:02}-{d:02} {:02}:{:02} UTC\n\n",
-        kernel.trim(),
-        secs % 86_400 / 3600,
-        secs % 3600 / 60,
+        "# {name} benchmark\n\n* Command: `{command}`\n* Machine: {}\n* Date: {}\n\n",
+        machine(),
+        super::corpus::rfc3339(i64::try_from(now).unwrap_or(0)),
     );
     let results = root.join("docs/results");
     std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
@@ -628,17 +611,30 @@ pub fn write_report(name: &str, md: &str) -> Result<()> {
     Ok(())
 }
 
-/// Year, month and day of `days` since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, for days after the epoch).
-fn civil_date(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+/// This machine, for reports: cores, CPU, memory, OS and kernel.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|l| l.trim_matches('"').to_string())
+        .unwrap_or_else(|| "unknown OS".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{} × {cpu}, {mem_gib:.0} GiB RAM, {os}, Linux {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    )
 }

@@ -2111,7 +2111,7 @@ fn write_layer(
 }
 
 /// "2025-01-10T00:00:00Z" for a unix time.
-fn rfc3339(t: i64) -> String {
+pub fn rfc3339(t: i64) -> String {
     let days = t.div_euclid(86_400);
     let secs = t.rem_euclid(86_400);
     // Howard Hinnant's civil_from_days.
