@@ -346,7 +346,11 @@ mod tests {
         // all 20 arrived, 3 inside and held there, 17 queued behind them.
         let bound = Duration::from_secs(20);
         let saturated = async {
-            seen.arrived.subscribe().wait_for(|n| *n == 20).await.unwrap();
+            seen.arrived
+                .subscribe()
+                .wait_for(|n| *n == 20)
+                .await
+                .unwrap();
             seen.inside.subscribe().wait_for(|n| *n == 3).await.unwrap();
         };
         tokio::time::timeout(bound, saturated).await.unwrap_or_else(|_| {
