@@ -364,8 +364,9 @@ fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
     }
 }
 
-/// Whether process `pid` runs (an exited process not yet reaped does not).
-fn running(pid: u32) -> bool {
+/// Whether process `pid` runs (an exited process not yet reaped does not:
+/// a dead child stays in /proc as a zombie until reaped).
+pub(crate) fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
