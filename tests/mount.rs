@@ -364,8 +364,9 @@ fn programs_run_from_overlayfs_on_the_mount_with_chroot_and_runc() {
     }
 }
 
-/// Whether process `pid` runs (an exited process not yet reaped does not).
-fn running(pid: u32) -> bool {
+/// Whether process `pid` runs (an exited process not yet reaped does not:
+/// a dead child stays in /proc as a zombie until reaped).
+pub(crate) fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -566,11 +567,25 @@ fn after_sigkill_a_remount_fetches_no_cached_chunk_again() {
         assert_eq!(r.unwrap_err().raw_os_error(), Some(30), "expected EROFS");
     }
 
+    let pid = m.pid();
     ok(Command::new("kill")
-        .args(["-KILL", &m.pid().to_string()])
+        .args(["-KILL", &pid.to_string()])
         .stdin(Stdio::null()));
-    std::thread::sleep(Duration::from_millis(300));
-    drop(m); // breakfs umount detaches the dead mount
+    let until = Instant::now() + Duration::from_secs(20);
+    while running(pid) {
+        assert!(
+            Instant::now() < until,
+            "the mount process {pid} still runs 20 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // breakfs umount detaches the dead mount.
+    ok(breakfs().arg("umount").arg(&m.point));
+    assert!(
+        !breakfs_fs::is_mountpoint(&m.point),
+        "the dead mount is still attached after breakfs umount"
+    );
+    drop(m);
     proxy.reset();
     let m = Mount::new(&reference, &point, &cache, &[]);
     read_all(&m.point);

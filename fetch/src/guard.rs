@@ -286,50 +286,99 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn at_most_n_requests_are_handled_at_once() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        #[derive(Default)]
+    async fn at_most_n_requests_are_handled_at_once_and_other_routes_do_not_wait() {
+        use std::time::Duration;
+        use tokio::sync::{Semaphore, watch};
+        /// The limited handlers count themselves in `inside` and hold their
+        /// slot until `gate` lets them go; `arrived` counts the requests
+        /// that reached the server, before the limit.
         struct Seen {
-            now: AtomicUsize,
-            most: AtomicUsize,
+            arrived: watch::Sender<usize>,
+            inside: watch::Sender<usize>,
+            most: watch::Sender<usize>,
+            gate: Semaphore,
         }
-        let seen = Arc::new(Seen::default());
+        let seen = Arc::new(Seen {
+            arrived: watch::Sender::new(0),
+            inside: watch::Sender::new(0),
+            most: watch::Sender::new(0),
+            gate: Semaphore::new(0),
+        });
         let router = Router::new()
             .route(
                 "/work",
                 post(
                     |State(seen): State<Arc<Seen>>, _b: axum::body::Bytes| async move {
-                        let now = seen.now.fetch_add(1, Ordering::SeqCst) + 1;
-                        seen.most.fetch_max(now, Ordering::SeqCst);
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        seen.now.fetch_sub(1, Ordering::SeqCst);
+                        let mut now = 0;
+                        seen.inside.send_modify(|n| {
+                            *n += 1;
+                            now = *n;
+                        });
+                        seen.most.send_modify(|m| *m = (*m).max(now));
+                        seen.gate.acquire().await.unwrap().forget();
+                        seen.inside.send_modify(|n| *n -= 1);
                         "done"
                     },
                 ),
             )
             .with_state(seen.clone());
-        let app =
-            limit_in_flight(router, 3).route("/healthz", axum::routing::get(|| async { "ok" }));
+        let counted = seen.clone();
+        let app = limit_in_flight(router, 3)
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .layer(middleware::from_fn(move |req: Request, next: Next| {
+                if req.uri().path() == "/work" {
+                    counted.arrived.send_modify(|n| *n += 1);
+                }
+                next.run(req)
+            }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         let http = reqwest::Client::new();
-        let calls = (0..20).map(|_| {
-            let r = http.post(format!("{base}/work")).body("x").send();
-            async move { r.await.unwrap().status().as_u16() }
-        });
-        let (statuses, health) = tokio::join!(futures::future::join_all(calls), async {
-            // Routes outside the limit do not wait behind it.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            http.get(format!("{base}/healthz"))
-                .send()
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let r = http.post(format!("{base}/work")).body("x").send();
+                tokio::spawn(async move { r.await.unwrap().status().as_u16() })
+            })
+            .collect();
+
+        // Wait (on the counts, up to a bound) until the limit is saturated:
+        // all 20 arrived, 3 inside and held there, 17 queued behind them.
+        let bound = Duration::from_secs(20);
+        let saturated = async {
+            seen.arrived
+                .subscribe()
+                .wait_for(|n| *n == 20)
                 .await
-                .unwrap()
-                .status()
-                .as_u16()
+                .unwrap();
+            seen.inside.subscribe().wait_for(|n| *n == 3).await.unwrap();
+        };
+        tokio::time::timeout(bound, saturated).await.unwrap_or_else(|_| {
+            panic!(
+                "the limited route never held 3 requests with the rest queued: {} arrived, {} inside",
+                *seen.arrived.borrow(),
+                *seen.inside.borrow()
+            )
         });
-        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        // A route outside the limit answers while the limited one is full.
+        let health = tokio::time::timeout(bound, async {
+            let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+            r.status().as_u16()
+        })
+        .await
+        .unwrap_or_else(|_| panic!("/healthz waited behind the 3 held /work requests"));
         assert_eq!(health, 200);
-        assert_eq!(seen.most.load(Ordering::SeqCst), 3);
+        assert!(
+            calls.iter().all(|c| !c.is_finished()),
+            "a /work request finished while every slot was held"
+        );
+        assert_eq!(*seen.inside.borrow(), 3, "a 4th request got in");
+
+        // Let them go: every request is served, never more than 3 at once.
+        seen.gate.add_permits(20);
+        let statuses = futures::future::join_all(calls).await;
+        let statuses: Vec<u16> = statuses.into_iter().map(|s| s.unwrap()).collect();
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        assert_eq!(*seen.most.borrow(), 3);
     }
 }

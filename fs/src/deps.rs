@@ -169,47 +169,25 @@ async fn dependencies(tree: &Tree, fetcher: &Fetcher, ino: u64) -> Vec<u64> {
     let Some(dynamic) = read_at(tree, fetcher, ino, off, len.min(MAX_TABLE)).await else {
         return out;
     };
-    let mut needed = Vec::new();
-    let mut paths = Vec::new();
-    let (mut strtab, mut strsz) = (None, 0u64);
-    for e in dynamic.chunks_exact(16) {
-        let tag = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
-        let val = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());
-        match tag {
-            0 => break,
-            1 => needed.push(val),
-            5 => strtab = Some(val),
-            10 => strsz = val,
-            15 | 29 => paths.push(val),
-            _ => {}
-        }
-    }
-    let Some(strtab_off) = strtab.and_then(|v| elf.file_offset(v)) else {
+    let dynamic = Dynamic::parse(&dynamic);
+    let Some((strtab_off, strsz)) = elf.strings(&dynamic) else {
         return out;
     };
-    let Some(strings) = read_at(tree, fetcher, ino, strtab_off, strsz.min(MAX_TABLE)).await else {
+    let Some(strings) = read_at(tree, fetcher, ino, strtab_off, strsz).await else {
         return out;
     };
     let origin = tree
         .node(dir)
         .map(|d| format!("/{}", d.entry.path))
         .unwrap_or_default();
-    let mut search: Vec<String> = paths
+    let (names, run_paths) = dynamic.names(&strings);
+    let mut search: Vec<String> = run_paths
         .iter()
-        .flat_map(|&p| {
-            cstr(&strings, p as usize)
-                .split(':')
-                .map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin))
-                .collect::<Vec<_>>()
-        })
+        .map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin))
         .filter(|d| !d.is_empty())
         .collect();
     search.extend(LIB_DIRS.iter().map(|d| d.to_string()));
-    for n in needed {
-        let name = cstr(&strings, n as usize);
-        if name.is_empty() {
-            continue;
-        }
+    for name in names {
         let found = if name.contains('/') {
             tree.resolve(dir, &name)
         } else {
@@ -220,6 +198,106 @@ async fn dependencies(tree: &Tree, fetcher: &Fetcher, ino: u64) -> Vec<u64> {
         out.extend(found);
     }
     out
+}
+
+/// What an ELF file names for its loader, read from the file in memory
+/// ([`elf_dependencies`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ElfDependencies {
+    /// The interpreter (`PT_INTERP`), if any.
+    pub interpreter: Option<String>,
+    /// The libraries needed (`DT_NEEDED`), in order.
+    pub needed: Vec<String>,
+    /// The run paths (`DT_RUNPATH`, `DT_RPATH`), split at `:`, `$ORIGIN`
+    /// not substituted.
+    pub run_paths: Vec<String>,
+}
+
+/// The ELF reader of dependency-aware prefetch over a whole file in memory:
+/// the entry point for fuzzing it (`fuzz/fuzz_targets/elf.rs`). It parses
+/// as a mount does (the first 4 KiB for the headers, then the interpreter,
+/// dynamic section and string table ranges, each bounded), from `file`
+/// instead of the store; `None` for what is not an ELF64 little-endian file.
+pub fn elf_dependencies(file: &[u8]) -> Option<ElfDependencies> {
+    // `read_at`: the range clipped to the file, none if empty.
+    let read = |offset: u64, len: u64| {
+        let end = offset.checked_add(len)?.min(file.len() as u64);
+        (offset < end).then(|| &file[offset as usize..end as usize])
+    };
+    let elf = ElfHead::parse(read(0, 4096)?)?;
+    let mut out = ElfDependencies {
+        interpreter: elf
+            .interp
+            .and_then(|(off, len)| read(off, len.min(4096)))
+            .map(|b| cstr(b, 0)),
+        ..ElfDependencies::default()
+    };
+    let Some(dynamic) = elf
+        .dynamic
+        .and_then(|(off, len)| read(off, len.min(MAX_TABLE)))
+    else {
+        return Some(out);
+    };
+    let dynamic = Dynamic::parse(dynamic);
+    if let Some(strings) = elf.strings(&dynamic).and_then(|(off, len)| read(off, len)) {
+        (out.needed, out.run_paths) = dynamic.names(strings);
+    }
+    Some(out)
+}
+
+/// What the dynamic section names, as offsets into its string table.
+struct Dynamic {
+    needed: Vec<u64>,
+    paths: Vec<u64>,
+    strtab: Option<u64>,
+    strsz: u64,
+}
+
+impl Dynamic {
+    fn parse(dynamic: &[u8]) -> Dynamic {
+        let mut d = Dynamic {
+            needed: Vec::new(),
+            paths: Vec::new(),
+            strtab: None,
+            strsz: 0,
+        };
+        for e in dynamic.chunks_exact(16) {
+            let tag = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+            let val = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());
+            match tag {
+                0 => break,
+                1 => d.needed.push(val),
+                5 => d.strtab = Some(val),
+                10 => d.strsz = val,
+                15 | 29 => d.paths.push(val),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// The needed libraries' names (empty ones left out) and the run path
+    /// directories, from the string table `strings`.
+    fn names(&self, strings: &[u8]) -> (Vec<String>, Vec<String>) {
+        let needed = self
+            .needed
+            .iter()
+            .map(|&n| cstr(strings, n as usize))
+            .filter(|n| !n.is_empty())
+            .collect();
+        let paths = self
+            .paths
+            .iter()
+            .flat_map(|&p| {
+                cstr(strings, p as usize)
+                    .split(':')
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|d| !d.is_empty())
+            .collect();
+        (needed, paths)
+    }
 }
 
 /// The NUL-terminated string at `at` of `b` (empty if out of bounds).
@@ -275,6 +353,12 @@ impl ElfHead {
         Some(h)
     }
 
+    /// The file range of the string table `dynamic` points to (bounded).
+    fn strings(&self, dynamic: &Dynamic) -> Option<(u64, u64)> {
+        let off = dynamic.strtab.and_then(|v| self.file_offset(v))?;
+        Some((off, dynamic.strsz.min(MAX_TABLE)))
+    }
+
     /// The file offset of virtual address `v`.
     fn file_offset(&self, v: u64) -> Option<u64> {
         self.loads
@@ -302,5 +386,123 @@ mod tests {
         assert!(ElfHead::parse(&bad).is_none());
         assert_eq!(cstr(b"libc.so.6\0x", 0), "libc.so.6");
         assert_eq!(cstr(b"abc", 99), "");
+    }
+
+    /// A small dynamic ELF64 file: an interpreter, two needed libraries,
+    /// a run path and a string table reached through a loadable segment.
+    /// Also the fuzz target's seed `fuzz/corpus/elf/tiny-dynamic`.
+    fn tiny_elf() -> Vec<u8> {
+        let (interp_at, dynamic_at, strings_at) = (0x100u64, 0x140u64, 0x1c0u64);
+        let strings = b"\0libc.so.6\0libfoo.so\0$ORIGIN/../lib:/opt/lib\0";
+        let mut f = vec![0u8; strings_at as usize + strings.len()];
+        let put = |f: &mut Vec<u8>, at: u64, b: &[u8]| {
+            f[at as usize..at as usize + b.len()].copy_from_slice(b)
+        };
+        // ELF header: magic, 64-bit, little-endian, 3 program headers at 64.
+        put(&mut f, 0, b"\x7fELF\x02\x01\x01");
+        put(&mut f, 0x20, &64u64.to_le_bytes());
+        put(&mut f, 0x36, &56u16.to_le_bytes());
+        put(&mut f, 0x38, &3u16.to_le_bytes());
+        // (type, offset, vaddr, filesz): INTERP, DYNAMIC, and one LOAD of
+        // the whole file at vaddr 0x400000.
+        let headers = [
+            (3u32, interp_at, interp_at, 28u64),
+            (2, dynamic_at, 0x400000 + dynamic_at, 0x80),
+            (1, 0, 0x400000, f.len() as u64),
+        ];
+        for (i, (ty, off, vaddr, filesz)) in headers.into_iter().enumerate() {
+            let p = 64 + 56 * i as u64;
+            put(&mut f, p, &ty.to_le_bytes());
+            put(&mut f, p + 8, &off.to_le_bytes());
+            put(&mut f, p + 16, &vaddr.to_le_bytes());
+            put(&mut f, p + 32, &filesz.to_le_bytes());
+        }
+        put(&mut f, interp_at, b"/lib64/ld-linux-x86-64.so.2\0");
+        // DT_NEEDED 1, DT_NEEDED 11, DT_RUNPATH 21, DT_STRTAB, DT_STRSZ, DT_NULL.
+        let entries = [
+            (1u64, 1u64),
+            (1, 11),
+            (29, 21),
+            (5, 0x400000 + strings_at),
+            (10, strings.len() as u64),
+            (0, 0),
+        ];
+        for (i, (tag, val)) in entries.into_iter().enumerate() {
+            put(&mut f, dynamic_at + 16 * i as u64, &tag.to_le_bytes());
+            put(&mut f, dynamic_at + 16 * i as u64 + 8, &val.to_le_bytes());
+        }
+        put(&mut f, strings_at, strings);
+        f
+    }
+
+    #[test]
+    fn a_tiny_elf_names_its_interpreter_libraries_and_run_paths() {
+        let elf = tiny_elf();
+        assert_eq!(
+            elf_dependencies(&elf),
+            Some(ElfDependencies {
+                interpreter: Some("/lib64/ld-linux-x86-64.so.2".into()),
+                needed: vec!["libc.so.6".into(), "libfoo.so".into()],
+                run_paths: vec!["$ORIGIN/../lib".into(), "/opt/lib".into()],
+            })
+        );
+        // The fuzz target's seed is this file (BREAKFS_WRITE_ELF_SEED=1
+        // writes it again).
+        let seed = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/elf/tiny-dynamic"
+        );
+        if std::env::var_os("BREAKFS_WRITE_ELF_SEED").is_some() {
+            std::fs::write(seed, &elf).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(seed).unwrap(),
+            elf,
+            "{seed} is not tiny_elf()"
+        );
+        // Not ELF64 little-endian: left alone.
+        assert_eq!(elf_dependencies(b"#!/bin/sh\n"), None);
+        let mut big_endian = elf.clone();
+        big_endian[5] = 2;
+        assert_eq!(elf_dependencies(&big_endian), None);
+    }
+
+    #[test]
+    fn elf_reader_survives_truncated_and_corrupted_files() {
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let real = elf_dependencies(&exe).unwrap();
+        assert!(
+            real.interpreter
+                .as_deref()
+                .is_some_and(|i| i.contains("ld-")),
+            "{real:?}"
+        );
+        assert!(
+            real.needed.iter().any(|n| n.starts_with("libc.so")),
+            "{real:?}"
+        );
+        for file in [tiny_elf(), exe] {
+            // Every prefix up to 8 KiB, and then every 4 KiB.
+            let lens = (0..file.len().min(8192)).chain((8192..file.len()).step_by(4096));
+            for len in lens {
+                elf_dependencies(&file[..len]);
+            }
+            // Each byte of the headers and of the dynamic section set to
+            // 0x00, 0x7f and 0xff: offsets, sizes and counts out of range.
+            let dynamic = ElfHead::parse(&file[..4096.min(file.len())])
+                .and_then(|h| h.dynamic)
+                .map_or(0..0, |(off, len)| {
+                    off as usize..(off + len.min(4096)) as usize
+                });
+            let header = 0..(64 + 56 * 16).min(file.len());
+            let mut bad = file.clone();
+            for i in header.chain(dynamic) {
+                for b in [0x00, 0x7f, 0xff] {
+                    bad[i] = b;
+                    elf_dependencies(&bad);
+                }
+                bad[i] = file[i];
+            }
+        }
     }
 }

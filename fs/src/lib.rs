@@ -15,6 +15,7 @@ mod image;
 mod mount;
 mod tree;
 
+pub use deps::{ElfDependencies, elf_dependencies};
 pub use error::{Error, Result};
 pub use extract::{ExtractStats, extract};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
