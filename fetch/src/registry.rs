@@ -223,7 +223,7 @@ impl RegistryRepo {
             reason: format!(
                 "{} answered what breakfs cannot read: {}",
                 self.host,
-                crate::error::chain(&e)
+                breakfs_index::Causes(&e)
             ),
         }
     }
