@@ -51,6 +51,17 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// A docker credential helper that could not be run or whose answer
+    /// cannot be used.
+    #[error("credential helper {helper}, asked for registry {registry}: {reason}")]
+    CredentialHelper {
+        /// The program, `docker-credential-NAME`.
+        helper: String,
+        /// `HOST[:PORT]`.
+        registry: String,
+        /// What went wrong, and what to do.
+        reason: String,
+    },
     /// Content whose digest is not the one it was asked by.
     #[error(
         "{what}: digest mismatch: expected {expected}, got {actual}; the content is corrupt or was changed"

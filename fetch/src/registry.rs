@@ -13,7 +13,7 @@ use reqwest::{Method, Response, StatusCode, Url};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
-use crate::auth::{self, Challenge, Credentials};
+use crate::auth::{self, Challenge};
 use crate::blobfile::{VerifyingFile, check_bytes};
 use crate::{ClientOptions, Error, Result};
 
@@ -58,9 +58,12 @@ pub struct RegistryRepo {
     repo: String,
     base: Url,
     client: reqwest::Client,
-    credentials: Option<Credentials>,
+    /// What the docker config says about this host.
+    config: auth::ConfigLookup,
     config_path: Option<PathBuf>,
-    helper: Option<String>,
+    /// The credentials once a challenge asked for them (a helper is run
+    /// once, shared by clones).
+    found: Arc<tokio::sync::OnceCell<Option<auth::Found>>>,
     /// The `Authorization` value that last worked (shared by clones).
     auth: Arc<Mutex<Option<String>>>,
     chunk_size: usize,
@@ -135,7 +138,7 @@ impl RegistryRepo {
                 source: e,
             })?;
         let config_path = opts.docker_config_path();
-        let lookup = match &config_path {
+        let config = match &config_path {
             Some(p) => auth::load_config(p, host)?,
             None => auth::ConfigLookup::default(),
         };
@@ -144,9 +147,9 @@ impl RegistryRepo {
             repo: repo.to_string(),
             base,
             client,
-            credentials: lookup.credentials,
+            config,
             config_path,
-            helper: lookup.helper,
+            found: Arc::new(tokio::sync::OnceCell::new()),
             auth: Arc::new(Mutex::new(None)),
             chunk_size: DEFAULT_CHUNK,
             platform: opts.platform.clone(),
@@ -289,16 +292,32 @@ impl RegistryRepo {
         }
     }
 
+    /// The credentials for this host, looked up (and a helper run) the
+    /// first time a registry asks for them.
+    async fn credentials(&self) -> Result<Option<&auth::Found>> {
+        let Some(path) = &self.config_path else {
+            return Ok(None);
+        };
+        let found = self
+            .found
+            .get_or_try_init(|| auth::resolve(&self.config, &self.host, path, self.timeout))
+            .await?;
+        Ok(found.as_ref())
+    }
+
     fn no_credentials(&self) -> Error {
         let place = match &self.config_path {
             Some(p) => format!("no credentials for {} in {}", self.host, p.display()),
             None => "no docker config found ($DOCKER_CONFIG and $HOME are unset)".to_string(),
         };
-        let helper = match &self.helper {
-            Some(h) => {
-                format!(" (credential helper {h:?} is not supported: put the auth in config.json)")
-            }
-            None => String::new(),
+        let helpers: Vec<String> = self
+            .config
+            .helpers()
+            .map(|h| format!("docker-credential-{h}"))
+            .collect();
+        let helper = match helpers.as_slice() {
+            [] => String::new(),
+            hs => format!(" (credential helper {} has none)", hs.join(" nor ")),
         };
         Error::Unauthorized {
             registry: self.host.clone(),
@@ -310,17 +329,15 @@ impl RegistryRepo {
     }
 
     fn rejected(&self) -> Error {
-        match (&self.credentials, &self.config_path) {
-            (Some(c), Some(p)) => Error::Unauthorized {
+        match self.found.get().and_then(Option::as_ref) {
+            Some(f) => Error::Unauthorized {
                 registry: self.host.clone(),
                 hint: format!(
                     "the credentials of user {:?} from {} were rejected; run `docker login {}` again",
-                    c.username,
-                    p.display(),
-                    self.host
+                    f.credentials.username, f.from, self.host
                 ),
             },
-            _ => self.no_credentials(),
+            None => self.no_credentials(),
         }
     }
 
@@ -333,9 +350,9 @@ impl RegistryRepo {
             .filter_map(|v| v.to_str().ok())
             .find_map(auth::parse_challenge);
         match challenge {
-            Some(Challenge::Basic) => match &self.credentials {
-                Some(c) => {
-                    self.set_auth(c.basic_header());
+            Some(Challenge::Basic) => match self.credentials().await? {
+                Some(f) => {
+                    self.set_auth(f.credentials.basic_header());
                     Ok(())
                 }
                 None => Err(self.no_credentials()),
@@ -390,9 +407,10 @@ impl RegistryRepo {
                 q.append_pair("scope", s);
             }
         }
+        let found = self.credentials().await?;
         let mut rb = self.client.get(url);
-        if let Some(c) = &self.credentials {
-            rb = rb.header(header::AUTHORIZATION, c.basic_header());
+        if let Some(f) = found {
+            rb = rb.header(header::AUTHORIZATION, f.credentials.basic_header());
         }
         let resp = rb.send().await.map_err(|e| Error::Unreachable {
             registry: format!("{} (token server {realm})", self.host),
@@ -400,7 +418,7 @@ impl RegistryRepo {
         })?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(if self.credentials.is_some() {
+            return Err(if found.is_some() {
                 self.rejected()
             } else {
                 self.no_credentials()
@@ -1008,6 +1026,7 @@ impl RangeWindow {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::auth::Credentials;
     use proptest::prelude::*;
 
     #[test]
