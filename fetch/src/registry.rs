@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable as _};
 use breakfs_index::{Descriptor, Digest, Platform, Reference, media_types};
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -18,9 +19,13 @@ use crate::blobfile::{VerifyingFile, check_bytes};
 use crate::{ClientOptions, Error, Result};
 
 /// Attempts for idempotent requests that fail on the transport or with a 5xx.
-const ATTEMPTS: u32 = 3;
-/// The first retry's delay; doubled for each further one.
+const ATTEMPTS: usize = 3;
+/// The first retry's delay; doubled for each further one, plus a random
+/// part up to as much again, so that nodes that failed together do not
+/// come back together.
 const BACKOFF: Duration = Duration::from_millis(100);
+/// The longest delay between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Uploads up to this size go in one PUT; bigger ones in PATCH chunks of it.
 const DEFAULT_CHUNK: usize = 16 << 20;
 /// Manifests bigger than this are refused (the distribution spec caps at 4 MiB).
@@ -106,6 +111,25 @@ impl<'a> Req<'a> {
         self.headers.insert(name, v);
         Ok(self)
     }
+}
+
+/// Why one attempt of a request did not get a usable answer.
+enum Failed {
+    /// The transport failed: no answer.
+    Transport(reqwest::Error),
+    /// A 5xx answer, kept: it is the answer once the retries run out.
+    Server(Response),
+    /// No answer head within the timeout.
+    Slow,
+}
+
+/// The delays between attempts: exponential, jittered, bounded.
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_max_times(ATTEMPTS - 1)
+        .with_jitter()
 }
 
 enum UploadStart {
@@ -237,43 +261,11 @@ impl RegistryRepo {
     }
 
     /// Send with auth (one re-try after a 401 challenge) and, for GET/HEAD,
-    /// retries with backoff on transport errors and 5xx.
+    /// retries with jittered backoff on transport errors and 5xx.
     async fn send(&self, req: Req<'_>) -> Result<Response> {
-        let idempotent = req.method == Method::GET || req.method == Method::HEAD;
-        let mut attempt = 0;
         let mut challenged = false;
         loop {
-            let mut rb = self
-                .client
-                .request(req.method.clone(), req.url.clone())
-                .headers(self.extra.clone())
-                .headers(req.headers.clone());
-            if let Some(a) = self.current_auth() {
-                rb = rb.header(header::AUTHORIZATION, a);
-            }
-            if let Some(b) = &req.body {
-                rb = rb.body(b.clone());
-            }
-            // The answer's head within the timeout: a server that accepts
-            // and then says nothing (or trickles its headers) holds no one.
-            let resp = match tokio::time::timeout(self.timeout, rb.send()).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    if idempotent && !e.is_redirect() && attempt + 1 < ATTEMPTS {
-                        tracing::debug!(registry = %self.host, error = %e, "retrying {}", req.what);
-                        tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err(self.transport(e, req.what));
-                }
-                Err(_) => {
-                    return Err(Error::TooSlow {
-                        what: req.what.to_string(),
-                        reason: format!("{} did not answer within {:?}", self.host, self.timeout),
-                    });
-                }
-            };
+            let resp = self.send_retrying(&req).await?;
             if resp.status() == StatusCode::UNAUTHORIZED {
                 if challenged {
                     return Err(self.rejected());
@@ -282,13 +274,64 @@ impl RegistryRepo {
                 self.authenticate(&resp, &req.scopes).await?;
                 continue;
             }
-            if resp.status().is_server_error() && idempotent && attempt + 1 < ATTEMPTS {
-                tracing::debug!(registry = %self.host, status = %resp.status(), "retrying {}", req.what);
-                tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
-                attempt += 1;
-                continue;
-            }
             return Ok(resp);
+        }
+    }
+
+    /// One request with the current auth; a GET or HEAD is tried again
+    /// while the transport fails (a refused redirect aside) or the
+    /// registry answers 5xx.
+    async fn send_retrying(&self, req: &Req<'_>) -> Result<Response> {
+        let idempotent = req.method == Method::GET || req.method == Method::HEAD;
+        let outcome = (|| self.send_once(req))
+            .retry(retry_policy())
+            .when(|f| {
+                idempotent
+                    && match f {
+                        Failed::Transport(e) => !e.is_redirect(),
+                        Failed::Server(_) => true,
+                        Failed::Slow => false,
+                    }
+            })
+            .notify(|f, delay| match f {
+                Failed::Transport(e) => {
+                    tracing::debug!(registry = %self.host, error = %e, ?delay, "retrying {}", req.what);
+                }
+                Failed::Server(r) => {
+                    tracing::debug!(registry = %self.host, status = %r.status(), ?delay, "retrying {}", req.what);
+                }
+                Failed::Slow => {}
+            })
+            .await;
+        match outcome {
+            Ok(resp) | Err(Failed::Server(resp)) => Ok(resp),
+            Err(Failed::Transport(e)) => Err(self.transport(e, req.what)),
+            Err(Failed::Slow) => Err(Error::TooSlow {
+                what: req.what.to_string(),
+                reason: format!("{} did not answer within {:?}", self.host, self.timeout),
+            }),
+        }
+    }
+
+    async fn send_once(&self, req: &Req<'_>) -> std::result::Result<Response, Failed> {
+        let mut rb = self
+            .client
+            .request(req.method.clone(), req.url.clone())
+            .headers(self.extra.clone())
+            .headers(req.headers.clone());
+        if let Some(a) = self.current_auth() {
+            rb = rb.header(header::AUTHORIZATION, a);
+        }
+        if let Some(b) = &req.body {
+            rb = rb.body(b.clone());
+        }
+        // The answer's head within the timeout: a server that accepts
+        // and then says nothing (or trickles its headers) holds no one.
+        match tokio::time::timeout(self.timeout, rb.send()).await {
+            Ok(Ok(r)) if r.status().is_server_error() => Err(Failed::Server(r)),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(Failed::Transport(e)),
+            Err(_) => Err(Failed::Slow),
         }
     }
 
@@ -547,16 +590,13 @@ impl RegistryRepo {
     /// Stream a blob into `path`, verified, atomically; a broken transfer is retried.
     pub async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<()> {
         let what = self.blob_what(&desc.digest);
-        let mut attempt = 0;
-        loop {
-            match self.blob_to_file_once(desc, path, &what).await {
-                Err(Error::Transfer { .. }) if attempt + 1 < ATTEMPTS => {
-                    tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        (|| self.blob_to_file_once(desc, path, &what))
+            .retry(retry_policy())
+            .when(|e| matches!(e, Error::Transfer { .. }))
+            .notify(|e, delay| {
+                tracing::debug!(registry = %self.host, error = %breakfs_index::Causes(e), ?delay, "retrying {what}");
+            })
+            .await
     }
 
     async fn blob_to_file_once(&self, desc: &Descriptor, path: &Path, what: &str) -> Result<()> {
@@ -1211,5 +1251,95 @@ mod tests {
             let e = (start.saturating_add(len) as usize).min(data.len());
             prop_assert_eq!(w.into_bytes(), data[s..e].to_vec());
         }
+    }
+
+    /// A registry whose manifests answer by tag: `flaky` 503 twice and then
+    /// 200, `down` always 503, `busy` 429, `gone` 404; each request counted.
+    async fn scripted_registry() -> (
+        u16,
+        Arc<Mutex<std::collections::BTreeMap<String, usize>>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counts = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let seen = counts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let tag = head.split_whitespace().nth(1).unwrap_or("");
+                    let tag = tag.rsplit('/').next().unwrap_or("").to_string();
+                    let n = {
+                        let mut c = seen.lock().unwrap();
+                        let n = c.entry(tag.clone()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    let status = match tag.as_str() {
+                        "flaky" if n > 2 => "200 OK",
+                        "flaky" | "down" => "503 Service Unavailable",
+                        "busy" => "429 Too Many Requests",
+                        _ => "404 Not Found",
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (port, counts, task)
+    }
+
+    #[tokio::test]
+    async fn only_transport_errors_and_5xx_are_retried() {
+        let (port, counts, task) = scripted_registry().await;
+        let opts = ClientOptions {
+            plain_http: true,
+            docker_config: Some(PathBuf::from("/nonexistent/config.json")),
+            ..ClientOptions::default()
+        };
+        let repo = RegistryRepo::new(&format!("127.0.0.1:{port}"), "x", &opts).unwrap();
+        let tag = |t: &str| Reference::Tag(t.into());
+        assert_eq!(repo.get_manifest(&tag("flaky")).await.unwrap().bytes, b"{}");
+        let err = repo.get_manifest(&tag("down")).await.unwrap_err();
+        assert!(matches!(err, Error::Status { status: 503, .. }), "{err}");
+        let err = repo.get_manifest(&tag("busy")).await.unwrap_err();
+        assert!(matches!(err, Error::Status { status: 429, .. }), "{err}");
+        let err = repo.get_manifest(&tag("gone")).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        let counts = counts.lock().unwrap().clone();
+        let expected = [("busy", 1), ("down", ATTEMPTS), ("flaky", 3), ("gone", 1)];
+        let expected = expected
+            .map(|(t, n)| (t.to_string(), n))
+            .into_iter()
+            .collect();
+        assert_eq!(counts, expected);
+        task.abort();
+    }
+
+    #[test]
+    fn retry_delays_grow_bounded_and_jittered() {
+        let delays = || backon::BackoffBuilder::build(retry_policy()).collect::<Vec<_>>();
+        let a = delays();
+        assert_eq!(a.len(), ATTEMPTS - 1);
+        for (i, d) in a.iter().enumerate() {
+            let base = BACKOFF * 2u32.pow(i as u32);
+            assert!(*d >= base && *d <= (base * 2).min(MAX_BACKOFF * 2), "{a:?}");
+        }
+        // Two clients that failed together wait different times.
+        let spread: std::collections::BTreeSet<Vec<Duration>> = (0..8).map(|_| delays()).collect();
+        assert!(spread.len() > 1, "{spread:?}");
     }
 }
