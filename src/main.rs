@@ -670,20 +670,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// An error and its causes on one line, leaving out a cause that the
-/// message before it already says (many library errors print their source
-/// in their own message, and `{:#}` would print it twice).
+/// An error and its causes on one line (`what: cause: cause`): library
+/// errors leave their source out of their own message, so each is said once.
 fn report(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    format!("{e:#}")
 }

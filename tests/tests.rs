@@ -3,6 +3,7 @@
 mod bad_input;
 mod corpus;
 mod crash;
+mod credhelper;
 mod hostile;
 mod hostile_net;
 mod interop_tools;

@@ -1,8 +1,11 @@
 //! Registry authentication: `WWW-Authenticate` challenges and docker config
-//! credentials.
+//! credentials, inline (`auths`) or from a credential helper (`credHelpers`,
+//! `credsStore`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -145,13 +148,196 @@ struct AuthEntry {
 }
 
 /// What a docker config file says about one registry.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct ConfigLookup {
     /// The credentials, when the file holds them inline.
     pub(crate) credentials: Option<Credentials>,
-    /// A credential helper the file names for this host (not supported).
-    pub(crate) helper: Option<String>,
+    /// The credential helper `credHelpers` names for this host.
+    pub(crate) host_helper: Option<String>,
+    /// The credential helper `credsStore` names for every registry.
+    pub(crate) store: Option<String>,
 }
+
+impl ConfigLookup {
+    /// The helpers the file names for this host, in the order they are asked.
+    pub(crate) fn helpers(&self) -> impl Iterator<Item = &str> {
+        self.host_helper
+            .iter()
+            .chain(&self.store)
+            .map(String::as_str)
+    }
+}
+
+/// Credentials and where they came from (for messages).
+#[derive(Clone, Debug)]
+pub(crate) struct Found {
+    pub(crate) credentials: Credentials,
+    /// The config file, or the helper and the file that names it.
+    pub(crate) from: String,
+}
+
+/// The credentials for `host`: from the helper `credHelpers` names for it,
+/// else inline in `auths`, else from the `credsStore` helper. A helper is
+/// run only here, when a registry asks for credentials.
+pub(crate) async fn resolve(
+    lookup: &ConfigLookup,
+    host: &str,
+    config: &Path,
+    timeout: Duration,
+) -> Result<Option<Found>> {
+    let via = |helper: &str, key: &str| {
+        format!(
+            "credential helper docker-credential-{helper} ({key} in {})",
+            config.display()
+        )
+    };
+    if let Some(h) = &lookup.host_helper
+        && let Some(credentials) = helper_get(h, host, timeout).await?
+    {
+        let from = via(h, "credHelpers");
+        return Ok(Some(Found { credentials, from }));
+    }
+    if let Some(credentials) = &lookup.credentials {
+        let from = config.display().to_string();
+        let credentials = credentials.clone();
+        return Ok(Some(Found { credentials, from }));
+    }
+    if let Some(h) = &lookup.store
+        && let Some(credentials) = helper_get(h, host, timeout).await?
+    {
+        let from = via(h, "credsStore");
+        return Ok(Some(Found { credentials, from }));
+    }
+    Ok(None)
+}
+
+/// Ask `docker-credential-NAME get` (found on `PATH`) for the credentials
+/// of `host`; `None` when the helper has none for it.
+pub(crate) async fn helper_get(
+    name: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<Option<Credentials>> {
+    let program = format!("docker-credential-{name}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(Error::CredentialHelper {
+            helper: program,
+            registry: host.to_string(),
+            reason: "not a helper name (letters, digits, '-', '_', '.'): fix credsStore or credHelpers in the docker config".into(),
+        });
+    }
+    run_helper(Path::new(&program), host, timeout).await
+}
+
+/// The server URL a helper files `host` under: Docker Hub's is the v1 URL
+/// `docker login` uses.
+fn helper_server_url(host: &str) -> &str {
+    if HUB_ALIASES.contains(&host) {
+        "https://index.docker.io/v1/"
+    } else {
+        host
+    }
+}
+
+/// Run `program get` with the server URL on stdin and read its
+/// `{"Username": .., "Secret": ..}` answer, within `timeout`.
+async fn run_helper(program: &Path, host: &str, timeout: Duration) -> Result<Option<Credentials>> {
+    use tokio::io::AsyncWriteExt;
+    let name = program.display().to_string();
+    let name = name.rsplit('/').next().unwrap_or(&name).to_string();
+    let fail = |reason: String| Error::CredentialHelper {
+        helper: name.clone(),
+        registry: host.to_string(),
+        reason,
+    };
+    let mut child = tokio::process::Command::new(program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            fail(if e.kind() == std::io::ErrorKind::NotFound {
+                "not found on PATH: install it, or remove the credsStore or credHelpers entry that names it from the docker config".to_string()
+            } else {
+                format!("cannot run {name}: {e}")
+            })
+        })?;
+    let stdin = child.stdin.take();
+    let run = async move {
+        if let Some(mut stdin) = stdin {
+            // A helper that exits without reading closes the pipe: its
+            // exit status and output say what went wrong.
+            let _ = stdin.write_all(helper_server_url(host).as_bytes()).await;
+        }
+        child.wait_with_output().await
+    };
+    let out = match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(fail(format!("reading its answer: {e}"))),
+        // Dropping the future killed the helper (kill_on_drop).
+        Err(_) => {
+            return Err(fail(format!(
+                "no answer within {timeout:?}, stopped it; is it waiting for a keyring to be unlocked?"
+            )));
+        }
+    };
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(if out.stderr.trim_ascii().is_empty() {
+            &out.stdout
+        } else {
+            &out.stderr
+        })
+        .trim()
+        .to_string();
+        let all = [&out.stdout[..], &out.stderr[..]].concat();
+        // The helpers' own words for "nothing stored for this server".
+        if String::from_utf8_lossy(&all)
+            .to_ascii_lowercase()
+            .contains("credentials not found")
+        {
+            return Ok(None);
+        }
+        let said: String = said.chars().take(300).collect();
+        return Err(fail(format!(
+            "`{name} get` failed ({}): {said}",
+            out.status
+        )));
+    }
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default, rename = "Username")]
+        username: String,
+        #[serde(default, rename = "Secret")]
+        secret: String,
+    }
+    // The answer holds a secret: it is never quoted in a message.
+    let reply: Reply = serde_json::from_slice(&out.stdout).map_err(|_| {
+        fail(format!(
+            "its answer is not the JSON {{\"Username\": .., \"Secret\": ..}} of `{name} get`"
+        ))
+    })?;
+    if reply.username == "<token>" {
+        return Err(fail(format!(
+            "it holds an identity token for {host}, which breakfs cannot use; log in with a user name and password (docker login -u USER {host})"
+        )));
+    }
+    if reply.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Credentials {
+        username: reply.username,
+        password: reply.secret,
+    }))
+}
+
+/// The names of Docker Hub.
+const HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
 
 /// `https://HOST/v1/` and `HOST` name the same registry in `auths`.
 fn normalize_host(key: &str) -> &str {
@@ -169,18 +355,17 @@ pub(crate) fn lookup_config(bytes: &[u8], host: &str, path: &Path) -> Result<Con
         what: what(),
         reason: format!("not a docker config.json: {e}"),
     })?;
-    let hub_aliases = ["docker.io", "index.docker.io", "registry-1.docker.io"];
     let same = |k: &str| {
         let k = normalize_host(k);
-        k == host || (hub_aliases.contains(&k) && hub_aliases.contains(&host))
+        k == host || (HUB_ALIASES.contains(&k) && HUB_ALIASES.contains(&host))
     };
     let mut out = ConfigLookup {
-        helper: file
+        host_helper: file
             .cred_helpers
             .iter()
             .find(|(k, _)| same(k))
-            .map(|(_, v)| v.clone())
-            .or(file.creds_store.clone()),
+            .map(|(_, v)| v.clone()),
+        store: file.creds_store.clone().filter(|s| !s.is_empty()),
         credentials: None,
     };
     if let Some((_, entry)) = file.auths.iter().find(|(k, _)| same(k)) {
@@ -324,7 +509,7 @@ mod tests {
         assert_eq!(
             lookup_config(&bytes, "gcr.io", p)
                 .unwrap()
-                .helper
+                .host_helper
                 .as_deref(),
             Some("gcloud")
         );
@@ -352,6 +537,118 @@ mod tests {
         );
         assert_eq!(parse_token_reply(br#"{"token":""}"#), None);
         assert_eq!(parse_token_reply(b"nope"), None);
+    }
+
+    /// A helper script `docker-credential-NAME` in `dir` running `body`.
+    fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(format!("docker-credential-{name}"));
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[tokio::test]
+    async fn helper_answers_are_read_or_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Duration::from_secs(10);
+        // The server URL comes on stdin; the answer is the protocol's JSON.
+        let ok = script(
+            dir.path(),
+            "ok",
+            r#"[ "$1" = get ] || exit 2; s=$(cat); printf '{"ServerURL":"%s","Username":"u","Secret":"p:%s"}' "$s" "$s""#,
+        );
+        let c = run_helper(&ok, "reg:5000", t).await.unwrap().unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("u", "p:reg:5000")
+        );
+        // Docker Hub is asked by the URL `docker login` files it under.
+        let c = run_helper(&ok, "registry-1.docker.io", t)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.password, "p:https://index.docker.io/v1/");
+
+        let none = script(
+            dir.path(),
+            "none",
+            "cat >/dev/null; echo 'credentials not found in native keychain'; exit 1",
+        );
+        assert!(run_helper(&none, "reg", t).await.unwrap().is_none());
+
+        let broken = script(dir.path(), "broken", "echo 'keyring is locked' >&2; exit 3");
+        let err = run_helper(&broken, "reg", t).await.unwrap_err().to_string();
+        for needle in [
+            "docker-credential-broken",
+            "reg",
+            "keyring is locked",
+            "exit status: 3",
+        ] {
+            assert!(err.contains(needle), "no {needle:?} in {err}");
+        }
+
+        // A garbled answer is not quoted: it may hold the secret.
+        let garbled = script(dir.path(), "garbled", "echo 'Secret=hunter2'");
+        let err = run_helper(&garbled, "reg", t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not the JSON") && !err.contains("hunter2"),
+            "{err}"
+        );
+
+        let token = script(
+            dir.path(),
+            "token",
+            r#"echo '{"Username":"<token>","Secret":"refresh"}'"#,
+        );
+        let err = run_helper(&token, "reg", t).await.unwrap_err().to_string();
+        assert!(
+            err.contains("identity token") && err.contains("docker login -u"),
+            "{err}"
+        );
+
+        let slow = script(dir.path(), "slow", "exec sleep 30");
+        let started = std::time::Instant::now();
+        let err = run_helper(&slow, "reg", Duration::from_millis(300))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(err.contains("no answer within"), "{err}");
+
+        let err = helper_get("../x", "reg", t).await.unwrap_err().to_string();
+        assert!(err.contains("not a helper name"), "{err}");
+        let err = helper_get("surely-not-installed", "reg", t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("docker-credential-surely-not-installed")
+                && err.contains("not found on PATH"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn inline_credentials_come_before_the_store() {
+        let t = Duration::from_secs(10);
+        let inline = Credentials {
+            username: "inline".into(),
+            password: "pw".into(),
+        };
+        let cfg = Path::new("/x/config.json");
+        let lookup = ConfigLookup {
+            credentials: Some(inline.clone()),
+            host_helper: None,
+            store: Some("never-run".into()),
+        };
+        let f = resolve(&lookup, "reg", cfg, t).await.unwrap().unwrap();
+        assert_eq!((f.credentials, f.from.as_str()), (inline, "/x/config.json"));
+        let none = ConfigLookup::default();
+        assert!(resolve(&none, "reg", cfg, t).await.unwrap().is_none());
     }
 
     #[test]

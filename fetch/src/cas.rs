@@ -459,9 +459,19 @@ impl ContentStore {
         let read = |path: &Path, at: u64, buf: &mut [u8]| -> std::io::Result<()> {
             File::open(path)?.read_exact_at(buf, at)
         };
-        let mut out = vec![0u8; len as usize];
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        // Whether the range is held is settled before its buffer is made:
+        // a request for a huge range allocates nothing.
         let whole = self.blob_path(blob);
-        if whole.is_file() {
+        if let Ok(meta) = fs::metadata(&whole)
+            && meta.is_file()
+        {
+            if end > meta.len() {
+                return Ok(None);
+            }
+            let mut out = vec![0u8; len as usize];
             return match read(&whole, start, &mut out) {
                 Ok(()) => Ok(Some(out)),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
@@ -469,9 +479,17 @@ impl ContentStore {
                 Err(e) => Err(Error::io(format!("reading {}", whole.display()), e)),
             };
         }
+        let held = self.held_ranges(blob);
+        if !merge_ranges(&held)
+            .iter()
+            .any(|&(s, e)| s <= start && end <= e)
+        {
+            return Ok(None);
+        }
+        let mut out = vec![0u8; len as usize];
         let dir = self.ranges_dir(blob);
         let mut pos = start;
-        for (s, e) in self.held_ranges(blob) {
+        for (s, e) in held {
             if pos >= end {
                 break;
             }
@@ -719,6 +737,29 @@ mod tests {
         assert!(!empty.exists());
         assert_eq!(s.held_ranges(&Digest::of(b"other")), [(0, 4)]);
         assert!(s.has_blob(&d));
+    }
+
+    #[test]
+    fn a_range_not_held_is_refused_before_its_buffer_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ContentStore::open(dir.path()).unwrap();
+        let whole = Digest::of(b"a whole blob");
+        s.put_blob(&whole, b"a whole blob").unwrap();
+        let part = Digest::of(b"a partial layer");
+        s.put_range(&part, 0, b"a par").unwrap();
+        s.put_range(&part, 5, b"tial").unwrap();
+        // Held: read back, across two kept ranges too.
+        assert_eq!(s.read_held(&whole, 2, 5).unwrap().unwrap(), b"whole");
+        assert_eq!(s.read_held(&part, 2, 6).unwrap().unwrap(), b"partia");
+        // A length no one could allocate (2^62 bytes) is answered "not
+        // held" at once: allocating first would abort the process.
+        for d in [&whole, &part, &Digest::of(b"absent")] {
+            assert_eq!(s.read_held(d, 1, 1 << 62).unwrap(), None);
+            assert_eq!(s.read_held(d, u64::MAX - 1, 1 << 62).unwrap(), None);
+        }
+        // A gap between kept ranges is not held.
+        s.put_range(&part, 12, b"yer").unwrap();
+        assert_eq!(s.read_held(&part, 2, 12).unwrap(), None);
     }
 
     #[test]

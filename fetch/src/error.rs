@@ -9,8 +9,7 @@ use breakfs_index::Digest;
 pub enum Error {
     /// The registry could not be reached at all (refused, timed out, TLS failed).
     #[error(
-        "cannot reach registry {registry}: {}; is it running? use --plain-http (or BREAKFS_PLAIN_HTTP=1) for an HTTP registry",
-        chain(.source)
+        "cannot reach registry {registry} (is it running? use --plain-http, or BREAKFS_PLAIN_HTTP=1, for an HTTP registry)"
     )]
     Unreachable {
         /// `HOST[:PORT]`.
@@ -20,7 +19,7 @@ pub enum Error {
         source: reqwest::Error,
     },
     /// A transfer broke after the registry answered (reset, timeout mid-body).
-    #[error("{what}: transfer failed: {}", chain(.source))]
+    #[error("{what}: transfer failed")]
     Transfer {
         /// What was being transferred.
         what: String,
@@ -51,6 +50,17 @@ pub enum Error {
         registry: String,
         /// What to do about it.
         hint: String,
+    },
+    /// A docker credential helper that could not be run or whose answer
+    /// cannot be used.
+    #[error("credential helper {helper}, asked for registry {registry}: {reason}")]
+    CredentialHelper {
+        /// The program, `docker-credential-NAME`.
+        helper: String,
+        /// `HOST[:PORT]`.
+        registry: String,
+        /// What went wrong, and what to do.
+        reason: String,
     },
     /// Content whose digest is not the one it was asked by.
     #[error(
@@ -137,8 +147,9 @@ pub enum Error {
     /// An error from the image model (parsing manifests, configs, references).
     #[error(transparent)]
     Index(#[from] breakfs_index::Error),
-    /// A local file error, with what was being done.
-    #[error("{what}: {source}")]
+    /// A local file error, with what was being done (the cause follows in
+    /// the error chain).
+    #[error("{what}")]
     Io {
         /// What was being done, with the path.
         what: String,
@@ -158,20 +169,32 @@ impl Error {
     }
 }
 
-/// An error and its causes on one line: reqwest's own message is terse.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// Result with the fetch crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use breakfs_index::Causes;
+
+    /// Each cause of a nested error is printed once along its chain, as
+    /// the binary prints it (anyhow's `{:#}` walks the same chain).
+    #[test]
+    fn a_nested_error_prints_each_cause_once() {
+        let inner = io::Error::new(io::ErrorKind::PermissionDenied, "permission denied");
+        let nested = Error::Index(breakfs_index::Error::io("reading layer sha256:ab12", inner));
+        let full = Causes(&nested).to_string();
+        assert_eq!(full, "reading layer sha256:ab12: permission denied");
+        for part in ["reading layer sha256:ab12", "permission denied"] {
+            assert_eq!(full.matches(part).count(), 1, "{full}");
+        }
+        let io = Error::io(
+            "creating /store/tmp",
+            io::Error::new(io::ErrorKind::StorageFull, "no space left on device"),
+        );
+        assert_eq!(io.to_string(), "creating /store/tmp");
+        let full = Causes(&io).to_string();
+        assert_eq!(full, "creating /store/tmp: no space left on device");
+    }
+}

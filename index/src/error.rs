@@ -5,8 +5,9 @@ use std::io;
 /// What can go wrong while reading or building image metadata.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O error while reading a layer or a file, with what was being read.
-    #[error("{what}: {source}")]
+    /// An I/O error while reading a layer or a file, with what was being
+    /// read (the cause follows in the error chain).
+    #[error("{what}")]
     Io {
         /// What was being read, e.g. `layer sha256:ab12…`.
         what: String,
@@ -25,8 +26,9 @@ pub enum Error {
         /// Why it does not parse, and the expected form.
         reason: String,
     },
-    /// A JSON document (manifest, index, config, TOC) that does not parse.
-    #[error("invalid {what}: {source}")]
+    /// A JSON document (manifest, index, config, TOC) that does not parse
+    /// (the parser's complaint follows in the error chain).
+    #[error("invalid {what}")]
     Json {
         /// Which document, e.g. `manifest of docker://reg/app:v1`.
         what: String,
@@ -75,3 +77,47 @@ impl Error {
 
 /// Result with the index crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error and every cause in its chain on one line (`what: cause:
+/// cause`), for where an error goes into a log line or into another
+/// error's text: each variant's own message leaves its source out.
+pub struct Causes<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(c) = cur {
+            write!(f, ": {c}")?;
+            cur = c.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let json = serde_json::from_slice::<serde_json::Value>(b"{oops").unwrap_err();
+        let parser = json.to_string();
+        let e = Error::Json {
+            what: "manifest of oci:/x:v1".into(),
+            source: json,
+        };
+        assert_eq!(e.to_string(), "invalid manifest of oci:/x:v1");
+        let full = Causes(&e).to_string();
+        assert_eq!(full, format!("invalid manifest of oci:/x:v1: {parser}"));
+        let io = Error::io(
+            "reading layer sha256:ab",
+            io::Error::new(io::ErrorKind::UnexpectedEof, "the file ends early"),
+        );
+        assert_eq!(
+            Causes(&io).to_string(),
+            "reading layer sha256:ab: the file ends early"
+        );
+    }
+}

@@ -20,7 +20,7 @@ mod toc;
 pub use compression::{Compression, decoder};
 pub use digest::{Digest, HashingReader, HashingWriter};
 pub use entry::{Entry, EntryKind};
-pub use error::{Error, Result};
+pub use error::{Causes, Error, Result};
 pub use merged::{MergedEntry, MergedView};
 pub use oci::{
     Descriptor, ImageConfig, ImageIndex, Manifest, ManifestDoc, Platform, annotations, media_types,

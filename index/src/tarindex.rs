@@ -798,9 +798,8 @@ mod tests {
         let mut rooted = vec![(Entry::new("./", EntryKind::Dir), vec![])];
         rooted.extend(entries.iter().cloned());
         assert!(LayerIndex::read_at_most(&tar_of(&rooted)[..], "layer test", 5).is_ok());
-        let err = LayerIndex::read_at_most(&tar[..], "layer test", 4)
-            .unwrap_err()
-            .to_string();
+        let err = LayerIndex::read_at_most(&tar[..], "layer test", 4).unwrap_err();
+        let err = crate::Causes(&err).to_string();
         assert!(err.starts_with("layer test: "), "{err}");
         assert!(err.contains("more than 4 entries"), "{err}");
         assert!(err.contains("split the layer"), "{err}");

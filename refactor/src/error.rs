@@ -31,8 +31,9 @@ pub enum Error {
         /// The digest of the uncompressed content.
         actual: breakfs_index::Digest,
     },
-    /// An I/O error, with what was being done.
-    #[error("{what}: {source}")]
+    /// An I/O error, with what was being done (the cause follows in the
+    /// error chain).
+    #[error("{what}")]
     Io {
         /// What was being done, e.g. `writing layer to out.tar.gz`.
         what: String,

@@ -1,11 +1,16 @@
 //! One repository in a registry, over the OCI distribution API: manifests,
-//! blobs (whole, ranges, uploads, cross-repository mounts), tags, and the
-//! Basic / Bearer-token auth dance.
+//! blobs (whole, ranges, uploads, cross-repository mounts) and tags. How a
+//! request is sent (auth, retries) is in `send`; how a body is read within
+//! limits, in `body`.
+
+mod body;
+mod send;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::Retryable as _;
 use breakfs_index::{Descriptor, Digest, Platform, Reference, media_types};
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -13,30 +18,18 @@ use reqwest::{Method, Response, StatusCode, Url};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
-use crate::auth::{self, Challenge, Credentials};
+use crate::auth;
 use crate::blobfile::{VerifyingFile, check_bytes};
 use crate::{ClientOptions, Error, Result};
+use body::expect;
+use send::{Req, retry_policy, same_host_redirects};
 
-/// Attempts for idempotent requests that fail on the transport or with a 5xx.
-const ATTEMPTS: u32 = 3;
-/// The first retry's delay; doubled for each further one.
-const BACKOFF: Duration = Duration::from_millis(100);
 /// Uploads up to this size go in one PUT; bigger ones in PATCH chunks of it.
 const DEFAULT_CHUNK: usize = 16 << 20;
 /// Manifests bigger than this are refused (the distribution spec caps at 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
-/// A token reply is a small JSON document.
-const MAX_TOKEN_REPLY: usize = 1 << 20;
 /// One page of a tag list.
 const MAX_TAG_PAGE: usize = 16 << 20;
-/// Error bodies are read this far at most: the message is at the start.
-const MAX_ERROR_BODY: usize = 4 << 10;
-/// How long an error body may take (it is only for the message).
-const ERROR_BODY_GRACE: Duration = Duration::from_secs(5);
-/// A body must average at least this many bytes a second once the client
-/// timeout has passed since it began: a server that trickles bytes to hold
-/// a reader (slowloris) is cut off, while any link worth using is far faster.
-const MIN_RATE: u64 = 8 << 10;
 /// Redirects followed at most (a registry sends blobs to its storage once).
 const MAX_REDIRECTS: usize = 5;
 
@@ -58,53 +51,22 @@ pub struct RegistryRepo {
     repo: String,
     base: Url,
     client: reqwest::Client,
-    credentials: Option<Credentials>,
+    /// What the docker config says about this host.
+    config: auth::ConfigLookup,
     config_path: Option<PathBuf>,
-    helper: Option<String>,
+    /// The credentials once a challenge asked for them (a helper is run
+    /// once, shared by clones).
+    found: Arc<tokio::sync::OnceCell<Option<auth::Found>>>,
     /// The `Authorization` value that last worked (shared by clones).
     auth: Arc<Mutex<Option<String>>>,
     chunk_size: usize,
     platform: Platform,
     /// The connect timeout, the longest wait for an answer, and the grace
-    /// before a body must keep [`MIN_RATE`].
+    /// before a body must keep its minimum rate.
     timeout: Duration,
     /// Headers sent with every request (a relay request's).
     extra: HeaderMap,
 }
-
-/// One request, rebuilt for each attempt.
-struct Req<'a> {
-    method: Method,
-    url: Url,
-    headers: HeaderMap,
-    body: Option<Bytes>,
-    what: &'a str,
-    /// Token scopes beyond `repository:REPO:pull` (push, mount source).
-    scopes: Vec<String>,
-}
-
-impl<'a> Req<'a> {
-    fn new(method: Method, url: Url, what: &'a str) -> Self {
-        Req {
-            method,
-            url,
-            headers: HeaderMap::new(),
-            body: None,
-            what,
-            scopes: Vec::new(),
-        }
-    }
-
-    fn header(mut self, name: header::HeaderName, value: &str) -> Result<Self> {
-        let v = HeaderValue::from_str(value).map_err(|_| Error::Protocol {
-            what: self.what.to_string(),
-            reason: format!("{value:?} cannot be sent as the {name} header"),
-        })?;
-        self.headers.insert(name, v);
-        Ok(self)
-    }
-}
-
 enum UploadStart {
     Mounted,
     Session(Url),
@@ -135,7 +97,7 @@ impl RegistryRepo {
                 source: e,
             })?;
         let config_path = opts.docker_config_path();
-        let lookup = match &config_path {
+        let config = match &config_path {
             Some(p) => auth::load_config(p, host)?,
             None => auth::ConfigLookup::default(),
         };
@@ -144,9 +106,9 @@ impl RegistryRepo {
             repo: repo.to_string(),
             base,
             client,
-            credentials: lookup.credentials,
+            config,
             config_path,
-            helper: lookup.helper,
+            found: Arc::new(tokio::sync::OnceCell::new()),
             auth: Arc::new(Mutex::new(None)),
             chunk_size: DEFAULT_CHUNK,
             platform: opts.platform.clone(),
@@ -197,224 +159,6 @@ impl RegistryRepo {
                 reason: format!("cannot build the URL for {path}: {e}"),
             })
     }
-
-    fn current_auth(&self) -> Option<String> {
-        self.auth.lock().ok().and_then(|g| g.clone())
-    }
-
-    fn set_auth(&self, value: String) {
-        if let Ok(mut g) = self.auth.lock() {
-            *g = Some(value);
-        }
-    }
-
-    /// A transport error: the server could not be reached, or it answered
-    /// with something that is not HTTP breakfs can read (a redirect
-    /// refused, a head too large).
-    fn transport(&self, e: reqwest::Error, what: &str) -> Error {
-        if e.is_connect() || e.is_timeout() {
-            return Error::Unreachable {
-                registry: self.host.clone(),
-                source: e,
-            };
-        }
-        Error::Protocol {
-            what: what.to_string(),
-            reason: format!(
-                "{} answered what breakfs cannot read: {}",
-                self.host,
-                crate::error::chain(&e)
-            ),
-        }
-    }
-
-    /// A body of `resp` read within the client's limits.
-    fn body<'a>(&self, resp: Response, what: &'a str) -> BodyReader<'a> {
-        BodyReader::new(resp, what, self.timeout)
-    }
-
-    /// Send with auth (one re-try after a 401 challenge) and, for GET/HEAD,
-    /// retries with backoff on transport errors and 5xx.
-    async fn send(&self, req: Req<'_>) -> Result<Response> {
-        let idempotent = req.method == Method::GET || req.method == Method::HEAD;
-        let mut attempt = 0;
-        let mut challenged = false;
-        loop {
-            let mut rb = self
-                .client
-                .request(req.method.clone(), req.url.clone())
-                .headers(self.extra.clone())
-                .headers(req.headers.clone());
-            if let Some(a) = self.current_auth() {
-                rb = rb.header(header::AUTHORIZATION, a);
-            }
-            if let Some(b) = &req.body {
-                rb = rb.body(b.clone());
-            }
-            // The answer's head within the timeout: a server that accepts
-            // and then says nothing (or trickles its headers) holds no one.
-            let resp = match tokio::time::timeout(self.timeout, rb.send()).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    if idempotent && !e.is_redirect() && attempt + 1 < ATTEMPTS {
-                        tracing::debug!(registry = %self.host, error = %e, "retrying {}", req.what);
-                        tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err(self.transport(e, req.what));
-                }
-                Err(_) => {
-                    return Err(Error::TooSlow {
-                        what: req.what.to_string(),
-                        reason: format!("{} did not answer within {:?}", self.host, self.timeout),
-                    });
-                }
-            };
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                if challenged {
-                    return Err(self.rejected());
-                }
-                challenged = true;
-                self.authenticate(&resp, &req.scopes).await?;
-                continue;
-            }
-            if resp.status().is_server_error() && idempotent && attempt + 1 < ATTEMPTS {
-                tracing::debug!(registry = %self.host, status = %resp.status(), "retrying {}", req.what);
-                tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
-                attempt += 1;
-                continue;
-            }
-            return Ok(resp);
-        }
-    }
-
-    fn no_credentials(&self) -> Error {
-        let place = match &self.config_path {
-            Some(p) => format!("no credentials for {} in {}", self.host, p.display()),
-            None => "no docker config found ($DOCKER_CONFIG and $HOME are unset)".to_string(),
-        };
-        let helper = match &self.helper {
-            Some(h) => {
-                format!(" (credential helper {h:?} is not supported: put the auth in config.json)")
-            }
-            None => String::new(),
-        };
-        Error::Unauthorized {
-            registry: self.host.clone(),
-            hint: format!(
-                "{place}{helper}; run `docker login {}` or set DOCKER_CONFIG to a directory whose config.json has them",
-                self.host
-            ),
-        }
-    }
-
-    fn rejected(&self) -> Error {
-        match (&self.credentials, &self.config_path) {
-            (Some(c), Some(p)) => Error::Unauthorized {
-                registry: self.host.clone(),
-                hint: format!(
-                    "the credentials of user {:?} from {} were rejected; run `docker login {}` again",
-                    c.username,
-                    p.display(),
-                    self.host
-                ),
-            },
-            _ => self.no_credentials(),
-        }
-    }
-
-    /// Answer a 401: fetch a Bearer token, or use Basic credentials.
-    async fn authenticate(&self, resp: &Response, extra_scopes: &[String]) -> Result<()> {
-        let challenge = resp
-            .headers()
-            .get_all(header::WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(auth::parse_challenge);
-        match challenge {
-            Some(Challenge::Basic) => match &self.credentials {
-                Some(c) => {
-                    self.set_auth(c.basic_header());
-                    Ok(())
-                }
-                None => Err(self.no_credentials()),
-            },
-            Some(Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            }) => {
-                let token = self
-                    .fetch_token(&realm, service.as_deref(), scope.as_deref(), extra_scopes)
-                    .await?;
-                self.set_auth(format!("Bearer {token}"));
-                Ok(())
-            }
-            None => Err(Error::Unauthorized {
-                registry: self.host.clone(),
-                hint: "it answered 401 without a Basic or Bearer challenge breakfs can follow"
-                    .into(),
-            }),
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: Option<&str>,
-        extra_scopes: &[String],
-    ) -> Result<String> {
-        let mut url = Url::parse(realm).map_err(|e| Error::Protocol {
-            what: format!("auth challenge of registry {}", self.host),
-            reason: format!("realm {realm:?} is not a URL: {e}"),
-        })?;
-        let mut scopes: Vec<String> = Vec::new();
-        for s in scope
-            .into_iter()
-            .map(str::to_string)
-            .chain(std::iter::once(format!("repository:{}:pull", self.repo)))
-            .chain(extra_scopes.iter().cloned())
-        {
-            if !scopes.contains(&s) {
-                scopes.push(s);
-            }
-        }
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(s) = service {
-                q.append_pair("service", s);
-            }
-            for s in &scopes {
-                q.append_pair("scope", s);
-            }
-        }
-        let mut rb = self.client.get(url);
-        if let Some(c) = &self.credentials {
-            rb = rb.header(header::AUTHORIZATION, c.basic_header());
-        }
-        let resp = rb.send().await.map_err(|e| Error::Unreachable {
-            registry: format!("{} (token server {realm})", self.host),
-            source: e,
-        })?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(if self.credentials.is_some() {
-                self.rejected()
-            } else {
-                self.no_credentials()
-            });
-        }
-        let what = format!("token from {realm} for registry {}", self.host);
-        let resp = expect(resp, &[StatusCode::OK], &what).await?;
-        let body = self.body(resp, &what).within(MAX_TOKEN_REPLY).await?;
-        auth::parse_token_reply(&body).ok_or_else(|| Error::Protocol {
-            what,
-            reason: "the reply has no \"token\" or \"access_token\"".into(),
-        })
-    }
-
     /// GET a manifest or index by tag or digest, with its digest checked.
     pub async fn get_manifest(&self, reference: &Reference) -> Result<FetchedManifest> {
         let what = format!("manifest {}:{reference}", self.name());
@@ -529,16 +273,13 @@ impl RegistryRepo {
     /// Stream a blob into `path`, verified, atomically; a broken transfer is retried.
     pub async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<()> {
         let what = self.blob_what(&desc.digest);
-        let mut attempt = 0;
-        loop {
-            match self.blob_to_file_once(desc, path, &what).await {
-                Err(Error::Transfer { .. }) if attempt + 1 < ATTEMPTS => {
-                    tokio::time::sleep(BACKOFF * 2u32.pow(attempt)).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        (|| self.blob_to_file_once(desc, path, &what))
+            .retry(retry_policy())
+            .when(|e| matches!(e, Error::Transfer { .. }))
+            .notify(|e, delay| {
+                tracing::debug!(registry = %self.host, error = %breakfs_index::Causes(e), ?delay, "retrying {what}");
+            })
+            .await
     }
 
     async fn blob_to_file_once(&self, desc: &Descriptor, path: &Path, what: &str) -> Result<()> {
@@ -827,134 +568,6 @@ fn location(resp: &Response, what: &str) -> Result<Url> {
         reason: format!("bad Location header {loc:?}: {e}"),
     })
 }
-
-/// Pass a response on if its status is one of `ok`; else a clear error.
-async fn expect(resp: Response, ok: &[StatusCode], what: &str) -> Result<Response> {
-    let status = resp.status();
-    if ok.contains(&status) {
-        return Ok(resp);
-    }
-    if status == StatusCode::NOT_FOUND {
-        return Err(Error::NotFound {
-            what: what.to_string(),
-        });
-    }
-    let body = error_text(resp, what).await;
-    let mut body: String = body.trim().chars().take(300).collect();
-    if body.is_empty() {
-        body = "(no body)".into();
-    }
-    Err(Error::Status {
-        what: what.to_string(),
-        status: status.as_u16(),
-        body,
-    })
-}
-
-/// The start of an error body, as text: at most [`MAX_ERROR_BODY`] bytes,
-/// given up on (with what came) when it is slow.
-async fn error_text(resp: Response, what: &str) -> String {
-    let mut body = BodyReader::new(resp, what, ERROR_BODY_GRACE);
-    let mut out = Vec::new();
-    while out.len() < MAX_ERROR_BODY {
-        match body.chunk().await {
-            Ok(Some(c)) => out.extend_from_slice(&c),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    out.truncate(MAX_ERROR_BODY);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The redirect policy for peers: a redirect to the same host and port is
-/// followed (a few times), one anywhere else is refused: a peer serves what
-/// it holds itself, and must not send the node to other addresses.
-fn same_host_redirects(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
-    let same = attempt.previous().first().is_some_and(|first| {
-        first.host_str() == attempt.url().host_str()
-            && first.port_or_known_default() == attempt.url().port_or_known_default()
-    });
-    if !same {
-        let to = attempt.url().to_string();
-        return attempt.error(format!(
-            "it redirected to {to}: a peer must serve what it holds itself; not followed"
-        ));
-    }
-    if attempt.previous().len() > MAX_REDIRECTS {
-        return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-    }
-    attempt.follow()
-}
-
-/// A response body read within limits: at most a given size where the
-/// caller says, and on average at least [`MIN_RATE`] bytes a second once
-/// `grace` has passed since the body began.
-struct BodyReader<'a> {
-    resp: Response,
-    what: &'a str,
-    grace: Duration,
-    began: tokio::time::Instant,
-    got: u64,
-}
-
-impl<'a> BodyReader<'a> {
-    fn new(resp: Response, what: &'a str, grace: Duration) -> Self {
-        BodyReader {
-            resp,
-            what,
-            grace,
-            began: tokio::time::Instant::now(),
-            got: 0,
-        }
-    }
-
-    /// The next piece of the body; `None` at its end.
-    async fn chunk(&mut self) -> Result<Option<Bytes>> {
-        let allowed = Duration::from_secs_f64(self.got as f64 / MIN_RATE as f64);
-        let due = self.began + self.grace + allowed;
-        match tokio::time::timeout_at(due, self.resp.chunk()).await {
-            Ok(Ok(Some(c))) => {
-                self.got += c.len() as u64;
-                Ok(Some(c))
-            }
-            Ok(Ok(None)) => Ok(None),
-            Ok(Err(e)) => Err(Error::Transfer {
-                what: self.what.to_string(),
-                source: e,
-            }),
-            Err(_) => Err(Error::TooSlow {
-                what: self.what.to_string(),
-                reason: format!(
-                    "the body trickles in: {} bytes in {:.1} s, less than {MIN_RATE} bytes/s \
-                     after the first {:?}",
-                    self.got,
-                    self.began.elapsed().as_secs_f64(),
-                    self.grace
-                ),
-            }),
-        }
-    }
-
-    /// The whole body, refused as soon as it passes `max` bytes.
-    async fn within(mut self, max: usize) -> Result<Vec<u8>> {
-        let too_big = |n: u64| Error::Protocol {
-            what: self.what.to_string(),
-            reason: format!("the body is larger than {max} bytes ({n} or more); refused"),
-        };
-        if let Some(n) = self.resp.content_length().filter(|n| *n > max as u64) {
-            return Err(too_big(n));
-        }
-        let mut out = Vec::new();
-        while let Some(c) = self.chunk().await? {
-            if out.len() + c.len() > max {
-                return Err(too_big((out.len() + c.len()) as u64));
-            }
-            out.extend_from_slice(&c);
-        }
-        Ok(out)
-    }
-}
-
 /// The `rel="next"` target of a `Link` header.
 pub(crate) fn parse_link_next(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
@@ -1008,6 +621,7 @@ impl RangeWindow {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::auth::Credentials;
     use proptest::prelude::*;
 
     #[test]
