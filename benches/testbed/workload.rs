@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 use super::corpus::CorpusImage;
 use super::opts::Opts;
@@ -102,18 +104,13 @@ pub fn workload(o: &Opts, images: &[CorpusImage]) -> Result<Vec<Deployment>> {
         .enumerate()
         .map(|(i, (r, _))| (*r, i % families.len()))
         .collect();
-    let mut rng = o.seed.max(1) * 0x9E37_79B9_7F4A_7C15;
+    let mut rng = SmallRng::seed_from_u64(o.seed);
     let mut clients: Vec<&str> = runs.iter().map(|(_, c, _)| c.as_str()).collect();
     clients.sort();
     clients.dedup();
     let cluster_of: HashMap<&str, usize> = clients
         .into_iter()
-        .map(|c| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (c, (rng % o.clusters as u64) as usize)
-        })
+        .map(|c| (c, rng.random_range(..o.clusters)))
         .collect();
     let n = o.deployments.min(runs.len());
     let (t0, t1) = (runs[0].0, runs[n - 1].0);
