@@ -583,3 +583,57 @@ pub fn write_report(name: &str, md: &str) -> Result<()> {
     eprintln!("{name} bench: wrote {}", out.display());
     Ok(())
 }
+
+/// Megabytes (10^6 bytes), for reports.
+pub fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+/// The middle value of `v` (the upper one of an even count); NaN when
+/// empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[s.len() / 2]
+}
+
+/// This machine, for reports.
+pub struct Machine {
+    /// CPUs available to this process.
+    pub cores: usize,
+    /// The CPU's model name (empty if /proc/cpuinfo has none).
+    pub cpu: String,
+    /// Memory, KiB (0 if /proc/meminfo says nothing).
+    pub mem_kib: u64,
+    /// The kernel's release.
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn this() -> Machine {
+        let proc_field = |file: &str, key: &str| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.trim_start().strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        Machine {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu: proc_field("/proc/cpuinfo", "model name"),
+            mem_kib: proc_field("/proc/meminfo", "MemTotal")
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        }
+    }
+}

@@ -65,7 +65,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use harness::{Env, Shaper, detach_under};
+use harness::{Env, Machine, Shaper, detach_under, median};
 use registry::TestRegistry;
 
 use breakfs::run_breakfs;
@@ -75,7 +75,7 @@ pub use opts::{Opts, Strategy};
 use opts::{USAGE, parse_opts};
 use reference::reference;
 pub use report::Report;
-use report::{keep_logs, median, report, svg_plot};
+use report::{keep_logs, report, svg_plot};
 use strategies::{run_containerd, run_docker_like, run_lazy_cloud};
 use workload::workload;
 use world::{Outcome, World, fill_registry};
@@ -154,7 +154,7 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
                 "testbed: strategy {} done in {:.0} s: median time to ready {:.2} s, {:.0} MB from the cloud, {:.0} MB from peers, caches {:.0} MB",
                 s.name(),
                 t.elapsed().as_secs_f64(),
-                median(&mut r.secs.clone()),
+                median(&r.secs),
                 r.cloud as f64 / 1e6,
                 r.peer as f64 / 1e6,
                 r.cache as f64 / 1e6,
@@ -201,14 +201,7 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
 fn strategies_dir(tmp: &Path) -> Result<PathBuf> {
     let dir = tmp.join("s");
     std::fs::create_dir_all(&dir)?;
-    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
+    let mem_kb = Machine::this().mem_kib;
     let mounted = mem_kb > 0
         && Command::new("mount")
             .args(["-t", "tmpfs", "-o"])

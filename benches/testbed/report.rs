@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::corpus::CorpusImage;
+use super::harness::{Machine, median};
 use super::opts::{Opts, Strategy};
 use super::workload::Deployment;
 use super::world::{Outcome, Refactored, background_rate, distinct_bytes};
@@ -63,8 +64,7 @@ pub fn svg_plot(results: &[(Strategy, Outcome)]) -> String {
                 y + jitter
             ));
         }
-        let mut t: Vec<f64> = v.secs.clone();
-        let m = median(&mut t);
+        let m = median(&v.secs);
         out.push_str(&format!(
             "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#c03030\" stroke-width=\"3\"/>\n",
             x(m),
@@ -81,29 +81,18 @@ pub fn svg_plot(results: &[(Strategy, Outcome)]) -> String {
 
 /// This machine, for the report.
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1048576.0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let m = Machine::this();
+    let cpu = if m.cpu.is_empty() {
+        "unknown CPU"
+    } else {
+        &m.cpu
+    };
     format!(
-        "{} × {cpu}, {mem_gib:.0} GiB RAM, Linux {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim()
+        "{} × {cpu}, {:.0} GiB RAM, Linux {}",
+        m.cores,
+        m.mem_kib as f64 / 1048576.0,
+        m.kernel
     )
-}
-
-pub fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 /// The node logs of a failed strategy, kept in target/testbed-logs/FLAG.
@@ -138,7 +127,7 @@ pub fn report(
         results
             .iter()
             .find(|(x, _)| *x == s)
-            .map(|(_, v)| median(&mut v.secs.clone()))
+            .map(|(_, v)| median(&v.secs))
     };
     let base_bytes = results
         .iter()
@@ -151,7 +140,8 @@ pub fn report(
     );
     for (s, v) in results {
         let mut t = v.secs.clone();
-        let m = median(&mut t);
+        t.sort_by(f64::total_cmp);
+        let m = median(&t);
         let p90 = t[(t.len() * 9 / 10).min(t.len() - 1)];
         let mean = t.iter().sum::<f64>() / t.len() as f64;
         table.push_str(&format!(
