@@ -45,7 +45,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use breakfs_fetch::{LinkShape, run_shaping_proxy};
 use corpus::{Build, CorpusImage, IMAGE_PATH};
-use harness::{blob_path, is_mountpoint, layout_layers, mounted_under, run, run_chroot};
+use harness::{
+    Machine, blob_path, is_mountpoint, layout_layers, mb, median, mounted_under, run, run_chroot,
+};
 use registry::TestRegistry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -630,15 +632,6 @@ fn read_speed(root: &Path) -> Result<(f64, f64, Walked)> {
     Ok((median(&cold), median(&warm), walked))
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s[s.len() / 2]
-}
-
 // ---------------------------------------------------------------------------
 // The stacked image.
 
@@ -1193,10 +1186,6 @@ fn deploy(
 // ---------------------------------------------------------------------------
 // The report.
 
-fn mb(b: u64) -> f64 {
-    b as f64 / 1e6
-}
-
 fn check(ok: bool) -> &'static str {
     if ok { "✓" } else { "✗" }
 }
@@ -1219,26 +1208,16 @@ const RSS_LIMIT_MB: f64 = 100.0;
 /// The report: `reports` in order, then `failures` (image, error).
 fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> Result<String> {
     let mut md = String::new();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let Machine {
+        cores, cpu, kernel, ..
+    } = Machine::this();
     writeln!(
         md,
         "Machine: {} cores ({cpu}), Linux {}. Link: docker-registry on loopback behind \
          breakfs's shaping proxy, {RTT_MS} ms RTT and {MBIT} Mbit/s each way (shared by all \
          connections), with a byte counter in front; every fetch below crosses it. \
          Deployments: median of {runs} runs, fresh cache each run, the ways interleaved.\n",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        kernel.trim()
+        cores, kernel
     )?;
 
     writeln!(md, "#### Summary\n")?;

@@ -44,7 +44,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use corpus::CorpusImage;
-use harness::{Env, Node, NodeMount, Published, Shaper, blob_path, layout_layers, publish};
+use harness::{
+    Env, Machine, Node, NodeMount, Published, Shaper, blob_path, layout_layers, mb, median, publish,
+};
 use registry::TestRegistry;
 
 const RTT_MS: u64 = 50;
@@ -681,19 +683,6 @@ fn parse_timestamp(s: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------
 // The report.
 
-fn mb(b: u64) -> f64 {
-    b as f64 / 1e6
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s[s.len() / 2]
-}
-
 fn check(ok: bool) -> &'static str {
     if ok { "✓" } else { "✗" }
 }
@@ -715,16 +704,9 @@ fn markdown(
     command: &str,
 ) -> Result<String> {
     let mut md = String::new();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let Machine {
+        cores, cpu, kernel, ..
+    } = Machine::this();
     writeln!(md, "### Node: on-demand reads during prefetch\n")?;
     writeln!(md, "Command: `{command}`\n")?;
     writeln!(
@@ -738,10 +720,8 @@ fn markdown(
          pause lets it run at full speed again when each read starts). With prefetch: `POST \
          /prefetch` of {} ({:.1} MB) first; the mount once prefetch has run ≥ {} s and fetched \
          ≥ {:.0} MB. Medians of {runs} runs; the settings and the two cases interleaved.\n",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        kernel.trim(),
+        cores,
+        kernel,
         target.title,
         mb(target.size),
         target.layers,

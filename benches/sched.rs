@@ -7,15 +7,13 @@
 //! target/bench-sched.md.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/rng.rs"]
-mod rng;
-
 use std::time::{Duration, Instant};
 
 use breakfs_index::Digest;
 use breakfs_sched::score::{Layer, Link, NodeView};
 use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
-use rng::Rng;
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 const NODES: usize = 1000;
 const CLUSTERS: usize = 4;
@@ -59,12 +57,12 @@ fn main() {
         };
         let before = rss_kib();
         let sched = Sched::new(cfg);
-        let mut rng = Rng(0x2545F4914F6CDD1D);
+        let mut rng = SmallRng::seed_from_u64(0x2545F4914F6CDD1D);
         let views: Vec<NodeView> = nodes
             .iter()
             .map(|n| {
                 let whole = (0..LAYERS_PER_NODE)
-                    .map(|_| pool[(rng.next() % POOL as u64) as usize].digest.clone())
+                    .map(|_| pool[rng.random_range(..POOL)].digest.clone())
                     .collect();
                 let peers = nodes
                     .iter()
@@ -77,8 +75,8 @@ fn main() {
                     cluster: n.cluster.clone(),
                     whole,
                     cloud: Some(Link {
-                        rtt_ms: 20.0 + (rng.next() % 80) as f64,
-                        mbps: 50.0 + (rng.next() % 200) as f64,
+                        rtt_ms: rng.random_range(20..100) as f64,
+                        mbps: rng.random_range(50..250) as f64,
                     }),
                     peers,
                     cache_room: Some(20 << 30),

@@ -44,9 +44,6 @@
 //! writes target/bench-sched-sim.md.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/rng.rs"]
-mod rng;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use breakfs_fetch::budget::layer_value;
@@ -54,7 +51,8 @@ use breakfs_index::Digest;
 use breakfs_sched::planner::{Hot, LayerSet, edge_first, plan_prefetch};
 use breakfs_sched::score::{self, Layer, Link, NodeView, Weights};
 use breakfs_sched::types::Limits;
-use rng::Rng;
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 const CLUSTERS: usize = 4;
 const PER: usize = 4;
@@ -287,7 +285,7 @@ struct Sim {
     /// fastest registry link its limits allow, all else free; and the
     /// same over all those links at once (a pull striped across nodes).
     bounds: Vec<(f64, f64)>,
-    rng: Rng,
+    rng: SmallRng,
 }
 
 /// Node links: clusters differ in how far the registry is, nodes of a
@@ -296,7 +294,7 @@ struct Sim {
 /// With `relays`, every node relays, and what the relaying peers add to a
 /// node's link counts at `relay_eff` (1: the estimator's ideal sum).
 fn build_nodes(seed: u64, budget: u64, relays: bool, relay_eff: f64) -> Vec<Node> {
-    let mut rng = Rng(seed.max(1) * 0x9E3779B97F4A7C15);
+    let mut rng = SmallRng::seed_from_u64(seed);
     let mut nodes = Vec::new();
     for c in 0..CLUSTERS {
         let (rtt, mbps) = [(30.0, 200.0), (50.0, 100.0), (70.0, 80.0), (90.0, 50.0)][c];
@@ -307,8 +305,8 @@ fn build_nodes(seed: u64, budget: u64, relays: bool, relay_eff: f64) -> Vec<Node
                     peers.insert(
                         format!("c{c}n{m}"),
                         Link {
-                            rtt_ms: 0.5 + rng.unit(),
-                            mbps: 800.0 + 400.0 * rng.unit(),
+                            rtt_ms: 0.5 + rng.random::<f64>(),
+                            mbps: 800.0 + 400.0 * rng.random::<f64>(),
                         },
                     );
                 }
@@ -318,8 +316,8 @@ fn build_nodes(seed: u64, budget: u64, relays: bool, relay_eff: f64) -> Vec<Node
                     name: format!("c{c}n{n}"),
                     cluster: format!("c{c}"),
                     cloud: Some(Link {
-                        rtt_ms: rtt * (0.5 + 1.5 * rng.unit()),
-                        mbps: mbps * (0.25 + 1.0 * rng.unit()),
+                        rtt_ms: rtt * (0.5 + 1.5 * rng.random::<f64>()),
+                        mbps: mbps * (0.25 + 1.0 * rng.random::<f64>()),
                     }),
                     peers,
                     allocatable: Some((2.0, 4e9)),
@@ -335,12 +333,12 @@ fn build_nodes(seed: u64, budget: u64, relays: bool, relay_eff: f64) -> Vec<Node
         }
     }
     // Drawn apart, so that the links above are those of every world.
-    let mut far = Rng(seed.max(1) * 0xD1B54A32D192ED03);
+    let mut far = SmallRng::seed_from_u64(seed.wrapping_add(1 << 32));
     for a in 0..CLUSTERS {
         for b in (0..CLUSTERS).filter(|&b| b != a) {
             let link = Link {
-                rtt_ms: 20.0 * (0.75 + 0.5 * far.unit()),
-                mbps: 200.0 * (0.75 + 0.5 * far.unit()),
+                rtt_ms: 20.0 * (0.75 + 0.5 * far.random::<f64>()),
+                mbps: 200.0 * (0.75 + 0.5 * far.random::<f64>()),
             };
             for n in a * PER..(a + 1) * PER {
                 for m in b * PER..(b + 1) * PER {
@@ -485,7 +483,7 @@ impl Sim {
         let ties: Vec<usize> = (0..cand.len())
             .filter(|&i| keys[i] >= best - 1e-9)
             .collect();
-        let k = cand[ties[(self.rng.next() % ties.len() as u64) as usize]];
+        let k = cand[ties[self.rng.random_range(..ties.len())]];
         if let (Some(max), Some(link)) = (limits.delay_ms, cluster[k].cloud)
             && link.rtt_ms > max
         {
@@ -753,10 +751,10 @@ fn replay(
     let mut clients: Vec<String> = deploys.iter().map(|d| d.client.clone()).collect();
     clients.sort();
     clients.dedup();
-    let mut crng = Rng(seed.max(1) * 31 + 17);
+    let mut crng = SmallRng::seed_from_u64(seed.wrapping_add(2 << 32));
     let cluster: HashMap<String, usize> = clients
         .into_iter()
-        .map(|c| (c, (crng.next() % CLUSTERS as u64) as usize))
+        .map(|c| (c, crng.random_range(..CLUSTERS)))
         .collect();
     let mut sims: Vec<Sim> = WORLDS
         .iter()
@@ -780,7 +778,7 @@ fn replay(
             from_far: 0,
             seen: HashSet::new(),
             bounds: Vec::new(),
-            rng: Rng(seed.max(1) + 1),
+            rng: SmallRng::seed_from_u64(seed.wrapping_add(3 << 32)),
         })
         .collect();
     // The paper's scheduler YAML: netWeight 1.5, layerWeight 2.
@@ -789,16 +787,16 @@ fn replay(
         layer_weight: 2.0,
         ..Weights::default()
     };
-    let mut prng = Rng(seed.max(1) + 99);
+    let mut prng = SmallRng::seed_from_u64(seed.wrapping_add(4 << 32));
     let mut limited = 0;
     for d in deploys {
         // A third of the pods limit the registry delay to 60 ms.
         let limits = Limits {
-            delay_ms: prng.next().is_multiple_of(3).then_some(60.0),
+            delay_ms: prng.random_ratio(1, 3).then_some(60.0),
             bandwidth_mbps: None,
         };
         limited += usize::from(limits.delay_ms.is_some());
-        let pod = [(0.1, 0.25e9), (0.25, 0.5e9), (0.5, 1e9)][(prng.next() % 3) as usize];
+        let pod = [(0.1, 0.25e9), (0.25, 0.5e9), (0.5, 1e9)][prng.random_range(..3usize)];
         for s in &mut sims {
             s.deploy(d, cluster[&d.client], &limits, pod, &weights);
         }

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
+
 use crate::mount::{
     Mount, Shaper, assert_same, breakfs, corpus, files_of, hex_sha256, ok, refactor_into,
     umoci_tree,
@@ -633,13 +636,10 @@ fn sigkill_during_prefetch_never_leaves_unverified_data() {
         .collect();
     let body = serde_json::json!({ "images": slow_refs }).to_string();
     let mut node = Node::start(&tmp.path().join("n"), &[], &[]);
-    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut rng = SmallRng::seed_from_u64(1);
     for round in 0..20 {
         node.post("/prefetch", &body);
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(150 + rng % 600));
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..750)));
         node.restart_after_kill();
         check_store(&node, &reg, round);
     }

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 // The benchmark's own code (it brings its copies of the support modules).
-#[path = "../benches/testbed.rs"]
+#[path = "../benches/testbed/main.rs"]
 #[allow(dead_code, clippy::duplicate_mod)]
 mod bench;
 

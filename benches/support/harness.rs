@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 use super::corpus::CorpusImage;
 use super::registry::TestRegistry;
@@ -87,12 +89,9 @@ pub fn reserve_port() -> u16 {
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = SmallRng::seed_from_u64(seed);
     loop {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 20000 + (x % 12000) as u16;
+        let port = rng.random_range(20000..32000);
         if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
@@ -613,28 +612,72 @@ pub fn write_report(name: &str, md: &str) -> Result<()> {
 
 /// This machine, for reports: cores, CPU, memory, OS and kernel.
 pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1048576.0);
+    let m = Machine::this();
     let os = std::fs::read_to_string("/etc/os-release")
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .map(|l| l.trim_matches('"').to_string())
         .unwrap_or_else(|| "unknown OS".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = if m.cpu.is_empty() { "unknown CPU" } else { &m.cpu };
     format!(
-        "{} × {cpu}, {mem_gib:.0} GiB RAM, {os}, Linux {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim()
+        "{} × {cpu}, {:.0} GiB RAM, {os}, Linux {}",
+        m.cores,
+        m.mem_kib as f64 / 1048576.0,
+        m.kernel
     )
+}
+
+/// Megabytes (10^6 bytes), for reports.
+pub fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+/// The middle value of `v` (the upper one of an even count); NaN when
+/// empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[s.len() / 2]
+}
+
+/// This machine, for reports.
+pub struct Machine {
+    /// CPUs available to this process.
+    pub cores: usize,
+    /// The CPU's model name (empty if /proc/cpuinfo has none).
+    pub cpu: String,
+    /// Memory, KiB (0 if /proc/meminfo says nothing).
+    pub mem_kib: u64,
+    /// The kernel's release.
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn this() -> Machine {
+        let proc_field = |file: &str, key: &str| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.trim_start().strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        Machine {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu: proc_field("/proc/cpuinfo", "model name"),
+            mem_kib: proc_field("/proc/meminfo", "MemTotal")
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        }
+    }
 }

@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 use super::tree::{self, CompareOptions};
 
@@ -138,22 +140,6 @@ pub struct Report {
     pub files_compared: usize,
     /// Largest store seen right after a restart (at most the budget).
     pub max_store_after_restart: u64,
-}
-
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// A seed from `BREAKFS_CRASH_SEED`, else from the clock (stated in every
@@ -430,9 +416,9 @@ fn spawn_reader(root: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> std::thread:
                 }
             }
         }
-        let mut rng = Rng(seed | 1);
+        let mut rng = SmallRng::seed_from_u64(seed);
         while !stop.load(Ordering::Relaxed) && !files.is_empty() {
-            let f = &files[rng.below(files.len() as u64) as usize];
+            let f = &files[rng.random_range(..files.len())];
             let _ = std::fs::read(f);
         }
     })
@@ -456,7 +442,7 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         seed: o.seed,
         ..Report::default()
     };
-    let mut rng = Rng(o.seed | 1);
+    let mut rng = SmallRng::seed_from_u64(o.seed);
     let mut node = ctx.start_node()?;
     let result = (|| -> Result<()> {
         for i in 0..o.iterations {
@@ -481,11 +467,16 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     Ok(report)
 }
 
-fn iteration(ctx: &Ctx, node: &mut NodeProc, rng: &mut Rng, report: &mut Report) -> Result<()> {
+fn iteration(
+    ctx: &Ctx,
+    node: &mut NodeProc,
+    rng: &mut SmallRng,
+    report: &mut Report,
+) -> Result<()> {
     let o = ctx.o;
-    let mounted = rng.below(o.images.len() as u64) as usize;
-    let prefetched = (mounted + 1 + rng.below(o.images.len() as u64 - 1) as usize) % o.images.len();
-    let victim: &'static str = match rng.below(4) {
+    let mounted = rng.random_range(..o.images.len());
+    let prefetched = (mounted + 1 + rng.random_range(..o.images.len() - 1)) % o.images.len();
+    let victim: &'static str = match rng.random_range(0..4) {
         0 | 1 => "node",
         2 => "mount",
         _ => "node+mount",
@@ -505,7 +496,7 @@ fn iteration(ctx: &Ctx, node: &mut NodeProc, rng: &mut Rng, report: &mut Report)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    if rng.below(3) > 0 {
+    if rng.random_ratio(2, 3) {
         let body = serde_json::json!({"images": [o.images[prefetched].reference]}).to_string();
         curl(&[
             "-sSf",
@@ -523,18 +514,18 @@ fn iteration(ctx: &Ctx, node: &mut NodeProc, rng: &mut Rng, report: &mut Report)
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = vec![spawn_reader(
         ctx.node_point.clone(),
-        rng.next(),
+        rng.random(),
         stop.clone(),
     )];
     if solo {
         readers.push(spawn_reader(
             ctx.solo_point.clone(),
-            rng.next(),
+            rng.random(),
             stop.clone(),
         ));
     }
     std::thread::sleep(Duration::from_millis(
-        rng.below(o.max_delay.as_millis() as u64),
+        rng.random_range(..(o.max_delay.as_millis() as u64).max(1)),
     ));
 
     // What is under way, just before the kill.

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
 use sha2::{Digest as _, Sha256};
 
 /// One tar entry to put in a test layer.
@@ -103,17 +105,11 @@ pub fn tar_entries(entries: &[T]) -> Vec<u8> {
     out
 }
 
-/// xorshift bytes: content that does not compress.
+/// Random bytes from `seed`: content that does not compress.
 pub fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut out = vec![0u8; n];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut out);
+    out
 }
 
 /// gzip `data` at the default level.

@@ -15,11 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use breakfs_fetch::peer::{CacheIndex, HeldBlob};
 use breakfs_index::Digest;
+use rand::rngs::SmallRng;
+use rand::{RngExt as _, SeedableRng as _};
 use sha2::{Digest as _, Sha256};
-
-#[path = "../../benches/support/rng.rs"]
-mod rng;
-use rng::Rng;
 
 // ---------------------------------------------------------------------------
 // Readers.
@@ -165,20 +163,19 @@ pub fn random_reads(
         std::thread::Builder::new()
             .name(format!("reader-{t}"))
             .spawn(move || {
-                let mut rng = Rng((seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
+                let mut rng = SmallRng::seed_from_u64(seed.wrapping_add(t as u64));
                 let total = cumulative.last().copied().unwrap_or(1).max(1);
                 let mut tally = Tally::default();
                 for _ in 0..reads {
-                    let i = if rng.next().is_multiple_of(2) {
-                        (rng.next() % files.len() as u64) as usize
+                    let i = if rng.random() {
+                        rng.random_range(..files.len())
                     } else {
-                        let b = rng.next() % total;
+                        let b = rng.random_range(..total);
                         cumulative.partition_point(|&c| c <= b)
                     };
                     let (path, size) = &files[i];
-                    let offset = rng.next() % size;
-                    let len = READ_SIZES[(rng.next() % READ_SIZES.len() as u64) as usize]
-                        .min(size - offset);
+                    let offset = rng.random_range(..*size);
+                    let len = READ_SIZES[rng.random_range(..READ_SIZES.len())].min(size - offset);
                     *lock(&doing[t]) = Some((i, offset, len, Instant::now()));
                     let mut got = vec![0u8; len as usize];
                     let began = Instant::now();
@@ -512,11 +509,11 @@ pub fn fleet(
             )
         })
         .collect();
-    let mut rng = Rng(seed | 1);
+    let mut rng = SmallRng::seed_from_u64(seed);
     (0..nodes)
         .map(|i| {
             let mut layers: Vec<(Digest, u64)> = (0..per_node)
-                .map(|_| pool[(rng.next() % pool.len() as u64) as usize].clone())
+                .map(|_| pool[rng.random_range(..pool.len())].clone())
                 .collect();
             layers.extend(image.iter().take(i % (image.len() + 1)).cloned());
             FleetNode {
@@ -578,7 +575,7 @@ impl FakeNodes {
             .build()?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let base = format!("http://{}", listener.local_addr()?);
-        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        let mut rng = SmallRng::seed_from_u64(0x2545_F491_4F6C_DD1D);
         let mut pages: BTreeMap<String, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
         for n in nodes {
             let url = format!("{base}/{}", n.name);
@@ -599,8 +596,8 @@ impl FakeNodes {
             let mut links = serde_json::Map::new();
             links.insert(
                 "cloud".into(),
-                serde_json::json!({"rtt_ms": 20 + rng.next() % 80,
-                                   "bandwidth_mbps": 50 + rng.next() % 200, "samples": 10}),
+                serde_json::json!({"rtt_ms": rng.random_range(20..100u64),
+                                   "bandwidth_mbps": rng.random_range(50..250u64), "samples": 10}),
             );
             for o in nodes
                 .iter()
