@@ -1983,10 +1983,13 @@ mod tests {
                 let inc = PlanOptions { joint: false, ..opts };
                 let q = plan(&images, &published, &inc).unwrap();
                 prop_assert!(q.check(&images, &published).is_ok(), "{:?}", q.check(&images, &published).err());
-                for ip in &q.images {
+                for (i, ip) in q.images.iter().enumerate() {
                     prop_assert!(ip.layers.len() <= max_layers);
                     if !relax {
-                        prop_assert!(ip.reused_bytes <= ip.bound_bytes.max(ip.reused_bytes));
+                        prop_assert!(
+                            ip.reused_bytes <= ip.bound_bytes,
+                            "image {}: reused {} bytes, bound {}", i, ip.reused_bytes, ip.bound_bytes
+                        );
                     }
                 }
             }
