@@ -40,11 +40,12 @@ pub(super) fn same(a: &Entry, b: &Entry, relax: bool) -> bool {
     }
 }
 
-/// Bytes of regular files in a list of entries (hard links not counted).
+/// Bytes of regular files in a list of entries (hard links not counted,
+/// nor the eStargz TOC and landmarks, which no image's view holds).
 pub(super) fn file_bytes_of(entries: &[Entry]) -> u64 {
     entries
         .iter()
-        .filter(|e| e.kind == EntryKind::File)
+        .filter(|e| e.kind == EntryKind::File && !is_landmark(&e.path))
         .map(|e| e.size)
         .sum()
 }
