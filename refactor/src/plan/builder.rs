@@ -1,6 +1,6 @@
 //! The plan under construction: layers added once, each image's stack
 //! assembled and accounted (reused, bound, shadowed, duplicated bytes).
-//! The two modes fill it: [`super::incremental`] and [`super::joint`].
+//! The two modes fill it: `incremental` and `joint`.
 
 use std::collections::HashMap;
 

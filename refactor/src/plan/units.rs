@@ -112,20 +112,14 @@ pub(super) fn cut_units(items: &[&Item], db: &PackageDb, opts: &PlanOptions) -> 
             out.push(u);
             continue;
         }
-        let bin_bytes = bin.iter().map(|&n| items[n].bytes).sum();
-        out.push(Unit {
-            key: format!("{}#bin", u.key),
-            members: bin,
-            bytes: bin_bytes,
-            p: P_BINARY,
-        });
-        let data_bytes = data.iter().map(|&n| items[n].bytes).sum();
-        out.push(Unit {
-            key: format!("{}#data", u.key),
-            members: data,
-            bytes: data_bytes,
-            p: P_DATA,
-        });
+        for (part, members, p) in [("bin", bin, P_BINARY), ("data", data, P_DATA)] {
+            out.push(Unit {
+                key: format!("{}#{part}", u.key),
+                bytes: members.iter().map(|&n| items[n].bytes).sum(),
+                members,
+                p,
+            });
+        }
     }
     out
 }
