@@ -382,18 +382,6 @@ fn print_table(reports: &[ImageReport]) {
     }
 }
 
-fn report_json(r: &ImageReport) -> serde_json::Value {
-    serde_json::json!({
-        "source": r.source, "dest": r.dest, "manifest": r.manifest_digest.to_string(),
-        "layers": r.layers, "original_layers": r.original_layers,
-        "compressed_bytes": r.compressed_bytes, "original_compressed_bytes": r.original_compressed_bytes,
-        "reused_compressed_bytes": r.reused_compressed_bytes, "file_bytes": r.file_bytes,
-        "reused_file_bytes": r.reused_file_bytes, "bound_bytes": r.bound_bytes,
-        "duplicated_bytes": r.duplicated_bytes, "shadowed_bytes": r.shadowed_bytes, "mtime_changes": r.mtime_changes,
-        "uploaded_bytes": r.uploaded_bytes, "seconds": r.seconds,
-    })
-}
-
 async fn run_refactor(a: RefactorArgs) -> Result<()> {
     // `docker://HOST`: each source keeps its repository path under HOST.
     let dest = match a.to.strip_prefix("docker://") {
@@ -432,7 +420,10 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
     let reports = result.with_context(|| format!("refactoring into {dest}"))?;
     if a.json {
         for r in &reports {
-            println!("{}", report_json(r));
+            println!(
+                "{}",
+                serde_json::to_string(r).context("printing the report")?
+            );
         }
     } else {
         print_table(&reports);
