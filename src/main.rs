@@ -554,8 +554,8 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
             .with_context(|| format!("listening on {l}"))?;
         listeners.push((listener, *u));
     }
-    let down = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
-    let up = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
+    let down = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
+    let up = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
@@ -591,7 +591,7 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
         a.mbit,
         a.up_mbit.unwrap_or(a.mbit)
     );
-    breakfs_fetch::run_switchable_routes(listeners, up, down, lifted, rx)
+    breakfs_shape::run_switchable_routes(listeners, up, down, lifted, rx)
         .await
         .context("shaping proxy")
 }

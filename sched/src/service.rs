@@ -18,8 +18,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use breakfs_fetch::guard::{self, Token};
-use breakfs_fetch::peer::{CacheIndex, LinkStats, MAX_INDEX};
 use breakfs_fetch::{ClientOptions, Store};
+use breakfs_index::{CacheIndex, LinkStats, MAX_INDEX};
 use breakfs_index::{Digest, ImageRef};
 use serde::{Deserialize, Serialize};
 

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use breakfs_fetch::peer::{CacheIndex, HeldBlob};
 use breakfs_index::Digest;
+use breakfs_index::{CacheIndex, HeldBlob};
 use sha2::{Digest as _, Sha256};
 
 #[path = "../../benches/support/rng.rs"]

@@ -1,6 +1,11 @@
 //! A shaping TCP proxy: one-way delay and a bandwidth limit per direction,
 //! shared by every connection through the proxy (like a link), for tests
-//! and benchmarks on a kernel without netem.
+//! and benchmarks on a kernel without netem (`breakfs shape`).
+//!
+//! [`run_shaping_proxy`] serves one route, [`run_shaping_routes`] several
+//! routes over one shared link, and [`run_switchable_routes`] lets the
+//! caller lift the shaping and put it back; [`LinkShape`] says how one
+//! direction behaves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
