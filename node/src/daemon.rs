@@ -7,7 +7,6 @@
 //! loops; [`Node::serve`] serves until the shutdown token is cancelled,
 //! then stops every server and loop, unmounts its mounts and returns.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,29 +135,27 @@ impl Node {
         let unix_app =
             crate::server::routes(svc.clone(), None).merge(crate::control::routes(svc.clone()));
         let ControlSocket { listener, path } = control;
-        let mut tcp_server = tokio::spawn(
-            axum::serve(tcp, tcp_app)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .into_future(),
-        );
-        let mut unix_server = tokio::spawn(
-            axum::serve(listener, unix_app)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .into_future(),
-        );
+        let mut servers = tokio::task::JoinSet::new();
+        let tcp =
+            axum::serve(tcp, tcp_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        servers.spawn(async move { ("the TCP server", tcp.await) });
+        let unix = axum::serve(listener, unix_app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        servers.spawn(async move { ("the control socket", unix.await) });
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => {}
-            r = &mut tcp_server => eprintln!("breakfs node: the TCP server stopped: {r:?}"),
-            r = &mut unix_server => eprintln!("breakfs node: the control socket stopped: {r:?}"),
+            Some(done) = servers.join_next() => match done {
+                Ok((what, r)) => eprintln!("breakfs node: {what} stopped: {r:?}"),
+                Err(e) => eprintln!("breakfs node: a server failed: {e}"),
+            },
         }
         shutdown.cancel();
         eprintln!("breakfs node: stopping; unmounting its mounts");
         // The listeners close at once; open requests get a moment to end.
-        for server in [tcp_server, unix_server] {
-            let abort = server.abort_handle();
-            if tokio::time::timeout(DRAIN, server).await.is_err() {
-                abort.abort();
-            }
+        let drained = async { while servers.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN, drained).await.is_err() {
+            servers.abort_all();
         }
         svc.unmount_all();
         let _ = std::fs::remove_file(&path);
