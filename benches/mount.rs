@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use breakfs_fetch::{LinkShape, run_shaping_proxy};
+use breakfs_shape::{LinkShape, run_shaping_proxy};
 use corpus::{Build, CorpusImage, IMAGE_PATH};
 use harness::{
     Machine, blob_path, is_mountpoint, layout_layers, mb, median, mounted_under, run, run_chroot,

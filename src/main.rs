@@ -545,35 +545,11 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
             .with_context(|| format!("listening on {l}"))?;
         listeners.push((listener, *u));
     }
-    let down = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
-    let up = breakfs_fetch::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = tx.send(true);
-    });
+    let down = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
+    let up = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
+    let rx = breakfs_shape::shutdown_on_ctrl_c();
     let lifted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    use tokio::signal::unix::{SignalKind, signal};
-    for (kind, lift) in [
-        (SignalKind::user_defined1(), true),
-        (SignalKind::user_defined2(), false),
-    ] {
-        let mut sig = signal(kind).context("listening for SIGUSR1/SIGUSR2")?;
-        let lifted = lifted.clone();
-        tokio::spawn(async move {
-            while sig.recv().await.is_some() {
-                lifted.store(lift, std::sync::atomic::Ordering::Relaxed);
-                eprintln!(
-                    "shaping {}",
-                    if lift {
-                        "lifted (SIGUSR1)"
-                    } else {
-                        "back on (SIGUSR2)"
-                    }
-                );
-            }
-        });
-    }
+    breakfs_shape::lift_on_signals(lifted.clone()).context("listening for SIGUSR1/SIGUSR2")?;
     let names: Vec<String> = routes.iter().map(|(l, u)| format!("{l} -> {u}")).collect();
     eprintln!(
         "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops, SIGUSR1 lifts, SIGUSR2 puts back",
@@ -582,7 +558,7 @@ async fn run_shape(a: ShapeArgs) -> Result<()> {
         a.mbit,
         a.up_mbit.unwrap_or(a.mbit)
     );
-    breakfs_fetch::run_switchable_routes(listeners, up, down, lifted, rx)
+    breakfs_shape::run_switchable_routes(listeners, up, down, lifted, rx)
         .await
         .context("shaping proxy")
 }

@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use breakfs_fetch::guard::Token;
 use breakfs_fetch::{ContentStore, FetchOptions};
 use breakfs_fs::{MountOptions, OpenedImage, StatusRecord};
 use breakfs_index::ImageRef;
+use breakfs_node::MountRequest;
 use clap::Args;
 
 use crate::ClientArgs;
@@ -112,7 +114,7 @@ pub struct MountArgs {
 pub async fn run_mount(a: MountArgs) -> Result<()> {
     let abs = breakfs_fs::check_mountpoint(&a.mountpoint)?;
     let node = a.node.clone().or_else(|| {
-        let sock = Path::new(crate::node::DEFAULT_SOCKET);
+        let sock = Path::new(breakfs_node::DEFAULT_SOCKET);
         (!a.standalone && std::os::unix::net::UnixStream::connect(sock).is_ok())
             .then(|| format!("unix:{}", sock.display()))
     });
@@ -130,14 +132,9 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
         threads: a.threads,
         dependency_prefetch: !a.no_dependency_prefetch,
     };
-    let mounted = breakfs_fs::mount(opened, &abs, &opts)?;
-    // Answer one request through the kernel before saying we are ready.
-    let probe = abs.clone();
-    tokio::task::spawn_blocking(move || std::fs::metadata(probe))
-        .await?
-        .context("the new mount does not answer")?;
-    let info = mounted.status();
-    breakfs_fs::write_status(&info)?;
+    // Stop requests from SIGINT/SIGTERM, caught before saying READY.
+    let stops = breakfs_node::stop_signals()?;
+    let (mounted, info) = breakfs_node::mount_and_probe(opened, &abs, &opts, None).await?;
     eprintln!(
         "breakfs: mounted {} at {} in {:.2}s: {} paths, {} MB of files, {} lazy and {} whole layers",
         a.image,
@@ -149,124 +146,26 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
         info.whole_layers
     );
     println!("{READY}");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut was_hydrated = false;
-    loop {
-        let stop = tokio::select! {
-            _ = tokio::signal::ctrl_c() => true,
-            _ = term.recv() => true,
-            _ = tick.tick() => false,
-        };
-        if stop {
-            // Unmount by path first: a busy mount (an overlay or an open
-            // file on it) says EBUSY and keeps being served, instead of
-            // being cut off under its users.
-            match nix::mount::umount(&abs) {
-                Ok(()) => break,
-                Err(nix::errno::Errno::EBUSY) => {
-                    eprintln!(
-                        "breakfs: {} is busy (an overlay or an open file uses it); still serving it",
-                        abs.display()
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    eprintln!("breakfs: unmounting {}: {e}", abs.display());
-                    break;
-                }
-            }
-        }
-        let s = mounted.status();
-        if s.hydrated && !was_hydrated {
-            was_hydrated = true;
-            eprintln!(
-                "breakfs: {} fully hydrated after {:.1}s",
-                a.image,
-                started.elapsed().as_secs_f64()
-            );
-        }
-        if let Err(e) = breakfs_fs::write_status(&s) {
-            tracing::warn!("writing the status record: {e}");
-        }
-        if !breakfs_fs::is_mountpoint(&abs) {
-            eprintln!("breakfs: {} was unmounted", abs.display());
-            break;
-        }
-    }
-    breakfs_fs::remove_status(&abs);
-    if breakfs_fs::is_mountpoint(&abs) {
-        mounted.unmount()?;
-    } else {
-        // An overlay keeps its own reference to a lower layer: serve it
-        // until the kernel ends the session, not cut it off.
-        eprintln!(
-            "breakfs: unmounted {}; serving until its last user (e.g. an overlay) lets go",
-            abs.display()
-        );
-        tokio::task::spawn_blocking(move || mounted.wait()).await??;
-    }
-    eprintln!("breakfs: {} done", abs.display());
+    breakfs_node::serve_mount(mounted, &abs, &a.image, started, stops).await?;
     Ok(())
-}
-
-/// An HTTP client for node `node` (`unix:PATH`, an absolute socket path, or
-/// `http://HOST:PORT`) and the base URL to use with it; it carries the
-/// bearer token in `token_file`, if given.
-pub fn node_client(node: &str, token_file: Option<&Path>) -> Result<(reqwest::Client, String)> {
-    let sock = node
-        .strip_prefix("unix:")
-        .or_else(|| node.starts_with('/').then_some(node));
-    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(600));
-    if let Some(p) = token_file {
-        let token = breakfs_fetch::guard::Token::from_file(p).context("--token-file")?;
-        let mut headers = reqwest::header::HeaderMap::new();
-        let mut value = reqwest::header::HeaderValue::from_str(&token.bearer())
-            .context("the token cannot travel in an HTTP header")?;
-        value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-        b = b.default_headers(headers);
-    }
-    Ok(match sock {
-        Some(path) => (
-            b.unix_socket(path)
-                .build()
-                .context("building the node client")?,
-            "http://breakfs-node".to_string(),
-        ),
-        None => (
-            b.build().context("building the node client")?,
-            node.trim_end_matches('/').to_string(),
-        ),
-    })
 }
 
 /// Ask node daemon `node` to mount the image; returns once it answers.
 async fn mount_via_node(node: &str, a: &MountArgs, abs: &Path) -> Result<()> {
-    let (client, base) = node_client(node, a.token_file.as_deref())?;
-    let req = crate::node::MountRequest {
+    let token = a
+        .token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()
+        .context("--token-file")?;
+    let req = MountRequest {
         image: a.image.clone(),
         mountpoint: abs.to_path_buf(),
         hydrate: !a.no_hydrate,
         dependency_prefetch: !a.no_dependency_prefetch,
         threads: Some(a.threads),
     };
-    let resp = client
-        .post(format!("{base}/mounts"))
-        .json(&req)
-        .send()
-        .await
-        .with_context(|| format!("asking the node daemon at {node} to mount (is it running?)"))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!(
-            "the node daemon at {node} could not mount {}: {}",
-            a.image,
-            body.trim()
-        );
-    }
-    let rec: StatusRecord = serde_json::from_str(&body).context("the node daemon's answer")?;
+    let rec = breakfs_node::mount_through(node, token.as_ref(), &req).await?;
     println!(
         "mounted {} at {} through the node daemon {node}: {} paths, {} lazy and {} whole layers; \
          `breakfs umount {}` to unmount",
@@ -338,82 +237,10 @@ pub struct UmountArgs {
 }
 
 pub async fn run_umount(a: UmountArgs) -> Result<()> {
-    // A mount whose process died cannot be resolved (ENOTCONN): take the
-    // path as given then.
-    let abs = a
-        .mountpoint
-        .canonicalize()
-        .or_else(|_| std::path::absolute(&a.mountpoint))
-        .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
-    if !breakfs_fs::is_mountpoint(&abs) {
-        breakfs_fs::remove_status(&abs);
-        bail!("nothing is mounted on {}", abs.display());
+    if let Some(note) = breakfs_node::unmount(&a.mountpoint, a.token_file.as_deref()).await? {
+        eprintln!("{note}");
     }
-    if let Ok(s) = breakfs_fs::read_status(&abs)
-        && let Some(node) = &s.node
-        && process_alive(s.pid)
-    {
-        let (client, base) = node_client(node, a.token_file.as_deref())?;
-        let resp = client
-            .delete(format!("{base}/mounts"))
-            .query(&[("mountpoint", &abs)])
-            .send()
-            .await
-            .with_context(|| format!("asking the node daemon at {node} to unmount"))?;
-        let ok = resp.status().is_success();
-        let body = resp.text().await.unwrap_or_default();
-        if !ok {
-            bail!("{}", body.trim());
-        }
-        return Ok(());
-    }
-    if let Ok(s) = breakfs_fs::read_status(&abs)
-        && s.node.is_none()
-        && process_alive(s.pid)
-    {
-        let pid = nix::unistd::Pid::from_raw(s.pid as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-            .with_context(|| format!("signalling the mount process {}", s.pid))?;
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until && breakfs_fs::is_mountpoint(&abs) && process_alive(s.pid) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if !breakfs_fs::is_mountpoint(&abs) {
-            if process_alive(s.pid) {
-                eprintln!(
-                    "unmounted {}; its process {} keeps serving the users still holding it \
-                     (an overlay) and exits when they let go",
-                    abs.display(),
-                    s.pid
-                );
-            }
-            return Ok(());
-        }
-        if process_alive(s.pid) {
-            bail!(
-                "{} is busy: a process has a file open or its working directory there; \
-                 stop it first (or `umount -l {}` to detach it anyway)",
-                abs.display(),
-                abs.display()
-            );
-        }
-    }
-    // No live mount process (killed): detach the dead mount.
-    nix::mount::umount2(&abs, nix::mount::MntFlags::MNT_DETACH)
-        .with_context(|| format!("unmounting {}", abs.display()))?;
-    breakfs_fs::remove_status(&abs);
     Ok(())
-}
-
-/// Whether process `pid` runs (a zombie does not).
-fn process_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the command name, which is in parentheses.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next())
-        .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
 }
 
 #[derive(Args)]
@@ -432,7 +259,7 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let alive = process_alive(s.pid);
+    let alive = breakfs_node::process_alive(s.pid);
     let pct = if s.chunk_bytes == 0 {
         100.0
     } else {

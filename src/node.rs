@@ -1,39 +1,18 @@
-//! `breakfs node`: the node daemon. One per edge node, it owns the content
-//! store, fetches through one scheduler for all its mounts and prefetches
-//! (store → peers → with `--relay`, the least loaded of its own and its
-//! peers' registry links → cloud), serves what it holds to peers over the
-//! OCI distribution API (and relays registry ranges for them), publishes
-//! its cache index, measurements and metrics, and mounts images on request
-//! (`breakfs mount --node`).
+//! `breakfs node`: the node daemon's flags and config file, merged into
+//! a [`Config`]; the listeners bound, SIGINT/SIGTERM wired to its shutdown
+//! token, and systemd told when it is ready (the daemon is `breakfs-node`).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use axum::Router;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
-use breakfs_fetch::budget::Budget;
-use breakfs_fetch::guard::{self, Token};
-use breakfs_fetch::metrics::PromText;
-use breakfs_fetch::peer::{Links, PeerSource, Peers};
-use breakfs_fetch::prefetch::Prefetcher;
-use breakfs_fetch::relay::{Relay, RelaySource};
-use breakfs_fetch::server::{NodeService, Served};
-use breakfs_fetch::{CloudSource, ContentStore, FetchOptions, Fetcher, LocalSource, Source};
-use breakfs_fs::{MountOptions, Mounted, StatusRecord};
-use breakfs_index::ImageRef;
+use breakfs_fetch::guard::Token;
+use breakfs_node::{Config, ControlSocket, DEFAULT_SOCKET, Listeners, Node};
 use clap::Args;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::ClientArgs;
-
-/// The control socket a node listens on unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/breakfs/node.sock";
 
 /// The line the daemon prints on stdout once it serves.
 const READY: &str = "BREAKFS-NODE-READY";
@@ -251,497 +230,47 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
     })
 }
 
-/// A mount the daemon serves.
-struct NodeMount {
-    m: Mounted,
-    /// Its layers, and whether each was indexed whole.
-    layers: Vec<(breakfs_index::Digest, bool)>,
-    /// Bytes read as of the last status tick.
-    reads_seen: std::sync::atomic::AtomicU64,
-}
-
-/// The daemon's own state beside the peer service.
-struct Daemon {
-    svc: Arc<NodeService>,
-    client: breakfs_fetch::ClientOptions,
-    mounts: Mutex<BTreeMap<PathBuf, NodeMount>>,
-    /// How clients reach the control API (`unix:PATH`).
-    control: String,
-}
-
 pub async fn run_node(a: NodeArgs) -> Result<()> {
     let s = settings(&a)?;
     // Catch SIGTERM before saying READY: systemd may stop us at once.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let ctrl_c = tokio::signal::ctrl_c();
+    let mut stops = breakfs_node::stop_signals()?;
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            stops.recv().await;
+            let _ = crate::notify::notify("STOPPING=1");
+            shutdown.cancel();
+        });
+    }
     let mut client = a.client.options()?;
     client.plain_http = s.plain_http;
     if let Some(t) = s.registry_timeout {
         client.timeout = Duration::from_secs(t.max(1));
     }
-    let store = Arc::new(
-        ContentStore::open(&s.cache)
-            .with_context(|| format!("opening the content store {}", s.cache.display()))?,
-    );
-    if s.verify {
-        let cache = s.cache.clone();
-        let report = tokio::task::spawn_blocking(move || breakfs_fetch::verify_store(&cache, true))
-            .await?
-            .with_context(|| format!("verifying the content store {}", s.cache.display()))?;
-        eprintln!("breakfs node: {report}");
-    }
-    let budget = s.budget.map(|limit| {
-        let b = Arc::new(Budget::new(limit, &store));
-        store.set_budget(b.clone());
-        b
-    });
-    let listener = tokio::net::TcpListener::bind(&s.listen)
+    let tcp = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("listening on {} (choose another with --listen)", s.listen))?;
-    let local = listener.local_addr()?;
-    let url = s.advertise.clone().unwrap_or_else(|| {
-        let host = if local.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            local.ip().to_string()
-        };
-        format!("http://{host}:{}", local.port())
-    });
-    let links = Arc::new(Links::default());
-    let peers = Peers::new(&url, &s.peers, links.clone())?;
-    peers.set_learning(s.learn_peers);
-    peers.spawn_polling(Duration::from_secs(2));
-    let cloud = Arc::new(CloudSource::new());
-    {
-        let links = links.clone();
-        cloud.on_transfer(Arc::new(move |_, bytes, secs| {
-            links.transfer("cloud", bytes, secs)
-        }));
-    }
-    let deadline = Duration::from_secs(s.deadline);
-    let opts = FetchOptions {
-        workers: s.parallel,
-        background_workers: (s.parallel / 4).max(1),
-        deadline,
-        attempt_timeout: (deadline / 3).max(Duration::from_secs(1)),
-        keep_ranges: true,
-        background_rate: s.prefetch_rate,
-        ..FetchOptions::default()
-    };
-    let relay = Relay::new(&s.relay, &client, s.token.clone());
-    {
-        let links = links.clone();
-        relay.on_transfer(Arc::new(move |link, bytes, secs| {
-            links.transfer(link, bytes, secs)
-        }));
-    }
-    let mut sources: Vec<Arc<dyn Source>> = vec![
-        Arc::new(LocalSource {
-            store: store.clone(),
-        }),
-        Arc::new(PeerSource {
-            peers: peers.clone(),
-        }),
-    ];
-    if !s.relay.is_empty() {
-        sources.push(Arc::new(RelaySource {
-            relay: relay.clone(),
-            peers: peers.clone(),
-            cloud: cloud.clone(),
-        }));
-    }
-    sources.push(cloud.clone());
-    if let Some(b) = &budget {
-        let (peers, links) = (peers.clone(), links.clone());
-        b.set_refetchable(Box::new(move |layer| {
-            peers.someone_holds(layer) || links.ok_within("cloud", 120.0)
-        }));
-        let (b, store) = (b.clone(), store.clone());
-        tokio::spawn(async move {
-            let mut tick = 0u64;
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                tick += 1;
-                let (b, store) = (b.clone(), store.clone());
-                let _ = tokio::task::spawn_blocking(move || {
-                    b.save(&store);
-                    if tick.is_multiple_of(3) {
-                        b.resync(&store);
-                    }
-                })
-                .await;
-            }
-        });
-    }
-    let fetcher = Fetcher::new(store.clone(), sources, opts);
-    let prefetcher = Prefetcher::new(fetcher.clone(), cloud.clone(), client.clone());
-    let svc = Arc::new(NodeService {
-        store,
-        fetcher,
-        cloud: cloud.clone(),
-        peers,
-        prefetcher,
-        node_url: url.clone(),
+    let control = ControlSocket::bind(&s.socket)?;
+    let config = Config {
+        advertise: s.advertise,
+        cache: s.cache,
         budget: s.budget,
-        served: Served::default(),
-        metrics_hook: Mutex::new(None),
-        relay,
-    });
-    spawn_cloud_probe(cloud, links, client.clone());
-    let daemon = Arc::new(Daemon {
-        svc: svc.clone(),
+        peers: s.peers,
+        learn_peers: s.learn_peers,
+        relay: s.relay,
         client,
-        mounts: Mutex::new(BTreeMap::new()),
-        control: format!("unix:{}", s.socket.display()),
-    });
-    {
-        let d = Arc::downgrade(&daemon);
-        *svc.metrics_hook.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Box::new(move |p: &mut PromText| {
-                if let Some(d) = d.upgrade() {
-                    d.mount_metrics(p);
-                }
-            }));
-    }
-    // The control socket's permissions guard it; over TCP, mount control
-    // needs the token, and without one it is not served there.
-    let tcp_mounts = match &s.token {
-        Some(t) => guard::require_token(control_routes(daemon.clone()), Some(t.clone()), "node"),
-        None => Router::new().route("/mounts", any(mounts_over_tcp)),
+        prefetch_rate: s.prefetch_rate,
+        deadline: Duration::from_secs(s.deadline),
+        parallel: s.parallel,
+        token: s.token,
+        verify: s.verify,
     };
-    let tcp_app = breakfs_fetch::server::routes(svc.clone(), s.token.clone()).merge(tcp_mounts);
-    let app =
-        breakfs_fetch::server::routes(svc.clone(), None).merge(control_routes(daemon.clone()));
-    let unix = bind_socket(&s.socket)?;
-    let tcp = tokio::spawn(async move { axum::serve(listener, tcp_app).await });
-    let uds = tokio::spawn(async move { axum::serve(unix, app).await });
-    {
-        let d = daemon.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                d.write_statuses();
-            }
-        });
-    }
-    eprintln!(
-        "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}{}{}",
-        s.socket.display(),
-        s.cache.display(),
-        s.budget
-            .map(|b| format!(", budget {} MB", b / 1_000_000))
-            .unwrap_or_default(),
-        if s.token.is_some() {
-            ", control over TCP with the bearer token"
-        } else {
-            ""
-        },
-        if s.relay.is_empty() {
-            String::new()
-        } else {
-            format!(", relaying for {}", s.relay.join(", "))
-        }
-    );
-    println!("{READY} {url}");
+    let node = Node::start(config, Listeners { tcp, control }, shutdown).await?;
+    println!("{READY} {}", node.url());
     if let Err(e) = crate::notify::notify("READY=1") {
         tracing::warn!("telling systemd we are ready: {e}");
     }
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-        r = tcp => { eprintln!("breakfs node: the TCP server stopped: {r:?}"); }
-        r = uds => { eprintln!("breakfs node: the control socket stopped: {r:?}"); }
-    }
-    let _ = crate::notify::notify("STOPPING=1");
-    eprintln!("breakfs node: stopping; unmounting its mounts");
-    daemon.unmount_all().await;
-    let _ = std::fs::remove_file(&s.socket);
-    eprintln!("breakfs node: stopped");
+    node.serve().await?;
     Ok(())
-}
-
-/// Bind the control socket, replacing a stale one (no one answering).
-fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another node daemon answers on {}; stop it, or give this one --socket",
-                path.display()
-            );
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))
-}
-
-/// Every 3 s, time a `GET /v2/` of each registry the node fetches from:
-/// the light probe of the cloud link's RTT.
-fn spawn_cloud_probe(
-    cloud: Arc<CloudSource>,
-    links: Arc<Links>,
-    client: breakfs_fetch::ClientOptions,
-) {
-    tokio::spawn(async move {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build();
-        let Ok(http) = http else { return };
-        loop {
-            for host in cloud.registries() {
-                let scheme = if client.plain_http { "http" } else { "https" };
-                let at = client.endpoints.get(&host).unwrap_or(&host);
-                let began = std::time::Instant::now();
-                match http.get(format!("{scheme}://{at}/v2/")).send().await {
-                    Ok(_) => links.rtt("cloud", began.elapsed().as_secs_f64()),
-                    Err(_) => links.failure("cloud"),
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
-    });
-}
-
-/// A `POST /mounts` body.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MountRequest {
-    /// The image.
-    pub image: String,
-    /// An existing directory.
-    pub mountpoint: PathBuf,
-    /// Fetch the rest in the background.
-    #[serde(default = "yes")]
-    pub hydrate: bool,
-    /// Fetch programs' libraries when they are first read.
-    #[serde(default = "yes")]
-    pub dependency_prefetch: bool,
-    /// FUSE threads.
-    #[serde(default)]
-    pub threads: Option<usize>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Deserialize)]
-struct MountpointQuery {
-    mountpoint: PathBuf,
-}
-
-fn control_routes(d: Arc<Daemon>) -> Router {
-    let r = Router::new()
-        .route(
-            "/mounts",
-            get(list_mounts).post(add_mount).delete(remove_mount),
-        )
-        .with_state(d);
-    guard::limit_body(r, guard::MAX_CONTROL_BODY, "")
-}
-
-async fn mounts_over_tcp() -> Response {
-    error(
-        StatusCode::FORBIDDEN,
-        "mount control is served on the node's control socket only (breakfs mount --node \
-         unix:PATH); start the node with --token-file to allow it over TCP with a bearer token",
-    )
-}
-
-fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
-    (status, format!("{msg}\n")).into_response()
-}
-
-async fn list_mounts(State(d): State<Arc<Daemon>>) -> Response {
-    let list: Vec<StatusRecord> = d.lock().values().map(|m| d.record(&m.m)).collect();
-    axum::Json(list).into_response()
-}
-
-async fn add_mount(State(d): State<Arc<Daemon>>, body: axum::body::Bytes) -> Response {
-    let req: MountRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the body is not a mount request ({{\"image\": REF, \"mountpoint\": DIR}}): {e}"
-                ),
-            );
-        }
-    };
-    match d.mount(req).await {
-        Ok(rec) => axum::Json(rec).into_response(),
-        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")),
-    }
-}
-
-async fn remove_mount(State(d): State<Arc<Daemon>>, Query(q): Query<MountpointQuery>) -> Response {
-    match d.unmount(&q.mountpoint).await {
-        Ok(msg) => (StatusCode::OK, format!("{msg}\n")).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
-    }
-}
-
-impl Daemon {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, NodeMount>> {
-        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn record(&self, m: &Mounted) -> StatusRecord {
-        let mut r = m.status();
-        r.node = Some(self.control.clone());
-        r
-    }
-
-    async fn mount(&self, req: MountRequest) -> Result<StatusRecord> {
-        let abs = breakfs_fs::check_mountpoint(&req.mountpoint)?;
-        let reference = ImageRef::parse(&req.image)?;
-        let svc = &self.svc;
-        let opened =
-            breakfs_fs::open_image_on(&reference, &self.client, &svc.fetcher, &svc.cloud).await?;
-        let opts = MountOptions {
-            hydrate: req.hydrate,
-            threads: req.threads.unwrap_or(4),
-            dependency_prefetch: req.dependency_prefetch,
-        };
-        let layers: Vec<(breakfs_index::Digest, bool)> = opened
-            .image
-            .layers()
-            .iter()
-            .zip(&opened.layers)
-            .map(|(d, m)| (d.digest.clone(), *m == breakfs_fs::LayerMode::Whole))
-            .collect();
-        if let Some(b) = svc.store.budget() {
-            b.touch(layers.iter().map(|(d, _)| d));
-            b.live(layers.iter().map(|(d, w)| (d, *w)), 1);
-        }
-        let mounted = breakfs_fs::mount(opened, &abs, &opts)?;
-        let probe = abs.clone();
-        tokio::task::spawn_blocking(move || std::fs::metadata(probe))
-            .await?
-            .context("the new mount does not answer")?;
-        let rec = self.record(&mounted);
-        breakfs_fs::write_status(&rec)?;
-        eprintln!("breakfs node: mounted {} at {}", req.image, abs.display());
-        self.lock().insert(
-            abs,
-            NodeMount {
-                m: mounted,
-                layers,
-                reads_seen: Default::default(),
-            },
-        );
-        Ok(rec)
-    }
-
-    async fn unmount(&self, mountpoint: &Path) -> Result<String> {
-        let abs = mountpoint
-            .canonicalize()
-            .or_else(|_| std::path::absolute(mountpoint))
-            .with_context(|| format!("resolving {}", mountpoint.display()))?;
-        // Out of the map while it is unmounted: its session ends with the
-        // unmount, which the status writer must not take for a failure.
-        let Some(m) = self.lock().remove(&abs) else {
-            bail!("this node does not serve a mount at {}", abs.display());
-        };
-        if let Err(e) = nix::mount::umount(&abs) {
-            self.lock().insert(abs.clone(), m);
-            match e {
-                nix::errno::Errno::EBUSY => bail!(
-                    "{} is busy: a process has a file open or its working directory there; \
-                     stop it first (or `umount -l {}` to detach it anyway)",
-                    abs.display(),
-                    abs.display()
-                ),
-                e => bail!("unmounting {}: {e}", abs.display()),
-            }
-        }
-        self.release_layers(&m);
-        breakfs_fs::remove_status(&abs);
-        // An overlay may still hold it: serve until the kernel ends the session.
-        tokio::task::spawn_blocking(move || m.m.wait());
-        eprintln!("breakfs node: unmounted {}", abs.display());
-        Ok(format!("unmounted {}", abs.display()))
-    }
-
-    async fn unmount_all(&self) {
-        let all: Vec<(PathBuf, NodeMount)> =
-            std::mem::take(&mut *self.lock()).into_iter().collect();
-        for (abs, m) in all {
-            breakfs_fs::remove_status(&abs);
-            if nix::mount::umount(&abs).is_err() {
-                // Busy at shutdown: detach, so that the path is free for a restart.
-                let _ = nix::mount::umount2(&abs, nix::mount::MntFlags::MNT_DETACH);
-            }
-            drop(m);
-        }
-    }
-
-    /// The mount no longer pins its layers (it still holds them while an
-    /// overlay keeps it, but it reads from the store then only).
-    fn release_layers(&self, m: &NodeMount) {
-        if let Some(b) = self.svc.store.budget() {
-            b.live(m.layers.iter().map(|(d, w)| (d, *w)), -1);
-        }
-    }
-
-    fn write_statuses(&self) {
-        for (at, m) in self.lock().iter_mut() {
-            if let Some(why) = m.m.ended() {
-                tracing::error!(
-                    "the mount at {} stopped serving: {why}; its readers get ENOTCONN \
-                     (unmount it and mount again)",
-                    at.display()
-                );
-            }
-        }
-        let recs: Vec<StatusRecord> = self.lock().values().map(|m| self.record(&m.m)).collect();
-        if let Some(b) = self.svc.store.budget() {
-            // Mounts being read keep their layers recent.
-            for m in self.lock().values() {
-                let read = m.m.reads.snapshot().bytes_read;
-                if m.reads_seen
-                    .swap(read, std::sync::atomic::Ordering::Relaxed)
-                    != read
-                {
-                    b.touch(m.layers.iter().map(|(d, _)| d));
-                }
-            }
-        }
-        for r in recs {
-            if let Err(e) = breakfs_fs::write_status(&r) {
-                tracing::warn!(
-                    "writing the status record of {}: {e}",
-                    r.mountpoint.display()
-                );
-            }
-        }
-    }
-
-    fn mount_metrics(&self, p: &mut PromText) {
-        let recs: Vec<StatusRecord> = self.lock().values().map(|m| m.m.status()).collect();
-        p.family("breakfs_mounts", "gauge", "Mounts this node serves.");
-        p.sample("breakfs_mounts", &[], recs.len() as f64);
-        p.family(
-            "breakfs_mount_hydration_ratio",
-            "gauge",
-            "Share of a mount's file bytes held locally (1 = fully hydrated).",
-        );
-        for r in &recs {
-            let ratio = if r.chunk_bytes == 0 {
-                1.0
-            } else {
-                r.hydrated_bytes as f64 / r.chunk_bytes as f64
-            };
-            let mp = r.mountpoint.to_string_lossy();
-            p.sample(
-                "breakfs_mount_hydration_ratio",
-                &[("mountpoint", &mp), ("image", &r.image)],
-                ratio,
-            );
-        }
-    }
 }

@@ -177,7 +177,7 @@ struct Inner {
 
 /// How long a peer that failed a request is not asked: the next source
 /// (the cloud at the end) serves meanwhile.
-pub(crate) const PEER_REST: Duration = Duration::from_secs(30);
+pub const PEER_REST: Duration = Duration::from_secs(30);
 
 /// The fetch scheduler; cheap to clone, one per store.
 #[derive(Clone)]

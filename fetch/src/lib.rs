@@ -10,15 +10,16 @@
 //! land atomically; pushes skip blobs already present and mount across
 //! repositories where they can.
 //!
-//! A node's fetch chain is its store, its peers (`peer`), with `--relay`
-//! its peers' registry links beside its own (`relay`), and the cloud
-//! ([`CloudSource`]), under one scheduler ([`Fetcher`]).
+//! [`Fetcher`] schedules chunk fetches over a chain of [`Source`]s (the
+//! local store, then whatever the caller adds, ending in the cloud:
+//! [`CloudSource`]), checking every chunk; [`resolve_image`] resolves an
+//! image through that chain. The node daemon (`breakfs-node`) puts its
+//! peers and relays into the chain; this crate knows nothing of them.
 //!
-//! [`ContentStore`] is a node's verified, content-addressed cache;
-//! [`verify_store`] checks one end to end (`breakfs verify`).
-//!
-//! [`run_shaping_proxy`] is a TCP proxy with delay and bandwidth per
-//! direction, standing in for slow links in tests and benchmarks.
+//! [`ContentStore`] is a node's verified, content-addressed cache, kept
+//! within a [`budget::Budget`]; [`verify_store`] checks one end to end
+//! (`breakfs verify`). [`guard`] holds the request limits and the bearer
+//! token that the node's and the scheduler's servers share.
 
 mod auth;
 mod blobfile;
@@ -29,14 +30,10 @@ mod fetcher;
 pub mod guard;
 mod layout;
 mod meta;
-pub mod metrics;
+mod metrics;
 mod options;
-pub mod peer;
-pub mod prefetch;
 mod registry;
-pub mod relay;
-pub mod server;
-mod shaping;
+mod resolve;
 mod source;
 mod store;
 mod tocread;
@@ -44,13 +41,16 @@ mod verify;
 
 pub use cas::{ContentStore, merge_ranges};
 pub use error::{Error, Result};
-pub use fetcher::{ChunkLoc, FetchOptions, FetchStats, Fetcher, Priority, SourceStats};
+pub use fetcher::{ChunkLoc, FetchOptions, FetchStats, Fetcher, PEER_REST, Priority, SourceStats};
 pub use layout::OciLayout;
 pub use meta::{chunk_loc, layer_chunk_locs};
+pub use metrics::{Histogram, LATENCY_BOUNDS};
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
-pub use shaping::{LinkShape, run_shaping_proxy, run_shaping_routes, run_switchable_routes};
-pub use source::{CloudSource, LocalSource, Source, SourceClass, StoreSource};
+pub use resolve::resolve_image;
+pub use source::{
+    CloudSource, LocalSource, Source, SourceClass, StoreSource, TransferHook, not_here,
+};
 pub use store::{BlobLoader, Image, Store};
 pub use tocread::LayerToc;
 pub use verify::{Finding, Severity, Tally, VerifyReport, verify_store};

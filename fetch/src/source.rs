@@ -278,7 +278,7 @@ impl Source for LocalSource {
 /// An answer of [`Error::NotFound`] for `what`: what a source standing
 /// for others (see [`Source::expand`]) or one that lacks a kind of
 /// transfer says.
-pub(crate) fn not_here<'a, T: Send + 'a>(what: String) -> BoxFuture<'a, Result<T>> {
+pub fn not_here<'a, T: Send + 'a>(what: String) -> BoxFuture<'a, Result<T>> {
     Box::pin(async move { Err(Error::NotFound { what }) })
 }
 

@@ -64,7 +64,7 @@ pub async fn open_image_on(
     fetcher: &Fetcher,
     cloud: &Arc<CloudSource>,
 ) -> Result<OpenedImage> {
-    let image = breakfs_fetch::prefetch::resolve(reference, client, fetcher, cloud).await?;
+    let image = breakfs_fetch::resolve_image(reference, client, fetcher, cloud).await?;
     let pin = fetcher
         .store()
         .budget()

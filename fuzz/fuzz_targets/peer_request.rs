@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use axum::http::HeaderValue;
 use breakfs_fetch::ContentStore;
-use breakfs_fetch::server::{V2Object, manifest_media_type, range_of, v2_object};
+use breakfs_node::{V2Object, manifest_media_type, range_of, v2_object};
 use breakfs_index::Digest;
 use libfuzzer_sys::fuzz_target;
 

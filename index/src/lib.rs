@@ -1,12 +1,15 @@
 //! Image metadata for breakfs: the OCI model (descriptors, manifests,
-//! configs, references), file entries, the eStargz table of contents, and
-//! the merged view of a layer stack.
+//! configs, references), file entries, the eStargz table of contents, the
+//! merged view of a layer stack, and what a node publishes about its cache
+//! and links.
 //!
 //! Everything here is pure data and codecs over `Read`/bytes: no network,
 //! no content store. The doors are [`ImageRef`], [`Manifest`],
 //! [`Entry`], [`LayerIndex`] (one layer's tar, indexed), [`MergedView`]
-//! (a stack of layers under the OCI rules) and [`Toc`] (eStargz).
+//! (a stack of layers under the OCI rules), [`Toc`] (eStargz) and
+//! [`CacheIndex`] (what a node holds).
 
+mod cache;
 mod compression;
 mod digest;
 mod entry;
@@ -17,6 +20,7 @@ mod reference;
 mod tarindex;
 mod toc;
 
+pub use cache::{CacheIndex, HeldBlob, LinkStats, MAX_INDEX, PartialLayer};
 pub use compression::{Compression, decoder};
 pub use digest::{Digest, HashingReader, HashingWriter};
 pub use entry::{Entry, EntryKind};

@@ -18,8 +18,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use breakfs_fetch::guard::{self, Token};
-use breakfs_fetch::peer::{CacheIndex, LinkStats, MAX_INDEX};
 use breakfs_fetch::{ClientOptions, Store};
+use breakfs_index::{CacheIndex, LinkStats, MAX_INDEX};
 use breakfs_index::{Digest, ImageRef};
 use serde::{Deserialize, Serialize};
 
@@ -1108,10 +1108,9 @@ mod tests {
     #[test]
     fn peers_in_another_cluster_get_the_far_defaults_and_serve_what_the_cluster_lacks() {
         let s = two_clusters();
-        let stats = |rtt: f64| {
-            let mut l = LinkStats::default();
-            l.rtt_ms = Some(rtt);
-            l
+        let stats = |rtt: f64| LinkStats {
+            rtt_ms: Some(rtt),
+            ..LinkStats::default()
         };
         let links: HashMap<String, LinkStats> = [
             ("http://w2:7480".to_string(), stats(1.0)),

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use breakfs_fetch::peer::{CacheIndex, HeldBlob};
 use breakfs_index::Digest;
 use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
+use breakfs_index::{CacheIndex, HeldBlob};
 use sha2::{Digest as _, Sha256};
 
 // ---------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 //! A shaping TCP proxy: one-way delay and a bandwidth limit per direction,
 //! shared by every connection through the proxy (like a link), for tests
-//! and benchmarks on a kernel without netem.
+//! and benchmarks on a kernel without netem (`breakfs shape`).
+//!
+//! [`run_shaping_proxy`] serves one route, [`run_shaping_routes`] several
+//! routes over one shared link, and [`run_switchable_routes`] lets the
+//! caller lift the shaping and put it back ([`lift_on_signals`]);
+//! [`LinkShape`] says how one direction behaves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -115,6 +120,43 @@ pub async fn run_switchable_routes(
             }
         }
     }
+}
+
+/// A shutdown signal for the proxy that turns true on Ctrl-C (SIGINT).
+pub fn shutdown_on_ctrl_c() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// SIGUSR1 lifts the shaping (sets `lifted`) and SIGUSR2 puts it back, as
+/// `breakfs shape` says.
+pub fn lift_on_signals(lifted: Arc<AtomicBool>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    for (kind, lift) in [
+        (SignalKind::user_defined1(), true),
+        (SignalKind::user_defined2(), false),
+    ] {
+        let mut sig = signal(kind)?;
+        let lifted = lifted.clone();
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                lifted.store(lift, Ordering::Relaxed);
+                eprintln!(
+                    "shaping {}",
+                    if lift {
+                        "lifted (SIGUSR1)"
+                    } else {
+                        "back on (SIGUSR2)"
+                    }
+                );
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Copy `from` to `to`: each chunk leaves `delay` after it arrived, and no

@@ -10,9 +10,10 @@
 //! node does not hold, asked with `Breakfs-Relay: HOST`, is relayed from
 //! that registry (`crate::relay`): only for the registries the node relays
 //! for, bounded in size and number, behind the token when there is one.
+//! The same service answers the mount control API (`crate::control`).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Body;
@@ -20,22 +21,19 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use breakfs_fetch::guard::{self, Token};
+use breakfs_fetch::{ClientOptions, CloudSource, ContentStore, Fetcher};
 use breakfs_index::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::guard::{self, Token};
-use crate::metrics::{Histogram, PromText};
-use crate::peer::{CacheIndex, Peers};
+use crate::mounts::MountTable;
+use crate::peer::{Peers, index_of_store};
 use crate::prefetch::{PrefetchRequest, Prefetcher};
 use crate::relay::{MAX_RELAY_RANGE, RELAY_HEADER, Refusal, Relay, RelayAsk};
-use crate::{CloudSource, ContentStore, Fetcher};
-
-/// Extra metric lines a node adds (its mounts' hydration, evictions).
-pub type MetricsHook = Box<dyn Fn(&mut PromText) + Send + Sync>;
 
 /// Counters of what the node served to peers and clients.
 #[derive(Default)]
-pub struct Served {
+pub(crate) struct Served {
     /// Blob bytes sent (whole or ranges).
     pub blob_bytes: AtomicU64,
     /// Manifest bytes sent.
@@ -46,33 +44,36 @@ pub struct Served {
     pub misses: AtomicU64,
 }
 
-/// Everything the service answers from.
-pub struct NodeService {
+/// Everything the node's servers answer from (built in one place,
+/// `crate::chain`).
+pub(crate) struct NodeService {
     /// The content store.
-    pub store: Arc<ContentStore>,
+    pub(crate) store: Arc<ContentStore>,
     /// The node's fetch scheduler.
-    pub fetcher: Fetcher,
+    pub(crate) fetcher: Fetcher,
     /// The end of its chain.
-    pub cloud: Arc<CloudSource>,
+    pub(crate) cloud: Arc<CloudSource>,
+    /// The registry client options mounts and prefetches resolve with.
+    pub(crate) client: ClientOptions,
     /// Its peers.
-    pub peers: Arc<Peers>,
+    pub(crate) peers: Arc<Peers>,
     /// Its prefetcher.
-    pub prefetcher: Arc<Prefetcher>,
+    pub(crate) prefetcher: Arc<Prefetcher>,
     /// The URL peers reach it at.
-    pub node_url: String,
+    pub(crate) node_url: String,
     /// The store's budget in bytes, if any.
-    pub budget: Option<u64>,
+    pub(crate) budget: Option<u64>,
     /// What was served.
-    pub served: Served,
-    /// Extra metrics.
-    pub metrics_hook: Mutex<Option<MetricsHook>>,
+    pub(crate) served: Served,
     /// What it relays for its peers, and through them.
-    pub relay: Arc<Relay>,
+    pub(crate) relay: Arc<Relay>,
+    /// The mounts it serves.
+    pub(crate) mounts: MountTable,
 }
 
 /// The routes of the peer-facing service; with `token`, `POST /prefetch`
 /// requires it.
-pub fn routes(svc: Arc<NodeService>, token: Option<Token>) -> Router {
+pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>) -> Router {
     let reads = Router::new()
         .route("/v2/", get(api_base))
         .route("/v2", get(api_base))
@@ -392,7 +393,7 @@ async fn relayed(svc: &Arc<NodeService>, name: &str, d: &Digest, headers: &Heade
                 Refusal::NeedsToken => StatusCode::UNAUTHORIZED,
                 Refusal::BadRequest(_) | Refusal::TooLarge(_) => StatusCode::BAD_REQUEST,
                 Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
-                Refusal::Upstream(crate::Error::NotFound { .. }) => StatusCode::NOT_FOUND,
+                Refusal::Upstream(breakfs_fetch::Error::NotFound { .. }) => StatusCode::NOT_FOUND,
                 Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
             };
             let mut resp = (status, format!("{r}\n")).into_response();
@@ -464,7 +465,7 @@ pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
 async fn cache_index(State(svc): State<Arc<NodeService>>) -> Response {
     let s = svc.clone();
     let index = tokio::task::spawn_blocking(move || {
-        let mut i = CacheIndex::of_store(&s.store, &s.node_url, s.budget, s.peers.urls());
+        let mut i = index_of_store(&s.store, &s.node_url, s.budget, s.peers.urls());
         i.relay = s.relay.hosts();
         i
     })
@@ -509,224 +510,14 @@ async fn prefetch_list(State(svc): State<Arc<NodeService>>) -> Response {
     axum::Json(svc.prefetcher.tasks()).into_response()
 }
 
-/// The source classes the fetch metrics are labelled by.
-const CLASSES: [&str; 4] = ["local", "peer", "relay", "cloud"];
-
 async fn metrics(State(svc): State<Arc<NodeService>>) -> Response {
     let s = svc.clone();
     let used = tokio::task::spawn_blocking(move || s.store.usage())
         .await
         .unwrap_or(0);
-    let stats = svc.fetcher.stats();
-    let mut p = PromText::new();
-    // Bytes, requests, failures by source class.
-    let mut by_class: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
-    for c in CLASSES {
-        by_class.insert(c, [0; 3]);
-    }
-    for (name, st) in &stats.sources {
-        let class = match name.split_whitespace().next() {
-            Some("local") => "local",
-            Some("peer") | Some("peers") => "peer",
-            Some("relay") | Some("relays") => "relay",
-            _ => "cloud",
-        };
-        let e = by_class.entry(class).or_default();
-        e[0] += st.bytes;
-        e[1] += st.requests;
-        e[2] += st.failures;
-    }
-    let per_source = [
-        (
-            "breakfs_fetch_bytes_total",
-            "Compressed bytes fetched, by source.",
-            0,
-        ),
-        (
-            "breakfs_fetch_requests_total",
-            "Range and blob requests answered, by source.",
-            1,
-        ),
-        (
-            "breakfs_fetch_failures_total",
-            "Requests that failed, by source.",
-            2,
-        ),
-    ];
-    for (name, help, field) in per_source {
-        p.family(name, "counter", help);
-        for (c, v) in &by_class {
-            p.sample(name, &[("source", c)], v[field] as f64);
-        }
-    }
-    p.family(
-        "breakfs_fetch_duration_seconds",
-        "histogram",
-        "Duration of range and blob requests, by source.",
-    );
-    for c in CLASSES {
-        let h = stats
-            .latency
-            .get(c)
-            .cloned()
-            .unwrap_or_else(Histogram::default);
-        p.histogram("breakfs_fetch_duration_seconds", &[("source", c)], &h);
-    }
-    p.single(
-        "breakfs_cache_hits_total",
-        "counter",
-        "Chunk requests the store answered at once.",
-        stats.hits as f64,
-    );
-    p.single(
-        "breakfs_cache_misses_total",
-        "counter",
-        "Chunk requests that needed a fetch.",
-        stats.misses as f64,
-    );
-    p.single(
-        "breakfs_chunks_stored_total",
-        "counter",
-        "Chunks verified and stored.",
-        stats.chunks_stored as f64,
-    );
-    p.single(
-        "breakfs_digest_failures_total",
-        "counter",
-        "Chunks that arrived with wrong bytes (not used).",
-        stats.digest_failures as f64,
-    );
-    p.single(
-        "breakfs_layers_completed_total",
-        "counter",
-        "Layers assembled into whole, verified blobs.",
-        stats.layers_completed as f64,
-    );
-    p.single(
-        "breakfs_fetch_queued",
-        "gauge",
-        "Chunk fetches queued now.",
-        stats.queued as f64,
-    );
-    p.single(
-        "breakfs_cache_bytes",
-        "gauge",
-        "Bytes the content store uses.",
-        used as f64,
-    );
-    p.single(
-        "breakfs_cache_budget_bytes",
-        "gauge",
-        "The store's budget (0: none).",
-        svc.budget.unwrap_or(0) as f64,
-    );
-    let (evictions, evicted) = svc.store.budget().map_or((0, 0), |b| {
-        (
-            b.evictions.load(Ordering::Relaxed),
-            b.evicted_bytes.load(Ordering::Relaxed),
-        )
-    });
-    p.single(
-        "breakfs_cache_evictions_total",
-        "counter",
-        "Layers evicted to stay within the budget.",
-        evictions as f64,
-    );
-    p.single(
-        "breakfs_cache_evicted_bytes_total",
-        "counter",
-        "Bytes evicted to stay within the budget.",
-        evicted as f64,
-    );
-    p.family(
-        "breakfs_served_bytes_total",
-        "counter",
-        "Bytes served to peers and clients.",
-    );
-    p.sample(
-        "breakfs_served_bytes_total",
-        &[("kind", "blob")],
-        svc.served.blob_bytes.load(Ordering::Relaxed) as f64,
-    );
-    p.sample(
-        "breakfs_served_bytes_total",
-        &[("kind", "manifest")],
-        svc.served.manifest_bytes.load(Ordering::Relaxed) as f64,
-    );
-    p.family(
-        "breakfs_served_requests_total",
-        "counter",
-        "Peer and client requests, by outcome.",
-    );
-    p.sample(
-        "breakfs_served_requests_total",
-        &[("outcome", "hit")],
-        svc.served.hits.load(Ordering::Relaxed) as f64,
-    );
-    p.sample(
-        "breakfs_served_requests_total",
-        &[("outcome", "miss")],
-        svc.served.misses.load(Ordering::Relaxed) as f64,
-    );
-    let relay = svc.relay.status();
-    p.family(
-        "breakfs_relay_served_requests_total",
-        "counter",
-        "Range requests of peers relayed from a registry (--relay), by outcome.",
-    );
-    for (outcome, n) in [
-        ("relayed", relay.relayed_requests),
-        ("refused", relay.refused),
-        ("failed", relay.failed),
-    ] {
-        p.sample(
-            "breakfs_relay_served_requests_total",
-            &[("outcome", outcome)],
-            n as f64,
-        );
-    }
-    p.single(
-        "breakfs_relay_served_bytes_total",
-        "counter",
-        "Bytes relayed from a registry to peers (over this node's registry link).",
-        relay.relayed_bytes as f64,
-    );
-    let links = svc.peers.links().snapshot();
-    p.family(
-        "breakfs_link_rtt_seconds",
-        "gauge",
-        "Measured round-trip time, by link.",
-    );
-    for (l, s) in &links {
-        if let Some(r) = s.rtt_ms {
-            p.sample("breakfs_link_rtt_seconds", &[("link", l)], r / 1000.0);
-        }
-    }
-    p.family(
-        "breakfs_link_bandwidth_bits_per_second",
-        "gauge",
-        "Measured bandwidth, by link.",
-    );
-    for (l, s) in &links {
-        if let Some(b) = s.bandwidth_mbps {
-            p.sample(
-                "breakfs_link_bandwidth_bits_per_second",
-                &[("link", l)],
-                b * 1e6,
-            );
-        }
-    }
-    if let Some(hook) = svc
-        .metrics_hook
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-    {
-        hook(&mut p);
-    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        p.finish(),
+        crate::metrics::page(&svc, used),
     )
         .into_response()
 }

@@ -13,12 +13,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use breakfs_index::{Descriptor, Digest};
+use breakfs_fetch::{
+    ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass, not_here,
+};
+use breakfs_index::{CacheIndex, Descriptor, Digest, HeldBlob, LinkStats, MAX_INDEX, PartialLayer};
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
-
-use crate::source::not_here;
-use crate::{ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass};
+use tokio_util::sync::CancellationToken;
 
 /// The repository name a node uses when reading blobs from peers (peers
 /// serve blobs under any name: blobs are addressed by digest).
@@ -27,126 +27,47 @@ pub const PEER_REPO: &str = "breakfs/cache";
 /// A peer's index is not trusted for routing after this long without a refresh.
 const STALE: Duration = Duration::from_secs(15);
 
-/// A cache index larger than this is refused (a store of 100,000 blobs
-/// lists in about 10 MiB).
-pub const MAX_INDEX: usize = 32 << 20;
-
 /// Peers learned from other peers' indexes, at most: a hostile index cannot
 /// make the node poll the whole network.
 const MAX_LEARNED: usize = 256;
 
-/// What a node holds, as it publishes it at `GET /cache/index`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct CacheIndex {
-    /// The node's own base URL, as configured.
-    pub node: String,
-    /// Whole blobs (layers, configs, manifests), verified.
-    pub blobs: Vec<HeldBlob>,
-    /// Layers held in part: verified compressed ranges.
-    pub partial: Vec<PartialLayer>,
-    /// Uncompressed chunks held.
-    pub chunks: u64,
-    /// Their bytes.
-    pub chunk_bytes: u64,
-    /// Bytes the store uses on disk (blobs, ranges, chunks).
-    pub used: u64,
-    /// The configured budget, if any.
-    pub budget: Option<u64>,
-    /// Peers this node knows (so that peers learn of each other).
-    pub peers: Vec<String>,
-    /// Registries (`HOST[:PORT]`) the node fetches ranges from for its
-    /// peers (`breakfs node --relay`).
-    #[serde(default)]
-    pub relay: Vec<String>,
-}
-
-/// A whole blob in an index.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct HeldBlob {
-    /// Its digest.
-    pub digest: Digest,
-    /// Its size.
-    pub size: u64,
-}
-
-/// A layer held in part.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PartialLayer {
-    /// The layer blob's digest.
-    pub digest: Digest,
-    /// Held byte ranges `[start, end)`, sorted, merged.
-    pub ranges: Vec<(u64, u64)>,
-}
-
-impl CacheIndex {
-    /// The index of `store` as it is on disk now.
-    pub fn of_store(
-        store: &ContentStore,
-        node: &str,
-        budget: Option<u64>,
-        peers: Vec<String>,
-    ) -> CacheIndex {
-        let mut blobs: Vec<HeldBlob> = store
-            .blobs()
-            .into_iter()
-            .map(|(digest, size)| HeldBlob { digest, size })
-            .collect();
-        blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
-        let mut partial: Vec<PartialLayer> = store
-            .partial_layers()
-            .into_iter()
-            .map(|(digest, ranges)| PartialLayer { digest, ranges })
-            .collect();
-        partial.sort_by(|a, b| a.digest.cmp(&b.digest));
-        let chunks = store.chunks();
-        let chunk_bytes: u64 = chunks.iter().map(|(_, n)| n).sum();
-        let held: u64 = blobs.iter().map(|b| b.size).sum::<u64>()
-            + partial
-                .iter()
-                .flat_map(|p| p.ranges.iter().map(|(s, e)| e - s))
-                .sum::<u64>();
-        CacheIndex {
-            node: node.to_string(),
-            blobs,
-            partial,
-            chunks: chunks.len() as u64,
-            chunk_bytes,
-            used: held + chunk_bytes,
-            budget,
-            peers,
-            relay: Vec::new(),
-        }
-    }
-
-    /// How much of blob `d` the node holds: `Some(None)` whole,
-    /// `Some(Some(ranges))` in part, `None` not at all.
-    pub fn holding(&self, d: &Digest) -> Option<Option<&[(u64, u64)]>> {
-        if self.blobs.iter().any(|b| &b.digest == d) {
-            return Some(None);
-        }
-        self.partial
+/// The index of `store` as it is on disk now, published as `node`.
+pub fn index_of_store(
+    store: &ContentStore,
+    node: &str,
+    budget: Option<u64>,
+    peers: Vec<String>,
+) -> CacheIndex {
+    let mut blobs: Vec<HeldBlob> = store
+        .blobs()
+        .into_iter()
+        .map(|(digest, size)| HeldBlob { digest, size })
+        .collect();
+    blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
+    let mut partial: Vec<PartialLayer> = store
+        .partial_layers()
+        .into_iter()
+        .map(|(digest, ranges)| PartialLayer { digest, ranges })
+        .collect();
+    partial.sort_by(|a, b| a.digest.cmp(&b.digest));
+    let chunks = store.chunks();
+    let chunk_bytes: u64 = chunks.iter().map(|(_, n)| n).sum();
+    let held: u64 = blobs.iter().map(|b| b.size).sum::<u64>()
+        + partial
             .iter()
-            .find(|p| &p.digest == d)
-            .map(|p| Some(p.ranges.as_slice()))
+            .flat_map(|p| p.ranges.iter().map(|(s, e)| e - s))
+            .sum::<u64>();
+    CacheIndex {
+        node: node.to_string(),
+        blobs,
+        partial,
+        chunks: chunks.len() as u64,
+        chunk_bytes,
+        used: held + chunk_bytes,
+        budget,
+        peers,
+        relay: Vec::new(),
     }
-}
-
-/// Measured quality of one link (to the registry or to a peer): EWMAs over
-/// real transfers and light probes.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct LinkStats {
-    /// Round-trip time, milliseconds.
-    pub rtt_ms: Option<f64>,
-    /// Bandwidth, Mbit/s (from transfers of at least 64 KiB).
-    pub bandwidth_mbps: Option<f64>,
-    /// Transfers and probes seen.
-    pub samples: u64,
-    /// Probes or transfers that failed.
-    pub failures: u64,
-    /// Seconds since the last success (at the time of reading).
-    pub last_ok_secs: Option<f64>,
-    #[serde(skip)]
-    last_ok: Option<Instant>,
 }
 
 /// The weight of a new sample in the moving averages.
@@ -159,19 +80,26 @@ fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
     })
 }
 
+/// One link's measurements and when it last carried something.
+#[derive(Clone, Default)]
+struct Link {
+    stats: LinkStats,
+    last_ok: Option<Instant>,
+}
+
 /// Link measurements by name (`registry HOST`, or a peer's URL).
 #[derive(Default)]
 pub struct Links {
-    map: Mutex<BTreeMap<String, LinkStats>>,
+    map: Mutex<BTreeMap<String, Link>>,
 }
 
 impl Links {
     /// A transfer of `bytes` over `link` that took `secs`.
     pub fn transfer(&self, link: &str, bytes: u64, secs: f64) {
         let mut m = lock(&self.map);
-        let l = m.entry(link.to_string()).or_default();
+        let Link { stats: l, last_ok } = m.entry(link.to_string()).or_default();
         l.samples += 1;
-        l.last_ok = Some(Instant::now());
+        *last_ok = Some(Instant::now());
         if bytes >= 64 << 10 && secs > 0.0 {
             // The first byte costs a round trip; the rest is bandwidth.
             let rtt = l.rtt_ms.unwrap_or(0.0) / 1000.0;
@@ -183,9 +111,9 @@ impl Links {
     /// A round trip of `secs` measured on `link`.
     pub fn rtt(&self, link: &str, secs: f64) {
         let mut m = lock(&self.map);
-        let l = m.entry(link.to_string()).or_default();
+        let Link { stats: l, last_ok } = m.entry(link.to_string()).or_default();
         l.samples += 1;
-        l.last_ok = Some(Instant::now());
+        *last_ok = Some(Instant::now());
         l.rtt_ms = ewma(l.rtt_ms, secs * 1000.0);
     }
 
@@ -194,16 +122,22 @@ impl Links {
         lock(&self.map)
             .entry(link.to_string())
             .or_default()
+            .stats
             .failures += 1;
     }
 
     /// All links now.
     pub fn snapshot(&self) -> BTreeMap<String, LinkStats> {
-        let mut m = lock(&self.map).clone();
-        for l in m.values_mut() {
-            l.last_ok_secs = l.last_ok.map(|t| t.elapsed().as_secs_f64());
-        }
-        m
+        lock(&self.map)
+            .iter()
+            .map(|(name, l)| {
+                let stats = LinkStats {
+                    last_ok_secs: l.last_ok.map(|t| t.elapsed().as_secs_f64()),
+                    ..l.stats.clone()
+                };
+                (name.clone(), stats)
+            })
+            .collect()
     }
 
     /// Whether `link` carried a transfer or probe within the last `secs`.
@@ -216,7 +150,7 @@ impl Links {
 
     /// One link now.
     pub fn get(&self, link: &str) -> Option<LinkStats> {
-        lock(&self.map).get(link).cloned()
+        lock(&self.map).get(link).map(|l| l.stats.clone())
     }
 
     /// Expected seconds to move `bytes` over `link` (unknown links count as
@@ -335,14 +269,6 @@ impl Peers {
         &self.links
     }
 
-    /// The last index each peer published (`None` if it is stale or failed).
-    pub fn indexes(&self) -> BTreeMap<String, Option<CacheIndex>> {
-        lock(&self.peers)
-            .iter()
-            .map(|(u, p)| (u.clone(), fresh(p).cloned()))
-            .collect()
-    }
-
     /// Fetch every peer's cache index once (timing it: the light probe of
     /// the link), learning the peers they know.
     pub async fn refresh(&self) {
@@ -357,7 +283,7 @@ impl Peers {
                     .await
                     .and_then(|r| r.error_for_status())
                     .map_err(|e| e.to_string())?;
-                let body = crate::guard::body_within(resp, MAX_INDEX, "the cache index")
+                let body = breakfs_fetch::guard::body_within(resp, MAX_INDEX, "the cache index")
                     .await
                     .map_err(|e| e.to_string())?;
                 serde_json::from_slice::<CacheIndex>(&body).map_err(|e| e.to_string())
@@ -394,15 +320,21 @@ impl Peers {
         }
     }
 
-    /// Poll the peers every `every` until the process ends.
-    pub fn spawn_polling(self: &Arc<Self>, every: Duration) {
+    /// Poll the peers every `every` until `stop` is cancelled.
+    pub fn spawn_polling(self: &Arc<Self>, every: Duration, stop: CancellationToken) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let Some(p) = me.upgrade() else { return };
-                p.refresh().await;
+                tokio::select! {
+                    _ = p.refresh() => {}
+                    _ = stop.cancelled() => return,
+                }
                 drop(p);
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
             }
         });
     }
@@ -600,25 +532,5 @@ mod tests {
             .add("http://10.9.9.9:7480", true)
             .expect("a configured peer is added");
         assert_eq!(peers.urls().len(), MAX_LEARNED + 1);
-    }
-
-    #[test]
-    fn index_holding_distinguishes_whole_and_partial() {
-        let d1 = Digest::of(b"1");
-        let d2 = Digest::of(b"2");
-        let idx = CacheIndex {
-            blobs: vec![HeldBlob {
-                digest: d1.clone(),
-                size: 1,
-            }],
-            partial: vec![PartialLayer {
-                digest: d2.clone(),
-                ranges: vec![(0, 10)],
-            }],
-            ..CacheIndex::default()
-        };
-        assert_eq!(idx.holding(&d1), Some(None));
-        assert_eq!(idx.holding(&d2), Some(Some(&[(0u64, 10u64)][..])));
-        assert_eq!(idx.holding(&Digest::of(b"3")), None);
     }
 }

@@ -1,48 +1,25 @@
-//! Striped cold pulls: a layer no peer holds yet comes from the registry
-//! over this node's own link and, at once, over the registry links of peers
-//! that relay for it (`breakfs node --relay HOST`), so that it arrives at
-//! about the sum of the links' bandwidths where each node has an uplink of
-//! its own.
-//!
-//! Serving side ([`Relay::relay_range`]): a peer's `GET /v2/NAME/blobs/D`
-//! with a `Range` and `Breakfs-Relay: HOST` that the store cannot answer is
-//! fetched from repository NAME at HOST with the node's own registry client
-//! and passed on; the relaying node keeps nothing (it cannot verify a range
-//! without the layer's TOC). Requesting side ([`RelaySource`]): per range
-//! request, one link among the node's own and its relaying peers', the
-//! least loaded for its measured throughput; the plain cloud source after
-//! it in the chain is the fallback, and every chunk is checked as from any
-//! source, so a relay that fails or lies never fails a read.
+//! The source side of relaying: for a blob of a relayed registry, one
+//! link per range request, the node's own or a relaying peer's, whichever
+//! is least loaded for its measured throughput. A peer that fails a relay
+//! rests for [`PEER_REST`] (as the fetcher rests a failing peer), one that
+//! relays wrong bytes for [`DISTRUST`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use breakfs_index::{Descriptor, Digest, ImageRef};
+use breakfs_fetch::{
+    ClientOptions, CloudSource, Error, PEER_REST, RegistryRepo, Result, Source, SourceClass,
+    not_here,
+};
+use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
 use reqwest::header::{AUTHORIZATION, HeaderName};
 use serde::Serialize;
 
-use crate::fetcher::PEER_REST;
-use crate::guard::Token;
+use super::{MAX_CLIENTS, MAX_RELAY_RANGE, RELAY_HEADER, Relay, lock};
 use crate::peer::{Peers, peer_repo};
-use crate::source::{TransferHook, not_here};
-use crate::{ClientOptions, CloudSource, Error, RegistryRepo, Result, Source, SourceClass};
-
-/// The request header that asks a peer to relay, naming the registry.
-pub const RELAY_HEADER: &str = "breakfs-relay";
-
-/// The largest range a node relays in one request.
-pub const MAX_RELAY_RANGE: u64 = 16 << 20;
-
-/// Relayed requests a node serves at once; more are turned away (503).
-pub const RELAYS_IN_FLIGHT: usize = 8;
-
-/// Registry clients kept per side at most (one per registry and
-/// repository, or per peer and repository); past it they are made anew.
-const MAX_CLIENTS: usize = 256;
 
 /// How long a peer that relayed wrong bytes is not asked to relay.
 const DISTRUST: std::time::Duration = std::time::Duration::from_secs(600);
@@ -56,29 +33,21 @@ const MIN_SAMPLE: u64 = 64 << 10;
 /// The weight of a new throughput sample.
 const ALPHA: f64 = 0.3;
 
-/// What a node relays and through whom it relays; one per node, shared by
-/// its peer service (serving) and its fetch chain ([`RelaySource`]).
-pub struct Relay {
-    hosts: BTreeSet<String>,
-    token: Option<Token>,
-    opts: ClientOptions,
-    upstream: Mutex<HashMap<(String, String), RegistryRepo>>,
-    slots: Arc<tokio::sync::Semaphore>,
-    served: Served,
+/// The source side's state.
+#[derive(Default)]
+pub(super) struct Striping {
     links: Mutex<BTreeMap<String, LinkLoad>>,
+    /// Clients that ask a peer to relay, by peer, registry and repository.
     downstream: Mutex<HashMap<(String, String, String), RegistryRepo>>,
-    benched: Mutex<HashMap<String, Instant>>,
-    /// Told of every range relayed (the node's registry link measured).
-    measured: Mutex<Option<TransferHook>>,
+    /// Peers not asked to relay, until when.
+    resting: Mutex<HashMap<String, Instant>>,
 }
 
-/// Counters of the relay requests a node served.
-#[derive(Default)]
-struct Served {
-    relayed: AtomicU64,
-    bytes: AtomicU64,
-    refused: AtomicU64,
-    failed: AtomicU64,
+impl Striping {
+    /// The links' loads now.
+    pub(super) fn loads(&self) -> BTreeMap<String, LinkLoad> {
+        lock(&self.links).clone()
+    }
 }
 
 /// One link to the registry as the requesting side sees it.
@@ -96,226 +65,11 @@ pub struct LinkLoad {
     pub failures: u64,
 }
 
-/// What `GET /measurements` says about relaying.
-#[derive(Clone, Debug, Serialize)]
-pub struct RelayStatus {
-    /// Registries relayed for and through.
-    pub hosts: Vec<String>,
-    /// Ranges relayed for peers.
-    pub relayed_requests: u64,
-    /// Their bytes.
-    pub relayed_bytes: u64,
-    /// Relay requests refused (not relayed host, token, size, busy).
-    pub refused: u64,
-    /// Relay requests the registry failed.
-    pub failed: u64,
-    /// This node's links to the registries (`own`, or a peer's URL).
-    pub links: BTreeMap<String, LinkLoad>,
-}
-
-/// A relay request as it arrived.
-pub struct RelayAsk<'a> {
-    /// The registry named by the `Breakfs-Relay` header.
-    pub host: &'a str,
-    /// The repository (`/v2/NAME/blobs/...`).
-    pub name: &'a str,
-    /// The blob.
-    pub blob: &'a Digest,
-    /// The range `[start, end)`.
-    pub start: u64,
-    /// Its end (exclusive).
-    pub end: u64,
-    /// The request's `Authorization` header.
-    pub authorization: Option<&'a [u8]>,
-}
-
-/// Why a relay request was not answered with bytes; the peer service maps
-/// each to an HTTP status.
-#[derive(Debug)]
-pub enum Refusal {
-    /// The node does not relay for this registry (403).
-    NotRelayed {
-        /// The registry asked for.
-        host: String,
-        /// Those it relays for.
-        relayed: Vec<String>,
-    },
-    /// The node has a token and the request did not carry it (401).
-    NeedsToken,
-    /// Not a repository name or digest the node would pass on (400).
-    BadRequest(String),
-    /// More than [`MAX_RELAY_RANGE`] bytes (400).
-    TooLarge(u64),
-    /// [`RELAYS_IN_FLIGHT`] relays are running (503).
-    Busy,
-    /// The registry's answer (404 if it has no such blob, else 502).
-    Upstream(Error),
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::NotRelayed { host, relayed } if relayed.is_empty() => write!(
-                f,
-                "this node does not relay for registry {host}: it relays for none; start it \
-                 with --relay {host} to fetch ranges from {host} for its peers"
-            ),
-            Refusal::NotRelayed { host, relayed } => write!(
-                f,
-                "this node does not relay for registry {host} (it relays for {}); add \
-                 --relay {host} to fetch ranges from {host} for its peers",
-                relayed.join(", ")
-            ),
-            Refusal::NeedsToken => f.write_str(
-                "relaying spends this node's registry link: a relay request needs \
-                 `Authorization: Bearer TOKEN`, the token of the node's --token-file (the \
-                 nodes of an edge share one)",
-            ),
-            Refusal::BadRequest(why) => f.write_str(why),
-            Refusal::TooLarge(n) => write!(
-                f,
-                "a relayed range is at most {MAX_RELAY_RANGE} bytes and this one is {n}; \
-                 ask for smaller ranges"
-            ),
-            Refusal::Busy => write!(
-                f,
-                "this node relays at most {RELAYS_IN_FLIGHT} ranges at once and is at that \
-                 limit; fetch the range elsewhere"
-            ),
-            Refusal::Upstream(e) => write!(f, "relaying failed: {e}"),
-        }
-    }
-}
-
 impl Relay {
-    /// Relaying for and through registries `hosts` (none: off), with the
-    /// node's registry client options and its token, if any (required of
-    /// relay requests, and sent with the node's own).
-    pub fn new(hosts: &[String], opts: &ClientOptions, token: Option<Token>) -> Arc<Relay> {
-        Arc::new(Relay {
-            hosts: hosts.iter().map(|h| h.trim().to_string()).collect(),
-            token,
-            opts: opts.clone(),
-            upstream: Mutex::new(HashMap::new()),
-            slots: Arc::new(tokio::sync::Semaphore::new(RELAYS_IN_FLIGHT)),
-            served: Served::default(),
-            links: Mutex::new(BTreeMap::new()),
-            downstream: Mutex::new(HashMap::new()),
-            benched: Mutex::new(HashMap::new()),
-            measured: Mutex::new(None),
-        })
-    }
-
-    /// Call `f` with (`"cloud"`, bytes, seconds) after each range relayed:
-    /// it crossed this node's registry link, so it measures that link as
-    /// the node's own fetches do (and the scheduler learns it).
-    pub fn on_transfer(&self, f: TransferHook) {
-        *lock(&self.measured) = Some(f);
-    }
-
-    /// The registries relayed for and through, sorted.
-    pub fn hosts(&self) -> Vec<String> {
-        self.hosts.iter().cloned().collect()
-    }
-
-    /// Counters and link loads now.
-    pub fn status(&self) -> RelayStatus {
-        let s = &self.served;
-        RelayStatus {
-            hosts: self.hosts(),
-            relayed_requests: s.relayed.load(Ordering::Relaxed),
-            relayed_bytes: s.bytes.load(Ordering::Relaxed),
-            refused: s.refused.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
-            links: lock(&self.links).clone(),
-        }
-    }
-
-    /// Fetch the range `ask` names from the registry for a peer.
-    pub async fn relay_range(&self, ask: &RelayAsk<'_>) -> std::result::Result<Vec<u8>, Refusal> {
-        let r = self.relay_checked(ask).await;
-        let c = match &r {
-            Ok(b) => {
-                self.served
-                    .bytes
-                    .fetch_add(b.len() as u64, Ordering::Relaxed);
-                &self.served.relayed
-            }
-            Err(Refusal::Upstream(_)) => &self.served.failed,
-            Err(_) => &self.served.refused,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-        r
-    }
-
-    async fn relay_checked(&self, ask: &RelayAsk<'_>) -> std::result::Result<Vec<u8>, Refusal> {
-        if !self.hosts.contains(ask.host) {
-            return Err(Refusal::NotRelayed {
-                host: ask.host.to_string(),
-                relayed: self.hosts(),
-            });
-        }
-        if let Some(t) = &self.token
-            && !t.admits_bearer(ask.authorization)
-        {
-            return Err(Refusal::NeedsToken);
-        }
-        // The image reference parser says what a repository name may be;
-        // nothing else reaches the registry's URL.
-        let named = format!("docker://{}/{}@{}", ask.host, ask.name, ask.blob);
-        match ImageRef::parse(&named) {
-            Ok(ImageRef::Registry { repo, .. }) if repo == ask.name => {}
-            _ => {
-                return Err(Refusal::BadRequest(format!(
-                    "{:?} is not a repository name (lowercase letters, digits, . _ - and /)",
-                    ask.name
-                )));
-            }
-        }
-        let len = ask.end.saturating_sub(ask.start);
-        if len > MAX_RELAY_RANGE {
-            return Err(Refusal::TooLarge(len));
-        }
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            return Err(Refusal::Busy);
-        };
-        let repo = self.upstream_client(ask.host, ask.name)?;
-        let began = Instant::now();
-        let bytes = repo
-            .read_range(ask.blob, ask.start, len)
-            .await
-            .map_err(Refusal::Upstream)?;
-        let hook = lock(&self.measured).clone();
-        if let Some(f) = hook {
-            f("cloud", bytes.len() as u64, began.elapsed().as_secs_f64());
-        }
-        Ok(bytes)
-    }
-
-    /// The node's own client for `name` at registry `host`, kept so that
-    /// tokens and connections are reused.
-    fn upstream_client(
-        &self,
-        host: &str,
-        name: &str,
-    ) -> std::result::Result<RegistryRepo, Refusal> {
-        let key = (host.to_string(), name.to_string());
-        if let Some(r) = lock(&self.upstream).get(&key) {
-            return Ok(r.clone());
-        }
-        let r = RegistryRepo::new(host, name, &self.opts).map_err(Refusal::Upstream)?;
-        let mut m = lock(&self.upstream);
-        if m.len() >= MAX_CLIENTS {
-            m.clear();
-        }
-        m.insert(key, r.clone());
-        Ok(r)
-    }
-
     /// A client for `repo` at peer `url` that asks it to relay from `host`.
     fn downstream_client(&self, url: &str, host: &str, repo: &str) -> Result<RegistryRepo> {
         let key = (url.to_string(), host.to_string(), repo.to_string());
-        if let Some(r) = lock(&self.downstream).get(&key) {
+        if let Some(r) = lock(&self.striping.downstream).get(&key) {
             return Ok(r.clone());
         }
         // The peer answers only once it has the whole range from the
@@ -330,7 +84,7 @@ impl Relay {
         if let Some(t) = &self.token {
             r = r.with_header(AUTHORIZATION, &t.bearer())?;
         }
-        let mut m = lock(&self.downstream);
+        let mut m = lock(&self.striping.downstream);
         if m.len() >= MAX_CLIENTS {
             m.clear();
         }
@@ -341,7 +95,7 @@ impl Relay {
     /// Take a request slot on the least loaded of `keys` (see
     /// [`least_loaded`]).
     fn reserve(self: &Arc<Self>, keys: &[String]) -> Option<Slot> {
-        let mut links = lock(&self.links);
+        let mut links = lock(&self.striping.links);
         let loads: Vec<LinkLoad> = keys
             .iter()
             .map(|k| links.get(k).cloned().unwrap_or_default())
@@ -356,7 +110,7 @@ impl Relay {
 
     /// A transfer of `bytes` in `secs` on link `key` finished.
     fn sample(&self, key: &str, bytes: u64, secs: f64) {
-        let mut links = lock(&self.links);
+        let mut links = lock(&self.striping.links);
         let l = links.entry(key.to_string()).or_default();
         l.requests += 1;
         l.bytes += bytes;
@@ -372,15 +126,16 @@ impl Relay {
     }
 
     /// Peer `url` is not asked to relay for `for_`.
-    fn bench(&self, url: &str, for_: std::time::Duration) {
-        lock(&self.benched).insert(url.to_string(), Instant::now() + for_);
-        if let Some(l) = lock(&self.links).get_mut(url) {
+    fn rest(&self, url: &str, for_: std::time::Duration) {
+        lock(&self.striping.resting).insert(url.to_string(), Instant::now() + for_);
+        if let Some(l) = lock(&self.striping.links).get_mut(url) {
             l.failures += 1;
         }
     }
 
-    fn benched(&self, url: &str) -> bool {
-        let mut b = lock(&self.benched);
+    /// Whether peer `url` rests now.
+    fn resting(&self, url: &str) -> bool {
+        let mut b = lock(&self.striping.resting);
         match b.get(url) {
             Some(t) if *t > Instant::now() => true,
             Some(_) => {
@@ -429,7 +184,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(l) = lock(&self.relay.links).get_mut(&self.key) {
+        if let Some(l) = lock(&self.relay.striping.links).get_mut(&self.key) {
             l.in_flight = l.in_flight.saturating_sub(1);
         }
     }
@@ -467,7 +222,7 @@ impl Source for RelaySource {
             .peers
             .relays_for(&host)
             .into_iter()
-            .filter(|u| !self.relay.benched(u))
+            .filter(|u| !self.relay.resting(u))
             .collect();
         if relays.is_empty() {
             // Nothing to stripe over: the cloud source after this one.
@@ -594,11 +349,11 @@ impl Source for RelayLink {
                     body,
                 }) => Err(Error::Busy { what, reason: body }),
                 Err(e) if !matches!(e, Error::NotFound { .. }) => {
-                    self.slot.relay.bench(url, PEER_REST);
+                    self.slot.relay.rest(url, PEER_REST);
                     Err(e)
                 }
                 Ok(b) if b.len() as u64 != len => {
-                    self.slot.relay.bench(url, PEER_REST);
+                    self.slot.relay.rest(url, PEER_REST);
                     Err(Error::Unavailable {
                         what: format!("bytes {start}+{len} of {blob} through relay {url}"),
                         reason: format!("it sent {} bytes", b.len()),
@@ -626,11 +381,11 @@ impl Source for RelayLink {
 
     fn wrong_bytes(&self) {
         tracing::warn!(peer = %self.slot.key, "a relay delivered wrong bytes; not asked to relay for {DISTRUST:?}");
-        self.slot.relay.bench(&self.slot.key, DISTRUST);
+        self.slot.relay.rest(&self.slot.key, DISTRUST);
     }
 }
 
-/// Benches a relaying peer if dropped before its request finished.
+/// Rests a relaying peer if dropped before its request finished.
 struct Unfinished<'a> {
     relay: &'a Relay,
     url: &'a str,
@@ -640,13 +395,9 @@ struct Unfinished<'a> {
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.relay.bench(self.url, PEER_REST);
+            self.relay.rest(self.url, PEER_REST);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

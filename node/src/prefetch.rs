@@ -10,7 +10,9 @@ use breakfs_index::{Descriptor, Digest, ImageRef};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::{ClientOptions, CloudSource, Error, Fetcher, Priority, Result, Store};
+use breakfs_fetch::{
+    ClientOptions, CloudSource, Error, Fetcher, Priority, Result, layer_chunk_locs, resolve_image,
+};
 
 /// A `POST /prefetch` body.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -133,7 +135,7 @@ impl Prefetcher {
     }
 
     async fn run(&self, id: u64, r: &ImageRef, only: Option<Vec<Digest>>) -> Result<()> {
-        let image = resolve(r, &self.client, &self.fetcher, &self.cloud).await?;
+        let image = resolve_image(r, &self.client, &self.fetcher, &self.cloud).await?;
         let layers: Vec<Descriptor> = image
             .layers()
             .iter()
@@ -176,7 +178,7 @@ impl Prefetcher {
             return Ok(());
         }
         let locs = match f.layer_toc(desc).await? {
-            Some(toc) => crate::layer_chunk_locs(desc, &toc),
+            Some(toc) => layer_chunk_locs(desc, &toc),
             None => None,
         };
         let Some(locs) = locs else {
@@ -201,36 +203,6 @@ impl Prefetcher {
         }
         Ok(())
     }
-}
-
-/// Resolve `r` through `fetcher` (config through the chain), announce its
-/// blobs to `cloud` and keep its manifest in the store.
-pub async fn resolve(
-    r: &ImageRef,
-    client: &ClientOptions,
-    fetcher: &Fetcher,
-    cloud: &Arc<CloudSource>,
-) -> Result<crate::Image> {
-    let source = Store::open(r, client).await?;
-    let load_config = {
-        let (fetcher, cloud, source) = (fetcher.clone(), cloud.clone(), source.clone());
-        move |desc: Descriptor| -> futures::future::BoxFuture<'static, Result<Vec<u8>>> {
-            cloud.announce(&source, [&desc.digest]);
-            let fetcher = fetcher.clone();
-            Box::pin(async move { fetcher.small_blob(&desc).await })
-        }
-    };
-    let image = source
-        .resolve_with(r, source.platform(), Some(&load_config))
-        .await?;
-    let name = match &source {
-        Store::Registry(_) => "cloud",
-        Store::Layout(_) => "layout",
-    };
-    fetcher.record_transfer(name, image.manifest_bytes.len() as u64);
-    cloud.announce(&source, image.layers().iter().map(|l| &l.digest));
-    image.keep_in(fetcher.store())?;
-    Ok(image)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

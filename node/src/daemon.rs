@@ -1,0 +1,318 @@
+//! The node daemon: one per edge node, it owns the content store, fetches
+//! through one scheduler for all its mounts and prefetches, serves what it
+//! holds to peers (and relays registry ranges for them), publishes its
+//! cache index, measurements and metrics, and mounts images on request.
+//!
+//! [`Node::start`] builds it over listeners the caller bound and starts its
+//! loops; [`Node::serve`] serves until the shutdown token is cancelled,
+//! then stops every server and loop, unmounts its mounts and returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use breakfs_fetch::budget::Budget;
+use breakfs_fetch::guard::Token;
+use breakfs_fetch::{ClientOptions, CloudSource, ContentStore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ControlSocket, Listeners};
+use crate::peer::Links;
+use crate::server::NodeService;
+use crate::{Error, Result};
+
+/// How long open connections get to finish once the node stops.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A started node daemon.
+pub struct Node {
+    svc: Arc<NodeService>,
+    tcp: tokio::net::TcpListener,
+    control: ControlSocket,
+    token: Option<Token>,
+    local: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+/// Run a node daemon with `config` on `listeners` until `shutdown` is
+/// cancelled.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
+    Node::start(config, listeners, shutdown)
+        .await?
+        .serve()
+        .await
+}
+
+impl Node {
+    /// Open the store, assemble the source chain and start the node's
+    /// loops (peer polling, cloud probe, budget saving, status records),
+    /// all stopping on `shutdown`.
+    pub async fn start(
+        config: Config,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> Result<Node> {
+        let Listeners { tcp, control } = listeners;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| Error::io("reading the listener's address", e))?;
+        let url = config.advertise.clone().unwrap_or_else(|| {
+            let host = if local.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                local.ip().to_string()
+            };
+            format!("http://{host}:{}", local.port())
+        });
+        let control_url = format!("unix:{}", control.path.display());
+        let (svc, budget, links) =
+            crate::chain::build(&config, &url, control_url, &shutdown).await?;
+        if let Some(b) = budget {
+            spawn_budget_saver(b, svc.store.clone(), shutdown.clone());
+        }
+        spawn_cloud_probe(
+            svc.cloud.clone(),
+            links,
+            config.client.clone(),
+            shutdown.clone(),
+        );
+        spawn_status_writer(svc.clone(), shutdown.clone());
+        eprintln!(
+            "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}{}{}",
+            control.path.display(),
+            config.cache.display(),
+            config
+                .budget
+                .map(|b| format!(", budget {} MB", b / 1_000_000))
+                .unwrap_or_default(),
+            if config.token.is_some() {
+                ", control over TCP with the bearer token"
+            } else {
+                ""
+            },
+            if config.relay.is_empty() {
+                String::new()
+            } else {
+                format!(", relaying for {}", config.relay.join(", "))
+            }
+        );
+        Ok(Node {
+            svc,
+            tcp,
+            control,
+            token: config.token,
+            local,
+            shutdown,
+        })
+    }
+
+    /// The URL peers reach this node at.
+    pub fn url(&self) -> &str {
+        &self.svc.node_url
+    }
+
+    /// The address the TCP listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Serve peers, clients and mount control until the shutdown token is
+    /// cancelled (or a server fails: then the rest stop too); then unmount
+    /// the node's mounts and remove the control socket.
+    pub async fn serve(self) -> Result<()> {
+        let Node {
+            svc,
+            tcp,
+            control,
+            token,
+            shutdown,
+            ..
+        } = self;
+        // The control socket's permissions guard it; over TCP, mount
+        // control needs the token, and without one it is not served there.
+        let tcp_app = crate::server::routes(svc.clone(), token.clone())
+            .merge(crate::control::tcp_routes(svc.clone(), token.as_ref()));
+        let unix_app =
+            crate::server::routes(svc.clone(), None).merge(crate::control::routes(svc.clone()));
+        let ControlSocket { listener, path } = control;
+        let mut servers = tokio::task::JoinSet::new();
+        let tcp =
+            axum::serve(tcp, tcp_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        servers.spawn(async move { ("the TCP server", tcp.await) });
+        let unix = axum::serve(listener, unix_app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        servers.spawn(async move { ("the control socket", unix.await) });
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {}
+            Some(done) = servers.join_next() => match done {
+                Ok((what, r)) => eprintln!("breakfs node: {what} stopped: {r:?}"),
+                Err(e) => eprintln!("breakfs node: a server failed: {e}"),
+            },
+        }
+        shutdown.cancel();
+        eprintln!("breakfs node: stopping; unmounting its mounts");
+        // The listeners close at once; open requests get a moment to end.
+        let drained = async { while servers.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN, drained).await.is_err() {
+            servers.abort_all();
+        }
+        svc.unmount_all();
+        let _ = std::fs::remove_file(&path);
+        eprintln!("breakfs node: stopped");
+        Ok(())
+    }
+}
+
+/// Every 10 s, save the budget's use records (every 30 s, resync it with
+/// the store), until `stop`.
+fn spawn_budget_saver(b: Arc<Budget>, store: Arc<ContentStore>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = stop.cancelled() => return,
+            }
+            tick += 1;
+            let (b, store) = (b.clone(), store.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                b.save(&store);
+                if tick.is_multiple_of(3) {
+                    b.resync(&store);
+                }
+            })
+            .await;
+        }
+    });
+}
+
+/// Every 3 s, time a `GET /v2/` of each registry the node fetches from:
+/// the light probe of the cloud link's RTT; until `stop`.
+fn spawn_cloud_probe(
+    cloud: Arc<CloudSource>,
+    links: Arc<Links>,
+    client: ClientOptions,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build();
+        let Ok(http) = http else { return };
+        let probe = async {
+            loop {
+                for host in cloud.registries() {
+                    let scheme = if client.plain_http { "http" } else { "https" };
+                    let at = client.endpoints.get(&host).unwrap_or(&host);
+                    let began = std::time::Instant::now();
+                    match http.get(format!("{scheme}://{at}/v2/")).send().await {
+                        Ok(_) => links.rtt("cloud", began.elapsed().as_secs_f64()),
+                        Err(_) => links.failure("cloud"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        };
+        tokio::select! {
+            _ = probe => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+}
+
+/// Every second, write the mounts' status records, until `stop`.
+fn spawn_status_writer(svc: Arc<NodeService>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            }
+            svc.write_statuses();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon runs in-process on `127.0.0.1:0`, answers peers and
+    /// scrapers, and stops when its token is cancelled: `run` returns, the
+    /// port and the control socket are gone.
+    #[tokio::test]
+    async fn a_node_serves_in_process_and_stops_on_its_token() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = tcp.local_addr().expect("its address");
+        let sock = dir.path().join("node.sock");
+        let control = ControlSocket::bind(&sock).expect("the control socket");
+        let config = Config {
+            budget: Some(1 << 30),
+            ..Config::new(dir.path().join("store"))
+        };
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(config, Listeners { tcp, control }, shutdown.clone()));
+
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+        let v2 = http
+            .get(format!("{base}/v2/"))
+            .send()
+            .await
+            .expect("GET /v2/");
+        assert!(v2.status().is_success(), "{v2:?}");
+        assert_eq!(
+            v2.headers()
+                .get("Docker-Distribution-API-Version")
+                .and_then(|v| v.to_str().ok()),
+            Some("registry/2.0")
+        );
+        let index: breakfs_index::CacheIndex = http
+            .get(format!("{base}/cache/index"))
+            .send()
+            .await
+            .expect("GET /cache/index")
+            .json()
+            .await
+            .expect("a cache index");
+        assert_eq!(index.node, base);
+        assert_eq!(index.budget, Some(1 << 30));
+        assert!(index.blobs.is_empty() && index.partial.is_empty());
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics page");
+        assert!(
+            metrics.contains("breakfs_cache_budget_bytes 1073741824\n"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("breakfs_mounts 0\n"), "{metrics}");
+        // Mount control is refused over TCP without a token.
+        let mounts = http
+            .get(format!("{base}/mounts"))
+            .send()
+            .await
+            .expect("GET /mounts");
+        assert_eq!(mounts.status(), reqwest::StatusCode::FORBIDDEN);
+
+        shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(10), node)
+            .await
+            .expect("run returns once the token is cancelled")
+            .expect("the daemon's task");
+        assert!(stopped.is_ok(), "{stopped:?}");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the port is still open after the node stopped"
+        );
+        assert!(!sock.exists(), "the control socket outlived the node");
+    }
+}

@@ -1,0 +1,111 @@
+//! The one error type of the node crate.
+
+use std::io;
+use std::path::PathBuf;
+
+/// What can go wrong running a node daemon or serving a mount.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Fetching, the store or the registry client failed.
+    #[error(transparent)]
+    Fetch(#[from] breakfs_fetch::Error),
+    /// Opening or mounting an image failed.
+    #[error(transparent)]
+    Fs(#[from] breakfs_fs::Error),
+    /// A reference or image document is malformed.
+    #[error(transparent)]
+    Index(#[from] breakfs_index::Error),
+    /// The content store could not be opened or checked.
+    #[error("{what}")]
+    Store {
+        /// What was being done, with the store's path.
+        what: String,
+        /// The store's error.
+        #[source]
+        source: breakfs_fetch::Error,
+    },
+    /// A local file, socket or task operation failed (the cause follows
+    /// in the error chain).
+    #[error("{what}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A mount in use cannot be unmounted now.
+    #[error(
+        "{} is busy: a process has a file open or its working directory there; \
+         stop it first (or `umount -l {}` to detach it anyway)",
+        .mountpoint.display(),
+        .mountpoint.display()
+    )]
+    Busy {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
+    /// Unmounting failed for another reason.
+    #[error("unmounting {}", .mountpoint.display())]
+    Unmount {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// What the kernel said.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The node serves no mount there.
+    #[error("this node does not serve a mount at {}", .0.display())]
+    NotServed(PathBuf),
+    /// Nothing is mounted there.
+    #[error("nothing is mounted on {}", .0.display())]
+    NotMounted(PathBuf),
+    /// Another daemon answers on the control socket.
+    #[error(
+        "another node daemon answers on {}; stop it, or give this one --socket",
+        .0.display()
+    )]
+    SocketInUse(PathBuf),
+    /// A node daemon (for `breakfs mount --node`, `umount`) refused or
+    /// failed a request.
+    #[error("{0}")]
+    Control(String),
+    /// A request to a node daemon could not be made.
+    #[error("{what}")]
+    Client {
+        /// What was asked, of which node.
+        what: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl Error {
+    /// An I/O error while doing `what`.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once (an HTTP answer
+/// of the control API carries it).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Result with the node crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,41 @@
+//! The breakfs node daemon, one per edge node: it owns the content store
+//! and fetches for all the node's mounts and prefetches through one chain
+//! (store → peers → with `--relay`, the least loaded of its own and its
+//! peers' registry links → cloud); serves what it holds to peers over the
+//! OCI distribution API and relays registry ranges for them; publishes its
+//! cache index, link measurements and Prometheus metrics; prefetches on
+//! request; and mounts images on request over its control socket.
+//!
+//! The doors: [`run`] (or [`Node::start`] then [`Node::serve`]) with a
+//! [`Config`], [`Listeners`] the caller bound and a shutdown token; the
+//! mount lifecycle shared with standalone mounts ([`mount_and_probe`],
+//! [`serve_mount`], [`unmount`]); the control API's client
+//! ([`mount_through`], [`MountRequest`]).
+
+mod chain;
+mod config;
+mod control;
+mod daemon;
+mod error;
+mod lifecycle;
+mod metrics;
+mod mounts;
+mod peer;
+mod prefetch;
+mod relay;
+mod server;
+
+pub use config::{Config, ControlSocket, Listeners};
+pub use control::{MountRequest, mount_through, node_client};
+pub use daemon::{Node, run};
+pub use error::{Error, Result};
+pub use lifecycle::{
+    Ending, end_session, mount_and_probe, process_alive, serve_mount, stop_signals, unmount,
+    unmount_path,
+};
+pub use prefetch::{PrefetchRequest, PrefetchTask};
+#[doc(hidden)]
+pub use server::{V2Object, manifest_media_type, range_of, v2_object};
+
+/// The control socket a node listens on unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/breakfs/node.sock";
