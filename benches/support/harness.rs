@@ -619,7 +619,11 @@ pub fn machine() -> String {
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .map(|l| l.trim_matches('"').to_string())
         .unwrap_or_else(|| "unknown OS".into());
-    let cpu = if m.cpu.is_empty() { "unknown CPU" } else { &m.cpu };
+    let cpu = if m.cpu.is_empty() {
+        "unknown CPU"
+    } else {
+        &m.cpu
+    };
     format!(
         "{} × {cpu}, {:.0} GiB RAM, {os}, Linux {}",
         m.cores,

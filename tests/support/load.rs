@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use breakfs_index::Digest;
+use breakfs_index::{CacheIndex, HeldBlob};
 use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
-use breakfs_index::{CacheIndex, HeldBlob};
 use sha2::{Digest as _, Sha256};
 
 // ---------------------------------------------------------------------------
