@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use breakfs_index::Digest;
 use breakfs_sched::score::{Layer, Link, NodeView};
-use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
+use breakfs_sched::{NodeEntry, Sched, SchedConfig, routes};
 use rng::Rng;
 
 const NODES: usize = 1000;
@@ -58,7 +58,7 @@ fn main() {
             ..SchedConfig::default()
         };
         let before = rss_kib();
-        let sched = Sched::new(cfg);
+        let sched = Sched::new(cfg).unwrap();
         let mut rng = Rng(0x2545F4914F6CDD1D);
         let views: Vec<NodeView> = nodes
             .iter()
@@ -129,7 +129,7 @@ fn main() {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
-                    let node = breakfs_sched::k8s::ClusterNode {
+                    let node = breakfs_sched::ClusterNode {
                         allocatable: Some((2.0, 4.0 * (1u64 << 30) as f64)),
                         requested: ((i % 4) as f64 * 0.25, (i % 8) as f64 * 256e6),
                         link: None,
