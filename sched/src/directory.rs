@@ -251,7 +251,7 @@ impl Directory {
         got.await.map_err(|source| Error::Poll {
             node: n.name.clone(),
             url,
-            source,
+            source: Box::new(source),
         })
     }
 

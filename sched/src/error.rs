@@ -41,7 +41,7 @@ pub enum Error {
         url: String,
         /// What failed.
         #[source]
-        source: PollError,
+        source: Box<PollError>,
     },
     /// A pod's image reference does not parse.
     #[error("the image {image:?} is not a reference like HOST/REPO:TAG or docker://HOST/REPO:TAG")]
@@ -50,7 +50,7 @@ pub enum Error {
         image: String,
         /// Why not.
         #[source]
-        source: breakfs_index::Error,
+        source: Box<breakfs_index::Error>,
     },
     /// A pod's image could not be resolved at its registry.
     #[error("resolving the image {image} at its registry")]
@@ -59,7 +59,7 @@ pub enum Error {
         image: String,
         /// What the registry client said.
         #[source]
-        source: breakfs_fetch::Error,
+        source: Box<breakfs_fetch::Error>,
     },
     /// A resolution shared by concurrent calls failed (the one error each
     /// of them sees).
@@ -103,7 +103,7 @@ pub enum Error {
     KubeInfer(#[source] kube::config::InferConfigError),
     /// The Kubernetes client could not be built.
     #[error("building a Kubernetes client")]
-    KubeClient(#[source] kube::Error),
+    KubeClient(#[source] Box<kube::Error>),
     /// The Node and Pod watches ended before listing once.
     #[error("the Kubernetes watches of Nodes and Pods stopped before listing once")]
     KubeWatch(#[source] kube::runtime::reflector::store::WriterDropped),
@@ -114,7 +114,7 @@ pub enum Error {
         node: String,
         /// What the API said.
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// The extender's listener failed.
     #[error("serving the extender")]

@@ -98,7 +98,7 @@ pub async fn client(url: Option<&str>) -> Result<kube::Client> {
         }
         None => kube::Config::infer().await.map_err(Error::KubeInfer)?,
     };
-    kube::Client::try_from(config).map_err(Error::KubeClient)
+    kube::Client::try_from(config).map_err(|e| Error::KubeClient(Box::new(e)))
 }
 
 /// Watches of Nodes and Pods, kept in memory.
@@ -167,7 +167,7 @@ impl Glue {
             .await
             .map_err(|source| Error::Label {
                 node: name.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(true)
     }

@@ -93,15 +93,16 @@ async fn resolve_layers(image: String, client: ClientOptions) -> Result<Vec<Laye
     };
     let reference = ImageRef::parse(&r).map_err(|source| Error::ImageRef {
         image: image.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let resolved = async {
         let store = Store::open(&reference, &client).await?;
         store.resolve(&reference).await
     };
-    let resolved = resolved
-        .await
-        .map_err(|source| Error::Resolve { image: r, source })?;
+    let resolved = resolved.await.map_err(|source| Error::Resolve {
+        image: r,
+        source: Box::new(source),
+    })?;
     Ok(resolved
         .layers()
         .iter()
