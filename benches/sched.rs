@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use breakfs_index::Digest;
 use breakfs_sched::score::{Layer, Link, NodeView};
-use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
+use breakfs_sched::{NodeEntry, Sched, SchedConfig, routes};
 use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
 
@@ -56,7 +56,7 @@ fn main() {
             ..SchedConfig::default()
         };
         let before = rss_kib();
-        let sched = Sched::new(cfg);
+        let sched = Sched::new(cfg).unwrap();
         let mut rng = SmallRng::seed_from_u64(0x2545F4914F6CDD1D);
         let views: Vec<NodeView> = nodes
             .iter()
@@ -127,7 +127,7 @@ fn main() {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
-                    let node = breakfs_sched::k8s::ClusterNode {
+                    let node = breakfs_sched::ClusterNode {
                         allocatable: Some((2.0, 4.0 * (1u64 << 30) as f64)),
                         requested: ((i % 4) as f64 * 0.25, (i % 8) as f64 * 256e6),
                         link: None,

@@ -3,11 +3,15 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use breakfs_sched::service::{NodeEntry, Sched, SchedConfig, routes};
+use breakfs_sched::{NodeEntry, Sched, SchedConfig};
 use clap::Args;
+use tokio_util::sync::CancellationToken;
 
 /// The line the service prints on stdout once it serves.
 const READY: &str = "BREAKFS-SCHED-READY";
+
+/// How long calls under way may take to finish once a signal came.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Args)]
 pub struct SchedArgs {
@@ -80,7 +84,6 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading the scheduler config {}", p.display()))?;
             SchedConfig::from_yaml(&text)
-                .map_err(anyhow::Error::msg)
                 .with_context(|| format!("parsing the scheduler config {}", p.display()))?
         }
         None => SchedConfig::default(),
@@ -107,9 +110,7 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
     if let Some(m) = &a.max_body_size {
         cfg.max_body_size = m.clone();
     }
-    cfg.max_body()
-        .map_err(anyhow::Error::msg)
-        .context("--max-body-size")?;
+    cfg.max_body().context("--max-body-size")?;
     let token = cfg
         .token_file
         .as_deref()
@@ -125,19 +126,16 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
         .with_context(|| format!("listening on {} (choose another with --listen)", cfg.listen))?;
     let local = listener.local_addr()?;
     let kube = cfg.kubernetes.clone();
-    let sched = Sched::with_token(cfg, token);
+    let sched = Sched::with_token(cfg, token)?;
     if kube.enabled {
-        let client = breakfs_sched::k8s::client(kube.url.as_deref())
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let client = breakfs_sched::k8s::client(kube.url.as_deref()).await?;
         let glue = breakfs_sched::k8s::Glue::start(client);
         tokio::time::timeout(std::time::Duration::from_secs(30), glue.ready())
             .await
-            .context("the Kubernetes API did not list Nodes and Pods within 30 s")?
-            .map_err(anyhow::Error::msg)?;
-        breakfs_sched::k8s::sync_once(&sched, &glue, false).await;
+            .context("the Kubernetes API did not list Nodes and Pods within 30 s")??;
+        breakfs_sched::k8s::sync_once(sched.directory(), &glue, false).await;
         breakfs_sched::k8s::spawn(
-            sched.clone(),
+            sched.directory().clone(),
             glue,
             std::time::Duration::from_secs_f64(kube.sync_secs.max(1.0)),
             kube.publish_labels,
@@ -152,12 +150,26 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
         sched.node_entries().len()
     );
     println!("{READY} http://{local}");
-    let app = routes(sched);
+    let shutdown = CancellationToken::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    // Calls under way get a little time to finish; a client holding a
+    // connection open does not hold the process.
+    let serving = breakfs_sched::serve(listener, sched, shutdown.clone());
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
     tokio::select! {
-        r = axum::serve(listener, app) => r.context("the extender server stopped")?,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        r = serving => r.context("the extender server stopped")?,
+        _ = grace => eprintln!("breakfs sched: calls still under way after {SHUTDOWN_GRACE:?}; stopping"),
     }
     Ok(())
 }

@@ -15,8 +15,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use breakfs_sched::k8s::{self, Glue};
 use breakfs_sched::score::{Link, NodeView};
-use breakfs_sched::service::{Sched, SchedConfig};
 use breakfs_sched::types::ExtenderArgs;
+use breakfs_sched::{Sched, SchedConfig};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -190,8 +190,8 @@ async fn the_kube_glue_reads_resources_discovers_daemons_and_publishes_links() {
     assert_eq!(nodes["edge-a"].link, None);
 
     // The service: edge-b's daemon is discovered from its annotation.
-    let sched = Sched::new(SchedConfig::default());
-    k8s::sync_once(&sched, &glue, false).await;
+    let sched = Sched::new(SchedConfig::default()).unwrap();
+    k8s::sync_once(sched.directory(), &glue, false).await;
     let entries = sched.node_entries();
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(
@@ -218,7 +218,7 @@ async fn the_kube_glue_reads_resources_discovers_daemons_and_publishes_links() {
     let score = |h: &str| scores.iter().find(|s| s.host == h).unwrap().score;
     assert_eq!((score("edge-a"), score("edge-b")), (10, 0), "{scores:?}");
     // Without the API's view the two are alike.
-    let blind = Sched::new(SchedConfig::default());
+    let blind = Sched::new(SchedConfig::default()).unwrap();
     blind.set_image("example/app:1", Vec::new());
     let scores = blind.prioritize(args).await;
     assert!(scores.iter().all(|s| s.score == 10), "{scores:?}");
@@ -234,7 +234,7 @@ async fn the_kube_glue_reads_resources_discovers_daemons_and_publishes_links() {
         }),
         ..NodeView::default()
     }]);
-    k8s::sync_once(&sched, &glue, true).await;
+    k8s::sync_once(sched.directory(), &glue, true).await;
     {
         let p = api.patches.lock().unwrap();
         assert_eq!(p.len(), 1, "{p:?}");
@@ -259,6 +259,6 @@ async fn the_kube_glue_reads_resources_discovers_daemons_and_publishes_links() {
             })
     })
     .await;
-    k8s::sync_once(&sched, &glue, true).await;
+    k8s::sync_once(sched.directory(), &glue, true).await;
     assert_eq!(api.patches.lock().unwrap().len(), 1);
 }

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use breakfs_index::Digest;
 use breakfs_sched::score::{Layer, Link, NodeView};
-use breakfs_sched::service::{NodeEntry, Sched, SchedConfig};
+use breakfs_sched::{NodeEntry, Sched, SchedConfig};
 use breakfs_sched::types::ExtenderArgs;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -53,7 +53,7 @@ fn service() -> (Arc<Sched>, Router) {
             .collect(),
         ..SchedConfig::default()
     };
-    let sched = Sched::new(cfg);
+    let sched = Sched::new(cfg).expect("a client for the node daemons");
     let ls = layers();
     let views = nodes
         .iter()
@@ -71,7 +71,7 @@ fn service() -> (Arc<Sched>, Router) {
         })
         .collect();
     sched.update(views);
-    let router = breakfs_sched::service::routes(sched.clone());
+    let router = breakfs_sched::routes(sched.clone());
     (sched, router)
 }
 
