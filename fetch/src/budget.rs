@@ -10,9 +10,10 @@
 //! cloud); readers whose chunk went away fetch it again. Uses are saved in
 //! the store (`meta/budget-uses.json`), so values survive restarts.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use breakfs_index::Digest;
@@ -115,23 +116,19 @@ impl Budget {
 
     /// Bytes in use by the budget's count.
     pub fn used(&self) -> u64 {
-        self.lock().used
+        self.state.lock().used
     }
 
     /// Tell the budget how to know whether a layer can be fetched again.
     pub fn set_refetchable(&self, f: Refetchable) {
-        *self.refetchable.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        *self.refetchable.lock() = Some(f);
     }
 
     /// Layers `layers` were used now (a mount opened or read them, a peer
     /// or a prefetch asked for them).
     pub fn touch<'a>(&self, layers: impl IntoIterator<Item = &'a Digest>) {
         let t = now();
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         for l in layers {
             let u = st.uses.entry(l.clone()).or_default();
             let age = t.saturating_sub(u.last) as f64;
@@ -144,7 +141,7 @@ impl Budget {
     /// cluster's scheduler knows of them.
     pub fn at_least<'a>(&self, layers: impl IntoIterator<Item = (&'a Digest, f64)>) {
         let t = now();
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         for (l, p) in layers {
             let u = st.uses.entry(l.clone()).or_default();
             let age = t.saturating_sub(u.last) as f64;
@@ -156,7 +153,7 @@ impl Budget {
     /// A live mount starts (`+1`) or stops (`-1`) using `layers`; `whole`
     /// marks layers indexed whole.
     pub fn live<'a>(&self, layers: impl IntoIterator<Item = (&'a Digest, bool)>, delta: i32) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         for (l, whole) in layers {
             let u = st.uses.entry(l.clone()).or_default();
             u.live = u.live.saturating_add_signed(delta);
@@ -185,7 +182,7 @@ impl Budget {
 
     /// Make room for `len` more bytes, evicting if needed, and count them.
     pub fn reserve(&self, store: &ContentStore, len: u64) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.used + len > self.limit {
             // Evict down to 90% so that evictions come in batches.
             let target = (self.limit / 10 * 9).saturating_sub(len);
@@ -196,19 +193,19 @@ impl Budget {
 
     /// `len` reserved bytes were not written after all, or were removed.
     pub fn release(&self, len: u64) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.used = st.used.saturating_sub(len);
     }
 
     /// Recount from disk (corrects drift from writes that raced).
     pub fn resync(&self, store: &ContentStore) {
         let used = store.usage();
-        self.lock().used = used;
+        self.state.lock().used = used;
     }
 
     /// Save the use records (atomically).
     pub fn save(&self, store: &ContentStore) {
-        let json = serde_json::to_vec(&self.lock().uses).unwrap_or_default();
+        let json = serde_json::to_vec(&self.state.lock().uses).unwrap_or_default();
         if let Err(e) = store.put_meta_replace(USES, &json) {
             tracing::warn!("saving the cache budget's records: {e}");
         }
@@ -216,7 +213,7 @@ impl Budget {
 
     fn evict(&self, store: &ContentStore, st: &mut State, target: u64) {
         refresh_chunk_map(store, st);
-        let refetchable = self.refetchable.lock().unwrap_or_else(|p| p.into_inner());
+        let refetchable = self.refetchable.lock();
         let t = now();
         // Candidates: layers with something on disk, least valuable first.
         let mut layers: HashSet<Digest> = st.chunks_of.keys().cloned().collect();

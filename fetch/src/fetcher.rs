@@ -10,10 +10,11 @@
 //! backoff; every chunk is decompressed and checked against its digest
 //! before it enters the store, and a waiter gives up after its deadline.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use breakfs_index::{Descriptor, Digest};
@@ -255,15 +256,15 @@ impl Fetcher {
 
     /// Counters so far.
     pub fn stats(&self) -> FetchStats {
-        let mut s = lock(&self.inner.stats).clone();
-        s.queued = lock(&self.inner.state).jobs.len();
+        let mut s = self.inner.stats.lock().clone();
+        s.queued = self.inner.state.lock().jobs.len();
         s
     }
 
     /// Count a transfer made outside the scheduler (manifests, configs,
     /// TOCs) in the stats of source `source`.
     pub fn record_transfer(&self, source: &str, bytes: u64) {
-        let mut s = lock(&self.inner.stats);
+        let mut s = self.inner.stats.lock();
         let e = s.sources.entry(source.to_string()).or_default();
         e.bytes += bytes;
         e.requests += 1;
@@ -283,10 +284,10 @@ impl Fetcher {
         deadline: Option<Duration>,
     ) -> Result<()> {
         if self.inner.store.has_chunk(&loc.digest) {
-            lock(&self.inner.stats).hits += 1;
+            self.inner.stats.lock().hits += 1;
             return Ok(());
         }
-        lock(&self.inner.stats).misses += 1;
+        self.inner.stats.lock().misses += 1;
         let rx = self.enqueue(loc, prio);
         let what = || {
             format!(
@@ -329,7 +330,7 @@ impl Fetcher {
     ) -> oneshot::Receiver<std::result::Result<(), String>> {
         let (tx, rx) = oneshot::channel();
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let mut st = lock(&self.inner.state);
+        let mut st = self.inner.state.lock();
         let st = &mut *st;
         if prio == Priority::OnDemand {
             st.last_on_demand = Some(std::time::Instant::now());
@@ -377,7 +378,9 @@ impl Fetcher {
         if dest.is_file() {
             return Ok(dest);
         }
-        let gate = lock(&inner.blob_locks)
+        let gate = inner
+            .blob_locks
+            .lock()
             .entry(desc.digest.clone())
             .or_default()
             .clone();
@@ -405,7 +408,9 @@ impl Fetcher {
                     }
                     Err(e) => {
                         let _ = std::fs::remove_file(&temp);
-                        lock(&inner.stats)
+                        inner
+                            .stats
+                            .lock()
                             .sources
                             .entry(src.name())
                             .or_default()
@@ -429,10 +434,6 @@ impl Fetcher {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 async fn backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
 }
@@ -445,7 +446,7 @@ async fn worker(inner: Arc<Inner>) {
                 let background = b.background;
                 run_batch(&inner, b).await;
                 if background {
-                    lock(&inner.state).background_running -= 1;
+                    inner.state.lock().background_running -= 1;
                     inner.wake.notify_one();
                 }
             }
@@ -462,7 +463,7 @@ async fn worker(inner: Arc<Inner>) {
 
 /// Take the most urgent queued job and its queued neighbours in the blob.
 fn take_batch(inner: &Inner) -> Option<Batch> {
-    let mut st = lock(&inner.state);
+    let mut st = inner.state.lock();
     let st = &mut *st;
     let background;
     let quiet = st
@@ -577,7 +578,7 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
         .await;
         results.extend(outcome);
     }
-    let mut st = lock(&inner.state);
+    let mut st = inner.state.lock();
     for (d, r) in results {
         if let Some(job) = st.jobs.remove(&d) {
             for w in job.waiters {
@@ -594,7 +595,7 @@ async fn pace_background(inner: &Inner, bytes: u64) {
     };
     let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
     let wait = {
-        let mut next = lock(&inner.next_background);
+        let mut next = inner.next_background.lock();
         let now = std::time::Instant::now();
         let start = next.filter(|t| *t > now).unwrap_or(now);
         *next = Some(start + cost);
@@ -619,7 +620,7 @@ fn concrete_sources(inner: &Inner, blob: &Digest) -> Vec<Arc<dyn Source>> {
 
 fn record_success(inner: &Inner, src: &dyn Source, bytes: u64, took: Duration) {
     src.observe(bytes, took.as_secs_f64());
-    let mut s = lock(&inner.stats);
+    let mut s = inner.stats.lock();
     let e = s.sources.entry(src.name()).or_default();
     e.bytes += bytes;
     e.requests += 1;
@@ -630,7 +631,9 @@ fn record_success(inner: &Inner, src: &dyn Source, bytes: u64, took: Duration) {
 }
 
 fn record_failure(inner: &Inner, src: &dyn Source) {
-    lock(&inner.stats)
+    inner
+        .stats
+        .lock()
         .sources
         .entry(src.name())
         .or_default()
@@ -642,7 +645,7 @@ fn resting(inner: &Inner, src: &dyn Source) -> bool {
     if !src.class().other_node() {
         return false;
     }
-    let mut r = lock(&inner.resting);
+    let mut r = inner.resting.lock();
     let name = src.name();
     match r.get(&name) {
         Some(until) if *until > std::time::Instant::now() => true,
@@ -666,7 +669,10 @@ fn rest(inner: &Inner, src: &dyn Source, e: &Error) -> bool {
         "{e}; {} is not asked again for {PEER_REST:?}",
         src.name()
     );
-    lock(&inner.resting).insert(src.name(), std::time::Instant::now() + PEER_REST);
+    inner
+        .resting
+        .lock()
+        .insert(src.name(), std::time::Instant::now() + PEER_REST);
     true
 }
 
@@ -716,7 +722,7 @@ async fn fetch_verified(
             continue;
         }
         {
-            let bad = lock(&inner.bad);
+            let bad = inner.bad.lock();
             if pending
                 .iter()
                 .any(|j| bad.contains(&(name.clone(), j.digest.clone())))
@@ -786,7 +792,7 @@ async fn fetch_verified(
         };
         let mut failed = Vec::new();
         {
-            let mut s = lock(&inner.stats);
+            let mut s = inner.stats.lock();
             for (j, r) in checked {
                 match r {
                     Ok(()) => {
@@ -797,7 +803,7 @@ async fn fetch_verified(
                     Err(Refused::Wrong(e)) => {
                         s.digest_failures += 1;
                         tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}; the bytes were not used");
-                        lock(&inner.bad).insert((name.clone(), j.digest.clone()));
+                        inner.bad.lock().insert((name.clone(), j.digest.clone()));
                         src.wrong_bytes();
                         last_error = e;
                         failed.push(j);
@@ -934,7 +940,9 @@ impl Fetcher {
         if inner.store.has_blob(&desc.digest) {
             return Ok(true);
         }
-        let gate = lock(&inner.blob_locks)
+        let gate = inner
+            .blob_locks
+            .lock()
             .entry(desc.digest.clone())
             .or_default()
             .clone();
@@ -961,7 +969,7 @@ impl Fetcher {
             match assembled {
                 Ok(()) => {
                     inner.store.remove_ranges(&desc.digest);
-                    lock(&inner.stats).layers_completed += 1;
+                    inner.stats.lock().layers_completed += 1;
                     return Ok(true);
                 }
                 Err(Error::DigestMismatch { .. }) if !trusted_only && !gaps.is_empty() => {

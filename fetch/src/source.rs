@@ -5,9 +5,10 @@
 //! (`crate::relay`), then the cloud ([`CloudSource`]: the registry
 //! repository or OCI layout each blob was announced from).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
@@ -137,7 +138,7 @@ impl CloudSource {
 
     /// Blobs `digests` can be fetched from `store`.
     pub fn announce<'a>(&self, store: &Store, digests: impl IntoIterator<Item = &'a Digest>) {
-        let mut homes = lock(&self.homes);
+        let mut homes = self.homes.lock();
         for d in digests {
             homes.insert(d.clone(), store.clone());
         }
@@ -145,13 +146,13 @@ impl CloudSource {
 
     /// Where `blob` comes from, if announced.
     pub fn home(&self, blob: &Digest) -> Option<Store> {
-        lock(&self.homes).get(blob).cloned()
+        self.homes.lock().get(blob).cloned()
     }
 
     /// The registry (`HOST[:PORT]`) and repository `blob` comes from, if
     /// it was announced from a registry.
     pub fn registry_home(&self, blob: &Digest) -> Option<(String, String)> {
-        match lock(&self.homes).get(blob)? {
+        match self.homes.lock().get(blob)? {
             Store::Registry(r) => Some((r.host().to_string(), r.repo().to_string())),
             Store::Layout(_) => None,
         }
@@ -159,7 +160,9 @@ impl CloudSource {
 
     /// The registries (`HOST[:PORT]`) blobs are fetched from.
     pub fn registries(&self) -> Vec<String> {
-        let mut hosts: Vec<String> = lock(&self.homes)
+        let mut hosts: Vec<String> = self
+            .homes
+            .lock()
             .values()
             .filter_map(|s| match s {
                 Store::Registry(r) => Some(r.host().to_string()),
@@ -173,7 +176,7 @@ impl CloudSource {
 
     /// Call `f(registry, bytes, secs)` after each transfer (link measurements).
     pub fn on_transfer(&self, f: TransferHook) {
-        *lock(&self.measured) = Some(f);
+        *self.measured.lock() = Some(f);
     }
 
     fn unknown(blob: &Digest) -> Error {
@@ -214,7 +217,7 @@ impl Source for CloudSource {
     }
 
     fn observe(&self, bytes: u64, secs: f64) {
-        if let Some(f) = lock(&self.measured).clone() {
+        if let Some(f) = self.measured.lock().clone() {
             f("cloud", bytes, secs);
         }
     }
@@ -280,8 +283,4 @@ impl Source for LocalSource {
 /// transfer says.
 pub fn not_here<'a, T: Send + 'a>(what: String) -> BoxFuture<'a, Result<T>> {
     Box::pin(async move { Err(Error::NotFound { what }) })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

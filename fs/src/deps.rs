@@ -9,8 +9,9 @@
 //! read (ELF64 little-endian; anything else is left alone), every offset is
 //! bounds-checked, and a file is looked at once per mount.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use breakfs_fetch::{Fetcher, Priority};
 use breakfs_index::EntryKind;
@@ -45,18 +46,12 @@ pub struct DepPrefetch {
 impl DepPrefetch {
     /// Whether `ino` was looked at already (marks it looked at).
     fn first_time(&self, ino: u64) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ino)
+        self.seen.lock().insert(ino)
     }
 
     /// Whether `ino` was looked at already, without marking it.
     pub fn seen(&self, ino: u64) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&ino)
+        self.seen.lock().contains(&ino)
     }
 }
 

@@ -2,11 +2,12 @@
 //! from the content store, missing chunks fetched at top priority while the
 //! reader waits (bounded by the fetch deadline, then `EIO`).
 
+use parking_lot::Mutex;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use breakfs_fetch::{Fetcher, Priority};
@@ -150,10 +151,7 @@ impl ImageFs {
 
     /// The chunk files of inode `ino` (opened lazily, kept for later reads).
     fn open_file(&self, ino: u64, chunks: usize) -> Arc<OpenFile> {
-        self.open_files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(ino, chunks)
+        self.open_files.lock().get(ino, chunks)
     }
 
     /// A read missed chunks of a file: ask for the file's other missing

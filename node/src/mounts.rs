@@ -2,9 +2,9 @@
 //! fetch chain (its layers pinned live in the budget), unmounting one, the
 //! status records written each second, and the mounts' metrics.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use breakfs_fs::{MountOptions, Mounted, StatusRecord};
@@ -41,13 +41,13 @@ impl MountTable {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, NodeMount>> {
-        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The status records of all mounts.
     pub(crate) fn list(&self) -> Vec<StatusRecord> {
-        self.lock().values().map(|m| self.record(&m.m)).collect()
+        self.mounts
+            .lock()
+            .values()
+            .map(|m| self.record(&m.m))
+            .collect()
     }
 
     fn record(&self, m: &Mounted) -> StatusRecord {
@@ -58,7 +58,7 @@ impl MountTable {
 
     /// The mount count and each mount's hydration, for `GET /metrics`.
     pub(crate) fn metrics(&self, p: &mut PromText) {
-        let recs: Vec<StatusRecord> = self.lock().values().map(|m| m.m.status()).collect();
+        let recs: Vec<StatusRecord> = self.mounts.lock().values().map(|m| m.m.status()).collect();
         p.family("breakfs_mounts", "gauge", "Mounts this node serves.");
         p.sample("breakfs_mounts", &[], recs.len() as f64);
         p.family(
@@ -108,7 +108,7 @@ impl NodeService {
         let control = Some(self.mounts.control.clone());
         let (mounted, rec) = mount_and_probe(opened, &abs, &opts, control).await?;
         eprintln!("breakfs node: mounted {} at {}", req.image, abs.display());
-        self.mounts.lock().insert(
+        self.mounts.mounts.lock().insert(
             abs,
             NodeMount {
                 m: mounted,
@@ -127,11 +127,11 @@ impl NodeService {
             .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
         // Out of the map while it is unmounted: its session ends with the
         // unmount, which the status writer must not take for a failure.
-        let Some(m) = self.mounts.lock().remove(&abs) else {
+        let Some(m) = self.mounts.mounts.lock().remove(&abs) else {
             return Err(Error::NotServed(abs));
         };
         if let Err(e) = unmount_path(&abs) {
-            self.mounts.lock().insert(abs.clone(), m);
+            self.mounts.mounts.lock().insert(abs.clone(), m);
             return Err(e);
         }
         // The mount no longer pins its layers (it still holds them while an
@@ -153,7 +153,7 @@ impl NodeService {
     /// Unmount every mount as the daemon stops: a busy one is detached, so
     /// that the path is free for a restart.
     pub(crate) fn unmount_all(&self) {
-        let all = std::mem::take(&mut *self.mounts.lock());
+        let all = std::mem::take(&mut *self.mounts.mounts.lock());
         for (abs, m) in all {
             breakfs_fs::remove_status(&abs);
             if unmount_path(&abs).is_err() {
@@ -166,7 +166,7 @@ impl NodeService {
     /// Write every mount's status record (and log a mount that stopped
     /// serving); mounts being read keep their layers recent.
     pub(crate) fn write_statuses(&self) {
-        for (at, m) in self.mounts.lock().iter_mut() {
+        for (at, m) in self.mounts.mounts.lock().iter_mut() {
             if let Some(why) = m.m.ended() {
                 tracing::error!(
                     "the mount at {} stopped serving: {why}; its readers get ENOTCONN \
@@ -177,7 +177,7 @@ impl NodeService {
         }
         let recs = self.mounts.list();
         if let Some(b) = self.store.budget() {
-            for m in self.mounts.lock().values() {
+            for m in self.mounts.mounts.lock().values() {
                 let read = m.m.reads.snapshot().bytes_read;
                 if m.reads_seen.swap(read, Ordering::Relaxed) != read {
                     b.touch(m.layers.iter().map(|(d, _)| d));

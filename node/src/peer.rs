@@ -8,9 +8,10 @@
 //! content-addressed data is asked of it, and the fetcher checks every
 //! chunk it returns.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use breakfs_fetch::{
@@ -96,7 +97,7 @@ pub struct Links {
 impl Links {
     /// A transfer of `bytes` over `link` that took `secs`.
     pub fn transfer(&self, link: &str, bytes: u64, secs: f64) {
-        let mut m = lock(&self.map);
+        let mut m = self.map.lock();
         let Link { stats: l, last_ok } = m.entry(link.to_string()).or_default();
         l.samples += 1;
         *last_ok = Some(Instant::now());
@@ -110,7 +111,7 @@ impl Links {
 
     /// A round trip of `secs` measured on `link`.
     pub fn rtt(&self, link: &str, secs: f64) {
-        let mut m = lock(&self.map);
+        let mut m = self.map.lock();
         let Link { stats: l, last_ok } = m.entry(link.to_string()).or_default();
         l.samples += 1;
         *last_ok = Some(Instant::now());
@@ -119,7 +120,8 @@ impl Links {
 
     /// A failed probe or transfer on `link`.
     pub fn failure(&self, link: &str) {
-        lock(&self.map)
+        self.map
+            .lock()
             .entry(link.to_string())
             .or_default()
             .stats
@@ -128,7 +130,8 @@ impl Links {
 
     /// All links now.
     pub fn snapshot(&self) -> BTreeMap<String, LinkStats> {
-        lock(&self.map)
+        self.map
+            .lock()
             .iter()
             .map(|(name, l)| {
                 let stats = LinkStats {
@@ -142,7 +145,8 @@ impl Links {
 
     /// Whether `link` carried a transfer or probe within the last `secs`.
     pub fn ok_within(&self, link: &str, secs: f64) -> bool {
-        lock(&self.map)
+        self.map
+            .lock()
             .get(link)
             .and_then(|l| l.last_ok)
             .is_some_and(|t| t.elapsed().as_secs_f64() < secs)
@@ -150,7 +154,7 @@ impl Links {
 
     /// One link now.
     pub fn get(&self, link: &str) -> Option<LinkStats> {
-        lock(&self.map).get(link).map(|l| l.stats.clone())
+        self.map.lock().get(link).map(|l| l.stats.clone())
     }
 
     /// Expected seconds to move `bytes` over `link` (unknown links count as
@@ -218,7 +222,7 @@ impl Peers {
         if url == self.me || url.is_empty() {
             return Ok(());
         }
-        let mut peers = lock(&self.peers);
+        let mut peers = self.peers.lock();
         if let Some(p) = peers.get_mut(&url) {
             p.configured |= configured;
             return Ok(());
@@ -251,13 +255,14 @@ impl Peers {
 
     /// The known peers' URLs.
     pub fn urls(&self) -> Vec<String> {
-        lock(&self.peers).keys().cloned().collect()
+        self.peers.lock().keys().cloned().collect()
     }
 
     /// The peers with a fresh index that say they relay for registry
     /// `host`.
     pub fn relays_for(&self, host: &str) -> Vec<String> {
-        lock(&self.peers)
+        self.peers
+            .lock()
             .iter()
             .filter(|(_, p)| fresh(p).is_some_and(|i| i.relay.iter().any(|h| h == host)))
             .map(|(u, _)| u.clone())
@@ -301,7 +306,7 @@ impl Peers {
                         } else {
                             Vec::new()
                         };
-                    if let Some(p) = lock(&self.peers).get_mut(&u) {
+                    if let Some(p) = self.peers.lock().get_mut(&u) {
                         p.index = Some(index);
                         p.refreshed = Some(Instant::now());
                     }
@@ -312,7 +317,7 @@ impl Peers {
                 Err(e) => {
                     self.links.failure(&u);
                     tracing::debug!(peer = %u, "cache index poll failed: {e}");
-                    if let Some(p) = lock(&self.peers).get_mut(&u) {
+                    if let Some(p) = self.peers.lock().get_mut(&u) {
                         p.index = None;
                     }
                 }
@@ -341,14 +346,15 @@ impl Peers {
 
     /// Whether a peer with a fresh index holds all of `blob`.
     pub fn someone_holds(&self, blob: &Digest) -> bool {
-        lock(&self.peers)
+        self.peers
+            .lock()
             .values()
             .any(|p| fresh(p).is_some_and(|i| i.holding(blob) == Some(None)))
     }
 
     /// The peers holding (some of) `blob`, cheapest first for a 1 MiB read.
     fn holders(&self, blob: &Digest) -> Vec<Arc<dyn Source>> {
-        let peers = lock(&self.peers);
+        let peers = self.peers.lock();
         let mut out: Vec<(f64, PeerLink)> = peers
             .iter()
             .filter_map(|(u, p)| {
@@ -499,10 +505,6 @@ impl Source for PeerLink {
     fn observe(&self, bytes: u64, secs: f64) {
         self.links.transfer(&self.url, bytes, secs);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! scheduler at background priority, so on-demand reads always pass ahead
 //! of it, and at the background rate limit.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use breakfs_index::{Descriptor, Digest, ImageRef};
 use futures::StreamExt;
@@ -101,11 +102,11 @@ impl Prefetcher {
         let mut ids = Vec::new();
         for (r, only) in jobs {
             let id = {
-                let mut n = lock(&self.next);
+                let mut n = self.next.lock();
                 *n += 1;
                 *n
             };
-            lock(&self.tasks).insert(
+            self.tasks.lock().insert(
                 id,
                 PrefetchTask {
                     image: r.to_string(),
@@ -115,7 +116,7 @@ impl Prefetcher {
             let me = self.clone();
             tokio::spawn(async move {
                 let r = me.run(id, &r, only).await;
-                let mut tasks = lock(&me.tasks);
+                let mut tasks = me.tasks.lock();
                 if let Some(t) = tasks.get_mut(&id) {
                     t.finished = true;
                     if let Err(e) = r {
@@ -131,7 +132,7 @@ impl Prefetcher {
 
     /// All tasks so far.
     pub fn tasks(&self) -> BTreeMap<u64, PrefetchTask> {
-        lock(&self.tasks).clone()
+        self.tasks.lock().clone()
     }
 
     async fn run(&self, id: u64, r: &ImageRef, only: Option<Vec<Digest>>) -> Result<()> {
@@ -142,7 +143,7 @@ impl Prefetcher {
             .filter(|l| only.as_ref().is_none_or(|o| o.contains(&l.digest)))
             .cloned()
             .collect();
-        if let Some(t) = lock(&self.tasks).get_mut(&id) {
+        if let Some(t) = self.tasks.lock().get_mut(&id) {
             t.layers = layers.len();
         }
         let mut work = futures::stream::iter(layers.into_iter().map(|l| async move {
@@ -154,7 +155,7 @@ impl Prefetcher {
         while let Some((l, r)) = work.next().await {
             match r {
                 Ok(()) => {
-                    if let Some(t) = lock(&self.tasks).get_mut(&id) {
+                    if let Some(t) = self.tasks.lock().get_mut(&id) {
                         t.done += 1;
                     }
                 }
@@ -203,8 +204,4 @@ impl Prefetcher {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

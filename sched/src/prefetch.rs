@@ -4,14 +4,14 @@
 //! `POST /prefetch`. Prefetches asked for count as held until the node's
 //! index shows them.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use breakfs_index::Digest;
 
-use crate::directory::{Directory, lock};
+use crate::directory::Directory;
 use crate::planner::{Hot, edge_first, plan_prefetch};
 use crate::score::{Layer, NodeView};
 
@@ -51,7 +51,7 @@ pub(crate) struct Prefetch {
 impl Prefetch {
     /// Count a placement of `image`'s `layers`.
     pub(crate) fn placed(&self, image: &str, layers: &[Layer]) {
-        let mut pop = lock(&self.popularity);
+        let mut pop = self.popularity.lock();
         for l in layers {
             let e = pop.entry(l.digest.clone()).or_insert(Popular {
                 score: 0.0,
@@ -69,7 +69,7 @@ impl Prefetch {
     /// (counted as held until the TTL, a layer the node evicted would not
     /// be planned again for that long).
     pub(crate) fn shown(&self, views: &[NodeView]) {
-        let mut asked = lock(&self.asked);
+        let mut asked = self.asked.lock();
         if asked.is_empty() {
             return;
         }
@@ -84,7 +84,9 @@ impl Prefetch {
     /// One planner run: per cluster, the hottest layers placed within
     /// `sum` bytes, pushed to the node daemons with `POST /prefetch`.
     pub(crate) async fn run_once(&self, dir: &Directory, sum: u64) {
-        let hot: Vec<(Hot, String)> = lock(&self.popularity)
+        let hot: Vec<(Hot, String)> = self
+            .popularity
+            .lock()
             .iter()
             .map(|(d, p)| {
                 (
@@ -116,7 +118,7 @@ impl Prefetch {
         let mut at_edge: rustc_hash::FxHashSet<Digest> = Default::default();
         let mut in_flight: rustc_hash::FxHashSet<Digest> = Default::default();
         {
-            let mut asked = lock(&self.asked);
+            let mut asked = self.asked.lock();
             asked.retain(|_, at| at.elapsed() < ASKED_TTL);
             for n in dir.node_entries().iter() {
                 let mut v = dir.view(&d, &n.name);
@@ -196,7 +198,7 @@ impl Prefetch {
         match r {
             Ok(r) if r.status().is_success() => {
                 tracing::info!(node = %node, layers = digests.len(), "prefetch planned");
-                let mut asked = lock(&self.asked);
+                let mut asked = self.asked.lock();
                 for l in digests {
                     asked.insert((node.to_string(), l.clone()), Instant::now());
                 }
@@ -219,7 +221,7 @@ mod tests {
         let p = Prefetch::default();
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
         {
-            let mut asked = lock(&p.asked);
+            let mut asked = p.asked.lock();
             asked.insert(("w1".into(), a.clone()), Instant::now());
             asked.insert(("w1".into(), b.clone()), Instant::now());
         }
@@ -231,7 +233,7 @@ mod tests {
         }]);
         // Shown: from now on the index alone says whether w1 holds it (an
         // eviction makes it plannable again); b is still on its way.
-        let asked = lock(&p.asked);
+        let asked = p.asked.lock();
         assert!(!asked.contains_key(&("w1".into(), a)));
         assert!(asked.contains_key(&("w1".into(), b)));
     }

@@ -2,15 +2,15 @@
 //! and size) from the registry's manifest, cached for a minute, with one
 //! resolution shared by every call that needs the image meanwhile.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::ImageRef;
 use futures::FutureExt as _;
 
-use crate::directory::lock;
 use crate::error::{Error, Result};
 use crate::score::Layer;
 
@@ -45,7 +45,7 @@ impl Resolver {
 
     /// Take `layers` as the layers of `image` for a while.
     pub(crate) fn set_image(&self, image: &str, layers: Vec<Layer>) {
-        let mut images = lock(&self.images);
+        let mut images = self.images.lock();
         // Forget what expired, so the map holds only images of the last TTL.
         images.retain(|_, (_, at)| at.elapsed() < IMAGE_TTL);
         images.insert(image.to_string(), (layers, Instant::now()));
@@ -55,12 +55,14 @@ impl Resolver {
     /// Concurrent calls for an image not cached share one resolution (a
     /// burst of 1,000 calls for a new image asked the registry 278 times).
     pub(crate) async fn layers(&self, image: &str) -> Result<Vec<Layer>> {
-        if let Some((l, at)) = lock(&self.images).get(image)
+        if let Some((l, at)) = self.images.lock().get(image)
             && at.elapsed() < IMAGE_TTL
         {
             return Ok(l.clone());
         }
-        let pending = lock(&self.resolving)
+        let pending = self
+            .resolving
+            .lock()
             .entry(image.to_string())
             .or_insert_with(|| {
                 resolve_layers(image.to_string(), self.client.clone())
@@ -72,7 +74,7 @@ impl Resolver {
         let out = pending.clone().await;
         // Whoever sees it end first files the answer (the call that started
         // it may have been dropped meanwhile).
-        let mut resolving = lock(&self.resolving);
+        let mut resolving = self.resolving.lock();
         if resolving.get(image).is_some_and(|p| p.ptr_eq(&pending)) {
             resolving.remove(image);
             if let Ok(l) = &out {
@@ -166,7 +168,7 @@ mod tests {
         assert!(results.iter().all(|r| r.is_err()), "{results:?}");
         // One resolution for the 50 calls (it failed: the next call asks again).
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(lock(&r.resolving).is_empty());
+        assert!(r.resolving.lock().is_empty());
         let e = r.layers(&image).await.unwrap_err();
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
         // The error names the image.

@@ -79,13 +79,11 @@ pub(super) fn retry_policy() -> ExponentialBuilder {
 }
 impl RegistryRepo {
     fn current_auth(&self) -> Option<String> {
-        self.auth.lock().ok().and_then(|g| g.clone())
+        self.auth.lock().clone()
     }
 
     fn set_auth(&self, value: String) {
-        if let Ok(mut g) = self.auth.lock() {
-            *g = Some(value);
-        }
+        *self.auth.lock() = Some(value);
     }
 
     /// A transport error: the server could not be reached, or it answered
@@ -349,8 +347,9 @@ pub(super) fn same_host_redirects(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use parking_lot::Mutex;
     use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use breakfs_index::Reference;
 
@@ -385,7 +384,7 @@ mod tests {
                     let tag = head.split_whitespace().nth(1).unwrap_or("");
                     let tag = tag.rsplit('/').next().unwrap_or("").to_string();
                     let n = {
-                        let mut c = seen.lock().unwrap();
+                        let mut c = seen.lock();
                         let n = c.entry(tag.clone()).or_insert(0);
                         *n += 1;
                         *n
@@ -423,7 +422,7 @@ mod tests {
         assert!(matches!(err, Error::Status { status: 429, .. }), "{err}");
         let err = repo.get_manifest(&tag("gone")).await.unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }), "{err}");
-        let counts = counts.lock().unwrap().clone();
+        let counts = counts.lock().clone();
         let expected = [("busy", 1), ("down", ATTEMPTS), ("flaky", 3), ("gone", 1)];
         let expected = expected
             .map(|(t, n)| (t.to_string(), n))

@@ -20,7 +20,7 @@ mod serve;
 mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use breakfs_fetch::ClientOptions;
 use breakfs_fetch::guard::Token;
@@ -100,8 +100,4 @@ impl Relay {
             links: self.striping.loads(),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

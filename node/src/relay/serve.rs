@@ -2,16 +2,16 @@
 //! registry over this node's own link, within limits (the registries
 //! relayed for, the token, the range's size, the requests at once).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use breakfs_fetch::{Error, RegistryRepo, TransferHook};
 use breakfs_index::{Digest, ImageRef};
 
-use super::{MAX_CLIENTS, MAX_RELAY_RANGE, RELAYS_IN_FLIGHT, Relay, lock};
+use super::{MAX_CLIENTS, MAX_RELAY_RANGE, RELAYS_IN_FLIGHT, Relay};
 
 /// The serving side's state.
 pub(super) struct Serving {
@@ -131,7 +131,7 @@ impl Relay {
     /// it crossed this node's registry link, so it measures that link as
     /// the node's own fetches do (and the scheduler learns it).
     pub fn on_transfer(&self, f: TransferHook) {
-        *lock(&self.serving.measured) = Some(f);
+        *self.serving.measured.lock() = Some(f);
     }
 
     /// Fetch the range `ask` names from the registry for a peer.
@@ -187,7 +187,7 @@ impl Relay {
             .read_range(ask.blob, ask.start, len)
             .await
             .map_err(Refusal::Upstream)?;
-        let hook = lock(&self.serving.measured).clone();
+        let hook = self.serving.measured.lock().clone();
         if let Some(f) = hook {
             f("cloud", bytes.len() as u64, began.elapsed().as_secs_f64());
         }
@@ -202,11 +202,11 @@ impl Relay {
         name: &str,
     ) -> std::result::Result<RegistryRepo, Refusal> {
         let key = (host.to_string(), name.to_string());
-        if let Some(r) = lock(&self.serving.upstream).get(&key) {
+        if let Some(r) = self.serving.upstream.lock().get(&key) {
             return Ok(r.clone());
         }
         let r = RegistryRepo::new(host, name, &self.opts).map_err(Refusal::Upstream)?;
-        let mut m = lock(&self.serving.upstream);
+        let mut m = self.serving.upstream.lock();
         if m.len() >= MAX_CLIENTS {
             m.clear();
         }

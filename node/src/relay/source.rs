@@ -4,9 +4,10 @@
 //! rests for [`PEER_REST`] (as the fetcher rests a failing peer), one that
 //! relays wrong bytes for [`DISTRUST`].
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use breakfs_fetch::{
@@ -18,7 +19,7 @@ use futures::future::BoxFuture;
 use reqwest::header::{AUTHORIZATION, HeaderName};
 use serde::Serialize;
 
-use super::{MAX_CLIENTS, MAX_RELAY_RANGE, RELAY_HEADER, Relay, lock};
+use super::{MAX_CLIENTS, MAX_RELAY_RANGE, RELAY_HEADER, Relay};
 use crate::peer::{Peers, peer_repo};
 
 /// How long a peer that relayed wrong bytes is not asked to relay.
@@ -46,7 +47,7 @@ pub(super) struct Striping {
 impl Striping {
     /// The links' loads now.
     pub(super) fn loads(&self) -> BTreeMap<String, LinkLoad> {
-        lock(&self.links).clone()
+        self.links.lock().clone()
     }
 }
 
@@ -69,7 +70,7 @@ impl Relay {
     /// A client for `repo` at peer `url` that asks it to relay from `host`.
     fn downstream_client(&self, url: &str, host: &str, repo: &str) -> Result<RegistryRepo> {
         let key = (url.to_string(), host.to_string(), repo.to_string());
-        if let Some(r) = lock(&self.striping.downstream).get(&key) {
+        if let Some(r) = self.striping.downstream.lock().get(&key) {
             return Ok(r.clone());
         }
         // The peer answers only once it has the whole range from the
@@ -84,7 +85,7 @@ impl Relay {
         if let Some(t) = &self.token {
             r = r.with_header(AUTHORIZATION, &t.bearer())?;
         }
-        let mut m = lock(&self.striping.downstream);
+        let mut m = self.striping.downstream.lock();
         if m.len() >= MAX_CLIENTS {
             m.clear();
         }
@@ -95,7 +96,7 @@ impl Relay {
     /// Take a request slot on the least loaded of `keys` (see
     /// [`least_loaded`]).
     fn reserve(self: &Arc<Self>, keys: &[String]) -> Option<Slot> {
-        let mut links = lock(&self.striping.links);
+        let mut links = self.striping.links.lock();
         let loads: Vec<LinkLoad> = keys
             .iter()
             .map(|k| links.get(k).cloned().unwrap_or_default())
@@ -110,7 +111,7 @@ impl Relay {
 
     /// A transfer of `bytes` in `secs` on link `key` finished.
     fn sample(&self, key: &str, bytes: u64, secs: f64) {
-        let mut links = lock(&self.striping.links);
+        let mut links = self.striping.links.lock();
         let l = links.entry(key.to_string()).or_default();
         l.requests += 1;
         l.bytes += bytes;
@@ -127,15 +128,18 @@ impl Relay {
 
     /// Peer `url` is not asked to relay for `for_`.
     fn rest(&self, url: &str, for_: std::time::Duration) {
-        lock(&self.striping.resting).insert(url.to_string(), Instant::now() + for_);
-        if let Some(l) = lock(&self.striping.links).get_mut(url) {
+        self.striping
+            .resting
+            .lock()
+            .insert(url.to_string(), Instant::now() + for_);
+        if let Some(l) = self.striping.links.lock().get_mut(url) {
             l.failures += 1;
         }
     }
 
     /// Whether peer `url` rests now.
     fn resting(&self, url: &str) -> bool {
-        let mut b = lock(&self.striping.resting);
+        let mut b = self.striping.resting.lock();
         match b.get(url) {
             Some(t) if *t > Instant::now() => true,
             Some(_) => {
@@ -184,7 +188,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(l) = lock(&self.relay.striping.links).get_mut(&self.key) {
+        if let Some(l) = self.relay.striping.links.lock().get_mut(&self.key) {
             l.in_flight = l.in_flight.saturating_sub(1);
         }
     }
