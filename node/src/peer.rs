@@ -9,7 +9,7 @@
 //! chunk it returns.
 
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,6 +180,9 @@ pub struct Peers {
     client: reqwest::Client,
     opts: ClientOptions,
     peers: Mutex<BTreeMap<String, PeerState>>,
+    /// Who holds which blob, by the peers' last indexes. Locked after
+    /// `peers` when both are held.
+    holdings: Mutex<Holdings>,
     links: Arc<Links>,
     /// Whether peers named in other peers' indexes are added.
     learn: std::sync::atomic::AtomicBool,
@@ -207,6 +210,7 @@ impl Peers {
                 ..ClientOptions::default()
             },
             peers: Mutex::new(BTreeMap::new()),
+            holdings: Mutex::new(Holdings::default()),
             links,
             learn: std::sync::atomic::AtomicBool::new(true),
         });
@@ -306,10 +310,7 @@ impl Peers {
                         } else {
                             Vec::new()
                         };
-                    if let Some(p) = self.peers.lock().get_mut(&u) {
-                        p.index = Some(index);
-                        p.refreshed = Some(Instant::now());
-                    }
+                    self.indexed(&u, Some(index));
                     for l in learned {
                         let _ = self.add(&l, false);
                     }
@@ -317,12 +318,26 @@ impl Peers {
                 Err(e) => {
                     self.links.failure(&u);
                     tracing::debug!(peer = %u, "cache index poll failed: {e}");
-                    if let Some(p) = self.peers.lock().get_mut(&u) {
-                        p.index = None;
-                    }
+                    self.indexed(&u, None);
                 }
             }
         }
+    }
+
+    /// Peer `url`'s index is now `index` (`None`: its poll failed): keep
+    /// it, and what it holds in the holdings.
+    fn indexed(&self, url: &str, index: Option<CacheIndex>) {
+        let mut peers = self.peers.lock();
+        let Some(p) = peers.get_mut(url) else { return };
+        let mut holdings = self.holdings.lock();
+        if let Some(old) = &p.index {
+            holdings.forget(url, old);
+        }
+        if let Some(new) = &index {
+            holdings.learn(url, new);
+            p.refreshed = Some(Instant::now());
+        }
+        p.index = index;
     }
 
     /// Poll the peers every `every` until `stop` is cancelled.
@@ -346,23 +361,34 @@ impl Peers {
 
     /// Whether a peer with a fresh index holds all of `blob`.
     pub fn someone_holds(&self, blob: &Digest) -> bool {
-        self.peers
+        let whole: Vec<String> = self
+            .holdings
             .lock()
-            .values()
-            .any(|p| fresh(p).is_some_and(|i| i.holding(blob) == Some(None)))
+            .of(blob)
+            .filter(|(_, held)| held.is_none())
+            .map(|(u, _)| u.clone())
+            .collect();
+        let peers = self.peers.lock();
+        whole.iter().any(|u| peers.get(u).and_then(fresh).is_some())
     }
 
     /// The peers holding (some of) `blob`, cheapest first for a 1 MiB read.
     fn holders(&self, blob: &Digest) -> Vec<Arc<dyn Source>> {
+        let held: Vec<(String, Held)> = self
+            .holdings
+            .lock()
+            .of(blob)
+            .map(|(u, h)| (u.clone(), h.clone()))
+            .collect();
         let peers = self.peers.lock();
-        let mut out: Vec<(f64, PeerLink)> = peers
-            .iter()
-            .filter_map(|(u, p)| {
-                let held = fresh(p)?.holding(blob)?;
+        let mut out: Vec<(f64, PeerLink)> = held
+            .into_iter()
+            .filter_map(|(u, held)| {
+                let p = peers.get(&u).filter(|p| fresh(p).is_some())?;
                 Some((
-                    self.links.cost(u, 1 << 20),
+                    self.links.cost(&u, 1 << 20),
                     PeerLink {
-                        url: u.clone(),
+                        url: u,
                         repo: p.repo.clone(),
                         ranges: held.map(|r| r.to_vec()),
                         links: self.links.clone(),
@@ -374,6 +400,49 @@ impl Peers {
         out.into_iter()
             .map(|(_, l)| Arc::new(l) as Arc<dyn Source>)
             .collect()
+    }
+}
+
+/// How much of a blob a peer holds: `None` whole, else the ranges.
+type Held = Option<Arc<[(u64, u64)]>>;
+
+/// Which peers hold which blob, by their last indexes: a peer's entries are
+/// replaced each time its index is, so finding a blob's holders is one map
+/// read rather than a scan of every index.
+#[derive(Default)]
+struct Holdings(HashMap<Digest, BTreeMap<String, Held>>);
+
+impl Holdings {
+    /// The peers holding `blob` and how much.
+    fn of(&self, blob: &Digest) -> impl Iterator<Item = (&String, &Held)> {
+        self.0.get(blob).into_iter().flatten()
+    }
+
+    /// Record what `peer`'s `index` holds (whole before partial, as
+    /// [`CacheIndex::holding`] answers).
+    fn learn(&mut self, peer: &str, index: &CacheIndex) {
+        for b in &index.blobs {
+            let at = self.0.entry(b.digest.clone()).or_default();
+            at.insert(peer.to_string(), None);
+        }
+        for p in &index.partial {
+            let at = self.0.entry(p.digest.clone()).or_default();
+            at.entry(peer.to_string())
+                .or_insert_with(|| Some(p.ranges.as_slice().into()));
+        }
+    }
+
+    /// Drop what `peer`'s `index` held.
+    fn forget(&mut self, peer: &str, index: &CacheIndex) {
+        let digests = index.blobs.iter().map(|b| &b.digest);
+        for d in digests.chain(index.partial.iter().map(|p| &p.digest)) {
+            if let Some(at) = self.0.get_mut(d) {
+                at.remove(peer);
+                if at.is_empty() {
+                    self.0.remove(d);
+                }
+            }
+        }
     }
 }
 
@@ -534,5 +603,54 @@ mod tests {
             .add("http://10.9.9.9:7480", true)
             .expect("a configured peer is added");
         assert_eq!(peers.urls().len(), MAX_LEARNED + 1);
+    }
+
+    #[tokio::test]
+    async fn holders_follow_each_refreshed_index() {
+        let a = "http://10.0.0.2:7480";
+        let b = "http://10.0.0.3:7480";
+        let peers = Peers::new(
+            "http://me:1",
+            &[a.into(), b.into()],
+            Arc::new(Links::default()),
+        )
+        .expect("peers");
+        let whole = Digest::of(b"whole");
+        let part = Digest::of(b"part");
+        let index = |blobs: &[&Digest], partial: &[&Digest]| CacheIndex {
+            blobs: blobs
+                .iter()
+                .map(|d| HeldBlob {
+                    digest: (*d).clone(),
+                    size: 5,
+                })
+                .collect(),
+            partial: partial
+                .iter()
+                .map(|d| PartialLayer {
+                    digest: (*d).clone(),
+                    ranges: vec![(0, 4)],
+                })
+                .collect(),
+            ..CacheIndex::default()
+        };
+        let names =
+            |d: &Digest| -> Vec<String> { peers.holders(d).iter().map(|s| s.name()).collect() };
+        assert!(names(&whole).is_empty());
+
+        peers.indexed(a, Some(index(&[&whole], &[&part])));
+        peers.indexed(b, Some(index(&[&whole], &[])));
+        assert_eq!(names(&whole).len(), 2);
+        assert_eq!(names(&part), vec!["peer 10.0.0.2:7480".to_string()]);
+        assert!(peers.someone_holds(&whole));
+        assert!(!peers.someone_holds(&part));
+
+        // a's next index drops both blobs; b's poll fails.
+        peers.indexed(a, Some(index(&[], &[])));
+        assert_eq!(names(&whole), vec!["peer 10.0.0.3:7480".to_string()]);
+        assert!(names(&part).is_empty());
+        peers.indexed(b, None);
+        assert!(names(&whole).is_empty());
+        assert!(!peers.someone_holds(&whole));
     }
 }
