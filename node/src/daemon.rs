@@ -118,7 +118,8 @@ impl Node {
 
     /// Serve peers, clients and mount control until the shutdown token is
     /// cancelled (or a server fails: then the rest stop too); then unmount
-    /// the node's mounts and remove the control socket.
+    /// the node's mounts, save the budget's use records and remove the
+    /// control socket.
     pub async fn serve(self) -> Result<()> {
         let Node {
             svc,
@@ -158,6 +159,12 @@ impl Node {
             servers.abort_all();
         }
         svc.unmount_all();
+        // The saver runs every 10 s: the uses since its last run are saved
+        // here, so a restart keeps them.
+        if let Some(b) = svc.store.budget().cloned() {
+            let store = svc.store.clone();
+            let _ = tokio::task::spawn_blocking(move || b.save(&store)).await;
+        }
         let _ = std::fs::remove_file(&path);
         eprintln!("breakfs node: stopped");
         Ok(())
@@ -314,5 +321,37 @@ mod tests {
             "the port is still open after the node stopped"
         );
         assert!(!sock.exists(), "the control socket outlived the node");
+    }
+
+    /// A use recorded after the budget saver's last run is on disk once
+    /// the node has stopped.
+    #[tokio::test]
+    async fn a_stopping_node_saves_its_budget_uses() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let control = ControlSocket::bind(&dir.path().join("node.sock")).expect("the socket");
+        let config = Config {
+            budget: Some(1 << 30),
+            ..Config::new(dir.path().join("store"))
+        };
+        let shutdown = CancellationToken::new();
+        let node = Node::start(config, Listeners { tcp, control }, shutdown.clone())
+            .await
+            .expect("the node starts");
+        let store = node.svc.store.clone();
+        let layer = breakfs_index::Digest::of(b"a layer");
+        store.budget().expect("a budget").touch([&layer]);
+        let uses = store.meta_path("budget-uses.json");
+        assert!(!uses.exists(), "saved before the node stopped");
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), node.serve())
+            .await
+            .expect("serve returns once the token is cancelled")
+            .expect("the node stops cleanly");
+        let saved = std::fs::read_to_string(&uses).expect("the saved use records");
+        assert!(saved.contains(&layer.to_string()), "{saved}");
     }
 }
