@@ -396,7 +396,8 @@ impl Fetcher {
             {
                 continue;
             }
-            for attempt in 0..inner.opts.attempts.max(1) {
+            let mut delays = retry_delays();
+            for _ in 0..inner.opts.attempts.max(1) {
                 let temp = inner.store.temp_path();
                 let began = std::time::Instant::now();
                 let r = src.blob_to_file(desc, &temp).await;
@@ -422,7 +423,7 @@ impl Fetcher {
                         if fatal || rests {
                             break;
                         }
-                        backoff(attempt).await;
+                        backoff(&mut delays).await;
                     }
                 }
             }
@@ -434,8 +435,23 @@ impl Fetcher {
     }
 }
 
-async fn backoff(attempt: u32) {
-    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+/// The pauses between a source's attempts: 100 ms doubling to 3.2 s, each
+/// jittered up to twice that (so within the unjittered 200 ms << attempt,
+/// at most 6.4 s), so that nodes retrying one registry are not in lockstep.
+fn retry_delays() -> backon::ExponentialBackoff {
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_millis(3200))
+        .without_max_times()
+        .with_jitter();
+    backon::BackoffBuilder::build(policy)
+}
+
+/// Wait the next of `delays`.
+async fn backoff(delays: &mut backon::ExponentialBackoff) {
+    if let Some(d) = delays.next() {
+        tokio::time::sleep(d).await;
+    }
 }
 
 async fn worker(inner: Arc<Inner>) {
@@ -732,6 +748,7 @@ async fn fetch_verified(
         }
         let len = end - start;
         let mut got = None;
+        let mut delays = retry_delays();
         for attempt in 0..inner.opts.attempts.max(1) {
             let began = std::time::Instant::now();
             let r = tokio::time::timeout(
@@ -766,7 +783,7 @@ async fn fetch_verified(
                 break;
             }
             if attempt + 1 < inner.opts.attempts {
-                backoff(attempt).await;
+                backoff(&mut delays).await;
             }
         }
         let Some(bytes) = got else {
@@ -1088,6 +1105,17 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    #[test]
+    fn retry_delays_stay_within_the_old_bounds_and_differ_between_nodes() {
+        let run = || retry_delays().take(8).collect::<Vec<_>>();
+        for (attempt, d) in run().into_iter().enumerate() {
+            let base = Duration::from_millis(100 << attempt.min(5));
+            assert!(d >= base && d <= 2 * base, "attempt {attempt}: {d:?}");
+        }
+        // Jittered: two nodes' schedules are not the same.
+        assert!((0..5).any(|_| run() != run()));
+    }
 
     /// A source serving `blob` (or garbage of the same length), counting calls.
     struct Fake {
