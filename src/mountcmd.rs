@@ -33,8 +33,8 @@ pub struct StoreArgs {
     parallel: usize,
     /// A read's range request also takes queued background chunks stored
     /// next to it, up to this many KiB in all (files stored together are
-    /// often read together: 256 gave python's start-up 18 waits instead of
-    /// 44 through a 50 ms link; 0 turns it off).
+    /// often read together, so a start-up waits on fewer round trips over
+    /// a slow link; 0 turns it off).
     #[arg(long, default_value_t = 256)]
     neighbor_kib: u64,
     #[command(flatten)]
