@@ -6,13 +6,12 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::{Compression, ImageRef, LayerIndex, Platform, Reference, decoder};
-use breakfs_refactor::{ImageReport, PlanOptions, Progress, RefactorOptions, WriterOptions};
+use breakfs_refactor::{PlanOptions, Progress, RefactorOptions, ReportTable, WriterOptions};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod mountcmd;
 mod node;
-mod notify;
 mod schedcmd;
 mod verifycmd;
 
@@ -341,47 +340,6 @@ fn mb(b: u64) -> String {
     format!("{:.1}", b as f64 / 1e6)
 }
 
-fn print_table(reports: &[ImageReport]) {
-    println!(
-        "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}",
-        "image",
-        "layers",
-        "MB orig→new",
-        "size ×",
-        "reused MB",
-        "share",
-        "bound",
-        "stale MB",
-        "dup MB",
-        "secs"
-    );
-    for r in reports {
-        println!(
-            "{:<44} {:>9} {:>17} {:>8.3} {:>10} {:>6.1}% {:>6.1}% {:>9} {:>7} {:>7.1}",
-            r.dest,
-            format!("{}→{}", r.original_layers, r.layers),
-            format!(
-                "{}→{}",
-                mb(r.original_compressed_bytes),
-                mb(r.compressed_bytes)
-            ),
-            r.compressed_bytes as f64 / r.original_compressed_bytes.max(1) as f64,
-            mb(r.reused_compressed_bytes),
-            100.0 * r.share(),
-            100.0 * r.bound(),
-            mb(r.shadowed_bytes),
-            mb(r.duplicated_bytes),
-            r.seconds,
-        );
-        if r.mtime_changes > 0 {
-            println!(
-                "  --relax-mtime changed the mtime of {} entries",
-                r.mtime_changes
-            );
-        }
-    }
-}
-
 async fn run_refactor(a: RefactorArgs) -> Result<()> {
     // `docker://HOST`: each source keeps its repository path under HOST.
     let dest = match a.to.strip_prefix("docker://") {
@@ -426,7 +384,7 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
             );
         }
     } else {
-        print_table(&reports);
+        print!("{}", ReportTable(&reports));
     }
     Ok(())
 }

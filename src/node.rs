@@ -214,7 +214,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             stops.recv().await;
-            let _ = crate::notify::notify("STOPPING=1");
+            let _ = breakfs_node::notify::notify("STOPPING=1");
             shutdown.cancel();
         });
     }
@@ -243,7 +243,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     };
     let node = Node::start(config, Listeners { tcp, control }, shutdown).await?;
     println!("{READY} {}", node.url());
-    if let Err(e) = crate::notify::notify("READY=1") {
+    if let Err(e) = breakfs_node::notify::notify("READY=1") {
         tracing::warn!("telling systemd we are ready: {e}");
     }
     node.serve().await?;
