@@ -5,14 +5,13 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use breakfs_fetch::{ClientOptions, Store};
-use breakfs_index::{Compression, ImageRef, LayerIndex, Platform, Reference, decoder};
-use breakfs_refactor::{ImageReport, PlanOptions, Progress, RefactorOptions, WriterOptions};
+use breakfs_index::{ImageRef, Platform, Reference};
+use breakfs_refactor::{PlanOptions, Progress, RefactorOptions, ReportTable, WriterOptions};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod mountcmd;
 mod node;
-mod notify;
 mod schedcmd;
 mod verifycmd;
 
@@ -337,51 +336,6 @@ impl Bars {
     }
 }
 
-fn mb(b: u64) -> String {
-    format!("{:.1}", b as f64 / 1e6)
-}
-
-fn print_table(reports: &[ImageReport]) {
-    println!(
-        "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}",
-        "image",
-        "layers",
-        "MB orig→new",
-        "size ×",
-        "reused MB",
-        "share",
-        "bound",
-        "stale MB",
-        "dup MB",
-        "secs"
-    );
-    for r in reports {
-        println!(
-            "{:<44} {:>9} {:>17} {:>8.3} {:>10} {:>6.1}% {:>6.1}% {:>9} {:>7} {:>7.1}",
-            r.dest,
-            format!("{}→{}", r.original_layers, r.layers),
-            format!(
-                "{}→{}",
-                mb(r.original_compressed_bytes),
-                mb(r.compressed_bytes)
-            ),
-            r.compressed_bytes as f64 / r.original_compressed_bytes.max(1) as f64,
-            mb(r.reused_compressed_bytes),
-            100.0 * r.share(),
-            100.0 * r.bound(),
-            mb(r.shadowed_bytes),
-            mb(r.duplicated_bytes),
-            r.seconds,
-        );
-        if r.mtime_changes > 0 {
-            println!(
-                "  --relax-mtime changed the mtime of {} entries",
-                r.mtime_changes
-            );
-        }
-    }
-}
-
 async fn run_refactor(a: RefactorArgs) -> Result<()> {
     // `docker://HOST`: each source keeps its repository path under HOST.
     let dest = match a.to.strip_prefix("docker://") {
@@ -426,7 +380,7 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
             );
         }
     } else {
-        print_table(&reports);
+        print!("{}", ReportTable(&reports));
     }
     Ok(())
 }
@@ -435,87 +389,7 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
     let r = ImageRef::parse(&a.image)?;
     let opts = a.client.options()?;
     let store = Store::open(&r, &opts).await?;
-    let image = store
-        .resolve(&r)
-        .await
-        .with_context(|| format!("resolving {r}"))?;
-    println!("image     {r}");
-    println!(
-        "manifest  {} ({})",
-        image.manifest_digest,
-        image.media_type()
-    );
-    println!(
-        "config    {} ({} bytes)",
-        image.manifest.config.digest, image.manifest.config.size
-    );
-    // Which other tags share each layer.
-    let mut shared: std::collections::HashMap<String, Vec<String>> = Default::default();
-    if let Ok(tags) = store.tags().await {
-        for t in tags {
-            if Some(t.as_str()) == r.tag() {
-                continue;
-            }
-            if let Ok(other) = store.resolve(&r.with_tag(&t)).await {
-                for l in other.layers() {
-                    shared
-                        .entry(l.digest.to_string())
-                        .or_default()
-                        .push(t.clone());
-                }
-            }
-        }
-    }
-    let total: u64 = image.layers().iter().map(|l| l.size).sum();
-    println!(
-        "layers    {} ({} MB compressed)",
-        image.layers().len(),
-        mb(total)
-    );
-    println!(
-        "  {:<3} {:<19} {:>10} {:>12} {:>8} {:>4}  shared with",
-        "#", "digest", "MB", "uncompr. MB", "entries", "TOC"
-    );
-    for (i, l) in image.layers().iter().enumerate() {
-        let (entries, uncompressed, toc) = match store.read_toc(l).await? {
-            Some(t) => {
-                let unc = l
-                    .annotations
-                    .get(breakfs_index::annotations::UNCOMPRESSED_SIZE)
-                    .and_then(|s| s.parse::<u64>().ok());
-                (t.layer.entries.len(), unc, "yes")
-            }
-            None => {
-                let bytes = store.read_blob(l).await?;
-                let comp = Compression::from_media_type(&l.media_type).with_context(|| {
-                    format!("layer {} has media type {}", l.digest, l.media_type)
-                })?;
-                let idx =
-                    LayerIndex::read(decoder(comp, &bytes[..])?, &format!("layer {}", l.digest))?;
-                (idx.entries.len(), Some(idx.tar_size), "no")
-            }
-        };
-        let mut with = shared
-            .get(&l.digest.to_string())
-            .cloned()
-            .unwrap_or_default();
-        with.sort();
-        with.dedup();
-        println!(
-            "  {:<3} {:<19} {:>10} {:>12} {:>8} {:>4}  {}",
-            i,
-            l.digest.short(),
-            mb(l.size),
-            uncompressed.map(mb).unwrap_or_else(|| "?".into()),
-            entries,
-            toc,
-            if with.is_empty() {
-                "-".to_string()
-            } else {
-                with.join(", ")
-            }
-        );
-    }
+    print!("{}", breakfs_fs::inspect(&store, &r).await?);
     Ok(())
 }
 

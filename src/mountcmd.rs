@@ -33,8 +33,8 @@ pub struct StoreArgs {
     parallel: usize,
     /// A read's range request also takes queued background chunks stored
     /// next to it, up to this many KiB in all (files stored together are
-    /// often read together: 256 gave python's start-up 18 waits instead of
-    /// 44 through a 50 ms link; 0 turns it off).
+    /// often read together, so a start-up waits on fewer round trips over
+    /// a slow link; 0 turns it off).
     #[arg(long, default_value_t = 256)]
     neighbor_kib: u64,
     #[command(flatten)]
@@ -259,55 +259,7 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let alive = breakfs_node::process_alive(s.pid);
-    let pct = if s.chunk_bytes == 0 {
-        100.0
-    } else {
-        100.0 * s.hydrated_bytes as f64 / s.chunk_bytes as f64
-    };
-    println!("image      {} ({})", s.image, s.manifest);
-    println!(
-        "mounted    {} by pid {}{}",
-        s.mountpoint.display(),
-        s.pid,
-        if alive { "" } else { " (not running!)" }
-    );
-    println!("store      {}", s.cache.display());
-    println!(
-        "tree       {} paths, {:.1} MB of files; {} lazy and {} whole layers",
-        s.paths,
-        s.file_bytes as f64 / 1e6,
-        s.lazy_layers,
-        s.whole_layers
-    );
-    println!(
-        "hydration  {pct:.1}% ({:.1} of {:.1} MB){}",
-        s.hydrated_bytes as f64 / 1e6,
-        s.chunk_bytes as f64 / 1e6,
-        if s.hydrated { ", complete" } else { "" }
-    );
-    println!(
-        "reads      {:.1} MB read; {} reads from the store, {} waited for a fetch, {} failed",
-        s.reads.bytes_read as f64 / 1e6,
-        s.reads.reads_local,
-        s.reads.reads_waited,
-        s.reads.reads_failed
-    );
-    for (name, st) in &s.fetch.sources {
-        println!(
-            "fetched    {:.1} MB from {name} in {} requests ({} failed)",
-            st.bytes as f64 / 1e6,
-            st.requests,
-            st.failures
-        );
-    }
-    println!(
-        "verified   {} chunks ({:.1} MB), {} digest failures, {} queued",
-        s.fetch.chunks_stored,
-        s.fetch.chunk_bytes_stored as f64 / 1e6,
-        s.fetch.digest_failures,
-        s.fetch.queued
-    );
+    print!("{}", breakfs_node::status_report(&s));
     Ok(())
 }
 

@@ -116,31 +116,6 @@ struct NodeConfig {
     verify: Option<bool>,
 }
 
-/// `20GiB`, `500MB`, `64k`, `1048576`: a size in bytes.
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size like 20GiB, 500MB or 1048576"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => 1048576.0,
-        "g" | "gb" => 1e9,
-        "gib" => 1073741824.0,
-        "t" | "tb" => 1e12,
-        "tib" => 1099511627776.0,
-        u => bail!("{s:?}: unknown unit {u:?} (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"),
-    };
-    Ok((n * mult) as u64)
-}
-
 /// The settings after merging file and flags.
 struct Settings {
     listen: String,
@@ -204,7 +179,7 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
             .unwrap_or_else(|| PathBuf::from("/var/lib/breakfs/store")),
         budget: budget
             .as_deref()
-            .map(parse_size)
+            .map(breakfs_index::parse_size)
             .transpose()
             .context("--budget")?,
         peers,
@@ -213,7 +188,7 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
         plain_http: a.client.plain_http || file.plain_http.unwrap_or(false),
         prefetch_rate: rate
             .as_deref()
-            .map(parse_size)
+            .map(breakfs_index::parse_size)
             .transpose()
             .context("--prefetch-rate")?,
         deadline: a.deadline.or(file.deadline).unwrap_or(30).max(1),
@@ -239,7 +214,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             stops.recv().await;
-            let _ = crate::notify::notify("STOPPING=1");
+            let _ = breakfs_node::notify::notify("STOPPING=1");
             shutdown.cancel();
         });
     }
@@ -268,7 +243,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     };
     let node = Node::start(config, Listeners { tcp, control }, shutdown).await?;
     println!("{READY} {}", node.url());
-    if let Err(e) = crate::notify::notify("READY=1") {
+    if let Err(e) = breakfs_node::notify::notify("READY=1") {
         tracing::warn!("telling systemd we are ready: {e}");
     }
     node.serve().await?;

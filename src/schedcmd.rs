@@ -33,7 +33,7 @@ pub struct SchedArgs {
     #[arg(long)]
     plain_http: bool,
     /// Bytes of hot layers the prefetch planner keeps in each cluster
-    /// (a Kubernetes quantity like 26Gi; without it, no planner runs).
+    /// (a size like 26Gi or 20GiB; without it, no planner runs).
     #[arg(long, value_name = "SIZE")]
     cache_sum_size: Option<String>,
     /// Seconds between planner runs.
@@ -55,7 +55,7 @@ pub struct SchedArgs {
     /// sends no token.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// Refuse request bodies larger than this (413), e.g. 32Mi [default:
+    /// Refuse request bodies larger than this (413), a size like 32Mi [default:
     /// 32Mi; `Nodes`-form args carry about 6.5 KB a node].
     #[arg(long, value_name = "SIZE")]
     max_body_size: Option<String>,
@@ -96,10 +96,8 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
     }
     cfg.plain_http |= a.plain_http;
     if let Some(c) = &a.cache_sum_size {
-        if breakfs_sched::types::parse_quantity(c).is_none() {
-            bail!("--cache-sum-size {c:?}: give a size like 26Gi or 500M");
-        }
         cfg.cache_sum_size = Some(c.clone());
+        cfg.cache_sum_bytes()?;
     }
     if let Some(p) = a.plan_secs {
         cfg.plan_secs = p;

@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod fuse;
 mod image;
+mod inspect;
 mod mount;
 mod tree;
 
@@ -20,6 +21,7 @@ pub use error::{Error, Result};
 pub use extract::{ExtractStats, extract};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
 pub use image::{LayerMode, OpenedImage, open_image, open_image_on};
+pub use inspect::inspect;
 pub use mount::{
     Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint, is_mountpoint, mount,
     read_status, remove_status, status_dir, status_path, write_status,

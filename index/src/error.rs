@@ -15,6 +15,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A size (flag or config) that does not parse.
+    #[error("{value:?} is not a size ({reason}): give {forms}", forms = crate::size::SIZE_FORMS)]
+    BadSize {
+        /// The size as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A digest string that is not `sha256:` followed by 64 hex digits.
     #[error("invalid digest {0:?}: expected sha256:<64 lowercase hex digits>")]
     BadDigest(String),

@@ -17,6 +17,7 @@ mod error;
 mod merged;
 mod oci;
 mod reference;
+mod size;
 mod tarindex;
 mod toc;
 
@@ -30,6 +31,7 @@ pub use oci::{
     Descriptor, ImageConfig, ImageIndex, Manifest, ManifestDoc, Platform, annotations, media_types,
 };
 pub use reference::{ImageRef, Reference};
+pub use size::{SIZE_FORMS, parse_size};
 pub use tarindex::{LayerEntry, LayerIndex};
 pub use toc::{
     FOOTER_SIZE, LANDMARK_CONTENT, LEGACY_FOOTER_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,

@@ -20,6 +20,7 @@ mod error;
 mod lifecycle;
 mod metrics;
 mod mounts;
+pub mod notify;
 mod peer;
 mod prefetch;
 mod relay;
@@ -30,8 +31,8 @@ pub use control::{MountRequest, mount_through, node_client};
 pub use daemon::{Node, run};
 pub use error::{Error, Result};
 pub use lifecycle::{
-    Ending, end_session, mount_and_probe, process_alive, serve_mount, stop_signals, unmount,
-    unmount_path,
+    Ending, end_session, mount_and_probe, process_alive, serve_mount, status_report, stop_signals,
+    unmount, unmount_path,
 };
 pub use prefetch::{PrefetchRequest, PrefetchTask};
 #[doc(hidden)]

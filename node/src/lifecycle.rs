@@ -280,3 +280,66 @@ pub fn process_alive(pid: u32) -> bool {
         .and_then(|(_, rest)| rest.trim_start().chars().next())
         .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
 }
+
+/// `breakfs status`'s text for a mount's status record: hydration, bytes
+/// fetched by source, reads, and whether the serving process still runs.
+pub fn status_report(s: &StatusRecord) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let alive = process_alive(s.pid);
+    let pct = if s.chunk_bytes == 0 {
+        100.0
+    } else {
+        100.0 * s.hydrated_bytes as f64 / s.chunk_bytes as f64
+    };
+    let _ = writeln!(out, "image      {} ({})", s.image, s.manifest);
+    let _ = writeln!(
+        out,
+        "mounted    {} by pid {}{}",
+        s.mountpoint.display(),
+        s.pid,
+        if alive { "" } else { " (not running!)" }
+    );
+    let _ = writeln!(out, "store      {}", s.cache.display());
+    let _ = writeln!(
+        out,
+        "tree       {} paths, {:.1} MB of files; {} lazy and {} whole layers",
+        s.paths,
+        s.file_bytes as f64 / 1e6,
+        s.lazy_layers,
+        s.whole_layers
+    );
+    let _ = writeln!(
+        out,
+        "hydration  {pct:.1}% ({:.1} of {:.1} MB){}",
+        s.hydrated_bytes as f64 / 1e6,
+        s.chunk_bytes as f64 / 1e6,
+        if s.hydrated { ", complete" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "reads      {:.1} MB read; {} reads from the store, {} waited for a fetch, {} failed",
+        s.reads.bytes_read as f64 / 1e6,
+        s.reads.reads_local,
+        s.reads.reads_waited,
+        s.reads.reads_failed
+    );
+    for (name, st) in &s.fetch.sources {
+        let _ = writeln!(
+            out,
+            "fetched    {:.1} MB from {name} in {} requests ({} failed)",
+            st.bytes as f64 / 1e6,
+            st.requests,
+            st.failures
+        );
+    }
+    let _ = writeln!(
+        out,
+        "verified   {} chunks ({:.1} MB), {} digest failures, {} queued",
+        s.fetch.chunks_stored,
+        s.fetch.chunk_bytes_stored as f64 / 1e6,
+        s.fetch.digest_failures,
+        s.fetch.queued
+    );
+    out
+}

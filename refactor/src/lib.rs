@@ -10,7 +10,8 @@ pub use dpkg::PackageDb;
 pub use error::{Error, Result};
 pub use estargz::{ContentSource, WriterOptions, WrittenLayer, write_layer};
 pub use pipeline::{
-    ImageReport, LoadedImage, NoProgress, Progress, RefactorOptions, load_image, refactor,
+    ImageReport, LoadedImage, NoProgress, Progress, RefactorOptions, ReportTable, load_image,
+    refactor,
 };
 pub use plan::{
     ImagePlan, LayerSource, Plan, PlanImage, PlanLayer, PlanOptions, PublishedLayer, plan,

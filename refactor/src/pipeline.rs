@@ -797,6 +797,61 @@ pub async fn refactor(
     Ok(reports)
 }
 
+/// The reports of a run as the table `breakfs refactor` prints: layers,
+/// compressed MB before and after, reuse, sharing, and seconds per image.
+pub struct ReportTable<'a>(pub &'a [ImageReport]);
+
+fn mb(b: u64) -> String {
+    format!("{:.1}", b as f64 / 1e6)
+}
+
+impl std::fmt::Display for ReportTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}",
+            "image",
+            "layers",
+            "MB orig→new",
+            "size ×",
+            "reused MB",
+            "share",
+            "bound",
+            "stale MB",
+            "dup MB",
+            "secs"
+        )?;
+        for r in self.0 {
+            writeln!(
+                f,
+                "{:<44} {:>9} {:>17} {:>8.3} {:>10} {:>6.1}% {:>6.1}% {:>9} {:>7} {:>7.1}",
+                r.dest,
+                format!("{}→{}", r.original_layers, r.layers),
+                format!(
+                    "{}→{}",
+                    mb(r.original_compressed_bytes),
+                    mb(r.compressed_bytes)
+                ),
+                r.compressed_bytes as f64 / r.original_compressed_bytes.max(1) as f64,
+                mb(r.reused_compressed_bytes),
+                100.0 * r.share(),
+                100.0 * r.bound(),
+                mb(r.shadowed_bytes),
+                mb(r.duplicated_bytes),
+                r.seconds,
+            )?;
+            if r.mtime_changes > 0 {
+                writeln!(
+                    f,
+                    "  --relax-mtime changed the mtime of {} entries",
+                    r.mtime_changes
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use crate::directory::NodeEntry;
 use crate::error::{Error, Result};
 use crate::score::Weights;
-use crate::types::parse_quantity;
 
 /// The service's configuration (YAML, in the spirit of the paper's).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -137,14 +136,24 @@ impl SchedConfig {
     pub fn from_yaml(text: &str) -> Result<SchedConfig> {
         let c: SchedConfig = serde_yaml::from_str(text).map_err(Error::Config)?;
         c.max_body()?;
+        c.cache_sum_bytes()?;
         Ok(c)
+    }
+
+    /// `cacheSumSize` in bytes (a size like `26Gi` or `20GiB`), when set.
+    pub fn cache_sum_bytes(&self) -> Result<Option<u64>> {
+        self.cache_sum_size
+            .as_deref()
+            .map(|s| breakfs_index::parse_size(s).map_err(Error::CacheSumSize))
+            .transpose()
     }
 
     /// `maxBodySize` in bytes.
     pub fn max_body(&self) -> Result<usize> {
-        parse_quantity(&self.max_body_size)
-            .filter(|n| *n >= 1.0)
-            .map(|n| n as usize)
+        breakfs_index::parse_size(&self.max_body_size)
+            .ok()
+            .filter(|n| *n >= 1)
+            .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| Error::MaxBodySize(self.max_body_size.clone()))
     }
 }
@@ -162,6 +171,14 @@ mod tests {
         assert_eq!(c.nodes.len(), 3);
         assert_eq!(c.nodes[2].cluster, "west");
         assert_eq!(c.cache_sum_size.as_deref(), Some("26Gi"));
+        assert_eq!(c.cache_sum_bytes().unwrap(), Some(26 << 30));
+        let sized = SchedConfig::from_yaml("cacheSumSize: 20GiB\nmaxBodySize: 64KiB\n").unwrap();
+        assert_eq!(sized.cache_sum_bytes().unwrap(), Some(20 << 30));
+        assert_eq!(sized.max_body().unwrap(), 64 << 10);
+        let e = SchedConfig::from_yaml("cacheSumSize: lots\n")
+            .unwrap_err()
+            .chain();
+        assert!(e.contains("\"lots\" is not a size"), "{e}");
         let e = SchedConfig::from_yaml("netWeight: 1\nnetWeiht: 2\n")
             .unwrap_err()
             .chain();

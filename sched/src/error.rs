@@ -20,6 +20,9 @@ pub enum Error {
          scheduler config or --max-body-size"
     )]
     MaxBodySize(String),
+    /// `cacheSumSize` is not a size.
+    #[error("cacheSumSize in the scheduler config or --cache-sum-size")]
+    CacheSumSize(#[source] breakfs_index::Error),
     /// The bearer token cannot travel in an HTTP header.
     #[error(
         "the bearer token cannot be sent to the node daemons in an HTTP header: \

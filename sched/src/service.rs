@@ -216,12 +216,7 @@ impl Sched {
     /// Run the prefetch planner every `planSecs` when `cacheSumSize` is
     /// set, until the service is dropped.
     pub fn spawn_planner(self: &Arc<Self>) {
-        let Some(sum) = self
-            .cfg
-            .cache_sum_size
-            .as_deref()
-            .and_then(crate::types::parse_quantity)
-        else {
+        let Ok(Some(sum)) = self.cfg.cache_sum_bytes() else {
             return;
         };
         let me = Arc::downgrade(self);
@@ -230,7 +225,7 @@ impl Sched {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(s) = me.upgrade() else { return };
-                s.plan_once(sum as u64).await;
+                s.plan_once(sum).await;
             }
         });
     }
