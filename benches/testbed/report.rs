@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::corpus::CorpusImage;
-use super::harness::{Machine, median};
+use super::harness::{self, median};
 use super::opts::{Opts, Strategy};
 use super::workload::Deployment;
 use super::world::{Outcome, Refactored, background_rate, distinct_bytes};
@@ -77,22 +77,6 @@ pub fn svg_plot(results: &[(Strategy, Outcome)]) -> String {
         h - 4.0
     ));
     out
-}
-
-/// This machine, for the report.
-fn machine() -> String {
-    let m = Machine::this();
-    let cpu = if m.cpu.is_empty() {
-        "unknown CPU"
-    } else {
-        &m.cpu
-    };
-    format!(
-        "{} × {cpu}, {:.0} GiB RAM, Linux {}",
-        m.cores,
-        m.mem_kib as f64 / 1048576.0,
-        m.kernel
-    )
 }
 
 /// The node logs of a failed strategy, kept in target/testbed-logs/FLAG.
@@ -203,7 +187,7 @@ pub fn report(
         orig as f64 / 1e6,
         distinct_bytes(refactored) as f64 / 1e6,
         o.seed,
-        machine(),
+        harness::machine(),
         setup_secs,
         started.elapsed().as_secs_f64(),
     )
