@@ -207,7 +207,10 @@ impl Budget {
     pub fn save(&self, store: &ContentStore) {
         let json = serde_json::to_vec(&self.state.lock().uses).unwrap_or_default();
         if let Err(e) = store.put_meta_replace(USES, &json) {
-            tracing::warn!("saving the cache budget's records: {e}");
+            tracing::warn!(
+                "saving the cache budget's records: {e}",
+                e = breakfs_index::Causes(&e)
+            );
         }
     }
 

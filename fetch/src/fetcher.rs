@@ -840,7 +840,10 @@ async fn fetch_verified(
             let kept =
                 tokio::task::spawn_blocking(move || store.put_range(&layer, start, &bytes)).await;
             if let Ok(Err(e)) = kept {
-                tracing::warn!("keeping a verified range failed: {e}");
+                tracing::warn!(
+                    "keeping a verified range failed: {e}",
+                    e = breakfs_index::Causes(&e)
+                );
             }
         }
         pending = failed;

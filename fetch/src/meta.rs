@@ -54,7 +54,7 @@ impl Fetcher {
                     break;
                 }
                 Err(e) if !trusted_only => {
-                    tracing::warn!(layer = %desc.digest, "a TOC from a peer did not check out, reading it from the cloud: {e}");
+                    tracing::warn!(layer = %desc.digest, "a TOC from a peer did not check out, reading it from the cloud: {e}", e = breakfs_index::Causes(&e));
                 }
                 Err(e) => return Err(e),
             }

@@ -382,7 +382,7 @@ impl fuser::Filesystem for ImageFs {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => forget_in(n, offset, end),
                 Err(e) => {
                     self.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(path = %n.entry.path, "reading the store failed: {e}");
+                    tracing::error!(path = %n.entry.path, "reading the store failed: {e}", e = breakfs_index::Causes(&e));
                     return reply.error(Errno::EIO);
                 }
             }
@@ -409,7 +409,7 @@ impl fuser::Filesystem for ImageFs {
                 });
                 if let Err(e) = futures::future::try_join_all(waits).await {
                     stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(path = %n.entry.path, "read failed: {e}");
+                    tracing::error!(path = %n.entry.path, "read failed: {e}", e = breakfs_index::Causes(&e));
                     return reply.error(Errno::EIO);
                 }
                 let (t, f, o) = (tree.clone(), fetcher.clone(), of.clone());
@@ -429,12 +429,12 @@ impl fuser::Filesystem for ImageFs {
                     }
                     Ok(Err(e)) => {
                         stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!("reading the store failed: {e}");
+                        tracing::error!("reading the store failed: {e}", e = breakfs_index::Causes(&e));
                         return reply.error(Errno::EIO);
                     }
                     Err(e) => {
                         stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!("read task failed: {e}");
+                        tracing::error!("read task failed: {e}", e = breakfs_index::Causes(&e));
                         return reply.error(Errno::EIO);
                     }
                 }

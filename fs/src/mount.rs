@@ -289,7 +289,7 @@ async fn hydrate(
             if enabled && fetcher.options().keep_ranges {
                 for desc in &lazy {
                     if let Err(e) = fetcher.complete_layer(desc).await {
-                        tracing::warn!(layer = %desc.digest, "keeping the whole layer failed: {e}");
+                        tracing::warn!(layer = %desc.digest, "keeping the whole layer failed: {e}", e = breakfs_index::Causes(&e));
                     }
                 }
             }

@@ -131,7 +131,10 @@ pub async fn serve_mount(
             );
         }
         if let Err(e) = breakfs_fs::write_status(&s) {
-            tracing::warn!("writing the status record: {e}");
+            tracing::warn!(
+                "writing the status record: {e}",
+                e = breakfs_index::Causes(&e)
+            );
         }
         if !breakfs_fs::is_mountpoint(abs) {
             eprintln!("breakfs: {} was unmounted", abs.display());

@@ -143,7 +143,10 @@ impl NodeService {
         let ending = end_session(m.m, &abs);
         tokio::spawn(async move {
             if let Err(e) = ending.finish().await {
-                tracing::warn!("ending a mount's session: {e}");
+                tracing::warn!(
+                    "ending a mount's session: {e}",
+                    e = breakfs_index::Causes(&e)
+                );
             }
         });
         eprintln!("breakfs node: unmounted {}", abs.display());

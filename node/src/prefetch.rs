@@ -160,7 +160,7 @@ impl Prefetcher {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(layer = %l.digest, "prefetching a layer failed: {e}");
+                    tracing::warn!(layer = %l.digest, "prefetching a layer failed: {e}", e = breakfs_index::Causes(&e));
                     first_error.get_or_insert(e);
                 }
             }

@@ -247,7 +247,7 @@ impl Source for RelaySource {
         match self.relay.downstream_client(&slot.key, &host, &repo) {
             Ok(repo) => Some(vec![Arc::new(RelayLink { repo, slot }) as Arc<dyn Source>]),
             Err(e) => {
-                tracing::warn!(peer = %slot.key, "cannot ask the peer to relay: {e}");
+                tracing::warn!(peer = %slot.key, "cannot ask the peer to relay: {e}", e = breakfs_index::Causes(&e));
                 Some(Vec::new())
             }
         }
