@@ -63,20 +63,30 @@ pub trait Source: Send + Sync {
     }
 
     /// `len` bytes at `start` of blob `blob`, unverified (the caller checks
-    /// every chunk against its digest).
+    /// every chunk against its digest). By default [`Error::NotFound`]: a
+    /// source standing for others, or one that moves whole blobs only.
     fn read_range<'a>(
         &'a self,
         blob: &'a Digest,
         start: u64,
         len: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>>>;
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        not_here(format!(
+            "bytes {start}+{len} of blob {blob} from {}",
+            self.name()
+        ))
+    }
 
-    /// The whole blob into `path`, verified against `desc`.
+    /// The whole blob into `path`, verified against `desc`. By default
+    /// [`Error::NotFound`]: a source standing for others, or one that moves
+    /// ranges only.
     fn blob_to_file<'a>(
         &'a self,
         desc: &'a Descriptor,
-        path: &'a Path,
-    ) -> BoxFuture<'a, Result<()>>;
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<()>> {
+        not_here(format!("whole blob {} from {}", desc.digest, self.name()))
+    }
 
     /// Note a finished transfer of `bytes` that took `secs` (for link
     /// measurements); nothing by default.
@@ -264,23 +274,13 @@ impl Source for LocalSource {
         })
     }
 
-    fn blob_to_file<'a>(
-        &'a self,
-        desc: &'a Descriptor,
-        _path: &'a Path,
-    ) -> BoxFuture<'a, Result<()>> {
-        // A whole blob in the store is found before any source is asked.
-        Box::pin(async move {
-            Err(Error::NotFound {
-                what: format!("blob {} in the local store", desc.digest),
-            })
-        })
-    }
+    // No blob_to_file: a whole blob in the store is found before any
+    // source is asked.
 }
 
-/// An answer of [`Error::NotFound`] for `what`: what a source standing
-/// for others (see [`Source::expand`]) or one that lacks a kind of
-/// transfer says.
+/// An answer of [`Error::NotFound`] for `what`: what a source that lacks
+/// a kind of transfer says (the default of [`Source::read_range`] and
+/// [`Source::blob_to_file`]).
 pub fn not_here<'a, T: Send + 'a>(what: String) -> BoxFuture<'a, Result<T>> {
     Box::pin(async move { Err(Error::NotFound { what }) })
 }

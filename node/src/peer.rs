@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use breakfs_fetch::{
-    ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass, not_here,
+    ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass,
 };
 use breakfs_index::{CacheIndex, Descriptor, Digest, HeldBlob, LinkStats, MAX_INDEX, PartialLayer};
 use futures::future::BoxFuture;
@@ -496,23 +496,6 @@ impl Source for PeerSource {
 
     fn expand(&self, blob: &Digest) -> Option<Vec<Arc<dyn Source>>> {
         Some(self.peers.holders(blob))
-    }
-
-    fn read_range<'a>(
-        &'a self,
-        blob: &'a Digest,
-        _start: u64,
-        _len: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>>> {
-        not_here(format!("blob {blob} at a peer"))
-    }
-
-    fn blob_to_file<'a>(
-        &'a self,
-        desc: &'a Descriptor,
-        _path: &'a Path,
-    ) -> BoxFuture<'a, Result<()>> {
-        not_here(format!("blob {} at a peer", desc.digest))
     }
 }
 

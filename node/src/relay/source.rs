@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use breakfs_fetch::{
     ClientOptions, CloudSource, Error, PEER_REST, RegistryRepo, Result, Source, SourceClass,
-    not_here,
 };
 use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
@@ -252,23 +251,6 @@ impl Source for RelaySource {
             }
         }
     }
-
-    fn read_range<'a>(
-        &'a self,
-        blob: &'a Digest,
-        _start: u64,
-        _len: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>>> {
-        not_here(format!("blob {blob} through a relay"))
-    }
-
-    fn blob_to_file<'a>(
-        &'a self,
-        desc: &'a Descriptor,
-        _path: &'a Path,
-    ) -> BoxFuture<'a, Result<()>> {
-        not_here(format!("whole blob {} through a relay", desc.digest))
-    }
 }
 
 /// The node's own registry link, chosen for one request: the cloud source,
@@ -366,17 +348,6 @@ impl Source for RelayLink {
                 other => other,
             }
         })
-    }
-
-    fn blob_to_file<'a>(
-        &'a self,
-        desc: &'a Descriptor,
-        _path: &'a Path,
-    ) -> BoxFuture<'a, Result<()>> {
-        not_here(format!(
-            "whole blob {} through relay {} (relays move ranges only)",
-            desc.digest, self.slot.key
-        ))
     }
 
     fn observe(&self, bytes: u64, secs: f64) {
