@@ -53,6 +53,21 @@ impl PromText {
         self.sample(name, &[], value);
     }
 
+    /// A family `name` of `kind` with one sample per value of `label`.
+    pub fn by_label(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        samples: &[(&str, f64)],
+    ) {
+        self.family(name, kind, help);
+        for (value, v) in samples {
+            self.sample(name, &[(label, value)], *v);
+        }
+    }
+
     /// A histogram's `_bucket`, `_sum` and `_count` samples.
     pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram) {
         let mut cumulative = 0;
@@ -199,53 +214,42 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
         "Bytes evicted to stay within the budget.",
         evicted as f64,
     );
-    p.family(
+    let served = &svc.served;
+    p.by_label(
         "breakfs_served_bytes_total",
         "counter",
         "Bytes served to peers and clients.",
+        "kind",
+        &[
+            ("blob", served.blob_bytes.load(Ordering::Relaxed) as f64),
+            (
+                "manifest",
+                served.manifest_bytes.load(Ordering::Relaxed) as f64,
+            ),
+        ],
     );
-    p.sample(
-        "breakfs_served_bytes_total",
-        &[("kind", "blob")],
-        svc.served.blob_bytes.load(Ordering::Relaxed) as f64,
-    );
-    p.sample(
-        "breakfs_served_bytes_total",
-        &[("kind", "manifest")],
-        svc.served.manifest_bytes.load(Ordering::Relaxed) as f64,
-    );
-    p.family(
+    p.by_label(
         "breakfs_served_requests_total",
         "counter",
         "Peer and client requests, by outcome.",
-    );
-    p.sample(
-        "breakfs_served_requests_total",
-        &[("outcome", "hit")],
-        svc.served.hits.load(Ordering::Relaxed) as f64,
-    );
-    p.sample(
-        "breakfs_served_requests_total",
-        &[("outcome", "miss")],
-        svc.served.misses.load(Ordering::Relaxed) as f64,
+        "outcome",
+        &[
+            ("hit", served.hits.load(Ordering::Relaxed) as f64),
+            ("miss", served.misses.load(Ordering::Relaxed) as f64),
+        ],
     );
     let relay = svc.relay.status();
-    p.family(
+    p.by_label(
         "breakfs_relay_served_requests_total",
         "counter",
         "Range requests of peers relayed from a registry (--relay), by outcome.",
+        "outcome",
+        &[
+            ("relayed", relay.relayed_requests as f64),
+            ("refused", relay.refused as f64),
+            ("failed", relay.failed as f64),
+        ],
     );
-    for (outcome, n) in [
-        ("relayed", relay.relayed_requests),
-        ("refused", relay.refused),
-        ("failed", relay.failed),
-    ] {
-        p.sample(
-            "breakfs_relay_served_requests_total",
-            &[("outcome", outcome)],
-            n as f64,
-        );
-    }
     p.single(
         "breakfs_relay_served_bytes_total",
         "counter",
