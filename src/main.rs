@@ -275,14 +275,15 @@ struct InspectArgs {
     image: String,
 }
 
-fn default_work_dir() -> PathBuf {
+/// `NAME` under the user's cache: `$BREAKFS_CACHE/NAME`, else
+/// `~/.cache/breakfs/NAME`, else `fallback`.
+fn user_cache(name: &str, fallback: PathBuf) -> PathBuf {
     if let Some(c) = std::env::var_os("BREAKFS_CACHE") {
-        return PathBuf::from(c).join("work");
+        return PathBuf::from(c).join(name);
     }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache/breakfs/work"),
-        None => std::env::temp_dir().join("breakfs-work"),
-    }
+    std::env::var_os("HOME").map_or(fallback, |h| {
+        PathBuf::from(h).join(".cache/breakfs").join(name)
+    })
 }
 
 /// Progress bars on stderr, one per stage.
@@ -364,7 +365,10 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
             ..WriterOptions::default()
         },
         client: a.client.options()?,
-        work_dir: a.work_dir.clone().unwrap_or_else(default_work_dir),
+        work_dir: a
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| user_cache("work", std::env::temp_dir().join("breakfs-work"))),
     };
     let bars = Bars {
         bar: Mutex::new(None),
