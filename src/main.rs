@@ -409,36 +409,21 @@ fn parse_route(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), 
 }
 
 async fn run_shape(a: ShapeArgs) -> Result<()> {
-    let mut routes = a.routes.clone();
+    let mut routes = a.routes;
     if let (Some(l), Some(u)) = (a.listen, a.upstream) {
         routes.insert(0, (l, u));
     }
     if routes.is_empty() {
         bail!("breakfs shape needs --listen ADDR --upstream ADDR, or --route LISTEN=UPSTREAM");
     }
-    let mut listeners = Vec::new();
-    for (l, u) in &routes {
-        let listener = tokio::net::TcpListener::bind(l)
-            .await
-            .with_context(|| format!("listening on {l}"))?;
-        listeners.push((listener, *u));
-    }
-    let down = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
-    let up = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
-    let rx = breakfs_shape::shutdown_on_ctrl_c();
-    let lifted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    breakfs_shape::lift_on_signals(lifted.clone()).context("listening for SIGUSR1/SIGUSR2")?;
-    let names: Vec<String> = routes.iter().map(|(l, u)| format!("{l} -> {u}")).collect();
-    eprintln!(
-        "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops, SIGUSR1 lifts, SIGUSR2 puts back",
-        names.join(", "),
-        a.rtt_ms,
-        a.mbit,
-        a.up_mbit.unwrap_or(a.mbit)
-    );
-    breakfs_shape::run_switchable_routes(listeners, up, down, lifted, rx)
-        .await
-        .context("shaping proxy")
+    breakfs_shape::run(breakfs_shape::Link {
+        routes,
+        rtt_ms: a.rtt_ms,
+        mbit: a.mbit,
+        up_mbit: a.up_mbit.unwrap_or(a.mbit),
+    })
+    .await?;
+    Ok(())
 }
 
 /// Restore the default SIGPIPE action (Rust ignores it), so that
