@@ -473,7 +473,10 @@ fn main() -> std::process::ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("breakfs: cannot start the async runtime: {e}");
+            eprintln!(
+                "breakfs: cannot start the async runtime: {}",
+                breakfs_index::Causes(&e)
+            );
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -494,14 +497,10 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("breakfs: {}", report(&e));
+            // The error and its causes on one line (`what: cause: cause`):
+            // library errors leave their source out of their own message.
+            eprintln!("breakfs: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line (`what: cause: cause`): library
-/// errors leave their source out of their own message, so each is said once.
-fn report(e: &anyhow::Error) -> String {
-    format!("{e:#}")
 }

@@ -130,7 +130,10 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     let node = Node::start(s.config, Listeners { tcp, control }, shutdown).await?;
     println!("{READY} {}", node.url());
     if let Err(e) = breakfs_node::notify::notify("READY=1") {
-        tracing::warn!("telling systemd we are ready: {e}");
+        tracing::warn!(
+            "telling systemd we are ready: {e}",
+            e = breakfs_index::Causes(&e)
+        );
     }
     node.serve().await?;
     Ok(())
