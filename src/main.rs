@@ -275,14 +275,15 @@ struct InspectArgs {
     image: String,
 }
 
-fn default_work_dir() -> PathBuf {
+/// `NAME` under the user's cache: `$BREAKFS_CACHE/NAME`, else
+/// `~/.cache/breakfs/NAME`, else `fallback`.
+fn user_cache(name: &str, fallback: PathBuf) -> PathBuf {
     if let Some(c) = std::env::var_os("BREAKFS_CACHE") {
-        return PathBuf::from(c).join("work");
+        return PathBuf::from(c).join(name);
     }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache/breakfs/work"),
-        None => std::env::temp_dir().join("breakfs-work"),
-    }
+    std::env::var_os("HOME").map_or(fallback, |h| {
+        PathBuf::from(h).join(".cache/breakfs").join(name)
+    })
 }
 
 /// Progress bars on stderr, one per stage.
@@ -364,7 +365,10 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
             ..WriterOptions::default()
         },
         client: a.client.options()?,
-        work_dir: a.work_dir.clone().unwrap_or_else(default_work_dir),
+        work_dir: a
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| user_cache("work", std::env::temp_dir().join("breakfs-work"))),
     };
     let bars = Bars {
         bar: Mutex::new(None),
@@ -405,36 +409,21 @@ fn parse_route(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), 
 }
 
 async fn run_shape(a: ShapeArgs) -> Result<()> {
-    let mut routes = a.routes.clone();
+    let mut routes = a.routes;
     if let (Some(l), Some(u)) = (a.listen, a.upstream) {
         routes.insert(0, (l, u));
     }
     if routes.is_empty() {
         bail!("breakfs shape needs --listen ADDR --upstream ADDR, or --route LISTEN=UPSTREAM");
     }
-    let mut listeners = Vec::new();
-    for (l, u) in &routes {
-        let listener = tokio::net::TcpListener::bind(l)
-            .await
-            .with_context(|| format!("listening on {l}"))?;
-        listeners.push((listener, *u));
-    }
-    let down = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.mbit);
-    let up = breakfs_shape::LinkShape::from_rtt_mbit(a.rtt_ms, a.up_mbit.unwrap_or(a.mbit));
-    let rx = breakfs_shape::shutdown_on_ctrl_c();
-    let lifted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    breakfs_shape::lift_on_signals(lifted.clone()).context("listening for SIGUSR1/SIGUSR2")?;
-    let names: Vec<String> = routes.iter().map(|(l, u)| format!("{l} -> {u}")).collect();
-    eprintln!(
-        "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops, SIGUSR1 lifts, SIGUSR2 puts back",
-        names.join(", "),
-        a.rtt_ms,
-        a.mbit,
-        a.up_mbit.unwrap_or(a.mbit)
-    );
-    breakfs_shape::run_switchable_routes(listeners, up, down, lifted, rx)
-        .await
-        .context("shaping proxy")
+    breakfs_shape::run(breakfs_shape::Link {
+        routes,
+        rtt_ms: a.rtt_ms,
+        mbit: a.mbit,
+        up_mbit: a.up_mbit.unwrap_or(a.mbit),
+    })
+    .await?;
+    Ok(())
 }
 
 /// Restore the default SIGPIPE action (Rust ignores it), so that
@@ -484,7 +473,10 @@ fn main() -> std::process::ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("breakfs: cannot start the async runtime: {e}");
+            eprintln!(
+                "breakfs: cannot start the async runtime: {}",
+                breakfs_index::Causes(&e)
+            );
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -505,14 +497,10 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("breakfs: {}", report(&e));
+            // The error and its causes on one line (`what: cause: cause`):
+            // library errors leave their source out of their own message.
+            eprintln!("breakfs: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line (`what: cause: cause`): library
-/// errors leave their source out of their own message, so each is said once.
-fn report(e: &anyhow::Error) -> String {
-    format!("{e:#}")
 }

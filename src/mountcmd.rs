@@ -1,13 +1,10 @@
 //! `breakfs mount`, `umount`, `status` and `pull --extract`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use breakfs_fetch::guard::Token;
 use breakfs_fetch::{ContentStore, FetchOptions};
 use breakfs_fs::{MountOptions, OpenedImage, StatusRecord};
@@ -17,13 +14,10 @@ use clap::Args;
 
 use crate::ClientArgs;
 
-/// The line a backgrounded mount prints when it answers.
-const READY: &str = "BREAKFS-MOUNT-READY";
-
 #[derive(Args, Clone)]
 pub struct StoreArgs {
     /// The content store (shared by all mounts and pulls of this user).
-    #[arg(long, env = "BREAKFS_STORE", default_value_os_t = default_store())]
+    #[arg(long, env = "BREAKFS_STORE", default_value_os_t = crate::user_cache("store", "/var/lib/breakfs/store".into()))]
     cache: PathBuf,
     /// Seconds a read waits for a missing chunk before it fails with EIO.
     #[arg(long, default_value_t = 30)]
@@ -61,16 +55,6 @@ impl StoreArgs {
         let opened =
             breakfs_fs::open_image(&reference, store, &client, self.fetch_options()).await?;
         Ok(opened)
-    }
-}
-
-fn default_store() -> PathBuf {
-    if let Some(c) = std::env::var_os("BREAKFS_CACHE") {
-        return PathBuf::from(c).join("store");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache/breakfs/store"),
-        None => PathBuf::from("/var/lib/breakfs/store"),
     }
 }
 
@@ -132,21 +116,7 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
         threads: a.threads,
         dependency_prefetch: !a.no_dependency_prefetch,
     };
-    // Stop requests from SIGINT/SIGTERM, caught before saying READY.
-    let stops = breakfs_node::stop_signals()?;
-    let (mounted, info) = breakfs_node::mount_and_probe(opened, &abs, &opts, None).await?;
-    eprintln!(
-        "breakfs: mounted {} at {} in {:.2}s: {} paths, {} MB of files, {} lazy and {} whole layers",
-        a.image,
-        abs.display(),
-        started.elapsed().as_secs_f64(),
-        info.paths,
-        info.file_bytes / 1_000_000,
-        info.lazy_layers,
-        info.whole_layers
-    );
-    println!("{READY}");
-    breakfs_node::serve_mount(mounted, &abs, &a.image, started, stops).await?;
+    breakfs_node::run_standalone(opened, &abs, &opts, &a.image, started).await?;
     Ok(())
 }
 
@@ -182,48 +152,22 @@ async fn mount_via_node(node: &str, a: &MountArgs, abs: &Path) -> Result<()> {
 /// Start the mount again in the foreground as a detached child, wait until
 /// it answers (or fails), then leave it running.
 fn background(a: &MountArgs, abs: &Path) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    let logs = a.store.cache.join("logs");
-    std::fs::create_dir_all(&logs)
-        .with_context(|| format!("creating the log directory {}", logs.display()))?;
-    let key = breakfs_index::Digest::of(abs.to_string_lossy().as_bytes());
-    let log_path = logs.join(format!("mount-{}.log", &key.hex()[..16]));
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the breakfs executable")?;
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    args.push("--foreground".into());
-    let mut child = std::process::Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting the mount process")?;
-    let out = child.stdout.take().context("mount process output")?;
-    let mut lines = BufReader::new(out).lines();
-    let ready = lines.any(|l| l.map(|l| l == READY).unwrap_or(false));
-    if ready {
-        println!(
-            "mounted {} at {} (pid {}, log {}); `breakfs umount {}` to unmount",
-            a.image,
-            abs.display(),
-            child.id(),
-            log_path.display(),
-            abs.display()
-        );
-        return Ok(());
-    }
-    let status = child.wait()?;
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    bail!(
-        "mounting {} failed ({status}):\n{}",
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--foreground");
+    let logs = a.store.cache.join("logs");
+    let p = breakfs_node::spawn_mount_process(command, &logs, &a.image, abs)?;
+    println!(
+        "mounted {} at {} (pid {}, log {}); `breakfs umount {}` to unmount",
         a.image,
-        tail.join("\n")
+        abs.display(),
+        p.pid,
+        p.log.display(),
+        abs.display()
     );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -278,9 +222,7 @@ pub struct PullArgs {
 pub async fn run_pull(a: PullArgs) -> Result<()> {
     let started = Instant::now();
     let opened = a.store.open(&a.image).await?;
-    let total = opened.tree.file_bytes();
-    let done = Arc::new(AtomicU64::new(0));
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = indicatif::ProgressBar::new(opened.tree.file_bytes());
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -288,17 +230,10 @@ pub async fn run_pull(a: PullArgs) -> Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(format!("extracting {}", a.image));
-    let ticker = {
-        let (bar, done) = (bar.clone(), done.clone());
-        tokio::spawn(async move {
-            loop {
-                bar.set_position(done.load(Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let r = breakfs_fs::extract(&opened, &a.extract, done.clone()).await;
-    ticker.abort();
+    let r = breakfs_fs::extract_reporting(&opened, &a.extract, Duration::from_millis(100), |n| {
+        bar.set_position(n)
+    })
+    .await;
     bar.finish_and_clear();
     let stats = r?;
     let fetched: u64 = opened

@@ -1,16 +1,13 @@
-//! `breakfs node`: the node daemon's flags and config file, merged into
-//! a [`Config`]; the listeners bound, SIGINT/SIGTERM wired to its shutdown
-//! token, and systemd told when it is ready (the daemon is `breakfs-node`).
+//! `breakfs node`: the node daemon's flags, merged with its config file
+//! ([`Settings`]); the listeners bound, SIGINT/SIGTERM wired to its
+//! shutdown token, and systemd told when it is ready (the daemon is
+//! `breakfs-node`).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use breakfs_fetch::guard::Token;
-use breakfs_node::{Config, ControlSocket, DEFAULT_SOCKET, Listeners, Node};
+use anyhow::{Context, Result};
+use breakfs_node::{ControlSocket, Listeners, Node, Settings};
 use clap::Args;
-use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::ClientArgs;
 
@@ -93,158 +90,50 @@ pub struct NodeArgs {
     client: ClientArgs,
 }
 
-/// The config file.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NodeConfig {
-    listen: Option<String>,
-    socket: Option<PathBuf>,
-    advertise: Option<String>,
-    cache: Option<PathBuf>,
-    budget: Option<String>,
-    #[serde(default)]
-    peers: Vec<String>,
-    learn_peers: Option<bool>,
-    #[serde(default)]
-    relay: Vec<String>,
-    plain_http: Option<bool>,
-    prefetch_rate: Option<String>,
-    deadline: Option<u64>,
-    parallel: Option<usize>,
-    token_file: Option<PathBuf>,
-    registry_timeout: Option<u64>,
-    verify: Option<bool>,
-}
-
-/// The settings after merging file and flags.
-struct Settings {
-    listen: String,
-    socket: PathBuf,
-    advertise: Option<String>,
-    cache: PathBuf,
-    budget: Option<u64>,
-    peers: Vec<String>,
-    learn_peers: bool,
-    relay: Vec<String>,
-    plain_http: bool,
-    prefetch_rate: Option<u64>,
-    deadline: u64,
-    parallel: usize,
-    token: Option<Token>,
-    registry_timeout: Option<u64>,
-    verify: bool,
-}
-
-fn settings(a: &NodeArgs) -> Result<Settings> {
-    let file: NodeConfig = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the node config {}", p.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("parsing the node config {}", p.display()))?
+impl NodeArgs {
+    /// The flags as settings (an unset flag leaves the config file's).
+    fn settings(&self) -> Settings {
+        Settings {
+            listen: self.listen.clone(),
+            socket: self.socket.clone(),
+            advertise: self.advertise.clone(),
+            cache: self.cache.clone(),
+            budget: self.budget.clone(),
+            peers: self.peers.clone(),
+            learn_peers: self.no_learn_peers.then_some(false),
+            relay: self.relay.clone(),
+            plain_http: self.client.plain_http.then_some(true),
+            prefetch_rate: self.prefetch_rate.clone(),
+            deadline: self.deadline,
+            parallel: self.parallel,
+            token_file: self.token_file.clone(),
+            registry_timeout: self.client.registry_timeout,
+            verify: self.verify.then_some(true),
         }
-        None => NodeConfig::default(),
-    };
-    let budget = a.budget.clone().or(file.budget);
-    let rate = a.prefetch_rate.clone().or(file.prefetch_rate);
-    let mut peers = file.peers;
-    peers.extend(a.peers.iter().cloned());
-    let mut relay = file.relay;
-    relay.extend(a.relay.iter().cloned());
-    if let Some(bad) = relay
-        .iter()
-        .find(|h| h.trim().is_empty() || h.contains('/'))
-    {
-        bail!(
-            "--relay {bad:?}: name a registry host as image references do \
-             (registry.example.com, 10.0.0.9:5000), without a scheme or path"
-        );
     }
-    Ok(Settings {
-        listen: a
-            .listen
-            .clone()
-            .or(file.listen)
-            .unwrap_or_else(|| "0.0.0.0:7480".into()),
-        socket: a
-            .socket
-            .clone()
-            .or(file.socket)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
-        advertise: a.advertise.clone().or(file.advertise),
-        cache: a
-            .cache
-            .clone()
-            .or(file.cache)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/breakfs/store")),
-        budget: budget
-            .as_deref()
-            .map(breakfs_index::parse_size)
-            .transpose()
-            .context("--budget")?,
-        peers,
-        learn_peers: !a.no_learn_peers && file.learn_peers.unwrap_or(true),
-        relay,
-        plain_http: a.client.plain_http || file.plain_http.unwrap_or(false),
-        prefetch_rate: rate
-            .as_deref()
-            .map(breakfs_index::parse_size)
-            .transpose()
-            .context("--prefetch-rate")?,
-        deadline: a.deadline.or(file.deadline).unwrap_or(30).max(1),
-        parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
-        token: a
-            .token_file
-            .clone()
-            .or(file.token_file)
-            .map(|p| Token::from_file(&p))
-            .transpose()
-            .context("--token-file")?,
-        registry_timeout: a.client.registry_timeout.or(file.registry_timeout),
-        verify: a.verify || file.verify.unwrap_or(false),
-    })
 }
 
 pub async fn run_node(a: NodeArgs) -> Result<()> {
-    let s = settings(&a)?;
+    let file = match &a.config {
+        Some(p) => Settings::from_file(p)?,
+        None => Settings::default(),
+    };
+    let s = a.settings().over(file).resolve(a.client.options()?)?;
     // Catch SIGTERM before saying READY: systemd may stop us at once.
-    let mut stops = breakfs_node::stop_signals()?;
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            stops.recv().await;
-            let _ = breakfs_node::notify::notify("STOPPING=1");
-            shutdown.cancel();
-        });
-    }
-    let mut client = a.client.options()?;
-    client.plain_http = s.plain_http;
-    if let Some(t) = s.registry_timeout {
-        client.timeout = Duration::from_secs(t.max(1));
-    }
+    let shutdown = breakfs_node::shutdown_on_stop_signals(|| {
+        let _ = breakfs_node::notify::notify("STOPPING=1");
+    })?;
     let tcp = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("listening on {} (choose another with --listen)", s.listen))?;
     let control = ControlSocket::bind(&s.socket)?;
-    let config = Config {
-        advertise: s.advertise,
-        cache: s.cache,
-        budget: s.budget,
-        peers: s.peers,
-        learn_peers: s.learn_peers,
-        relay: s.relay,
-        client,
-        prefetch_rate: s.prefetch_rate,
-        deadline: Duration::from_secs(s.deadline),
-        parallel: s.parallel,
-        token: s.token,
-        verify: s.verify,
-    };
-    let node = Node::start(config, Listeners { tcp, control }, shutdown).await?;
+    let node = Node::start(s.config, Listeners { tcp, control }, shutdown).await?;
     println!("{READY} {}", node.url());
     if let Err(e) = breakfs_node::notify::notify("READY=1") {
-        tracing::warn!("telling systemd we are ready: {e}");
+        tracing::warn!(
+            "telling systemd we are ready: {e}",
+            e = breakfs_index::Causes(&e)
+        );
     }
     node.serve().await?;
     Ok(())

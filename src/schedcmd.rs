@@ -3,15 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use breakfs_sched::{NodeEntry, Sched, SchedConfig};
+use breakfs_sched::{NodeEntry, SchedConfig, Server};
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 /// The line the service prints on stdout once it serves.
 const READY: &str = "BREAKFS-SCHED-READY";
-
-/// How long calls under way may take to finish once a signal came.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Args)]
 pub struct SchedArgs {
@@ -122,53 +118,13 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {} (choose another with --listen)", cfg.listen))?;
-    let local = listener.local_addr()?;
-    let kube = cfg.kubernetes.clone();
-    let sched = Sched::with_token(cfg, token)?;
-    if kube.enabled {
-        let client = breakfs_sched::k8s::client(kube.url.as_deref()).await?;
-        let glue = breakfs_sched::k8s::Glue::start(client);
-        tokio::time::timeout(std::time::Duration::from_secs(30), glue.ready())
-            .await
-            .context("the Kubernetes API did not list Nodes and Pods within 30 s")??;
-        breakfs_sched::k8s::sync_once(sched.directory(), &glue, false).await;
-        breakfs_sched::k8s::spawn(
-            sched.directory().clone(),
-            glue,
-            std::time::Duration::from_secs_f64(kube.sync_secs.max(1.0)),
-            kube.publish_labels,
-        );
-    }
-    sched.poll().await;
-    sched.spawn_polling();
-    sched.spawn_planner();
-    eprintln!(
-        "breakfs sched: serving the extender on http://{local}{}/filter and /prioritize, watching {} node daemons",
-        sched.config().prefix,
-        sched.node_entries().len()
-    );
-    println!("{READY} http://{local}");
-    let shutdown = CancellationToken::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        on_signal.cancel();
-    });
-    // Calls under way get a little time to finish; a client holding a
-    // connection open does not hold the process.
-    let serving = breakfs_sched::serve(listener, sched, shutdown.clone());
-    let grace = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        r = serving => r.context("the extender server stopped")?,
-        _ = grace => eprintln!("breakfs sched: calls still under way after {SHUTDOWN_GRACE:?}; stopping"),
-    }
+    let server = Server::start(cfg, token, listener).await?;
+    println!("{READY} http://{}", server.local_addr());
+    let shutdown = breakfs_node::shutdown_on_stop_signals(|| {})?;
+    server
+        .serve(shutdown)
+        .await
+        .context("the extender server stopped")?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use axum::routing::get;
 use breakfs_sched::k8s::{self, Glue};
 use breakfs_sched::score::{Link, NodeView};
 use breakfs_sched::types::ExtenderArgs;
-use breakfs_sched::{Sched, SchedConfig};
+use breakfs_sched::{SHUTDOWN_GRACE, Sched, SchedConfig, Server};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -261,4 +261,38 @@ async fn the_kube_glue_reads_resources_discovers_daemons_and_publishes_links() {
     .await;
     k8s::sync_once(sched.directory(), &glue, true).await;
     assert_eq!(api.patches.lock().unwrap().len(), 1);
+}
+
+/// `breakfs sched --kube-url`'s life, in process: the service starts once
+/// the watches have listed, knows the daemons the nodes announce, serves,
+/// and stops when its shutdown token fires.
+#[tokio::test]
+async fn the_server_starts_from_the_kube_api_and_stops_on_shutdown() {
+    let (url, _api) = serve_api().await;
+    let mut cfg = SchedConfig::default();
+    cfg.kubernetes.enabled = true;
+    cfg.kubernetes.url = Some(url);
+    cfg.kubernetes.publish_labels = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::start(cfg, None, listener).await.unwrap();
+    let entries = server.sched().node_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].name, "edge-b");
+    let addr = server.local_addr();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(server.serve(shutdown.clone()));
+    let health = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(health, "ok\n");
+    shutdown.cancel();
+    tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), serving)
+        .await
+        .expect("the service stops after its grace at the latest")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

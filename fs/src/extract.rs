@@ -29,6 +29,26 @@ pub struct ExtractStats {
     pub bytes: u64,
 }
 
+/// [`extract`], calling `report` with the content bytes written so far
+/// every `every` while it runs (a progress bar).
+pub async fn extract_reporting(
+    opened: &OpenedImage,
+    dest: &Path,
+    every: std::time::Duration,
+    mut report: impl FnMut(u64),
+) -> Result<ExtractStats> {
+    let done = Arc::new(AtomicU64::new(0));
+    let work = extract(opened, dest, done.clone());
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tick.tick() => report(done.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 /// Write the image's tree to `dest` (which must not exist, or be an empty
 /// directory). `progress` counts content bytes written.
 pub async fn extract(

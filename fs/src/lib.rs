@@ -5,7 +5,7 @@
 //! once); [`mount`] serves the tree over FUSE, content from the content
 //! store, missing chunks fetched on demand ahead of background hydration;
 //! [`extract`] writes the same tree to a plain directory, files in parallel
-//! as their chunks arrive.
+//! as their chunks arrive ([`extract_reporting`] with its progress).
 
 mod deps;
 mod error;
@@ -18,7 +18,7 @@ mod tree;
 
 pub use deps::{ElfDependencies, elf_dependencies};
 pub use error::{Error, Result};
-pub use extract::{ExtractStats, extract};
+pub use extract::{ExtractStats, extract, extract_reporting};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
 pub use image::{LayerMode, OpenedImage, open_image, open_image_on};
 pub use inspect::inspect;

@@ -1,14 +1,16 @@
-//! What a node daemon is started with: its settings and its listeners,
-//! bound by the caller (a test binds `127.0.0.1:0`).
+//! What a node daemon is started with: its settings (a config file and
+//! flags merged by [`Settings`] into a [`Config`]) and its listeners, bound
+//! by the caller (a test binds `127.0.0.1:0`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use breakfs_fetch::ClientOptions;
 use breakfs_fetch::guard::Token;
+use serde::Deserialize;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::{Error, Result};
+use crate::{DEFAULT_SOCKET, Error, Result};
 
 /// A node daemon's settings (`breakfs node` merges its flags and config
 /// file into one).
@@ -63,6 +65,150 @@ impl Config {
     }
 }
 
+/// A node's settings as its TOML config file holds them, or as flags give
+/// them: [`Settings::over`] lets one set win over another, and
+/// [`Settings::resolve`] fills in the defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to serve on [default: 0.0.0.0:7480].
+    pub listen: Option<String>,
+    /// The control socket [default: [`DEFAULT_SOCKET`]].
+    pub socket: Option<PathBuf>,
+    /// The URL peers reach this node at.
+    pub advertise: Option<String>,
+    /// The content store [default: /var/lib/breakfs/store].
+    pub cache: Option<PathBuf>,
+    /// Keep the store within this size (e.g. `20GiB`).
+    pub budget: Option<String>,
+    /// Configured peers; merged settings keep both sets' peers.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Whether to add the peers that peers know [default: true].
+    pub learn_peers: Option<bool>,
+    /// Registry hosts to relay for; merged settings keep both sets'.
+    #[serde(default)]
+    pub relay: Vec<String>,
+    /// Talk plain HTTP to registries [default: false].
+    pub plain_http: Option<bool>,
+    /// Background work at most this size per second (e.g. `2MiB`).
+    pub prefetch_rate: Option<String>,
+    /// Seconds a read waits for a missing chunk [default: 30].
+    pub deadline: Option<u64>,
+    /// Parallel range requests [default: 8].
+    pub parallel: Option<usize>,
+    /// A file holding the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// Seconds of the registry client's timeout.
+    pub registry_timeout: Option<u64>,
+    /// Check the whole store before serving [default: false].
+    pub verify: Option<bool>,
+}
+
+/// Merged settings: where to listen and the daemon's [`Config`].
+pub struct Resolved {
+    /// The TCP address to bind.
+    pub listen: String,
+    /// The control socket's path.
+    pub socket: PathBuf,
+    /// The daemon's settings.
+    pub config: Config,
+}
+
+impl Settings {
+    /// Read the TOML config file at `path`.
+    pub fn from_file(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading the node config {}", path.display()), e))?;
+        toml::from_str(&text).map_err(|source| Error::ConfigFile {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// These settings where set, else `base`'s (peers and relay hosts:
+    /// `base`'s then these).
+    pub fn over(self, base: Settings) -> Settings {
+        let mut peers = base.peers;
+        peers.extend(self.peers);
+        let mut relay = base.relay;
+        relay.extend(self.relay);
+        Settings {
+            listen: self.listen.or(base.listen),
+            socket: self.socket.or(base.socket),
+            advertise: self.advertise.or(base.advertise),
+            cache: self.cache.or(base.cache),
+            budget: self.budget.or(base.budget),
+            peers,
+            learn_peers: self.learn_peers.or(base.learn_peers),
+            relay,
+            plain_http: self.plain_http.or(base.plain_http),
+            prefetch_rate: self.prefetch_rate.or(base.prefetch_rate),
+            deadline: self.deadline.or(base.deadline),
+            parallel: self.parallel.or(base.parallel),
+            token_file: self.token_file.or(base.token_file),
+            registry_timeout: self.registry_timeout.or(base.registry_timeout),
+            verify: self.verify.or(base.verify),
+        }
+    }
+
+    /// Check the settings and fill in the defaults: sizes parsed, the token
+    /// read; `client` (platform, endpoints) takes the settings' plain HTTP
+    /// and timeout.
+    pub fn resolve(self, mut client: ClientOptions) -> Result<Resolved> {
+        if let Some(bad) = self
+            .relay
+            .iter()
+            .find(|h| h.trim().is_empty() || h.contains('/'))
+        {
+            return Err(Error::RelayHost(bad.clone()));
+        }
+        let size = |what: &str, s: Option<String>| {
+            s.as_deref()
+                .map(breakfs_index::parse_size)
+                .transpose()
+                .map_err(|e| Error::Setting {
+                    what: what.to_string(),
+                    source: Box::new(e.into()),
+                })
+        };
+        let budget = size("--budget", self.budget)?;
+        let prefetch_rate = size("--prefetch-rate", self.prefetch_rate)?;
+        let token = self
+            .token_file
+            .map(|p| Token::from_file(&p))
+            .transpose()
+            .map_err(|e| Error::Setting {
+                what: "--token-file".to_string(),
+                source: Box::new(e.into()),
+            })?;
+        client.plain_http = self.plain_http.unwrap_or(false);
+        if let Some(t) = self.registry_timeout {
+            client.timeout = Duration::from_secs(t.max(1));
+        }
+        Ok(Resolved {
+            listen: self.listen.unwrap_or_else(|| "0.0.0.0:7480".into()),
+            socket: self.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            config: Config {
+                advertise: self.advertise,
+                cache: self
+                    .cache
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/breakfs/store")),
+                budget,
+                peers: self.peers,
+                learn_peers: self.learn_peers.unwrap_or(true),
+                relay: self.relay,
+                client,
+                prefetch_rate,
+                deadline: Duration::from_secs(self.deadline.unwrap_or(30).max(1)),
+                parallel: self.parallel.unwrap_or(8).max(1),
+                token,
+                verify: self.verify.unwrap_or(false),
+            },
+        })
+    }
+}
+
 /// The sockets a node serves on.
 pub struct Listeners {
     /// Peers, the scheduler and OCI clients (and mount control with a token).
@@ -106,5 +252,56 @@ impl ControlSocket {
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_peers_add_up() {
+        let file: Settings = toml::from_str(
+            "listen = \"0.0.0.0:9000\"\nbudget = \"1GiB\"\npeers = [\"http://a:1\"]\n\
+             learn_peers = false\nplain_http = true\nregistry_timeout = 7\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            budget: Some("2GiB".into()),
+            peers: vec!["http://b:1".into()],
+            deadline: Some(0),
+            ..Settings::default()
+        };
+        let r = flags.over(file).resolve(ClientOptions::default()).unwrap();
+        assert_eq!(r.listen, "0.0.0.0:9000");
+        assert_eq!(r.socket, PathBuf::from(DEFAULT_SOCKET));
+        let c = r.config;
+        assert_eq!(c.budget, Some(2 << 30));
+        assert_eq!(c.peers, ["http://a:1", "http://b:1"]);
+        assert!(!c.learn_peers);
+        assert!(c.client.plain_http);
+        assert_eq!(c.client.timeout, Duration::from_secs(7));
+        assert_eq!(c.deadline, Duration::from_secs(1));
+        assert_eq!(c.parallel, 8);
+        assert_eq!(c.cache, PathBuf::from("/var/lib/breakfs/store"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_what_to_fix() {
+        assert!(toml::from_str::<Settings>("budjet = \"1GiB\"\n").is_err());
+        let relay = Settings {
+            relay: vec!["http://reg:5000".into()],
+            ..Settings::default()
+        };
+        let e = relay.resolve(ClientOptions::default()).err().unwrap();
+        assert!(e.to_string().contains("without a scheme"), "{e}");
+        let budget = Settings {
+            budget: Some("lots".into()),
+            ..Settings::default()
+        };
+        let e = budget.resolve(ClientOptions::default()).err().unwrap();
+        assert_eq!(e.to_string(), "--budget");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -79,6 +79,41 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// The node's config file is not TOML of the known keys.
+    #[error("parsing the node config {}", .path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A setting is not valid (a size that does not parse, a token file
+    /// that cannot be read).
+    #[error("{what}")]
+    Setting {
+        /// The setting, as its flag names it.
+        what: String,
+        /// Why not.
+        #[source]
+        source: Box<Error>,
+    },
+    /// A relay host that is not a registry host.
+    #[error(
+        "--relay {0:?}: name a registry host as image references do \
+         (registry.example.com, 10.0.0.9:5000), without a scheme or path"
+    )]
+    RelayHost(String),
+    /// A backgrounded mount process ended before its mount answered.
+    #[error("mounting {image} failed ({status}):\n{log_tail}")]
+    MountProcess {
+        /// The image.
+        image: String,
+        /// How the process ended.
+        status: std::process::ExitStatus,
+        /// The last lines of its log.
+        log_tail: String,
+    },
 }
 
 impl Error {

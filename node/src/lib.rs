@@ -9,7 +9,9 @@
 //! The doors: [`run`] (or [`Node::start`] then [`Node::serve`]) with a
 //! [`Config`], [`Listeners`] the caller bound and a shutdown token; the
 //! mount lifecycle shared with standalone mounts ([`mount_and_probe`],
-//! [`serve_mount`], [`unmount`]); the control API's client
+//! [`serve_mount`], [`unmount`]; a standalone mount process:
+//! [`run_standalone`], [`spawn_mount_process`]); the daemon's settings
+//! ([`Settings`], a config file and flags merged); the control API's client
 //! ([`mount_through`], [`MountRequest`]).
 
 mod chain;
@@ -26,12 +28,13 @@ mod prefetch;
 mod relay;
 mod server;
 
-pub use config::{Config, ControlSocket, Listeners};
+pub use config::{Config, ControlSocket, Listeners, Resolved, Settings};
 pub use control::{MountRequest, mount_through, node_client};
 pub use daemon::{Node, run};
 pub use error::{Error, Result};
 pub use lifecycle::{
-    Ending, end_session, mount_and_probe, process_alive, serve_mount, status_report, stop_signals,
+    Ending, MOUNT_READY, MountProcess, end_session, mount_and_probe, process_alive, run_standalone,
+    serve_mount, shutdown_on_stop_signals, spawn_mount_process, status_report, stop_signals,
     unmount, unmount_path,
 };
 pub use prefetch::{PrefetchRequest, PrefetchTask};

@@ -6,12 +6,15 @@
 //! client side, `breakfs umount`: ask the daemon, or stop the mount
 //! process, or detach a dead mount.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use breakfs_fetch::guard::Token;
 use breakfs_fs::{MountOptions, Mounted, OpenedImage, StatusRecord};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::control::node_client;
 use crate::{Error, Result};
@@ -86,6 +89,95 @@ impl Ending {
             .map_err(|e| Error::io("serving a mount until its session ends", e.into()))??;
         Ok(())
     }
+}
+
+/// The line a standalone mount process prints on stdout once its mount
+/// answers ([`run_standalone`]; [`spawn_mount_process`] waits for it).
+pub const MOUNT_READY: &str = "BREAKFS-MOUNT-READY";
+
+/// A standalone mount process in the foreground: mount `opened` (the image
+/// `image`, opened since `started`) at `abs`, say [`MOUNT_READY`] once it
+/// answers, and serve it until SIGINT/SIGTERM unmounts it or it is
+/// unmounted from outside ([`serve_mount`]).
+pub async fn run_standalone(
+    opened: OpenedImage,
+    abs: &Path,
+    opts: &MountOptions,
+    image: &str,
+    started: Instant,
+) -> Result<()> {
+    // Stop requests from SIGINT/SIGTERM, caught before saying READY.
+    let stops = stop_signals()?;
+    let (mounted, info) = mount_and_probe(opened, abs, opts, None).await?;
+    eprintln!(
+        "breakfs: mounted {image} at {} in {:.2}s: {} paths, {} MB of files, {} lazy and {} whole layers",
+        abs.display(),
+        started.elapsed().as_secs_f64(),
+        info.paths,
+        info.file_bytes / 1_000_000,
+        info.lazy_layers,
+        info.whole_layers
+    );
+    println!("{MOUNT_READY}");
+    serve_mount(mounted, abs, image, started, stops).await
+}
+
+/// A backgrounded mount process, serving.
+pub struct MountProcess {
+    /// Its process id.
+    pub pid: u32,
+    /// Its log file (its stderr).
+    pub log: PathBuf,
+}
+
+/// Start `command`, a standalone mount of `image` at `abs` in the
+/// foreground ([`run_standalone`]), as a detached child (its own process
+/// group, stderr to a log file under `logs`); wait until it says
+/// [`MOUNT_READY`], or fails (the error carries its log's last lines); then
+/// leave it running.
+pub fn spawn_mount_process(
+    mut command: Command,
+    logs: &Path,
+    image: &str,
+    abs: &Path,
+) -> Result<MountProcess> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(logs)
+        .map_err(|e| Error::io(format!("creating the log directory {}", logs.display()), e))?;
+    let key = breakfs_index::Digest::of(abs.to_string_lossy().as_bytes());
+    let log_path = logs.join(format!("mount-{}.log", &key.hex()[..16]));
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Error::io("starting the mount process", e))?;
+    let ready = match child.stdout.take() {
+        Some(out) => BufReader::new(out)
+            .lines()
+            .any(|l| l.is_ok_and(|l| l == MOUNT_READY)),
+        None => false,
+    };
+    if ready {
+        return Ok(MountProcess {
+            pid: child.id(),
+            log: log_path,
+        });
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("waiting for the mount process", e))?;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Err(Error::MountProcess {
+        image: image.to_string(),
+        status,
+        log_tail: tail.join("\n"),
+    })
 }
 
 /// Serve the standalone mount `mounted` of `image` at `abs`: its status
@@ -173,6 +265,22 @@ pub fn stop_signals() -> Result<mpsc::Receiver<()>> {
         }
     });
     Ok(rx)
+}
+
+/// A shutdown token cancelled on the first SIGINT or SIGTERM, after
+/// `on_stop` ran (a daemon tells systemd it is stopping).
+pub fn shutdown_on_stop_signals(
+    on_stop: impl FnOnce() + Send + 'static,
+) -> Result<CancellationToken> {
+    let mut stops = stop_signals()?;
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
+        stops.recv().await;
+        on_stop();
+        cancel.cancel();
+    });
+    Ok(shutdown)
 }
 
 /// `breakfs umount`: unmount the breakfs mount at `mountpoint`, through

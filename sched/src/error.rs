@@ -110,6 +110,9 @@ pub enum Error {
     /// The Node and Pod watches ended before listing once.
     #[error("the Kubernetes watches of Nodes and Pods stopped before listing once")]
     KubeWatch(#[source] kube::runtime::reflector::store::WriterDropped),
+    /// The Node and Pod watches did not list in time at start.
+    #[error("the Kubernetes API did not list Nodes and Pods within {} s", .0.as_secs())]
+    KubeTimeout(std::time::Duration),
     /// Labelling a node failed.
     #[error("labelling node {node} with its measured registry link")]
     Label {

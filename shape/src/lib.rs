@@ -5,7 +5,8 @@
 //! [`run_shaping_proxy`] serves one route, [`run_shaping_routes`] several
 //! routes over one shared link, and [`run_switchable_routes`] lets the
 //! caller lift the shaping and put it back ([`lift_on_signals`]);
-//! [`LinkShape`] says how one direction behaves.
+//! [`LinkShape`] says how one direction behaves. [`run`] is `breakfs
+//! shape`: the routes bound, Ctrl-C and the lifting signals wired.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
+
+mod error;
+
+pub use error::{Error, Result};
 
 /// How one direction of the link behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,6 +40,51 @@ impl LinkShape {
             bytes_per_sec: (mbit > 0).then_some(mbit * 1_000_000 / 8),
         }
     }
+}
+
+/// A link as `breakfs shape` is given it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// The routes through it, listen address → upstream.
+    pub routes: Vec<(SocketAddr, SocketAddr)>,
+    /// Round-trip time added, in milliseconds.
+    pub rtt_ms: u64,
+    /// Bandwidth in Mbit/s toward the clients (0 = unlimited).
+    pub mbit: u64,
+    /// Bandwidth in Mbit/s toward the upstreams.
+    pub up_mbit: u64,
+}
+
+/// Shape `link` until Ctrl-C: bind its routes, lift the shaping on SIGUSR1
+/// and put it back on SIGUSR2 ([`lift_on_signals`]).
+pub async fn run(link: Link) -> Result<()> {
+    let mut listeners = Vec::new();
+    for (l, u) in &link.routes {
+        let listener = TcpListener::bind(l)
+            .await
+            .map_err(|source| Error::Listen { addr: *l, source })?;
+        listeners.push((listener, *u));
+    }
+    let down = LinkShape::from_rtt_mbit(link.rtt_ms, link.mbit);
+    let up = LinkShape::from_rtt_mbit(link.rtt_ms, link.up_mbit);
+    let rx = shutdown_on_ctrl_c();
+    let lifted = Arc::new(AtomicBool::new(false));
+    lift_on_signals(lifted.clone()).map_err(Error::Signals)?;
+    let names: Vec<String> = link
+        .routes
+        .iter()
+        .map(|(l, u)| format!("{l} -> {u}"))
+        .collect();
+    eprintln!(
+        "shaping {}: rtt {} ms, {} Mbit/s down, {} Mbit/s up (0 = unlimited); Ctrl-C stops, SIGUSR1 lifts, SIGUSR2 puts back",
+        names.join(", "),
+        link.rtt_ms,
+        link.mbit,
+        link.up_mbit
+    );
+    run_switchable_routes(listeners, up, down, lifted, rx)
+        .await
+        .map_err(Error::Proxy)
 }
 
 /// The time the shared link is next free, per direction.
