@@ -356,7 +356,8 @@ fn parse_toc_record(bytes: &[u8]) -> std::result::Result<Option<TocRecord>, Stri
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or("not a TOC record: its first line is no offset")?;
-    let toc = Toc::parse(&bytes[nl + 1..]).map_err(|e| format!("not a TOC record: {e}"))?;
+    let toc = Toc::parse(&bytes[nl + 1..])
+        .map_err(|e| format!("not a TOC record: {}", breakfs_index::Causes(&e)))?;
     Ok(Some((offset, toc)))
 }
 
@@ -377,9 +378,12 @@ fn chunk_locs(
     (offset, toc): &TocRecord,
 ) -> std::result::Result<Vec<ChunkLoc>, String> {
     // The TOC's offset bounds the data; the blob's size is not needed.
-    let tl = toc
-        .to_layer(u64::MAX, Some(*offset))
-        .map_err(|e| format!("the layer's TOC record does not make a layer: {e}"))?;
+    let tl = toc.to_layer(u64::MAX, Some(*offset)).map_err(|e| {
+        format!(
+            "the layer's TOC record does not make a layer: {}",
+            breakfs_index::Causes(&e)
+        )
+    })?;
     let desc = Descriptor::new("", layer.clone(), u64::MAX);
     let mut locs: Vec<ChunkLoc> = tl
         .entries
@@ -629,6 +633,20 @@ mod tests {
         assert!(!f.store.has_chunk(&f.chunk));
         let r = verify_store(f.dir.path(), false).unwrap();
         assert!(r.findings.is_empty(), "{r}");
+    }
+
+    #[test]
+    fn a_toc_record_that_is_not_json_is_corrupt_with_the_parser_s_reason() {
+        let f = fixture();
+        let record = format!("toc-{}.json", f.layer.hex());
+        f.store.put_meta_replace(&record, b"10\n{oops").unwrap();
+        let r = verify_store(f.dir.path(), false).unwrap();
+        let found = r
+            .corrupt()
+            .find(|x| x.reason.contains("not a TOC record"))
+            .expect("the record is corrupt");
+        // The parser's complaint, not only that it is not a TOC.
+        assert!(found.reason.contains("at line 1 column"), "{r}");
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub async fn open_image_on(
         })?
         .map_err(|e| Error::BadImage {
             what: reference.to_string(),
-            reason: e.to_string(),
+            reason: breakfs_index::Causes(&e).to_string(),
         })?;
     Ok(OpenedImage {
         image,
@@ -116,7 +116,7 @@ async fn load_layer(
     let what = format!("layer {} of {reference}", desc.digest);
     let toc = fetcher.layer_toc(desc).await.map_err(|e| Error::BadImage {
         what: what.clone(),
-        reason: e.to_string(),
+        reason: breakfs_index::Causes(&e).to_string(),
     })?;
     if let Some(toc_layer) = toc
         && let Some(files) = lazy_files(toc_layer, desc)

@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use breakfs_fetch::guard::{self, Token};
 use breakfs_fs::StatusRecord;
+use breakfs_index::Causes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::chain;
 use crate::server::NodeService;
 use crate::{Error, Result};
 
@@ -95,7 +95,7 @@ async fn add_mount(State(svc): State<Arc<NodeService>>, body: axum::body::Bytes)
     };
     match svc.mount(req).await {
         Ok(rec) => axum::Json(rec).into_response(),
-        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, chain(&e)),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, Causes(&e)),
     }
 }
 
@@ -105,7 +105,7 @@ async fn remove_mount(
 ) -> Response {
     match svc.unmount(&q.mountpoint).await {
         Ok(msg) => (StatusCode::OK, format!("{msg}\n")).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, chain(&e)),
+        Err(e) => error(StatusCode::CONFLICT, Causes(&e)),
     }
 }
 

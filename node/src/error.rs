@@ -126,21 +126,5 @@ impl Error {
     }
 }
 
-/// The error and its causes on one line, each cause once (an HTTP answer
-/// of the control API carries it).
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// Result with the node crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;

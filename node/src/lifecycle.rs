@@ -209,7 +209,7 @@ pub async fn serve_mount(
                     continue;
                 }
                 Err(e) => {
-                    eprintln!("breakfs: {}", crate::error::chain(&e));
+                    eprintln!("breakfs: {}", breakfs_index::Causes(&e));
                     break;
                 }
             }

@@ -191,7 +191,8 @@ impl NodeService {
             if let Err(e) = breakfs_fs::write_status(&r) {
                 tracing::warn!(
                     "writing the status record of {}: {e}",
-                    r.mountpoint.display()
+                    r.mountpoint.display(),
+                    e = breakfs_index::Causes(&e)
                 );
             }
         }

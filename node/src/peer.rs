@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use breakfs_fetch::{
     ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass,
 };
-use breakfs_index::{CacheIndex, Descriptor, Digest, HeldBlob, LinkStats, MAX_INDEX, PartialLayer};
+use breakfs_index::{
+    CacheIndex, Causes, Descriptor, Digest, HeldBlob, LinkStats, MAX_INDEX, PartialLayer,
+};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
@@ -199,7 +201,7 @@ impl Peers {
             .build()
             .map_err(|e| Error::Unavailable {
                 what: "an HTTP client for peers".into(),
-                reason: e.to_string(),
+                reason: Causes(&e).to_string(),
             })?;
         let peers = Arc::new(Peers {
             me: normalize(me),
@@ -291,10 +293,10 @@ impl Peers {
                     .send()
                     .await
                     .and_then(|r| r.error_for_status())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Causes(&e).to_string())?;
                 let body = breakfs_fetch::guard::body_within(resp, MAX_INDEX, "the cache index")
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Causes(&e).to_string())?;
                 serde_json::from_slice::<CacheIndex>(&body).map_err(|e| e.to_string())
             }
             .await;

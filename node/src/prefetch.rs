@@ -120,8 +120,9 @@ impl Prefetcher {
                 if let Some(t) = tasks.get_mut(&id) {
                     t.finished = true;
                     if let Err(e) = r {
+                        let e = breakfs_index::Causes(&e).to_string();
                         tracing::warn!(image = %t.image, "prefetch failed: {e}");
-                        t.error = Some(e.to_string());
+                        t.error = Some(e);
                     }
                 }
             });

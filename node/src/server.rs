@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use breakfs_fetch::guard::{self, Token};
 use breakfs_fetch::{ClientOptions, CloudSource, ContentStore, Fetcher};
-use breakfs_index::Digest;
+use breakfs_index::{Causes, Digest};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::mounts::MountTable;
@@ -502,7 +502,7 @@ async fn prefetch_start(State(svc): State<Arc<NodeService>>, body: axum::body::B
             axum::Json(serde_json::json!({"tasks": ids})),
         )
             .into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{}\n", Causes(&e))).into_response(),
     }
 }
 
@@ -543,5 +543,88 @@ mod tests {
         assert!(range("items=0-1", 100).is_err());
         assert!(range("bytes=9-3", 100).is_err());
         assert_eq!(parse_range(&HeaderMap::new(), 100), Ok(None));
+    }
+
+    /// A relayed range and a prefetch from a registry nobody answers at:
+    /// the 502's body and the task's error carry the cause (the refused
+    /// connection), not only "cannot reach registry".
+    #[tokio::test]
+    async fn errors_answered_over_http_carry_their_causes() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let registry = closed.local_addr().expect("its address").to_string();
+        drop(closed);
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let base = format!("http://{}", tcp.local_addr().expect("its address"));
+        let control =
+            crate::ControlSocket::bind(&dir.path().join("node.sock")).expect("the socket");
+        let config = crate::Config {
+            relay: vec![registry.clone()],
+            client: ClientOptions {
+                plain_http: true,
+                ..ClientOptions::default()
+            },
+            ..crate::Config::new(dir.path().join("store"))
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let listeners = crate::Listeners { tcp, control };
+        let node = tokio::spawn(crate::run(config, listeners, shutdown.clone()));
+        let http = reqwest::Client::new();
+        let refused = "Connection refused";
+
+        let blob = Digest::of(b"a layer");
+        let r = http
+            .get(format!("{base}/v2/app/blobs/{blob}"))
+            .header(RELAY_HEADER, &registry)
+            .header(header::RANGE, "bytes=0-9")
+            .send()
+            .await
+            .expect("a relay request");
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        let body = r.text().await.expect("its body");
+        assert!(
+            body.contains(&format!("cannot reach registry {registry}")),
+            "{body}"
+        );
+        assert!(body.contains(refused), "the cause is missing: {body}");
+
+        let r = http
+            .post(format!("{base}/prefetch"))
+            .json(&serde_json::json!({"images": [format!("docker://{registry}/app:v1")]}))
+            .send()
+            .await
+            .expect("a prefetch request");
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let task = loop {
+            let tasks: std::collections::BTreeMap<u64, crate::PrefetchTask> = http
+                .get(format!("{base}/prefetch"))
+                .send()
+                .await
+                .expect("GET /prefetch")
+                .json()
+                .await
+                .expect("the tasks");
+            if let Some(t) = tasks.into_values().find(|t| t.finished) {
+                break t;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the prefetch never finished"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let error = task.error.expect("the prefetch failed");
+        assert!(error.contains(&registry), "{error}");
+        assert!(error.contains(refused), "the cause is missing: {error}");
+
+        shutdown.cancel();
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), node)
+            .await
+            .expect("the node stops")
+            .expect("its task");
+        assert!(stopped.is_ok(), "{stopped:?}");
     }
 }

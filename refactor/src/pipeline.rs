@@ -289,7 +289,7 @@ pub async fn load_image(
         .unzip();
     let mut view = MergedView::build(&indexes).map_err(|e| Error::Source {
         image: r.to_string(),
-        reason: e.to_string(),
+        reason: breakfs_index::Causes(&e).to_string(),
     })?;
     // An eStargz source carries its TOC and landmarks as files: they belong
     // to the format, not the image, and every new layer gets its own.

@@ -175,13 +175,13 @@ mod tests {
         let sized = SchedConfig::from_yaml("cacheSumSize: 20GiB\nmaxBodySize: 64KiB\n").unwrap();
         assert_eq!(sized.cache_sum_bytes().unwrap(), Some(20 << 30));
         assert_eq!(sized.max_body().unwrap(), 64 << 10);
-        let e = SchedConfig::from_yaml("cacheSumSize: lots\n")
-            .unwrap_err()
-            .chain();
+        let e = breakfs_index::Causes(&SchedConfig::from_yaml("cacheSumSize: lots\n").unwrap_err())
+            .to_string();
         assert!(e.contains("\"lots\" is not a size"), "{e}");
-        let e = SchedConfig::from_yaml("netWeight: 1\nnetWeiht: 2\n")
-            .unwrap_err()
-            .chain();
+        let e = breakfs_index::Causes(
+            &SchedConfig::from_yaml("netWeight: 1\nnetWeiht: 2\n").unwrap_err(),
+        )
+        .to_string();
         assert!(e.contains("netWeiht"), "{e}");
         assert_eq!(c.max_body().unwrap(), 32 << 20);
         assert_eq!(c.token_file, None);

@@ -225,7 +225,7 @@ impl Directory {
             }
             match polls.next().await {
                 Some(Ok(view)) => fresh.push(view),
-                Some(Err(e)) => tracing::debug!("{}", e.chain()),
+                Some(Err(e)) => tracing::debug!("{}", breakfs_index::Causes(&e)),
                 None => break,
             }
         }
@@ -530,7 +530,7 @@ mod tests {
             e.to_string()
                 .contains(&format!("gone at {url}/cache/index")),
             "{}",
-            e.chain()
+            breakfs_index::Causes(&e)
         );
         assert!(d.poll().await.is_empty());
     }

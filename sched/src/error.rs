@@ -154,17 +154,4 @@ impl Error {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
-
-    /// The message and its sources, `: `-joined, one line (what an HTTP
-    /// answer or a log line carries).
-    pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut next = std::error::Error::source(self);
-        while let Some(e) = next {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            next = e.source();
-        }
-        out
-    }
 }

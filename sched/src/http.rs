@@ -17,6 +17,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use breakfs_fetch::guard;
+use breakfs_index::Causes;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +69,7 @@ pub async fn serve(
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        (self.status(), format!("{}\n", self.chain())).into_response()
+        (self.status(), format!("{}\n", Causes(&self))).into_response()
     }
 }
 
@@ -145,7 +146,8 @@ mod tests {
         ] {
             let e = check_args(body).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST);
-            assert!(e.chain().contains(why), "{}", e.chain());
+            let text = Causes(&e).to_string();
+            assert!(text.contains(why), "{text}");
         }
         let a = check_args(b"{\"Pod\": {}, \"NodeNames\": [\"n\"], \"X\": 1}").unwrap();
         assert_eq!(a.node_names.unwrap(), vec!["n"]);

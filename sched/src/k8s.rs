@@ -122,12 +122,12 @@ impl Glue {
         .default_backoff();
         tokio::spawn(ns.for_each(|e| async move {
             if let Err(e) = e {
-                tracing::warn!("watching Kubernetes nodes: {e}");
+                tracing::warn!("watching Kubernetes nodes: {}", breakfs_index::Causes(&e));
             }
         }));
         tokio::spawn(ps.for_each(|e| async move {
             if let Err(e) = e {
-                tracing::warn!("watching Kubernetes pods: {e}");
+                tracing::warn!("watching Kubernetes pods: {}", breakfs_index::Causes(&e));
             }
         }));
         Arc::new(Glue { nodes, pods, api })
@@ -178,7 +178,7 @@ impl Glue {
 pub fn spawn(directory: Arc<Directory>, glue: Arc<Glue>, every: Duration, publish: bool) {
     tokio::spawn(async move {
         if let Err(e) = glue.ready().await {
-            tracing::warn!("{}", e.chain());
+            tracing::warn!("{}", breakfs_index::Causes(&e));
             return;
         }
         loop {
@@ -198,7 +198,7 @@ pub async fn sync_once(directory: &Directory, glue: &Glue, publish: bool) {
         match glue.publish(&name, &link).await {
             Ok(true) => tracing::info!(node = %name, "published the registry link as labels"),
             Ok(false) => {}
-            Err(e) => tracing::warn!("{}", e.chain()),
+            Err(e) => tracing::warn!("{}", breakfs_index::Causes(&e)),
         }
     }
 }

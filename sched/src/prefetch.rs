@@ -206,7 +206,9 @@ impl Prefetch {
             Ok(r) => {
                 tracing::warn!(node = %node, status = %r.status(), "the node refused a prefetch")
             }
-            Err(e) => tracing::warn!(node = %node, "asking for a prefetch failed: {e}"),
+            Err(e) => {
+                tracing::warn!(node = %node, "asking for a prefetch failed: {}", breakfs_index::Causes(&e))
+            }
         }
     }
 }
@@ -236,5 +238,48 @@ mod tests {
         let asked = p.asked.lock();
         assert!(!asked.contains_key(&("w1".into(), a)));
         assert!(asked.contains_key(&("w1".into(), b)));
+    }
+
+    /// What the log shows.
+    #[derive(Clone, Default)]
+    struct Log(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A node that cannot be asked: the warning says why (the refused
+    /// connection), not only that the request failed.
+    #[tokio::test]
+    async fn a_failed_prefetch_request_is_logged_with_its_cause() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let node = crate::directory::NodeEntry {
+            name: "gone".into(),
+            url,
+            cluster: "west".into(),
+        };
+        let dir = Directory::new(vec![node], 30.0, None).unwrap();
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let layer = Digest::of(b"a");
+        Prefetch::default()
+            .ask(&dir, "gone", "reg/app:v1".into(), &[layer], BTreeMap::new())
+            .await;
+        let text = String::from_utf8_lossy(&log.0.lock()).into_owned();
+        assert!(text.contains("asking for a prefetch failed"), "{text}");
+        assert!(text.contains("Connection refused"), "no cause: {text}");
     }
 }

@@ -176,7 +176,7 @@ mod tests {
             e.to_string()
                 .contains(&format!("resolving the image docker://{image}")),
             "{}",
-            e.chain()
+            breakfs_index::Causes(&e)
         );
     }
 }

@@ -138,7 +138,7 @@ impl Sched {
             match self.layers(&c.image).await {
                 Ok(l) => layers.extend(l),
                 Err(e) => {
-                    tracing::warn!(image = %c.image, "cannot resolve the image, scoring without it: {}", e.chain())
+                    tracing::warn!(image = %c.image, "cannot resolve the image, scoring without it: {}", breakfs_index::Causes(&e))
                 }
             }
         }

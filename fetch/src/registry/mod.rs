@@ -392,7 +392,7 @@ impl RegistryRepo {
             .send(self.push_req(Method::DELETE, session, what))
             .await
         {
-            tracing::debug!(error = %e, "cancelling the upload of {what}");
+            tracing::debug!(error = %breakfs_index::Causes(&e), "cancelling the upload of {what}");
         }
     }
 

@@ -140,7 +140,7 @@ impl RegistryRepo {
             })
             .notify(|f, delay| match f {
                 Failed::Transport(e) => {
-                    tracing::debug!(registry = %self.host, error = %e, ?delay, "retrying {}", req.what);
+                    tracing::debug!(registry = %self.host, error = %breakfs_index::Causes(e), ?delay, "retrying {}", req.what);
                 }
                 Failed::Server(r) => {
                     tracing::debug!(registry = %self.host, status = %r.status(), ?delay, "retrying {}", req.what);

@@ -121,7 +121,7 @@ impl std::fmt::Display for Refusal {
                 "this node relays at most {RELAYS_IN_FLIGHT} ranges at once and is at that \
                  limit; fetch the range elsewhere"
             ),
-            Refusal::Upstream(e) => write!(f, "relaying failed: {e}"),
+            Refusal::Upstream(e) => write!(f, "relaying failed: {}", breakfs_index::Causes(e)),
         }
     }
 }
