@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use breakfs_sched::{NodeEntry, SchedConfig, Server};
+use anyhow::{Context, Result};
+use breakfs_sched::{SchedConfig, Server};
 use clap::Args;
 
 /// The line the service prints on stdout once it serves.
@@ -57,38 +57,17 @@ pub struct SchedArgs {
     max_body_size: Option<String>,
 }
 
-fn parse_node(s: &str) -> Result<NodeEntry> {
-    let Some((name, rest)) = s.split_once('=') else {
-        bail!(
-            "--node {s:?}: give NAME=URL or NAME=URL@CLUSTER, e.g. edge-1=http://10.0.0.1:7480@east"
-        );
-    };
-    let (url, cluster) = match rest.rsplit_once('@') {
-        Some((u, c)) if !c.contains('/') => (u, c),
-        _ => (rest, "default"),
-    };
-    Ok(NodeEntry {
-        name: name.to_string(),
-        url: url.to_string(),
-        cluster: cluster.to_string(),
-    })
-}
-
 pub async fn run_sched(a: SchedArgs) -> Result<()> {
     let mut cfg = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the scheduler config {}", p.display()))?;
-            SchedConfig::from_yaml(&text)
-                .with_context(|| format!("parsing the scheduler config {}", p.display()))?
-        }
+        Some(p) => SchedConfig::from_file(p)
+            .with_context(|| format!("the scheduler config {}", p.display()))?,
         None => SchedConfig::default(),
     };
     if let Some(l) = &a.listen {
         cfg.listen = l.clone();
     }
     for n in &a.nodes {
-        cfg.nodes.push(parse_node(n)?);
+        cfg.nodes.push(n.parse()?);
     }
     cfg.plain_http |= a.plain_http;
     if let Some(c) = &a.cache_sum_size {
@@ -126,21 +105,4 @@ pub async fn run_sched(a: SchedArgs) -> Result<()> {
         .await
         .context("the extender server stopped")?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_flags_name_url_and_cluster() {
-        let n = parse_node("edge-1=http://10.0.0.1:7480@east").expect("parses");
-        assert_eq!(
-            (n.name.as_str(), n.url.as_str(), n.cluster.as_str()),
-            ("edge-1", "http://10.0.0.1:7480", "east")
-        );
-        let n = parse_node("b=http://h:1").expect("parses");
-        assert_eq!(n.cluster, "default");
-        assert!(parse_node("nope").is_err());
-    }
 }

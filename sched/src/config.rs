@@ -140,6 +140,15 @@ impl SchedConfig {
         Ok(c)
     }
 
+    /// Read and parse a YAML config file.
+    pub fn from_file(path: &std::path::Path) -> Result<SchedConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            e,
+        })?;
+        SchedConfig::from_yaml(&text)
+    }
+
     /// `cacheSumSize` in bytes (a size like `26Gi` or `20GiB`), when set.
     pub fn cache_sum_bytes(&self) -> Result<Option<u64>> {
         self.cache_sum_size

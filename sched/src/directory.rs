@@ -46,6 +46,26 @@ pub(crate) fn default_cluster() -> String {
     "default".into()
 }
 
+impl std::str::FromStr for NodeEntry {
+    type Err = Error;
+
+    /// `NAME=URL` or `NAME=URL@CLUSTER` (the `--node` flag's form).
+    fn from_str(s: &str) -> Result<NodeEntry> {
+        let Some((name, rest)) = s.split_once('=') else {
+            return Err(Error::NodeFlag(s.to_string()));
+        };
+        let (url, cluster) = match rest.rsplit_once('@') {
+            Some((u, c)) if !c.contains('/') => (u, c.to_string()),
+            _ => (rest, default_cluster()),
+        };
+        Ok(NodeEntry {
+            name: name.to_string(),
+            url: url.to_string(),
+            cluster,
+        })
+    }
+}
+
 /// What the Kubernetes API says of one node.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterNode {
@@ -425,6 +445,19 @@ impl Directory {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn node_flags_name_url_and_cluster() {
+        let n: super::NodeEntry = "edge-1=http://10.0.0.1:7480@east".parse().expect("parses");
+        assert_eq!(
+            (n.name.as_str(), n.url.as_str(), n.cluster.as_str()),
+            ("edge-1", "http://10.0.0.1:7480", "east")
+        );
+        let n: super::NodeEntry = "b=http://h:1".parse().expect("parses");
+        assert_eq!(n.cluster, "default");
+        let e = "nope".parse::<super::NodeEntry>().expect_err("no NAME=URL");
+        assert!(e.to_string().contains("NAME=URL@CLUSTER"), "{e}");
+    }
 
     fn two_clusters() -> Directory {
         let entry = |name: &str, cluster: &str| NodeEntry {

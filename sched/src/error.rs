@@ -14,6 +14,18 @@ pub enum Error {
     /// The YAML config does not parse or has a key the service does not know.
     #[error("the scheduler config is not valid (see the keys in sched/deploy/sched.yaml)")]
     Config(#[source] serde_yaml::Error),
+    /// The config file cannot be read.
+    #[error("cannot read the file {}", .path.display())]
+    ConfigFile {
+        path: std::path::PathBuf,
+        #[source]
+        e: std::io::Error,
+    },
+    /// A `--node` flag is not `NAME=URL[@CLUSTER]`.
+    #[error(
+        "--node {0:?}: give NAME=URL or NAME=URL@CLUSTER, e.g. edge-1=http://10.0.0.1:7480@east"
+    )]
+    NodeFlag(String),
     /// `maxBodySize` is not a size.
     #[error(
         "maxBodySize {0:?} is not a size like 32Mi or 1000000: fix maxBodySize in the \
