@@ -158,6 +158,34 @@ pub fn is_mountpoint(abs: &Path) -> bool {
     })
 }
 
+/// The file-system type and source of the topmost mount at `abs`
+/// (canonical), per /proc/self/mountinfo; `None` if nothing is mounted.
+pub fn mount_type(abs: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = abs.to_string_lossy();
+    // Later lines are mounted later: the last match is on top.
+    info.lines()
+        .rev()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| unescape_mountinfo(m) == want)
+        })
+        .filter_map(|l| {
+            // After the optional fields: " - FSTYPE SOURCE SUPER_OPTIONS".
+            let (_, tail) = l.split_once(" - ")?;
+            let mut f = tail.split(' ');
+            Some((unescape_mountinfo(f.next()?), unescape_mountinfo(f.next()?)))
+        })
+        .next()
+}
+
+/// Whether a mount of `fstype` from `device` (see [`mount_type`]) is one
+/// breakfs made: FUSE with its subtype, or its `breakfs:REF` source.
+pub fn is_breakfs_type(fstype: &str, device: &str) -> bool {
+    fstype == "fuse.breakfs" || (fstype.starts_with("fuse") && device.starts_with("breakfs:"))
+}
+
 fn unescape_mountinfo(s: &str) -> String {
     // Spaces, tabs, newlines and backslashes come as \ooo octal.
     let b = s.as_bytes();
