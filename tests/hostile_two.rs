@@ -8,9 +8,44 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::hostile::Sandbox;
+use crate::hostile::{Run, Sandbox, timed};
 use crate::mount::breakfs;
-use crate::support::images::{Layer, T, tar_of};
+use crate::support::images::{Layer, T, digest, estargz_layer, tar_of};
+
+/// `breakfs pull --extract` of `reference` into `dest`, with cache `cache`.
+fn pull_into(what: &str, reference: &str, cache: &Path, dest: &Path) -> Run {
+    timed(
+        what,
+        Command::new(env!("CARGO_BIN_EXE_breakfs"))
+            .args(["pull", "--cache"])
+            .arg(cache)
+            .arg("--extract")
+            .arg(dest)
+            .arg(reference),
+    )
+}
+
+/// Every regular file under `root`, relative path and content.
+fn files_under(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            for (p, b) in files_under(&e.path()) {
+                out.push((format!("{}/{p}", e.file_name().to_string_lossy()), b));
+            }
+        } else if t.is_file() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            out.push((name, std::fs::read(e.path()).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
 
 #[test]
 fn a_manifest_that_repeats_a_layer_refactors_on_the_first_run() {
@@ -58,4 +93,39 @@ fn umount_refuses_what_breakfs_did_not_mount_and_leaves_it_mounted() {
             "the error does not say {needle:?}: {err}"
         );
     }
+}
+
+#[test]
+fn a_failed_extraction_leaves_no_wrong_file_and_a_retry_works() {
+    let s = Sandbox::new();
+    let files: [(&str, &[u8]); 2] = [("a", b"aaaa"), ("b", b"bbbb")];
+    s.image(
+        "bad",
+        vec![estargz_layer(&files, |toc| {
+            toc.entries[0].digest = digest(b"evil");
+            toc.entries[0].chunk_digest = digest(b"evil");
+        })],
+    );
+    s.image("good", vec![estargz_layer(&files, |_| {})]);
+    let (cache, dest) = (s.out("cache"), s.out("x"));
+    for attempt in 0..2 {
+        pull_into("pull bad", &s.reference("bad"), &cache, &dest).refused(&["digest mismatch"]);
+        // Nothing under its final name holds other bytes than the image's.
+        for (p, b) in files_under(&dest) {
+            let want = files.iter().find(|(n, _)| *n == p).map(|f| f.1);
+            assert_eq!(
+                Some(b.as_slice()),
+                want,
+                "attempt {attempt}: {p} is left with wrong content"
+            );
+        }
+    }
+    // A retry into the same directory works.
+    pull_into("pull good", &s.reference("good"), &cache, &dest).ok_within(128);
+    let want: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(n, b)| (n.to_string(), b.to_vec()))
+        .collect();
+    assert_eq!(files_under(&dest), want);
+    s.assert_contained();
 }
