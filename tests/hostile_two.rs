@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::hostile::{Run, Sandbox, timed};
+use breakfs_index::{TocEntry, TocEntryType};
+
+use crate::hostile::{Run, Sandbox, file_header, short, timed};
 use crate::mount::breakfs;
 use crate::support::images::{Layer, T, digest, estargz_layer, tar_of};
 
@@ -127,5 +129,41 @@ fn a_failed_extraction_leaves_no_wrong_file_and_a_retry_works() {
         .map(|(n, b)| (n.to_string(), b.to_vec()))
         .collect();
     assert_eq!(files_under(&dest), want);
+    s.assert_contained();
+}
+
+#[test]
+fn names_no_path_can_hold_are_refused_naming_the_entry() {
+    let s = Sandbox::new();
+    s.image(
+        "toc",
+        vec![estargz_layer(&[("a", b"aaaa")], |toc| {
+            toc.entries[0].name = "bin/sh\0.evil".into();
+        })],
+    );
+    s.image(
+        "link",
+        vec![estargz_layer(&[("a", b"aaaa")], |toc| {
+            let mut l = TocEntry::new("l", TocEntryType::Symlink);
+            l.link_name = "a\0b".into();
+            toc.entries.push(l);
+        })],
+    );
+    // A PAX path may hold a NUL where a header's name field cannot.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("path", &b"etc/pass\0wd"[..])])
+        .unwrap();
+    let mut pax = b.into_inner().unwrap();
+    pax.truncate(pax.len() - 1024);
+    pax.extend_from_slice(&file_header("placeholder", 1));
+    pax.extend_from_slice(&[7u8; 512]);
+    pax.extend_from_slice(&[0u8; 1024]);
+    let layer = Layer::gzip(pax);
+    let d = short(&layer);
+    s.image("pax", vec![layer]);
+
+    s.refused_lazily("toc", &["bin/sh\\0.evil", "NUL"]);
+    s.refused_lazily("link", &["\"l\"", "a\\0b", "NUL"]);
+    s.refused_everywhere("pax", &[&d, "etc/pass\\0wd", "NUL"]);
     s.assert_contained();
 }

@@ -579,6 +579,16 @@ impl Toc {
                     if te.link_name.is_empty() {
                         return Err(bad(raw_name, "symlink without linkName"));
                     }
+                    if te.link_name.contains('\0') {
+                        return Err(bad(
+                            raw_name,
+                            format!(
+                                "symlink target {:?}: {}",
+                                te.link_name,
+                                crate::tarindex::NUL_IN_PATH
+                            ),
+                        ));
+                    }
                     entry.link = te.link_name.clone();
                 }
                 EntryKind::Hardlink => match crate::tarindex::normalize(&te.link_name) {
