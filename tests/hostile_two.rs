@@ -167,3 +167,50 @@ fn names_no_path_can_hold_are_refused_naming_the_entry() {
     s.refused_everywhere("pax", &[&d, "etc/pass\\0wd", "NUL"]);
     s.assert_contained();
 }
+
+#[test]
+fn a_toc_that_cannot_be_used_is_named_and_its_files_never_show() {
+    let s = Sandbox::new();
+    let files: [(&str, &[u8]); 2] = [("big", b"data"), ("small", b"ok")];
+    s.image(
+        "toc",
+        vec![estargz_layer(&files, |toc| {
+            toc.entries[0].size = 1 << 50;
+            toc.entries[0].chunk_size = 1 << 50;
+        })],
+    );
+    let needles = ["\"big\"", "TOC", "whole"];
+    let m = s.mount("toc", &s.reference("toc"));
+    let names: Vec<String> = std::fs::read_dir(&m.point)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let log = m.log();
+    drop(m);
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["big", "small"], "the mounted tree");
+    for n in needles {
+        assert!(log.contains(n), "the mount's log does not say {n:?}: {log}");
+    }
+
+    let run = s.pull("toc", &s.reference("toc"));
+    run.ok_within(128);
+    let got: Vec<String> = files_under(&s.extracted("toc"))
+        .into_iter()
+        .map(|f| f.0)
+        .collect();
+    assert_eq!(got, ["big", "small"], "the extracted tree");
+    let err = run.stderr();
+    for n in needles {
+        assert!(err.contains(n), "pull does not warn {n:?}: {err}");
+    }
+
+    // inspect agrees: the TOC is not what the layer is read by.
+    let out = crate::mount::ok(breakfs().arg("inspect").arg(s.reference("toc")));
+    assert!(
+        out.contains("\"big\"") && !out.contains(" yes "),
+        "inspect does not say the TOC is unusable: {out}"
+    );
+    s.assert_contained();
+}

@@ -80,27 +80,48 @@ impl Fetcher {
 /// are 4 MiB as breakfs and the eStargz tools write them.
 const MAX_CHUNK: u64 = 16 << 20;
 
-/// Where chunk `c` of an entry of layer `desc` sits, or `None` when the TOC
-/// gives nothing to check it by (no chunk digest, and not a single-chunk
-/// file with a file digest) or the chunk is larger than `MAX_CHUNK`: such
-/// a layer is fetched whole and its tar stream indexed instead.
+/// Where chunk `c` of an entry of layer `desc` sits, or `None` when it
+/// cannot be fetched alone (see [`chunk_loc_or_why`]).
 pub fn chunk_loc(
     desc: &Descriptor,
     entry: &breakfs_index::Entry,
     chunks: usize,
     c: &breakfs_index::TocChunk,
 ) -> Option<crate::ChunkLoc> {
+    chunk_loc_or_why(desc, entry, chunks, c).ok()
+}
+
+/// Where chunk `c` of an entry of layer `desc` sits, or why it cannot be
+/// fetched alone: the TOC gives nothing to check it by (no chunk digest,
+/// and not a single-chunk file with a file digest) or the chunk is larger
+/// than `MAX_CHUNK`. Such a layer is fetched whole and its tar stream
+/// indexed instead.
+pub fn chunk_loc_or_why(
+    desc: &Descriptor,
+    entry: &breakfs_index::Entry,
+    chunks: usize,
+    c: &breakfs_index::TocChunk,
+) -> std::result::Result<crate::ChunkLoc, String> {
     let inflated = c.inner_offset.saturating_add(c.chunk_size);
     let compressed = c.compressed_end.saturating_sub(c.offset);
     if inflated > MAX_CHUNK || compressed > MAX_CHUNK {
-        return None;
+        return Err(format!(
+            "entry {:?}: its chunk at file offset {} is {inflated} bytes inflated and \
+             {compressed} compressed, more than the {MAX_CHUNK} a chunk fetched alone may be",
+            entry.path, c.chunk_offset
+        ));
     }
     let digest = match (&c.chunk_digest, &entry.digest) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) if chunks == 1 && c.chunk_size == entry.size => d.clone(),
-        _ => return None,
+        _ => {
+            return Err(format!(
+                "entry {:?}: its chunk at file offset {} has no digest to check it by",
+                entry.path, c.chunk_offset
+            ));
+        }
     };
-    Some(crate::ChunkLoc {
+    Ok(crate::ChunkLoc {
         layer: desc.digest.clone(),
         offset: c.offset,
         compressed_end: c.compressed_end,
@@ -112,13 +133,22 @@ pub fn chunk_loc(
 
 /// Every chunk of layer `desc`, or `None` if some chunk cannot be checked.
 pub fn layer_chunk_locs(desc: &Descriptor, layer: &TocLayer) -> Option<Vec<crate::ChunkLoc>> {
+    lazy_chunk_locs(desc, layer).ok()
+}
+
+/// Every chunk of layer `desc`, or why the layer cannot be read lazily
+/// through its TOC (the first chunk that cannot be fetched alone).
+pub fn lazy_chunk_locs(
+    desc: &Descriptor,
+    layer: &TocLayer,
+) -> std::result::Result<Vec<crate::ChunkLoc>, String> {
     let mut out = Vec::new();
     for (entry, chunks) in &layer.entries {
         for c in chunks {
-            out.push(chunk_loc(desc, entry, chunks.len(), c)?);
+            out.push(chunk_loc_or_why(desc, entry, chunks.len(), c)?);
         }
     }
-    Some(out)
+    Ok(out)
 }
 
 impl crate::Image {
