@@ -749,6 +749,8 @@ enum Fault {
     TruncatedLayer,
     /// Blobs redirected to a storage server elsewhere; Basic auth asked.
     RedirectToStorage,
+    /// Range requests of layers answered 206 with the blob's first bytes.
+    WrongRange,
 }
 
 /// A registry serving `img` as repository `app`, misbehaving as `fault`
@@ -805,6 +807,12 @@ fn hostile_registry(img: Arc<Served>, fault: Fault, storage: String) -> Server {
                     let _ = sock.write_all(&body[..body.len() / 2]);
                 }
             }
+            Fault::WrongRange if img.layers.iter().any(|l| l == d) && req.range.is_some() => {
+                let (a, b) = req.range.unwrap_or_default();
+                let b = b.min(bytes.len());
+                let cr = format!("Content-Range: bytes {a}-{}/{}\r\n", b - 1, bytes.len());
+                respond(sock, "206 Partial Content", &cr, &bytes[..b - a]);
+            }
             Fault::RedirectToStorage => {
                 let to = format!("Location: {storage}/storage/{d}\r\n");
                 respond(sock, "307 Temporary Redirect", &to, b"");
@@ -841,7 +849,7 @@ fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unver
     let docker = tmp.path().join("docker");
     std::fs::create_dir_all(&docker).unwrap();
 
-    let cases: [(Fault, &[&str]); 7] = [
+    let cases: [(Fault, &[&str]); 8] = [
         (
             Fault::EndlessManifest,
             &["manifest", "larger than 8388608 bytes"],
@@ -855,6 +863,7 @@ fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unver
         (Fault::ShortConfig, &["size mismatch", &img.config]),
         (Fault::TruncatedLayer, &["transfer failed"]),
         (Fault::RedirectToStorage, &[]),
+        (Fault::WrongRange, &["TOC", "Range requests"]),
     ];
     for (i, (fault, needles)) in cases.iter().enumerate() {
         let reg = hostile_registry(img.clone(), *fault, storage.url());
@@ -910,7 +919,13 @@ fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unver
                 "{fault:?}: the error does not say {n:?}: {err}"
             );
         }
-        if *fault == Fault::TruncatedLayer {
+        if *fault == Fault::WrongRange {
+            assert!(
+                !err.contains("not eStargz"),
+                "a registry's wrong ranges are blamed on the layer: {err}"
+            );
+        }
+        if matches!(fault, Fault::TruncatedLayer | Fault::WrongRange) {
             let named = img.layers.iter().any(|l| err.contains(&l[..19]));
             assert!(named, "the error does not name the layer: {err}");
         }

@@ -11,7 +11,7 @@ use std::process::Command;
 use breakfs_index::{TocEntry, TocEntryType};
 
 use crate::hostile::{Run, Sandbox, file_header, short, timed};
-use crate::mount::breakfs;
+use crate::mount::{Mount, breakfs};
 use crate::support::images::{Layer, T, digest, estargz_layer, tar_of};
 
 /// `breakfs pull --extract` of `reference` into `dest`, with cache `cache`.
@@ -213,4 +213,34 @@ fn a_toc_that_cannot_be_used_is_named_and_its_files_never_show() {
         "inspect does not say the TOC is unusable: {out}"
     );
     s.assert_contained();
+}
+
+/// What a refused standalone mount printed and logged.
+fn refused_mount_text(s: &Sandbox, name: &str, reference: &str) -> String {
+    let (point, cache) = (s.out(&format!("mnt-{name}")), s.out(&format!("c-{name}")));
+    let out = Mount::try_new(reference, &point, &cache, &["--standalone"]);
+    assert!(!out.status.success(), "the mount of {name} came up");
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    for e in std::fs::read_dir(cache.join("logs")).into_iter().flatten() {
+        text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap_or_default());
+    }
+    text
+}
+
+#[test]
+fn a_standalone_mount_never_blames_a_peer() {
+    let s = Sandbox::new();
+    let mut pinned = estargz_layer(&[("a", b"aaaa")], |_| {});
+    let claimed = digest(b"another toc");
+    pinned.annotations.insert(
+        "containerd.io/snapshot/stargz/toc.digest".into(),
+        claimed.clone(),
+    );
+    s.image("annotation", vec![pinned]);
+    let text = refused_mount_text(&s, "annotation", &s.reference("annotation"));
+    assert!(text.contains(&claimed), "{text}");
+    assert!(
+        !text.contains("a peer"),
+        "a mount without peers blames a peer: {text}"
+    );
 }

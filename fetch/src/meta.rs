@@ -43,23 +43,28 @@ impl Fetcher {
             }
         }
         let what = format!("TOC of layer {}", desc.digest);
-        // Peers only when the TOC can be checked; when a peer's TOC does not
-        // check out, read it again from the cloud.
-        let mut found = None;
-        for trusted_only in [desc.toc_digest().is_none(), true] {
-            let read = |start, len| self.read_any(&desc.digest, start, len, trusted_only);
-            match read_toc_with(desc, &what, read).await {
-                Ok(t) => {
-                    found = Some(t);
-                    break;
-                }
-                Err(e) if !trusted_only => {
-                    tracing::warn!(layer = %desc.digest, "a TOC from a peer did not check out, reading it from the cloud: {e}", e = breakfs_index::Causes(&e));
-                }
-                Err(e) => return Err(e),
+        // Peers only when the TOC can be checked; when what came does not
+        // check out, read it again from the cloud alone. Whether a peer
+        // answered is not known here (there may be none): the second
+        // read's error is the one that names the cause.
+        let checked = desc.toc_digest().is_some();
+        let read =
+            |trusted_only| move |start, len| self.read_any(&desc.digest, start, len, trusted_only);
+        let found = match read_toc_with(desc, &what, read(!checked)).await {
+            Ok(t) => t,
+            Err(first) if checked => {
+                let t = read_toc_with(desc, &what, read(true)).await?;
+                tracing::warn!(
+                    layer = %desc.digest,
+                    "a first read of the TOC, peers allowed, did not check out ({e}); \
+                     read again from the cloud alone, it did",
+                    e = breakfs_index::Causes(&first)
+                );
+                t
             }
-        }
-        match found.flatten() {
+            Err(e) => return Err(e),
+        };
+        match found {
             Some(t) => {
                 let mut rec = format!("{}\n", t.toc_offset).into_bytes();
                 rec.extend_from_slice(&t.toc.to_json());

@@ -293,8 +293,7 @@ pub fn parse_footer_sized(bytes: &[u8]) -> Result<(u64, u64)> {
         return Ok((off, LEGACY_FOOTER_SIZE));
     }
     Err(Error::BadToc(format!(
-        "no eStargz footer at the end of the blob: {estargz_err}; \
-         the layer is not eStargz (fetch it whole as a plain gzip layer)"
+        "no eStargz footer at the end of the blob: {estargz_err}"
     )))
 }
 
