@@ -244,3 +244,40 @@ fn a_standalone_mount_never_blames_a_peer() {
         "a mount without peers blames a peer: {text}"
     );
 }
+
+#[test]
+fn oci_references_over_tcp_are_refused_with_the_reason() {
+    let s = Sandbox::new();
+    s.image("t", vec![Layer::gzip(tar_of(&[T::File("a", b"a", 0o644)]))]);
+    let node = crate::node::Node::start(&s.out("node"), &[], &[]);
+    let local = s.reference("t");
+    let call = crate::security::call;
+    let bodies = [
+        serde_json::json!({"images": [local]}),
+        serde_json::json!({"image": local, "layers": [digest(b"x")]}),
+    ];
+    for body in &bodies {
+        let body = body.to_string();
+        let (status, answer) = call(
+            "POST",
+            &format!("{}/prefetch", node.url),
+            None,
+            Some(body.as_bytes()),
+        );
+        assert_eq!(status, 400, "{body} over TCP: {answer}");
+        for n in [local.as_str(), "registry reference", "control socket"] {
+            assert!(
+                answer.contains(n),
+                "the answer does not say {n:?}: {answer}"
+            );
+        }
+    }
+    // Nothing of the layout reached the store.
+    let index = node.get("/cache/index");
+    assert!(!index.contains("sha256"), "{index}");
+    // The local socket may still name a layout.
+    let sock = format!("unix:{} http://node/prefetch", node.socket.display());
+    let body = bodies[0].to_string();
+    let (status, answer) = call("POST", &sock, None, Some(body.as_bytes()));
+    assert_eq!(status, 202, "over the control socket: {answer}");
+}
