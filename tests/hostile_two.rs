@@ -281,3 +281,87 @@ fn oci_references_over_tcp_are_refused_with_the_reason() {
     let (status, answer) = call("POST", &sock, None, Some(body.as_bytes()));
     assert_eq!(status, 202, "over the control socket: {answer}");
 }
+
+/// A control request: method, path, body, the status it must get and what
+/// the answer must say.
+type Ask<'a> = (&'a str, &'a str, Option<String>, u16, &'a [&'a str]);
+
+#[test]
+fn the_mount_control_socket_refuses_hostile_requests_with_the_reason_and_keeps_serving() {
+    let s = Sandbox::new();
+    let node = crate::node::Node::start(&s.out("node"), &[], &[]);
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        let target = format!("unix:{} http://node{path}", node.socket.display());
+        crate::security::call(method, &target, None, body.map(str::as_bytes))
+    };
+    let tm = s.out("tm");
+    std::fs::create_dir_all(&tm).unwrap();
+    crate::mount::ok(Command::new("mount").args(["-t", "tmpfs", "none"]).arg(&tm));
+    let image = "oci:/nonexistent:x";
+    let mount = |point: &str| serde_json::json!({"image": image, "mountpoint": point}).to_string();
+    let cases: [Ask; 6] = [
+        // Over a mount breakfs did not make: no advice to unmount it.
+        (
+            "POST",
+            "/mounts",
+            Some(mount(&tm.display().to_string())),
+            422,
+            &["(tmpfs) is already mounted", "give another directory"],
+        ),
+        (
+            "POST",
+            "/mounts",
+            Some(mount("/")),
+            422,
+            &["already mounted"],
+        ),
+        // Relative to the daemon's working directory, not the caller's.
+        (
+            "POST",
+            "/mounts",
+            Some(mount("relative/dir")),
+            422,
+            &["absolute path"],
+        ),
+        ("POST", "/mounts", Some(mount("/tmp/a\0b")), 422, &["NUL"]),
+        (
+            "DELETE",
+            &format!("/mounts?mountpoint={}", tm.display()),
+            None,
+            409,
+            &["does not serve a mount"],
+        ),
+        (
+            "POST",
+            "/mounts",
+            Some("[".repeat(10_000)),
+            400,
+            &["not a mount request"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (method, path, body, want, needles) in &cases {
+        let (status, answer) = call(method, path, body.as_deref());
+        eprintln!("{method} {path}: {status} {answer}");
+        if status != *want || needles.iter().any(|n| !answer.contains(n)) {
+            failures.push(format!("{method} {path} {body:?}: {status} {answer}"));
+        }
+    }
+    let still = mounted(&tm);
+    let _ = Command::new("umount").arg(&tm).status();
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(still, "the tmpfs was unmounted");
+    assert!(!answer_says_unmount_root(
+        &call("POST", "/mounts", Some(&mount("/"))).1
+    ));
+    assert_eq!(
+        call("GET", "/mounts", None).0,
+        200,
+        "the node stopped serving"
+    );
+}
+
+/// Whether an answer advises `breakfs umount /`.
+fn answer_says_unmount_root(answer: &str) -> bool {
+    answer.contains("breakfs umount /\n") || answer.contains("breakfs umount /)")
+}

@@ -116,6 +116,11 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
         mountpoint: mountpoint.to_path_buf(),
         reason,
     };
+    if mountpoint.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(err(
+            "the path holds a NUL byte, which no path can hold".into()
+        ));
+    }
     let meta = std::fs::metadata(mountpoint).map_err(|e| {
         if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32) {
             // A FUSE mount whose process was killed answers nothing.
@@ -136,11 +141,22 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
     let abs = mountpoint
         .canonicalize()
         .map_err(|e| err(format!("cannot resolve it: {e}")))?;
-    if is_mountpoint(&abs) {
-        return Err(err(format!(
-            "something is already mounted there; unmount it first (breakfs umount {})",
-            abs.display()
-        )));
+    if let Some((fstype, device)) = mount_type(&abs) {
+        // Only a breakfs mount is breakfs' to unmount; anything else is
+        // left alone, and the advice must not point at it.
+        return Err(err(if is_breakfs_type(&fstype, &device) {
+            format!(
+                "breakfs' mount of {} is already mounted there; unmount it first \
+                 (breakfs umount {})",
+                device.trim_start_matches("breakfs:"),
+                abs.display()
+            )
+        } else {
+            format!(
+                "{device} ({fstype}) is already mounted there; breakfs mounts only where \
+                 nothing is mounted (give another directory)"
+            )
+        }));
     }
     Ok(abs)
 }
