@@ -22,14 +22,14 @@ use crate::support::tree;
 /// A case's directories: the source layout (`src`), a canary directory
 /// holding one file, and everything the commands write (`out`). Every
 /// hostile path aims at the canary from the output directories.
-struct Sandbox {
+pub(crate) struct Sandbox {
     tmp: tempfile::TempDir,
 }
 
 const CANARY_FILE: &[u8] = b"canary\n";
 
 impl Sandbox {
-    fn new() -> Sandbox {
+    pub(crate) fn new() -> Sandbox {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tmp.path().join("canary")).unwrap();
         std::fs::create_dir_all(tmp.path().join("out")).unwrap();
@@ -37,28 +37,28 @@ impl Sandbox {
         Sandbox { tmp }
     }
 
-    fn layout(&self) -> PathBuf {
+    pub(crate) fn layout(&self) -> PathBuf {
         self.tmp.path().join("src")
     }
 
-    fn canary(&self) -> PathBuf {
+    pub(crate) fn canary(&self) -> PathBuf {
         self.tmp.path().join("canary")
     }
 
-    fn image(&self, tag: &str, layers: Vec<Layer>) {
+    pub(crate) fn image(&self, tag: &str, layers: Vec<Layer>) {
         write_image(&self.layout(), tag, &layers);
     }
 
-    fn reference(&self, tag: &str) -> String {
+    pub(crate) fn reference(&self, tag: &str) -> String {
         format!("oci:{}:{tag}", self.layout().display())
     }
 
-    fn out(&self, name: &str) -> PathBuf {
+    pub(crate) fn out(&self, name: &str) -> PathBuf {
         self.tmp.path().join("out").join(name)
     }
 
     /// `breakfs refactor` of `tag` into a layout of its own.
-    fn refactor(&self, tag: &str) -> Run {
+    pub(crate) fn refactor(&self, tag: &str) -> Run {
         let dest = self.out(&format!("dest-{tag}"));
         let run = timed(
             &format!("refactor {tag}"),
@@ -79,12 +79,12 @@ impl Sandbox {
     }
 
     /// The refactored image of `tag` (after [`Sandbox::refactor`]).
-    fn refactored(&self, tag: &str) -> String {
+    pub(crate) fn refactored(&self, tag: &str) -> String {
         format!("oci:{}:{tag}", self.out(&format!("dest-{tag}")).display())
     }
 
     /// `breakfs pull --extract` of `reference` into `out/x-NAME`.
-    fn pull(&self, name: &str, reference: &str) -> Run {
+    pub(crate) fn pull(&self, name: &str, reference: &str) -> Run {
         timed(
             &format!("pull {name}"),
             Command::new(env!("CARGO_BIN_EXE_breakfs"))
@@ -96,11 +96,11 @@ impl Sandbox {
         )
     }
 
-    fn extracted(&self, name: &str) -> PathBuf {
+    pub(crate) fn extracted(&self, name: &str) -> PathBuf {
         self.out(&format!("x-{name}"))
     }
 
-    fn mount_args(&self, name: &str) -> (PathBuf, PathBuf) {
+    pub(crate) fn mount_args(&self, name: &str) -> (PathBuf, PathBuf) {
         (
             self.out(&format!("mnt-{name}")),
             self.out(&format!("cache-mount-{name}")),
@@ -108,14 +108,14 @@ impl Sandbox {
     }
 
     /// A standalone mount of `reference`; it must come up.
-    fn mount(&self, name: &str, reference: &str) -> Mount {
+    pub(crate) fn mount(&self, name: &str, reference: &str) -> Mount {
         let (point, cache) = self.mount_args(name);
         Mount::new(reference, &point, &cache, &["--standalone"])
     }
 
     /// A standalone mount of `reference`; it must fail with every needle
     /// in its message and leave nothing mounted.
-    fn mount_refused(&self, name: &str, reference: &str, needles: &[&str]) {
+    pub(crate) fn mount_refused(&self, name: &str, reference: &str, needles: &[&str]) {
         let (point, cache) = self.mount_args(name);
         let out = Mount::try_new(reference, &point, &cache, &["--standalone"]);
         let run = Run {
@@ -129,7 +129,7 @@ impl Sandbox {
 
     /// `tag` of the source layout refused by all three commands, each
     /// naming the image and saying every one of `needles`.
-    fn refused_everywhere(&self, tag: &str, needles: &[&str]) {
+    pub(crate) fn refused_everywhere(&self, tag: &str, needles: &[&str]) {
         let reference = self.reference(tag);
         let needles = [needles, &[reference.as_str()]].concat();
         self.refactor(tag).refused(&needles);
@@ -137,7 +137,7 @@ impl Sandbox {
     }
 
     /// `tag` refused by mount and pull, which read its (lying) TOC.
-    fn refused_lazily(&self, tag: &str, needles: &[&str]) {
+    pub(crate) fn refused_lazily(&self, tag: &str, needles: &[&str]) {
         let reference = self.reference(tag);
         let needles = [needles, &[reference.as_str()]].concat();
         self.mount_refused(tag, &reference, &needles);
@@ -146,7 +146,7 @@ impl Sandbox {
 
     /// Nothing was written outside `src` and `out`: the canary holds its
     /// one file, unchanged and with no other link to it.
-    fn assert_contained(&self) {
+    pub(crate) fn assert_contained(&self) {
         use std::os::unix::fs::MetadataExt;
         let names = |dir: &Path| -> Vec<String> {
             let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -170,20 +170,20 @@ impl Sandbox {
 }
 
 /// What one command did, with its peak memory.
-struct Run {
-    what: String,
-    out: Output,
+pub(crate) struct Run {
+    pub(crate) what: String,
+    pub(crate) out: Output,
     /// Maximum resident set size, MiB (0 when not measured).
-    peak_mib: u64,
+    pub(crate) peak_mib: u64,
 }
 
 impl Run {
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.out.stderr).into_owned()
     }
 
     /// The command failed, saying every one of `needles`.
-    fn refused(&self, needles: &[&str]) -> String {
+    pub(crate) fn refused(&self, needles: &[&str]) -> String {
         let err = self.stderr();
         assert!(
             !self.out.status.success(),
@@ -203,7 +203,7 @@ impl Run {
     }
 
     /// The command succeeded within `mib` MiB.
-    fn ok_within(&self, mib: u64) -> &Run {
+    pub(crate) fn ok_within(&self, mib: u64) -> &Run {
         assert!(
             self.out.status.success(),
             "{} failed: {}{}",
@@ -225,7 +225,7 @@ fn assert_peak(what: &str, peak_mib: u64, bound_mib: u64) {
 }
 
 /// Run `cmd` under GNU time, which reports the child's maximum RSS.
-fn timed(what: &str, cmd: &mut Command) -> Run {
+pub(crate) fn timed(what: &str, cmd: &mut Command) -> Run {
     let report = tempfile::NamedTempFile::new().unwrap();
     let mut wrapped = Command::new("/usr/bin/time");
     wrapped
@@ -261,7 +261,7 @@ fn vm_hwm_mib(pid: u32) -> u64 {
 }
 
 /// A raw tar header of a regular file declaring `size` bytes.
-fn file_header(path: &str, size: u64) -> Vec<u8> {
+pub(crate) fn file_header(path: &str, size: u64) -> Vec<u8> {
     let mut h = tar::Header::new_gnu();
     h.set_path(path).unwrap();
     h.set_entry_type(tar::EntryType::Regular);
@@ -273,7 +273,7 @@ fn file_header(path: &str, size: u64) -> Vec<u8> {
 }
 
 /// The blob digest's first characters, as error messages show it.
-fn short(layer: &Layer) -> String {
+pub(crate) fn short(layer: &Layer) -> String {
     digest(&layer.blob)[..19].to_string()
 }
 

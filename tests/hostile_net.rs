@@ -328,6 +328,19 @@ fn refactor(src: &Path, dest: &str, work: &Path) {
         .arg(format!("oci:{}:v1", src.display())));
 }
 
+/// [`small_image`] under `tmp`, refactored into a layout, as served: its
+/// files and its blobs.
+fn refactored_small_image(tmp: &Path) -> (Vec<(String, Vec<u8>)>, Arc<Served>) {
+    let files = small_image(&tmp.join("src"));
+    let layout = tmp.join("refactored");
+    refactor(
+        &tmp.join("src"),
+        &format!("oci:{}:v1", layout.display()),
+        &tmp.join("work"),
+    );
+    (files, Arc::new(Served::from_layout(&layout)))
+}
+
 /// Run `cmd`; it must end within `limit` (else it is killed: it hung).
 fn within(cmd: &mut Command, limit: Duration) -> Output {
     let child = cmd
@@ -749,6 +762,8 @@ enum Fault {
     TruncatedLayer,
     /// Blobs redirected to a storage server elsewhere; Basic auth asked.
     RedirectToStorage,
+    /// Range requests of layers answered 206 with the blob's first bytes.
+    WrongRange,
 }
 
 /// A registry serving `img` as repository `app`, misbehaving as `fault`
@@ -805,6 +820,12 @@ fn hostile_registry(img: Arc<Served>, fault: Fault, storage: String) -> Server {
                     let _ = sock.write_all(&body[..body.len() / 2]);
                 }
             }
+            Fault::WrongRange if img.layers.iter().any(|l| l == d) && req.range.is_some() => {
+                let (a, b) = req.range.unwrap_or_default();
+                let b = b.min(bytes.len());
+                let cr = format!("Content-Range: bytes {a}-{}/{}\r\n", b - 1, bytes.len());
+                respond(sock, "206 Partial Content", &cr, &bytes[..b - a]);
+            }
             Fault::RedirectToStorage => {
                 let to = format!("Location: {storage}/storage/{d}\r\n");
                 respond(sock, "307 Temporary Redirect", &to, b"");
@@ -817,14 +838,7 @@ fn hostile_registry(img: Arc<Served>, fault: Fault, storage: String) -> Server {
 #[test]
 fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unverified() {
     let tmp = tempfile::tempdir().unwrap();
-    let files = small_image(&tmp.path().join("src"));
-    let layout = tmp.path().join("refactored");
-    refactor(
-        &tmp.path().join("src"),
-        &format!("oci:{}:v1", layout.display()),
-        &tmp.path().join("work"),
-    );
-    let img = Arc::new(Served::from_layout(&layout));
+    let (files, img) = refactored_small_image(tmp.path());
     let storage = {
         let img = img.clone();
         Server::start(move |req, sock| {
@@ -841,7 +855,7 @@ fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unver
     let docker = tmp.path().join("docker");
     std::fs::create_dir_all(&docker).unwrap();
 
-    let cases: [(Fault, &[&str]); 7] = [
+    let cases: [(Fault, &[&str]); 8] = [
         (
             Fault::EndlessManifest,
             &["manifest", "larger than 8388608 bytes"],
@@ -855,6 +869,7 @@ fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unver
         (Fault::ShortConfig, &["size mismatch", &img.config]),
         (Fault::TruncatedLayer, &["transfer failed"]),
         (Fault::RedirectToStorage, &[]),
+        (Fault::WrongRange, &["TOC", "Range requests"]),
     ];
     for (i, (fault, needles)) in cases.iter().enumerate() {
         let reg = hostile_registry(img.clone(), *fault, storage.url());
@@ -910,9 +925,161 @@ fn hostile_registries_fail_pulls_clearly_in_bounded_time_and_store_nothing_unver
                 "{fault:?}: the error does not say {n:?}: {err}"
             );
         }
-        if *fault == Fault::TruncatedLayer {
+        if *fault == Fault::WrongRange {
+            assert!(
+                !err.contains("not eStargz"),
+                "a registry's wrong ranges are blamed on the layer: {err}"
+            );
+        }
+        if matches!(fault, Fault::TruncatedLayer | Fault::WrongRange) {
             let named = img.layers.iter().any(|l| err.contains(&l[..19]));
             assert!(named, "the error does not name the layer: {err}");
         }
+    }
+}
+
+/// How a registry's layer bodies misbehave (issue 22, point 3); every
+/// other answer is right.
+#[derive(Clone, Copy, Debug)]
+enum BadBody {
+    /// Half the body, then silence with the connection open.
+    Stalled,
+    /// The head, then a byte every 200 ms.
+    Trickling,
+    /// Chunked, and it never ends.
+    Endless,
+    /// Content-Length half of the body sent.
+    ShortLength,
+}
+
+/// Keep `sock` open, silent, until the client goes (at most a minute).
+fn hold(sock: &mut TcpStream) {
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = sock.read(&mut [0u8; 1]);
+}
+
+/// A registry serving `img` as `app:v1` whose layer bodies, whole or
+/// ranges, misbehave as `bad` says.
+fn bad_body_registry(img: Arc<Served>, bad: BadBody) -> Server {
+    Server::start(move |req, sock| {
+        if req.path.ends_with("/manifests/v1") {
+            let ct = "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n";
+            return respond(sock, "200 OK", ct, &img.manifest);
+        }
+        let Some(d) = blob_of(&req.path) else {
+            return respond(sock, "200 OK", "", b"{}");
+        };
+        let Some(bytes) = img.blobs.get(d) else {
+            return respond(sock, "404 Not Found", "", b"");
+        };
+        if !img.layers.iter().any(|l| l == d) {
+            return serve_range(sock, req, bytes);
+        }
+        let (a, b) = req.range.unwrap_or((0, bytes.len()));
+        let (a, b) = (a.min(bytes.len()), b.min(bytes.len()));
+        let body = &bytes[a..b];
+        let (status, cr) = match req.range {
+            Some(_) => (
+                "206 Partial Content",
+                format!("Content-Range: bytes {a}-{}/{}\r\n", b - 1, bytes.len()),
+            ),
+            None => ("200 OK", String::new()),
+        };
+        match bad {
+            BadBody::Stalled => {
+                if head(sock, status, body.len(), &cr) {
+                    let _ = sock.write_all(&body[..body.len() / 2]);
+                    hold(sock);
+                }
+            }
+            BadBody::Trickling => {
+                if head(sock, status, body.len(), &cr) {
+                    drip(sock);
+                }
+            }
+            BadBody::Endless => {
+                let h = format!("HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n{cr}\r\n");
+                if sock.write_all(h.as_bytes()).is_ok() {
+                    let piece = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                    while sock.write_all(piece.as_bytes()).is_ok() {}
+                }
+            }
+            BadBody::ShortLength => {
+                if head(sock, status, body.len() / 2, &cr) {
+                    let _ = sock.write_all(body);
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn stalled_trickling_endless_and_short_layer_bodies_fail_refactor_and_mount_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, img) = refactored_small_image(tmp.path());
+    // What the mount's error says besides the layer and the registry (one
+    // of them: which timeout ends a stalled read first depends on load).
+    let slow: &[&str] = &["no answer within", "timed out", "trickles in"];
+    let cases = [
+        (BadBody::Stalled, slow),
+        (BadBody::Trickling, slow),
+        (BadBody::Endless, &["with a longer body"]),
+        (BadBody::ShortLength, &["got 4096 bytes"]),
+    ];
+    for (i, (bad, says)) in cases.into_iter().enumerate() {
+        let reg = bad_body_registry(img.clone(), bad);
+        let reference = format!("docker://{}/app:v1", reg.host());
+        let dir = tmp.path().join(format!("case{i}"));
+        let dest = dir.join("dest");
+        let out = within(
+            breakfs()
+                .args(["refactor", "--plain-http", "--registry-timeout", "2"])
+                .arg("--work-dir")
+                .arg(dir.join("work"))
+                .arg("--to")
+                .arg(format!("oci:{}", dest.display()))
+                .arg(&reference),
+            Duration::from_secs(90),
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("{bad:?}, refactor: {err}");
+        assert!(!out.status.success(), "{bad:?}: refactor succeeded");
+        assert!(
+            !dest.join("index.json").exists(),
+            "{bad:?}: refactor wrote an image"
+        );
+        let named = img.layers.iter().any(|l| err.contains(&l[..19]));
+        assert!(
+            named && err.contains(&reg.host()),
+            "{bad:?}: refactor does not name the layer: {err}"
+        );
+
+        let (point, cache) = (dir.join("mnt"), dir.join("cache"));
+        std::fs::create_dir_all(&point).unwrap();
+        let out = within(
+            breakfs()
+                .args(["mount", "--standalone", "--plain-http"])
+                .args(["--registry-timeout", "2", "--deadline", "4", "--cache"])
+                .arg(&cache)
+                .arg(&reference)
+                .arg(&point),
+            Duration::from_secs(90),
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("{bad:?}, mount: {err}");
+        let mounted = breakfs_fs::is_mountpoint(&point.canonicalize().unwrap());
+        if mounted {
+            let _ = breakfs().arg("umount").arg(&point).output();
+        }
+        assert!(
+            !out.status.success() && !mounted,
+            "{bad:?}: the mount came up"
+        );
+        let named = img.layers.iter().any(|l| err.contains(&l[..19]));
+        assert!(
+            named && err.contains(&reg.host()) && says.iter().any(|n| err.contains(n)),
+            "{bad:?}: mount does not name the layer, or does not say one of {says:?}: {err}"
+        );
+        assert_store_verified(&cache, |d| img.blobs.get(d).cloned());
     }
 }

@@ -17,7 +17,12 @@ use crate::sched::SchedProc;
 
 /// `curl` a request: (status, body). `target` is a URL, or
 /// `unix:SOCKET URL` for the control socket.
-fn call(method: &str, target: &str, token: Option<&str>, body: Option<&[u8]>) -> (u16, String) {
+pub(crate) fn call(
+    method: &str,
+    target: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> (u16, String) {
     let mut c = Command::new("curl");
     c.args([
         "-sS",

@@ -6,6 +6,7 @@ mod crash;
 mod credhelper;
 mod hostile;
 mod hostile_net;
+mod hostile_two;
 mod interop_tools;
 mod kube;
 mod load;

@@ -43,7 +43,7 @@ pub use cas::{ContentStore, merge_ranges};
 pub use error::{Error, Result};
 pub use fetcher::{ChunkLoc, FetchOptions, FetchStats, Fetcher, PEER_REST, Priority, SourceStats};
 pub use layout::OciLayout;
-pub use meta::{chunk_loc, layer_chunk_locs};
+pub use meta::{chunk_loc, chunk_loc_or_why, layer_chunk_locs, lazy_chunk_locs};
 pub use metrics::{Histogram, LATENCY_BOUNDS};
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};

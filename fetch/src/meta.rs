@@ -43,23 +43,28 @@ impl Fetcher {
             }
         }
         let what = format!("TOC of layer {}", desc.digest);
-        // Peers only when the TOC can be checked; when a peer's TOC does not
-        // check out, read it again from the cloud.
-        let mut found = None;
-        for trusted_only in [desc.toc_digest().is_none(), true] {
-            let read = |start, len| self.read_any(&desc.digest, start, len, trusted_only);
-            match read_toc_with(desc, &what, read).await {
-                Ok(t) => {
-                    found = Some(t);
-                    break;
-                }
-                Err(e) if !trusted_only => {
-                    tracing::warn!(layer = %desc.digest, "a TOC from a peer did not check out, reading it from the cloud: {e}", e = breakfs_index::Causes(&e));
-                }
-                Err(e) => return Err(e),
+        // Peers only when the TOC can be checked; when what came does not
+        // check out, read it again from the cloud alone. Whether a peer
+        // answered is not known here (there may be none): the second
+        // read's error is the one that names the cause.
+        let checked = desc.toc_digest().is_some();
+        let read =
+            |trusted_only| move |start, len| self.read_any(&desc.digest, start, len, trusted_only);
+        let found = match read_toc_with(desc, &what, read(!checked)).await {
+            Ok(t) => t,
+            Err(first) if checked => {
+                let t = read_toc_with(desc, &what, read(true)).await?;
+                tracing::warn!(
+                    layer = %desc.digest,
+                    "a first read of the TOC, peers allowed, did not check out ({e}); \
+                     read again from the cloud alone, it did",
+                    e = breakfs_index::Causes(&first)
+                );
+                t
             }
-        }
-        match found.flatten() {
+            Err(e) => return Err(e),
+        };
+        match found {
             Some(t) => {
                 let mut rec = format!("{}\n", t.toc_offset).into_bytes();
                 rec.extend_from_slice(&t.toc.to_json());
@@ -80,27 +85,48 @@ impl Fetcher {
 /// are 4 MiB as breakfs and the eStargz tools write them.
 const MAX_CHUNK: u64 = 16 << 20;
 
-/// Where chunk `c` of an entry of layer `desc` sits, or `None` when the TOC
-/// gives nothing to check it by (no chunk digest, and not a single-chunk
-/// file with a file digest) or the chunk is larger than `MAX_CHUNK`: such
-/// a layer is fetched whole and its tar stream indexed instead.
+/// Where chunk `c` of an entry of layer `desc` sits, or `None` when it
+/// cannot be fetched alone (see [`chunk_loc_or_why`]).
 pub fn chunk_loc(
     desc: &Descriptor,
     entry: &breakfs_index::Entry,
     chunks: usize,
     c: &breakfs_index::TocChunk,
 ) -> Option<crate::ChunkLoc> {
+    chunk_loc_or_why(desc, entry, chunks, c).ok()
+}
+
+/// Where chunk `c` of an entry of layer `desc` sits, or why it cannot be
+/// fetched alone: the TOC gives nothing to check it by (no chunk digest,
+/// and not a single-chunk file with a file digest) or the chunk is larger
+/// than `MAX_CHUNK`. Such a layer is fetched whole and its tar stream
+/// indexed instead.
+pub fn chunk_loc_or_why(
+    desc: &Descriptor,
+    entry: &breakfs_index::Entry,
+    chunks: usize,
+    c: &breakfs_index::TocChunk,
+) -> std::result::Result<crate::ChunkLoc, String> {
     let inflated = c.inner_offset.saturating_add(c.chunk_size);
     let compressed = c.compressed_end.saturating_sub(c.offset);
     if inflated > MAX_CHUNK || compressed > MAX_CHUNK {
-        return None;
+        return Err(format!(
+            "entry {:?}: its chunk at file offset {} is {inflated} bytes inflated and \
+             {compressed} compressed, more than the {MAX_CHUNK} a chunk fetched alone may be",
+            entry.path, c.chunk_offset
+        ));
     }
     let digest = match (&c.chunk_digest, &entry.digest) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) if chunks == 1 && c.chunk_size == entry.size => d.clone(),
-        _ => return None,
+        _ => {
+            return Err(format!(
+                "entry {:?}: its chunk at file offset {} has no digest to check it by",
+                entry.path, c.chunk_offset
+            ));
+        }
     };
-    Some(crate::ChunkLoc {
+    Ok(crate::ChunkLoc {
         layer: desc.digest.clone(),
         offset: c.offset,
         compressed_end: c.compressed_end,
@@ -112,13 +138,22 @@ pub fn chunk_loc(
 
 /// Every chunk of layer `desc`, or `None` if some chunk cannot be checked.
 pub fn layer_chunk_locs(desc: &Descriptor, layer: &TocLayer) -> Option<Vec<crate::ChunkLoc>> {
+    lazy_chunk_locs(desc, layer).ok()
+}
+
+/// Every chunk of layer `desc`, or why the layer cannot be read lazily
+/// through its TOC (the first chunk that cannot be fetched alone).
+pub fn lazy_chunk_locs(
+    desc: &Descriptor,
+    layer: &TocLayer,
+) -> std::result::Result<Vec<crate::ChunkLoc>, String> {
     let mut out = Vec::new();
     for (entry, chunks) in &layer.entries {
         for c in chunks {
-            out.push(chunk_loc(desc, entry, chunks.len(), c)?);
+            out.push(chunk_loc_or_why(desc, entry, chunks.len(), c)?);
         }
     }
-    Some(out)
+    Ok(out)
 }
 
 impl crate::Image {

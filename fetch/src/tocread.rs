@@ -59,14 +59,19 @@ where
         for _ in 0..2 {
             let tail = read(desc.size - want, want).await?;
             fetched += tail.len() as u64;
-            let read = match Toc::read_from_blob_tail(&tail, desc.size) {
+            let parsed = match Toc::read_from_blob_tail(&tail, desc.size) {
                 Ok(r) => r,
                 // Without the annotation, a footer that does not parse just
                 // means a plain gzip layer.
                 Err(_) if desc.toc_digest().is_none() => return Ok(None),
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return Err(match unfaithful_ranges(desc, &what, &tail, &read).await {
+                        Some(e) => e,
+                        None => e.into(),
+                    });
+                }
             };
-            match read {
+            match parsed {
                 TailRead::NeedTail(n) if n > want && n <= desc.size => want = n,
                 TailRead::NeedTail(n) => {
                     return Err(Error::Protocol {
@@ -102,4 +107,34 @@ where
             reason: "the TOC could not be located in the blob's tail".into(),
         })
     }
+}
+
+/// When a tail that should hold a TOC does not parse, ask for the blob's
+/// last bytes again with another range: a source that answers Range
+/// requests with other bytes than the blob's (some do when they ignore
+/// the offset) gives two answers that disagree, and that, not the layer,
+/// is what is wrong. `None` when they agree (or cannot be compared).
+async fn unfaithful_ranges<F, Fut>(
+    desc: &Descriptor,
+    what: &str,
+    tail: &[u8],
+    read: &F,
+) -> Option<Error>
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>>>,
+{
+    let n = breakfs_index::FOOTER_SIZE;
+    if (tail.len() as u64) <= n {
+        return None;
+    }
+    let again = read(desc.size - n, n).await.ok()?;
+    let first = &tail[tail.len() - n as usize..];
+    (again != first).then(|| Error::Protocol {
+        what: what.to_string(),
+        reason: format!(
+            "the source answered two Range requests for the blob's last {n} bytes with \
+             different bytes: it does not serve byte ranges of the blob faithfully"
+        ),
+    })
 }

@@ -4,6 +4,12 @@
 //! merge neighbours into large Range requests, and each chunk is written
 //! into every file that holds it as soon as it arrives; ownership, modes,
 //! xattrs and times are set last (directories deepest first).
+//!
+//! All of it is written into a staging directory inside the destination
+//! and moved to its final names only once every byte checked out: a
+//! failed extraction removes what it wrote, and one killed half-way
+//! leaves only the staging directory, which the next run clears. A retry
+//! starts clean (the chunks that arrived are in the cache already).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -50,15 +56,37 @@ pub async fn extract_reporting(
 }
 
 /// Write the image's tree to `dest` (which must not exist, or be an empty
-/// directory). `progress` counts content bytes written.
+/// directory, or hold only what an interrupted extraction left). On error
+/// `dest` is left as it was found. `progress` counts content bytes written.
 pub async fn extract(
     opened: &OpenedImage,
     dest: &Path,
     progress: Arc<AtomicU64>,
 ) -> Result<ExtractStats> {
-    prepare_dest(dest)?;
+    let staging = prepare_dest(dest, &opened.tree)?;
+    let result = async {
+        let stats = write_tree(opened, &staging, progress).await?;
+        let (tree, from, to) = (opened.tree.clone(), staging.clone(), dest.to_path_buf());
+        blocking(move || publish(&tree, &from, &to)).await?;
+        Ok(stats)
+    }
+    .await;
+    if result.is_err() {
+        // Nothing half-written stays under a final name.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Extract the tree into `root` (the staging directory), all but the
+/// root's own metadata.
+async fn write_tree(
+    opened: &OpenedImage,
+    root: &Path,
+    progress: Arc<AtomicU64>,
+) -> Result<ExtractStats> {
     let tree = opened.tree.clone();
-    let root = dest.to_path_buf();
+    let root = root.to_path_buf();
     // The skeleton is made while the first chunks are on their way.
     let mut skeleton_task = {
         let (tree, root) = (tree.clone(), root.clone());
@@ -210,20 +238,84 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::io("extracting", std::io::Error::other(e.to_string())))?
 }
 
-fn prepare_dest(dest: &Path) -> Result<()> {
+/// Names of the staging directory inside the destination start so.
+const STAGING: &str = ".breakfs-partial";
+
+/// Check `dest` and make the staging directory in it: a name no entry at
+/// the image's root has. What an interrupted run left is removed first.
+fn prepare_dest(dest: &Path, tree: &Tree) -> Result<PathBuf> {
     match std::fs::read_dir(dest) {
-        Ok(mut d) => {
-            if d.next().is_some() {
-                return Err(Error::io(
-                    format!("extracting into {}", dest.display()),
-                    std::io::Error::other("the directory is not empty; give a new or empty one"),
-                ));
+        Ok(d) => {
+            let mut left = Vec::new();
+            for e in d {
+                let e = e.map_err(|e| Error::io(format!("reading {}", dest.display()), e))?;
+                if !e.file_name().to_string_lossy().starts_with(STAGING) {
+                    return Err(Error::io(
+                        format!("extracting into {}", dest.display()),
+                        std::io::Error::other(
+                            "the directory is not empty; give a new or empty one",
+                        ),
+                    ));
+                }
+                left.push(e.path());
             }
-            Ok(())
+            for p in left {
+                tracing::info!(
+                    "removing {}, left by an interrupted extraction",
+                    p.display()
+                );
+                let removed = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                removed.map_err(|e| Error::io(format!("removing {}", p.display()), e))?;
+            }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dest)
-            .map_err(|e| Error::io(format!("creating {}", dest.display()), e)),
-        Err(e) => Err(Error::io(format!("reading {}", dest.display()), e)),
+            .map_err(|e| Error::io(format!("creating {}", dest.display()), e))?,
+        Err(e) => return Err(Error::io(format!("reading {}", dest.display()), e)),
+    }
+    let taken: std::collections::HashSet<&str> = tree
+        .node(ROOT)
+        .map(|r| r.children.iter().map(|(n, _)| n.as_str()).collect())
+        .unwrap_or_default();
+    let name = (0..)
+        .map(|i| {
+            if i == 0 {
+                STAGING.to_string()
+            } else {
+                format!("{STAGING}-{i}")
+            }
+        })
+        .find(|n| !taken.contains(n.as_str()))
+        .unwrap_or_else(|| STAGING.to_string());
+    let staging = dest.join(name);
+    std::fs::create_dir(&staging)
+        .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
+    Ok(staging)
+}
+
+/// Move the finished tree from `staging` to its final names in `dest`,
+/// then give `dest` the root's metadata.
+fn publish(tree: &Tree, staging: &Path, dest: &Path) -> Result<()> {
+    let rd = std::fs::read_dir(staging)
+        .map_err(|e| Error::io(format!("reading {}", staging.display()), e))?;
+    for e in rd {
+        let e = e.map_err(|e| Error::io(format!("reading {}", staging.display()), e))?;
+        let to = dest.join(e.file_name());
+        std::fs::rename(e.path(), &to).map_err(|x| {
+            Error::io(
+                format!("moving {} to {}", e.path().display(), to.display()),
+                x,
+            )
+        })?;
+    }
+    std::fs::remove_dir(staging)
+        .map_err(|e| Error::io(format!("removing {}", staging.display()), e))?;
+    match tree.node(ROOT) {
+        Some(root) => set_metadata(&root.entry, dest),
+        None => Ok(()),
     }
 }
 
@@ -292,29 +384,30 @@ fn skeleton(tree: &Tree, root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Owners, modes, xattrs and times, deepest inodes first.
+/// Owners, modes, xattrs and times, deepest inodes first; the root's
+/// go to the destination itself once the tree is there.
 fn finish_metadata(tree: &Tree, root: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let nodes: Vec<_> = tree.nodes().collect();
-    for (_, n) in nodes.into_iter().rev() {
-        let e = &n.entry;
-        let path = if e.path.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&e.path)
-        };
-        let io =
-            |what: &str, err: std::io::Error| Error::io(format!("{what} {}", path.display()), err);
-        std::os::unix::fs::lchown(&path, Some(e.uid), Some(e.gid)).map_err(|x| io("chown", x))?;
-        for (k, v) in &e.xattrs {
-            xattr::set(&path, k, v).map_err(|x| io(&format!("setting xattr {k} on"), x))?;
+    for (ino, n) in nodes.into_iter().rev() {
+        if ino != ROOT {
+            set_metadata(&n.entry, &root.join(&n.entry.path))?;
         }
-        if e.kind != EntryKind::Symlink {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode & 0o7777))
-                .map_err(|x| io("chmod", x))?;
-        }
-        let t = filetime::FileTime::from_unix_time(e.mtime, 0);
-        filetime::set_symlink_file_times(&path, t, t).map_err(|x| io("setting times of", x))?;
     }
+    Ok(())
+}
+
+fn set_metadata(e: &breakfs_index::Entry, path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: &str, err: std::io::Error| Error::io(format!("{what} {}", path.display()), err);
+    std::os::unix::fs::lchown(path, Some(e.uid), Some(e.gid)).map_err(|x| io("chown", x))?;
+    for (k, v) in &e.xattrs {
+        xattr::set(path, k, v).map_err(|x| io(&format!("setting xattr {k} on"), x))?;
+    }
+    if e.kind != EntryKind::Symlink {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode & 0o7777))
+            .map_err(|x| io("chmod", x))?;
+    }
+    let t = filetime::FileTime::from_unix_time(e.mtime, 0);
+    filetime::set_symlink_file_times(path, t, t).map_err(|x| io("setting times of", x))?;
     Ok(())
 }

@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use breakfs_fetch::budget::LivePin;
 use breakfs_fetch::{
-    ClientOptions, CloudSource, ContentStore, FetchOptions, Fetcher, Image, Source, chunk_loc,
+    ClientOptions, CloudSource, ContentStore, FetchOptions, Fetcher, Image, Source,
+    chunk_loc_or_why,
 };
 use breakfs_index::{
-    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, TocLayer,
+    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK, TOC_TAR_NAME, TocLayer,
 };
 use futures::future::try_join_all;
 
@@ -118,10 +120,14 @@ async fn load_layer(
         what: what.clone(),
         reason: breakfs_index::Causes(&e).to_string(),
     })?;
-    if let Some(toc_layer) = toc
-        && let Some(files) = lazy_files(toc_layer, desc)
-    {
-        return Ok((files, LayerMode::Lazy));
+    if let Some(toc_layer) = toc {
+        match lazy_files(toc_layer, desc) {
+            Ok(files) => return Ok((files, LayerMode::Lazy)),
+            Err(why) => tracing::warn!(
+                "{what}: its TOC cannot be read lazily ({why}); \
+                 fetching the layer whole and reading its tar stream instead"
+            ),
+        }
     }
     if let Some(b) = store.budget() {
         b.mark_whole(&desc.digest);
@@ -160,14 +166,14 @@ async fn load_layer(
     Ok((whole_files(entries), LayerMode::Whole))
 }
 
-/// The files of an eStargz layer with their chunk locations, or `None` if
-/// some chunk has no digest to check it by (the layer is then fetched whole).
-fn lazy_files(layer: TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
+/// The files of an eStargz layer with their chunk locations, or why some
+/// chunk cannot be fetched alone (the layer is then fetched whole).
+fn lazy_files(layer: TocLayer, desc: &Descriptor) -> std::result::Result<Vec<LayerFile>, String> {
     let mut out = Vec::with_capacity(layer.entries.len());
     for (entry, chunks) in layer.entries {
         let mut fc = Vec::with_capacity(chunks.len());
         for c in &chunks {
-            let loc = chunk_loc(desc, &entry, chunks.len(), c)?;
+            let loc = chunk_loc_or_why(desc, &entry, chunks.len(), c)?;
             fc.push(FileChunk::new(
                 c.chunk_offset,
                 c.chunk_size,
@@ -177,12 +183,20 @@ fn lazy_files(layer: TocLayer, desc: &Descriptor) -> Option<Vec<LayerFile>> {
         }
         out.push((entry, fc));
     }
-    Some(out)
+    Ok(out)
 }
 
+/// The files of a layer indexed whole: without the TOC and landmark files
+/// of an eStargz layer read this way, which belong to the format, not the
+/// image (a lazy read of the TOC leaves them out too).
 fn whole_files(entries: Vec<Entry>) -> Vec<LayerFile> {
     entries
         .into_iter()
+        .filter(|e| {
+            e.kind != EntryKind::File
+                || ![TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK]
+                    .contains(&e.path.as_str())
+        })
         .map(|e| {
             let chunks = match (&e.kind, &e.digest) {
                 (EntryKind::File, Some(d)) if e.size > 0 => {

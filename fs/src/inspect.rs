@@ -59,13 +59,18 @@ pub async fn inspect(store: &Store, r: &ImageRef) -> Result<String> {
         "#", "digest", "MB", "uncompr. MB", "entries", "TOC"
     );
     for (i, l) in image.layers().iter().enumerate() {
+        // A TOC whose chunks cannot be fetched alone is not used: mount and
+        // pull read such a layer whole, and say so.
+        let mut unusable = None;
         let (entries, uncompressed, toc) = match store.read_toc(l).await? {
             Some(t) => {
                 let unc = l
                     .annotations
                     .get(breakfs_index::annotations::UNCOMPRESSED_SIZE)
                     .and_then(|s| s.parse::<u64>().ok());
-                (t.layer.entries.len(), unc, "yes")
+                unusable = breakfs_fetch::lazy_chunk_locs(l, &t.layer).err();
+                let toc = if unusable.is_some() { "bad" } else { "yes" };
+                (t.layer.entries.len(), unc, toc)
             }
             None => {
                 let bytes = store.read_blob(l).await?;
@@ -103,6 +108,9 @@ pub async fn inspect(store: &Store, r: &ImageRef) -> Result<String> {
                 with.join(", ")
             }
         );
+        if let Some(why) = unusable {
+            let _ = writeln!(out, "      TOC not used ({why}): the layer is read whole");
+        }
     }
     Ok(out)
 }

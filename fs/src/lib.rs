@@ -23,7 +23,8 @@ pub use fuse::{ImageFs, ReadCounts, ReadStats};
 pub use image::{LayerMode, OpenedImage, open_image, open_image_on};
 pub use inspect::inspect;
 pub use mount::{
-    Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint, is_mountpoint, mount,
-    read_status, remove_status, status_dir, status_path, write_status,
+    Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint, is_breakfs_type,
+    is_mountpoint, mount, mount_type, read_status, remove_status, status_dir, status_path,
+    write_status,
 };
 pub use tree::{FileChunk, LayerFile, Node, ROOT, Tree};

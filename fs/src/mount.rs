@@ -116,6 +116,11 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
         mountpoint: mountpoint.to_path_buf(),
         reason,
     };
+    if mountpoint.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(err(
+            "the path holds a NUL byte, which no path can hold".into()
+        ));
+    }
     let meta = std::fs::metadata(mountpoint).map_err(|e| {
         if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32) {
             // A FUSE mount whose process was killed answers nothing.
@@ -136,11 +141,22 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
     let abs = mountpoint
         .canonicalize()
         .map_err(|e| err(format!("cannot resolve it: {e}")))?;
-    if is_mountpoint(&abs) {
-        return Err(err(format!(
-            "something is already mounted there; unmount it first (breakfs umount {})",
-            abs.display()
-        )));
+    if let Some((fstype, device)) = mount_type(&abs) {
+        // Only a breakfs mount is breakfs' to unmount; anything else is
+        // left alone, and the advice must not point at it.
+        return Err(err(if is_breakfs_type(&fstype, &device) {
+            format!(
+                "breakfs' mount of {} is already mounted there; unmount it first \
+                 (breakfs umount {})",
+                device.trim_start_matches("breakfs:"),
+                abs.display()
+            )
+        } else {
+            format!(
+                "{device} ({fstype}) is already mounted there; breakfs mounts only where \
+                 nothing is mounted (give another directory)"
+            )
+        }));
     }
     Ok(abs)
 }
@@ -156,6 +172,34 @@ pub fn is_mountpoint(abs: &Path) -> bool {
             .nth(4)
             .is_some_and(|m| unescape_mountinfo(m) == want)
     })
+}
+
+/// The file-system type and source of the topmost mount at `abs`
+/// (canonical), per /proc/self/mountinfo; `None` if nothing is mounted.
+pub fn mount_type(abs: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = abs.to_string_lossy();
+    // Later lines are mounted later: the last match is on top.
+    info.lines()
+        .rev()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| unescape_mountinfo(m) == want)
+        })
+        .filter_map(|l| {
+            // After the optional fields: " - FSTYPE SOURCE SUPER_OPTIONS".
+            let (_, tail) = l.split_once(" - ")?;
+            let mut f = tail.split(' ');
+            Some((unescape_mountinfo(f.next()?), unescape_mountinfo(f.next()?)))
+        })
+        .next()
+}
+
+/// Whether a mount of `fstype` from `device` (see [`mount_type`]) is one
+/// breakfs made: FUSE with its subtype, or its `breakfs:REF` source.
+pub fn is_breakfs_type(fstype: &str, device: &str) -> bool {
+    fstype == "fuse.breakfs" || (fstype.starts_with("fuse") && device.starts_with("breakfs:"))
 }
 
 fn unescape_mountinfo(s: &str) -> String {

@@ -493,6 +493,9 @@ fn index_entry(header: &tar::Header, ext: &Extensions, what: &str) -> Result<Opt
             };
             let target = String::from_utf8(raw)
                 .map_err(|_| bad("link target is not valid UTF-8".to_string()))?;
+            if target.contains('\0') {
+                return Err(bad(format!("link target {target:?}: {NUL_IN_PATH}")));
+            }
             if kind == EntryKind::Hardlink {
                 match normalize(&target) {
                     Ok(Some(t)) => t,
@@ -548,6 +551,12 @@ fn index_entry(header: &tar::Header, ext: &Extensions, what: &str) -> Result<Opt
 /// overflowed).
 const MAX_PATH: usize = 4095;
 
+/// Why a path or link target holding NUL is refused: the kernel ends a
+/// path at its first NUL, so the entry could never be created under its
+/// name (and a lookup of the name would find another file, or none).
+pub(crate) const NUL_IN_PATH: &str =
+    "it holds a NUL byte, which no file name or link target can hold";
+
 /// A path for a message: long ones cut to their first bytes and their size.
 pub(crate) fn shown_path(raw: &str) -> String {
     const SHOWN: usize = 128;
@@ -564,6 +573,9 @@ pub(crate) fn shown_path(raw: &str) -> String {
 /// Normalise a tar path: drop `./`, empty and `.` components and a trailing
 /// `/`. `Ok(None)` is the root itself; `Err` says why the path is refused.
 pub(crate) fn normalize(raw: &str) -> std::result::Result<Option<String>, String> {
+    if raw.contains('\0') {
+        return Err(NUL_IN_PATH.to_string());
+    }
     let absolute = raw.starts_with('/');
     let mut parts = Vec::new();
     for comp in raw.split('/') {

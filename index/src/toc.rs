@@ -293,8 +293,7 @@ pub fn parse_footer_sized(bytes: &[u8]) -> Result<(u64, u64)> {
         return Ok((off, LEGACY_FOOTER_SIZE));
     }
     Err(Error::BadToc(format!(
-        "no eStargz footer at the end of the blob: {estargz_err}; \
-         the layer is not eStargz (fetch it whole as a plain gzip layer)"
+        "no eStargz footer at the end of the blob: {estargz_err}"
     )))
 }
 
@@ -578,6 +577,16 @@ impl Toc {
                 EntryKind::Symlink => {
                     if te.link_name.is_empty() {
                         return Err(bad(raw_name, "symlink without linkName"));
+                    }
+                    if te.link_name.contains('\0') {
+                        return Err(bad(
+                            raw_name,
+                            format!(
+                                "symlink target {:?}: {}",
+                                te.link_name,
+                                crate::tarindex::NUL_IN_PATH
+                            ),
+                        ));
                     }
                     entry.link = te.link_name.clone();
                 }

@@ -131,10 +131,11 @@ impl Node {
         } = self;
         // The control socket's permissions guard it; over TCP, mount
         // control needs the token, and without one it is not served there.
-        let tcp_app = crate::server::routes(svc.clone(), token.clone())
+        use crate::server::Origin;
+        let tcp_app = crate::server::routes(svc.clone(), token.clone(), Origin::Network)
             .merge(crate::control::tcp_routes(svc.clone(), token.as_ref()));
-        let unix_app =
-            crate::server::routes(svc.clone(), None).merge(crate::control::routes(svc.clone()));
+        let unix_app = crate::server::routes(svc.clone(), None, Origin::Local)
+            .merge(crate::control::routes(svc.clone()));
         let ControlSocket { listener, path } = control;
         let mut servers = tokio::task::JoinSet::new();
         let tcp =

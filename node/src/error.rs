@@ -57,6 +57,20 @@ pub enum Error {
     /// The node serves no mount there.
     #[error("this node does not serve a mount at {}", .0.display())]
     NotServed(PathBuf),
+    /// What is mounted there is not a breakfs mount.
+    #[error(
+        "{} is a {fstype} mount of {device}, not a breakfs mount: left mounted \
+         (umount(8) unmounts it, if that is what you meant)",
+        .mountpoint.display()
+    )]
+    NotBreakfs {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// Its file-system type, as /proc/self/mountinfo gives it.
+        fstype: String,
+        /// Its mount source.
+        device: String,
+    },
     /// Nothing is mounted there.
     #[error("nothing is mounted on {}", .0.display())]
     NotMounted(PathBuf),

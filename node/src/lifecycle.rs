@@ -298,6 +298,15 @@ pub async fn unmount(mountpoint: &Path, token_file: Option<&Path>) -> Result<Opt
         breakfs_fs::remove_status(&abs);
         return Err(Error::NotMounted(abs));
     }
+    if let Some((fstype, device)) = breakfs_fs::mount_type(&abs)
+        && !breakfs_fs::is_breakfs_type(&fstype, &device)
+    {
+        return Err(Error::NotBreakfs {
+            mountpoint: abs,
+            fstype,
+            device,
+        });
+    }
     if let Ok(s) = breakfs_fs::read_status(&abs)
         && process_alive(s.pid)
     {

@@ -85,6 +85,17 @@ impl MountTable {
 impl NodeService {
     /// Mount `req.image` at `req.mountpoint` through the node's chain.
     pub(crate) async fn mount(&self, req: MountRequest) -> Result<StatusRecord> {
+        if !req.mountpoint.is_absolute() {
+            // It would resolve from the daemon's working directory, not the
+            // caller's (`breakfs mount --node` sends absolute paths).
+            return Err(breakfs_fs::Error::Mountpoint {
+                mountpoint: req.mountpoint,
+                reason: "a mount request needs an absolute path: the node daemon's working \
+                         directory is not the caller's"
+                    .into(),
+            }
+            .into());
+        }
         let abs = breakfs_fs::check_mountpoint(&req.mountpoint)?;
         let reference = ImageRef::parse(&req.image)?;
         let opened =

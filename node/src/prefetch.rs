@@ -34,6 +34,19 @@ pub struct PrefetchRequest {
     pub popularity: BTreeMap<Digest, f64>,
 }
 
+impl PrefetchRequest {
+    /// The first reference that names a path on this node (`oci:DIR`), which
+    /// a request from the network may not: the node would read that
+    /// directory into its store and serve it to anyone.
+    pub fn local_reference(&self) -> Option<&str> {
+        self.images
+            .iter()
+            .chain(&self.image)
+            .map(String::as_str)
+            .find(|r| matches!(ImageRef::parse(r), Ok(ImageRef::Layout { .. })))
+    }
+}
+
 /// The state of one prefetch task.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PrefetchTask {

@@ -71,9 +71,19 @@ pub(crate) struct NodeService {
     pub(crate) mounts: MountTable,
 }
 
+/// Where a request comes from: the network (TCP) or the node's own
+/// control socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Over TCP: registry references only.
+    Network,
+    /// The control socket, which its file permissions guard.
+    Local,
+}
+
 /// The routes of the peer-facing service; with `token`, `POST /prefetch`
 /// requires it.
-pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>) -> Router {
+pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>, origin: Origin) -> Router {
     let reads = Router::new()
         .route("/v2/", get(api_base))
         .route("/v2", get(api_base))
@@ -84,7 +94,10 @@ pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>) -> Router {
         .route("/prefetch", get(prefetch_list))
         .with_state(svc.clone());
     let control = Router::new()
-        .route("/prefetch", post(prefetch_start))
+        .route(
+            "/prefetch",
+            post(move |svc, body| prefetch_start(svc, body, origin)),
+        )
         .with_state(svc);
     let control = guard::require_token(control, token, "node");
     guard::limit_body(reads.merge(control), guard::MAX_CONTROL_BODY, "")
@@ -485,7 +498,11 @@ async fn measurements(State(svc): State<Arc<NodeService>>) -> Response {
     .into_response()
 }
 
-async fn prefetch_start(State(svc): State<Arc<NodeService>>, body: axum::body::Bytes) -> Response {
+async fn prefetch_start(
+    State(svc): State<Arc<NodeService>>,
+    body: axum::body::Bytes,
+    origin: Origin,
+) -> Response {
     let req: PrefetchRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -496,6 +513,16 @@ async fn prefetch_start(State(svc): State<Arc<NodeService>>, body: axum::body::B
                 .into_response();
         }
     };
+    if origin == Origin::Network
+        && let Some(r) = req.local_reference()
+    {
+        let why = format!(
+            "{r} names a directory on this node: over TCP a prefetch takes registry \
+             references (docker://HOST/REPO:TAG) only; a local layout goes through the \
+             node's control socket\n"
+        );
+        return (StatusCode::BAD_REQUEST, why).into_response();
+    }
     match svc.prefetcher.start(req) {
         Ok(ids) => (
             StatusCode::ACCEPTED,

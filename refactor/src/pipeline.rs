@@ -164,7 +164,9 @@ fn decompress_and_index(
         File::open(blob).map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
     let reader =
         decoder(compression, input).map_err(|e| Error::io(format!("decompressing {what}"), e))?;
-    let tmp = tar.with_extension("tmp");
+    // Named after the blob too: two blobs may hold one tar.
+    let blob_name = blob.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = tar.with_extension(format!("{blob_name}.tmp"));
     let out =
         File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     let mut out = BufWriter::with_capacity(1 << 20, out);
@@ -269,11 +271,27 @@ pub async fn load_image(
         std::fs::create_dir_all(d)
             .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
-    let total: u64 = image.layers().iter().map(|l| l.size).sum();
+    // A manifest may list one blob several times (identical empty layers
+    // do): each distinct blob is fetched, decompressed and indexed once,
+    // as two loads of one blob would write the same files at once.
+    let mut distinct: Vec<(&Descriptor, &Digest)> = Vec::new();
+    let mut slot_of: HashMap<(&Digest, &Digest), usize> = HashMap::new();
+    let slots: Vec<usize> = image
+        .layers()
+        .iter()
+        .zip(&diff_ids)
+        .map(|(desc, diff_id)| {
+            *slot_of.entry((&desc.digest, diff_id)).or_insert_with(|| {
+                distinct.push((desc, diff_id));
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    let total: u64 = distinct.iter().map(|(l, _)| l.size).sum();
     progress.stage(&format!("reading {r}"), total);
     // Layers load concurrently: each is fetched, then decompressed and
     // indexed in one pass on a blocking thread.
-    let loads = image.layers().iter().zip(&diff_ids).map(|(desc, diff_id)| {
+    let loads = distinct.iter().map(|&(desc, diff_id)| {
         let (store, tars_dir, blobs_dir) = (&store, &tars_dir, &blobs_dir);
         async move {
             let what = format!("layer {} of {r}", desc.digest);
@@ -283,10 +301,9 @@ pub async fn load_image(
             Ok::<_, Error>((tar, index))
         }
     });
-    let (tars, indexes): (Vec<PathBuf>, Vec<LayerIndex>) = futures::future::try_join_all(loads)
-        .await?
-        .into_iter()
-        .unzip();
+    let loaded = futures::future::try_join_all(loads).await?;
+    let (tars, indexes): (Vec<PathBuf>, Vec<LayerIndex>) =
+        slots.iter().map(|&i| loaded[i].clone()).unzip();
     let mut view = MergedView::build(&indexes).map_err(|e| Error::Source {
         image: r.to_string(),
         reason: breakfs_index::Causes(&e).to_string(),

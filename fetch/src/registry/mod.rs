@@ -332,10 +332,18 @@ impl RegistryRepo {
         )
         .await?;
         let whole = resp.status() == StatusCode::OK;
+        if !whole {
+            check_partial(&resp, start, len, &what)?;
+        }
         let mut window = RangeWindow::new(if whole { start } else { 0 }, len);
         let mut body = self.body(resp, &what);
+        let mut got = 0u64;
         while let Some(chunk) = body.chunk().await? {
+            got += chunk.len() as u64;
             if window.push(&chunk) {
+                if !whole && got > len {
+                    return Err(longer_than_asked(&what, len));
+                }
                 break;
             }
         }
@@ -583,6 +591,43 @@ pub(crate) fn parse_link_next(header: &str) -> Option<String> {
 }
 
 /// Collects bytes `[skip, skip+len)` of a stream of chunks.
+/// A 206 answer must be the range asked for: starting at `start` (per its
+/// Content-Range, when it gives one) and no longer than `len` bytes (per
+/// its Content-Length). Other bytes would pass for the blob's.
+fn check_partial(resp: &reqwest::Response, start: u64, len: u64, what: &str) -> Result<()> {
+    if resp.content_length().is_some_and(|n| n > len) {
+        return Err(longer_than_asked(what, len));
+    }
+    let Some(cr) = resp.headers().get(header::CONTENT_RANGE) else {
+        return Ok(());
+    };
+    let text = cr.to_str().unwrap_or("");
+    let first = text
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, _)| a.trim().parse::<u64>().ok());
+    if first != Some(start) {
+        return Err(Error::Protocol {
+            what: what.to_string(),
+            reason: format!(
+                "the registry answered a Range request from byte {start} with \
+                 Content-Range {text:?}: other bytes than asked"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn longer_than_asked(what: &str, len: u64) -> Error {
+    Error::Protocol {
+        what: what.to_string(),
+        reason: format!(
+            "the registry answered a Range request for {len} bytes with a longer body: \
+             it does not serve byte ranges faithfully"
+        ),
+    }
+}
+
 pub(crate) struct RangeWindow {
     skip: u64,
     len: u64,
