@@ -22,7 +22,7 @@ pub struct NodeArgs {
     /// A TOML file with any of the settings below (flags win over it):
     /// listen, socket, advertise, cache, budget, peers, learn_peers, relay,
     /// plain_http, prefetch_rate, deadline, parallel, token_file,
-    /// registry_timeout, verify.
+    /// registry_timeout, verify, snapshotter_socket.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve peers, the scheduler and OCI clients on
@@ -89,6 +89,11 @@ pub struct NodeArgs {
     /// error. A killed daemon needs none of it.
     #[arg(long)]
     verify: bool,
+    /// Serve containerd's snapshots API on this Unix socket, for
+    /// `[proxy_plugins.breakfs] type = "snapshot"` in containerd's config
+    /// (e.g. /run/breakfs/snapshotter.sock; off unless given).
+    #[arg(long, value_name = "PATH")]
+    snapshotter_socket: Option<PathBuf>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -114,6 +119,7 @@ struct NodeConfig {
     token_file: Option<PathBuf>,
     registry_timeout: Option<u64>,
     verify: Option<bool>,
+    snapshotter_socket: Option<PathBuf>,
 }
 
 /// The settings after merging file and flags.
@@ -133,6 +139,7 @@ struct Settings {
     token: Option<Token>,
     registry_timeout: Option<u64>,
     verify: bool,
+    snapshotter_socket: Option<PathBuf>,
 }
 
 fn settings(a: &NodeArgs) -> Result<Settings> {
@@ -202,6 +209,7 @@ fn settings(a: &NodeArgs) -> Result<Settings> {
             .context("--token-file")?,
         registry_timeout: a.client.registry_timeout.or(file.registry_timeout),
         verify: a.verify || file.verify.unwrap_or(false),
+        snapshotter_socket: a.snapshotter_socket.clone().or(file.snapshotter_socket),
     })
 }
 
@@ -240,6 +248,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         parallel: s.parallel,
         token: s.token,
         verify: s.verify,
+        snapshotter_socket: s.snapshotter_socket,
     };
     let node = Node::start(config, Listeners { tcp, control }, shutdown).await?;
     println!("{READY} {}", node.url());

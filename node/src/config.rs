@@ -40,6 +40,9 @@ pub struct Config {
     pub token: Option<Token>,
     /// Check the whole store before serving (`breakfs verify --repair`).
     pub verify: bool,
+    /// Serve containerd's snapshots API on this Unix socket (snapshots
+    /// kept in `CACHE/snapshotter`).
+    pub snapshotter_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             parallel: 8,
             token: None,
             verify: false,
+            snapshotter_socket: None,
         }
     }
 }
