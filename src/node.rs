@@ -19,7 +19,7 @@ pub struct NodeArgs {
     /// A TOML file with any of the settings below (flags win over it):
     /// listen, socket, advertise, cache, budget, peers, learn_peers, relay,
     /// plain_http, prefetch_rate, deadline, parallel, token_file,
-    /// registry_timeout, verify.
+    /// registry_timeout, verify, snapshotter_socket.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve peers, the scheduler and OCI clients on
@@ -86,6 +86,11 @@ pub struct NodeArgs {
     /// error. A killed daemon needs none of it.
     #[arg(long)]
     verify: bool,
+    /// Serve containerd's snapshots API on this Unix socket, for
+    /// `[proxy_plugins.breakfs] type = "snapshot"` in containerd's config
+    /// (e.g. /run/breakfs/snapshotter.sock; off unless given).
+    #[arg(long, value_name = "PATH")]
+    snapshotter_socket: Option<PathBuf>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -109,6 +114,7 @@ impl NodeArgs {
             token_file: self.token_file.clone(),
             registry_timeout: self.client.registry_timeout,
             verify: self.verify.then_some(true),
+            snapshotter_socket: self.snapshotter_socket.clone(),
         }
     }
 }

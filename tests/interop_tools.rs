@@ -29,7 +29,7 @@ int main(int argc, char **argv) {
 "#;
 
 /// A statically linked binary built with gcc, so the image needs no distro.
-fn static_hello(dir: &Path) -> Vec<u8> {
+pub(crate) fn static_hello(dir: &Path) -> Vec<u8> {
     let src = dir.join("hello.c");
     std::fs::write(&src, HELLO_C).unwrap();
     let bin = dir.join("hello");

@@ -18,6 +18,7 @@ mod refactor;
 mod relay;
 mod sched;
 mod security;
+mod snapshotter;
 mod support;
 mod systemd;
 mod testbed;

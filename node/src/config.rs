@@ -42,6 +42,9 @@ pub struct Config {
     pub token: Option<Token>,
     /// Check the whole store before serving (`breakfs verify --repair`).
     pub verify: bool,
+    /// Serve containerd's snapshots API on this Unix socket (snapshots
+    /// kept in `CACHE/snapshotter`).
+    pub snapshotter_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -61,6 +64,7 @@ impl Config {
             parallel: 8,
             token: None,
             verify: false,
+            snapshotter_socket: None,
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct Settings {
     pub registry_timeout: Option<u64>,
     /// Check the whole store before serving [default: false].
     pub verify: Option<bool>,
+    /// Serve containerd's snapshots API on this Unix socket [default: off].
+    pub snapshotter_socket: Option<PathBuf>,
 }
 
 /// Merged settings: where to listen and the daemon's [`Config`].
@@ -149,6 +155,7 @@ impl Settings {
             token_file: self.token_file.or(base.token_file),
             registry_timeout: self.registry_timeout.or(base.registry_timeout),
             verify: self.verify.or(base.verify),
+            snapshotter_socket: self.snapshotter_socket.or(base.snapshotter_socket),
         }
     }
 
@@ -204,6 +211,7 @@ impl Settings {
                 parallel: self.parallel.unwrap_or(8).max(1),
                 token,
                 verify: self.verify.unwrap_or(false),
+                snapshotter_socket: self.snapshotter_socket,
             },
         })
     }

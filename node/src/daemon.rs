@@ -3,8 +3,8 @@
 //! holds to peers (and relays registry ranges for them), publishes its
 //! cache index, measurements and metrics, and mounts images on request.
 //!
-//! [`Node::start`] builds it over listeners the caller bound and starts its
-//! loops; [`Node::serve`] serves until the shutdown token is cancelled,
+//! [`Node::start`] builds it over listeners the caller bound (and binds
+//! the snapshotter socket, if configured) and starts its loops; [`Node::serve`] serves until the shutdown token is cancelled,
 //! then stops every server and loop, unmounts its mounts and returns.
 
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ControlSocket, Listeners};
 use crate::peer::Links;
 use crate::server::NodeService;
+use crate::snapshotter::Snapshotter;
 use crate::{Error, Result};
 
 /// How long open connections get to finish once the node stops.
@@ -31,6 +32,8 @@ pub struct Node {
     control: ControlSocket,
     token: Option<Token>,
     local: SocketAddr,
+    /// containerd's snapshots API and its socket, if configured.
+    snapshotter: Option<(Snapshotter, ControlSocket)>,
     shutdown: CancellationToken,
 }
 
@@ -64,6 +67,13 @@ impl Node {
             };
             format!("http://{host}:{}", local.port())
         });
+        let snapshotter = match &config.snapshotter_socket {
+            Some(path) => Some((
+                Snapshotter::open(&config.cache.join("snapshotter"))?,
+                ControlSocket::bind(path)?,
+            )),
+            None => None,
+        };
         let control_url = format!("unix:{}", control.path.display());
         let (svc, budget, links) =
             crate::chain::build(&config, &url, control_url, &shutdown).await?;
@@ -78,8 +88,16 @@ impl Node {
         );
         spawn_status_writer(svc.clone(), shutdown.clone());
         eprintln!(
-            "breakfs node: serving {url} (listening on {local}), control socket {}, store {}{}{}{}",
+            "breakfs node: serving {url} (listening on {local}), control socket {}{}, store {}{}{}{}",
             control.path.display(),
+            snapshotter
+                .as_ref()
+                .map(|(s, sock)| format!(
+                    ", containerd snapshotter on {} (snapshots in {})",
+                    sock.path.display(),
+                    s.root().display()
+                ))
+                .unwrap_or_default(),
             config.cache.display(),
             config
                 .budget
@@ -102,6 +120,7 @@ impl Node {
             control,
             token: config.token,
             local,
+            snapshotter,
             shutdown,
         })
     }
@@ -126,6 +145,7 @@ impl Node {
             tcp,
             control,
             token,
+            snapshotter,
             shutdown,
             ..
         } = self;
@@ -144,6 +164,15 @@ impl Node {
         let unix = axum::serve(listener, unix_app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         servers.spawn(async move { ("the control socket", unix.await) });
+        let mut snapshotter_path = None;
+        if let Some((snap, ControlSocket { listener, path })) = snapshotter {
+            snapshotter_path = Some(path);
+            let served = snap.serve(listener, shutdown.clone());
+            servers.spawn(async move {
+                let r = served.await.map_err(std::io::Error::other);
+                ("the snapshotter socket", r)
+            });
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {}
@@ -167,6 +196,9 @@ impl Node {
             let _ = tokio::task::spawn_blocking(move || b.save(&store)).await;
         }
         let _ = std::fs::remove_file(&path);
+        if let Some(p) = snapshotter_path {
+            let _ = std::fs::remove_file(p);
+        }
         eprintln!("breakfs node: stopped");
         Ok(())
     }

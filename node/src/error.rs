@@ -128,6 +128,15 @@ pub enum Error {
         /// The last lines of its log.
         log_tail: String,
     },
+    /// A snapshots API request that cannot be done as asked; containerd
+    /// maps the fault to its own errors (`crate::snapshotter`).
+    #[error("{what}")]
+    Snapshot {
+        /// The kind of refusal, answered as its gRPC code.
+        fault: crate::snapshotter::Fault,
+        /// What is wrong, naming the snapshot.
+        what: String,
+    },
 }
 
 impl Error {

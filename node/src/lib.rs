@@ -4,7 +4,8 @@
 //! peers' registry links → cloud); serves what it holds to peers over the
 //! OCI distribution API and relays registry ranges for them; publishes its
 //! cache index, link measurements and Prometheus metrics; prefetches on
-//! request; and mounts images on request over its control socket.
+//! request; mounts images on request over its control socket; and, with a
+//! snapshotter socket, serves containerd's snapshots API.
 //!
 //! The doors: [`run`] (or [`Node::start`] then [`Node::serve`]) with a
 //! [`Config`], [`Listeners`] the caller bound and a shutdown token; the
@@ -12,7 +13,8 @@
 //! [`serve_mount`], [`unmount`]; a standalone mount process:
 //! [`run_standalone`], [`spawn_mount_process`]); the daemon's settings
 //! ([`Settings`], a config file and flags merged); the control API's client
-//! ([`mount_through`], [`MountRequest`]).
+//! ([`mount_through`], [`MountRequest`]); a client of its
+//! snapshots API ([`snapshots_client`]).
 
 mod chain;
 mod config;
@@ -27,6 +29,7 @@ mod peer;
 mod prefetch;
 mod relay;
 mod server;
+mod snapshotter;
 
 pub use config::{Config, ControlSocket, Listeners, Resolved, Settings};
 pub use control::{MountRequest, mount_through, node_client};
@@ -40,6 +43,7 @@ pub use lifecycle::{
 pub use prefetch::{PrefetchRequest, PrefetchTask};
 #[doc(hidden)]
 pub use server::{V2Object, manifest_media_type, range_of, v2_object};
+pub use snapshotter::{Fault, api as snapshots_api, snapshots_client};
 
 /// The control socket a node listens on unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/breakfs/node.sock";

@@ -17,7 +17,9 @@ pub enum Error {
     /// The config file cannot be read.
     #[error("cannot read the file {}", .path.display())]
     ConfigFile {
+        /// The file.
         path: std::path::PathBuf,
+        /// Why it cannot be read.
         #[source]
         e: std::io::Error,
     },
