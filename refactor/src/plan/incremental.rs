@@ -8,7 +8,7 @@ use super::builder::{Builder, Stack};
 use super::items::{Item, Prepared};
 use super::reuse::{Known, Reuse, choose_reuse};
 use super::types::{LayerSource, PlanImage, PlanOptions, PublishedLayer};
-use super::units::{bin_label, cut_units, layer_entries, pack};
+use super::units::{bin_label, cut_units, layer_entries, pack_by_class};
 
 impl Builder {
     /// Plan `images` in order on top of `published`.
@@ -85,7 +85,7 @@ impl Builder {
             .map(|(it, _)| it)
             .collect();
         let units = cut_units(&rest, &img.packages, opts);
-        let bins = pack(&units, budget);
+        let bins = pack_by_class(&units, budget);
         let mut out = Vec::new();
         for bin in &bins {
             let entries = layer_entries(
