@@ -172,6 +172,10 @@ const MAX_STALE_SHARE: f64 = 0.03;
 /// the best choice found so far stands (never worse than greedy).
 const SEARCH_STEPS: usize = 200_000;
 
+/// Over the stale budget, all candidates are searched at once only when
+/// at most this many (each step costs a pass over them).
+const GLOBAL_SEARCH_MAX: usize = 64;
+
 /// Which candidate layers to reuse: the most current bytes in layers no
 /// two of which hold a common path (a stale file may not hide a file
 /// another pick provides), with at most [`MAX_STALE_SHARE`] of the image
@@ -201,29 +205,29 @@ pub(super) fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit:
     });
     let adj = conflicts(&matches, cands);
     let budget = (MAX_STALE_SHARE * p.file_bytes as f64) as u64;
-    let all = vec![true; matches.len()];
-    let mut picked = best_set(&matches, &adj, &all);
-    let stale = |set: &[usize]| set.iter().map(|&k| matches[k].1.stale_bytes).sum::<u64>();
-    if stale(&picked) > budget {
-        // Over the stale budget: give up the stale layers that buy the
-        // least reuse per stale byte until within it, then search every
-        // group at once under the budget from there.
-        let mut allowed = all;
-        while stale(&picked) > budget {
-            let worst = picked
-                .iter()
-                .copied()
-                .filter(|&k| matches[k].1.stale_bytes > 0)
-                .min_by(|&a, &b| {
-                    let r = |k: usize| matches[k].1.bytes as f64 / matches[k].1.stale_bytes as f64;
-                    r(a).total_cmp(&r(b)).then(b.cmp(&a))
-                });
-            let Some(k) = worst else { break };
-            allowed[k] = false;
-            picked = best_set(&matches, &adj, &allowed);
+    let mut picked = select(&matches, &adj, budget, 0);
+    if picked.len() > limit {
+        // Too many layers: charge a price per layer, the least (among the
+        // layers' sizes) at which the best set fits the cap, so that a few
+        // big layers beat many small ones that together hold a little more.
+        let mut prices: Vec<u64> = matches.iter().map(|(_, m)| m.bytes).collect();
+        prices.sort_unstable();
+        prices.dedup();
+        let (mut lo, mut hi) = (0, prices.len() - 1);
+        let mut best = select(&matches, &adj, budget, prices[hi]);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let set = select(&matches, &adj, budget, prices[mid]);
+            if set.len() <= limit {
+                hi = mid;
+                best = set;
+            } else {
+                lo = mid + 1;
+            }
         }
-        let everything: Vec<usize> = (0..matches.len()).collect();
-        picked = Search::run(&everything, &matches, &adj, budget, picked);
+        if best.len() <= limit {
+            picked = best;
+        }
     }
     let mut r = Reuse {
         picks: Vec::new(),
@@ -253,6 +257,41 @@ pub(super) fn choose_reuse(p: &Prepared, cands: &[&[Entry]], relax: bool, limit:
     r
 }
 
+/// The best set of matches within `budget` stale bytes, each counted at
+/// its bytes less `price` (those not worth the price left out), in match
+/// order.
+fn select(matches: &[(usize, Match)], adj: &[Vec<usize>], budget: u64, price: u64) -> Vec<usize> {
+    let mut allowed: Vec<bool> = matches.iter().map(|(_, m)| m.bytes > price).collect();
+    let mut picked = best_set(matches, adj, &allowed, price);
+    let stale = |set: &[usize]| set.iter().map(|&k| matches[k].1.stale_bytes).sum::<u64>();
+    if stale(&picked) <= budget {
+        return picked;
+    }
+    // Over the stale budget: give up the stale layers that buy the least
+    // reuse per stale byte until within it, then (when few enough to
+    // search) search every group at once under the budget from there.
+    while stale(&picked) > budget {
+        let worst = picked
+            .iter()
+            .copied()
+            .filter(|&k| matches[k].1.stale_bytes > 0)
+            .min_by(|&a, &b| {
+                let r = |k: usize| matches[k].1.bytes as f64 / matches[k].1.stale_bytes as f64;
+                r(a).total_cmp(&r(b)).then(b.cmp(&a))
+            });
+        let Some(k) = worst else { break };
+        allowed[k] = false;
+        picked = best_set(matches, adj, &allowed, price);
+    }
+    let open: Vec<usize> = (0..matches.len())
+        .filter(|&k| matches[k].1.bytes > price)
+        .collect();
+    if open.len() <= GLOBAL_SEARCH_MAX {
+        picked = Search::run(&open, matches, adj, budget, price, picked);
+    }
+    picked
+}
+
 /// For each match, the matches it shares a path with.
 fn conflicts(matches: &[(usize, Match)], cands: &[&[Entry]]) -> Vec<Vec<usize>> {
     let mut holders: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -278,7 +317,12 @@ fn conflicts(matches: &[(usize, Match)], cands: &[&[Entry]]) -> Vec<Vec<usize>> 
 
 /// The allowed matches of most current bytes, no two in conflict, in
 /// match order.
-fn best_set(matches: &[(usize, Match)], adj: &[Vec<usize>], allowed: &[bool]) -> Vec<usize> {
+fn best_set(
+    matches: &[(usize, Match)],
+    adj: &[Vec<usize>],
+    allowed: &[bool],
+    price: u64,
+) -> Vec<usize> {
     let mut out = Vec::new();
     let mut seen = vec![false; matches.len()];
     for start in 0..matches.len() {
@@ -299,7 +343,14 @@ fn best_set(matches: &[(usize, Match)], adj: &[Vec<usize>], allowed: &[bool]) ->
             i += 1;
         }
         group.sort_unstable();
-        out.extend(Search::run(&group, matches, adj, u64::MAX, Vec::new()));
+        out.extend(Search::run(
+            &group,
+            matches,
+            adj,
+            u64::MAX,
+            price,
+            Vec::new(),
+        ));
     }
     out.sort_unstable();
     out
@@ -330,11 +381,15 @@ impl<'a> Search<'a> {
         matches: &[(usize, Match)],
         adj: &[Vec<usize>],
         budget: u64,
+        price: u64,
         seed: Vec<usize>,
     ) -> Vec<usize> {
         let pos: HashMap<usize, usize> = group.iter().enumerate().map(|(i, &k)| (k, i)).collect();
         let mut s = Search {
-            weight: group.iter().map(|&k| matches[k].1.bytes).collect(),
+            weight: group
+                .iter()
+                .map(|&k| matches[k].1.bytes.saturating_sub(price))
+                .collect(),
             stale: group.iter().map(|&k| matches[k].1.stale_bytes).collect(),
             budget,
             spent: 0,
