@@ -139,6 +139,7 @@ impl Builder {
         ip.file_bytes = p.file_bytes;
         ip.reused_bytes = reused_bytes.saturating_sub(shadowed);
         ip.shadowed_bytes = shadowed;
+        ip.stale_bought_bytes = reuse.stale_bought;
         ip.bound_bytes = bound;
         ip.duplicated_bytes = duplicated;
         ip.mtime_changes.extend(mtime_changes);

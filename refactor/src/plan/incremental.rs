@@ -8,7 +8,7 @@ use super::builder::{Builder, Stack};
 use super::items::{Item, Prepared};
 use super::reuse::{Known, Reuse, choose_reuse};
 use super::types::{LayerSource, PlanImage, PlanOptions, PublishedLayer};
-use super::units::{bin_label, cut_units, layer_entries, pack};
+use super::units::{bin_label, cut_units, layer_entries, pack_by_class};
 
 impl Builder {
     /// Plan `images` in order on top of `published`.
@@ -34,7 +34,7 @@ impl Builder {
                     .iter()
                     .map(|&l| self.plan.layers[l].entries.as_slice()),
             );
-            let reuse = choose_reuse(p, &cands, opts.relax_mtime, opts.max_layers - 2);
+            let reuse = choose_reuse(p, &cands, opts.relax_mtime, reuse_limit(p, &cands, opts));
             let bound = known.bound(p, opts.relax_mtime);
             let picks: Vec<(usize, bool)> = reuse
                 .picks
@@ -85,7 +85,7 @@ impl Builder {
             .map(|(it, _)| it)
             .collect();
         let units = cut_units(&rest, &img.packages, opts);
-        let bins = pack(&units, budget);
+        let bins = pack_by_class(&units, budget);
         let mut out = Vec::new();
         for bin in &bins {
             let entries = layer_entries(
@@ -97,4 +97,30 @@ impl Builder {
         }
         out
     }
+}
+
+/// Weight of the uncovered share in [`reuse_limit`]: 1 gave the Debian
+/// registry sequence's newest versions their bound but cost point releases
+/// a third of theirs.
+const RESERVE_WEIGHT: f64 = 0.5;
+
+/// How many layers an image may reuse: the cap less its top layer and
+/// one new layer, less a share of the cap [`RESERVE_WEIGHT`] times the
+/// share of the image's bytes that reuse leaves uncovered. Taking many small published
+/// layers would otherwise leave the image's own new files one or two
+/// layers, bundles that its next versions and other images cannot take
+/// whole; the layer price of `choose_reuse` then keeps the biggest.
+fn reuse_limit(p: &Prepared, cands: &[&[Entry]], opts: &PlanOptions) -> usize {
+    let most = opts.max_layers - 2;
+    let all = choose_reuse(p, cands, opts.relax_mtime, most);
+    let covered: u64 = p
+        .items
+        .iter()
+        .zip(&all.covered_items)
+        .filter(|(_, c)| **c)
+        .map(|(it, _)| it.bytes)
+        .sum();
+    let left = 1.0 - covered as f64 / p.file_bytes.max(1) as f64;
+    let reserve = (most as f64 * left * RESERVE_WEIGHT).round() as usize;
+    most.saturating_sub(reserve).max(1).min(most)
 }

@@ -56,6 +56,8 @@ pub(super) struct Item {
     /// The primary (a `File`) first, then its hard links in path order.
     pub(super) entries: Vec<Entry>,
     pub(super) bytes: u64,
+    /// The layer of the original image the primary came from.
+    pub(super) layer: usize,
 }
 
 /// An image's merged view sorted into content items and top entries.
@@ -83,6 +85,7 @@ pub(super) fn prepare(img: &PlanImage) -> Result<Prepared> {
                 items.push(Item {
                     entries: vec![e.clone()],
                     bytes: e.size,
+                    layer: me.layer,
                 });
             }
             EntryKind::Hardlink => links.push(e.clone()),

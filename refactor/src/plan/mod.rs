@@ -12,13 +12,19 @@
 //!   links only, each hard-link group whole in one layer;
 //! * at most `max_layers` layers per image, top layer included.
 //!
-//! **Incremental mode** reuses published layers whose entries all appear in
-//! the image, greedily by bytes, then cuts the rest into units that future
+//! **Incremental mode** considers every published layer (every image of
+//! the destination, not only the previous version of the same one) and
+//! reuses the set of layers whose entries appear in the image (up to a few
+//! stale files, shadowed, within a per-image budget) that holds the most
+//! bytes, no two sharing a path (`reuse::choose_reuse`, exact per group of
+//! conflicting layers); then it cuts the rest into units that future
 //! versions keep intact (one per source package, big ones per binary
 //! package; unowned files by directory
 //! subtree; with `relax_mtime` a big unit is split into binaries and data)
 //! and packs the units into the layers left (see `units::pack` for the
-//! heuristic). **Joint mode** groups files by the exact set of images that
+//! heuristic), units from different layers of the original image apart
+//! (`units::pack_by_class`): other images, built on the same base image or
+//! dependencies, can then take those layers whole. **Joint mode** groups files by the exact set of images that
 //! hold them, one shared layer (or several, cut by unit) per group, and
 //! dissolves the smallest groups into the member images' layers when an
 //! image would exceed the cap.

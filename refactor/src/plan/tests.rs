@@ -7,7 +7,7 @@ use breakfs_index::{Digest, Entry, EntryKind, MergedEntry, MergedView};
 use proptest::prelude::*;
 
 use super::items::{file_bytes_of, is_content};
-use super::units::{P_PACKAGE, Unit, pack};
+use super::units::{P_PACKAGE, Unit, pack, pack_by_class};
 use super::{LayerSource, Plan, PlanImage, PlanLayer, PlanOptions, PublishedLayer, plan};
 use crate::dpkg::PackageDb;
 
@@ -508,6 +508,7 @@ fn pack_keeps_big_units_alone_and_bundles_small_ones() {
             members: vec![n],
             bytes,
             p: P_PACKAGE,
+            class: 0,
         })
         .collect();
     let bins = pack(&units, 4);
@@ -517,6 +518,35 @@ fn pack_keeps_big_units_alone_and_bundles_small_ones() {
     let mut all: Vec<usize> = bins.concat();
     all.sort();
     assert_eq!(all, (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn pack_by_class_keeps_classes_apart_while_the_bins_suffice() {
+    // Units of class 0 (a base layer) and class 1 (the app), sizes mixed.
+    let units: Vec<Unit> = [(1000u64, 0), (900, 1), (10, 0), (9, 1), (8, 0), (7, 1)]
+        .iter()
+        .enumerate()
+        .map(|(n, &(bytes, class))| Unit {
+            key: format!("u{n}"),
+            members: vec![n],
+            bytes,
+            p: P_PACKAGE,
+            class,
+        })
+        .collect();
+    let bins = pack_by_class(&units, 4);
+    assert_eq!(bins.len(), 4);
+    for bin in &bins {
+        assert!(
+            bin.iter().all(|&u| units[u].class == units[bin[0]].class),
+            "{bins:?}"
+        );
+    }
+    let mut all: Vec<usize> = bins.concat();
+    all.sort();
+    assert_eq!(all, (0..6).collect::<Vec<_>>());
+    // One bin cannot keep them apart.
+    assert_eq!(pack_by_class(&units, 1).len(), 1);
 }
 
 /// A random family of images: a pool of files, each image takes some,
@@ -615,5 +645,47 @@ proptest! {
                 );
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Image 0 is the previous version of image 1; the others were
+    /// published in the same destination after it. Planning image 1
+    /// against the whole destination reuses at least as much as planning
+    /// it against image 0's layers alone.
+    #[test]
+    fn a_destination_never_lowers_share_below_the_previous_version_alone(
+        images in family(), relax in any::<bool>()
+    ) {
+        prop_assume!(images.len() >= 2);
+        let opts = PlanOptions { relax_mtime: relax, target_layer_bytes: 8000, ..PlanOptions::default() };
+        let own = publish(&plan(&images[..1], &[], &opts).unwrap());
+        let mut all = own.clone();
+        for img in &images[2..] {
+            let p = plan(std::slice::from_ref(img), &all, &opts).unwrap();
+            let n = all.len();
+            all.extend(
+                publish(&p)
+                    .into_iter()
+                    .zip(&p.layers)
+                    .filter(|(_, l)| l.source == LayerSource::New)
+                    .enumerate()
+                    .map(|(k, (mut l, _))| {
+                        l.id = format!("sha256:{}", n + k);
+                        l
+                    }),
+            );
+        }
+        let new = std::slice::from_ref(&images[1]);
+        let alone = plan(new, &own, &opts).unwrap();
+        let dest = plan(new, &all, &opts).unwrap();
+        prop_assert!(dest.check(new, &all).is_ok(), "{:?}", dest.check(new, &all).err());
+        prop_assert!(
+            dest.images[0].reused_bytes >= alone.images[0].reused_bytes,
+            "against the destination {} bytes reused, against the previous version alone {}",
+            dest.images[0].reused_bytes,
+            alone.images[0].reused_bytes
+        );
     }
 }

@@ -96,6 +96,10 @@ pub struct ImagePlan {
     /// Bytes of stale files in reused layers that the image shadows (with
     /// a newer version above, or a whiteout): downloaded, never read.
     pub shadowed_bytes: u64,
+    /// File bytes the image reuses from layers that hold stale files: what
+    /// its shadowed bytes bought (the planner accepts at most 3% of the
+    /// image's file bytes stale, giving up the layers that buy least first).
+    pub stale_bought_bytes: u64,
 }
 
 /// The planned layers and each image's stack.

@@ -33,6 +33,9 @@ pub(super) struct Unit {
     pub(super) members: Vec<usize>,
     pub(super) bytes: u64,
     pub(super) p: f64,
+    /// Units of one class tend to be held together by other images; see
+    /// [`pack_by_class`].
+    pub(super) class: usize,
 }
 
 /// Whether a file is (probably) an executable or shared library, or a
@@ -60,9 +63,11 @@ pub(super) fn cut_units(items: &[&Item], db: &PackageDb, opts: &PlanOptions) -> 
             members: Vec::new(),
             bytes: 0,
             p,
+            class: usize::MAX,
         });
         u.members.push(n);
         u.bytes += bytes;
+        u.class = u.class.min(items[n].layer);
     };
     // A small source package is one unit (its binary packages nearly
     // always move together); a big one is cut by binary package, as its
@@ -118,6 +123,7 @@ pub(super) fn cut_units(items: &[&Item], db: &PackageDb, opts: &PlanOptions) -> 
                 bytes: members.iter().map(|&n| items[n].bytes).sum(),
                 members,
                 p,
+                class: u.class,
             });
         }
     }
@@ -167,53 +173,128 @@ fn subtrees(items: &[&Item], members: &[usize], target: u64) -> BTreeMap<String,
 /// singletons and the small ones as bundles of similar size, so an update
 /// of one small unit loses only a small bundle.
 pub(super) fn pack(units: &[Unit], k: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..units.len()).collect();
-    order.sort_by(|&a, &b| {
+    let order = by_size(units, (0..units.len()).collect());
+    let runs = Runs::new(units, &order, k);
+    runs.bins(&order, k.min(order.len()))
+}
+
+/// Pack units into at most `k` bins, never two classes in one bin while
+/// the bins suffice: a layer is reusable by another image only if that
+/// image holds all of it, and units of one class (files that came in one
+/// layer of the original image, e.g. its base image's) are held together
+/// by other images far more often than units of different classes. Each
+/// class is packed as [`pack`] does, with its number of bins chosen to
+/// minimise the expected loss summed over classes.
+pub(super) fn pack_by_class(units: &[Unit], k: usize) -> Vec<Vec<usize>> {
+    let mut classes: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (u, unit) in units.iter().enumerate() {
+        classes.entry(unit.class).or_default().push(u);
+    }
+    if classes.len() <= 1 || classes.len() > k {
+        return pack(units, k);
+    }
+    let orders: Vec<Vec<usize>> = classes
+        .into_values()
+        .map(|members| by_size(units, members))
+        .collect();
+    let runs: Vec<Runs> = orders.iter().map(|o| Runs::new(units, o, k)).collect();
+    // alloc[c][t]: least loss packing the first c classes into t bins.
+    let c_n = orders.len();
+    let mut alloc = vec![vec![f64::INFINITY; k + 1]; c_n + 1];
+    let mut took = vec![vec![0usize; k + 1]; c_n + 1];
+    alloc[0][0] = 0.0;
+    for c in 1..=c_n {
+        let most = orders[c - 1].len().min(k);
+        for t in 1..=k {
+            for j in 1..=most.min(t) {
+                let v = alloc[c - 1][t - j] + runs[c - 1].loss(j);
+                if v < alloc[c][t] {
+                    alloc[c][t] = v;
+                    took[c][t] = j;
+                }
+            }
+        }
+    }
+    let Some(mut t) = (1..=k)
+        .filter(|&t| alloc[c_n][t].is_finite())
+        .min_by(|&a, &b| alloc[c_n][a].total_cmp(&alloc[c_n][b]).then(a.cmp(&b)))
+    else {
+        return pack(units, k);
+    };
+    let mut bins = Vec::new();
+    for c in (1..=c_n).rev() {
+        let j = took[c][t];
+        bins.extend(runs[c - 1].bins(&orders[c - 1], j));
+        t -= j;
+    }
+    bins
+}
+
+/// `members` sorted largest first (key order among equals).
+fn by_size(units: &[Unit], mut members: Vec<usize>) -> Vec<usize> {
+    members.sort_by(|&a, &b| {
         units[b]
             .bytes
             .cmp(&units[a].bytes)
             .then_with(|| units[a].key.cmp(&units[b].key))
     });
-    let n = order.len();
-    let k = k.min(n);
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut bytes = vec![0f64; n + 1];
-    let mut logq = vec![0f64; n + 1];
-    for (i, &u) in order.iter().enumerate() {
-        bytes[i + 1] = bytes[i] + units[u].bytes as f64;
-        logq[i + 1] = logq[i] + (1.0 - units[u].p.clamp(0.0, 0.999_999)).ln();
-    }
-    let cost = |a: usize, b: usize| (bytes[b] - bytes[a]) * (1.0 - (logq[b] - logq[a]).exp());
-    // best[j][i]: least expected loss packing the first i units in j runs.
-    let mut best = vec![vec![f64::INFINITY; n + 1]; k + 1];
-    let mut from = vec![vec![0usize; n + 1]; k + 1];
-    best[0][0] = 0.0;
-    for j in 1..=k {
-        for i in j..=n {
-            // Leave at least one unit for each of the remaining runs.
-            if n - i < k - j {
-                continue;
-            }
-            for m in (j - 1)..i {
-                let c = best[j - 1][m] + cost(m, i);
-                if c < best[j][i] {
-                    best[j][i] = c;
-                    from[j][i] = m;
+    members
+}
+
+/// The dynamic programme of [`pack`] over units in one order: the least
+/// expected loss of every number of contiguous runs up to a cap.
+struct Runs {
+    /// best[j][i]: least expected loss packing the first i units in j runs.
+    best: Vec<Vec<f64>>,
+    from: Vec<Vec<usize>>,
+}
+
+impl Runs {
+    fn new(units: &[Unit], order: &[usize], k: usize) -> Runs {
+        let n = order.len();
+        let k = k.min(n);
+        let mut bytes = vec![0f64; n + 1];
+        let mut logq = vec![0f64; n + 1];
+        for (i, &u) in order.iter().enumerate() {
+            bytes[i + 1] = bytes[i] + units[u].bytes as f64;
+            logq[i + 1] = logq[i] + (1.0 - units[u].p.clamp(0.0, 0.999_999)).ln();
+        }
+        let cost = |a: usize, b: usize| (bytes[b] - bytes[a]) * (1.0 - (logq[b] - logq[a]).exp());
+        let mut best = vec![vec![f64::INFINITY; n + 1]; k + 1];
+        let mut from = vec![vec![0usize; n + 1]; k + 1];
+        best[0][0] = 0.0;
+        for j in 1..=k {
+            for i in j..=n {
+                for m in (j - 1)..i {
+                    let c = best[j - 1][m] + cost(m, i);
+                    if c < best[j][i] {
+                        best[j][i] = c;
+                        from[j][i] = m;
+                    }
                 }
             }
         }
+        Runs { best, from }
     }
-    let mut bins = Vec::with_capacity(k);
-    let mut i = n;
-    for j in (1..=k).rev() {
-        let m = from[j][i];
-        bins.push(order[m..i].to_vec());
-        i = m;
+
+    /// Least loss with `j` runs over all the units.
+    fn loss(&self, j: usize) -> f64 {
+        let n = self.best[0].len() - 1;
+        self.best.get(j).map_or(f64::INFINITY, |b| b[n])
     }
-    bins.reverse();
-    bins
+
+    /// The `j` runs of least loss, as bins of units.
+    fn bins(&self, order: &[usize], j: usize) -> Vec<Vec<usize>> {
+        let mut bins = Vec::with_capacity(j);
+        let mut i = order.len();
+        for r in (1..=j).rev() {
+            let m = self.from[r][i];
+            bins.push(order[m..i].to_vec());
+            i = m;
+        }
+        bins.reverse();
+        bins
+    }
 }
 
 /// Entries of a content layer holding `items`, in write order.
