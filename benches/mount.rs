@@ -487,6 +487,12 @@ impl<'a> Mounted<'a> {
             self.env.breakfs().arg("umount").arg(&self.mountpoint),
             "breakfs umount",
         );
+        // `breakfs umount` returns once the path is unmounted; the mount
+        // process exits just after (later still on a loaded machine).
+        let until = Instant::now() + Duration::from_secs(10);
+        while r.is_ok() && self.alive() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if !is_mountpoint(&self.mountpoint) && !self.alive() {
             return r.map(|_| ());
         }
