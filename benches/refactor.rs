@@ -16,15 +16,14 @@ mod measure;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use breakfs_fetch::ClientOptions;
 use breakfs_index::{ImageRef, MergedView};
 use breakfs_refactor::{ImageReport, LoadedImage, NoProgress, load_image, refactor};
 use corpus::CorpusImage;
-use measure::{ADDED, options};
+use measure::{ADDED, gzip_seconds, options};
 
 struct Bench {
     rt: tokio::runtime::Runtime,
@@ -79,23 +78,6 @@ fn verify(b: &Bench, original: &str, refactored: &str, work: &Path, relax: bool)
         &diff[..diff.len().min(5)]
     );
     Ok(())
-}
-
-/// Seconds single-core `gzip -6` takes over the image's uncompressed layer tars.
-fn gzip_seconds(image: &LoadedImage) -> Result<f64> {
-    let mut total = 0.0;
-    for tar in &image.tars {
-        let t = Instant::now();
-        let st = Command::new("gzip")
-            .args(["-6", "-c"])
-            .stdin(std::fs::File::open(tar)?)
-            .stdout(Stdio::null())
-            .status()
-            .context("running gzip")?;
-        ensure!(st.success(), "gzip failed on {}", tar.display());
-        total += t.elapsed().as_secs_f64();
-    }
-    Ok(total)
 }
 
 /// File bytes of `next` in original layers that `prev` has too (by digest):

@@ -28,7 +28,6 @@ mod registry;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -37,7 +36,7 @@ use breakfs_refactor::{
     LayerSource, LoadedImage, NoProgress, PlanImage, PlanOptions, PublishedLayer, load_image, plan,
     refactor,
 };
-use measure::{ADDED, options};
+use measure::{ADDED, gzip_seconds, options};
 
 /// What one image of the sequence measured.
 #[derive(Default)]
@@ -145,23 +144,6 @@ fn joint(images: &[PlanImage], relax: bool) -> Result<(u64, u64, f64)> {
     let views: Vec<MergedView> = images.iter().map(|i| i.view.clone()).collect();
     let r = measure::redundancy(&views, &layers, relax);
     Ok((r.redundant(), r.floor(), secs))
-}
-
-/// Seconds single-core `gzip -6` takes over the image's uncompressed layer tars.
-fn gzip_seconds(image: &LoadedImage) -> Result<f64> {
-    let mut total = 0.0;
-    for tar in &image.tars {
-        let t = Instant::now();
-        let st = Command::new("gzip")
-            .args(["-6", "-c"])
-            .stdin(std::fs::File::open(tar)?)
-            .stdout(Stdio::null())
-            .status()
-            .context("running gzip")?;
-        ensure!(st.success(), "gzip failed on {}", tar.display());
-        total += t.elapsed().as_secs_f64();
-    }
-    Ok(total)
 }
 
 struct Pipeline {

@@ -497,18 +497,23 @@ fn iteration(
         .stderr(Stdio::null())
         .spawn()?;
     if rng.random_ratio(2, 3) {
+        // The images are local OCI layouts (`oci:`), which the node takes
+        // from its control socket only, not over TCP.
         let body = serde_json::json!({"images": [o.images[prefetched].reference]}).to_string();
+        let socket = ctx.socket.display().to_string();
         curl(&[
             "-sSf",
             "--max-time",
             "10",
+            "--unix-socket",
+            &socket,
             "-X",
             "POST",
             "-H",
             "Content-Type: application/json",
             "-d",
             &body,
-            &format!("{}/prefetch", node.url()),
+            "http://localhost/prefetch",
         ])?;
     }
     let stop = Arc::new(AtomicBool::new(false));

@@ -4,10 +4,14 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, ensure};
 
 use breakfs_fetch::ClientOptions;
 use breakfs_index::{EntryKind, ImageRef, MergedView};
-use breakfs_refactor::{PlanOptions, RefactorOptions, WriterOptions};
+use breakfs_refactor::{LoadedImage, PlanOptions, RefactorOptions, WriterOptions};
 
 /// Refactor options for tests and benchmarks: default planner and writer,
 /// plain HTTP to the loopback registries.
@@ -134,4 +138,21 @@ impl Redundancy {
     pub fn floor(&self) -> u64 {
         self.distinct_entries - self.distinct_content
     }
+}
+
+/// Seconds single-core `gzip -6` takes over the image's uncompressed layer tars.
+pub fn gzip_seconds(image: &LoadedImage) -> Result<f64> {
+    let mut total = 0.0;
+    for tar in &image.tars {
+        let t = Instant::now();
+        let st = Command::new("gzip")
+            .args(["-6", "-c"])
+            .stdin(std::fs::File::open(tar)?)
+            .stdout(Stdio::null())
+            .status()
+            .context("running gzip")?;
+        ensure!(st.success(), "gzip failed on {}", tar.display());
+        total += t.elapsed().as_secs_f64();
+    }
+    Ok(total)
 }
