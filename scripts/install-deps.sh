@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in fuse3 docker-registry skopeo umoci runc containerd attr pigz zstd ca-certificates curl systemd \
+for pkg in fuse3 docker-registry skopeo umoci runc containerd stargz-snapshotter attr pigz zstd ca-certificates curl systemd \
     build-essential cmake pkg-config; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
