@@ -6,6 +6,7 @@
 //! straight to the socket as containerd would, get containerd's codes.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,10 +21,10 @@ use crate::support::images::{Layer, T, tar_of, write_image};
 use crate::support::registry::TestRegistry;
 
 /// The proxy plugin's name in containerd's config.
-const PLUGIN: &str = "breakfs";
+pub(crate) const PLUGIN: &str = "breakfs";
 
 /// A node daemon serving the snapshots API on `dir/snap.sock`.
-fn snapshotter_node(dir: &Path) -> Node {
+pub(crate) fn snapshotter_node(dir: &Path) -> Node {
     let sock = dir.join("snap.sock");
     Node::start(
         &dir.join("node"),
@@ -47,6 +48,14 @@ fn containerd_with(sock: &Path) -> TestContainerd {
 
 /// The snapshots the daemon holds, by key, with their kinds.
 fn listed(sock: &Path) -> Vec<(String, i32)> {
+    records(sock)
+        .into_values()
+        .map(|i| (i.name, i.kind))
+        .collect()
+}
+
+/// Every snapshot the daemon holds, by key, as List answers it.
+pub(crate) fn records(sock: &Path) -> BTreeMap<String, pb::Info> {
     runtime().block_on(async {
         let mut c = breakfs_node::snapshots_client(sock).await.unwrap();
         let mut stream = c
@@ -54,15 +63,15 @@ fn listed(sock: &Path) -> Vec<(String, i32)> {
             .await
             .unwrap()
             .into_inner();
-        let mut all = Vec::new();
+        let mut all = BTreeMap::new();
         while let Some(batch) = stream.message().await.unwrap() {
-            all.extend(batch.info.into_iter().map(|i| (i.name, i.kind)));
+            all.extend(batch.info.into_iter().map(|i| (i.name.clone(), i)));
         }
         all
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,7 +79,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Poll `cond` every 50 ms until it holds; fail after `limit` with `what`.
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < until, "timed out waiting until {what}");

@@ -5,8 +5,12 @@
 //! What works in this sandbox (Debian 12: containerd 1.6.20, ctr 1.6.20,
 //! runc 1.1.5, cgroup v1, root on ext4), found by experiment:
 //! * config `version = 2` with the CRI plugin and the aufs/btrfs/zfs/
-//!   devmapper snapshotters disabled (CRI wants a CNI setup; the others
-//!   cannot work here and only add log noise);
+//!   devmapper snapshotters disabled (the others cannot work here and only
+//!   add log noise); the CRI plugin only when a test asks for it
+//!   ([`ContainerdOptions::cri`]): it runs without a CNI setup (its
+//!   network is not ready, which only pods with their own network
+//!   namespace need) and keeps its pods and containers in the `k8s.io`
+//!   namespace;
 //! * both the `overlayfs` and the `native` snapshotter unpack and run;
 //!   overlayfs is used when `ctr plugins ls` reports it `ok`, else native
 //!   (overlayfs is skipped when the root dir itself is on overlayfs);
@@ -42,6 +46,9 @@ use anyhow::{Context as _, Result, bail};
 /// The containerd namespace every test image and container lives in.
 pub const NAMESPACE: &str = "breakfs-test";
 
+/// The namespace of the CRI plugin's images, pods and containers.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// How long a pull may take before it counts as hung.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -61,6 +68,10 @@ pub struct ContainerdOptions {
     /// Where its temp dir goes (default /tmp); keep it short: its socket
     /// path must fit in 108 bytes.
     pub parent: Option<PathBuf>,
+    /// Load the CRI plugin (configured through `extra_config`'s
+    /// `[plugins."io.containerd.grpc.v1.cri"]`), serving the CRI on the
+    /// containerd socket.
+    pub cri: bool,
 }
 
 /// A running private containerd; killed with its shims on drop.
@@ -84,12 +95,16 @@ impl TestContainerd {
             .tempdir_in(opts.parent.as_deref().unwrap_or(Path::new("/tmp")))
             .context("creating a temp dir for containerd")?;
         let d = dir.path();
+        let cri = if opts.cri {
+            ""
+        } else {
+            "\n  \"io.containerd.grpc.v1.cri\","
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{cri}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -207,14 +222,29 @@ disabled_plugins = [
 
     /// `ctr --address SOCK -n breakfs-test`, ready for a subcommand.
     pub fn ctr(&self) -> Command {
+        self.ctr_in(NAMESPACE)
+    }
+
+    /// `ctr --address SOCK -n NAMESPACE`, ready for a subcommand.
+    pub fn ctr_in(&self, namespace: &str) -> Command {
         let mut cmd = self.ctr_bare();
-        cmd.args(["--namespace", NAMESPACE]);
+        cmd.args(["--namespace", namespace]);
         cmd
     }
 
     /// Run `ctr ... ARGS` and fail unless it exits 0 within `limit`.
     pub fn ctr_checked(&self, args: &[&str], limit: Duration) -> Result<Output> {
-        let mut cmd = self.ctr();
+        self.ctr_checked_in(NAMESPACE, args, limit)
+    }
+
+    /// [`ctr_checked`](Self::ctr_checked) in `namespace`.
+    pub fn ctr_checked_in(
+        &self,
+        namespace: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<Output> {
+        let mut cmd = self.ctr_in(namespace);
         cmd.args(args);
         let out = output_with_timeout(&mut cmd, limit)?;
         if !out.status.success() {
@@ -294,13 +324,18 @@ disabled_plugins = [
 
     /// Kill and delete container `id` and its task, ignoring failures.
     fn remove_container(&self, id: &str) {
-        let t = Duration::from_secs(10);
-        let _ = self.ctr_checked(&["task", "kill", "--signal", "SIGKILL", id], t);
-        let _ = self.ctr_checked(&["task", "delete", "--force", id], t);
-        let _ = self.ctr_checked(&["container", "delete", id], t);
+        self.remove_container_in(NAMESPACE, id);
     }
 
-    fn shim_pids(&self) -> Vec<u32> {
+    fn remove_container_in(&self, ns: &str, id: &str) {
+        let t = Duration::from_secs(10);
+        let _ = self.ctr_checked_in(ns, &["task", "kill", "--signal", "SIGKILL", id], t);
+        let _ = self.ctr_checked_in(ns, &["task", "delete", "--force", id], t);
+        let _ = self.ctr_checked_in(ns, &["container", "delete", id], t);
+    }
+
+    /// The pids of the shims this containerd started that still run.
+    pub fn shim_pids(&self) -> Vec<u32> {
         let sock = self.address();
         let sock = sock.as_os_str().as_encoded_bytes();
         let mut pids = Vec::new();
@@ -325,7 +360,8 @@ disabled_plugins = [
         pids
     }
 
-    fn mounts_below_dir(&self) -> Vec<String> {
+    /// The mount points below its temp dir, deepest first.
+    pub fn mounts_below_dir(&self) -> Vec<String> {
         let prefix = format!("{}/", self.dir.path().display());
         let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -342,9 +378,12 @@ disabled_plugins = [
 
 impl Drop for TestContainerd {
     fn drop(&mut self) {
-        if let Ok(out) = self.ctr_checked(&["task", "ls", "--quiet"], Duration::from_secs(10)) {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                self.remove_container(id);
+        for ns in [NAMESPACE, CRI_NAMESPACE] {
+            let ls = self.ctr_checked_in(ns, &["task", "ls", "--quiet"], Duration::from_secs(10));
+            if let Ok(out) = ls {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    self.remove_container_in(ns, id);
+                }
             }
         }
         let _ = self.child.kill();

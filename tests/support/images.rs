@@ -163,6 +163,12 @@ impl Layer {
 /// Write an image of `layers` into the OCI layout `dir` under `tag`
 /// (adding to an existing layout's index).
 pub fn write_image(dir: &Path, tag: &str, layers: &[Layer]) {
+    write_image_with(dir, tag, layers, default_run_config());
+}
+
+/// [`write_image`] with `run` as the config's `config` object (Env,
+/// Entrypoint, Cmd, ...).
+pub fn write_image_with(dir: &Path, tag: &str, layers: &[Layer], run: serde_json::Value) {
     let blobs: Vec<LayerBlob> = layers
         .iter()
         .map(|l| {
@@ -176,7 +182,12 @@ pub fn write_image(dir: &Path, tag: &str, layers: &[Layer]) {
             }
         })
         .collect();
-    write_manifest(dir, tag, &blobs);
+    write_manifest_with(dir, tag, &blobs, run);
+}
+
+/// What a test image runs with unless it says otherwise: only a PATH.
+fn default_run_config() -> serde_json::Value {
+    serde_json::json!({"Env": ["PATH=/usr/bin:/bin"]})
 }
 
 /// A layer blob already in a layout, described for its manifest and config.
@@ -244,6 +255,11 @@ impl<W: std::io::Write> std::io::Write for Hashing<W> {
 /// Write an image of layer blobs already in the layout `dir` under `tag`
 /// (adding to an existing layout's index).
 pub fn write_manifest(dir: &Path, tag: &str, layers: &[LayerBlob]) {
+    write_manifest_with(dir, tag, layers, default_run_config());
+}
+
+/// [`write_manifest`] with `run` as the config's `config` object.
+pub fn write_manifest_with(dir: &Path, tag: &str, layers: &[LayerBlob], run: serde_json::Value) {
     std::fs::create_dir_all(dir).expect("layout dir");
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
         .expect("oci-layout");
@@ -265,7 +281,7 @@ pub fn write_manifest(dir: &Path, tag: &str, layers: &[LayerBlob]) {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "created": "2024-01-01T00:00:00Z",
-        "config": {"Env": ["PATH=/usr/bin:/bin"]},
+        "config": run,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": layers.iter().map(|_| serde_json::json!({"created_by": "test"})).collect::<Vec<_>>(),
     })
