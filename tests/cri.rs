@@ -165,6 +165,12 @@ fn kubelet_runs_a_pod_through_cri_on_the_snapshotter() {
     // the layer's digest, which is what lets breakfs make a layer lazy.
     for (reference, lazy_expected) in [(&pause, false), (&app, POD_IMAGE_LAYERS_LAZY)] {
         let layers = layers_of(&format!("docker://{reference}"));
+        // What makes a layer eligible to go lazy: its TOC.
+        assert_eq!(
+            tocs_of(reference),
+            vec![reference == &app; layers.len()],
+            "which layers of {reference} have TOCs (the pod image's all, the pause image's none)"
+        );
         let labelled: Vec<(&String, &pb::Info)> = snapshots
             .iter()
             .filter(|(_, i)| i.labels.get(IMAGE_REF) == Some(reference))
@@ -305,6 +311,16 @@ fn push_images(registry: &TestRegistry, work: &Path) -> (String, String) {
             &format!("oci:{}:app", layout.display()),
         ]));
     (pause, app)
+}
+
+/// Whether each layer of `reference` has a TOC, as `breakfs inspect` says.
+fn tocs_of(reference: &str) -> Vec<bool> {
+    let text = ok(breakfs().args(["inspect", "--plain-http", &format!("docker://{reference}")]));
+    // Layer rows: index, digest, size, tar size, entries, TOC, ...
+    text.lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| l.split_whitespace().nth(5) == Some("yes"))
+        .collect()
 }
 
 /// `/bin/busybox` of Debian's busybox-static: its .deb is kept in the
