@@ -480,9 +480,9 @@ fn stdout_of_cri_log(path: &str) -> String {
 
 /// Whether breakfs committed snapshot `name` as a remote (lazy) layer,
 /// from its record in the snapshotter's metadata: a `remote` entry in the
-/// record, or the `containerd.io/snapshot/remote` label remote
-/// snapshotters set. The lazy layers' change decides the marker; tighten
-/// this to its exact form when merging.
+/// record (the lazy layers' change, in progress, writes `remote: {image,
+/// layer}`), or the `containerd.io/snapshot/remote` label other remote
+/// snapshotters set. Tighten this to the exact form when merging.
 fn committed_remote(node: &Node, name: &str) -> bool {
     let path = node.cache.join("snapshotter/metadata.json");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
