@@ -61,6 +61,11 @@ pub struct ContainerdOptions {
     /// Where its temp dir goes (default /tmp); keep it short: its socket
     /// path must fit in 108 bytes.
     pub parent: Option<PathBuf>,
+    /// Files for the config's top-level `imports` (drop-ins).
+    pub imports: Vec<PathBuf>,
+    /// Load the CRI plugin (its CNI setup missing here: it logs that and
+    /// serves anyway).
+    pub cri: bool,
 }
 
 /// A running private containerd; killed with its shims on drop.
@@ -84,12 +89,18 @@ impl TestContainerd {
             .tempdir_in(opts.parent.as_deref().unwrap_or(Path::new("/tmp")))
             .context("creating a temp dir for containerd")?;
         let d = dir.path();
+        let imports: Vec<String> = opts
+            .imports
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect();
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
+imports = [{imports}]
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+  {cri}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -108,6 +119,12 @@ disabled_plugins = [
             state = d.join("state").display(),
             sock = d.join("c.sock").display(),
             opt = d.join("opt").display(),
+            imports = imports.join(", "),
+            cri = if opts.cri {
+                ""
+            } else {
+                r#""io.containerd.grpc.v1.cri","#
+            },
             extra = opts.extra_config,
         );
         let config_path = d.join("config.toml");
