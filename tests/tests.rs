@@ -4,6 +4,7 @@ mod bad_input;
 mod corpus;
 mod crash;
 mod credhelper;
+mod deploy;
 mod hostile;
 mod hostile_net;
 mod hostile_two;
