@@ -593,6 +593,15 @@ fn kubernetes_manifests_parse_and_agree() {
     let peer = container_port(node, "peer");
     assert_eq!(listen_port(flag(&args, "--listen")), peer);
     assert_eq!(listen_port(flag(&args, "--advertise")), peer);
+    let scrape = ds_spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap();
+    assert_eq!(scrape["prometheus.io/port"], peer.to_string());
     let node_probe = node
         .readiness_probe
         .as_ref()
@@ -786,20 +795,26 @@ fn kubernetes_manifests_parse_and_agree() {
         .unwrap();
     assert_eq!(port_number(sched, &probe.port), extender_port);
     extender_serves(cfg, &path, &verbs, probe.path.as_deref().unwrap());
-    node_serves(node_probe.path.as_deref().unwrap());
+    node_serves(&[
+        node_probe.path.as_deref().unwrap(),
+        &scrape["prometheus.io/path"],
+    ]);
 }
 
-/// A real node daemon answers the DaemonSet's readiness probe.
-fn node_serves(probe: &str) {
+/// A real node daemon answers GETs of the DaemonSet's `paths` (its
+/// readiness probe, the metrics Prometheus scrapes).
+fn node_serves(paths: &[&str]) {
     let work = tempfile::tempdir().unwrap();
     let mut node = Node::start(work.path(), &[], &[]);
-    let url = format!("{}{probe}", node.url);
-    let status = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(async { reqwest::get(&url).await.unwrap().status() });
-    assert_eq!(status, 200, "GET {url}");
+        .unwrap();
+    for path in paths {
+        let url = format!("{}{path}", node.url);
+        let status = rt.block_on(async { reqwest::get(&url).await.unwrap().status() });
+        assert_eq!(status, 200, "GET {url}");
+    }
     node.stop();
 }
 
