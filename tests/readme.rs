@@ -255,6 +255,7 @@ fn readme_commands_run_as_written() {
     for shown in [
         "hello from the container",
         "hello from a chroot",
+        "hello from containerd",
         "breakfs_fetch_bytes_total",
         "node-a",
     ] {

@@ -1,5 +1,5 @@
-//! The systemd integration in `systemd/`: the unit files pass
-//! `systemd-analyze verify`, and the node daemon speaks the readiness
+//! The systemd integration in `systemd/`: the unit files and containerd's
+//! unit with the breakfs drop-in pass `systemd-analyze verify`, and the node daemon speaks the readiness
 //! protocol (`READY=1` once it serves, `STOPPING=1` on SIGTERM, exit 0), with
 //! its flags alone and with the example `node.toml`.
 #![allow(clippy::unwrap_used)]
@@ -14,6 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Where the units start breakfs once installed.
 const INSTALLED: &str = "/usr/local/bin/breakfs";
+
+/// containerd's unit, which `containerd.service.d/breakfs.conf` extends.
+const CONTAINERD_UNIT: &str = "/lib/systemd/system/containerd.service";
 
 /// How long the daemon has to say READY=1, and then STOPPING=1.
 const NOTIFY_LIMIT: Duration = Duration::from_secs(30);
@@ -43,12 +46,29 @@ fn units_pass_systemd_analyze_verify() {
         let text = text.replace(INSTALLED, env!("CARGO_BIN_EXE_breakfs"));
         std::fs::write(tmp.path().join(name), text).unwrap();
     }
+    // containerd's unit as Debian ships it, with the drop-in beside it:
+    // verify reads drop-ins from `NAME.d/` in the given units' directories.
+    let containerd_unit = Path::new(CONTAINERD_UNIT);
+    assert!(
+        containerd_unit.exists(),
+        "{CONTAINERD_UNIT} is needed to check the containerd drop-in: \
+         install Debian's `containerd` package (scripts/install-deps.sh)"
+    );
+    std::fs::copy(containerd_unit, tmp.path().join("containerd.service")).unwrap();
+    let dropins = tmp.path().join("containerd.service.d");
+    std::fs::create_dir(&dropins).unwrap();
+    std::fs::copy(
+        systemd_dir().join("containerd.service.d/breakfs.conf"),
+        dropins.join("breakfs.conf"),
+    )
+    .unwrap();
     // An instance of the template resolves to breakfs-mount@.service beside
     // it, and its BindsTo= to breakfs-node.service there too.
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(tmp.path().join("breakfs-node.service"))
         .arg(tmp.path().join("breakfs-mount@example.service"))
+        .arg(tmp.path().join("containerd.service"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -79,7 +99,7 @@ fn node_daemon_notifies_ready_and_stopping() {
             .arg("--socket")
             .arg(&socket);
     });
-    ready_then_stopping(&mut node, &notify, &socket);
+    ready_then_stopping(&mut node, &notify, &[&socket]);
 }
 
 #[test]
@@ -91,30 +111,36 @@ fn node_daemon_starts_from_the_example_config() {
     let notify = Notify::abstract_name();
     let cache = tmp.path().join("cache");
     let socket = tmp.path().join("node.sock");
+    let snapshots = tmp.path().join("snapshotter.sock");
     let mut node = Node::start(tmp.path(), &notify.env, |c| {
         c.args(["node", "--config"])
             .arg(systemd_dir().join("node.toml"))
             .args(["--listen", "127.0.0.1:0", "--cache"])
             .arg(&cache)
             .arg("--socket")
-            .arg(&socket);
+            .arg(&socket)
+            .arg("--snapshotter-socket")
+            .arg(&snapshots);
     });
-    ready_then_stopping(&mut node, &notify, &socket);
+    // The snapshotter socket too: containerd is ordered after READY=1.
+    ready_then_stopping(&mut node, &notify, &[&socket, &snapshots]);
 }
 
-/// Waits for READY=1, checks the control socket is there, sends SIGTERM,
+/// Waits for READY=1, checks the `sockets` are there, sends SIGTERM,
 /// waits for STOPPING=1 and a clean exit.
-fn ready_then_stopping(node: &mut Node, notify: &Notify, control: &Path) {
+fn ready_then_stopping(node: &mut Node, notify: &Notify, sockets: &[&Path]) {
     notify.wait_for(node, "READY=1");
-    let is_socket = std::fs::symlink_metadata(control)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false);
-    assert!(
-        is_socket,
-        "READY=1 sent but no control socket at {}\n{}",
-        control.display(),
-        node.log()
-    );
+    for socket in sockets {
+        let is_socket = std::fs::symlink_metadata(socket)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false);
+        assert!(
+            is_socket,
+            "READY=1 sent but no socket at {}\n{}",
+            socket.display(),
+            node.log()
+        );
+    }
     let pid = node.child.id().to_string();
     let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(kill.success(), "kill -TERM {pid} failed");

@@ -5,6 +5,7 @@ mod corpus;
 mod crash;
 mod credhelper;
 mod cri;
+mod deploy;
 mod hostile;
 mod hostile_net;
 mod hostile_two;

@@ -68,10 +68,18 @@ impl Node {
             format!("http://{host}:{}", local.port())
         });
         let snapshotter = match &config.snapshotter_socket {
-            Some(path) => Some((
-                Snapshotter::open(&config.cache.join("snapshotter"))?,
-                ControlSocket::bind(path)?,
-            )),
+            Some(path) => {
+                // containerd's shims mount the directories the snapshots
+                // name from their own working directory: name them whole.
+                let root = config.cache.join("snapshotter");
+                let root = std::path::absolute(&root).map_err(|e| {
+                    Error::io(
+                        format!("resolving the snapshot directory {}", root.display()),
+                        e,
+                    )
+                })?;
+                Some((Snapshotter::open(&root)?, ControlSocket::bind(path)?))
+            }
             None => None,
         };
         let control_url = format!("unix:{}", control.path.display());

@@ -68,9 +68,11 @@ pub struct ContainerdOptions {
     /// Where its temp dir goes (default /tmp); keep it short: its socket
     /// path must fit in 108 bytes.
     pub parent: Option<PathBuf>,
+    /// Files for the config's top-level `imports` (drop-ins).
+    pub imports: Vec<PathBuf>,
     /// Load the CRI plugin (configured through `extra_config`'s
-    /// `[plugins."io.containerd.grpc.v1.cri"]`), serving the CRI on the
-    /// containerd socket.
+    /// `[plugins."io.containerd.grpc.v1.cri"]` or an import), serving the
+    /// CRI on the containerd socket; it runs without a CNI setup.
     pub cri: bool,
 }
 
@@ -95,16 +97,18 @@ impl TestContainerd {
             .tempdir_in(opts.parent.as_deref().unwrap_or(Path::new("/tmp")))
             .context("creating a temp dir for containerd")?;
         let d = dir.path();
-        let cri = if opts.cri {
-            ""
-        } else {
-            "\n  \"io.containerd.grpc.v1.cri\","
-        };
+        let imports: Vec<String> = opts
+            .imports
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect();
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = [{cri}
+imports = [{imports}]
+disabled_plugins = [
+  {cri}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -123,6 +127,12 @@ disabled_plugins = [{cri}
             state = d.join("state").display(),
             sock = d.join("c.sock").display(),
             opt = d.join("opt").display(),
+            imports = imports.join(", "),
+            cri = if opts.cri {
+                ""
+            } else {
+                r#""io.containerd.grpc.v1.cri","#
+            },
             extra = opts.extra_config,
         );
         let config_path = d.join("config.toml");
