@@ -530,3 +530,81 @@ fn spawn_holder(keep: &KeepMounts, socket: &Path, log: &Path) -> Result<OwnedFd>
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn client(cache: &Path) -> HolderClient {
+        // No command: a holder must already listen.
+        let keep = KeepMounts {
+            orphan_after: Duration::from_secs(30),
+            holder: Vec::new(),
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            match HolderClient::start(&keep, cache) {
+                Ok(c) => return c,
+                Err(e) => assert!(Instant::now() < until, "no holder: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A held descriptor comes back to the next daemon as the same open
+    /// file, with what the daemon said about it; one whose peer is gone
+    /// (poll reports it) is let go; with nothing held and no daemon the
+    /// holder exits and removes its socket.
+    #[test]
+    fn the_holder_keeps_descriptors_for_the_next_daemon_and_lets_go() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let socket = dir.path().join("holder/holder.sock");
+        std::fs::create_dir_all(dir.path().join("holder")).expect("the holder dir");
+        let at = socket.clone();
+        let holder = std::thread::spawn(move || run_holder(&at, Duration::from_secs(30)));
+
+        let first = client(dir.path());
+        assert!(first.take_back().expect("hello").is_empty());
+        let (kept_r, mut kept_w) = std::io::pipe().expect("a pipe");
+        let (gone_r, gone_w) = std::io::pipe().expect("a pipe");
+        let meta = serde_json::json!({ "image": "docker://reg/app@sha256:00" });
+        first
+            .hold(Path::new("/mnt/kept"), meta.clone(), kept_r.as_fd())
+            .expect("hold");
+        first
+            .hold(Path::new("/mnt/gone"), meta.clone(), gone_r.as_fd())
+            .expect("hold");
+        drop((kept_r, gone_r));
+        // The daemon dies; the peer of one held descriptor goes too.
+        drop(first);
+        drop(gone_w);
+
+        let second = client(dir.path());
+        let until = Instant::now() + Duration::from_secs(10);
+        let held = loop {
+            let held = second.take_back().expect("hello");
+            if held.len() == 1 {
+                break held;
+            }
+            assert!(Instant::now() < until, "{} held", held.len());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (mountpoint, got_meta, fd) = held.into_iter().next().expect("one");
+        assert_eq!(mountpoint, Path::new("/mnt/kept"));
+        assert_eq!(got_meta, meta);
+        kept_w.write_all(b"same pipe").expect("write");
+        let mut buf = [0u8; 9];
+        std::fs::File::from(fd).read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"same pipe");
+
+        second.release(Path::new("/mnt/kept")).expect("release");
+        assert!(second.take_back().expect("hello").is_empty());
+        drop(second);
+        holder
+            .join()
+            .expect("the holder thread")
+            .expect("the holder ends cleanly");
+        assert!(!socket.exists(), "the holder left its socket");
+    }
+}
