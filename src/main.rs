@@ -157,6 +157,10 @@ enum Command {
     ///   breakfs verify --repair --cache ~/.cache/breakfs/store
     #[command(verbatim_doc_comment)]
     Verify(verifycmd::VerifyArgs),
+    /// The mount holder a node daemon with --keep-mounts starts: it keeps
+    /// the daemon's FUSE connections across its restarts.
+    #[command(hide = true)]
+    FuseHolder(node::FuseHolderArgs),
 }
 
 #[derive(Args)]
@@ -467,6 +471,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::FuseHolder(a) = &cli.command {
+        // A small process of its own: no async runtime.
+        return node::run_fuse_holder(a);
+    }
     if matches!(cli.command, Command::Inspect(_) | Command::Status(_)) {
         default_sigpipe();
     }
@@ -492,6 +500,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(a) => node::run_node(a).await,
             Command::Sched(a) => schedcmd::run_sched(a).await,
             Command::Verify(a) => verifycmd::run_verify(a).await,
+            Command::FuseHolder(_) => Ok(()),
         }
     });
     match result {

@@ -19,7 +19,7 @@ pub struct NodeArgs {
     /// A TOML file with any of the settings below (flags win over it):
     /// listen, socket, advertise, cache, budget, peers, learn_peers, relay,
     /// plain_http, prefetch_rate, deadline, parallel, token_file,
-    /// registry_timeout, verify, snapshotter_socket.
+    /// registry_timeout, verify, snapshotter_socket, keep_mounts (seconds).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve peers, the scheduler and OCI clients on
@@ -91,6 +91,15 @@ pub struct NodeArgs {
     /// (e.g. /run/breakfs/snapshotter.sock; off unless given).
     #[arg(long, value_name = "PATH")]
     snapshotter_socket: Option<PathBuf>,
+    /// Keep mounts served across restarts of this daemon (SIGTERM and
+    /// start, or a crash and restart): a small holder process (`breakfs
+    /// fuse-holder`, its log in CACHE/holder/) keeps their FUSE
+    /// connections, the next daemon serves them on, and readers never see
+    /// an error. Mounts no daemon serves for SECS seconds are unmounted
+    /// [default without SECS: 600]. Under systemd give the unit
+    /// KillMode=process, so that a restart spares the holder.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "600")]
+    keep_mounts: Option<u64>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -115,6 +124,7 @@ impl NodeArgs {
             registry_timeout: self.client.registry_timeout,
             verify: self.verify.then_some(true),
             snapshotter_socket: self.snapshotter_socket.clone(),
+            keep_mounts: self.keep_mounts,
         }
     }
 }
@@ -124,7 +134,12 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         Some(p) => Settings::from_file(p)?,
         None => Settings::default(),
     };
-    let s = a.settings().over(file).resolve(a.client.options()?)?;
+    let mut s = a.settings().over(file).resolve(a.client.options()?)?;
+    if let Some(keep) = &mut s.config.keep_mounts {
+        let exe =
+            std::env::current_exe().context("finding this program to start the mount holder")?;
+        keep.holder = vec![exe.into(), "fuse-holder".into()];
+    }
     // Catch SIGTERM before saying READY: systemd may stop us at once.
     let shutdown = breakfs_node::shutdown_on_stop_signals(|| {
         let _ = breakfs_node::notify::notify("STOPPING=1");
@@ -133,6 +148,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {} (choose another with --listen)", s.listen))?;
     let control = ControlSocket::bind(&s.socket)?;
+    let keeps_mounts = s.config.keep_mounts.is_some();
     let node = Node::start(s.config, Listeners { tcp, control }, shutdown).await?;
     println!("{READY} {}", node.url());
     if let Err(e) = breakfs_node::notify::notify("READY=1") {
@@ -142,5 +158,30 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         );
     }
     node.serve().await?;
+    if keeps_mounts {
+        // Its mounts are left to the holder: end now, before the runtime
+        // drops the reads still waiting for a fetch (fuser answers a
+        // dropped request with EIO; the next daemon gets it resent).
+        std::process::exit(0);
+    }
     Ok(())
+}
+
+/// `breakfs fuse-holder SOCKET SECS`, started by the daemon.
+#[derive(Args)]
+pub struct FuseHolderArgs {
+    /// The holder's socket.
+    socket: PathBuf,
+    /// Seconds to keep mounts no daemon serves.
+    secs: u64,
+}
+
+pub fn run_fuse_holder(a: &FuseHolderArgs) -> std::process::ExitCode {
+    match breakfs_node::run_holder(&a.socket, std::time::Duration::from_secs(a.secs)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("breakfs fuse-holder: {}", breakfs_index::Causes(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

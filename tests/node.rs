@@ -181,6 +181,13 @@ impl Node {
         }
     }
 
+    /// Start again (after `stop` or `sigkill`) on the same port with the
+    /// same cache, its mounts left as they are.
+    pub(crate) fn start_again(&mut self) {
+        let port = self.port();
+        self.spawn(Some(port));
+    }
+
     /// SIGKILL, then start again on the same port with the same cache.
     pub(crate) fn restart_after_kill(&mut self) {
         let port = self.port();

@@ -18,6 +18,7 @@ mod oci_io;
 mod readme;
 mod refactor;
 mod relay;
+mod restart;
 mod sched;
 mod security;
 mod snapshotter;

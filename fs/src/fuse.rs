@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use breakfs_fetch::{Fetcher, Priority};
@@ -70,8 +70,10 @@ pub struct ImageFs {
     stats: Arc<ReadStats>,
     /// Open chunk files of recently read inodes (bounded).
     open_files: Mutex<OpenFiles>,
-    /// The kernel does without open/release (zero-message opens).
-    no_open: bool,
+    /// The kernel does without open/release (zero-message opens): decided
+    /// at INIT, shared so that the mount can hand the decision on with its
+    /// connection (a session that takes the connection over sees no INIT).
+    no_open: Arc<AtomicBool>,
     /// Dependency-aware prefetch, if on.
     deps: Option<Arc<crate::deps::DepPrefetch>>,
 }
@@ -137,7 +139,7 @@ impl ImageFs {
             rt,
             stats,
             open_files: Mutex::new(Default::default()),
-            no_open: false,
+            no_open: Arc::new(AtomicBool::new(false)),
             deps: None,
         }
     }
@@ -146,6 +148,18 @@ impl ImageFs {
     /// (see [`crate::deps`]).
     pub fn with_dependency_prefetch(mut self, on: bool) -> ImageFs {
         self.deps = on.then(Default::default);
+        self
+    }
+
+    /// Whether the kernel was told to do without opens (set by INIT, or by
+    /// [`ImageFs::with_no_open`] for a connection initialized before).
+    pub(crate) fn no_open_flag(&self) -> Arc<AtomicBool> {
+        self.no_open.clone()
+    }
+
+    /// What an earlier session's INIT decided about opens.
+    pub(crate) fn with_no_open(self, no_open: bool) -> ImageFs {
+        self.no_open.store(no_open, Ordering::Relaxed);
         self
     }
 
@@ -285,9 +299,10 @@ impl fuser::Filesystem for ImageFs {
         // An image never changes: with zero-message opens the kernel keeps
         // the page cache and sends no open/release per file (the cost of a
         // warm read of many small files).
-        self.no_open = config
+        let no_open = config
             .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT)
             .is_ok();
+        self.no_open.store(no_open, Ordering::Relaxed);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -329,7 +344,7 @@ impl fuser::Filesystem for ImageFs {
         if n.entry.kind == EntryKind::Dir {
             return reply.error(Errno::EISDIR);
         }
-        if self.no_open {
+        if self.no_open.load(Ordering::Relaxed) {
             // Tells the kernel to stop sending opens (it keeps the cache).
             return reply.error(Errno::ENOSYS);
         }
@@ -460,7 +475,9 @@ impl fuser::Filesystem for ImageFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
-            Some(n) if n.entry.kind == EntryKind::Dir && self.no_open => reply.error(Errno::ENOSYS),
+            Some(n) if n.entry.kind == EntryKind::Dir && self.no_open.load(Ordering::Relaxed) => {
+                reply.error(Errno::ENOSYS)
+            }
             Some(n) if n.entry.kind == EntryKind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,

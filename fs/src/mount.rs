@@ -1,6 +1,11 @@
 //! Mounting an opened image: checks on the mountpoint, the FUSE session,
 //! background hydration, and the status record `breakfs status` reads.
+//! A mount's FUSE connection can outlive the process serving it: one made
+//! by [`mount_resumable`] hands out its `/dev/fuse` descriptor, and
+//! [`resume`] serves such a connection in a later process (see
+//! docs/restarts.md).
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,7 +13,7 @@ use std::time::Duration;
 
 use breakfs_fetch::{FetchStats, Fetcher, Priority};
 use breakfs_index::Descriptor;
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -49,9 +54,12 @@ pub struct Hydration {
     pub done: AtomicBool,
 }
 
-/// A live mount; dropping it unmounts.
+/// A live mount; dropping it unmounts (but for a resumed one: see [`resume`]).
 pub struct Mounted {
     session: Option<BackgroundSession>,
+    /// Its session took over a connection another process initialized:
+    /// fuser holds no mount to undo, so unmounting goes by path.
+    resumed: bool,
     /// Where it is mounted.
     pub mountpoint: PathBuf,
     /// The image's tree.
@@ -223,18 +231,126 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A mount's FUSE connection as another process needs it to serve the
+/// mount on ([`resume`]): the `/dev/fuse` descriptor, and what the
+/// connection's INIT decided that the filesystem must know.
+#[derive(Debug)]
+pub struct FuseConnection {
+    /// The `/dev/fuse` descriptor (a duplicate: the same connection).
+    pub fd: OwnedFd,
+    /// The kernel was told to do without opens.
+    pub no_open: bool,
+}
+
 /// Mount `opened` on `mountpoint` (checked first) and start hydration.
 /// Must run inside a tokio runtime.
 pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
     let abs = check_mountpoint(mountpoint)?;
     let reads = Arc::new(ReadStats::default());
-    let fs = ImageFs::new(
+    let fs = image_fs(&opened, opts, reads.clone());
+    let session = Session::new(fs, &abs, &fuse_config(&opened, opts, false))
+        .and_then(Session::spawn)
+        .map_err(|e| mount_failed(&abs, e))?;
+    Ok(serving(opened, abs, opts, session, reads, false))
+}
+
+/// [`mount`], handing out the mount's FUSE connection besides: a process
+/// that holds the descriptor keeps the connection, and the requests on it,
+/// alive when this process ends, for a later one to [`resume`] serving.
+/// All the session's threads read the one descriptor (no cloned ones: the
+/// kernel fails the requests a cloned descriptor had taken when it closes,
+/// where those on a descriptor still held elsewhere wait to be resent).
+pub fn mount_resumable(
+    opened: OpenedImage,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<(Mounted, FuseConnection)> {
+    let abs = check_mountpoint(mountpoint)?;
+    let reads = Arc::new(ReadStats::default());
+    let fs = image_fs(&opened, opts, reads.clone());
+    let no_open = fs.no_open_flag();
+    let session = Session::new(fs, &abs, &fuse_config(&opened, opts, true))
+        .map_err(|e| mount_failed(&abs, e))?;
+    // INIT is done: the decisions are made and the descriptor is live.
+    let fd = session
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicating the FUSE descriptor", e))?;
+    let conn = FuseConnection {
+        fd,
+        no_open: no_open.load(Ordering::Relaxed),
+    };
+    let session = session.spawn().map_err(|e| mount_failed(&abs, e))?;
+    Ok((serving(opened, abs, opts, session, reads, false), conn))
+}
+
+/// Serve `conn`, the live connection of a mount at `mountpoint` that an
+/// earlier process made with [`mount_resumable`], over `opened`, the same
+/// image opened again (its inode numbers are the same: the kernel holds
+/// them). The kernel first resends the requests the earlier process took
+/// and never answered (`FUSE_NOTIFY_RESEND`, Linux 6.9), so a reader
+/// waiting on one when that process died gets its answer from this one.
+/// The mount itself is the kernel's: dropping the result unmounts nothing.
+/// Must run inside a tokio runtime.
+pub fn resume(
+    opened: OpenedImage,
+    conn: FuseConnection,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Mounted> {
+    let abs = mountpoint.to_path_buf();
+    let reads = Arc::new(ReadStats::default());
+    let fs = image_fs(&opened, opts, reads.clone()).with_no_open(conn.no_open);
+    if let Err(e) = resend(&conn.fd) {
+        tracing::warn!(
+            "asking the kernel to resend the requests of {}'s previous server: {e}; \
+             a reader waiting on one of them when it stopped stays waiting (Linux 6.9 \
+             or later resends)",
+            abs.display()
+        );
+    }
+    let session = Session::from_initialized_fd(
+        fs,
+        conn.fd,
+        SessionACL::All,
+        fuse_config(&opened, opts, true),
+    )
+    .spawn()
+    .map_err(|e| mount_failed(&abs, e))?;
+    Ok(serving(opened, abs, opts, session, reads, true))
+}
+
+/// `FUSE_NOTIFY_RESEND`: the kernel puts every request it sent on the
+/// connection and has no answer for back in the queue, to be read again.
+fn resend(fd: &OwnedFd) -> nix::Result<usize> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // struct fuse_out_header { len: u32, error: i32, unique: u64 }: a
+    // notification carries its code as the error, unique 0, and this one
+    // no payload.
+    let mut msg = [0u8; 16];
+    msg[..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    nix::unistd::write(fd, &msg)
+}
+
+fn mount_failed(abs: &Path, e: std::io::Error) -> Error {
+    Error::Mountpoint {
+        mountpoint: abs.to_path_buf(),
+        reason: format!("the FUSE mount failed: {e} (is /dev/fuse there, and are you root?)"),
+    }
+}
+
+fn image_fs(opened: &OpenedImage, opts: &MountOptions, reads: Arc<ReadStats>) -> ImageFs {
+    ImageFs::new(
         opened.tree.clone(),
         opened.fetcher.clone(),
         tokio::runtime::Handle::current(),
-        reads.clone(),
+        reads,
     )
-    .with_dependency_prefetch(opts.dependency_prefetch);
+    .with_dependency_prefetch(opts.dependency_prefetch)
+}
+
+fn fuse_config(opened: &OpenedImage, opts: &MountOptions, resumable: bool) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("breakfs:{}", opened.image.reference)),
@@ -247,11 +363,19 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
     ];
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let session = fuser::spawn_mount(fs, &abs, &config).map_err(|e| Error::Mountpoint {
-        mountpoint: abs.clone(),
-        reason: format!("the FUSE mount failed: {e} (is /dev/fuse there, and are you root?)"),
-    })?;
+    config.clone_fd = !resumable;
+    config
+}
+
+/// The mount served by `session`: start hydration, make the status record.
+fn serving(
+    opened: OpenedImage,
+    abs: PathBuf,
+    opts: &MountOptions,
+    session: BackgroundSession,
+    reads: Arc<ReadStats>,
+    resumed: bool,
+) -> Mounted {
     let hydration = Arc::new(Hydration::default());
     let chunk_bytes: u64 = opened.tree.fetchable_chunks().iter().map(|c| c.size).sum();
     hydration.total_bytes.store(chunk_bytes, Ordering::Relaxed);
@@ -293,8 +417,9 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
             .collect();
         tokio::spawn(async move { hydrate(tree, fetcher, hydration, enabled, lazy).await });
     }
-    Ok(Mounted {
+    Mounted {
         session: Some(session),
+        resumed,
         mountpoint: abs,
         tree,
         fetcher,
@@ -302,7 +427,7 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
         hydration,
         info,
         _pin: opened.pin,
-    })
+    }
 }
 
 /// Fetch every chunk not in the store at background priority, retrying
@@ -411,8 +536,29 @@ impl Mounted {
         })
     }
 
-    /// Unmount (also done on drop).
+    /// Let the process end without unmounting: the mount's connection
+    /// lives on where its descriptor is held ([`mount_resumable`]), for a
+    /// later process to [`resume`].
+    pub fn leave(mut self) {
+        if let Some(s) = self.session.take() {
+            // Dropping it would unmount; the process is ending anyway.
+            std::mem::forget(s);
+        }
+    }
+
+    /// Unmount (also done on drop, but for a resumed mount).
     pub fn unmount(mut self) -> Result<()> {
+        if self.resumed
+            && self.session.is_some()
+            && let Err(e) = nix::mount::umount(&self.mountpoint)
+            && e != nix::errno::Errno::EINVAL
+        {
+            // EINVAL: not mounted (any more); the session ends by itself.
+            return Err(Error::Mountpoint {
+                mountpoint: self.mountpoint.clone(),
+                reason: format!("unmounting failed: {e}"),
+            });
+        }
         if let Some(s) = self.session.take() {
             s.umount_and_join().map_err(|e| Error::Mountpoint {
                 mountpoint: self.mountpoint.clone(),

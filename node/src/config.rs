@@ -10,6 +10,7 @@ use breakfs_fetch::guard::Token;
 use serde::Deserialize;
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::holder::KeepMounts;
 use crate::{DEFAULT_SOCKET, Error, Result};
 
 /// A node daemon's settings (`breakfs node` merges its flags and config
@@ -45,6 +46,9 @@ pub struct Config {
     /// Serve containerd's snapshots API on this Unix socket (snapshots
     /// kept in `CACHE/snapshotter`).
     pub snapshotter_socket: Option<PathBuf>,
+    /// Keep mounts served across restarts of the daemon (a mount holder
+    /// keeps their FUSE connections; docs/restarts.md).
+    pub keep_mounts: Option<KeepMounts>,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
             token: None,
             verify: false,
             snapshotter_socket: None,
+            keep_mounts: None,
         }
     }
 }
@@ -109,6 +114,9 @@ pub struct Settings {
     pub verify: Option<bool>,
     /// Serve containerd's snapshots API on this Unix socket [default: off].
     pub snapshotter_socket: Option<PathBuf>,
+    /// Keep mounts served across restarts of the daemon; mounts no daemon
+    /// serves for this many seconds are unmounted [default: 0, off].
+    pub keep_mounts: Option<u64>,
 }
 
 /// Merged settings: where to listen and the daemon's [`Config`].
@@ -156,12 +164,14 @@ impl Settings {
             registry_timeout: self.registry_timeout.or(base.registry_timeout),
             verify: self.verify.or(base.verify),
             snapshotter_socket: self.snapshotter_socket.or(base.snapshotter_socket),
+            keep_mounts: self.keep_mounts.or(base.keep_mounts),
         }
     }
 
     /// Check the settings and fill in the defaults: sizes parsed, the token
     /// read; `client` (platform, endpoints) takes the settings' plain HTTP
-    /// and timeout.
+    /// and timeout. With `keep_mounts`, the holder's command is left empty
+    /// for the caller, which knows its program, to fill in.
     pub fn resolve(self, mut client: ClientOptions) -> Result<Resolved> {
         if let Some(bad) = self
             .relay
@@ -212,6 +222,10 @@ impl Settings {
                 token,
                 verify: self.verify.unwrap_or(false),
                 snapshotter_socket: self.snapshotter_socket,
+                keep_mounts: self.keep_mounts.filter(|s| *s > 0).map(|s| KeepMounts {
+                    orphan_after: Duration::from_secs(s),
+                    holder: Vec::new(),
+                }),
             },
         })
     }

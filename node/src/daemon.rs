@@ -85,6 +85,9 @@ impl Node {
         let control_url = format!("unix:{}", control.path.display());
         let (svc, budget, links) =
             crate::chain::build(&config, &url, control_url, &shutdown).await?;
+        if let Some(keep) = &config.keep_mounts {
+            take_over_mounts(&svc, keep, &config.cache, &shutdown);
+        }
         if let Some(b) = budget {
             spawn_budget_saver(b, svc.store.clone(), shutdown.clone());
         }
@@ -209,6 +212,35 @@ impl Node {
         }
         eprintln!("breakfs node: stopped");
         Ok(())
+    }
+}
+
+/// Connect to the mount holder (starting it if none runs), hand it every
+/// mount from now on, and serve the mounts it kept from an earlier daemon
+/// process. Without a holder the daemon serves, but its mounts end with it.
+fn take_over_mounts(
+    svc: &Arc<NodeService>,
+    keep: &crate::KeepMounts,
+    cache: &std::path::Path,
+    shutdown: &CancellationToken,
+) {
+    let holder = crate::holder::HolderClient::start(keep, cache)
+        .and_then(|h| h.take_back().map(|held| (h, held)));
+    match holder {
+        Ok((h, held)) => {
+            if !held.is_empty() {
+                eprintln!(
+                    "breakfs node: taking over {} mounts from the mount holder",
+                    held.len()
+                );
+            }
+            svc.mounts.set_holder(h);
+            svc.resume_held(held, keep.orphan_after, shutdown.clone());
+        }
+        Err(e) => tracing::error!(
+            "no mount holder: {e}; mounts will end with this daemon",
+            e = breakfs_index::Causes(&e)
+        ),
     }
 }
 

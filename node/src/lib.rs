@@ -12,7 +12,8 @@
 //! mount lifecycle shared with standalone mounts ([`mount_and_probe`],
 //! [`serve_mount`], [`unmount`]; a standalone mount process:
 //! [`run_standalone`], [`spawn_mount_process`]); the daemon's settings
-//! ([`Settings`], a config file and flags merged); the control API's client
+//! ([`Settings`], a config file and flags merged; [`KeepMounts`] and the
+//! mount holder's process, [`run_holder`]); the control API's client
 //! ([`mount_through`], [`MountRequest`]); a client of its
 //! snapshots API ([`snapshots_client`]).
 
@@ -21,6 +22,7 @@ mod config;
 mod control;
 mod daemon;
 mod error;
+mod holder;
 mod lifecycle;
 mod metrics;
 mod mounts;
@@ -35,6 +37,7 @@ pub use config::{Config, ControlSocket, Listeners, Resolved, Settings};
 pub use control::{MountRequest, mount_through, node_client};
 pub use daemon::{Node, run};
 pub use error::{Error, Result};
+pub use holder::{KeepMounts, run_holder};
 pub use lifecycle::{
     Ending, MOUNT_READY, MountProcess, end_session, mount_and_probe, process_alive, run_standalone,
     serve_mount, shutdown_on_stop_signals, spawn_mount_process, status_report, stop_signals,

@@ -28,7 +28,17 @@ pub async fn mount_and_probe(
     opts: &MountOptions,
     node: Option<String>,
 ) -> Result<(Mounted, StatusRecord)> {
-    let mounted = breakfs_fs::mount(opened, abs, opts)?;
+    probe(breakfs_fs::mount(opened, abs, opts)?, abs, node).await
+}
+
+/// Wait until a request through the kernel to `mounted` at `abs` is
+/// answered, and write its first status record (`node`: the daemon that
+/// serves it, if any).
+pub(crate) async fn probe(
+    mounted: Mounted,
+    abs: &Path,
+    node: Option<String>,
+) -> Result<(Mounted, StatusRecord)> {
     let probe = abs.to_path_buf();
     tokio::task::spawn_blocking(move || std::fs::metadata(probe))
         .await

@@ -1,17 +1,27 @@
 //! The mounts a node daemon serves: mounting an image through the node's
 //! fetch chain (its layers pinned live in the budget), unmounting one, the
-//! status records written each second, and the mounts' metrics.
+//! status records written each second, and the mounts' metrics. With a
+//! mount holder ([`crate::holder`]), every mount's FUSE connection is
+//! handed to it, so that the mount outlives this process: a daemon stops
+//! leaving its mounts to the holder, and a starting one takes them back
+//! ([`NodeService::resume_held`]) and serves them on.
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use breakfs_fs::{MountOptions, Mounted, StatusRecord};
-use breakfs_index::{Digest, ImageRef};
+use breakfs_fs::{FuseConnection, MountOptions, Mounted, OpenedImage, StatusRecord};
+use breakfs_index::{Digest, ImageRef, Reference};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::control::MountRequest;
-use crate::lifecycle::{end_session, mount_and_probe, unmount_path};
+use crate::holder::{HeldConnection, HolderClient};
+use crate::lifecycle::{end_session, mount_and_probe, probe, unmount_path};
 use crate::metrics::PromText;
 use crate::server::NodeService;
 use crate::{Error, Result};
@@ -23,6 +33,8 @@ struct NodeMount {
     layers: Vec<(Digest, bool)>,
     /// Bytes read as of the last status tick.
     reads_seen: AtomicU64,
+    /// The holder keeps its connection: it outlives this process.
+    held: bool,
 }
 
 /// The mounts by mountpoint, and how clients reach their daemon.
@@ -30,6 +42,71 @@ pub(crate) struct MountTable {
     mounts: Mutex<BTreeMap<PathBuf, NodeMount>>,
     /// How clients reach the control API (`unix:PATH`).
     control: String,
+    /// The mount holder, when mounts outlive the daemon process.
+    holder: OnceLock<HolderClient>,
+}
+
+/// What a daemon mount was made from: how a later daemon process opens the
+/// same tree again (the same inode numbers: the kernel holds them) to
+/// serve the mount's connection on. Every kind of daemon mount has its
+/// variant here and its arm in [`Source::open`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Source {
+    /// A whole image (`POST /mounts`): the reference as asked and the
+    /// manifest digest it resolved to.
+    Image {
+        /// The reference as asked.
+        image: String,
+        /// The manifest it resolved to.
+        manifest: String,
+    },
+}
+
+impl Source {
+    /// Open the tree again, exactly as it was mounted.
+    async fn open(&self, svc: &NodeService) -> Result<OpenedImage> {
+        match self {
+            Source::Image { image, manifest } => {
+                let mut reference = ImageRef::parse(image)?;
+                let digest = Digest::parse(manifest)?;
+                // A tag may have moved since: the manifest is what was mounted.
+                if let ImageRef::Registry { reference: r, .. } = &mut reference {
+                    *r = Reference::Digest(digest.clone());
+                }
+                let opened =
+                    breakfs_fs::open_image_on(&reference, &svc.client, &svc.fetcher, &svc.cloud)
+                        .await?;
+                if opened.image.manifest_digest != digest {
+                    return Err(Error::Control(format!(
+                        "{image} is now {}, not {manifest} as mounted",
+                        opened.image.manifest_digest
+                    )));
+                }
+                Ok(opened)
+            }
+        }
+    }
+
+    /// What `breakfs status` calls it.
+    fn name(&self) -> &str {
+        match self {
+            Source::Image { image, .. } => image,
+        }
+    }
+}
+
+/// What the holder keeps with a mount's connection for the next daemon.
+#[derive(Serialize, Deserialize)]
+struct HeldMount {
+    source: Source,
+    hydrate: bool,
+    threads: usize,
+    dependency_prefetch: bool,
+    /// What the connection's INIT decided.
+    no_open: bool,
+    /// When it was first mounted.
+    started: u64,
 }
 
 impl MountTable {
@@ -38,7 +115,13 @@ impl MountTable {
         MountTable {
             mounts: Mutex::new(BTreeMap::new()),
             control,
+            holder: OnceLock::new(),
         }
+    }
+
+    /// Hand every mount's connection to `holder` from now on.
+    pub(crate) fn set_holder(&self, holder: HolderClient) {
+        let _ = self.holder.set(holder);
     }
 
     /// The status records of all mounts.
@@ -105,29 +188,196 @@ impl NodeService {
             threads: req.threads.unwrap_or(4),
             dependency_prefetch: req.dependency_prefetch,
         };
-        let layers: Vec<(Digest, bool)> = opened
-            .image
-            .layers()
-            .iter()
-            .zip(&opened.layers)
-            .map(|(d, m)| (d.digest.clone(), *m == breakfs_fs::LayerMode::Whole))
-            .collect();
+        let source = Source::Image {
+            image: opened.image.reference.to_string(),
+            manifest: opened.image.manifest_digest.to_string(),
+        };
+        let rec = self.add_mount(abs, source, opened, opts).await?;
+        eprintln!(
+            "breakfs node: mounted {} at {}",
+            req.image,
+            rec.mountpoint.display()
+        );
+        Ok(rec)
+    }
+
+    /// Mount `opened` (made from `source`) at `abs` (checked) and serve it
+    /// as one of the daemon's mounts: its layers live in the budget, and
+    /// with a holder its connection outlives this process. Every daemon
+    /// mount comes through here.
+    pub(crate) async fn add_mount(
+        &self,
+        abs: PathBuf,
+        source: Source,
+        opened: OpenedImage,
+        opts: MountOptions,
+    ) -> Result<StatusRecord> {
+        let layers = layers_of(&opened);
+        let control = Some(self.mounts.control.clone());
+        let Some(holder) = self.mounts.holder.get() else {
+            self.pin_live(&layers);
+            let (mounted, rec) = mount_and_probe(opened, &abs, &opts, control).await?;
+            self.insert(abs, mounted, layers, false);
+            return Ok(rec);
+        };
+        let (mounted, conn) = breakfs_fs::mount_resumable(opened, &abs, &opts)?;
+        self.pin_live(&layers);
+        let (mounted, rec) = probe(mounted, &abs, control).await?;
+        let held = HeldMount {
+            source,
+            hydrate: opts.hydrate,
+            threads: opts.threads,
+            dependency_prefetch: opts.dependency_prefetch,
+            no_open: conn.no_open,
+            started: rec.started,
+        };
+        let held = match serde_json::to_value(&held) {
+            Ok(meta) => holder.hold(&abs, meta, conn.fd.as_fd()),
+            Err(e) => Err(Error::Control(format!("describing the mount: {e}"))),
+        };
+        if let Err(e) = &held {
+            tracing::warn!(
+                "{}: the mount at {} will not outlive this daemon",
+                breakfs_index::Causes(e),
+                abs.display()
+            );
+        }
+        self.insert(abs, mounted, layers, held.is_ok());
+        Ok(rec)
+    }
+
+    fn pin_live(&self, layers: &[(Digest, bool)]) {
         if let Some(b) = self.store.budget() {
             b.touch(layers.iter().map(|(d, _)| d));
             b.live(layers.iter().map(|(d, w)| (d, *w)), 1);
         }
-        let control = Some(self.mounts.control.clone());
-        let (mounted, rec) = mount_and_probe(opened, &abs, &opts, control).await?;
-        eprintln!("breakfs node: mounted {} at {}", req.image, abs.display());
+    }
+
+    fn insert(&self, abs: PathBuf, m: Mounted, layers: Vec<(Digest, bool)>, held: bool) {
         self.mounts.mounts.lock().insert(
             abs,
             NodeMount {
-                m: mounted,
+                m,
                 layers,
                 reads_seen: AtomicU64::new(0),
+                held,
             },
         );
-        Ok(rec)
+    }
+
+    /// Serve the mounts the holder kept for this daemon (from a daemon
+    /// process that stopped or died), each in the background: open its
+    /// tree again, have the kernel resend what the dead process left
+    /// unanswered, and serve on. Readers wait meanwhile (their requests
+    /// queue in the kernel). A mount that cannot be opened again within
+    /// `give_up` is unmounted, as the holder would without a daemon.
+    pub(crate) fn resume_held(
+        self: &std::sync::Arc<Self>,
+        held: Vec<HeldConnection>,
+        give_up: Duration,
+        stop: CancellationToken,
+    ) {
+        for (abs, meta, fd) in held {
+            let svc = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = svc.resume_one(abs, meta, fd, give_up) => {}
+                }
+            });
+        }
+    }
+
+    async fn resume_one(
+        &self,
+        abs: PathBuf,
+        meta: serde_json::Value,
+        fd: OwnedFd,
+        give_up: Duration,
+    ) {
+        let held: HeldMount = match serde_json::from_value(meta) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(
+                    "the holder's record of {} is unreadable: {e}",
+                    abs.display()
+                );
+                return self.abandon(&abs);
+            }
+        };
+        let began = std::time::Instant::now();
+        let opened = loop {
+            match held.source.open(self).await {
+                Ok(o) => break o,
+                Err(e) if began.elapsed() < give_up => {
+                    tracing::warn!(
+                        "opening {} again to serve {}: {e}; retrying",
+                        held.source.name(),
+                        abs.display(),
+                        e = breakfs_index::Causes(&e)
+                    );
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "giving up the mount at {}: {} cannot be opened again: {e}",
+                        abs.display(),
+                        held.source.name(),
+                        e = breakfs_index::Causes(&e)
+                    );
+                    return self.abandon(&abs);
+                }
+            }
+        };
+        let layers = layers_of(&opened);
+        let opts = MountOptions {
+            hydrate: held.hydrate,
+            threads: held.threads,
+            dependency_prefetch: held.dependency_prefetch,
+        };
+        let conn = FuseConnection {
+            fd,
+            no_open: held.no_open,
+        };
+        let mut mounted = match breakfs_fs::resume(opened, conn, &abs, &opts) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(
+                    "serving the held mount at {}: {e}",
+                    abs.display(),
+                    e = breakfs_index::Causes(&e)
+                );
+                return self.abandon(&abs);
+            }
+        };
+        mounted.info.image = held.source.name().to_string();
+        mounted.info.started = held.started;
+        self.pin_live(&layers);
+        let mut rec = mounted.status();
+        rec.node = Some(self.mounts.control.clone());
+        if let Err(e) = breakfs_fs::write_status(&rec) {
+            tracing::warn!(
+                "writing the status record: {e}",
+                e = breakfs_index::Causes(&e)
+            );
+        }
+        eprintln!(
+            "breakfs node: serving {} at {} again",
+            held.source.name(),
+            abs.display()
+        );
+        self.insert(abs, mounted, layers, true);
+    }
+
+    /// A held mount no daemon can serve: unmount it (lazily) and let the
+    /// holder drop it, so that its readers fail rather than wait forever.
+    fn abandon(&self, abs: &Path) {
+        let _ = nix::mount::umount2(abs, nix::mount::MntFlags::MNT_DETACH);
+        breakfs_fs::remove_status(abs);
+        if let Some(h) = self.mounts.holder.get() {
+            let _ = h.release(abs);
+        }
     }
 
     /// Unmount the mount at `mountpoint`; a busy one stays served.
@@ -144,6 +394,13 @@ impl NodeService {
         if let Err(e) = unmount_path(&abs) {
             self.mounts.mounts.lock().insert(abs.clone(), m);
             return Err(e);
+        }
+        if m.held
+            && let Some(h) = self.mounts.holder.get()
+            && let Err(e) = h.release(&abs)
+        {
+            // It ends the connection's hold by itself: the kernel ends it.
+            tracing::warn!("{e}", e = breakfs_index::Causes(&e));
         }
         // The mount no longer pins its layers (it still holds them while an
         // overlay keeps it, but it reads from the store then only).
@@ -165,10 +422,15 @@ impl NodeService {
     }
 
     /// Unmount every mount as the daemon stops: a busy one is detached, so
-    /// that the path is free for a restart.
+    /// that the path is free for a restart. A mount the holder keeps stays:
+    /// the next daemon serves it on (its status record too).
     pub(crate) fn unmount_all(&self) {
         let all = std::mem::take(&mut *self.mounts.mounts.lock());
         for (abs, m) in all {
+            if m.held {
+                m.m.leave();
+                continue;
+            }
             breakfs_fs::remove_status(&abs);
             if unmount_path(&abs).is_err() {
                 let _ = nix::mount::umount2(&abs, nix::mount::MntFlags::MNT_DETACH);
@@ -208,4 +470,15 @@ impl NodeService {
             }
         }
     }
+}
+
+/// The layers of `opened`, and whether each was indexed whole.
+fn layers_of(opened: &OpenedImage) -> Vec<(Digest, bool)> {
+    opened
+        .image
+        .layers()
+        .iter()
+        .zip(&opened.layers)
+        .map(|(d, m)| (d.digest.clone(), *m == breakfs_fs::LayerMode::Whole))
+        .collect()
 }
