@@ -20,10 +20,10 @@ use crate::support::images::{Layer, T, tar_of, write_image};
 use crate::support::registry::TestRegistry;
 
 /// The proxy plugin's name in containerd's config.
-const PLUGIN: &str = "breakfs";
+pub(crate) const PLUGIN: &str = "breakfs";
 
 /// A node daemon serving the snapshots API on `dir/snap.sock`.
-fn snapshotter_node(dir: &Path) -> Node {
+pub(crate) fn snapshotter_node(dir: &Path) -> Node {
     let sock = dir.join("snap.sock");
     Node::start(
         &dir.join("node"),
@@ -33,7 +33,7 @@ fn snapshotter_node(dir: &Path) -> Node {
 }
 
 /// A private containerd that pulls and runs with the node's snapshotter.
-fn containerd_with(sock: &Path) -> TestContainerd {
+pub(crate) fn containerd_with(sock: &Path) -> TestContainerd {
     TestContainerd::start_with(ContainerdOptions {
         snapshotter: Some(PLUGIN.into()),
         extra_config: format!(
@@ -46,7 +46,7 @@ fn containerd_with(sock: &Path) -> TestContainerd {
 }
 
 /// The snapshots the daemon holds, by key, with their kinds.
-fn listed(sock: &Path) -> Vec<(String, i32)> {
+pub(crate) fn listed(sock: &Path) -> Vec<(String, i32)> {
     runtime().block_on(async {
         let mut c = breakfs_node::snapshots_client(sock).await.unwrap();
         let mut stream = c
@@ -62,7 +62,7 @@ fn listed(sock: &Path) -> Vec<(String, i32)> {
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,7 +70,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Poll `cond` every 50 ms until it holds; fail after `limit` with `what`.
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < until, "timed out waiting until {what}");
@@ -80,7 +80,7 @@ fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Run `args` in a container of `reference`; its stdout, or fail with
 /// both daemons' logs.
-fn run(ctrd: &TestContainerd, node: &Node, reference: &str, args: &[&str]) -> String {
+pub(crate) fn run(ctrd: &TestContainerd, node: &Node, reference: &str, args: &[&str]) -> String {
     let out = ctrd.run(reference, args).unwrap_or_else(|e| {
         panic!(
             "{e:#}\ncontainerd log:\n{}\nnode log:\n{}",
@@ -233,7 +233,7 @@ fn containerd_pulls_and_runs_a_plain_image_through_the_snapshotter() {
 }
 
 /// Fail unless `r` was refused with `code` and a message saying `says`.
-fn refused(r: Result<(), tonic::Status>, code: tonic::Code, says: &str) {
+pub(crate) fn refused(r: Result<(), tonic::Status>, code: tonic::Code, says: &str) {
     let st = r.expect_err("a refusal");
     assert_eq!(st.code(), code, "{st:?}");
     assert!(

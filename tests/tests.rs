@@ -19,6 +19,7 @@ mod relay;
 mod sched;
 mod security;
 mod snapshotter;
+mod snapshotter_lazy;
 mod support;
 mod systemd;
 mod testbed;

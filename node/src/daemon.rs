@@ -67,16 +67,16 @@ impl Node {
             };
             format!("http://{host}:{}", local.port())
         });
+        let control_url = format!("unix:{}", control.path.display());
+        let (svc, budget, links) =
+            crate::chain::build(&config, &url, control_url, &shutdown).await?;
         let snapshotter = match &config.snapshotter_socket {
             Some(path) => Some((
-                Snapshotter::open(&config.cache.join("snapshotter"))?,
+                Snapshotter::open(&config.cache.join("snapshotter"), svc.clone())?,
                 ControlSocket::bind(path)?,
             )),
             None => None,
         };
-        let control_url = format!("unix:{}", control.path.display());
-        let (svc, budget, links) =
-            crate::chain::build(&config, &url, control_url, &shutdown).await?;
         if let Some(b) = budget {
             spawn_budget_saver(b, svc.store.clone(), shutdown.clone());
         }

@@ -41,6 +41,11 @@ impl MountTable {
         }
     }
 
+    /// Whether the daemon serves a mount at `abs` (canonical).
+    pub(crate) fn serves(&self, abs: &Path) -> bool {
+        self.mounts.lock().contains_key(abs)
+    }
+
     /// The status records of all mounts.
     pub(crate) fn list(&self) -> Vec<StatusRecord> {
         self.mounts
@@ -105,6 +110,20 @@ impl NodeService {
             threads: req.threads.unwrap_or(4),
             dependency_prefetch: req.dependency_prefetch,
         };
+        self.serve_opened(opened, abs, &opts, &req.image).await
+    }
+
+    /// Serve `opened` (the image `image`) at the checked, absolute `abs`
+    /// as one of the daemon's mounts: its layers pinned live in the
+    /// budget, its status record written each second, unmounted with the
+    /// others (the control API's mounts and the snapshotter's lazy layers).
+    pub(crate) async fn serve_opened(
+        &self,
+        opened: breakfs_fs::OpenedImage,
+        abs: PathBuf,
+        opts: &MountOptions,
+        image: &str,
+    ) -> Result<StatusRecord> {
         let layers: Vec<(Digest, bool)> = opened
             .image
             .layers()
@@ -117,8 +136,16 @@ impl NodeService {
             b.live(layers.iter().map(|(d, w)| (d, *w)), 1);
         }
         let control = Some(self.mounts.control.clone());
-        let (mounted, rec) = mount_and_probe(opened, &abs, &opts, control).await?;
-        eprintln!("breakfs node: mounted {} at {}", req.image, abs.display());
+        let (mounted, rec) = match mount_and_probe(opened, &abs, opts, control).await {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(b) = self.store.budget() {
+                    b.live(layers.iter().map(|(d, w)| (d, *w)), -1);
+                }
+                return Err(e);
+            }
+        };
+        eprintln!("breakfs node: mounted {image} at {}", abs.display());
         self.mounts.mounts.lock().insert(
             abs,
             NodeMount {
