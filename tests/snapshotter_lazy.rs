@@ -265,7 +265,10 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
     lab.rpull(&v1_ref);
     let pulled = lab.layer_requests(&v1_layers);
     let rpull_down = lab.proxy.bytes_down();
-    assert!(whole(&pulled).is_empty(), "whole layer GETs at rpull: {pulled:?}");
+    assert!(
+        whole(&pulled).is_empty(),
+        "whole layer GETs at rpull: {pulled:?}"
+    );
     assert!(!pulled.is_empty(), "no TOC was read");
     assert_eq!(lab.lazy_lines(), v1_layers.len(), "{}", lab.node.log_text());
     assert!(lab.layer_mounts().is_empty(), "rpull mounted layers");
@@ -276,7 +279,12 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
     assert_eq!(committed, v1_layers.len());
 
     lab.proxy.reset();
-    let out = run(&lab.ctrd, &lab.node, &v1_ref, &["redis-server", "--version"]);
+    let out = run(
+        &lab.ctrd,
+        &lab.node,
+        &v1_ref,
+        &["redis-server", "--version"],
+    );
     assert!(out.contains("Redis server v="), "{out}");
     let ran = lab.layer_requests(&v1_layers);
     let total: u64 = v1.layers.iter().map(|l| l.size).sum();
@@ -287,8 +295,9 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
         "the run fetched {read} of {total} layer bytes"
     );
     eprintln!(
-        "rpull of {v1_ref}: {} layer requests (all ranges), {} bytes asked, {rpull_down} bytes down \
+        "rpull of {v1_ref} ({} layers): {} layer requests (all ranges), {} bytes asked, {rpull_down} bytes down \
          in all; run: {} range requests, {read} of {total} bytes",
+        v1_layers.len(),
         pulled.len(),
         range_bytes(&pulled),
         ran.len()
@@ -297,7 +306,11 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
     assert_eq!(mounts_v1.len(), v1_layers.len(), "{mounts_v1:?}");
 
     let expected = umoci_tree(&v1, &lab.work.path().join("umoci-v1"));
-    assert_same(&expected, &lab.rootfs(v1_repo, "root-v1"), "rpull of refactored v1");
+    assert_same(
+        &expected,
+        &lab.rootfs(v1_repo, "root-v1"),
+        "rpull of refactored v1",
+    );
 
     // The second image: its shared layers are neither asked for nor
     // mounted again.
@@ -306,9 +319,17 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
     lab.proxy.reset();
     lab.rpull(&point_ref);
     let asked = lab.layer_requests(&shared);
-    assert!(asked.is_empty(), "shared layers asked again at rpull: {asked:?}");
+    assert!(
+        asked.is_empty(),
+        "shared layers asked again at rpull: {asked:?}"
+    );
     assert!(whole(&lab.layer_requests(&point_layers)).is_empty());
-    let out = run(&lab.ctrd, &lab.node, &point_ref, &["redis-server", "--version"]);
+    let out = run(
+        &lab.ctrd,
+        &lab.node,
+        &point_ref,
+        &["redis-server", "--version"],
+    );
     assert!(out.contains("Redis server v="), "{out}");
     let mounts_both = lab.layer_mounts();
     let new: Vec<_> = mounts_both.difference(&mounts_v1).collect();
@@ -320,7 +341,10 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
         if let Some(r) = r
             && l.contains("/blobs/")
         {
-            assert!(seen.insert((l.clone(), r.clone())), "fetched twice: {l} {r}");
+            assert!(
+                seen.insert((l.clone(), r.clone())),
+                "fetched twice: {l} {r}"
+            );
         }
     }
 
@@ -358,7 +382,10 @@ fn plain_and_estargz_images_pull_and_run_and_estargz_rpulls_lazily() {
 
     let esgz = lab.name("esgz/redis:v1");
     lab.ctr_remote(&["image", "convert", "--estargz", "--oci", &plain, &esgz]);
-    ok(lab.ctrd.ctr().args(["image", "push", "--plain-http", &esgz]));
+    ok(lab
+        .ctrd
+        .ctr()
+        .args(["image", "push", "--plain-http", &esgz]));
     lab.remove(&esgz);
     lab.pull(&esgz);
     let out = run(&lab.ctrd, &lab.node, &esgz, &["redis-server", "--version"]);
@@ -374,7 +401,10 @@ fn plain_and_estargz_images_pull_and_run_and_estargz_rpulls_lazily() {
     lab.proxy.reset();
     lab.rpull(&esgz);
     let pulled = lab.layer_requests(&layers);
-    assert!(whole(&pulled).is_empty(), "whole layer GETs at rpull: {pulled:?}");
+    assert!(
+        whole(&pulled).is_empty(),
+        "whole layer GETs at rpull: {pulled:?}"
+    );
     assert_eq!(lab.lazy_lines(), layers.len(), "{}", lab.node.log_text());
     let out = run(&lab.ctrd, &lab.node, &esgz, &["redis-server", "--version"]);
     assert!(out.contains("Redis server v="), "{out}");

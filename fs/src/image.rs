@@ -126,10 +126,13 @@ pub async fn open_layer(
             reason: "the image's manifest does not list it".into(),
         });
     };
-    let toc = fetcher.layer_toc(&desc).await.map_err(|e| Error::BadImage {
-        what: what.clone(),
-        reason: breakfs_index::Causes(&e).to_string(),
-    })?;
+    let toc = fetcher
+        .layer_toc(&desc)
+        .await
+        .map_err(|e| Error::BadImage {
+            what: what.clone(),
+            reason: breakfs_index::Causes(&e).to_string(),
+        })?;
     let Some(toc) = toc else {
         return Ok(None);
     };

@@ -559,7 +559,13 @@ mod tests {
         let names: Vec<&str> = etc_n.children.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["gone", "new"]);
         let lib = t.resolve(ROOT, "/var/lib").unwrap();
-        assert!(t.node(lib).unwrap().entry.xattrs.contains_key(OVERLAY_OPAQUE));
+        assert!(
+            t.node(lib)
+                .unwrap()
+                .entry
+                .xattrs
+                .contains_key(OVERLAY_OPAQUE)
+        );
         assert!(Tree::build_overlay_layer(vec![file(".wh..wh..opq", b"")]).is_err());
         assert!(Tree::build_overlay_layer(vec![file("a/.wh.", b"")]).is_err());
     }

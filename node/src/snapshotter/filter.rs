@@ -73,8 +73,9 @@ impl Filter {
                 [f] if f == "name" => Some(key),
                 // No parent is the empty one: containerd's metadata store
                 // looks for a remote layer's target with `parent==""`.
-                [f] if f == "parent" => Some(s.parent.as_str())
-                    .filter(|p| !p.is_empty() || c.test != Test::Present),
+                [f] if f == "parent" => {
+                    Some(s.parent.as_str()).filter(|p| !p.is_empty() || c.test != Test::Present)
+                }
                 [f] if f == "kind" => Some(s.kind.name()),
                 [f, k] if f == "labels" => s.labels.get(k).map(String::as_str),
                 _ => None,
@@ -249,7 +250,11 @@ mod tests {
         let root = snap(Kind::Active, "", &[]);
         assert!(!Filter::parse("parent").expect("parses").matches("r", &root));
         let target = r#"labels."containerd.io/snapshot.ref"==sha256:c,parent=="""#;
-        let mut remote = snap(Kind::Committed, "", &[("containerd.io/snapshot.ref", "sha256:c")]);
+        let mut remote = snap(
+            Kind::Committed,
+            "",
+            &[("containerd.io/snapshot.ref", "sha256:c")],
+        );
         assert!(Filter::parse(target).expect("parses").matches("t", &remote));
         remote.parent = "base".into();
         assert!(!Filter::parse(target).expect("parses").matches("t", &remote));

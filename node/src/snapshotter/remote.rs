@@ -150,7 +150,8 @@ impl Remotes {
             return Ok(image.clone());
         }
         let s = &self.svc;
-        let image = breakfs_fetch::resolve_image(reference, &s.client, &s.fetcher, &s.cloud).await?;
+        let image =
+            breakfs_fetch::resolve_image(reference, &s.client, &s.fetcher, &s.cloud).await?;
         let mut images = self.images.lock();
         images.retain(|_, (at, _)| at.elapsed() < IMAGE_TTL);
         images.insert(key, (Instant::now(), image.clone()));
@@ -172,7 +173,11 @@ impl Remotes {
             }
         };
         if !image.layers().iter().any(|d| d.digest == ask.layer) {
-            let listed: Vec<String> = image.layers().iter().map(|d| d.digest.to_string()).collect();
+            let listed: Vec<String> = image
+                .layers()
+                .iter()
+                .map(|d| d.digest.to_string())
+                .collect();
             return Err(fault(
                 Fault::InvalidArgument,
                 format!(
@@ -328,8 +333,14 @@ mod tests {
         };
         let (i, d) = FAMILIES[1];
         refused(&[(TARGET, "t"), (i, "reg/app:v1")], d);
-        refused(&[(TARGET, "t"), (i, "reg/app:v1"), (d, "sha256:zz")], "not a digest");
-        refused(&[(TARGET, "t"), (i, "no-repo"), (d, D)], "not an image reference");
+        refused(
+            &[(TARGET, "t"), (i, "reg/app:v1"), (d, "sha256:zz")],
+            "not a digest",
+        );
+        refused(
+            &[(TARGET, "t"), (i, "no-repo"), (d, D)],
+            "not an image reference",
+        );
         refused(&[(i, "reg/app:v1"), (d, D)], TARGET);
     }
 }

@@ -639,7 +639,8 @@ mod tests {
         );
         s.prepare(Kind::Active, "b0-extract", "", labels(&[]))
             .expect("an ordinary base");
-        s.commit("b0", "b0-extract", labels(&[])).expect("committed");
+        s.commit("b0", "b0-extract", labels(&[]))
+            .expect("committed");
         s.commit_remote("b1", "b0", labels(&[]), remote("docker://r/b@y"))
             .expect("the same layer over another base");
         let c = s
@@ -658,7 +659,10 @@ mod tests {
 
         drop(s);
         let s = Snapshots::open(dir.path()).expect("reopened");
-        assert_eq!(s.stat("b1").expect("b1").remote, Some(remote("docker://r/b@y")));
+        assert_eq!(
+            s.stat("b1").expect("b1").remote,
+            Some(remote("docker://r/b@y"))
+        );
         s.remove("ctr").expect("the container goes");
         let gone = s.remove("b1").expect("b1 goes");
         assert_eq!(gone.remote, Some(remote("docker://r/b@y")));
