@@ -232,14 +232,13 @@ impl Remotes {
                 continue;
             }
             detach_dead(&abs);
-            self.mount(r, abs).await.map_err(|e| {
+            self.mount(r, abs).await.inspect_err(|e| {
                 tracing::warn!(
                     "mounting layer {} of {} failed: {}",
                     r.layer,
                     r.image,
-                    Causes(&e)
+                    Causes(e)
                 );
-                e
             })?;
         }
         Ok(())
