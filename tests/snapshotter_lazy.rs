@@ -143,8 +143,8 @@ impl Lab {
     }
 
     /// The rootfs of the pulled `repo_tag` as containerd sees it: a view
-    /// of its top snapshot (`ctr snapshot view`), mounted with the mount
-    /// command `ctr snapshot mounts` prints.
+    /// of its top snapshot, mounted with the command `ctr snapshot view
+    /// --target` prints.
     fn rootfs(&self, repo_tag: &str, name: &str) -> BTreeMap<String, tree::Node> {
         let config = ok(Command::new("skopeo").args([
             "inspect",
@@ -168,21 +168,27 @@ impl Lab {
         let snap = |args: &[&str]| {
             let mut c = self.ctrd.ctr();
             c.args(["snapshot", "--snapshotter", PLUGIN]).args(args);
-            let out = c.output().unwrap();
-            if !out.status.success() {
-                self.fail(&format!(
-                    "ctr snapshot {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            c.output().unwrap()
         };
-        snap(&["view", name, &top]);
-        let mount = snap(&["mounts", &target.to_string_lossy(), name]);
+        let t = target.to_string_lossy();
+        let view = snap(&["view", "--target", &t, name, &top]);
+        if !view.status.success() {
+            self.fail(&format!(
+                "ctr snapshot view of {top}: {}",
+                String::from_utf8_lossy(&view.stderr)
+            ));
+        }
+        let mount = String::from_utf8_lossy(&view.stdout).into_owned();
         ok(Command::new("sh").arg("-c").arg(mount.trim()));
         let got = tree::snapshot(&target);
         ok(Command::new("umount").arg(&target));
-        snap(&["rm", name]);
+        // ctr's lease ends with the command: containerd's GC may have
+        // taken the view already.
+        let rm = snap(&["rm", name]);
+        assert!(
+            rm.status.success() || String::from_utf8_lossy(&rm.stderr).contains("not found"),
+            "{rm:?}"
+        );
         got.unwrap()
     }
 

@@ -129,7 +129,12 @@ pub(crate) struct Remotes {
     images: Mutex<HashMap<String, (Instant, Image)>>,
     /// Mounts and unmounts, one at a time.
     mounting: tokio::sync::Mutex<()>,
+    /// TOC fetches under way, by layer (see [`Remotes::warm`]).
+    tocs: Mutex<HashMap<Digest, TocFetch>>,
 }
+
+/// A TOC fetch that any number of prepares can wait for.
+type TocFetch = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
 impl Remotes {
     /// Remote layers fetched and served through `svc`.
@@ -138,6 +143,7 @@ impl Remotes {
             svc,
             images: Mutex::new(HashMap::new()),
             mounting: tokio::sync::Mutex::new(()),
+            tocs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -158,10 +164,33 @@ impl Remotes {
         Ok(image)
     }
 
+    /// Start fetching the TOCs of all of `image`'s layers at once (each
+    /// once; kept in the store): containerd prepares an image's layers
+    /// one after the other, and one round trip each would add up.
+    fn warm(&self, image: &Image) {
+        use futures::FutureExt as _;
+        let mut tocs = self.tocs.lock();
+        tocs.retain(|_, f| f.peek().is_none());
+        for desc in image.layers() {
+            if tocs.contains_key(&desc.digest) {
+                continue;
+            }
+            let (fetcher, d) = (self.svc.fetcher.clone(), desc.clone());
+            let fetch = async move {
+                // Failures show when the layer's own prepare reads it.
+                let _ = fetcher.layer_toc(&d).await;
+            }
+            .boxed()
+            .shared();
+            tokio::spawn(fetch.clone());
+            tocs.insert(desc.digest.clone(), fetch);
+        }
+    }
+
     /// Whether the layer `ask` names can be served lazily: the image
-    /// resolves and the layer has a TOC that reads (fetched now, a range
-    /// request, and kept). A layer the manifest does not list is
-    /// InvalidArgument.
+    /// resolves and the layer has a TOC that reads (fetched with the
+    /// image's other TOCs, range requests, and kept). A layer the manifest
+    /// does not list is InvalidArgument.
     pub(crate) async fn check(&self, ask: &Ask) -> Result<Outcome> {
         let image = match self.resolve(&ask.reference).await {
             Ok(image) => image,
@@ -197,6 +226,11 @@ impl Remotes {
             },
             other => other.clone(),
         };
+        self.warm(&image);
+        let fetching = self.tocs.lock().get(&ask.layer).cloned();
+        if let Some(f) = fetching {
+            f.await;
+        }
         match breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await {
             Ok(Some(_)) => Ok(Outcome::Lazy(Remote {
                 image: pinned.to_string(),
@@ -221,6 +255,7 @@ impl Remotes {
             return Ok(());
         }
         let _one = self.mounting.lock().await;
+        let mut missing = Vec::new();
         for r in remotes {
             let dir = dir_of(&r.layer);
             std::fs::create_dir_all(&dir)
@@ -228,10 +263,14 @@ impl Remotes {
             let abs = dir
                 .canonicalize()
                 .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
-            if self.svc.mounts.serves(&abs) {
-                continue;
+            if !self.svc.mounts.serves(&abs) && !missing.iter().any(|(_, a)| a == &abs) {
+                detach_dead(&abs);
+                missing.push((r, abs));
             }
-            detach_dead(&abs);
+        }
+        // An image's layers are mounted side by side: each waits on its
+        // TOC (in the store since the pull) and a FUSE handshake.
+        let mounts = missing.into_iter().map(|(r, abs)| async move {
             self.mount(r, abs).await.inspect_err(|e| {
                 tracing::warn!(
                     "mounting layer {} of {} failed: {}",
@@ -239,8 +278,9 @@ impl Remotes {
                     r.image,
                     Causes(e)
                 );
-            })?;
-        }
+            })
+        });
+        futures::future::try_join_all(mounts).await?;
         Ok(())
     }
 
