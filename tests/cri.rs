@@ -31,11 +31,10 @@ use crate::support::registry::TestRegistry;
 
 /// Whether the pod image's layers (refactored: each has a TOC) are
 /// committed as remote (lazy) snapshots when the CRI plugin pulls them
-/// with its `containerd.io/snapshot/cri.*` labels. `false` while every
-/// layer takes the ordinary path (containerd downloads and unpacks it);
-/// once lazy layers land (issue 19, item 2) this becomes `true` and the
-/// same test proves the Kubernetes path is lazy.
-const POD_IMAGE_LAYERS_LAZY: bool = false;
+/// with its `containerd.io/snapshot/cri.*` labels: they are, so
+/// containerd downloads none of them (`false` would expect the ordinary
+/// path, where containerd downloads and unpacks each layer).
+const POD_IMAGE_LAYERS_LAZY: bool = true;
 
 /// The CRI labels containerd's CRI plugin puts on a layer's Prepare when
 /// `disable_snapshot_annotations = false`.

@@ -34,7 +34,7 @@ pub(crate) fn snapshotter_node(dir: &Path) -> Node {
 }
 
 /// A private containerd that pulls and runs with the node's snapshotter.
-fn containerd_with(sock: &Path) -> TestContainerd {
+pub(crate) fn containerd_with(sock: &Path) -> TestContainerd {
     TestContainerd::start_with(ContainerdOptions {
         snapshotter: Some(PLUGIN.into()),
         extra_config: format!(
@@ -47,7 +47,7 @@ fn containerd_with(sock: &Path) -> TestContainerd {
 }
 
 /// The snapshots the daemon holds, by key, with their kinds.
-fn listed(sock: &Path) -> Vec<(String, i32)> {
+pub(crate) fn listed(sock: &Path) -> Vec<(String, i32)> {
     records(sock)
         .into_values()
         .map(|i| (i.name, i.kind))
@@ -89,7 +89,7 @@ pub(crate) fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bo
 
 /// Run `args` in a container of `reference`; its stdout, or fail with
 /// both daemons' logs.
-fn run(ctrd: &TestContainerd, node: &Node, reference: &str, args: &[&str]) -> String {
+pub(crate) fn run(ctrd: &TestContainerd, node: &Node, reference: &str, args: &[&str]) -> String {
     let out = ctrd.run(reference, args).unwrap_or_else(|e| {
         panic!(
             "{e:#}\ncontainerd log:\n{}\nnode log:\n{}",
@@ -242,7 +242,7 @@ fn containerd_pulls_and_runs_a_plain_image_through_the_snapshotter() {
 }
 
 /// Fail unless `r` was refused with `code` and a message saying `says`.
-fn refused(r: Result<(), tonic::Status>, code: tonic::Code, says: &str) {
+pub(crate) fn refused(r: Result<(), tonic::Status>, code: tonic::Code, says: &str) {
     let st = r.expect_err("a refusal");
     assert_eq!(st.code(), code, "{st:?}");
     assert!(

@@ -22,6 +22,7 @@ mod restart;
 mod sched;
 mod security;
 mod snapshotter;
+mod snapshotter_lazy;
 mod support;
 mod systemd;
 mod testbed;

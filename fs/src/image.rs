@@ -108,6 +108,62 @@ pub async fn open_image_on(
     })
 }
 
+/// One layer of the resolved `image`, alone and in overlayfs' own form
+/// ([`Tree::build_overlay_layer`]), to be a lower dir of an overlay (the
+/// containerd snapshotter's lazy layers); `None` when the layer has no TOC
+/// (it cannot be served lazily). Only its TOC is fetched (a range request,
+/// or the store's copy). The opened image's manifest lists this layer
+/// only, so that a mount of it hydrates and pins this layer alone.
+pub async fn open_layer(
+    mut image: Image,
+    layer: &Digest,
+    fetcher: &Fetcher,
+) -> Result<Option<OpenedImage>> {
+    let what = format!("layer {layer} of {}", image.reference);
+    let Some(desc) = image.layers().iter().find(|d| &d.digest == layer).cloned() else {
+        return Err(Error::BadImage {
+            what,
+            reason: "the image's manifest does not list it".into(),
+        });
+    };
+    let toc = fetcher
+        .layer_toc(&desc)
+        .await
+        .map_err(|e| Error::BadImage {
+            what: what.clone(),
+            reason: breakfs_index::Causes(&e).to_string(),
+        })?;
+    let Some(toc) = toc else {
+        return Ok(None);
+    };
+    let files = lazy_files(toc, &desc).map_err(|reason| Error::BadImage {
+        what: what.clone(),
+        reason: format!("its TOC cannot be read lazily: {reason}"),
+    })?;
+    let tree = tokio::task::spawn_blocking(move || Tree::build_overlay_layer(files))
+        .await
+        .map_err(|e| Error::BadImage {
+            what: what.clone(),
+            reason: format!("building the tree failed: {e}"),
+        })?
+        .map_err(|e| Error::BadImage {
+            what,
+            reason: breakfs_index::Causes(&e).to_string(),
+        })?;
+    let pin = fetcher
+        .store()
+        .budget()
+        .map(|b| b.pin([desc.digest.clone()]));
+    image.manifest.layers = vec![desc];
+    Ok(Some(OpenedImage {
+        image,
+        tree: Arc::new(tree),
+        fetcher: fetcher.clone(),
+        layers: vec![LayerMode::Lazy],
+        pin,
+    }))
+}
+
 async fn load_layer(
     fetcher: &Fetcher,
     desc: &Descriptor,

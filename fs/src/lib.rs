@@ -2,8 +2,9 @@
 //!
 //! [`open_image`] resolves an image and builds its [`Tree`] from metadata
 //! alone (eStargz TOCs; layers without a TOC are fetched whole and indexed
-//! once); [`mount`] serves the tree over FUSE, content from the content
-//! store, missing chunks fetched on demand ahead of background hydration
+//! once), [`open_layer`] one eStargz layer alone, in overlayfs' own form;
+//! [`mount`] serves the tree over FUSE, content from the content store,
+//! missing chunks fetched on demand ahead of background hydration
 //! ([`mount_resumable`] and [`resume`]: a mount served by one process after
 //! another);
 //! [`extract`] writes the same tree to a plain directory, files in parallel
@@ -22,11 +23,11 @@ pub use deps::{ElfDependencies, elf_dependencies};
 pub use error::{Error, Result};
 pub use extract::{ExtractStats, extract, extract_reporting};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
-pub use image::{LayerMode, OpenedImage, open_image, open_image_on};
+pub use image::{LayerMode, OpenedImage, open_image, open_image_on, open_layer};
 pub use inspect::inspect;
 pub use mount::{
     FuseConnection, Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint,
     is_breakfs_type, is_mountpoint, mount, mount_resumable, mount_type, read_status, remove_status,
     resume, status_dir, status_path, write_status,
 };
-pub use tree::{FileChunk, LayerFile, Node, ROOT, Tree};
+pub use tree::{FileChunk, LayerFile, Node, OVERLAY_OPAQUE, ROOT, Tree};

@@ -266,6 +266,16 @@ impl Tree {
         Ok(tree)
     }
 
+    /// One layer alone in overlayfs' own form, to be one lower dir of an
+    /// overlay (the layers' rules are then overlayfs' to apply):
+    /// `DIR/.wh.NAME` becomes a character device 0/0 at `DIR/NAME` (a
+    /// whiteout), `DIR/.wh..wh..opq` the xattr [`OVERLAY_OPAQUE`] = `y` on
+    /// `DIR` (an opaque directory). `trusted.overlay.*` xattrs the layer
+    /// carries itself are dropped: they would steer overlayfs.
+    pub fn build_overlay_layer(files: Vec<LayerFile>) -> Result<Tree> {
+        Tree::build(vec![overlay_form(files)?])
+    }
+
     fn push(&mut self, entry: Entry, parent: u64, chunks: Vec<FileChunk>) -> u64 {
         let nlink = if entry.kind == EntryKind::Dir { 2 } else { 1 };
         self.nodes.push(Node {
@@ -385,6 +395,74 @@ impl Tree {
     }
 }
 
+/// The xattr that makes a directory of a lower layer opaque to overlayfs.
+pub const OVERLAY_OPAQUE: &str = "trusted.overlay.opaque";
+
+/// `files` (one layer) with OCI whiteouts turned into overlayfs' form
+/// ([`Tree::build_overlay_layer`]).
+fn overlay_form(files: Vec<LayerFile>) -> Result<Vec<LayerFile>> {
+    let bad = |path: &str, reason: &str| crate::Error::BadImage {
+        what: format!("layer entry {path:?}"),
+        reason: reason.to_string(),
+    };
+    let mut out = Vec::with_capacity(files.len());
+    let mut opaque = std::collections::BTreeSet::new();
+    for (mut e, chunks) in files {
+        e.xattrs.retain(|k, _| !k.starts_with("trusted.overlay."));
+        let (dir, name) = match e.path.rsplit_once('/') {
+            Some((d, n)) => (d.to_string(), n.to_string()),
+            None => (String::new(), e.path.clone()),
+        };
+        if name == ".wh..wh..opq" {
+            if dir.is_empty() {
+                return Err(bad(
+                    &e.path,
+                    "an opaque root directory: overlayfs cannot take it from a lower layer",
+                ));
+            }
+            opaque.insert(dir);
+            continue;
+        }
+        if name.starts_with(".wh..wh.") {
+            // aufs bookkeeping (.wh..wh.plnk): no meaning to overlayfs.
+            continue;
+        }
+        if let Some(target) = name.strip_prefix(".wh.") {
+            if target.is_empty() || target == "." || target == ".." {
+                return Err(bad(&e.path, "a whiteout of an invalid name"));
+            }
+            let path = if dir.is_empty() {
+                target.to_string()
+            } else {
+                format!("{dir}/{target}")
+            };
+            let mut w = Entry::new(path, EntryKind::CharDev);
+            w.mtime = e.mtime;
+            out.push((w, Vec::new()));
+            continue;
+        }
+        out.push((e, chunks));
+    }
+    for dir in opaque {
+        let y = b"y".to_vec();
+        match out
+            .iter_mut()
+            .find(|(e, _)| e.path == dir && e.kind == EntryKind::Dir)
+        {
+            Some((e, _)) => {
+                e.xattrs.insert(OVERLAY_OPAQUE.to_string(), y);
+            }
+            None => {
+                let mut e = Entry::new(dir, EntryKind::Dir);
+                e.mode = 0o755;
+                e.xattrs.insert(OVERLAY_OPAQUE.to_string(), y);
+                out.push((e, Vec::new()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Push the components of `path` so that they pop in order.
 fn push_components(stack: &mut Vec<String>, path: &str) {
     for part in path.split('/').rev() {
@@ -445,5 +523,50 @@ mod tests {
         assert_eq!(t.resolve(bin, "../../etc/x"), t.lookup(etc, b"x"));
         assert_eq!(t.resolve(ROOT, "/usr/nothing"), None);
         assert_eq!(t.file_bytes(), 3 + 3 + 1);
+    }
+
+    /// A layer alone in overlayfs' form: whiteouts are character devices
+    /// 0/0, an opaque marker is the xattr on its directory (made up when
+    /// the layer has no entry for it), the layer's own overlay xattrs go.
+    #[test]
+    fn a_layer_in_overlay_form_carries_whiteouts_as_overlayfs_does() {
+        let mut steer = dir("etc");
+        steer
+            .0
+            .xattrs
+            .insert("trusted.overlay.redirect".into(), b"/x".to_vec());
+        steer.0.xattrs.insert("user.kept".into(), b"1".to_vec());
+        let layer = vec![
+            steer,
+            file("etc/.wh.gone", b""),
+            file("etc/.wh..wh..opq", b""),
+            file("var/lib/.wh..wh..opq", b""),
+            file("etc/.wh..wh.plnk", b""),
+            file("etc/new", b"new"),
+        ];
+        let t = Tree::build_overlay_layer(layer).unwrap();
+        let etc = t.lookup(ROOT, b"etc").unwrap();
+        let etc_n = t.node(etc).unwrap();
+        assert_eq!(
+            etc_n.entry.xattrs.get(OVERLAY_OPAQUE).map(Vec::as_slice),
+            Some(&b"y"[..])
+        );
+        assert!(!etc_n.entry.xattrs.contains_key("trusted.overlay.redirect"));
+        assert!(etc_n.entry.xattrs.contains_key("user.kept"));
+        let gone = t.node(t.lookup(etc, b"gone").unwrap()).unwrap();
+        assert_eq!(gone.entry.kind, EntryKind::CharDev);
+        assert_eq!((gone.entry.dev_major, gone.entry.dev_minor), (0, 0));
+        let names: Vec<&str> = etc_n.children.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["gone", "new"]);
+        let lib = t.resolve(ROOT, "/var/lib").unwrap();
+        assert!(
+            t.node(lib)
+                .unwrap()
+                .entry
+                .xattrs
+                .contains_key(OVERLAY_OPAQUE)
+        );
+        assert!(Tree::build_overlay_layer(vec![file(".wh..wh..opq", b"")]).is_err());
+        assert!(Tree::build_overlay_layer(vec![file("a/.wh.", b"")]).is_err());
     }
 }

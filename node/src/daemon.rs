@@ -67,6 +67,9 @@ impl Node {
             };
             format!("http://{host}:{}", local.port())
         });
+        let control_url = format!("unix:{}", control.path.display());
+        let (svc, budget, links) =
+            crate::chain::build(&config, &url, control_url, &shutdown).await?;
         let snapshotter = match &config.snapshotter_socket {
             Some(path) => {
                 // containerd's shims mount the directories the snapshots
@@ -78,13 +81,13 @@ impl Node {
                         e,
                     )
                 })?;
-                Some((Snapshotter::open(&root)?, ControlSocket::bind(path)?))
+                Some((
+                    Snapshotter::open(&root, svc.clone())?,
+                    ControlSocket::bind(path)?,
+                ))
             }
             None => None,
         };
-        let control_url = format!("unix:{}", control.path.display());
-        let (svc, budget, links) =
-            crate::chain::build(&config, &url, control_url, &shutdown).await?;
         if let Some(keep) = &config.keep_mounts {
             take_over_mounts(&svc, keep, &config.cache, &shutdown);
         }

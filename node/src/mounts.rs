@@ -7,7 +7,7 @@
 //! ([`NodeService::resume_held`]) and serves them on.
 
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -44,6 +44,8 @@ pub(crate) struct MountTable {
     control: String,
     /// The mount holder, when mounts outlive the daemon process.
     holder: OnceLock<HolderClient>,
+    /// Mounts the holder gave back that are not served again yet.
+    resuming: Mutex<BTreeSet<PathBuf>>,
 }
 
 /// What a daemon mount was made from: how a later daemon process opens the
@@ -60,6 +62,14 @@ pub(crate) enum Source {
         image: String,
         /// The manifest it resolved to.
         manifest: String,
+    },
+    /// One layer of an image alone, in overlayfs' form (a lazy lower dir
+    /// of the containerd snapshotter): the image pinned to its manifest.
+    Layer {
+        /// The image, by digest.
+        image: String,
+        /// The layer's digest.
+        layer: String,
     },
 }
 
@@ -85,13 +95,29 @@ impl Source {
                 }
                 Ok(opened)
             }
+            Source::Layer { image, layer } => {
+                let reference = ImageRef::parse(image)?;
+                let layer = Digest::parse(layer)?;
+                let resolved = breakfs_fetch::resolve_image(
+                    &reference,
+                    &svc.client,
+                    &svc.fetcher,
+                    &svc.cloud,
+                )
+                .await?;
+                breakfs_fs::open_layer(resolved, &layer, &svc.fetcher)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Control(format!("layer {layer} of {image} has no TOC any more"))
+                    })
+            }
         }
     }
 
     /// What `breakfs status` calls it.
     fn name(&self) -> &str {
         match self {
-            Source::Image { image, .. } => image,
+            Source::Image { image, .. } | Source::Layer { image, .. } => image,
         }
     }
 }
@@ -116,12 +142,19 @@ impl MountTable {
             mounts: Mutex::new(BTreeMap::new()),
             control,
             holder: OnceLock::new(),
+            resuming: Mutex::new(BTreeSet::new()),
         }
     }
 
     /// Hand every mount's connection to `holder` from now on.
     pub(crate) fn set_holder(&self, holder: HolderClient) {
         let _ = self.holder.set(holder);
+    }
+
+    /// Whether the daemon serves a mount at `abs` (canonical), or is about
+    /// to serve it again (the holder kept it through a restart).
+    pub(crate) fn serves(&self, abs: &Path) -> bool {
+        self.mounts.lock().contains_key(abs) || self.resuming.lock().contains(abs)
     }
 
     /// The status records of all mounts.
@@ -215,14 +248,18 @@ impl NodeService {
         let layers = layers_of(&opened);
         let control = Some(self.mounts.control.clone());
         let Some(holder) = self.mounts.holder.get() else {
-            self.pin_live(&layers);
-            let (mounted, rec) = mount_and_probe(opened, &abs, &opts, control).await?;
+            self.pin_live(&layers, 1);
+            let (mounted, rec) = mount_and_probe(opened, &abs, &opts, control)
+                .await
+                .inspect_err(|_| self.pin_live(&layers, -1))?;
             self.insert(abs, mounted, layers, false);
             return Ok(rec);
         };
         let (mounted, conn) = breakfs_fs::mount_resumable(opened, &abs, &opts)?;
-        self.pin_live(&layers);
-        let (mounted, rec) = probe(mounted, &abs, control).await?;
+        self.pin_live(&layers, 1);
+        let (mounted, rec) = probe(mounted, &abs, control)
+            .await
+            .inspect_err(|_| self.pin_live(&layers, -1))?;
         let held = HeldMount {
             source,
             hydrate: opts.hydrate,
@@ -246,10 +283,14 @@ impl NodeService {
         Ok(rec)
     }
 
-    fn pin_live(&self, layers: &[(Digest, bool)]) {
+    /// Count the layers of a mount as live (`delta` 1) in the budget, or
+    /// give them back (-1: the mount failed).
+    fn pin_live(&self, layers: &[(Digest, bool)], delta: i32) {
         if let Some(b) = self.store.budget() {
-            b.touch(layers.iter().map(|(d, _)| d));
-            b.live(layers.iter().map(|(d, w)| (d, *w)), 1);
+            if delta > 0 {
+                b.touch(layers.iter().map(|(d, _)| d));
+            }
+            b.live(layers.iter().map(|(d, w)| (d, *w)), delta);
         }
     }
 
@@ -278,13 +319,17 @@ impl NodeService {
         stop: CancellationToken,
     ) {
         for (abs, meta, fd) in held {
+            // Served already as far as the snapshotter is concerned: the
+            // kernel queues reads until the tree is open again.
+            self.mounts.resuming.lock().insert(abs.clone());
             let svc = self.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = svc.resume_one(abs, meta, fd, give_up) => {}
+                    _ = svc.resume_one(abs.clone(), meta, fd, give_up) => {}
                 }
+                svc.mounts.resuming.lock().remove(&abs);
             });
         }
     }
@@ -353,7 +398,7 @@ impl NodeService {
         };
         mounted.info.image = held.source.name().to_string();
         mounted.info.started = held.started;
-        self.pin_live(&layers);
+        self.pin_live(&layers, 1);
         let mut rec = mounted.status();
         rec.node = Some(self.mounts.control.clone());
         if let Err(e) = breakfs_fs::write_status(&rec) {

@@ -1,6 +1,6 @@
 //! A plain TCP forwarder that counts the HTTP requests passing through it,
-//! to prove which blobs a client asked a registry for, and the bytes the
-//! registry sent back.
+//! to prove which blobs a client asked a registry for (whole or by Range),
+//! and the bytes the registry sent back.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -8,10 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+/// Request lines with their Range headers, in order.
+type Ranged = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// A forwarder on a loopback port; stops accepting when dropped.
 pub struct CountingProxy {
     port: u16,
     requests: Arc<Mutex<Vec<String>>>,
+    ranged: Ranged,
     down: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
@@ -22,9 +26,11 @@ impl CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let ranged: Ranged = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let down = Arc::new(AtomicU64::new(0));
         let (reqs, halt, up) = (requests.clone(), stop.clone(), upstream.to_string());
+        let with_ranges = ranged.clone();
         let counted = down.clone();
         thread::spawn(move || {
             for conn in listener.incoming() {
@@ -41,13 +47,15 @@ impl CountingProxy {
                     server.try_clone().expect("clone"),
                 );
                 let (reqs, counted) = (reqs.clone(), counted.clone());
-                thread::spawn(move || pump_requests(client, server, reqs));
+                let ranged = with_ranges.clone();
+                thread::spawn(move || pump_requests(client, server, reqs, ranged));
                 thread::spawn(move || pump(s2, c2, &counted));
             }
         });
         CountingProxy {
             port,
             requests,
+            ranged,
             down,
             stop,
         }
@@ -71,6 +79,12 @@ impl CountingProxy {
             .collect()
     }
 
+    /// Request lines seen so far, each with its `Range` header's value
+    /// (`bytes=A-B`) if it had one.
+    pub fn requests_with_ranges(&self) -> Vec<(String, Option<String>)> {
+        self.ranged.lock().expect("requests lock").clone()
+    }
+
     /// Bytes the upstream sent back so far (heads and bodies).
     pub fn bytes_down(&self) -> u64 {
         self.down.load(Ordering::Relaxed)
@@ -79,6 +93,7 @@ impl CountingProxy {
     /// Forget the requests seen so far.
     pub fn reset(&self) {
         self.requests.lock().expect("requests lock").clear();
+        self.ranged.lock().expect("requests lock").clear();
     }
 }
 
@@ -102,10 +117,17 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counted: &AtomicU64) {
 
 /// Forward client bytes, recording every request line (the client sends
 /// no bodies to a registry it only reads from).
-fn pump_requests(mut from: TcpStream, mut to: TcpStream, reqs: Arc<Mutex<Vec<String>>>) {
+fn pump_requests(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    reqs: Arc<Mutex<Vec<String>>>,
+    ranged: Ranged,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut line = Vec::new();
     let mut at_line_start = true;
+    // The index in `ranged` of the request whose headers are passing.
+    let mut in_headers: Option<usize> = None;
     while let Ok(n) = from.read(&mut buf) {
         if n == 0 || to.write_all(&buf[..n]).is_err() {
             break;
@@ -114,7 +136,18 @@ fn pump_requests(mut from: TcpStream, mut to: TcpStream, reqs: Arc<Mutex<Vec<Str
             if b == b'\n' {
                 let l = String::from_utf8_lossy(&line).trim_end().to_string();
                 if at_line_start && (l.starts_with("GET ") || l.starts_with("HEAD ")) {
-                    reqs.lock().expect("requests lock").push(l);
+                    reqs.lock().expect("requests lock").push(l.clone());
+                    let mut r = ranged.lock().expect("requests lock");
+                    r.push((l, None));
+                    in_headers = Some(r.len() - 1);
+                } else if l.is_empty() {
+                    in_headers = None;
+                } else if let Some(i) = in_headers
+                    && let Some((name, value)) = l.split_once(':')
+                    && name.eq_ignore_ascii_case("range")
+                    && let Some(slot) = ranged.lock().expect("requests lock").get_mut(i)
+                {
+                    slot.1 = Some(value.trim().to_string());
                 }
                 line.clear();
                 at_line_start = true;

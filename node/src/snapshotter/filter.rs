@@ -71,7 +71,11 @@ impl Filter {
         self.0.iter().all(|c| {
             let field = match c.path.as_slice() {
                 [f] if f == "name" => Some(key),
-                [f] if f == "parent" => Some(s.parent.as_str()).filter(|p| !p.is_empty()),
+                // No parent is the empty one: containerd's metadata store
+                // looks for a remote layer's target with `parent==""`.
+                [f] if f == "parent" => {
+                    Some(s.parent.as_str()).filter(|p| !p.is_empty() || c.test != Test::Present)
+                }
                 [f] if f == "kind" => Some(s.kind.name()),
                 [f, k] if f == "labels" => s.labels.get(k).map(String::as_str),
                 _ => None,
@@ -206,6 +210,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             created: 0,
             updated: 0,
+            remote: None,
         }
     }
 
@@ -244,6 +249,15 @@ mod tests {
         }
         let root = snap(Kind::Active, "", &[]);
         assert!(!Filter::parse("parent").expect("parses").matches("r", &root));
+        let target = r#"labels."containerd.io/snapshot.ref"==sha256:c,parent=="""#;
+        let mut remote = snap(
+            Kind::Committed,
+            "",
+            &[("containerd.io/snapshot.ref", "sha256:c")],
+        );
+        assert!(Filter::parse(target).expect("parses").matches("t", &remote));
+        remote.parent = "base".into();
+        assert!(!Filter::parse(target).expect("parses").matches("t", &remote));
         let any = [
             Filter::parse("kind==view").expect("parses"),
             Filter::parse("kind==active").expect("parses"),

@@ -10,6 +10,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use breakfs_index::Digest;
 use serde::{Deserialize, Serialize};
 
 use super::{Fault, fault};
@@ -52,6 +53,20 @@ pub(crate) struct Snapshot {
     /// Unix nanoseconds.
     pub created: u128,
     pub updated: u128,
+    /// For a remote (lazy) layer: where its files come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<Remote>,
+}
+
+/// A committed snapshot whose files are one image layer served lazily
+/// (a FUSE mount of the layer in overlayfs' form, shared by every
+/// snapshot of that layer) rather than unpacked into its own dir.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Remote {
+    /// The image, pinned by manifest digest (`docker://HOST/REPO@sha256:...`).
+    pub image: String,
+    /// The layer's digest.
+    pub layer: Digest,
 }
 
 /// All snapshots by key (name, for committed ones), and the next id.
@@ -69,8 +84,8 @@ impl State {
             .ok_or_else(|| fault(Fault::NotFound, format!("snapshot {key:?} does not exist")))
     }
 
-    /// The ids of `parent` and its parents, nearest first.
-    pub(crate) fn chain(&self, parent: &str) -> Result<Vec<u64>> {
+    /// `parent` and its parents, nearest first.
+    pub(crate) fn lineage(&self, parent: &str) -> Result<Vec<&Snapshot>> {
         let mut ids = Vec::new();
         let mut at = parent;
         while !at.is_empty() {
@@ -80,7 +95,7 @@ impl State {
                     format!("the parent snapshot {at:?} does not exist"),
                 )
             })?;
-            ids.push(s.id);
+            ids.push(s);
             at = &s.parent;
             if ids.len() > self.snapshots.len() {
                 return Err(fault(
@@ -172,6 +187,7 @@ mod tests {
             labels: BTreeMap::from([("a".to_string(), "b".to_string())]),
             created: 1,
             updated: 2,
+            remote: None,
         }
     }
 
@@ -211,10 +227,17 @@ mod tests {
         st.snapshots
             .insert("b".into(), snap(2, Kind::Committed, "a"));
         st.snapshots.insert("c".into(), snap(3, Kind::Active, "b"));
-        assert_eq!(st.chain("b").expect("a chain"), [2, 1]);
-        assert_eq!(st.chain("").expect("no parent"), Vec::<u64>::new());
+        let ids = |p: &str| -> Vec<u64> {
+            st.lineage(p)
+                .expect("a chain")
+                .iter()
+                .map(|s| s.id)
+                .collect()
+        };
+        assert_eq!(ids("b"), [2, 1]);
+        assert_eq!(ids(""), Vec::<u64>::new());
         assert!(st.has_children("a") && !st.has_children("c"));
-        let e = st.chain("nope").expect_err("a missing parent");
+        let e = st.lineage("nope").expect_err("a missing parent");
         assert!(matches!(
             e,
             Error::Snapshot {

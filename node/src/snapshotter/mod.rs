@@ -7,11 +7,14 @@
 //!
 //! * `store`: the snapshots, their directories and overlay mounts;
 //! * `meta`: their records, written atomically;
+//! * `remote`: remote (lazy) layers, one FUSE mount per layer served by
+//!   the daemon;
 //! * `filter`: containerd's filter syntax for List;
 //! * `service`: the gRPC service over them, errors mapped to codes.
 
 mod filter;
 mod meta;
+mod remote;
 mod service;
 mod store;
 
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::server::NodeService;
 use crate::{Error, Result};
 
 /// The code generated from `node/proto` (containerd's API, Apache-2.0).
@@ -71,11 +75,15 @@ pub(crate) struct Snapshotter {
 }
 
 impl Snapshotter {
-    /// Open the snapshots under `root` (created if needed).
-    pub(crate) fn open(root: &Path) -> Result<Snapshotter> {
+    /// Open the snapshots under `root` (created if needed); remote layers
+    /// are fetched and served through the daemon's `node`.
+    pub(crate) fn open(root: &Path, node: Arc<NodeService>) -> Result<Snapshotter> {
         let snaps = Arc::new(store::Snapshots::open(root)?);
         Ok(Snapshotter {
-            svc: service::SnapshotService { snaps },
+            svc: service::SnapshotService {
+                snaps,
+                remotes: Arc::new(remote::Remotes::new(node)),
+            },
         })
     }
 

@@ -14,7 +14,8 @@ use super::Fault;
 use super::api::snapshots as pb;
 use super::api::types::Mount;
 use super::filter::Filter;
-use super::meta::{Kind, Snapshot};
+use super::meta::{Kind, Remote, Snapshot};
+use super::remote::{self, Outcome, Remotes};
 use super::store::{MountSpec, Snapshots};
 use crate::{Error, Result};
 
@@ -24,6 +25,7 @@ const LIST_BATCH: usize = 100;
 /// The service containerd talks to.
 pub(crate) struct SnapshotService {
     pub(crate) snaps: Arc<Snapshots>,
+    pub(crate) remotes: Arc<Remotes>,
 }
 
 /// The gRPC status of `e`: a refusal's own code, otherwise internal, with
@@ -62,10 +64,69 @@ impl SnapshotService {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let labels: BTreeMap<_, _> = labels.into_iter().collect();
+        if kind == Kind::Active {
+            self.remote_layer(&parent, &labels).await?;
+        }
+        let remotes = self
+            .blocking({
+                let parent = parent.clone();
+                move |s| s.remotes_under(&parent)
+            })
+            .await?;
+        self.mount_layers(&remotes).await?;
         let mounts = self
             .blocking(move |s| s.prepare(kind, &key, &parent, labels))
             .await?;
         Ok(mounts.into_iter().map(mount).collect())
+    }
+
+    /// A prepare whose labels ask for a remote layer that can be served
+    /// lazily: record its target and answer AlreadyExists, so containerd
+    /// downloads nothing. Otherwise (no such labels, no TOC, the image
+    /// unreachable now: logged) Ok, and the prepare takes the ordinary
+    /// path; labels naming something malformed, or a layer the image does
+    /// not list, are refused.
+    async fn remote_layer(
+        &self,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> std::result::Result<(), Status> {
+        let Some(ask) = remote::ask_of(labels).map_err(status)? else {
+            return Ok(());
+        };
+        match self.remotes.check(&ask).await.map_err(status)? {
+            Outcome::Ordinary(why) => {
+                tracing::warn!(
+                    "layer {} of {} takes the ordinary path (containerd downloads it): {why}",
+                    ask.layer,
+                    ask.image
+                );
+                Ok(())
+            }
+            Outcome::Lazy(remote) => {
+                let (target, parent, labels) =
+                    (ask.target.clone(), parent.to_string(), labels.clone());
+                self.blocking(move |s| s.commit_remote(&target, &parent, labels, remote))
+                    .await?;
+                eprintln!(
+                    "breakfs node: layer {} of {} is served lazily as snapshot {}",
+                    ask.layer, ask.image, ask.target
+                );
+                Err(Status::already_exists(format!(
+                    "target snapshot {:?} exists: layer {} of {} is served lazily",
+                    ask.target, ask.layer, ask.image
+                )))
+            }
+        }
+    }
+
+    /// Mount the remote layers `remotes` that are not mounted yet.
+    async fn mount_layers(&self, remotes: &[Remote]) -> std::result::Result<(), Status> {
+        let snaps = self.snaps.clone();
+        self.remotes
+            .ensure(remotes, |d| snaps.layer_dir(d))
+            .await
+            .map_err(status)
     }
 }
 
@@ -129,6 +190,13 @@ impl pb::snapshots_server::Snapshots for SnapshotService {
         req: Request<pb::MountsRequest>,
     ) -> std::result::Result<Response<pb::MountsResponse>, Status> {
         let key = req.into_inner().key;
+        let remotes = self
+            .blocking({
+                let key = key.clone();
+                move |s| s.remotes_of(&key)
+            })
+            .await?;
+        self.mount_layers(&remotes).await?;
         let mounts = self.blocking(move |s| s.mounts(&key)).await?;
         Ok(Response::new(pb::MountsResponse {
             mounts: mounts.into_iter().map(mount).collect(),
@@ -151,7 +219,13 @@ impl pb::snapshots_server::Snapshots for SnapshotService {
         req: Request<pb::RemoveSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let key = req.into_inner().key;
-        self.blocking(move |s| s.remove(&key)).await?;
+        let gone = self.blocking(move |s| s.remove(&key)).await?;
+        // The last remote snapshot of a layer takes its mount with it.
+        if let Some(r) = gone.remote
+            && !self.snaps.layer_in_use(&r.layer)
+        {
+            self.remotes.release(&self.snaps.layer_dir(&r.layer)).await;
+        }
         Ok(Response::new(()))
     }
 

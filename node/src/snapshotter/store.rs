@@ -12,10 +12,11 @@ use std::fs;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use breakfs_index::Digest;
 use parking_lot::Mutex;
 
 use super::filter::{Filter, any_matches};
-use super::meta::{Kind, MetaFile, Snapshot, State, now};
+use super::meta::{Kind, MetaFile, Remote, Snapshot, State, now};
 use super::{Fault, fault};
 use crate::{Error, Result};
 
@@ -73,6 +74,22 @@ impl Snapshots {
         self.root.join("snapshots").join(id.to_string())
     }
 
+    /// Where the lazy mount of `layer` goes: `ROOT/l/` and 16 hex digits
+    /// of its digest, short because overlay's options hold one per lower
+    /// dir in a page.
+    pub(crate) fn layer_dir(&self, layer: &Digest) -> PathBuf {
+        let hex = layer.hex();
+        self.root.join("l").join(&hex[..hex.len().min(16)])
+    }
+
+    /// The dir that gives snapshot `s`'s files as a lower dir.
+    fn lower_dir(&self, s: &Snapshot) -> PathBuf {
+        match &s.remote {
+            Some(r) => self.layer_dir(&r.layer),
+            None => self.dir_of(s.id).join("fs"),
+        }
+    }
+
     /// Apply `change` to a copy of the state, save it, then make it the
     /// state; the state is unchanged when either fails.
     fn change<T>(&self, change: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
@@ -95,30 +112,7 @@ impl Snapshots {
     ) -> Result<Vec<MountSpec>> {
         check_key(key)?;
         self.change(|st| {
-            if st.snapshots.contains_key(key) {
-                return Err(fault(
-                    Fault::AlreadyExists,
-                    format!("snapshot {key:?} already exists"),
-                ));
-            }
-            if !parent.is_empty() {
-                let p = st.snapshots.get(parent).ok_or_else(|| {
-                    fault(
-                        Fault::NotFound,
-                        format!("the parent snapshot {parent:?} of {key:?} does not exist"),
-                    )
-                })?;
-                if p.kind != Kind::Committed {
-                    return Err(fault(
-                        Fault::InvalidArgument,
-                        format!(
-                            "the parent {parent:?} of {key:?} is not a committed snapshot \
-                             (it is {})",
-                            p.kind.name()
-                        ),
-                    ));
-                }
-            }
+            check_new(st, key, parent)?;
             let id = st.next_id.max(1);
             st.next_id = id + 1;
             let dir = self.dir_of(id);
@@ -136,11 +130,73 @@ impl Snapshots {
                 labels,
                 created: t,
                 updated: t,
+                remote: None,
             };
             let mounts = self.mounts_of(st, &s)?;
             st.snapshots.insert(key.to_string(), s);
             Ok(mounts)
         })
+    }
+
+    /// Record `target` as a committed snapshot over `parent` whose files
+    /// are the lazily served layer `remote` (no files of its own).
+    pub(crate) fn commit_remote(
+        &self,
+        target: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: Remote,
+    ) -> Result<()> {
+        check_key(target)?;
+        self.change(|st| {
+            check_new(st, target, parent)?;
+            let id = st.next_id.max(1);
+            st.next_id = id + 1;
+            let dir = self.dir_of(id);
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(dir.join("fs"))
+                .map_err(|e| Error::io(format!("creating {}", dir.join("fs").display()), e))?;
+            let t = now();
+            st.snapshots.insert(
+                target.to_string(),
+                Snapshot {
+                    id,
+                    kind: Kind::Committed,
+                    parent: parent.to_string(),
+                    labels,
+                    created: t,
+                    updated: t,
+                    remote: Some(remote),
+                },
+            );
+            Ok(())
+        })
+    }
+
+    /// The remote layers below a new snapshot over `parent` (nearest
+    /// first): what must be mounted before its mounts are used.
+    pub(crate) fn remotes_under(&self, parent: &str) -> Result<Vec<Remote>> {
+        let st = self.state.lock();
+        Ok(st
+            .lineage(parent)?
+            .into_iter()
+            .filter_map(|s| s.remote.clone())
+            .collect())
+    }
+
+    /// The remote layers below the existing snapshot `key`.
+    pub(crate) fn remotes_of(&self, key: &str) -> Result<Vec<Remote>> {
+        let parent = self.state.lock().get(key)?.parent.clone();
+        self.remotes_under(&parent)
+    }
+
+    /// Whether a snapshot is served by the lazy mount of `layer`.
+    pub(crate) fn layer_in_use(&self, layer: &Digest) -> bool {
+        self.state
+            .lock()
+            .snapshots
+            .values()
+            .any(|s| s.remote.as_ref().is_some_and(|r| &r.layer == layer))
     }
 
     /// The mounts of the active snapshot or view `key`.
@@ -159,9 +215,9 @@ impl Snapshots {
     fn mounts_of(&self, st: &State, s: &Snapshot) -> Result<Vec<MountSpec>> {
         let own = self.dir_of(s.id);
         let lower: Vec<String> = st
-            .chain(&s.parent)?
+            .lineage(&s.parent)?
             .into_iter()
-            .map(|id| self.dir_of(id).join("fs").display().to_string())
+            .map(|p| self.lower_dir(p).display().to_string())
             .collect();
         let bind = |source: String, ro: bool| MountSpec {
             kind: "bind".into(),
@@ -233,7 +289,8 @@ impl Snapshots {
     }
 
     /// Remove snapshot `key` and its files; a parent of others stays.
-    pub(crate) fn remove(&self, key: &str) -> Result<()> {
+    /// Returns what was removed.
+    pub(crate) fn remove(&self, key: &str) -> Result<Snapshot> {
         let gone = self.change(|st| {
             st.get(key)?;
             if st.has_children(key) {
@@ -253,7 +310,7 @@ impl Snapshots {
                 dir.display()
             );
         }
-        Ok(())
+        Ok(gone)
     }
 
     /// Snapshot `key`'s record.
@@ -341,6 +398,35 @@ impl Snapshots {
         }
         Ok(())
     }
+}
+
+/// Refuse a new snapshot `key` over `parent` unless the key is free and
+/// the parent (if any) is committed.
+fn check_new(st: &State, key: &str, parent: &str) -> Result<()> {
+    if st.snapshots.contains_key(key) {
+        return Err(fault(
+            Fault::AlreadyExists,
+            format!("snapshot {key:?} already exists"),
+        ));
+    }
+    if !parent.is_empty() {
+        let p = st.snapshots.get(parent).ok_or_else(|| {
+            fault(
+                Fault::NotFound,
+                format!("the parent snapshot {parent:?} of {key:?} does not exist"),
+            )
+        })?;
+        if p.kind != Kind::Committed {
+            return Err(fault(
+                Fault::InvalidArgument,
+                format!(
+                    "the parent {parent:?} of {key:?} is not a committed snapshot (it is {})",
+                    p.kind.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn overlay(options: Vec<String>) -> MountSpec {
@@ -530,6 +616,59 @@ mod tests {
         let u = s.update("a", labels(&[("z", "0")]), &[]).expect("replaced");
         assert_eq!(u.labels, labels(&[("z", "0")]));
         assert_eq!(code(s.update("nope", labels(&[]), &[])), Fault::NotFound);
+    }
+
+    /// A remote layer is committed at once; a snapshot over it has the
+    /// layer's shared mount dir as its lower dir, and two remote
+    /// snapshots of one layer (at different places in two chains) share
+    /// that dir; the records survive a reopen.
+    #[test]
+    fn remote_layers_are_lower_dirs_shared_by_digest() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let s = Snapshots::open(dir.path()).expect("opened");
+        let layer = Digest::of(b"a shared layer");
+        let remote = |image: &str| Remote {
+            image: image.into(),
+            layer: layer.clone(),
+        };
+        s.commit_remote("a1", "", labels(&[]), remote("docker://r/a@x"))
+            .expect("a remote base layer");
+        assert_eq!(
+            code(s.commit_remote("a1", "", labels(&[]), remote("docker://r/a@x"))),
+            Fault::AlreadyExists
+        );
+        s.prepare(Kind::Active, "b0-extract", "", labels(&[]))
+            .expect("an ordinary base");
+        s.commit("b0", "b0-extract", labels(&[]))
+            .expect("committed");
+        s.commit_remote("b1", "b0", labels(&[]), remote("docker://r/b@y"))
+            .expect("the same layer over another base");
+        let c = s
+            .prepare(Kind::Active, "ctr", "b1", labels(&[]))
+            .expect("a container over b1");
+        let shared = s.layer_dir(&layer);
+        let b0_fs = s.dir_of(s.stat("b0").expect("b0").id).join("fs");
+        let lower = format!("lowerdir={}:{}", shared.display(), b0_fs.display());
+        assert!(c[0].options.contains(&lower), "{:?}", c[0].options);
+        assert_eq!(
+            s.remotes_of("ctr").expect("the layers under ctr"),
+            [remote("docker://r/b@y")]
+        );
+        assert_eq!(s.remotes_under("a1").expect("under a1").len(), 1);
+        assert_eq!(code(s.mounts("a1")), Fault::FailedPrecondition);
+
+        drop(s);
+        let s = Snapshots::open(dir.path()).expect("reopened");
+        assert_eq!(
+            s.stat("b1").expect("b1").remote,
+            Some(remote("docker://r/b@y"))
+        );
+        s.remove("ctr").expect("the container goes");
+        let gone = s.remove("b1").expect("b1 goes");
+        assert_eq!(gone.remote, Some(remote("docker://r/b@y")));
+        assert!(s.layer_in_use(&layer), "a1 still uses the layer");
+        s.remove("a1").expect("a1 goes");
+        assert!(!s.layer_in_use(&layer));
     }
 
     /// A directory no record names (a crash between mkdir and the

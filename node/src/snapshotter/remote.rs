@@ -1,0 +1,395 @@
+//! Remote (lazy) layers. containerd prepares a layer snapshot with labels
+//! naming the image and the layer (`containerd.io/snapshot/cri.*`, set by
+//! its CRI plugin, or `containerd.io/snapshot/remote/stargz.*`, set by
+//! `ctr-remote image rpull`) and the snapshot it will commit
+//! (`containerd.io/snapshot.ref`). When the layer has a TOC, the target is
+//! recorded as a committed snapshot served lazily and containerd is told
+//! it exists, so it downloads nothing. Each such layer is one FUSE mount
+//! of the layer alone in overlayfs' form, keyed by layer digest, served
+//! through the daemon's mounts (its fetch chain and prefetch), mounted at
+//! the first snapshot that needs it and unmounted with the last remote
+//! snapshot of that layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use breakfs_fetch::Image;
+use breakfs_fs::MountOptions;
+use breakfs_index::{Causes, Digest, ImageRef, Reference};
+use parking_lot::Mutex;
+
+use super::meta::Remote;
+use super::{Fault, fault};
+use crate::mounts::Source;
+use crate::server::NodeService;
+use crate::{Error, Result};
+
+/// The snapshot containerd will commit the layer as.
+const TARGET: &str = "containerd.io/snapshot.ref";
+
+/// The label pairs (image, layer digest) that ask for a remote layer.
+const FAMILIES: [(&str, &str); 2] = [
+    (
+        "containerd.io/snapshot/cri.image-ref",
+        "containerd.io/snapshot/cri.layer-digest",
+    ),
+    (
+        "containerd.io/snapshot/remote/stargz.reference",
+        "containerd.io/snapshot/remote/stargz.digest",
+    ),
+];
+
+/// How long a resolved image is reused: the prepares of one pull come
+/// within seconds, and a tag may move afterwards.
+const IMAGE_TTL: Duration = Duration::from_secs(60);
+
+/// A prepare that asks for a remote layer.
+#[derive(Clone, Debug)]
+pub(crate) struct Ask {
+    /// The snapshot to commit.
+    pub target: String,
+    /// The image as the labels name it.
+    pub image: String,
+    /// The same, parsed.
+    pub reference: ImageRef,
+    /// The layer.
+    pub layer: Digest,
+}
+
+/// What to do with an [`Ask`].
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Serve the layer lazily.
+    Lazy(Remote),
+    /// Let containerd download it, for this reason.
+    Ordinary(String),
+}
+
+/// The remote layer a prepare's `labels` ask for, if any; labels that
+/// name something malformed (half a pair, an unparsable reference or
+/// digest) are InvalidArgument.
+pub(crate) fn ask_of(labels: &BTreeMap<String, String>) -> Result<Option<Ask>> {
+    let Some((image_key, digest_key)) = FAMILIES
+        .iter()
+        .find(|(i, d)| labels.contains_key(*i) || labels.contains_key(*d))
+    else {
+        return Ok(None);
+    };
+    let invalid = |what: String| fault(Fault::InvalidArgument, what);
+    let (Some(image), Some(digest)) = (labels.get(*image_key), labels.get(*digest_key)) else {
+        return Err(invalid(format!(
+            "a remote layer needs both labels {image_key} and {digest_key}; one is missing"
+        )));
+    };
+    let target = labels.get(TARGET).cloned().unwrap_or_default();
+    if target.is_empty() {
+        return Err(invalid(format!(
+            "the labels name layer {digest} of {image} but no {TARGET} to commit it as"
+        )));
+    }
+    let full = if image.contains("://") {
+        image.clone()
+    } else {
+        format!("docker://{image}")
+    };
+    let reference = match ImageRef::parse(&full) {
+        Ok(r @ ImageRef::Registry { .. }) => r,
+        Ok(_) => {
+            return Err(invalid(format!(
+                "label {image_key}={image:?}: a remote layer comes from a registry"
+            )));
+        }
+        Err(e) => {
+            return Err(invalid(format!(
+                "label {image_key}={image:?} is not an image reference: {}",
+                Causes(&e)
+            )));
+        }
+    };
+    let layer = Digest::parse(digest).map_err(|e| {
+        invalid(format!(
+            "label {digest_key}={digest:?} is not a digest: {}",
+            Causes(&e)
+        ))
+    })?;
+    Ok(Some(Ask {
+        target,
+        image: image.clone(),
+        reference,
+        layer,
+    }))
+}
+
+/// The remote layers of one snapshotter: their lazy mounts under
+/// `ROOT/l/`, served by the daemon.
+pub(crate) struct Remotes {
+    svc: Arc<NodeService>,
+    /// Images resolved lately, by reference.
+    images: Mutex<HashMap<String, (Instant, Image)>>,
+    /// Mounts and unmounts, one at a time.
+    mounting: tokio::sync::Mutex<()>,
+    /// TOC fetches under way, by layer (see [`Remotes::warm`]).
+    tocs: Mutex<HashMap<Digest, TocFetch>>,
+}
+
+/// A TOC fetch that any number of prepares can wait for.
+type TocFetch = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
+
+impl Remotes {
+    /// Remote layers fetched and served through `svc`.
+    pub(crate) fn new(svc: Arc<NodeService>) -> Remotes {
+        Remotes {
+            svc,
+            images: Mutex::new(HashMap::new()),
+            mounting: tokio::sync::Mutex::new(()),
+            tocs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `reference` resolved through the node's chain (reused for a while).
+    async fn resolve(&self, reference: &ImageRef) -> Result<Image> {
+        let key = reference.to_string();
+        if let Some((at, image)) = self.images.lock().get(&key)
+            && at.elapsed() < IMAGE_TTL
+        {
+            return Ok(image.clone());
+        }
+        let s = &self.svc;
+        let image =
+            breakfs_fetch::resolve_image(reference, &s.client, &s.fetcher, &s.cloud).await?;
+        let mut images = self.images.lock();
+        images.retain(|_, (at, _)| at.elapsed() < IMAGE_TTL);
+        images.insert(key, (Instant::now(), image.clone()));
+        Ok(image)
+    }
+
+    /// Start fetching the TOCs of all of `image`'s layers at once (each
+    /// once; kept in the store): containerd prepares an image's layers
+    /// one after the other, and one round trip each would add up.
+    fn warm(&self, image: &Image) {
+        use futures::FutureExt as _;
+        let mut tocs = self.tocs.lock();
+        tocs.retain(|_, f| f.peek().is_none());
+        for desc in image.layers() {
+            if tocs.contains_key(&desc.digest) {
+                continue;
+            }
+            let (fetcher, d) = (self.svc.fetcher.clone(), desc.clone());
+            let fetch = async move {
+                // Failures show when the layer's own prepare reads it.
+                let _ = fetcher.layer_toc(&d).await;
+            }
+            .boxed()
+            .shared();
+            tokio::spawn(fetch.clone());
+            tocs.insert(desc.digest.clone(), fetch);
+        }
+    }
+
+    /// Whether the layer `ask` names can be served lazily: the image
+    /// resolves and the layer has a TOC that reads (fetched with the
+    /// image's other TOCs, range requests, and kept). A layer the manifest
+    /// does not list is InvalidArgument.
+    pub(crate) async fn check(&self, ask: &Ask) -> Result<Outcome> {
+        let image = match self.resolve(&ask.reference).await {
+            Ok(image) => image,
+            Err(e) => {
+                return Ok(Outcome::Ordinary(format!(
+                    "the image cannot be resolved now: {}",
+                    Causes(&e)
+                )));
+            }
+        };
+        if !image.layers().iter().any(|d| d.digest == ask.layer) {
+            let listed: Vec<String> = image
+                .layers()
+                .iter()
+                .map(|d| d.digest.to_string())
+                .collect();
+            return Err(fault(
+                Fault::InvalidArgument,
+                format!(
+                    "image {} (manifest {}) does not list layer {}; its layers are {}",
+                    ask.image,
+                    image.manifest_digest,
+                    ask.layer,
+                    listed.join(", ")
+                ),
+            ));
+        }
+        let pinned = match &ask.reference {
+            ImageRef::Registry { host, repo, .. } => ImageRef::Registry {
+                host: host.clone(),
+                repo: repo.clone(),
+                reference: Reference::Digest(image.manifest_digest.clone()),
+            },
+            other => other.clone(),
+        };
+        self.warm(&image);
+        let fetching = self.tocs.lock().get(&ask.layer).cloned();
+        if let Some(f) = fetching {
+            f.await;
+        }
+        match breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await {
+            Ok(Some(_)) => Ok(Outcome::Lazy(Remote {
+                image: pinned.to_string(),
+                layer: ask.layer.clone(),
+            })),
+            Ok(None) => Ok(Outcome::Ordinary("the layer has no TOC".into())),
+            Err(e) => Ok(Outcome::Ordinary(format!(
+                "its TOC is refused: {}",
+                Causes(&e)
+            ))),
+        }
+    }
+
+    /// Make sure each of `remotes` is mounted at its dir (`dir_of`):
+    /// the first snapshot over a remote layer mounts it.
+    pub(crate) async fn ensure(
+        &self,
+        remotes: &[Remote],
+        dir_of: impl Fn(&Digest) -> PathBuf,
+    ) -> Result<()> {
+        if remotes.is_empty() {
+            return Ok(());
+        }
+        let _one = self.mounting.lock().await;
+        let mut missing = Vec::new();
+        for r in remotes {
+            let dir = dir_of(&r.layer);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let abs = dir
+                .canonicalize()
+                .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+            if !self.svc.mounts.serves(&abs) && !missing.iter().any(|(_, a)| a == &abs) {
+                detach_dead(&abs);
+                missing.push((r, abs));
+            }
+        }
+        // An image's layers are mounted side by side: each waits on its
+        // TOC (in the store since the pull) and a FUSE handshake.
+        let mounts = missing.into_iter().map(|(r, abs)| async move {
+            self.mount(r, abs).await.inspect_err(|e| {
+                tracing::warn!(
+                    "mounting layer {} of {} failed: {}",
+                    r.layer,
+                    r.image,
+                    Causes(e)
+                );
+            })
+        });
+        futures::future::try_join_all(mounts).await?;
+        Ok(())
+    }
+
+    async fn mount(&self, r: &Remote, abs: PathBuf) -> Result<()> {
+        let reference = ImageRef::parse(&r.image)?;
+        let image = self.resolve(&reference).await?;
+        let opened = breakfs_fs::open_layer(image, &r.layer, &self.svc.fetcher)
+            .await?
+            .ok_or_else(|| {
+                fault(
+                    Fault::FailedPrecondition,
+                    format!(
+                        "layer {} of {} was served lazily and now has no TOC",
+                        r.layer, r.image
+                    ),
+                )
+            })?;
+        // Only what is read is fetched (with the dependency prefetch):
+        // a lazy layer is not hydrated in the background.
+        let opts = MountOptions {
+            hydrate: false,
+            threads: 4,
+            dependency_prefetch: true,
+        };
+        let source = Source::Layer {
+            image: r.image.clone(),
+            layer: r.layer.to_string(),
+        };
+        self.svc.add_mount(abs.clone(), source, opened, opts).await?;
+        eprintln!(
+            "breakfs node: mounted layer {} of {} at {}",
+            r.layer,
+            r.image,
+            abs.display()
+        );
+        Ok(())
+    }
+
+    /// Unmount the lazy mount at `dir` (no snapshot uses its layer now).
+    pub(crate) async fn release(&self, dir: &Path) {
+        let _one = self.mounting.lock().await;
+        let Ok(abs) = dir.canonicalize() else {
+            return;
+        };
+        match self.svc.unmount(&abs).await {
+            Ok(_) | Err(Error::NotServed(_)) => {}
+            Err(e) => tracing::warn!("unmounting {}: {}", abs.display(), Causes(&e)),
+        }
+        detach_dead(&abs);
+        let _ = std::fs::remove_dir(&abs);
+    }
+}
+
+/// Detach a mount at `abs` no process serves (left by a daemon that was
+/// killed: its readers get ENOTCONN).
+fn detach_dead(abs: &Path) {
+    if breakfs_fs::is_mountpoint(abs) {
+        tracing::warn!("detaching the dead mount at {}", abs.display());
+        let _ = nix::mount::umount2(abs, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// Both label families ask; none is an ordinary prepare; half a pair
+    /// or a malformed value is refused, naming it.
+    #[test]
+    fn labels_ask_for_remote_layers() {
+        for (i, d) in FAMILIES {
+            let a = ask_of(&labels(&[
+                (TARGET, "sha256:chain"),
+                (i, "reg.example:5000/app:v1"),
+                (d, D),
+            ]))
+            .expect("valid labels")
+            .expect("an ask");
+            assert_eq!(a.target, "sha256:chain");
+            assert_eq!(a.layer.to_string(), D);
+            assert_eq!(a.reference.to_string(), "docker://reg.example:5000/app:v1");
+        }
+        assert!(ask_of(&labels(&[(TARGET, "x")])).expect("fine").is_none());
+        let refused = |kv: &[(&str, &str)], says: &str| match ask_of(&labels(kv)) {
+            Err(Error::Snapshot {
+                fault: Fault::InvalidArgument,
+                what,
+            }) => assert!(what.contains(says), "{says:?} not in {what:?}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        let (i, d) = FAMILIES[1];
+        refused(&[(TARGET, "t"), (i, "reg/app:v1")], d);
+        refused(
+            &[(TARGET, "t"), (i, "reg/app:v1"), (d, "sha256:zz")],
+            "not a digest",
+        );
+        refused(
+            &[(TARGET, "t"), (i, "no-repo"), (d, D)],
+            "not an image reference",
+        );
+        refused(&[(i, "reg/app:v1"), (d, D)], TARGET);
+    }
+}
