@@ -60,7 +60,7 @@ fn kubelet_runs_a_pod_through_cri_on_the_snapshotter() {
     let (pause, app) = push_images(&registry, w);
 
     let sock = w.join("snap.sock");
-    let mut node = snapshotter_node(w);
+    let mut node = snapshotter_node(w, &[]);
     let ctrd = containerd_with_cri(&sock, &pause, &registry, w);
     assert!(
         ctrd.plugin_ok("io.containerd.grpc.v1", "cri").unwrap(),

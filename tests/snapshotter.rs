@@ -24,13 +24,12 @@ use crate::support::registry::TestRegistry;
 pub(crate) const PLUGIN: &str = "breakfs";
 
 /// A node daemon serving the snapshots API on `dir/snap.sock`.
-pub(crate) fn snapshotter_node(dir: &Path) -> Node {
+pub(crate) fn snapshotter_node(dir: &Path, flags: &[&str]) -> Node {
     let sock = dir.join("snap.sock");
-    Node::start(
-        &dir.join("node"),
-        &[],
-        &["--snapshotter-socket", &sock.to_string_lossy()],
-    )
+    let sock = sock.to_string_lossy();
+    let mut all = vec!["--snapshotter-socket", &sock];
+    all.extend_from_slice(flags);
+    Node::start(&dir.join("node"), &[], &all)
 }
 
 /// A private containerd that pulls and runs with the node's snapshotter.
@@ -149,7 +148,7 @@ fn containerd_pulls_and_runs_a_plain_image_through_the_snapshotter() {
     ]));
 
     let sock = work.path().join("snap.sock");
-    let mut node = snapshotter_node(work.path());
+    let mut node = snapshotter_node(work.path(), &[]);
     let ctrd = containerd_with(&sock);
     assert!(
         ctrd.plugin_ok("io.containerd.snapshotter.v1", PLUGIN)
@@ -263,7 +262,7 @@ fn bad_snapshot_requests_get_containerd_codes() {
         .tempdir_in("/tmp")
         .unwrap();
     let sock = work.path().join("snap.sock");
-    let mut node = snapshotter_node(work.path());
+    let mut node = snapshotter_node(work.path(), &[]);
     runtime().block_on(async {
         let mut c = breakfs_node::snapshots_client(&sock).await.unwrap();
         let prepare = |key: &str, parent: &str| pb::PrepareSnapshotRequest {

@@ -6,7 +6,8 @@
 //! equals `umoci unpack` of the original; a second image sharing layers
 //! mounts and fetches nothing twice; plain gzip and eStargz images pull
 //! and run (an eStargz image lazily with rpull, its whiteouts and opaque
-//! dir honoured by overlayfs); bad labels are refused or fall back, named.
+//! dir honoured by overlayfs); bad labels are refused or fall back, named;
+//! a container reading over lazy layers survives restarts of the daemon.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +42,11 @@ struct Lab {
 
 impl Lab {
     fn start() -> Lab {
+        Lab::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more flags for the node daemon.
+    fn start_with(node_flags: &[&str]) -> Lab {
         let work = tempfile::Builder::new()
             .prefix("lazy")
             .tempdir_in("/tmp")
@@ -48,7 +54,7 @@ impl Lab {
         let reg = TestRegistry::start();
         let proxy = CountingProxy::start(&reg.host());
         let sock = work.path().join("snap.sock");
-        let node = snapshotter_node(work.path());
+        let node = snapshotter_node(work.path(), node_flags);
         let ctrd = containerd_with(&sock);
         Lab {
             work,
@@ -522,4 +528,118 @@ fn bad_remote_labels_are_refused_or_fall_back_named() {
     let got = lab.rootfs("hostile/toc:v1", "root-hostile");
     assert!(got.contains_key("etc/a"), "{:?}", got.keys());
     assert!(lab.layer_mounts().is_empty());
+}
+
+/// Acceptance 5: a container reading files in a loop over lazy layer
+/// mounts (new files too: its first pass is still fetching them) sees no
+/// failed read across 10 restarts of the node daemon (5 SIGTERM, 5
+/// SIGKILL, each followed by a start) with `--keep-mounts`; afterwards
+/// the snapshots are all listed, a new container runs, and removing the
+/// image leaves no mount.
+#[test]
+fn a_container_reads_on_across_daemon_restarts() {
+    let images = corpus();
+    let v1 = build(&images, "v1");
+    let mut lab = Lab::start_with(&["--keep-mounts", "120"]);
+    refactor_into(&lab.reg, &[v1], &lab.work.path().join("refactor"));
+    let reference = lab.name("refactored/redis:v1");
+    lab.rpull(&reference);
+    let out_dir = lab.work.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    // Each file read bumps /out/n; a failed read is appended to /out/fail.
+    // Every file is read once in the first pass (through lazy fetches),
+    // then again and again.
+    let script = "n=0; while :; do for f in $(find /usr /etc /lib -type f | sort); do \
+                  if cat \"$f\" >/dev/null 2>/out/err; then n=$((n+1)); echo $n >/out/n; \
+                  else echo \"$f\" >>/out/fail; cat /out/err >>/out/fail; fi; done; \
+                  echo pass >>/out/passes; done";
+    let mount = format!(
+        "type=bind,src={},dst=/out,options=rbind:rw",
+        out_dir.display()
+    );
+    ok(lab.ctrd.ctr().args([
+        "run",
+        "-d",
+        "--snapshotter",
+        PLUGIN,
+        "--mount",
+        &mount,
+        &reference,
+        "reader",
+        "sh",
+        "-c",
+        script,
+    ]));
+    let read_count = || -> u64 {
+        std::fs::read_to_string(out_dir.join("n"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let fails = || std::fs::read_to_string(out_dir.join("fail")).unwrap_or_default();
+    wait_for(Duration::from_secs(120), "the reader reads", || {
+        read_count() > 0
+    });
+    let snapshots = listed(&lab.sock);
+    let mut first_pass_restarts = 0;
+    for round in 0..10 {
+        let before = read_count();
+        if std::fs::read_to_string(out_dir.join("passes")).is_err() {
+            first_pass_restarts += 1;
+        }
+        if round % 2 == 0 {
+            let st = lab.node.stop();
+            assert!(st.success(), "round {round}: the daemon exited {st}");
+        } else {
+            lab.node.sigkill();
+        }
+        lab.node.start_again();
+        wait_for(
+            Duration::from_secs(120),
+            &format!("round {round}: the reader reads on"),
+            || read_count() >= before + 20 || !fails().is_empty(),
+        );
+        assert!(
+            fails().is_empty(),
+            "round {round}: failed reads:\n{}\nnode log:\n{}",
+            fails(),
+            lab.node.log_text()
+        );
+    }
+    eprintln!(
+        "10 restarts: {} files read, {first_pass_restarts} restarts during the first pass, 0 failed",
+        read_count()
+    );
+    assert!(
+        first_pass_restarts > 0,
+        "every restart came after the first pass: no new file was read across a restart"
+    );
+    assert_eq!(listed(&lab.sock), snapshots, "snapshots lost across restarts");
+    let listed_by_ctr = ok(lab
+        .ctrd
+        .ctr()
+        .args(["snapshots", "--snapshotter", PLUGIN, "ls"]));
+    for (key, _) in &snapshots {
+        assert!(listed_by_ctr.contains(key.as_str()), "ctr lists no {key}: {listed_by_ctr}");
+    }
+    let out = run(&lab.ctrd, &lab.node, &reference, &["redis-server", "--version"]);
+    assert!(out.contains("Redis server v="), "{out}");
+
+    ok(lab.ctrd.ctr().args(["task", "kill", "-s", "SIGKILL", "reader"]));
+    wait_for(Duration::from_secs(30), "the reader stops", || {
+        ok(lab.ctrd.ctr().args(["task", "ls"])).lines().all(|l| !l.starts_with("reader"))
+            || lab
+                .ctrd
+                .ctr()
+                .args(["task", "delete", "reader"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+    });
+    let _ = lab.ctrd.ctr().args(["task", "delete", "reader"]).output();
+    ok(lab.ctrd.ctr().args(["container", "rm", "reader"]));
+    lab.remove(&reference);
+    wait_for(Duration::from_secs(30), "the snapshots are removed", || {
+        listed(&lab.sock).is_empty()
+    });
+    assert!(lab.layer_mounts().is_empty(), "{:?}", lab.layer_mounts());
 }
