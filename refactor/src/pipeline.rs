@@ -531,6 +531,7 @@ pub async fn refactor(
     // Destination stores and what they already hold.
     let mut stores: BTreeMap<String, Store> = BTreeMap::new();
     let mut published = Destination::default();
+    let mut index_writes = Vec::new();
     let t_index = Instant::now();
     for t in &targets {
         let store = Store::open(t, &opts.client).await?;
@@ -538,7 +539,9 @@ pub async fn refactor(
         if stores.contains_key(&key) {
             continue;
         }
-        published.extend(published_layers(&store, t, opts, progress).await?);
+        let (p, write) = published_layers(&store, t, opts, progress).await?;
+        published.extend(p);
+        index_writes.push(write);
         stores.insert(key, store);
     }
     tracing::debug!(
@@ -739,6 +742,9 @@ pub async fn refactor(
                 seconds: load_secs[i] + secs_each + t1.elapsed().as_secs_f64(),
             });
         }
+    }
+    for w in index_writes {
+        w.finish().await;
     }
     Ok(reports)
 }

@@ -22,6 +22,21 @@ use serde::{Deserialize, Serialize};
 use super::{Progress, RefactorOptions, blocking, local_layer};
 use crate::{Error, PublishedLayer, Result};
 
+/// The layer index being written in the background; [`IndexWrite::finish`]
+/// waits for it (a failure only costs the next run its TOC reads).
+pub(super) struct IndexWrite(Option<tokio::task::JoinHandle<Result<()>>>);
+
+impl IndexWrite {
+    pub async fn finish(self) {
+        let Some(handle) = self.0 else { return };
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{}", breakfs_index::Causes(&e)),
+            Err(e) => tracing::warn!("writing the layer index: {e}"),
+        }
+    }
+}
+
 /// What the manifest needs of a layer already in the destination (its
 /// entries are the [`PublishedLayer`] of the same index).
 #[derive(Clone, Debug)]
@@ -52,6 +67,10 @@ impl Destination {
 
     /// Add the layers of `other` this one lacks.
     pub fn extend(&mut self, other: Destination) {
+        if self.meta.is_empty() {
+            *self = other;
+            return;
+        }
         for (m, l) in other.meta.into_iter().zip(other.layers) {
             if !self.holds(&m.desc.digest) {
                 self.push(m, l);
@@ -131,13 +150,15 @@ fn write_index(path: &Path, index: &LayerIndexFile) -> Result<()> {
     Ok(())
 }
 
-/// The layers already in a destination store (every tag), with entries.
+/// The layers already in a destination store (every tag), with entries,
+/// and the layer index's rewrite if it was out of date (written while the
+/// run goes on).
 pub(super) async fn published_layers(
     store: &Store,
     dest: &ImageRef,
     opts: &RefactorOptions,
     progress: &dyn Progress,
-) -> Result<Destination> {
+) -> Result<(Destination, IndexWrite)> {
     let tags = match store.tags().await {
         Ok(t) => t,
         Err(breakfs_fetch::Error::NotFound { .. }) => Vec::new(),
@@ -149,7 +170,7 @@ pub(super) async fn published_layers(
     );
     let mut out = Destination::default();
     if tags.is_empty() {
-        return Ok(out);
+        return Ok((out, IndexWrite(None)));
     }
     let path = index_path(dest, store, opts);
     let mut index = {
@@ -204,24 +225,21 @@ pub(super) async fn published_layers(
             kept.insert(key, layer);
         }
     }
-    // Rewrite the index if a layer was read or an indexed one is gone.
-    if read > 0 || !index.layers.is_empty() {
-        let index = LayerIndexFile {
-            version: INDEX_VERSION,
-            layers: kept,
-        };
-        let p = path.clone();
-        if let Err(e) = blocking("writing the layer index", move || write_index(&p, &index)).await {
-            tracing::warn!("{}", breakfs_index::Causes(&e));
-        }
-    }
     tracing::debug!(
         "{}: {} layers, {read} read from their TOC, the rest from {}",
         store.name(),
         out.layers.len(),
         path.display()
     );
-    Ok(out)
+    // Rewrite the index if a layer was read or an indexed one is gone.
+    let write = (read > 0 || !index.layers.is_empty()).then(|| {
+        let index = LayerIndexFile {
+            version: INDEX_VERSION,
+            layers: kept,
+        };
+        tokio::task::spawn_blocking(move || write_index(&path, &index))
+    });
+    Ok((out, IndexWrite(write)))
 }
 
 /// A layer's entries from its TOC, or from its tar if it has none.
