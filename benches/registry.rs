@@ -9,7 +9,8 @@
 //! against the floor of redundancy.
 //!
 //! `cargo bench --bench registry -- [FAMILY...] [--plan-only] [--relax]`
-//! (default: every corpus family). `--plan-only` runs the planner alone
+//! (default: every corpus family, then the application families, whose
+//! images hold an earlier family's runtime). `--plan-only` runs the planner alone
 //! (no layers written; size is the uncompressed estimate, no timing).
 //! Writes the report to stdout, target/bench-registry.md and
 //! docs/results/registry.md.
@@ -209,6 +210,14 @@ fn pct(x: f64) -> String {
 }
 
 fn main() -> Result<()> {
+    // `BREAKFS_LOG=breakfs_refactor=debug`: the pipeline's stage times.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BREAKFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let mut names: Vec<&str> = Vec::new();
     let (mut plan_only, mut relax) = (false, false);
     for a in std::env::args().skip(1) {
@@ -220,7 +229,12 @@ fn main() -> Result<()> {
         }
     }
     if names.is_empty() {
-        names.extend(corpus::FAMILIES.iter().map(|f| f.name));
+        names.extend(
+            corpus::FAMILIES
+                .iter()
+                .chain(corpus::APP_FAMILIES)
+                .map(|f| f.name),
+        );
     }
     let images = corpus::build_families(&names)?;
     let tmpdir = tempfile::Builder::new()

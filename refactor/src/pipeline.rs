@@ -21,6 +21,9 @@ use breakfs_index::{
 use serde::Serialize;
 
 use crate::dpkg::{INFO_DIR, STATUS_PATH};
+use published::{Destination, Published, published_layers};
+
+mod published;
 use crate::{
     ContentSource, Error, LayerSource, PackageDb, Plan, PlanImage, PlanOptions, PublishedLayer,
     Result, WriterOptions, WrittenLayer, plan, write_layer,
@@ -89,6 +92,9 @@ pub struct ImageReport {
     pub mtime_changes: usize,
     /// Bytes of stale files in reused layers, shadowed by this image.
     pub shadowed_bytes: u64,
+    /// File bytes reused from layers that hold those stale files: what the
+    /// shadowed bytes bought (the planner's trade-off).
+    pub stale_bought_bytes: u64,
     /// Compressed bytes uploaded (blobs the destination lacked).
     pub uploaded_bytes: u64,
     /// Wall time spent on this image (joint mode: the share of the run).
@@ -125,16 +131,6 @@ pub struct LoadedImage {
     pub view: MergedView,
     /// dpkg ownership of its files.
     pub packages: PackageDb,
-}
-
-/// A layer already in a destination, with what the manifest needs.
-#[derive(Clone, Debug)]
-struct Published {
-    layer: PublishedLayer,
-    desc: Descriptor,
-    diff_id: Digest,
-    /// A local copy of the blob, for layers written in this run.
-    local: Option<PathBuf>,
 }
 
 /// Run `f` on a blocking thread.
@@ -329,92 +325,6 @@ pub async fn load_image(
     })
 }
 
-/// The layers already in a destination store (every tag), with entries.
-async fn published_layers(
-    store: &Store,
-    dest: &ImageRef,
-    opts: &RefactorOptions,
-    progress: &dyn Progress,
-) -> Result<Vec<Published>> {
-    let tags = match store.tags().await {
-        Ok(t) => t,
-        Err(breakfs_fetch::Error::NotFound { .. }) => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
-    let mut seen = HashMap::new();
-    let mut out: Vec<Published> = Vec::new();
-    progress.stage(
-        &format!("indexing {} tags in {}", tags.len(), store.name()),
-        0,
-    );
-    for tag in tags {
-        let r = dest.with_tag(&tag);
-        let image = store.resolve(&r).await?;
-        let diff_ids = image.config.diff_ids()?;
-        for (desc, diff_id) in image.layers().iter().zip(diff_ids) {
-            if seen.contains_key(&desc.digest) {
-                continue;
-            }
-            seen.insert(desc.digest.clone(), ());
-            let entries: Vec<Entry> = match store.read_toc(desc).await? {
-                Some(toc) => with_link_content(toc.layer.entries.into_iter().map(|(e, _)| e)),
-                None => {
-                    // A layer without TOC: index it from its tar.
-                    let loaded = index_plain_layer(store, desc, &diff_id, opts).await?;
-                    with_link_content(loaded.entries.into_iter().map(|le| le.entry))
-                }
-            };
-            out.push(Published {
-                layer: PublishedLayer {
-                    id: desc.digest.to_string(),
-                    entries,
-                },
-                desc: desc.clone(),
-                diff_id,
-                local: None,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// A layer's entries with hard links carrying their target's size and
-/// digest, as the merged view shows them (a TOC or tar stores them bare).
-fn with_link_content(entries: impl Iterator<Item = Entry>) -> Vec<Entry> {
-    let mut entries: Vec<Entry> = entries.collect();
-    let files: HashMap<String, (u64, Option<Digest>)> = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| (e.path.clone(), (e.size, e.digest.clone())))
-        .collect();
-    for e in entries.iter_mut().filter(|e| e.kind == EntryKind::Hardlink) {
-        if let Some((size, digest)) = files.get(&e.link) {
-            e.size = *size;
-            e.digest = digest.clone();
-        }
-    }
-    entries
-}
-
-async fn index_plain_layer(
-    store: &Store,
-    desc: &Descriptor,
-    diff_id: &Digest,
-    opts: &RefactorOptions,
-) -> Result<LayerIndex> {
-    let what = format!("layer {} of {}", desc.digest, store.name());
-    let (tars_dir, blobs_dir) = (opts.work_dir.join("tars"), opts.work_dir.join("blobs"));
-    for d in [&tars_dir, &blobs_dir] {
-        std::fs::create_dir_all(d)
-            .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
-    }
-    Ok(
-        local_layer(store, desc, diff_id, &tars_dir, &blobs_dir, &what)
-            .await?
-            .1,
-    )
-}
-
 /// A layer's uncompressed tar in the work directory, and its index: read
 /// from the tar if an earlier run left it, else fetched, decompressed and
 /// indexed in one pass.
@@ -596,6 +506,7 @@ pub async fn refactor(
         let t = Instant::now();
         loaded.push(load_image(r, opts, progress).await?);
         load_secs.push(t.elapsed().as_secs_f64());
+        tracing::debug!("loaded {r} in {:.2}s", t.elapsed().as_secs_f64());
     }
     let names: std::collections::BTreeSet<&str> = loaded.iter().map(|l| l.name.as_str()).collect();
     let name_tags = names.len() > 1 && matches!(dest, ImageRef::Layout { .. });
@@ -619,18 +530,25 @@ pub async fn refactor(
 
     // Destination stores and what they already hold.
     let mut stores: BTreeMap<String, Store> = BTreeMap::new();
-    let mut published: Vec<Published> = Vec::new();
+    let mut published = Destination::default();
+    let mut index_writes = Vec::new();
+    let t_index = Instant::now();
     for t in &targets {
         let store = Store::open(t, &opts.client).await?;
         let key = store.name();
         if stores.contains_key(&key) {
             continue;
         }
-        let mut p = published_layers(&store, t, opts, progress).await?;
-        p.retain(|x| !published.iter().any(|y| y.desc.digest == x.desc.digest));
+        let (p, write) = published_layers(&store, t, opts, progress).await?;
         published.extend(p);
+        index_writes.push(write);
         stores.insert(key, store);
     }
+    tracing::debug!(
+        "indexed {} published layers in {:.2}s",
+        published.layers.len(),
+        t_index.elapsed().as_secs_f64()
+    );
 
     let mut reports = Vec::new();
     let groups: Vec<Vec<usize>> = if opts.plan.joint {
@@ -649,9 +567,12 @@ pub async fn refactor(
                 packages: loaded[i].packages.clone(),
             })
             .collect();
-        let pub_layers: Vec<PublishedLayer> = published.iter().map(|p| p.layer.clone()).collect();
         progress.stage(&format!("planning {} image(s)", plan_images.len()), 0);
+        // The published layers go to the planner's thread and come back:
+        // a destination's entries are many, and cloning them per image
+        // cost as much as planning.
         let the_plan: Plan = {
+            let pub_layers = std::mem::take(&mut published.layers);
             let (pi, pl, po) = (plan_images, pub_layers, opts.plan.clone());
             let res = tokio::task::spawn_blocking(
                 move || -> Result<(Plan, Vec<PlanImage>, Vec<PublishedLayer>)> {
@@ -662,8 +583,10 @@ pub async fn refactor(
             )
             .await
             .map_err(|e| Error::io("planning", std::io::Error::other(e)))??;
+            published.layers = res.2;
             res.0
         };
+        tracing::debug!("planned in {:.2}s", t0.elapsed().as_secs_f64());
 
         // Write the new layers.
         let content = Arc::new(TarContent::new(
@@ -707,20 +630,27 @@ pub async fn refactor(
                     .await
                     .map_err(|e| Error::io("writing a layer", std::io::Error::other(e)))??;
                     progress.advance(bytes);
-                    published.push(Published {
-                        layer: PublishedLayer {
+                    published.push(
+                        Published {
+                            desc: written.descriptor(),
+                            diff_id: written.diff_id.clone(),
+                            local: Some(path),
+                        },
+                        PublishedLayer {
                             id: written.digest.to_string(),
                             entries: layer.entries.clone(),
                         },
-                        desc: written.descriptor(),
-                        diff_id: written.diff_id.clone(),
-                        local: Some(path),
-                    });
-                    layer_pub.push(published.len() - 1);
+                    );
+                    layer_pub.push(published.meta.len() - 1);
                 }
             }
         }
 
+        tracing::debug!(
+            "planned and wrote {} bytes of new layers in {:.2}s",
+            new_bytes,
+            t0.elapsed().as_secs_f64()
+        );
         // Manifests, configs and uploads, one image at a time.
         let secs_each = t0.elapsed().as_secs_f64() / group.len() as f64;
         for (k, &i) in group.iter().enumerate() {
@@ -739,7 +669,7 @@ pub async fn refactor(
             let mut reused_compressed = 0u64;
             progress.stage(&format!("uploading {target}"), 0);
             for &li in &ip.layers {
-                let p = &published[layer_pub[li]];
+                let p = &published.meta[layer_pub[li]];
                 let up = match &p.local {
                     Some(path) => store.push_blob_file(&p.desc, path).await?,
                     None => {
@@ -791,6 +721,7 @@ pub async fn refactor(
                 .push_manifest(tag, media_types::OCI_MANIFEST, &manifest_bytes)
                 .await?;
             let compressed: u64 = manifest.layers.iter().map(|l| l.size).sum();
+            tracing::debug!("wrote {target} in {:.2}s", t1.elapsed().as_secs_f64());
             reports.push(ImageReport {
                 source: loaded[i].reference.to_string(),
                 dest: target.to_string(),
@@ -806,16 +737,21 @@ pub async fn refactor(
                 duplicated_bytes: ip.duplicated_bytes,
                 mtime_changes: ip.mtime_changes.len(),
                 shadowed_bytes: ip.shadowed_bytes,
+                stale_bought_bytes: ip.stale_bought_bytes,
                 uploaded_bytes: uploaded,
                 seconds: load_secs[i] + secs_each + t1.elapsed().as_secs_f64(),
             });
         }
     }
+    for w in index_writes {
+        w.finish().await;
+    }
     Ok(reports)
 }
 
 /// The reports of a run as the table `breakfs refactor` prints: layers,
-/// compressed MB before and after, reuse, sharing, and seconds per image.
+/// compressed MB before and after, reuse, sharing, stale bytes and the
+/// reuse they bought, and seconds per image.
 pub struct ReportTable<'a>(pub &'a [ImageReport]);
 
 fn mb(b: u64) -> String {
@@ -826,7 +762,7 @@ impl std::fmt::Display for ReportTable<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}",
+            "{:<44} {:>9} {:>17} {:>8} {:>10} {:>7} {:>7} {:>9} {:>10} {:>7} {:>7}",
             "image",
             "layers",
             "MB orig→new",
@@ -835,13 +771,14 @@ impl std::fmt::Display for ReportTable<'_> {
             "share",
             "bound",
             "stale MB",
+            "bought MB",
             "dup MB",
             "secs"
         )?;
         for r in self.0 {
             writeln!(
                 f,
-                "{:<44} {:>9} {:>17} {:>8.3} {:>10} {:>6.1}% {:>6.1}% {:>9} {:>7} {:>7.1}",
+                "{:<44} {:>9} {:>17} {:>8.3} {:>10} {:>6.1}% {:>6.1}% {:>9} {:>10} {:>7} {:>7.1}",
                 r.dest,
                 format!("{}→{}", r.original_layers, r.layers),
                 format!(
@@ -854,6 +791,7 @@ impl std::fmt::Display for ReportTable<'_> {
                 100.0 * r.share(),
                 100.0 * r.bound(),
                 mb(r.shadowed_bytes),
+                mb(r.stale_bought_bytes),
                 mb(r.duplicated_bytes),
                 r.seconds,
             )?;

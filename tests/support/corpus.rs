@@ -213,6 +213,25 @@ pub const FAMILIES: &[Family] = &[
     },
 ];
 
+/// Families whose application runs on another family's runtime (a Django
+/// site on the python family's interpreter): their images hold that
+/// family's packages at the same versions plus their own. Not in
+/// [`FAMILIES`], so "every family" keeps meaning the runtimes.
+pub const APP_FAMILIES: &[Family] = &[Family {
+    name: "django",
+    app_packages: &["python3-django"],
+    command: &["python3", "-c", "import django, sqlparse, asgiref"],
+    binary: "/usr/bin/django-admin",
+    capability: false,
+    opaque_dir: "/usr/lib/python3/dist-packages/django/conf/project_template/project_name",
+    removed: &[
+        "/usr/share/doc/python3-django",
+        "/usr/lib/python3/dist-packages/django/conf/locale/af",
+    ],
+    user: Some(("app", 1000)),
+    data_dir: "/home/app",
+}];
+
 /// The smallest families, built by the integration tests.
 pub const TEST_FAMILIES: &[&str] = &["redis", "nginx"];
 
@@ -409,8 +428,9 @@ pub fn cache_dir() -> PathBuf {
 
 /// Look a family up by name.
 pub fn family(name: &str) -> Result<&'static Family> {
-    FAMILIES.iter().find(|f| f.name == name).ok_or_else(|| {
-        let names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+    let all = || FAMILIES.iter().chain(APP_FAMILIES);
+    all().find(|f| f.name == name).ok_or_else(|| {
+        let names: Vec<&str> = all().map(|f| f.name).collect();
         anyhow!(
             "no corpus family {name:?}: pick one of {}",
             names.join(", ")
@@ -615,6 +635,7 @@ impl Plan {
 fn build_time(fam: &Family, build: Build) -> i64 {
     let index = FAMILIES
         .iter()
+        .chain(APP_FAMILIES)
         .position(|f| f.name == fam.name)
         .unwrap_or(0) as i64;
     EPOCH_V1 + index * 3600 + build.days_after_v1() * 86_400
