@@ -18,7 +18,7 @@ use std::time::Duration;
 use breakfs_node::snapshots_api::snapshots as pb;
 
 use crate::mount::{assert_same, corpus, ok, refactor_into, umoci_tree};
-use crate::node::Node;
+use crate::node::{Node, metric, parse_metrics};
 use crate::snapshotter::{
     PLUGIN, containerd_with, listed, refused, run, runtime, snapshotter_node, wait_for,
 };
@@ -284,6 +284,15 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
     assert!(!pulled.is_empty(), "no TOC was read");
     assert_eq!(lab.lazy_lines(), v1_layers.len(), "{}", lab.node.log_text());
     assert!(lab.layer_mounts().is_empty(), "rpull mounted layers");
+    let m = parse_metrics(&lab.node.get("/metrics"));
+    assert_eq!(
+        metric(&m, "breakfs_snapshot_layer_prepares_total{path=\"lazy\"}"),
+        v1_layers.len() as f64
+    );
+    assert_eq!(
+        metric(&m, "breakfs_snapshots{kind=\"committed\",remote=\"true\"}"),
+        v1_layers.len() as f64
+    );
     let committed = listed(&lab.sock)
         .into_iter()
         .filter(|(_, k)| *k == pb::Kind::Committed as i32)
@@ -527,6 +536,20 @@ fn bad_remote_labels_are_refused_or_fall_back_named() {
     );
     let got = lab.rootfs("hostile/toc:v1", "root-hostile");
     assert!(got.contains_key("etc/a"), "{:?}", got.keys());
+    // /metrics counts the fallbacks by reason, and no lazy prepare.
+    let m = parse_metrics(&lab.node.get("/metrics"));
+    let fallbacks = |r: &str| {
+        metric(
+            &m,
+            &format!("breakfs_snapshot_lazy_fallbacks_total{{reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(fallbacks("unresolved"), 1.0);
+    assert!(fallbacks("toc_refused") >= 1.0);
+    assert_eq!(
+        metric(&m, "breakfs_snapshot_layer_prepares_total{path=\"lazy\"}"),
+        0.0
+    );
     assert!(lab.layer_mounts().is_empty());
 }
 
@@ -614,7 +637,11 @@ fn a_container_reads_on_across_daemon_restarts() {
         first_pass_restarts > 0,
         "every restart came after the first pass: no new file was read across a restart"
     );
-    assert_eq!(listed(&lab.sock), snapshots, "snapshots lost across restarts");
+    assert_eq!(
+        listed(&lab.sock),
+        snapshots,
+        "snapshots lost across restarts"
+    );
     let listed_by_ctr = ok(lab
         .ctrd
         .ctr()
@@ -627,12 +654,22 @@ fn a_container_reads_on_across_daemon_restarts() {
             "ctr lists no {name}: {listed_by_ctr}"
         );
     }
-    let out = run(&lab.ctrd, &lab.node, &reference, &["redis-server", "--version"]);
+    let out = run(
+        &lab.ctrd,
+        &lab.node,
+        &reference,
+        &["redis-server", "--version"],
+    );
     assert!(out.contains("Redis server v="), "{out}");
 
-    ok(lab.ctrd.ctr().args(["task", "kill", "-s", "SIGKILL", "reader"]));
+    ok(lab
+        .ctrd
+        .ctr()
+        .args(["task", "kill", "-s", "SIGKILL", "reader"]));
     wait_for(Duration::from_secs(30), "the reader stops", || {
-        ok(lab.ctrd.ctr().args(["task", "ls"])).lines().all(|l| !l.starts_with("reader"))
+        ok(lab.ctrd.ctr().args(["task", "ls"]))
+            .lines()
+            .all(|l| !l.starts_with("reader"))
             || lab
                 .ctrd
                 .ctr()

@@ -112,6 +112,7 @@ pub(crate) async fn build(
         served: Served::default(),
         relay,
         mounts: MountTable::new(control),
+        snapshot_stats: Default::default(),
     });
     Ok((svc, budget, links))
 }

@@ -282,6 +282,7 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
         }
     }
     svc.mounts.metrics(&mut p);
+    svc.snapshot_stats.metrics(&mut p);
     p.finish()
 }
 

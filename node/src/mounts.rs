@@ -98,13 +98,9 @@ impl Source {
             Source::Layer { image, layer } => {
                 let reference = ImageRef::parse(image)?;
                 let layer = Digest::parse(layer)?;
-                let resolved = breakfs_fetch::resolve_image(
-                    &reference,
-                    &svc.client,
-                    &svc.fetcher,
-                    &svc.cloud,
-                )
-                .await?;
+                let resolved =
+                    breakfs_fetch::resolve_image(&reference, &svc.client, &svc.fetcher, &svc.cloud)
+                        .await?;
                 breakfs_fs::open_layer(resolved, &layer, &svc.fetcher)
                     .await?
                     .ok_or_else(|| {

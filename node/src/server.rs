@@ -69,6 +69,8 @@ pub(crate) struct NodeService {
     pub(crate) relay: Arc<Relay>,
     /// The mounts it serves.
     pub(crate) mounts: MountTable,
+    /// Its containerd snapshotter's counts, if one runs.
+    pub(crate) snapshot_stats: crate::snapshotter::SnapshotStats,
 }
 
 /// Where a request comes from: the network (TCP) or the node's own

@@ -16,7 +16,10 @@ mod filter;
 mod meta;
 mod remote;
 mod service;
+mod stats;
 mod store;
+
+pub(crate) use stats::SnapshotStats;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -79,6 +82,7 @@ impl Snapshotter {
     /// are fetched and served through the daemon's `node`.
     pub(crate) fn open(root: &Path, node: Arc<NodeService>) -> Result<Snapshotter> {
         let snaps = Arc::new(store::Snapshots::open(root)?);
+        node.snapshot_stats.attach(snaps.clone());
         Ok(Snapshotter {
             svc: service::SnapshotService {
                 snaps,

@@ -21,13 +21,14 @@ use breakfs_index::{Causes, Digest, ImageRef, Reference};
 use parking_lot::Mutex;
 
 use super::meta::Remote;
+use super::stats::Fallback;
 use super::{Fault, fault};
 use crate::mounts::Source;
 use crate::server::NodeService;
 use crate::{Error, Result};
 
 /// The snapshot containerd will commit the layer as.
-const TARGET: &str = "containerd.io/snapshot.ref";
+pub(crate) const TARGET: &str = "containerd.io/snapshot.ref";
 
 /// The label pairs (image, layer digest) that ask for a remote layer.
 const FAMILIES: [(&str, &str); 2] = [
@@ -64,7 +65,7 @@ pub(crate) enum Outcome {
     /// Serve the layer lazily.
     Lazy(Remote),
     /// Let containerd download it, for this reason.
-    Ordinary(String),
+    Ordinary(Fallback, String),
 }
 
 /// The remote layer a prepare's `labels` ask for, if any; labels that
@@ -148,6 +149,11 @@ impl Remotes {
         }
     }
 
+    /// The node daemon's service it serves layers through.
+    pub(crate) fn node(&self) -> &NodeService {
+        &self.svc
+    }
+
     /// `reference` resolved through the node's chain (reused for a while).
     async fn resolve(&self, reference: &ImageRef) -> Result<Image> {
         let key = reference.to_string();
@@ -196,10 +202,10 @@ impl Remotes {
         let image = match self.resolve(&ask.reference).await {
             Ok(image) => image,
             Err(e) => {
-                return Ok(Outcome::Ordinary(format!(
-                    "the image cannot be resolved now: {}",
-                    Causes(&e)
-                )));
+                return Ok(Outcome::Ordinary(
+                    Fallback::Unresolved,
+                    format!("the image cannot be resolved now: {}", Causes(&e)),
+                ));
             }
         };
         if !image.layers().iter().any(|d| d.digest == ask.layer) {
@@ -237,11 +243,14 @@ impl Remotes {
                 image: pinned.to_string(),
                 layer: ask.layer.clone(),
             })),
-            Ok(None) => Ok(Outcome::Ordinary("the layer has no TOC".into())),
-            Err(e) => Ok(Outcome::Ordinary(format!(
-                "its TOC is refused: {}",
-                Causes(&e)
-            ))),
+            Ok(None) => Ok(Outcome::Ordinary(
+                Fallback::NoToc,
+                "the layer has no TOC".into(),
+            )),
+            Err(e) => Ok(Outcome::Ordinary(
+                Fallback::TocRefused,
+                format!("its TOC is refused: {}", Causes(&e)),
+            )),
         }
     }
 
@@ -310,7 +319,9 @@ impl Remotes {
             image: r.image.clone(),
             layer: r.layer.to_string(),
         };
-        self.svc.add_mount(abs.clone(), source, opened, opts).await?;
+        self.svc
+            .add_mount(abs.clone(), source, opened, opts)
+            .await?;
         eprintln!(
             "breakfs node: mounted layer {} of {} at {}",
             r.layer,

@@ -91,11 +91,16 @@ impl SnapshotService {
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> std::result::Result<(), Status> {
+        let stats = &self.remotes.node().snapshot_stats;
         let Some(ask) = remote::ask_of(labels).map_err(status)? else {
+            if labels.contains_key(remote::TARGET) {
+                stats.ordinary(None);
+            }
             return Ok(());
         };
         match self.remotes.check(&ask).await.map_err(status)? {
-            Outcome::Ordinary(why) => {
+            Outcome::Ordinary(fallback, why) => {
+                stats.ordinary(Some(fallback));
                 tracing::warn!(
                     "layer {} of {} takes the ordinary path (containerd downloads it): {why}",
                     ask.layer,
@@ -108,6 +113,7 @@ impl SnapshotService {
                     (ask.target.clone(), parent.to_string(), labels.clone());
                 self.blocking(move |s| s.commit_remote(&target, &parent, labels, remote))
                     .await?;
+                stats.lazy();
                 eprintln!(
                     "breakfs node: layer {} of {} is served lazily as snapshot {}",
                     ask.layer, ask.image, ask.target
