@@ -324,7 +324,7 @@ fn tocs_of(reference: &str) -> Vec<bool> {
 
 /// `/bin/busybox` of Debian's busybox-static: its .deb is kept in the
 /// corpus' .deb cache (`apt-get download` once), unpacked with `dpkg-deb`.
-fn busybox_static(work: &Path) -> Vec<u8> {
+pub(crate) fn busybox_static(work: &Path) -> Vec<u8> {
     let debs = cache_dir().join("debs");
     std::fs::create_dir_all(&debs).unwrap();
     let cached = || -> Option<PathBuf> {

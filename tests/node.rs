@@ -534,7 +534,7 @@ fn prefetch_all(node: &Node, images: &[String]) {
 }
 
 /// Bytes of blobs, chunks and kept ranges in a store directory.
-fn store_bytes(cache: &Path) -> u64 {
+pub(crate) fn store_bytes(cache: &Path) -> u64 {
     fn sum(dir: &Path) -> u64 {
         std::fs::read_dir(dir)
             .into_iter()
@@ -550,7 +550,7 @@ fn store_bytes(cache: &Path) -> u64 {
         .sum()
 }
 
-fn max_chunk(cache: &Path) -> u64 {
+pub(crate) fn max_chunk(cache: &Path) -> u64 {
     std::fs::read_dir(cache.join("chunks/sha256"))
         .unwrap()
         .flatten()

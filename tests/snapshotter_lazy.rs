@@ -685,3 +685,108 @@ fn a_container_reads_on_across_daemon_restarts() {
     });
     assert!(lab.layer_mounts().is_empty(), "{:?}", lab.layer_mounts());
 }
+
+/// Acceptance 4: 50 cycles of rpull, run, `ctr image rm` and containerd's
+/// GC over two small refactored images (busybox and 3 MiB of their own
+/// random bytes each, which the container reads) leave no layer mount,
+/// overlay, snapshot or shim behind after any cycle, and the store stays
+/// within the node's budget, which holds one image's bytes (a fetched
+/// range is kept both as the range and as its chunks: about 8 MB) but
+/// not both images' (so cycles evict what earlier ones fetched).
+#[test]
+fn fifty_pull_run_remove_cycles_leave_nothing_and_keep_the_budget() {
+    use crate::support::images::{Layer, T, tar_of, write_image_with};
+    use rand::{Rng as _, SeedableRng as _};
+
+    let work = tempfile::Builder::new()
+        .prefix("gc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let busybox = crate::cri::busybox_static(work.path());
+    let budget: u64 = 12 << 20;
+    let mut lab = Lab::start_with(&["--budget", &budget.to_string()]);
+    let layout = work.path().join("layout");
+    let mut refs = Vec::new();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    for name in ["a", "b"] {
+        let mut blob = vec![0u8; 3 << 20];
+        rng.fill_bytes(&mut blob);
+        write_image_with(
+            &layout,
+            name,
+            &[
+                Layer::gzip(tar_of(&[
+                    T::Dir("bin"),
+                    T::File("bin/busybox", &busybox, 0o755),
+                ])),
+                Layer::gzip(tar_of(&[
+                    T::Dir("data"),
+                    T::File("data/blob", &blob, 0o644),
+                ])),
+            ],
+            serde_json::json!({"Env": ["PATH=/bin"]}),
+        );
+        let to = format!("docker://{}/gc/{name}:v1", lab.reg.host());
+        ok(crate::mount::breakfs()
+            .args(["refactor", "--plain-http", "--work-dir"])
+            .arg(work.path().join("refactor"))
+            .args(["--to", &to, &format!("oci:{}:{name}", layout.display())]));
+        refs.push(lab.name(&format!("gc/{name}:v1")));
+    }
+    let store = lab.node.cache.clone();
+    let mut max = 0;
+    for cycle in 0..50 {
+        let reference = &refs[cycle % 2];
+        lab.rpull(reference);
+        let out = lab
+            .ctrd
+            .run(reference, &["busybox", "sha256sum", "/data/blob"])
+            .unwrap();
+        if !out.status.success() {
+            lab.fail(&format!(
+                "cycle {cycle}: the container exited {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        lab.remove(reference);
+        wait_for(
+            Duration::from_secs(30),
+            &format!("cycle {cycle}: the snapshots are removed"),
+            || listed(&lab.sock).is_empty(),
+        );
+        assert!(
+            lab.layer_mounts().is_empty(),
+            "cycle {cycle}: layer mounts left: {:?}",
+            lab.layer_mounts()
+        );
+        assert!(
+            lab.ctrd.mounts_below_dir().is_empty(),
+            "cycle {cycle}: containerd mounts left: {:?}",
+            lab.ctrd.mounts_below_dir()
+        );
+        wait_for(
+            Duration::from_secs(30),
+            &format!("cycle {cycle}: the shims exit"),
+            || lab.ctrd.shim_pids().is_empty(),
+        );
+        let chunk = crate::node::max_chunk(&store);
+        let held = crate::node::store_bytes(&store);
+        max = max.max(held);
+        assert!(
+            held <= budget + chunk,
+            "cycle {cycle}: the store holds {held} bytes, over the budget {budget} by more than a chunk ({chunk})"
+        );
+    }
+    let snaps = std::fs::read_dir(lab.node.cache.join("snapshotter/snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(snaps, 0, "snapshot dirs left");
+    let m = parse_metrics(&lab.node.get("/metrics"));
+    assert!(
+        metric(&m, "breakfs_cache_evictions_total") > 0.0,
+        "nothing was evicted"
+    );
+    eprintln!("50 cycles: store at most {max} bytes of a {budget}-byte budget; nothing left");
+    lab.node.stop();
+}
