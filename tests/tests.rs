@@ -17,6 +17,7 @@ mod oci_io;
 mod readme;
 mod refactor;
 mod relay;
+mod rollout;
 mod sched;
 mod security;
 mod snapshotter;

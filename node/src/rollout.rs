@@ -217,8 +217,7 @@ impl Drop for Deciding<'_> {
     fn drop(&mut self) {
         let mut f = self.rollout.flights.lock();
         for c in self.chunks {
-            if f
-                .get(&c.digest)
+            if f.get(&c.digest)
                 .is_some_and(|x| matches!(x.stage, Stage::Deciding(_)))
             {
                 f.remove(&c.digest);
@@ -312,8 +311,7 @@ pub(crate) fn plan<'a>(
                 })
                 .collect(),
         };
-        let answers =
-            futures::future::join_all(urls.iter().map(|u| ask(peers, u, &query))).await;
+        let answers = futures::future::join_all(urls.iter().map(|u| ask(peers, u, &query))).await;
         let mut views: Vec<PeerView> = urls
             .iter()
             .zip(answers)
@@ -595,9 +593,24 @@ mod tests {
     fn holders_come_first_then_fetchers_then_smaller_ids_deciding() {
         use Holding::*;
         let peers = [
-            view("http://a", Some(vec![Deciding, Deciding, Neither]), vec![false; 3], 1.0),
-            view("http://c", Some(vec![Fetching, Have, Neither]), vec![false; 3], 2.0),
-            view("http://d", Some(vec![Have, Deciding, Neither]), vec![false; 3], 3.0),
+            view(
+                "http://a",
+                Some(vec![Deciding, Deciding, Neither]),
+                vec![false; 3],
+                1.0,
+            ),
+            view(
+                "http://c",
+                Some(vec![Fetching, Have, Neither]),
+                vec![false; 3],
+                2.0,
+            ),
+            view(
+                "http://d",
+                Some(vec![Have, Deciding, Neither]),
+                vec![false; 3],
+                3.0,
+            ),
         ];
         let picks = choose("http://b", &peers, 3);
         assert_eq!(picks, vec![Some((2, Have)), Some((1, Have)), None]);
@@ -628,8 +641,18 @@ mod tests {
     fn neighbours_stay_with_one_peer_when_it_is_as_good() {
         use Holding::*;
         let peers = [
-            view("http://a", Some(vec![Have, Have, Have]), vec![false; 3], 2.0),
-            view("http://c", Some(vec![Neither, Have, Have]), vec![false; 3], 1.0),
+            view(
+                "http://a",
+                Some(vec![Have, Have, Have]),
+                vec![false; 3],
+                2.0,
+            ),
+            view(
+                "http://c",
+                Some(vec![Neither, Have, Have]),
+                vec![false; 3],
+                1.0,
+            ),
         ];
         let picks: Vec<usize> = choose("http://b", &peers, 3)
             .into_iter()
@@ -655,7 +678,10 @@ mod tests {
             offset: 10,
             end: 20,
         };
-        assert_eq!(r.holding(&layer, &asked, "http://x", true), Holding::Neither);
+        assert_eq!(
+            r.holding(&layer, &asked, "http://x", true),
+            Holding::Neither
+        );
         let chunks = [loc];
         {
             let _d = r.deciding(&layer, &chunks);
@@ -674,6 +700,9 @@ mod tests {
             assert!(by.contains("http://x"));
         }
         // Dropped undecided: forgotten.
-        assert_eq!(r.holding(&layer, &asked, "http://x", true), Holding::Neither);
+        assert_eq!(
+            r.holding(&layer, &asked, "http://x", true),
+            Holding::Neither
+        );
     }
 }

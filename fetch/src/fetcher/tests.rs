@@ -166,10 +166,7 @@ fn gated(fail: bool) -> (Fetcher, Arc<Gate>, ChunkLoc, tempfile::TempDir) {
 }
 
 /// Start fetching `loc` and wait until a worker runs it.
-async fn start_fetch(
-    f: &Fetcher,
-    loc: &ChunkLoc,
-) -> tokio::task::JoinHandle<crate::Result<()>> {
+async fn start_fetch(f: &Fetcher, loc: &ChunkLoc) -> tokio::task::JoinHandle<crate::Result<()>> {
     let (f2, l2) = (f.clone(), loc.clone());
     let reader = tokio::spawn(async move { f2.ensure(&l2, Priority::OnDemand, None).await });
     let until = std::time::Instant::now() + Duration::from_secs(10);
@@ -202,7 +199,10 @@ async fn a_range_in_flight_is_waited_on_and_then_held() {
     );
     let waiter = tokio::spawn(flight.wait(Duration::from_secs(30)));
     gate.open.add_permits(1);
-    assert!(waiter.await.unwrap(), "the range was not held after the fetch");
+    assert!(
+        waiter.await.unwrap(),
+        "the range was not held after the fetch"
+    );
     reader.await.unwrap().unwrap();
     let held = f
         .store()

@@ -80,7 +80,11 @@ async fn plan(
     inner: &Inner,
     layer: &Digest,
     mut jobs: Vec<ChunkLoc>,
-) -> (Vec<Arc<dyn Source>>, Vec<(Arc<dyn Source>, Vec<ChunkLoc>)>, Vec<ChunkLoc>) {
+) -> (
+    Vec<Arc<dyn Source>>,
+    Vec<(Arc<dyn Source>, Vec<ChunkLoc>)>,
+    Vec<ChunkLoc>,
+) {
     jobs.sort_by_key(|j| j.offset);
     let mut chain = Vec::new();
     let mut first: Vec<Option<Arc<dyn Source>>> = vec![None; jobs.len()];
