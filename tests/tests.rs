@@ -19,6 +19,7 @@ mod readme;
 mod refactor;
 mod relay;
 mod restart;
+mod rollout;
 mod sched;
 mod security;
 mod snapshotter;

@@ -41,7 +41,9 @@ mod verify;
 
 pub use cas::{ContentStore, merge_ranges};
 pub use error::{Error, Result};
-pub use fetcher::{ChunkLoc, FetchOptions, FetchStats, Fetcher, PEER_REST, Priority, SourceStats};
+pub use fetcher::{
+    ChunkLoc, FetchOptions, FetchStats, Fetcher, PEER_REST, Priority, RangeFlight, SourceStats,
+};
 pub use layout::OciLayout;
 pub use meta::{chunk_loc, chunk_loc_or_why, layer_chunk_locs, lazy_chunk_locs};
 pub use metrics::{Histogram, LATENCY_BOUNDS};
@@ -49,7 +51,7 @@ pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
 pub use resolve::resolve_image;
 pub use source::{
-    CloudSource, LocalSource, Source, SourceClass, StoreSource, TransferHook, not_here,
+    CloudSource, LocalSource, Plan, Source, SourceClass, StoreSource, TransferHook, not_here,
 };
 pub use store::{BlobLoader, Image, Store};
 pub use tocread::LayerToc;

@@ -13,7 +13,12 @@ use std::sync::Arc;
 use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
 
-use crate::{ContentStore, Error, Result, Store};
+use crate::{ChunkLoc, ContentStore, Error, Result, Store};
+
+/// What a source standing for others proposes for the chunks of one
+/// range: per chunk (in the order asked), the source to ask first, or
+/// `None` when none of them has it or will have it soon.
+pub type Plan = Vec<Option<Arc<dyn Source>>>;
 
 /// The kind of a source, for metrics and for deciding what to trust it with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,6 +64,21 @@ pub trait Source: Send + Sync {
     /// For a source standing for several (the peers), the ones to try for
     /// `blob`, best first; `None` for a plain source.
     fn expand(&self, _blob: &Digest) -> Option<Vec<Arc<dyn Source>>> {
+        None
+    }
+
+    /// For a source standing for others (the peers): asked right before
+    /// `chunks` (neighbours in blob `blob`, by offset) are fetched, which
+    /// of those others to take each chunk from, found out now rather than
+    /// from what they held a while ago. `None` (the default): no plan, the
+    /// source is tried as [`Source::expand`] gives it. With a plan, the
+    /// source is not expanded for these chunks: a chunk planned for no one,
+    /// or that its planned source fails, goes on to the next sources.
+    fn plan<'a>(
+        &'a self,
+        _blob: &'a Digest,
+        _chunks: &'a [ChunkLoc],
+    ) -> Option<BoxFuture<'a, Plan>> {
         None
     }
 

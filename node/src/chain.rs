@@ -52,6 +52,10 @@ pub(crate) async fn build(
     let links = Arc::new(Links::default());
     let peers = Peers::new(url, &c.peers, links.clone())?;
     peers.set_learning(c.learn_peers);
+    // A wait on a peer's fetch ends well within one attempt.
+    peers
+        .rollout
+        .set_wait((c.deadline / 3).max(Duration::from_secs(1)) / 2);
     peers.spawn_polling(PEER_POLL, stop.clone());
     let cloud = Arc::new(CloudSource::new());
     {

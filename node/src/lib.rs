@@ -30,6 +30,7 @@ pub mod notify;
 mod peer;
 mod prefetch;
 mod relay;
+mod rollout;
 mod server;
 mod snapshotter;
 

@@ -238,6 +238,42 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
             ("miss", served.misses.load(Ordering::Relaxed) as f64),
         ],
     );
+    p.single(
+        "breakfs_peer_waits",
+        "gauge",
+        "Peer requests waiting now for a range this node is fetching.",
+        served.waiting.load(Ordering::Relaxed) as f64,
+    );
+    p.by_label(
+        "breakfs_peer_waits_total",
+        "counter",
+        "Peer requests that waited for a range this node was fetching, by outcome.",
+        "outcome",
+        &[
+            ("served", served.waits_served.load(Ordering::Relaxed) as f64),
+            ("missed", served.waits_missed.load(Ordering::Relaxed) as f64),
+        ],
+    );
+    let d = &svc.peers.rollout.decisions;
+    p.by_label(
+        "breakfs_rollout_chunks_total",
+        "counter",
+        "Chunks this node fetched, by where its peers' answers sent them: a peer holding them, \
+         one fetching them, one deciding at the same time, or here (the next sources).",
+        "from",
+        &[
+            ("holder", d.from_holder.load(Ordering::Relaxed) as f64),
+            ("fetching", d.from_fetching.load(Ordering::Relaxed) as f64),
+            ("deciding", d.from_deciding.load(Ordering::Relaxed) as f64),
+            ("here", d.here.load(Ordering::Relaxed) as f64),
+        ],
+    );
+    p.single(
+        "breakfs_rollout_failed_questions_total",
+        "counter",
+        "Questions to peers (which chunks they have) that failed or timed out.",
+        d.failed_questions.load(Ordering::Relaxed) as f64,
+    );
     let relay = svc.relay.status();
     p.by_label(
         "breakfs_relay_served_requests_total",

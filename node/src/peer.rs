@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use breakfs_fetch::{
-    ClientOptions, ContentStore, Error, RegistryRepo, Result, Source, SourceClass,
+    ChunkLoc, ClientOptions, ContentStore, Error, Plan, RegistryRepo, Result, Source, SourceClass,
 };
 use breakfs_index::{
     CacheIndex, Causes, Descriptor, Digest, HeldBlob, LinkStats, MAX_INDEX, PartialLayer,
@@ -188,6 +188,8 @@ pub struct Peers {
     links: Arc<Links>,
     /// Whether peers named in other peers' indexes are added.
     learn: std::sync::atomic::AtomicBool,
+    /// What it is fetching and deciding on, for peers asking directly.
+    pub(crate) rollout: crate::rollout::Rollout,
 }
 
 impl Peers {
@@ -215,6 +217,7 @@ impl Peers {
             holdings: Mutex::new(Holdings::default()),
             links,
             learn: std::sync::atomic::AtomicBool::new(true),
+            rollout: crate::rollout::Rollout::default(),
         });
         for u in urls {
             peers.add(u, true)?;
@@ -257,6 +260,16 @@ impl Peers {
     /// is reached at a different address from each place (NAT, proxies).
     pub fn set_learning(&self, on: bool) {
         self.learn.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// This node's id (its URL, normalized).
+    pub(crate) fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The HTTP client for peers.
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 
     /// The known peers' URLs.
@@ -498,6 +511,16 @@ impl Source for PeerSource {
 
     fn expand(&self, blob: &Digest) -> Option<Vec<Arc<dyn Source>>> {
         Some(self.peers.holders(blob))
+    }
+
+    /// The peers asked directly which chunks they have or are fetching
+    /// (`crate::rollout`).
+    fn plan<'a>(
+        &'a self,
+        blob: &'a Digest,
+        chunks: &'a [ChunkLoc],
+    ) -> Option<futures::future::BoxFuture<'a, Plan>> {
+        crate::rollout::plan(&self.peers, blob, chunks)
     }
 }
 

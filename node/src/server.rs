@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -30,6 +31,7 @@ use crate::mounts::MountTable;
 use crate::peer::{Peers, index_of_store};
 use crate::prefetch::{PrefetchRequest, Prefetcher};
 use crate::relay::{MAX_RELAY_RANGE, RELAY_HEADER, Refusal, Relay, RelayAsk};
+use crate::rollout::{MAX_WAIT, WAIT_HEADER};
 
 /// Counters of what the node served to peers and clients.
 #[derive(Default)]
@@ -42,6 +44,12 @@ pub(crate) struct Served {
     pub hits: AtomicU64,
     /// Requests for something not held.
     pub misses: AtomicU64,
+    /// Peer requests waiting now for a range this node is fetching.
+    pub waiting: AtomicU64,
+    /// Such waits that ended with the range held.
+    pub waits_served: AtomicU64,
+    /// Such waits that ended without it (the fetch failed or took too long).
+    pub waits_missed: AtomicU64,
 }
 
 /// Everything the node's servers answer from (built in one place,
@@ -91,6 +99,7 @@ pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>, origin: Origin
         .route("/v2", get(api_base))
         .route("/v2/{*rest}", get(distribution))
         .route("/cache/index", get(cache_index))
+        .route("/cache/have", post(crate::rollout::have))
         .route("/measurements", get(measurements))
         .route("/metrics", get(metrics))
         .route("/prefetch", get(prefetch_list))
@@ -287,6 +296,7 @@ async fn partial_blob(
     d: &Digest,
     headers: &HeaderMap,
 ) -> Response {
+    wait_in_flight(svc, d, headers).await;
     let held = match held_range(svc, d, headers).await {
         Ok(r) => r,
         Err(_) if headers.contains_key(RELAY_HEADER) => {
@@ -303,6 +313,36 @@ async fn partial_blob(
         .blob_bytes
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     range_answer(d, range.0, bytes)
+}
+
+/// When the closed range asked of `d` is not held but this node's running
+/// fetches cover it, wait for them: as long as the `Breakfs-Wait` header
+/// says (milliseconds), at most [`MAX_WAIT`], or 2 s without the header.
+async fn wait_in_flight(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) {
+    let Ok(Some((start, end))) = parse_range(headers, u64::MAX) else {
+        return;
+    };
+    if end == u64::MAX {
+        return;
+    }
+    let Some(flight) = svc.fetcher.range_flight(d, start, end).await else {
+        return;
+    };
+    let wait = headers
+        .get(WAIT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(2), Duration::from_millis)
+        .min(MAX_WAIT);
+    svc.served.waiting.fetch_add(1, Ordering::Relaxed);
+    let held = flight.wait(wait).await;
+    svc.served.waiting.fetch_sub(1, Ordering::Relaxed);
+    let outcome = if held {
+        &svc.served.waits_served
+    } else {
+        &svc.served.waits_missed
+    };
+    outcome.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The asked range of `d` from the verified ranges the store keeps, or

@@ -185,6 +185,62 @@ impl Inner {
     }
 }
 
+/// Running fetches of a range of a layer, to wait on
+/// ([`Fetcher::range_flight`]).
+pub struct RangeFlight {
+    store: Arc<ContentStore>,
+    layer: Digest,
+    start: u64,
+    end: u64,
+    waiters: Vec<tokio::sync::oneshot::Receiver<Outcome>>,
+}
+
+impl RangeFlight {
+    /// Wait, at most `wait`, for the fetches; whether the range is now
+    /// held. A fetch that fails answers `false` at once, without waiting
+    /// for the others.
+    pub async fn wait(self, wait: Duration) -> bool {
+        let all_stored = async {
+            let mut pending = self.waiters;
+            while !pending.is_empty() {
+                let (outcome, _, rest) = futures::future::select_all(pending).await;
+                if !matches!(outcome, Ok(Ok(()))) {
+                    return false;
+                }
+                pending = rest;
+            }
+            true
+        };
+        if !matches!(tokio::time::timeout(wait, all_stored).await, Ok(true)) {
+            return false;
+        }
+        let held = held_ranges(&self.store, &self.layer).await;
+        covered(&held, self.start, self.end)
+    }
+}
+
+/// The ranges of `layer` the store keeps, merged.
+async fn held_ranges(store: &Arc<ContentStore>, layer: &Digest) -> Vec<(u64, u64)> {
+    let (store, layer) = (store.clone(), layer.clone());
+    tokio::task::spawn_blocking(move || crate::cas::merge_ranges(&store.held_ranges(&layer)))
+        .await
+        .unwrap_or_default()
+}
+
+/// Whether `spans` (in any order, may overlap) cover `[start, end)`.
+fn covered(spans: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let mut spans = spans.to_vec();
+    spans.sort_unstable();
+    let mut pos = start;
+    for (s, e) in spans {
+        if s > pos {
+            break;
+        }
+        pos = pos.max(e);
+    }
+    pos >= end
+}
+
 /// How long a peer that failed a request is not asked: the next source
 /// (the cloud at the end) serves meanwhile.
 pub const PEER_REST: Duration = Duration::from_secs(30);
@@ -316,6 +372,38 @@ impl Fetcher {
                 reason: "the fetcher stopped".into(),
             }),
         }
+    }
+
+    /// Whether a worker is fetching chunk `chunk` at `offset` of `layer`
+    /// right now.
+    pub fn in_flight(&self, layer: &Digest, offset: u64, chunk: &Digest) -> bool {
+        queue::running(&self.inner, layer, offset, chunk)
+    }
+
+    /// The running fetches that will make bytes `[start, end)` of layer
+    /// `layer` held as verified ranges: `None` when they are held already,
+    /// or when running fetches do not cover what is not (nothing to wait
+    /// for). A peer asking for a range this node is fetching waits on it.
+    pub async fn range_flight(&self, layer: &Digest, start: u64, end: u64) -> Option<RangeFlight> {
+        // Waiters first, then what is held: a fetch that ends in between
+        // has kept its range before it tells its waiters.
+        let (spans, waiters) = queue::watch(&self.inner, layer, start, end);
+        if waiters.is_empty() {
+            return None;
+        }
+        let held = held_ranges(&self.inner.store, layer).await;
+        if covered(&held, start, end) {
+            return None;
+        }
+        let mut all = held;
+        all.extend(spans);
+        covered(&all, start, end).then(|| RangeFlight {
+            store: self.inner.store.clone(),
+            layer: layer.clone(),
+            start,
+            end,
+            waiters,
+        })
     }
 
     /// Make sure the whole blob `desc` is in the store (verified), fetching

@@ -102,6 +102,40 @@ pub(super) fn enqueue(inner: &Inner, loc: &ChunkLoc, prio: Priority) -> oneshot:
     rx
 }
 
+/// Waiters on the running jobs of layer `layer` whose members overlap
+/// `[start, end)`, with the spans of those members. (A scan of all jobs:
+/// peers ask rarely, and the queue holds thousands of jobs at most.)
+pub(super) fn watch(
+    inner: &Inner,
+    layer: &Digest,
+    start: u64,
+    end: u64,
+) -> (Vec<(u64, u64)>, Vec<oneshot::Receiver<Outcome>>) {
+    let mut st = inner.state.lock();
+    let mut spans = Vec::new();
+    let mut waiters = Vec::new();
+    for job in st.jobs.values_mut() {
+        let l = &job.loc;
+        if job.running && l.layer == *layer && l.offset < end && l.compressed_end > start {
+            spans.push((l.offset, l.compressed_end));
+            let (tx, rx) = oneshot::channel();
+            job.waiters.push(tx);
+            waiters.push(rx);
+        }
+    }
+    (spans, waiters)
+}
+
+/// Whether a worker runs the job of chunk `chunk` at `offset` of `layer`.
+pub(super) fn running(inner: &Inner, layer: &Digest, offset: u64, chunk: &Digest) -> bool {
+    inner
+        .state
+        .lock()
+        .jobs
+        .get(chunk)
+        .is_some_and(|j| j.running && j.loc.layer == *layer && j.loc.offset == offset)
+}
+
 /// One worker: takes the next batch and runs it, until the fetcher is dropped.
 pub(super) async fn worker(inner: Arc<Inner>) {
     while !inner.closed.load(Ordering::Relaxed) {

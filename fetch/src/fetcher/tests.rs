@@ -105,3 +105,149 @@ async fn a_lying_source_is_skipped_for_that_chunk_and_never_asked_again() {
     assert_eq!(liar.calls.load(Ordering::Relaxed), 1);
     assert_eq!(honest.calls.load(Ordering::Relaxed), 2);
 }
+
+/// A source that answers only once the test lets it: with the bytes of
+/// `blob`, or with an error.
+struct Gate {
+    blob: Vec<u8>,
+    open: tokio::sync::Semaphore,
+    fail: bool,
+}
+
+impl Source for Gate {
+    fn name(&self) -> String {
+        "cloud".into()
+    }
+    fn read_range<'a>(
+        &'a self,
+        _blob: &'a Digest,
+        start: u64,
+        len: u64,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let _pass = self.open.acquire().await.unwrap();
+            if self.fail {
+                return Err(crate::Error::NotFound {
+                    what: "the range at the gate".into(),
+                });
+            }
+            Ok(self.blob[start as usize..(start + len) as usize].to_vec())
+        })
+    }
+}
+
+/// A fetcher (keeping ranges, as a node does) whose only source is a gate,
+/// and a one-chunk layer in it.
+fn gated(fail: bool) -> (Fetcher, Arc<Gate>, ChunkLoc, tempfile::TempDir) {
+    let content = b"in flight".repeat(200);
+    let member = gzip(&content);
+    let loc = ChunkLoc {
+        layer: Digest::of(b"layer in flight"),
+        offset: 0,
+        compressed_end: member.len() as u64,
+        inner_offset: 0,
+        size: content.len() as u64,
+        digest: Digest::of(&content),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let gate = Arc::new(Gate {
+        blob: member,
+        open: tokio::sync::Semaphore::new(0),
+        fail,
+    });
+    let opts = FetchOptions {
+        keep_ranges: true,
+        attempts: 1,
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store, vec![gate.clone()], opts);
+    (f, gate, loc, dir)
+}
+
+/// Start fetching `loc` and wait until a worker runs it.
+async fn start_fetch(f: &Fetcher, loc: &ChunkLoc) -> tokio::task::JoinHandle<crate::Result<()>> {
+    let (f2, l2) = (f.clone(), loc.clone());
+    let reader = tokio::spawn(async move { f2.ensure(&l2, Priority::OnDemand, None).await });
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !f.in_flight(&loc.layer, loc.offset, &loc.digest) {
+        assert!(std::time::Instant::now() < until, "the fetch never started");
+        tokio::task::yield_now().await;
+    }
+    reader
+}
+
+#[tokio::test]
+async fn a_range_in_flight_is_waited_on_and_then_held() {
+    let (f, gate, loc, _dir) = gated(false);
+    // Nothing in flight, nothing held: nothing to wait on.
+    assert!(
+        f.range_flight(&loc.layer, 0, loc.compressed_end)
+            .await
+            .is_none()
+    );
+    let reader = start_fetch(&f, &loc).await;
+    let flight = f
+        .range_flight(&loc.layer, 0, loc.compressed_end)
+        .await
+        .expect("the running fetch covers the range");
+    // A range reaching past what is in flight is not waited on.
+    assert!(
+        f.range_flight(&loc.layer, 0, loc.compressed_end + 1)
+            .await
+            .is_none()
+    );
+    let waiter = tokio::spawn(flight.wait(Duration::from_secs(30)));
+    gate.open.add_permits(1);
+    assert!(
+        waiter.await.unwrap(),
+        "the range was not held after the fetch"
+    );
+    reader.await.unwrap().unwrap();
+    let held = f
+        .store()
+        .read_held(&loc.layer, 0, loc.compressed_end)
+        .unwrap();
+    assert_eq!(held.as_deref(), Some(&gate.blob[..]));
+    // Held now: answered from the store, nothing to wait on.
+    assert!(
+        f.range_flight(&loc.layer, 0, loc.compressed_end)
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_fetch_answers_a_waiter_at_once_and_a_stalled_one_within_its_bound() {
+    let (f, gate, loc, _dir) = gated(true);
+    let reader = start_fetch(&f, &loc).await;
+    let flight = f
+        .range_flight(&loc.layer, 0, loc.compressed_end)
+        .await
+        .unwrap();
+    let began = std::time::Instant::now();
+    let waiter = tokio::spawn(flight.wait(Duration::from_secs(60)));
+    gate.open.add_permits(1);
+    assert!(!waiter.await.unwrap());
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "a failed fetch kept its waiter {:?}",
+        began.elapsed()
+    );
+    assert!(reader.await.unwrap().is_err());
+
+    // A fetch that never ends: the waiter gives up at its bound.
+    let (f, _gate, loc, _dir) = gated(false);
+    let _reader = start_fetch(&f, &loc).await;
+    let flight = f
+        .range_flight(&loc.layer, 0, loc.compressed_end)
+        .await
+        .unwrap();
+    let began = std::time::Instant::now();
+    assert!(!flight.wait(Duration::from_millis(300)).await);
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use breakfs_index::{Causes, Digest};
 
-use super::health::{backoff, concrete_sources, passed_on, read_once, record_failure};
+use super::health::{backoff, passed_on, read_once, record_failure};
 use super::health::{rest, resting, retry_delays};
 use super::{ChunkLoc, Inner, Outcome};
-use crate::{ContentStore, Error, SourceClass};
+use crate::{ContentStore, Error, Source, SourceClass};
 
 /// Whether the members of `jobs` cover `[start, end)` without a hole.
 fn covers(jobs: &[ChunkLoc], start: u64, end: u64) -> bool {
@@ -27,13 +27,128 @@ fn covers(jobs: &[ChunkLoc], start: u64, end: u64) -> bool {
 }
 
 /// Fetch the chunks `jobs` of layer `layer` (first as the range
-/// `[start, end)`), trying each source in turn: every chunk is checked
-/// against its digest, and a chunk a source got wrong is asked of the next
-/// source and never again of that one. Verified ranges are kept for peers
-/// when the options say so.
+/// `[start, end)`). The planning sources (the peers, asked directly) say
+/// first which chunks to take from whom; those runs are asked of their
+/// planned source once, while the rest goes down the chain at the same
+/// time; what a planned source did not deliver goes down the chain after.
+/// Every chunk is checked against its digest, and a chunk a source got
+/// wrong is asked of the next source and never again of that one.
+/// Verified ranges are kept for peers when the options say so.
 pub(super) async fn fetch_verified(
     inner: &Arc<Inner>,
     layer: &Digest,
+    jobs: Vec<ChunkLoc>,
+    start: u64,
+    end: u64,
+) -> Vec<(Digest, Outcome)> {
+    let (chain, planned, rest) = plan(inner, layer, jobs).await;
+    if planned.is_empty() {
+        return down_the_chain(inner, layer, &chain, rest, start, end).await;
+    }
+    let asked = planned.into_iter().map(|(src, run)| {
+        let (s, e) = span(&run);
+        try_source(inner, layer, src, run, s, e, 1)
+    });
+    let chained = runs(rest).into_iter().map(|run| {
+        let (s, e) = span(&run);
+        down_the_chain(inner, layer, &chain, run, s, e)
+    });
+    let (asked, chained) = futures::future::join(
+        futures::future::join_all(asked),
+        futures::future::join_all(chained),
+    )
+    .await;
+    let mut done: Vec<(Digest, Outcome)> = chained.into_iter().flatten().collect();
+    let mut failed = Vec::new();
+    for t in asked {
+        done.extend(t.done);
+        failed.extend(t.failed);
+    }
+    let again = runs(failed).into_iter().map(|run| {
+        let (s, e) = span(&run);
+        down_the_chain(inner, layer, &chain, run, s, e)
+    });
+    done.extend(futures::future::join_all(again).await.into_iter().flatten());
+    done
+}
+
+/// The chain of sources for `layer` (planning sources left out: they had
+/// their say), and what those planning sources propose for `jobs`: runs of
+/// neighbouring chunks, each with the source to ask first, and the chunks
+/// planned for no one.
+async fn plan(
+    inner: &Inner,
+    layer: &Digest,
+    mut jobs: Vec<ChunkLoc>,
+) -> (
+    Vec<Arc<dyn Source>>,
+    Vec<(Arc<dyn Source>, Vec<ChunkLoc>)>,
+    Vec<ChunkLoc>,
+) {
+    jobs.sort_by_key(|j| j.offset);
+    let mut chain = Vec::new();
+    let mut first: Vec<Option<Arc<dyn Source>>> = vec![None; jobs.len()];
+    for s in &inner.sources {
+        if let Some(proposed) = s.plan(layer, &jobs) {
+            for (slot, p) in first.iter_mut().zip(proposed.await) {
+                if slot.is_none() {
+                    *slot = p;
+                }
+            }
+            continue;
+        }
+        match s.expand(layer) {
+            Some(list) => chain.extend(list),
+            None => chain.push(s.clone()),
+        }
+    }
+    let mut planned: Vec<(Arc<dyn Source>, Vec<ChunkLoc>)> = Vec::new();
+    let mut rest = Vec::new();
+    for (j, src) in jobs.into_iter().zip(first) {
+        let Some(src) = src else {
+            rest.push(j);
+            continue;
+        };
+        match planned.last_mut() {
+            Some((s, run))
+                if Arc::ptr_eq(s, &src)
+                    && run.last().is_some_and(|l| l.compressed_end == j.offset) =>
+            {
+                run.push(j)
+            }
+            _ => planned.push((src, vec![j])),
+        }
+    }
+    (chain, planned, rest)
+}
+
+/// `jobs` (sorted by offset) cut where one member does not end where the
+/// next starts.
+fn runs(mut jobs: Vec<ChunkLoc>) -> Vec<Vec<ChunkLoc>> {
+    jobs.sort_by_key(|j| j.offset);
+    let mut out: Vec<Vec<ChunkLoc>> = Vec::new();
+    for j in jobs {
+        match out.last_mut() {
+            Some(run) if run.last().is_some_and(|l| l.compressed_end == j.offset) => run.push(j),
+            _ => out.push(vec![j]),
+        }
+    }
+    out
+}
+
+/// The range the members of `jobs` span.
+fn span(jobs: &[ChunkLoc]) -> (u64, u64) {
+    let s = jobs.iter().map(|j| j.offset).min().unwrap_or(0);
+    let e = jobs.iter().map(|j| j.compressed_end).max().unwrap_or(s);
+    (s, e)
+}
+
+/// The chunks `jobs` (first as the range `[start, end)`) from each source
+/// of `chain` in turn, until none is left.
+async fn down_the_chain(
+    inner: &Arc<Inner>,
+    layer: &Digest,
+    chain: &[Arc<dyn Source>],
     jobs: Vec<ChunkLoc>,
     start: u64,
     end: u64,
@@ -42,113 +157,18 @@ pub(super) async fn fetch_verified(
     let mut pending = jobs;
     let (mut start, mut end) = (start, end);
     let mut last_error = String::from("no source is configured");
-    for src in concrete_sources(inner, layer) {
+    for src in chain {
         if pending.is_empty() {
             break;
         }
-        let name = src.name();
-        if resting(inner, &*src) {
-            continue;
+        let attempts = inner.opts.attempts.max(1);
+        let t = try_source(inner, layer, src.clone(), pending, start, end, attempts).await;
+        done.extend(t.done);
+        if let Some(e) = t.error {
+            last_error = e;
         }
-        {
-            let bad = inner.bad.lock();
-            if pending
-                .iter()
-                .any(|j| bad.contains(&(name.clone(), j.digest.clone())))
-            {
-                continue;
-            }
-        }
-        let len = end - start;
-        let mut got = None;
-        let mut delays = retry_delays();
-        for attempt in 0..inner.opts.attempts.max(1) {
-            let err = match read_once(inner, &*src, layer, start, len).await {
-                Ok(b) => {
-                    got = Some(b);
-                    break;
-                }
-                Err(e) => e,
-            };
-            record_failure(inner, &*src);
-            let fatal = passed_on(&err);
-            if !fatal || src.class() == SourceClass::Cloud {
-                tracing::warn!(source = %name, attempt, "range request failed: {err}", err = Causes(&err));
-            }
-            let rests = !fatal && rest(inner, &*src, &err);
-            last_error = Causes(&err).to_string();
-            if fatal || rests {
-                break;
-            }
-            if attempt + 1 < inner.opts.attempts {
-                backoff(&mut delays).await;
-            }
-        }
-        let Some(bytes) = got else {
-            continue;
-        };
-        let exact = covers(&pending, start, end);
-        let store = inner.store.clone();
-        let list = pending.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            let out: Vec<_> = list
-                .into_iter()
-                .map(|j| {
-                    let r = store_chunk(&store, &j, &bytes, start);
-                    (j, r)
-                })
-                .collect();
-            (out, bytes)
-        })
-        .await;
-        let Ok((checked, bytes)) = checked else {
-            last_error = "a worker thread failed".into();
-            continue;
-        };
-        let mut failed = Vec::new();
-        {
-            let mut s = inner.stats.lock();
-            for (j, r) in checked {
-                match r {
-                    Ok(()) => {
-                        s.chunks_stored += 1;
-                        s.chunk_bytes_stored += j.size;
-                        done.push((j.digest, Ok(())));
-                    }
-                    Err(Refused::Wrong(e)) => {
-                        s.digest_failures += 1;
-                        tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}; the bytes were not used");
-                        inner.bad.lock().insert((name.clone(), j.digest.clone()));
-                        src.wrong_bytes();
-                        last_error = e;
-                        failed.push(j);
-                    }
-                    Err(Refused::Store(e)) => {
-                        tracing::error!(chunk = %j.digest, layer = %j.layer, "{e}");
-                        last_error = e;
-                        failed.push(j);
-                    }
-                }
-            }
-        }
-        if failed.is_empty() && exact && inner.opts.keep_ranges && src.class() != SourceClass::Local
-        {
-            let store = inner.store.clone();
-            let layer = layer.clone();
-            let kept =
-                tokio::task::spawn_blocking(move || store.put_range(&layer, start, &bytes)).await;
-            if let Ok(Err(e)) = kept {
-                tracing::warn!("keeping a verified range failed: {e}", e = Causes(&e));
-            }
-        }
-        pending = failed;
-        if let (Some(lo), Some(hi)) = (
-            pending.iter().map(|j| j.offset).min(),
-            pending.iter().map(|j| j.compressed_end).max(),
-        ) {
-            start = lo;
-            end = hi;
-        }
+        pending = t.failed;
+        (start, end) = span(&pending);
     }
     done.extend(
         pending
@@ -156,6 +176,133 @@ pub(super) async fn fetch_verified(
             .map(|j| (j.digest, Err(last_error.clone()))),
     );
     done
+}
+
+/// What one source did for a range.
+struct Tried {
+    /// Chunks verified and stored.
+    done: Vec<(Digest, Outcome)>,
+    /// Chunks it did not deliver (or delivered wrong).
+    failed: Vec<ChunkLoc>,
+    /// The last error, if there was one.
+    error: Option<String>,
+}
+
+/// The chunks `pending` as the range `[start, end)` of `layer` from `src`,
+/// in up to `attempts` attempts: each chunk checked and stored, the range
+/// kept when all of it checked out.
+async fn try_source(
+    inner: &Arc<Inner>,
+    layer: &Digest,
+    src: Arc<dyn Source>,
+    pending: Vec<ChunkLoc>,
+    start: u64,
+    end: u64,
+    attempts: u32,
+) -> Tried {
+    let name = src.name();
+    let mut tried = Tried {
+        done: Vec::new(),
+        failed: Vec::new(),
+        error: None,
+    };
+    let skip = resting(inner, &*src) || {
+        let bad = inner.bad.lock();
+        pending
+            .iter()
+            .any(|j| bad.contains(&(name.clone(), j.digest.clone())))
+    };
+    if skip {
+        tried.failed = pending;
+        return tried;
+    }
+    let len = end - start;
+    let mut got = None;
+    let mut delays = retry_delays();
+    for attempt in 0..attempts {
+        let err = match read_once(inner, &*src, layer, start, len).await {
+            Ok(b) => {
+                got = Some(b);
+                break;
+            }
+            Err(e) => e,
+        };
+        record_failure(inner, &*src);
+        let fatal = passed_on(&err);
+        if !fatal || src.class() == SourceClass::Cloud {
+            tracing::warn!(source = %name, attempt, "range request failed: {err}", err = Causes(&err));
+        }
+        let rests = !fatal && rest(inner, &*src, &err);
+        tried.error = Some(Causes(&err).to_string());
+        if fatal || rests {
+            break;
+        }
+        if attempt + 1 < attempts {
+            backoff(&mut delays).await;
+        }
+    }
+    let Some(bytes) = got else {
+        tried.failed = pending;
+        return tried;
+    };
+    let exact = covers(&pending, start, end);
+    let store = inner.store.clone();
+    let list = pending.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let out: Vec<_> = list
+            .into_iter()
+            .map(|j| {
+                let r = store_chunk(&store, &j, &bytes, start);
+                (j, r)
+            })
+            .collect();
+        (out, bytes)
+    })
+    .await;
+    let Ok((checked, bytes)) = checked else {
+        tried.error = Some("a worker thread failed".into());
+        tried.failed = pending;
+        return tried;
+    };
+    {
+        let mut s = inner.stats.lock();
+        for (j, r) in checked {
+            match r {
+                Ok(()) => {
+                    s.chunks_stored += 1;
+                    s.chunk_bytes_stored += j.size;
+                    tried.done.push((j.digest, Ok(())));
+                }
+                Err(Refused::Wrong(e)) => {
+                    s.digest_failures += 1;
+                    tracing::error!(chunk = %j.digest, layer = %j.layer, source = %name, "{e}; the bytes were not used");
+                    inner.bad.lock().insert((name.clone(), j.digest.clone()));
+                    src.wrong_bytes();
+                    tried.error = Some(e);
+                    tried.failed.push(j);
+                }
+                Err(Refused::Store(e)) => {
+                    tracing::error!(chunk = %j.digest, layer = %j.layer, "{e}");
+                    tried.error = Some(e);
+                    tried.failed.push(j);
+                }
+            }
+        }
+    }
+    if tried.failed.is_empty()
+        && exact
+        && inner.opts.keep_ranges
+        && src.class() != SourceClass::Local
+    {
+        let store = inner.store.clone();
+        let layer = layer.clone();
+        let kept =
+            tokio::task::spawn_blocking(move || store.put_range(&layer, start, &bytes)).await;
+        if let Ok(Err(e)) = kept {
+            tracing::warn!("keeping a verified range failed: {e}", e = Causes(&e));
+        }
+    }
+    tried
 }
 
 /// Why a fetched chunk was not stored.

@@ -1,0 +1,708 @@
+//! Rollouts: one cloud fetch per cluster. When the nodes of a cluster
+//! start the same new image at once, each chunk should cross the cloud
+//! link once. Before a node fetches a range, it asks each peer directly
+//! (`POST /cache/have`, one small request per peer for the range's chunks,
+//! answered from memory) whether it has each chunk, is fetching it, or is
+//! deciding right now too; a peer that has a chunk serves it, a peer that
+//! is fetching it is waited on (its server holds the request until its own
+//! fetch ends, bounded), and the rest is fetched from the next sources.
+//!
+//! Two nodes deciding on one chunk at once both learn it (each registers
+//! before it asks, and a question that reaches a deciding node counts as an
+//! answer "deciding"), and the one with the smaller id fetches while the
+//! other waits on it; waits only go to smaller ids or to nodes already
+//! fetching, so they never form a cycle. A wait that fails (the peer died,
+//! stalled, or its fetch failed) costs a retry from the next source, never
+//! a failed read; every chunk is still checked against its digest.
+
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use breakfs_fetch::{ChunkLoc, Error, PEER_REST, Plan, Result, Source, SourceClass};
+use breakfs_index::{Causes, Digest};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::peer::{PEER_REPO, Peers};
+use crate::server::NodeService;
+
+/// The header in which a peer says how long it waits for a range this
+/// node is fetching (milliseconds).
+pub(crate) const WAIT_HEADER: &str = "breakfs-wait";
+
+/// Longest a node holds a peer's request for a range it is fetching.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a question to a peer may take before the peer is passed over.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Chunks in one question at most (a batch is a few MiB: far fewer).
+const MAX_QUERY_CHUNKS: usize = 4096;
+
+/// Flights kept at most before old finished ones are dropped.
+const MAX_FLIGHTS: usize = 8192;
+
+/// A question to a peer: which of these chunks of `layer` it has.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HaveQuery {
+    /// The asking node's id (its URL).
+    pub node: String,
+    /// The layer blob.
+    pub layer: Digest,
+    /// The chunks, by digest and member span in the layer.
+    pub chunks: Vec<AskedChunk>,
+}
+
+/// One chunk asked about.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AskedChunk {
+    /// sha256 of the uncompressed chunk.
+    pub digest: Digest,
+    /// Offset of its gzip member in the layer.
+    pub offset: u64,
+    /// End of its member.
+    pub end: u64,
+}
+
+/// A peer's answer: per chunk asked, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HaveAnswer {
+    /// The answering node's id (its URL).
+    pub node: String,
+    /// Per chunk asked.
+    pub chunks: Vec<Holding>,
+}
+
+/// What a node says of one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Holding {
+    /// It holds the chunk's member as verified bytes.
+    Have,
+    /// It is fetching it from a source that is not a peer.
+    Fetching,
+    /// It is asking its peers about it right now.
+    Deciding,
+    /// Neither (or it waits on another peer for it).
+    Neither,
+}
+
+/// Where one chunk this node fetches stands.
+enum Stage {
+    /// Asking the peers; who asked this node about it meanwhile.
+    Deciding(BTreeSet<String>),
+    /// Fetched from the chain (store, relays, cloud), not from a peer.
+    Fetching,
+    /// Waiting on a peer.
+    Waiting,
+}
+
+struct Flight {
+    layer: Digest,
+    offset: u64,
+    stage: Stage,
+    at: Instant,
+}
+
+/// What a node decided for the chunks it fetched, by kind (for metrics).
+#[derive(Default)]
+pub(crate) struct Decisions {
+    /// Taken from a peer that had them.
+    pub(crate) from_holder: AtomicU64,
+    /// Waited on a peer that was fetching them.
+    pub(crate) from_fetching: AtomicU64,
+    /// Waited on a peer deciding at the same time, with a smaller id.
+    pub(crate) from_deciding: AtomicU64,
+    /// Fetched here (no peer had them or was getting them).
+    pub(crate) here: AtomicU64,
+    /// Questions to peers that failed.
+    pub(crate) failed_questions: AtomicU64,
+}
+
+/// The rollout state of a node: its flights and the peers it passes over.
+#[derive(Default)]
+pub(crate) struct Rollout {
+    flights: Mutex<HashMap<Digest, Flight>>,
+    resting: Mutex<HashMap<String, Instant>>,
+    /// What was decided.
+    pub(crate) decisions: Decisions,
+    /// How long this node waits on a peer's fetch.
+    wait: Mutex<Option<Duration>>,
+}
+
+impl Rollout {
+    /// Wait at most `wait` on a peer's fetch (by default 5 s).
+    pub(crate) fn set_wait(&self, wait: Duration) {
+        *self.wait.lock() = Some(wait.min(MAX_WAIT));
+    }
+
+    fn wait(&self) -> Duration {
+        self.wait.lock().unwrap_or(Duration::from_secs(5))
+    }
+
+    fn resting(&self, url: &str) -> bool {
+        let mut r = self.resting.lock();
+        match r.get(url) {
+            Some(t) if *t > Instant::now() => true,
+            Some(_) => {
+                r.remove(url);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Register `chunks` as being decided; the guard forgets those still
+    /// undecided when dropped.
+    fn deciding<'a>(&'a self, layer: &Digest, chunks: &'a [ChunkLoc]) -> Deciding<'a> {
+        let mut f = self.flights.lock();
+        if f.len() > MAX_FLIGHTS {
+            let old = Duration::from_secs(120);
+            f.retain(|_, x| matches!(x.stage, Stage::Deciding(_)) || x.at.elapsed() < old);
+        }
+        for c in chunks {
+            f.insert(
+                c.digest.clone(),
+                Flight {
+                    layer: layer.clone(),
+                    offset: c.offset,
+                    stage: Stage::Deciding(BTreeSet::new()),
+                    at: Instant::now(),
+                },
+            );
+        }
+        Deciding {
+            rollout: self,
+            chunks,
+        }
+    }
+
+    /// What this node says of chunk `c` of `layer` to `asker`, from its
+    /// flights (`running`: whether its fetcher runs the chunk's job); a
+    /// question reaching a chunk being decided is remembered.
+    fn holding(&self, layer: &Digest, c: &AskedChunk, asker: &str, running: bool) -> Holding {
+        let mut f = self.flights.lock();
+        let Some(x) = f
+            .get_mut(&c.digest)
+            .filter(|x| x.layer == *layer && x.offset == c.offset)
+        else {
+            return Holding::Neither;
+        };
+        match &mut x.stage {
+            Stage::Deciding(asked) => {
+                if asked.len() < 256 {
+                    asked.insert(asker.to_string());
+                }
+                Holding::Deciding
+            }
+            Stage::Fetching if running => Holding::Fetching,
+            _ => Holding::Neither,
+        }
+    }
+}
+
+/// Chunks being decided; undecided ones are forgotten on drop.
+struct Deciding<'a> {
+    rollout: &'a Rollout,
+    chunks: &'a [ChunkLoc],
+}
+
+impl Drop for Deciding<'_> {
+    fn drop(&mut self) {
+        let mut f = self.rollout.flights.lock();
+        for c in self.chunks {
+            if f.get(&c.digest)
+                .is_some_and(|x| matches!(x.stage, Stage::Deciding(_)))
+            {
+                f.remove(&c.digest);
+            }
+        }
+    }
+}
+
+/// A peer as the decision sees it.
+struct PeerView {
+    /// Its id (what it calls itself; its URL when it did not answer).
+    id: String,
+    /// Its answer, per chunk, if it answered.
+    answer: Option<Vec<Holding>>,
+    /// Per chunk, whether it asked this node about it while this node was
+    /// deciding.
+    asked_me: Vec<bool>,
+    /// The expected cost of a read from it.
+    cost: f64,
+}
+
+/// Per chunk (of `n`), the peer to take it from (an index into `peers`),
+/// or `None`: fetch it here. A peer that has it comes first, then one
+/// fetching it, then the smallest id deciding on it too below `me`; the
+/// previous chunk's peer is kept when it is as good, so that neighbours
+/// make one request.
+fn choose(me: &str, peers: &[PeerView], n: usize) -> Vec<Option<(usize, Holding)>> {
+    let mut out: Vec<Option<(usize, Holding)>> = Vec::with_capacity(n);
+    for i in 0..n {
+        let rank = |p: &PeerView| -> Option<(u8, Holding)> {
+            let said = p.answer.as_ref().and_then(|a| a.get(i)).copied();
+            match said {
+                Some(Holding::Have) => Some((0, Holding::Have)),
+                Some(Holding::Fetching) => Some((1, Holding::Fetching)),
+                Some(Holding::Deciding) if p.id.as_str() < me => Some((2, Holding::Deciding)),
+                _ if p.asked_me.get(i) == Some(&true) && p.id.as_str() < me => {
+                    Some((2, Holding::Deciding))
+                }
+                _ => None,
+            }
+        };
+        let best = peers.iter().filter_map(rank).map(|(r, _)| r).min();
+        let Some(best) = best else {
+            out.push(None);
+            continue;
+        };
+        let prev = out
+            .last()
+            .copied()
+            .flatten()
+            .filter(|(k, _)| rank(&peers[*k]).is_some_and(|(r, _)| r == best));
+        let pick = prev.map(|(k, _)| k).or_else(|| {
+            (0..peers.len())
+                .filter(|&k| rank(&peers[k]).is_some_and(|(r, _)| r == best))
+                .min_by(|&a, &b| {
+                    if best == 2 {
+                        peers[a].id.cmp(&peers[b].id)
+                    } else {
+                        peers[a].cost.total_cmp(&peers[b].cost)
+                    }
+                })
+        });
+        out.push(pick.and_then(|k| rank(&peers[k]).map(|(_, h)| (k, h))));
+    }
+    out
+}
+
+/// The peers' plan for `chunks` of `layer` ([`Source::plan`]): `None` when
+/// there is no peer to ask.
+pub(crate) fn plan<'a>(
+    peers: &'a Peers,
+    layer: &'a Digest,
+    chunks: &'a [ChunkLoc],
+) -> Option<BoxFuture<'a, Plan>> {
+    let r = &peers.rollout;
+    let urls: Vec<String> = peers.urls().into_iter().filter(|u| !r.resting(u)).collect();
+    if urls.is_empty() || chunks.is_empty() || chunks.len() > MAX_QUERY_CHUNKS {
+        return None;
+    }
+    Some(Box::pin(async move {
+        let deciding = r.deciding(layer, chunks);
+        let query = HaveQuery {
+            node: peers.me().to_string(),
+            layer: layer.clone(),
+            chunks: chunks
+                .iter()
+                .map(|c| AskedChunk {
+                    digest: c.digest.clone(),
+                    offset: c.offset,
+                    end: c.compressed_end,
+                })
+                .collect(),
+        };
+        let answers = futures::future::join_all(urls.iter().map(|u| ask(peers, u, &query))).await;
+        let mut views: Vec<PeerView> = urls
+            .iter()
+            .zip(answers)
+            .map(|(u, a)| PeerView {
+                id: a.as_ref().map_or_else(|| u.clone(), |a| a.node.clone()),
+                answer: a.map(|a| a.chunks),
+                asked_me: vec![false; chunks.len()],
+                cost: peers.links().cost(u, 1 << 20),
+            })
+            .collect();
+        let picks = {
+            let mut f = r.flights.lock();
+            for (i, c) in chunks.iter().enumerate() {
+                if let Some(Flight {
+                    stage: Stage::Deciding(asked),
+                    ..
+                }) = f.get(&c.digest)
+                {
+                    for v in views.iter_mut().filter(|v| asked.contains(&v.id)) {
+                        v.asked_me[i] = true;
+                    }
+                }
+            }
+            let picks = choose(peers.me(), &views, chunks.len());
+            for (c, p) in chunks.iter().zip(&picks) {
+                if let Some(x) = f.get_mut(&c.digest) {
+                    x.stage = match p {
+                        Some(_) => Stage::Waiting,
+                        None => Stage::Fetching,
+                    };
+                    x.at = Instant::now();
+                }
+            }
+            picks
+        };
+        drop(deciding);
+        let d = &r.decisions;
+        let wait = r.wait();
+        let mut sources: HashMap<usize, Arc<dyn Source>> = HashMap::new();
+        picks
+            .into_iter()
+            .map(|p| {
+                let counter = match p.map(|(_, h)| h) {
+                    Some(Holding::Have) => &d.from_holder,
+                    Some(Holding::Fetching) => &d.from_fetching,
+                    Some(_) => &d.from_deciding,
+                    None => &d.here,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let (k, _) = p?;
+                let src = sources.entry(k).or_insert_with(|| {
+                    Arc::new(PeerWait {
+                        url: urls[k].clone(),
+                        host: host_of(&urls[k]),
+                        client: peers.client().clone(),
+                        wait,
+                        links: peers.links().clone(),
+                    })
+                });
+                Some(src.clone())
+            })
+            .collect()
+    }))
+}
+
+/// Ask the peer at `url` about `query`; `None` (and the peer passed over
+/// for a while) when it does not answer in time or answers nonsense.
+async fn ask(peers: &Peers, url: &str, query: &HaveQuery) -> Option<HaveAnswer> {
+    let began = Instant::now();
+    let r = async {
+        let resp = peers
+            .client()
+            .post(format!("{url}/cache/have"))
+            .json(query)
+            .timeout(QUERY_TIMEOUT)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| Causes(&e).to_string())?;
+        let max = 64 + 16 * query.chunks.len();
+        let body = breakfs_fetch::guard::body_within(resp, max + 1024, "a have answer")
+            .await
+            .map_err(|e| Causes(&e).to_string())?;
+        let a: HaveAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        if a.chunks.len() != query.chunks.len() {
+            return Err(format!(
+                "it answered for {} chunks, not the {} asked",
+                a.chunks.len(),
+                query.chunks.len()
+            ));
+        }
+        Ok(a)
+    }
+    .await;
+    match r {
+        Ok(a) => {
+            peers.links().rtt(url, began.elapsed().as_secs_f64());
+            Some(a)
+        }
+        Err(e) => {
+            let rollout = &peers.rollout;
+            rollout
+                .decisions
+                .failed_questions
+                .fetch_add(1, Ordering::Relaxed);
+            peers.links().failure(url);
+            tracing::warn!(peer = %url, "asking which chunks it has failed: {e}; not asked again for {PEER_REST:?}");
+            rollout
+                .resting
+                .lock()
+                .insert(url.to_string(), Instant::now() + PEER_REST);
+            None
+        }
+    }
+}
+
+/// `POST /cache/have`: which of the chunks asked this node has, is
+/// fetching, or is deciding on.
+pub(crate) async fn have(State(svc): State<Arc<NodeService>>, body: axum::body::Bytes) -> Response {
+    let q: HaveQuery = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => {
+            let why = format!(
+                "the body is not a have query ({{\"node\", \"layer\", \"chunks\": [{{\"digest\", \"offset\", \"end\"}}]}}): {e}\n"
+            );
+            return (StatusCode::BAD_REQUEST, why).into_response();
+        }
+    };
+    if q.chunks.len() > MAX_QUERY_CHUNKS {
+        let why = format!("at most {MAX_QUERY_CHUNKS} chunks per question\n");
+        return (StatusCode::BAD_REQUEST, why).into_response();
+    }
+    let held = {
+        let (store, layer) = (svc.store.clone(), q.layer.clone());
+        tokio::task::spawn_blocking(move || {
+            if store.has_blob(&layer) {
+                None
+            } else {
+                Some(breakfs_fetch::merge_ranges(&store.held_ranges(&layer)))
+            }
+        })
+        .await
+        .unwrap_or(Some(Vec::new()))
+    };
+    let chunks = q
+        .chunks
+        .iter()
+        .map(|c| {
+            let have = match &held {
+                None => true,
+                Some(h) => h.iter().any(|&(s, e)| s <= c.offset && c.end <= e),
+            };
+            if have && c.offset < c.end {
+                return Holding::Have;
+            }
+            let running = svc.fetcher.in_flight(&q.layer, c.offset, &c.digest);
+            svc.peers.rollout.holding(&q.layer, c, &q.node, running)
+        })
+        .collect();
+    let answer = HaveAnswer {
+        node: svc.node_url.clone(),
+        chunks,
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&answer).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// `HOST:PORT` of a peer URL (as the peers' names in the fetch chain say
+/// it), or the URL itself.
+fn host_of(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+        .unwrap_or_else(|| url.to_string())
+}
+
+/// A peer that has, or is fetching, chunks: read with a request its server
+/// holds (at most `wait`) until its own fetch of them ends.
+struct PeerWait {
+    url: String,
+    host: String,
+    client: reqwest::Client,
+    wait: Duration,
+    links: Arc<crate::peer::Links>,
+}
+
+impl Source for PeerWait {
+    fn name(&self) -> String {
+        format!("peer {}", self.host)
+    }
+
+    fn class(&self) -> SourceClass {
+        SourceClass::Peer
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        blob: &'a Digest,
+        start: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let what = format!("bytes {start}+{len} of {blob} at peer {}", self.url);
+            let r = self.get(blob, start, len, &what).await;
+            if matches!(r, Err(Error::Unavailable { .. })) {
+                self.links.failure(&self.url);
+            }
+            r
+        })
+    }
+
+    fn observe(&self, bytes: u64, secs: f64) {
+        self.links.transfer(&self.url, bytes, secs);
+    }
+}
+
+impl PeerWait {
+    async fn get(&self, blob: &Digest, start: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+        let failed = |reason: String| Error::Unavailable {
+            what: what.to_string(),
+            reason,
+        };
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let resp = self
+            .client
+            .get(format!("{}/v2/{PEER_REPO}/blobs/{blob}", self.url))
+            .header(header::RANGE, format!("bytes={start}-{}", start + len - 1))
+            .header(WAIT_HEADER, self.wait.as_millis().to_string())
+            // The wait, then the transfer: a range of a few MiB on a
+            // cluster link.
+            .timeout(self.wait + Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| failed(Causes(&e).to_string()))?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::NOT_FOUND => {
+                return Err(Error::NotFound {
+                    what: what.to_string(),
+                });
+            }
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                return Err(Error::Busy {
+                    what: what.to_string(),
+                    reason: format!("the peer answered {}", resp.status()),
+                });
+            }
+            s => return Err(failed(format!("the peer answered {s}"))),
+        }
+        let body = breakfs_fetch::guard::body_within(resp, len as usize, "a range from a peer")
+            .await
+            .map_err(|e| failed(Causes(&e).to_string()))?;
+        if body.len() as u64 != len {
+            return Err(failed(format!("got {} of {len} bytes", body.len())));
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(id: &str, answer: Option<Vec<Holding>>, asked_me: Vec<bool>, cost: f64) -> PeerView {
+        PeerView {
+            id: id.into(),
+            answer,
+            asked_me,
+            cost,
+        }
+    }
+
+    #[test]
+    fn holders_come_first_then_fetchers_then_smaller_ids_deciding() {
+        use Holding::*;
+        let peers = [
+            view(
+                "http://a",
+                Some(vec![Deciding, Deciding, Neither]),
+                vec![false; 3],
+                1.0,
+            ),
+            view(
+                "http://c",
+                Some(vec![Fetching, Have, Neither]),
+                vec![false; 3],
+                2.0,
+            ),
+            view(
+                "http://d",
+                Some(vec![Have, Deciding, Neither]),
+                vec![false; 3],
+                3.0,
+            ),
+        ];
+        let picks = choose("http://b", &peers, 3);
+        assert_eq!(picks, vec![Some((2, Have)), Some((1, Have)), None]);
+        // Nobody has or fetches the first chunk: the smaller id deciding.
+        let peers = [
+            view("http://c", Some(vec![Deciding]), vec![false], 1.0),
+            view("http://a", Some(vec![Deciding]), vec![false], 2.0),
+        ];
+        assert_eq!(choose("http://b", &peers, 1), vec![Some((1, Deciding))]);
+    }
+
+    #[test]
+    fn two_nodes_deciding_at_once_agree_on_who_fetches() {
+        use Holding::*;
+        // b answered "none" to a (a asked before b registered), but b's
+        // question reached a while a decided: a counts b as deciding.
+        let at_a = [view("http://b", Some(vec![Neither]), vec![true], 1.0)];
+        let at_b = [view("http://a", Some(vec![Deciding]), vec![false], 1.0)];
+        // a is the smaller id: a fetches, b waits on a.
+        assert_eq!(choose("http://a", &at_a, 1), vec![None]);
+        assert_eq!(choose("http://b", &at_b, 1), vec![Some((0, Deciding))]);
+        // A peer that did not answer and never asked is not waited on.
+        let at_b = [view("http://a", Option::None, vec![false], 1.0)];
+        assert_eq!(choose("http://b", &at_b, 1), vec![None]);
+    }
+
+    #[test]
+    fn neighbours_stay_with_one_peer_when_it_is_as_good() {
+        use Holding::*;
+        let peers = [
+            view(
+                "http://a",
+                Some(vec![Have, Have, Have]),
+                vec![false; 3],
+                2.0,
+            ),
+            view(
+                "http://c",
+                Some(vec![Neither, Have, Have]),
+                vec![false; 3],
+                1.0,
+            ),
+        ];
+        let picks: Vec<usize> = choose("http://b", &peers, 3)
+            .into_iter()
+            .map(|p| p.unwrap().0)
+            .collect();
+        assert_eq!(picks, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn questions_reaching_a_deciding_chunk_are_remembered() {
+        let r = Rollout::default();
+        let layer = Digest::of(b"layer");
+        let loc = ChunkLoc {
+            layer: layer.clone(),
+            offset: 10,
+            compressed_end: 20,
+            inner_offset: 0,
+            size: 5,
+            digest: Digest::of(b"chunk"),
+        };
+        let asked = AskedChunk {
+            digest: loc.digest.clone(),
+            offset: 10,
+            end: 20,
+        };
+        assert_eq!(
+            r.holding(&layer, &asked, "http://x", true),
+            Holding::Neither
+        );
+        let chunks = [loc];
+        {
+            let _d = r.deciding(&layer, &chunks);
+            assert_eq!(
+                r.holding(&layer, &asked, "http://x", true),
+                Holding::Deciding
+            );
+            let f = r.flights.lock();
+            let Some(Flight {
+                stage: Stage::Deciding(by),
+                ..
+            }) = f.get(&chunks[0].digest)
+            else {
+                panic!("not deciding");
+            };
+            assert!(by.contains("http://x"));
+        }
+        // Dropped undecided: forgotten.
+        assert_eq!(
+            r.holding(&layer, &asked, "http://x", true),
+            Holding::Neither
+        );
+    }
+}
