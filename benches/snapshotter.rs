@@ -1,0 +1,499 @@
+//! The containerd snapshotter end to end, through a 50 ms / 50 Mbit/s
+//! shaped link (`breakfs shape`) in front of a real docker-registry, with
+//! a private containerd 1.6 per flow (its own root, state and socket) and,
+//! for the breakfs flows, a fresh `breakfs node --snapshotter-socket`
+//! behind its `[proxy_plugins.breakfs]`. Each flow is timed from the
+//! start of the pull to the end of the command (`--version` of the
+//! image's binary plus a read of the whole binary):
+//!
+//! * cold node: `ctr-remote image rpull --plain-http --snapshotter
+//!   breakfs` of the refactored v1 + `ctr run --snapshotter breakfs`
+//!   (lazy layers), against `ctr image pull --plain-http` + `ctr run` of
+//!   the original gzip v1 with containerd's own overlayfs snapshotter;
+//! * version update: v1 was pulled and run on the node, then v2 is
+//!   deployed (timed: v2 only): the refactored v2 (refactored after v1
+//!   into the same layout, so it shares v1's unchanged layers), against
+//!   the originals converted per layer by `ctr-remote image convert
+//!   --estargz --oci` and rpulled through the same breakfs snapshotter (no
+//!   refactoring, no peers).
+//!
+//! The ratios are of times measured in the same run (medians of `--runs`
+//! runs, fresh node and containerd each run).
+//!
+//! `cargo bench --bench snapshotter -- [FAMILY...] [--runs N]` (default
+//! redis, 3 runs); writes docs/results/snapshotter.md. Needs root, FUSE,
+//! overlayfs, containerd 1.6, ctr, ctr-remote, runc, skopeo and
+//! docker-registry.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/support/containerd.rs"]
+#[allow(dead_code)]
+mod containerd;
+#[path = "../tests/support/corpus.rs"]
+mod corpus;
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "../tests/support/registry.rs"]
+#[allow(dead_code)]
+mod registry;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use containerd::{ContainerdOptions, NAMESPACE, PULL_TIMEOUT, TestContainerd, output_with_timeout};
+use corpus::CorpusImage;
+use harness::{Env, Node, Shaper, median, run, skopeo_copy};
+use registry::TestRegistry;
+
+const RTT_MS: u64 = 50;
+const MBIT: u64 = 50;
+const PLUGIN: &str = "breakfs";
+const DEFAULT_FAMILIES: &[&str] = &["redis"];
+const OVERLAY_LABEL: &str = "containerd 1.6 overlayfs, original gzip image";
+const ESTARGZ_LABEL: &str = "eStargz per layer via the breakfs snapshotter";
+const BREAKFS_LABEL: &str = "breakfs snapshotter, refactored image";
+
+fn main() -> Result<()> {
+    let mut names: Vec<String> = Vec::new();
+    let mut runs = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "--runs" => {
+                runs = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .context("--runs takes a positive number")?;
+            }
+            f if f.starts_with('-') => bail!("unknown flag {f}"),
+            f => names.push(f.to_string()),
+        }
+    }
+    if names.is_empty() {
+        names = DEFAULT_FAMILIES.iter().map(|s| s.to_string()).collect();
+    }
+    let families: Vec<&str> = names.iter().map(String::as_str).collect();
+    let images = corpus::build_families(&families)?;
+
+    let reg = TestRegistry::start();
+    let shaper = Shaper::start(&reg.host(), RTT_MS, MBIT)?;
+    let tmpdir = tempfile::Builder::new()
+        .prefix("snapbench")
+        .tempdir_in("/tmp")?;
+    let env = Env {
+        tmp: tmpdir.path().to_path_buf(),
+        run_dir: tmpdir.path().join("run"),
+        link: shaper.addr.clone(),
+    };
+    std::fs::create_dir_all(&env.run_dir)?;
+
+    let mut rows = Vec::new();
+    for fam in &families {
+        let pick = |tag: &str| {
+            images
+                .iter()
+                .find(|i| i.family == *fam && i.tag == tag)
+                .cloned()
+                .with_context(|| format!("the corpus has no {fam} {tag}"))
+        };
+        let (v1, v2) = (pick("v1")?, pick("v2")?);
+        let refs = publish(&env, &reg, &v1, &v2)?;
+        let command = command_of(&v1);
+        let mut got = Figures::default();
+        for r in 0..runs {
+            eprintln!("bench: {fam} run {}/{runs}", r + 1);
+            got.cold_breakfs.push(cold_breakfs(&env, &refs, &command)?);
+            got.cold_overlay.push(cold_overlay(&env, &refs, &command)?);
+            got.update_breakfs.push(update(
+                &env,
+                &refs.refactored_v1,
+                &refs.refactored_v2,
+                &command,
+            )?);
+            got.update_estargz
+                .push(update(&env, &refs.estargz_v1, &refs.estargz_v2, &command)?);
+        }
+        rows.push((fam.to_string(), refs, got));
+    }
+    drop(shaper);
+    harness::write_report("snapshotter", &report(&rows, runs))?;
+    Ok(())
+}
+
+/// The references of one family's images, as containerd reaches them
+/// (through the shaped link), and their sizes.
+struct Refs {
+    original_v1: String,
+    refactored_v1: String,
+    refactored_v2: String,
+    estargz_v1: String,
+    estargz_v2: String,
+    /// Per image: (what, compressed layer bytes, layer digests).
+    sizes: Vec<(&'static str, u64, Vec<String>)>,
+}
+
+#[derive(Default)]
+struct Figures {
+    cold_breakfs: Vec<Timed>,
+    cold_overlay: Vec<Timed>,
+    update_breakfs: Vec<Timed>,
+    update_estargz: Vec<Timed>,
+}
+
+/// One flow's seconds: the pull alone, and pull to command done.
+#[derive(Clone, Copy)]
+struct Timed {
+    pull: f64,
+    total: f64,
+}
+
+impl Timed {
+    fn since(start: Instant, pulled: Instant) -> Timed {
+        Timed {
+            pull: (pulled - start).as_secs_f64(),
+            total: start.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+fn totals(v: &[Timed]) -> f64 {
+    median(&v.iter().map(|t| t.total).collect::<Vec<_>>())
+}
+
+fn pulls(v: &[Timed]) -> f64 {
+    median(&v.iter().map(|t| t.pull).collect::<Vec<_>>())
+}
+
+/// The image's command and a read of its whole binary, in one shell.
+fn command_of(image: &CorpusImage) -> Vec<String> {
+    let binary = corpus::family(image.family)
+        .map(|f| f.binary)
+        .unwrap_or("/usr/bin/redis-server");
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "{} >/dev/null && cat {binary} >/dev/null",
+            image.command.join(" ")
+        ),
+    ]
+}
+
+/// Push the originals, the refactored v1 and v2 (v2 refactored after v1
+/// into the same layout) and the per-layer eStargz conversions of the
+/// originals to the registry, directly (not through the shaped link).
+fn publish(env: &Env, reg: &TestRegistry, v1: &CorpusImage, v2: &CorpusImage) -> Result<Refs> {
+    let fam = v1.family;
+    let layout = env.fresh(&format!("{fam}-refactored"))?;
+    let work = env.tmp.join(format!("{fam}-work"));
+    for img in [v1, v2] {
+        eprintln!("bench: refactoring {fam} {}", img.tag);
+        run(
+            env.breakfs()
+                .args(["refactor", "--work-dir"])
+                .arg(&work)
+                .arg("--to")
+                .arg(format!("oci:{}", layout.display()))
+                .arg(&img.reference),
+            "breakfs refactor",
+        )?;
+        skopeo_copy(
+            &format!("oci:{}:{}", layout.display(), img.tag),
+            &reg.reference(&format!("refactored/{fam}:{}", img.tag)),
+        )?;
+        skopeo_copy(
+            &img.reference,
+            &reg.reference(&format!("original/{fam}:{}", img.tag)),
+        )?;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    // The eStargz conversions, made by ctr-remote in a containerd of
+    // their own that reaches the registry directly.
+    let ctrd = TestContainerd::start()?;
+    for tag in ["v1", "v2"] {
+        let original = format!("{}/original/{fam}:{tag}", reg.host());
+        let esgz = format!("{}/estargz/{fam}:{tag}", reg.host());
+        eprintln!("bench: converting {original} to eStargz");
+        ctrd.pull_plain_http(&original)?;
+        ctr_remote(
+            &ctrd,
+            &["image", "convert", "--estargz", "--oci", &original, &esgz],
+        )?;
+        ctrd.ctr_checked(&["image", "push", "--plain-http", &esgz], PULL_TIMEOUT)?;
+    }
+    drop(ctrd);
+    let layers = |repo: &str| -> Result<(u64, Vec<String>)> {
+        let raw = run(
+            Command::new("skopeo").args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{}/{repo}", reg.host()),
+            ]),
+            "skopeo inspect",
+        )?;
+        let m: serde_json::Value = serde_json::from_str(&raw)?;
+        let all: Vec<&serde_json::Value> = m["layers"].as_array().into_iter().flatten().collect();
+        Ok((
+            all.iter().filter_map(|l| l["size"].as_u64()).sum(),
+            all.iter()
+                .filter_map(|l| l["digest"].as_str().map(str::to_string))
+                .collect(),
+        ))
+    };
+    let mut sizes = Vec::new();
+    for (what, repo) in [
+        ("original v1", format!("original/{fam}:v1")),
+        ("original v2", format!("original/{fam}:v2")),
+        ("refactored v1", format!("refactored/{fam}:v1")),
+        ("refactored v2", format!("refactored/{fam}:v2")),
+        ("eStargz v1", format!("estargz/{fam}:v1")),
+        ("eStargz v2", format!("estargz/{fam}:v2")),
+    ] {
+        let (bytes, digests) = layers(&repo)?;
+        sizes.push((what, bytes, digests));
+    }
+    let at = |repo: &str| format!("{}/{repo}", env.link);
+    Ok(Refs {
+        original_v1: at(&format!("original/{fam}:v1")),
+        refactored_v1: at(&format!("refactored/{fam}:v1")),
+        refactored_v2: at(&format!("refactored/{fam}:v2")),
+        estargz_v1: at(&format!("estargz/{fam}:v1")),
+        estargz_v2: at(&format!("estargz/{fam}:v2")),
+        sizes,
+    })
+}
+
+fn ctr_remote(ctrd: &TestContainerd, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("ctr-remote");
+    cmd.arg("--address")
+        .arg(ctrd.address())
+        .args(["--namespace", NAMESPACE])
+        .args(args);
+    let out = output_with_timeout(&mut cmd, PULL_TIMEOUT)?;
+    ensure!(
+        out.status.success(),
+        "ctr-remote {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A fresh node daemon serving the snapshots API and a private containerd
+/// using it; containerd goes first when dropped.
+struct Lab {
+    ctrd: TestContainerd,
+    node: Node,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn start(env: &Env, name: &str) -> Result<Lab> {
+        let dir = env.fresh(name)?;
+        let sock = dir.join("snap.sock");
+        let sock_arg = sock.to_string_lossy().into_owned();
+        let node = Node::start(env, &dir, &["--snapshotter-socket", &sock_arg], "info")?;
+        let ctrd = TestContainerd::start_with(ContainerdOptions {
+            snapshotter: Some(PLUGIN.into()),
+            extra_config: format!(
+                "[proxy_plugins.{PLUGIN}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                sock.display()
+            ),
+            ..Default::default()
+        })?;
+        Ok(Lab { ctrd, node, dir })
+    }
+
+    fn rpull(&self, reference: &str) -> Result<()> {
+        ctr_remote(
+            &self.ctrd,
+            &[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                PLUGIN,
+                reference,
+            ],
+        )
+        .with_context(|| self.logs())
+    }
+
+    fn run(&self, reference: &str, command: &[String]) -> Result<()> {
+        run_in(&self.ctrd, reference, command).with_context(|| self.logs())
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "containerd log:\n{}\nnode log ({}):\n{}",
+            self.ctrd.log(),
+            self.dir.display(),
+            self.node.log_text()
+        )
+    }
+}
+
+fn run_in(ctrd: &TestContainerd, reference: &str, command: &[String]) -> Result<()> {
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    let out = ctrd.run(reference, &args)?;
+    ensure!(
+        out.status.success(),
+        "{command:?} in {reference} exited with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Seconds from `rpull` of the refactored v1 to its command done, on a
+/// cold node.
+fn cold_breakfs(env: &Env, refs: &Refs, command: &[String]) -> Result<Timed> {
+    let lab = Lab::start(env, "cold-breakfs")?;
+    let t = Instant::now();
+    lab.rpull(&refs.refactored_v1)?;
+    let pulled = Instant::now();
+    lab.run(&refs.refactored_v1, command)?;
+    Ok(Timed::since(t, pulled))
+}
+
+/// Seconds from `ctr image pull` of the original v1 to its command done,
+/// with containerd's own overlayfs snapshotter, on a cold node.
+fn cold_overlay(env: &Env, refs: &Refs, command: &[String]) -> Result<Timed> {
+    let _dir = env.fresh("cold-overlay")?;
+    let ctrd = TestContainerd::start_with(ContainerdOptions {
+        snapshotter: Some("overlayfs".into()),
+        ..Default::default()
+    })?;
+    ensure!(
+        ctrd.plugin_ok("io.containerd.snapshotter.v1", "overlayfs")?,
+        "containerd's overlayfs snapshotter does not work here"
+    );
+    let t = Instant::now();
+    ctrd.pull_plain_http(&refs.original_v1)?;
+    let pulled = Instant::now();
+    run_in(&ctrd, &refs.original_v1, command)?;
+    Ok(Timed::since(t, pulled))
+}
+
+/// Seconds from `rpull` of `v2` to its command done, on a node that
+/// pulled and ran `v1` before (not timed).
+fn update(env: &Env, v1: &str, v2: &str, command: &[String]) -> Result<Timed> {
+    let lab = Lab::start(env, "update")?;
+    lab.rpull(v1)?;
+    lab.run(v1, command)?;
+    let t = Instant::now();
+    lab.rpull(v2)?;
+    let pulled = Instant::now();
+    lab.run(v2, command)?;
+    Ok(Timed::since(t, pulled))
+}
+
+fn report(rows: &[(String, Refs, Figures)], runs: usize) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Time from the start of the pull to the command done (`--version` \
+         of the image's binary, then a read of the whole binary), through a \
+         {RTT_MS} ms / {MBIT} Mbit/s link (`breakfs shape`) in front of a real \
+         docker-registry; a private containerd 1.6 and, for the breakfs flows, \
+         a fresh `breakfs node --snapshotter-socket` per run (no peers). \
+         Medians of {runs} run(s); the ratios are of times measured in the same \
+         run of this benchmark. Built with the dev profile (opt-level 1 for \
+         breakfs, 2 for dependencies), not a release build.\n"
+    );
+    let _ = writeln!(
+        md,
+        "* Cold node: `ctr-remote image rpull --plain-http --snapshotter breakfs` \
+         of the refactored v1 + `ctr run --snapshotter breakfs` (lazy layers), \
+         against `ctr image pull --plain-http` + `ctr run` of the original v1 \
+         ({OVERLAY_LABEL}). Target: ≤ 0.3×.\n\
+         * Version update: v1 was pulled and run on the node, then v2 is \
+         deployed (only v2 timed): the refactored v2 (refactored after v1 into \
+         the same layout, sharing v1's unchanged layers), against the originals \
+         converted per layer by `ctr-remote image convert --estargz --oci` and \
+         rpulled the same way ({ESTARGZ_LABEL}; no refactoring, no peers). \
+         Target: ≤ 0.6×.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| family | case | {BREAKFS_LABEL} (s) | baseline | baseline (s) | ratio | target |\n\
+         |---|---|---:|---|---:|---:|---:|"
+    );
+    for (fam, _, f) in rows {
+        let (cb, co) = (totals(&f.cold_breakfs), totals(&f.cold_overlay));
+        let (ub, ue) = (totals(&f.update_breakfs), totals(&f.update_estargz));
+        let _ = writeln!(
+            md,
+            "| {fam} | cold node, v1 | {cb:.2} | {OVERLAY_LABEL} | {co:.2} | {:.2}× | ≤ 0.3× |",
+            cb / co
+        );
+        let _ = writeln!(
+            md,
+            "| {fam} | version update v1→v2 | {ub:.2} | {ESTARGZ_LABEL} | {ue:.2} | {:.2}× | ≤ 0.6× |",
+            ub / ue
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nPull alone (median s): cold breakfs / overlayfs; update breakfs / eStargz:\n"
+    );
+    for (fam, _, f) in rows {
+        let _ = writeln!(
+            md,
+            "* {fam}: {:.2} / {:.2}; {:.2} / {:.2}",
+            pulls(&f.cold_breakfs),
+            pulls(&f.cold_overlay),
+            pulls(&f.update_breakfs),
+            pulls(&f.update_estargz)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery run (s, pull to command done, and the pull alone):\n"
+    );
+    for (fam, _, f) in rows {
+        let list = |v: &[Timed]| {
+            v.iter()
+                .map(|x| format!("{:.2} (pull {:.2})", x.total, x.pull))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            md,
+            "* {fam}: cold breakfs {}; cold overlayfs {}; update breakfs {}; update eStargz {}",
+            list(&f.cold_breakfs),
+            list(&f.cold_overlay),
+            list(&f.update_breakfs),
+            list(&f.update_estargz)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nImages (compressed layer bytes, layers; a v2's layers also in its v1):\n"
+    );
+    for (fam, refs, _) in rows {
+        let mut sizes: Vec<String> = Vec::new();
+        for (i, (w, b, d)) in refs.sizes.iter().enumerate() {
+            let mut s = format!("{w} {:.1} MB, {} layers", harness::mb(*b), d.len());
+            // The list goes v1, v2 per kind: a v2 follows its v1.
+            if i % 2 == 1 {
+                let v1 = &refs.sizes[i - 1].2;
+                let _ = write!(
+                    s,
+                    " ({} shared)",
+                    d.iter().filter(|x| v1.contains(x)).count()
+                );
+            }
+            sizes.push(s);
+        }
+        let _ = writeln!(md, "* {fam}: {}", sizes.join("; "));
+    }
+    md
+}
