@@ -576,6 +576,8 @@ fn a_container_reads_on_across_daemon_restarts() {
                   if cat \"$f\" >/dev/null 2>/out/err; then n=$((n+1)); echo $n >/out/n; \
                   else echo \"$f\" >>/out/fail; cat /out/err >>/out/fail; fi; done; \
                   echo pass >>/out/passes; done";
+    // runc's state of a container outlives a failed run: a fresh ID.
+    let id = format!("reader-{}", std::process::id());
     let mount = format!(
         "type=bind,src={},dst=/out,options=rbind:rw",
         out_dir.display()
@@ -588,7 +590,7 @@ fn a_container_reads_on_across_daemon_restarts() {
         "--mount",
         &mount,
         &reference,
-        "reader",
+        &id,
         "sh",
         "-c",
         script,
@@ -642,10 +644,23 @@ fn a_container_reads_on_across_daemon_restarts() {
         snapshots,
         "snapshots lost across restarts"
     );
-    let listed_by_ctr = ok(lab
-        .ctrd
-        .ctr()
-        .args(["snapshots", "--snapshotter", PLUGIN, "ls"]));
+    // containerd redials the restarted daemon's socket after its gRPC
+    // back-off: wait for that, not for a time.
+    let mut listed_by_ctr = String::new();
+    wait_for(
+        Duration::from_secs(60),
+        "containerd reaches the restarted snapshotter",
+        || {
+            let out = lab
+                .ctrd
+                .ctr()
+                .args(["snapshots", "--snapshotter", PLUGIN, "ls"])
+                .output()
+                .unwrap();
+            listed_by_ctr = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.status.success()
+        },
+    );
     for (key, _) in &snapshots {
         // The daemon's keys are containerd's `NAMESPACE/N/NAME`; ctr shows NAME.
         let name = key.rsplit('/').next().unwrap_or(key);
@@ -662,23 +677,20 @@ fn a_container_reads_on_across_daemon_restarts() {
     );
     assert!(out.contains("Redis server v="), "{out}");
 
-    ok(lab
-        .ctrd
-        .ctr()
-        .args(["task", "kill", "-s", "SIGKILL", "reader"]));
+    ok(lab.ctrd.ctr().args(["task", "kill", "-s", "SIGKILL", &id]));
     wait_for(Duration::from_secs(30), "the reader stops", || {
         ok(lab.ctrd.ctr().args(["task", "ls"]))
             .lines()
-            .all(|l| !l.starts_with("reader"))
+            .all(|l| !l.starts_with(&id))
             || lab
                 .ctrd
                 .ctr()
-                .args(["task", "delete", "reader"])
+                .args(["task", "delete", &id])
                 .output()
                 .is_ok_and(|o| o.status.success())
     });
-    let _ = lab.ctrd.ctr().args(["task", "delete", "reader"]).output();
-    ok(lab.ctrd.ctr().args(["container", "rm", "reader"]));
+    let _ = lab.ctrd.ctr().args(["task", "delete", &id]).output();
+    ok(lab.ctrd.ctr().args(["container", "rm", &id]));
     lab.remove(&reference);
     wait_for(Duration::from_secs(30), "the snapshots are removed", || {
         listed(&lab.sock).is_empty()
