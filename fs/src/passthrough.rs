@@ -64,6 +64,9 @@ struct State {
     whole: HashSet<u64>,
     /// Multi-chunk inodes whose whole-file copy is being written.
     writing: HashSet<u64>,
+    /// Multi-chunk inodes whose chunks do not make their file's digest:
+    /// read through the daemon only (which serves the chunks).
+    refused: HashSet<u64>,
 }
 
 /// How an open is to be answered.
@@ -156,7 +159,7 @@ impl Passthrough {
             return Answer::Backing(id);
         }
         let mut write_whole = false;
-        if self.active() && !st.daemon_opens.contains_key(&ino) {
+        if self.active() && !st.daemon_opens.contains_key(&ino) && !st.refused.contains(&ino) {
             match backing(n, store, st.whole.contains(&ino)) {
                 Backing::Here(path) => match File::open(&path) {
                     Ok(f) => match reply.open_backing(&f) {
@@ -223,7 +226,7 @@ impl Passthrough {
             }
             {
                 let mut st = self.state.lock();
-                if st.whole.contains(&ino) || !st.writing.insert(ino) {
+                if st.whole.contains(&ino) || st.refused.contains(&ino) || !st.writing.insert(ino) {
                     continue;
                 }
             }
@@ -234,21 +237,24 @@ impl Passthrough {
     /// Write the whole-file copy of multi-chunk file `ino` (marked as
     /// being written), and remember it if it checks out.
     fn write_whole(&self, tree: &Tree, store: &ContentStore, ino: u64) {
-        let ok = match tree.node(ino) {
+        let checked = match tree.node(ino) {
             Some(n) if n.chunks.iter().all(|c| c.is_present(store)) => match whole_copy(store, n) {
-                Ok(ok) => ok,
+                Ok(ok) => Some(ok),
                 Err(e) => {
+                    // Tried again at a later open.
                     tracing::warn!(path = %n.entry.path, "writing its whole-file copy for passthrough: {e}");
-                    false
+                    None
                 }
             },
-            _ => false,
+            _ => None,
         };
         let mut st = self.state.lock();
         st.writing.remove(&ino);
-        if ok {
-            st.whole.insert(ino);
-        }
+        match checked {
+            Some(true) => st.whole.insert(ino),
+            Some(false) => st.refused.insert(ino),
+            None => false,
+        };
     }
 }
 
@@ -341,5 +347,108 @@ fn whole_copy(store: &ContentStore, n: &Node) -> std::io::Result<bool> {
             let _ = std::fs::remove_file(&temp);
             r
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use breakfs_index::{Digest, Entry};
+
+    use super::*;
+    use crate::tree::FileChunk;
+
+    /// A file of `parts` as chunks in `store`, its entry's digest `digest`.
+    fn file(store: &ContentStore, parts: &[&[u8]], digest: Digest) -> Node {
+        let mut entry = Entry::new("f", EntryKind::File);
+        entry.digest = Some(digest);
+        let mut chunks = Vec::new();
+        let mut off = 0;
+        for p in parts {
+            let d = Digest::of(p);
+            store.put_chunk(&d, p).unwrap();
+            let c = FileChunk::new(off, p.len() as u64, d, None);
+            off += p.len() as u64;
+            chunks.push(c);
+        }
+        entry.size = off;
+        Node {
+            entry,
+            parent: 1,
+            children: Vec::new(),
+            nlink: 1,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn a_file_of_several_chunks_is_backed_by_its_checked_whole_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let parts: [&[u8]; 3] = [b"first ", b"second ", b"third"];
+        let whole = Digest::of(b"first second third");
+        let n = file(&store, &parts, whole.clone());
+        assert!(matches!(backing(&n, &store, false), Backing::Whole));
+        assert!(whole_copy(&store, &n).unwrap());
+        assert_eq!(
+            std::fs::read(store.chunk_path(&whole)).unwrap(),
+            b"first second third"
+        );
+        match backing(&n, &store, true) {
+            Backing::Here(p) => assert_eq!(p, store.chunk_path(&whole)),
+            _ => panic!("no backing file once the copy checked out"),
+        }
+        // A copy already there is checked again, and kept.
+        assert!(whole_copy(&store, &n).unwrap());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_toc_whose_file_digest_lies_about_its_chunks_gets_no_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        // The digest of other bytes the store holds: passing through to
+        // them would serve what the daemon never would.
+        let other = b"other bytes here..".to_vec();
+        store.put_chunk(&Digest::of(&other), &other).unwrap();
+        let n = file(
+            &store,
+            &[b"first ", b"second ", b"third"],
+            Digest::of(&other),
+        );
+        assert!(!whole_copy(&store, &n).unwrap());
+        assert!(matches!(backing(&n, &store, false), Backing::Whole));
+        assert_eq!(
+            std::fs::read(store.chunk_path(&Digest::of(&other))).unwrap(),
+            other
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_file_of_one_chunk_is_backed_by_its_chunk_file_and_a_missing_one_by_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let n = file(&store, &[b"only chunk"], Digest::of(b"only chunk"));
+        match backing(&n, &store, false) {
+            Backing::Here(p) => assert_eq!(p, store.chunk_path(&Digest::of(b"only chunk"))),
+            _ => panic!("a present one-chunk file has its chunk file"),
+        }
+        let mut absent = Entry::new("g", EntryKind::File);
+        absent.size = 4;
+        let missing = Node {
+            entry: absent,
+            parent: 1,
+            children: Vec::new(),
+            nlink: 1,
+            chunks: vec![FileChunk::new(0, 4, Digest::of(b"gone"), None)],
+        };
+        assert!(matches!(backing(&missing, &store, false), Backing::No));
     }
 }
