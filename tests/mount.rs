@@ -80,7 +80,7 @@ impl Mount {
     }
 
     /// A status record written after this call.
-    fn fresh_status(&self) -> serde_json::Value {
+    pub(crate) fn fresh_status(&self) -> serde_json::Value {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -134,7 +134,7 @@ impl Mount {
     }
 
     /// Overlayfs with this mount as the lower layer, upper on tmpfs.
-    fn overlay(&mut self, dir: &Path) -> PathBuf {
+    pub(crate) fn overlay(&mut self, dir: &Path) -> PathBuf {
         let (scratch, merged) = (dir.join("scratch"), dir.join("merged"));
         for d in [&scratch, &merged] {
             std::fs::create_dir_all(d).unwrap();

@@ -579,6 +579,12 @@ pub fn skopeo_copy(from: &str, to: &str) -> Result<()> {
 /// the command, machine and date above it to docs/results/`name`.md (the
 /// results the README links to).
 pub fn write_report(name: &str, md: &str) -> Result<()> {
+    write_report_of(name, name, md)
+}
+
+/// [`write_report`] of bench `bench` under another `name` (a partial run
+/// that must not replace the bench's full report).
+pub fn write_report_of(bench: &str, name: &str, md: &str) -> Result<()> {
     println!("{md}");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = root.join(format!("target/bench-{name}.md"));
@@ -590,9 +596,9 @@ pub fn write_report(name: &str, md: &str) -> Result<()> {
         .filter(|a| a != "--bench")
         .collect();
     let command = if args.is_empty() {
-        format!("cargo bench --bench {name}")
+        format!("cargo bench --bench {bench}")
     } else {
-        format!("cargo bench --bench {name} -- {}", args.join(" "))
+        format!("cargo bench --bench {bench} -- {}", args.join(" "))
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

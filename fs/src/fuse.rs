@@ -19,6 +19,7 @@ use fuser::{
 };
 use serde::Serialize;
 
+use crate::passthrough::{FH_DAEMON, Passthrough};
 use crate::tree::{Node, Tree, read_from_store};
 
 /// How long the kernel may cache entries and attributes: an image never changes.
@@ -35,6 +36,8 @@ pub struct ReadStats {
     pub reads_waited: AtomicU64,
     /// Reads that failed with `EIO`.
     pub reads_failed: AtomicU64,
+    /// Opens passed through to a backing file (their reads never come here).
+    pub passthrough_opens: AtomicU64,
 }
 
 /// A snapshot of [`ReadStats`].
@@ -48,6 +51,9 @@ pub struct ReadCounts {
     pub reads_waited: u64,
     /// Reads that failed with `EIO`.
     pub reads_failed: u64,
+    /// Opens passed through to a backing file (their reads never come here).
+    #[serde(default)]
+    pub passthrough_opens: u64,
 }
 
 impl ReadStats {
@@ -58,6 +64,7 @@ impl ReadStats {
             reads_local: self.reads_local.load(Ordering::Relaxed),
             reads_waited: self.reads_waited.load(Ordering::Relaxed),
             reads_failed: self.reads_failed.load(Ordering::Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
         }
     }
 }
@@ -74,6 +81,10 @@ pub struct ImageFs {
     /// at INIT, shared so that the mount can hand the decision on with its
     /// connection (a session that takes the connection over sees no INIT).
     no_open: Arc<AtomicBool>,
+    /// The kernel does without opendir/releasedir.
+    no_opendir: AtomicBool,
+    /// Opens of hydrated files passed through to their backing files.
+    passthrough: Arc<Passthrough>,
     /// Dependency-aware prefetch, if on.
     deps: Option<Arc<crate::deps::DepPrefetch>>,
 }
@@ -140,8 +151,23 @@ impl ImageFs {
             stats,
             open_files: Mutex::new(Default::default()),
             no_open: Arc::new(AtomicBool::new(false)),
+            no_opendir: AtomicBool::new(false),
+            passthrough: Arc::new(Passthrough::new(false)),
             deps: None,
         }
+    }
+
+    /// Ask the kernel for FUSE passthrough at INIT (a mount whose session
+    /// one process serves throughout; see [`crate::passthrough`]).
+    pub(crate) fn with_passthrough(mut self, wanted: bool) -> ImageFs {
+        self.passthrough = Arc::new(Passthrough::new(wanted));
+        self
+    }
+
+    /// The mount's passthrough state (hydration writes whole-file copies
+    /// through it).
+    pub(crate) fn passthrough(&self) -> Arc<Passthrough> {
+        self.passthrough.clone()
     }
 
     /// Also fetch what programs will load next when they are first read
@@ -160,6 +186,7 @@ impl ImageFs {
     /// What an earlier session's INIT decided about opens.
     pub(crate) fn with_no_open(self, no_open: bool) -> ImageFs {
         self.no_open.store(no_open, Ordering::Relaxed);
+        self.no_opendir.store(no_open, Ordering::Relaxed);
         self
     }
 
@@ -296,13 +323,30 @@ impl fuser::Filesystem for ImageFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_ASYNC_READ,
         );
+        // Hydrated files read by the kernel from their backing files: a
+        // stacking depth of 1 lets overlayfs (a container's rootfs) still
+        // go on top (the kernel allows 2 levels), and needs the store on
+        // an unstacked filesystem (else registering fails: no passthrough).
+        let passthrough = self.passthrough.wanted()
+            && config.set_max_stack_depth(1).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+        if passthrough {
+            self.passthrough.activate();
+        } else {
+            let _ = config.set_max_stack_depth(0);
+        }
         // An image never changes: with zero-message opens the kernel keeps
         // the page cache and sends no open/release per file (the cost of a
-        // warm read of many small files).
-        let no_open = config
-            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+        // warm read of many small files). Passthrough needs the opens.
+        let no_open = !passthrough
+            && config
+                .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                .is_ok();
+        let no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
             .is_ok();
         self.no_open.store(no_open, Ordering::Relaxed);
+        self.no_opendir.store(no_opendir, Ordering::Relaxed);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -348,7 +392,33 @@ impl fuser::Filesystem for ImageFs {
             // Tells the kernel to stop sending opens (it keeps the cache).
             return reply.error(Errno::ENOSYS);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        if self.passthrough.negotiated() {
+            let store = self.fetcher.store();
+            if self
+                .passthrough
+                .open(ino.0, &self.tree, store, &self.rt, reply)
+            {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        reply.opened(FileHandle(FH_DAEMON), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.passthrough.negotiated() {
+            self.passthrough.released(ino.0, fh.0);
+        }
+        reply.ok();
     }
 
     fn read(
@@ -475,7 +545,9 @@ impl fuser::Filesystem for ImageFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
-            Some(n) if n.entry.kind == EntryKind::Dir && self.no_open.load(Ordering::Relaxed) => {
+            Some(n)
+                if n.entry.kind == EntryKind::Dir && self.no_opendir.load(Ordering::Relaxed) =>
+            {
                 reply.error(Errno::ENOSYS)
             }
             Some(n) if n.entry.kind == EntryKind::Dir => reply.opened(

@@ -17,6 +17,7 @@ mod fuse;
 mod image;
 mod inspect;
 mod mount;
+mod passthrough;
 mod tree;
 
 pub use deps::{ElfDependencies, elf_dependencies};

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fuse::{ImageFs, ReadCounts, ReadStats, now_secs};
 use crate::image::{LayerMode, OpenedImage};
+use crate::passthrough::Passthrough;
 use crate::tree::Tree;
 use crate::{Error, Result};
 
@@ -247,11 +248,20 @@ pub struct FuseConnection {
 pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
     let abs = check_mountpoint(mountpoint)?;
     let reads = Arc::new(ReadStats::default());
-    let fs = image_fs(&opened, opts, reads.clone());
+    let fs = image_fs(&opened, opts, reads.clone(), false);
+    let passthrough = fs.passthrough();
     let session = Session::new(fs, &abs, &fuse_config(&opened, opts, false))
         .and_then(Session::spawn)
         .map_err(|e| mount_failed(&abs, e))?;
-    Ok(serving(opened, abs, opts, session, reads, false))
+    Ok(serving(
+        opened,
+        abs,
+        opts,
+        session,
+        reads,
+        passthrough,
+        false,
+    ))
 }
 
 /// [`mount`], handing out the mount's FUSE connection besides: a process
@@ -267,7 +277,8 @@ pub fn mount_resumable(
 ) -> Result<(Mounted, FuseConnection)> {
     let abs = check_mountpoint(mountpoint)?;
     let reads = Arc::new(ReadStats::default());
-    let fs = image_fs(&opened, opts, reads.clone());
+    let fs = image_fs(&opened, opts, reads.clone(), true);
+    let passthrough = fs.passthrough();
     let no_open = fs.no_open_flag();
     let session = Session::new(fs, &abs, &fuse_config(&opened, opts, true))
         .map_err(|e| mount_failed(&abs, e))?;
@@ -281,7 +292,10 @@ pub fn mount_resumable(
         no_open: no_open.load(Ordering::Relaxed),
     };
     let session = session.spawn().map_err(|e| mount_failed(&abs, e))?;
-    Ok((serving(opened, abs, opts, session, reads, false), conn))
+    Ok((
+        serving(opened, abs, opts, session, reads, passthrough, false),
+        conn,
+    ))
 }
 
 /// Serve `conn`, the live connection of a mount at `mountpoint` that an
@@ -300,7 +314,8 @@ pub fn resume(
 ) -> Result<Mounted> {
     let abs = mountpoint.to_path_buf();
     let reads = Arc::new(ReadStats::default());
-    let fs = image_fs(&opened, opts, reads.clone()).with_no_open(conn.no_open);
+    let fs = image_fs(&opened, opts, reads.clone(), true).with_no_open(conn.no_open);
+    let passthrough = fs.passthrough();
     if let Err(e) = resend(&conn.fd) {
         tracing::warn!(
             "asking the kernel to resend the requests of {}'s previous server: {e}; \
@@ -317,7 +332,15 @@ pub fn resume(
     )
     .spawn()
     .map_err(|e| mount_failed(&abs, e))?;
-    Ok(serving(opened, abs, opts, session, reads, true))
+    Ok(serving(
+        opened,
+        abs,
+        opts,
+        session,
+        reads,
+        passthrough,
+        true,
+    ))
 }
 
 /// `FUSE_NOTIFY_RESEND`: the kernel puts every request it sent on the
@@ -340,7 +363,15 @@ fn mount_failed(abs: &Path, e: std::io::Error) -> Error {
     }
 }
 
-fn image_fs(opened: &OpenedImage, opts: &MountOptions, reads: Arc<ReadStats>) -> ImageFs {
+/// The filesystem of a mount; a `resumable` one gets no passthrough: a
+/// later process serving its connection would not know the backing ids
+/// the kernel holds (see docs/reads.md).
+fn image_fs(
+    opened: &OpenedImage,
+    opts: &MountOptions,
+    reads: Arc<ReadStats>,
+    resumable: bool,
+) -> ImageFs {
     ImageFs::new(
         opened.tree.clone(),
         opened.fetcher.clone(),
@@ -348,6 +379,7 @@ fn image_fs(opened: &OpenedImage, opts: &MountOptions, reads: Arc<ReadStats>) ->
         reads,
     )
     .with_dependency_prefetch(opts.dependency_prefetch)
+    .with_passthrough(!resumable)
 }
 
 fn fuse_config(opened: &OpenedImage, opts: &MountOptions, resumable: bool) -> Config {
@@ -374,6 +406,7 @@ fn serving(
     opts: &MountOptions,
     session: BackgroundSession,
     reads: Arc<ReadStats>,
+    passthrough: Arc<Passthrough>,
     resumed: bool,
 ) -> Mounted {
     let hydration = Arc::new(Hydration::default());
@@ -415,7 +448,9 @@ fn serving(
             .filter(|(_, m)| **m == LayerMode::Lazy)
             .map(|(d, _)| d.clone())
             .collect();
-        tokio::spawn(async move { hydrate(tree, fetcher, hydration, enabled, lazy).await });
+        tokio::spawn(
+            async move { hydrate(tree, fetcher, hydration, enabled, lazy, passthrough).await },
+        );
     }
     Mounted {
         session: Some(session),
@@ -439,6 +474,7 @@ async fn hydrate(
     h: Arc<Hydration>,
     enabled: bool,
     lazy: Vec<Descriptor>,
+    passthrough: Arc<Passthrough>,
 ) {
     let store = fetcher.store().clone();
     loop {
@@ -454,6 +490,10 @@ async fn hydrate(
             .filter(|c| !c.is_present(&store) && c.loc.is_some())
             .collect();
         if missing.is_empty() {
+            // Big files' backing files before "hydrated": reads after it
+            // pass through from their first open.
+            let (t, s) = (tree.clone(), store.clone());
+            let _ = tokio::task::spawn_blocking(move || passthrough.write_all_whole(&t, &s)).await;
             h.done.store(true, Ordering::Relaxed);
             if enabled && fetcher.options().keep_ranges {
                 for desc in &lazy {
