@@ -76,6 +76,8 @@ pub struct ImageFs {
     no_open: Arc<AtomicBool>,
     /// Dependency-aware prefetch, if on.
     deps: Option<Arc<crate::deps::DepPrefetch>>,
+    /// Records the first reads of chunks, if on (learned access profiles).
+    recorder: Option<Arc<crate::profile::Recorder>>,
 }
 
 /// Files up to this size are fetched whole once a read misses.
@@ -141,7 +143,14 @@ impl ImageFs {
             open_files: Mutex::new(Default::default()),
             no_open: Arc::new(AtomicBool::new(false)),
             deps: None,
+            recorder: None,
         }
+    }
+
+    /// Record first reads with `recorder` (see [`crate::profile`]).
+    pub fn with_recorder(mut self, recorder: Option<Arc<crate::profile::Recorder>>) -> ImageFs {
+        self.recorder = recorder;
+        self
     }
 
     /// Also fetch what programs will load next when they are first read
@@ -381,6 +390,9 @@ impl fuser::Filesystem for ImageFs {
         let end = (offset + size as u64).min(n.entry.size);
         if offset >= end {
             return reply.data(&[]);
+        }
+        if let Some(r) = &self.recorder {
+            r.note(ino.0, n, offset, end);
         }
         let store = self.fetcher.store();
         let missing = missing_in(n, store, offset, end);
