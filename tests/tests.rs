@@ -15,6 +15,7 @@ mod load;
 mod mount;
 mod node;
 mod oci_io;
+mod profile;
 mod readme;
 mod refactor;
 mod relay;
