@@ -20,9 +20,9 @@
 //!    (profile). Timed from `breakfs mount` to the command's end. Node
 //!    defaults for both (hydration and dependency prefetch on).
 //!
-//! Floor = compressed bytes of the chunks read ÷ link bandwidth + 3 RTT
-//! + the command's warm time. Targets: with profile ≤ 0.5× without, and
-//! ≤ 1.2× the floor.
+//! Floor: compressed bytes of the chunks read ÷ link bandwidth, plus 3
+//! RTT, plus the command's warm time. Targets: with profile at most 0.5×
+//! without, and at most 1.2× the floor.
 //!
 //! `cargo bench --bench profile -- [--runs N] [--families A,B,...]`
 //! (defaults: 3 runs; python,node,httpd,postgres); writes the table to

@@ -24,8 +24,10 @@ use breakfs_index::{Causes, Digest};
 use crate::server::NodeService;
 use crate::{Error, Result};
 
-/// A recording ends once no chunk was first read for this long.
-pub(crate) const QUIET: Duration = Duration::from_secs(2);
+/// A recording ends once no chunk was first read for this long: longer
+/// than a start-up waits on one fetch over a slow, busy link (2 s cut
+/// python's start-up short on a loaded machine: a read waited longer).
+pub(crate) const QUIET: Duration = Duration::from_secs(5);
 /// A recording ends after this long whatever the reads do.
 const MAX_RECORDING: Duration = Duration::from_secs(120);
 /// How often a recording is looked at.
