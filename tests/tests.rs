@@ -16,6 +16,7 @@ mod mount;
 mod node;
 mod oci_io;
 mod passthrough;
+mod profile;
 mod readme;
 mod refactor;
 mod relay;

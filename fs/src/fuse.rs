@@ -87,6 +87,8 @@ pub struct ImageFs {
     passthrough: Arc<Passthrough>,
     /// Dependency-aware prefetch, if on.
     deps: Option<Arc<crate::deps::DepPrefetch>>,
+    /// Records the first reads of chunks, if on (learned access profiles).
+    recorder: Option<Arc<crate::profile::Recorder>>,
 }
 
 /// Files up to this size are fetched whole once a read misses.
@@ -154,6 +156,7 @@ impl ImageFs {
             no_opendir: AtomicBool::new(false),
             passthrough: Arc::new(Passthrough::new(false)),
             deps: None,
+            recorder: None,
         }
     }
 
@@ -168,6 +171,12 @@ impl ImageFs {
     /// through it).
     pub(crate) fn passthrough(&self) -> Arc<Passthrough> {
         self.passthrough.clone()
+    }
+
+    /// Record first reads with `recorder` (see [`crate::profile`]).
+    pub fn with_recorder(mut self, recorder: Option<Arc<crate::profile::Recorder>>) -> ImageFs {
+        self.recorder = recorder;
+        self
     }
 
     /// Also fetch what programs will load next when they are first read
@@ -451,6 +460,9 @@ impl fuser::Filesystem for ImageFs {
         let end = (offset + size as u64).min(n.entry.size);
         if offset >= end {
             return reply.data(&[]);
+        }
+        if let Some(r) = &self.recorder {
+            r.note(ino.0, n, offset, end);
         }
         let store = self.fetcher.store();
         let missing = missing_in(n, store, offset, end);

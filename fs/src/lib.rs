@@ -7,6 +7,8 @@
 //! missing chunks fetched on demand ahead of background hydration
 //! ([`mount_resumable`] and [`resume`]: a mount served by one process after
 //! another);
+//! [`profile`] records the order of a mount's first reads and uses a
+//! learned profile to fetch a start-up's chunks at once;
 //! [`extract`] writes the same tree to a plain directory, files in parallel
 //! as their chunks arrive ([`extract_reporting`] with its progress).
 
@@ -18,6 +20,7 @@ mod image;
 mod inspect;
 mod mount;
 mod passthrough;
+pub mod profile;
 mod tree;
 
 pub use deps::{ElfDependencies, elf_dependencies};

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::fuse::{ImageFs, ReadCounts, ReadStats, now_secs};
 use crate::image::{LayerMode, OpenedImage};
 use crate::passthrough::Passthrough;
+use crate::profile::Recorder;
 use crate::tree::Tree;
 use crate::{Error, Result};
 
@@ -71,6 +72,9 @@ pub struct Mounted {
     pub reads: Arc<ReadStats>,
     /// Hydration progress.
     pub hydration: Arc<Hydration>,
+    /// The first reads of its chunks (`None` for a resumed mount, whose
+    /// reads are no start-up).
+    pub recorder: Option<Arc<Recorder>>,
     /// What `breakfs status` shows, less the counters.
     pub info: StatusRecord,
     /// Its layers, counted live in the budget until the session ends.
@@ -248,20 +252,15 @@ pub struct FuseConnection {
 pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
     let abs = check_mountpoint(mountpoint)?;
     let reads = Arc::new(ReadStats::default());
-    let fs = image_fs(&opened, opts, reads.clone(), false);
+    let recorder = Arc::new(Recorder::new(&opened.tree));
+    let fs = image_fs(&opened, opts, reads.clone(), false).with_recorder(Some(recorder.clone()));
     let passthrough = fs.passthrough();
     let session = Session::new(fs, &abs, &fuse_config(&opened, opts, false))
         .and_then(Session::spawn)
         .map_err(|e| mount_failed(&abs, e))?;
-    Ok(serving(
-        opened,
-        abs,
-        opts,
-        session,
-        reads,
-        passthrough,
-        false,
-    ))
+    let mut m = serving(opened, abs, opts, session, reads, passthrough, false);
+    m.recorder = Some(recorder);
+    Ok(m)
 }
 
 /// [`mount`], handing out the mount's FUSE connection besides: a process
@@ -277,7 +276,8 @@ pub fn mount_resumable(
 ) -> Result<(Mounted, FuseConnection)> {
     let abs = check_mountpoint(mountpoint)?;
     let reads = Arc::new(ReadStats::default());
-    let fs = image_fs(&opened, opts, reads.clone(), true);
+    let recorder = Arc::new(Recorder::new(&opened.tree));
+    let fs = image_fs(&opened, opts, reads.clone(), true).with_recorder(Some(recorder.clone()));
     let passthrough = fs.passthrough();
     let no_open = fs.no_open_flag();
     let session = Session::new(fs, &abs, &fuse_config(&opened, opts, true))
@@ -292,10 +292,9 @@ pub fn mount_resumable(
         no_open: no_open.load(Ordering::Relaxed),
     };
     let session = session.spawn().map_err(|e| mount_failed(&abs, e))?;
-    Ok((
-        serving(opened, abs, opts, session, reads, passthrough, false),
-        conn,
-    ))
+    let mut m = serving(opened, abs, opts, session, reads, passthrough, false);
+    m.recorder = Some(recorder);
+    Ok((m, conn))
 }
 
 /// Serve `conn`, the live connection of a mount at `mountpoint` that an
@@ -460,6 +459,7 @@ fn serving(
         fetcher,
         reads,
         hydration,
+        recorder: None,
         info,
         _pin: opened.pin,
     }

@@ -4,7 +4,9 @@
 //! peers' registry links → cloud); serves what it holds to peers over the
 //! OCI distribution API and relays registry ranges for them; publishes its
 //! cache index, link measurements and Prometheus metrics; prefetches on
-//! request; mounts images on request over its control socket; and, with a
+//! request; mounts images on request over its control socket, learning
+//! each image's start-up reads as an access profile that it serves and
+//! that later mounts, here or on a peer, fetch at once; and, with a
 //! snapshotter socket, serves containerd's snapshots API.
 //!
 //! The doors: [`run`] (or [`Node::start`] then [`Node::serve`]) with a
@@ -29,6 +31,7 @@ mod mounts;
 pub mod notify;
 mod peer;
 mod prefetch;
+mod profile;
 mod relay;
 mod rollout;
 mod server;

@@ -212,6 +212,8 @@ impl NodeService {
         let reference = ImageRef::parse(&req.image)?;
         let opened =
             breakfs_fs::open_image_on(&reference, &self.client, &self.fetcher, &self.cloud).await?;
+        self.start_profile_prefetch(&opened).await;
+        let (image, tree) = (opened.image.manifest_digest.clone(), opened.tree.clone());
         let opts = MountOptions {
             hydrate: req.hydrate,
             threads: req.threads.unwrap_or(4),
@@ -221,7 +223,10 @@ impl NodeService {
             image: opened.image.reference.to_string(),
             manifest: opened.image.manifest_digest.to_string(),
         };
-        let rec = self.add_mount(abs, source, opened, opts).await?;
+        let rec = self.add_mount(abs.clone(), source, opened, opts).await?;
+        if let Some(r) = self.recorder_of(&abs) {
+            crate::profile::record(self.store.clone(), image, tree, r);
+        }
         eprintln!(
             "breakfs node: mounted {} at {}",
             req.image,
@@ -277,6 +282,11 @@ impl NodeService {
         }
         self.insert(abs, mounted, layers, held.is_ok());
         Ok(rec)
+    }
+
+    /// The first-read recorder of the mount at `abs`.
+    fn recorder_of(&self, abs: &Path) -> Option<std::sync::Arc<breakfs_fs::profile::Recorder>> {
+        self.mounts.mounts.lock().get(abs)?.m.recorder.clone()
     }
 
     /// Count the layers of a mount as live (`delta` 1) in the budget, or

@@ -1,7 +1,8 @@
 //! The node's HTTP service, peer side: the OCI distribution read API for
 //! what the node holds (`/v2/`, manifests it resolved, blobs and verified
 //! ranges with single Range requests), `GET /cache/index`, `GET
-//! /measurements`, `GET /metrics` (Prometheus text) and `POST /prefetch`.
+//! /measurements`, `GET /metrics` (Prometheus text), `GET /profiles/<image>`
+//! (learned access profiles, `crate::profile`) and `POST /prefetch`.
 //! Only content-addressed data is served: blobs by digest, manifests by
 //! digest or by a tag the node itself resolved (the bytes are still the
 //! digest's). Reads are open to anyone who reaches the node; `POST
@@ -103,6 +104,7 @@ pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>, origin: Origin
         .route("/measurements", get(measurements))
         .route("/metrics", get(metrics))
         .route("/prefetch", get(prefetch_list))
+        .route("/profiles/{image}", get(crate::profile::serve))
         .with_state(svc.clone());
     let control = Router::new()
         .route(

@@ -340,6 +340,16 @@ impl Fetcher {
         }
         self.inner.stats.lock().misses += 1;
         let rx = queue::enqueue(&self.inner, loc, prio);
+        self.outcome(loc, rx, deadline).await
+    }
+
+    /// What a waiter on the job of `loc` learns, within `deadline`.
+    async fn outcome(
+        &self,
+        loc: &ChunkLoc,
+        rx: tokio::sync::oneshot::Receiver<Outcome>,
+        deadline: Option<Duration>,
+    ) -> Result<()> {
         let what = || {
             format!(
                 "chunk {} ({} bytes at offset {} of layer {})",
@@ -372,6 +382,42 @@ impl Fetcher {
                 reason: "the fetcher stopped".into(),
             }),
         }
+    }
+
+    /// [`Fetcher::ensure`] for all of `locs` at once: they are queued
+    /// together, so that neighbours in a layer go in one Range request.
+    /// One outcome per chunk, in order.
+    pub async fn ensure_all(
+        &self,
+        locs: &[ChunkLoc],
+        prio: Priority,
+        deadline: Option<Duration>,
+    ) -> Vec<Result<()>> {
+        let here: Vec<bool> = locs
+            .iter()
+            .map(|l| self.inner.store.has_chunk(&l.digest))
+            .collect();
+        let missing: Vec<ChunkLoc> = locs
+            .iter()
+            .zip(&here)
+            .filter(|(_, h)| !**h)
+            .map(|(l, _)| l.clone())
+            .collect();
+        {
+            let mut s = self.inner.stats.lock();
+            s.hits += (locs.len() - missing.len()) as u64;
+            s.misses += missing.len() as u64;
+        }
+        let rxs = queue::enqueue_all(&self.inner, &missing, prio);
+        let mut out: Vec<Result<()>> = locs.iter().map(|_| Ok(())).collect();
+        let waiting = locs.iter().enumerate().filter(|(i, _)| !here[*i]);
+        let waits = waiting
+            .zip(rxs)
+            .map(|((i, loc), rx)| async move { (i, self.outcome(loc, rx, deadline).await) });
+        for (i, r) in futures::future::join_all(waits).await {
+            out[i] = r;
+        }
+        out
     }
 
     /// Whether a worker is fetching chunk `chunk` at `offset` of `layer`

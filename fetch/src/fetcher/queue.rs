@@ -61,10 +61,39 @@ struct Batch {
 /// Queue a job for the chunk at `loc` (or join the one queued or running,
 /// raising its priority while it waits); the receiver learns the outcome.
 pub(super) fn enqueue(inner: &Inner, loc: &ChunkLoc, prio: Priority) -> oneshot::Receiver<Outcome> {
+    let rx = insert(inner, &mut inner.state.lock(), loc, prio);
+    inner.wake.notify_one();
+    rx
+}
+
+/// [`enqueue`] each of `locs` under one lock, so that a worker sees them
+/// all at once and merges neighbours into one Range request.
+pub(super) fn enqueue_all(
+    inner: &Inner,
+    locs: &[ChunkLoc],
+    prio: Priority,
+) -> Vec<oneshot::Receiver<Outcome>> {
+    let rxs = {
+        let mut st = inner.state.lock();
+        locs.iter()
+            .map(|l| insert(inner, &mut st, l, prio))
+            .collect()
+    };
+    // Several runs of neighbours may have come: wake a worker for each.
+    for _ in 0..locs.len().min(inner.opts.workers.max(1)) {
+        inner.wake.notify_one();
+    }
+    rxs
+}
+
+fn insert(
+    inner: &Inner,
+    st: &mut State,
+    loc: &ChunkLoc,
+    prio: Priority,
+) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
     let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
-    let mut st = inner.state.lock();
-    let st = &mut *st;
     if prio == Priority::OnDemand {
         st.last_on_demand = Some(Instant::now());
     }
@@ -98,7 +127,6 @@ pub(super) fn enqueue(inner: &Inner, loc: &ChunkLoc, prio: Priority) -> oneshot:
             );
         }
     }
-    inner.wake.notify_one();
     rx
 }
 

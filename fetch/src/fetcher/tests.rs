@@ -251,3 +251,42 @@ async fn a_failed_fetch_answers_a_waiter_at_once_and_a_stalled_one_within_its_bo
         "{took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunks_queued_together_go_in_one_range_request() {
+    // 40 neighbouring members of one blob: with workers waiting on other
+    // threads, queued one by one they could be taken apart.
+    let contents: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 3000]).collect();
+    let mut blob = Vec::new();
+    let mut locs = Vec::new();
+    for c in &contents {
+        let m = gzip(c);
+        locs.push(ChunkLoc {
+            layer: Digest::of(b"layer"),
+            offset: blob.len() as u64,
+            compressed_end: (blob.len() + m.len()) as u64,
+            inner_offset: 0,
+            size: c.len() as u64,
+            digest: Digest::of(c),
+        });
+        blob.extend(m);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let cloud = Arc::new(Fake {
+        name: "cloud",
+        blob,
+        lie: false,
+        calls: AtomicUsize::new(0),
+    });
+    let f = Fetcher::new(store.clone(), vec![cloud.clone()], FetchOptions::default());
+    // One already held: answered at once, the rest still one request.
+    f.ensure(&locs[0], Priority::OnDemand, None).await.unwrap();
+    let out = f.ensure_all(&locs, Priority::OnDemand, None).await;
+    assert_eq!(out.len(), locs.len());
+    assert!(out.iter().all(|r| r.is_ok()));
+    assert_eq!(cloud.calls.load(Ordering::Relaxed), 2);
+    for (l, c) in locs.iter().zip(&contents) {
+        assert_eq!(&std::fs::read(store.chunk_path(&l.digest)).unwrap(), c);
+    }
+}

@@ -1,0 +1,300 @@
+//! Profile benchmark: a cold start with an access profile recorded on
+//! another node, against the same start without one, and against the
+//! physical floor of that start (docs/profiles.md).
+//!
+//! A real docker-registry holds refactored (eStargz) corpus images and is
+//! reached only through `breakfs shape` (50 ms RTT, 50 Mbit/s, shared).
+//! Per image (v1 of each family):
+//!
+//! 1. Node A (fresh) mounts the image and runs the family's command in a
+//!    chroot of the mount (it reads real files: an interpreter and its
+//!    modules, a server's libraries); A keeps the profile of those reads.
+//!    The command is run twice more on the now warm mount: the faster of
+//!    those is the command's own time. A's profile gives the compressed
+//!    bytes of the chunks the command reads.
+//! 2. A starts again with a fresh cache holding only its profiles (so that
+//!    a peer gets the profile from A, and every byte from the cloud), and
+//!    node E with an empty cache (no profile), for the baseline.
+//! 3. Each run: a fresh node whose peer is E mounts the image and runs
+//!    the command (no profile); a fresh node whose peer is A does the same
+//!    (profile). Timed from `breakfs mount` to the command's end. Node
+//!    defaults for both (hydration and dependency prefetch on).
+//!
+//! Floor: compressed bytes of the chunks read ÷ link bandwidth, plus 3
+//! RTT, plus the command's warm time. Targets: with profile at most 0.5×
+//! without, and at most 1.2× the floor.
+//!
+//! `cargo bench --bench profile -- [--runs N] [--families A,B,...]`
+//! (defaults: 3 runs; python,node,httpd,postgres); writes the table to
+//! stdout, target/bench-profile.md and docs/results/profile.md. Needs root,
+//! FUSE, skopeo and docker-registry.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/support/corpus.rs"]
+mod corpus;
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "../tests/support/registry.rs"]
+#[allow(dead_code)]
+mod registry;
+
+use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use harness::{Env, Node, NodeMount, Published, Shaper, mb, median, publish, run, run_chroot};
+use registry::TestRegistry;
+
+const RTT_MS: u64 = 50;
+const MBIT: u64 = 50;
+const NODE_LOG: &str = "warn,breakfs_node=info";
+
+/// One image's figures.
+struct Figures {
+    title: String,
+    chunks: usize,
+    read_bytes: u64,
+    warm: f64,
+    without: Vec<f64>,
+    with: Vec<f64>,
+    cloud_without: Vec<f64>,
+    cloud_with: Vec<f64>,
+}
+
+impl Figures {
+    fn floor(&self) -> f64 {
+        self.read_bytes as f64 * 8.0 / (MBIT as f64 * 1e6) + 3.0 * RTT_MS as f64 / 1e3 + self.warm
+    }
+}
+
+fn main() -> Result<()> {
+    let mut runs = 3usize;
+    let mut families = "python,node,httpd,postgres".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "--runs" => {
+                runs = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| anyhow!("--runs wants a positive number"))?;
+            }
+            "--families" => {
+                families = args
+                    .next()
+                    .ok_or_else(|| anyhow!("--families wants FAMILY,..."))?;
+            }
+            other => bail!("unknown argument {other:?}: use --runs N, --families A,B,..."),
+        }
+    }
+    ensure!(
+        std::fs::metadata("/proc/self")?.uid() == 0,
+        "the profile benchmark needs root (FUSE mounts through node daemons)"
+    );
+    let names: Vec<&str> = families.split(',').filter(|f| !f.is_empty()).collect();
+    for n in &names {
+        corpus::family(n)?;
+    }
+    let built = corpus::build_families(&names)?;
+
+    // Declared first so that it is removed last, after every guard below.
+    let tmpdir = tempfile::Builder::new()
+        .prefix("breakfs-bench-profile")
+        .tempdir()?;
+    let reg = TestRegistry::start();
+    let shaper = Shaper::start(&reg.host(), RTT_MS, MBIT)?;
+    let env = Env {
+        tmp: tmpdir.path().to_path_buf(),
+        run_dir: tmpdir.path().join("run"),
+        link: shaper.addr.clone(),
+    };
+    std::fs::create_dir_all(&env.run_dir)?;
+    eprintln!(
+        "profile bench: registry {} behind breakfs shape {} ({RTT_MS} ms RTT, {MBIT} Mbit/s); {runs} runs",
+        reg.host(),
+        env.link
+    );
+    let mut all = Vec::new();
+    for fam in &names {
+        let img = built
+            .iter()
+            .find(|i| i.family == *fam && i.tag == "v1")
+            .ok_or_else(|| anyhow!("the corpus has no {fam}:v1"))?;
+        let published = publish(&env, &reg, img)?;
+        let f = bench_image(&env, &published, &img.command, runs)
+            .with_context(|| format!("benchmarking {}", published.title))?;
+        eprintln!(
+            "profile bench: {}: without {:.2} s, with {:.2} s, floor {:.2} s",
+            f.title,
+            median(&f.without),
+            median(&f.with),
+            f.floor()
+        );
+        all.push(f);
+    }
+    harness::write_report("profile", &report(&all, runs))
+}
+
+fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Result<Figures> {
+    let slug = p.title.replace(' ', "-");
+    // 1. Node A records the profile; the command's warm time.
+    let a_dir = env.fresh(&format!("{slug}-a"))?;
+    let (image, warm) = {
+        let a = Node::start(env, &a_dir, &[], NODE_LOG)?;
+        let point = env.tmp.join(format!("{slug}-mnt-a"));
+        let m = NodeMount::with_args(env, &node_args(&a), &p.remote, &point)?;
+        run_chroot(&m.point, command)?;
+        let mut warm = f64::INFINITY;
+        for _ in 0..2 {
+            let t = Instant::now();
+            run_chroot(&m.point, command)?;
+            warm = warm.min(t.elapsed().as_secs_f64());
+        }
+        let status: serde_json::Value = serde_json::from_str(&run(
+            env.breakfs().args(["status", "--json"]).arg(&m.point),
+            "breakfs status",
+        )?)?;
+        let image = status["manifest"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the mount's status has no manifest digest"))?
+            .to_string();
+        wait_profile(&a, &image)?;
+        (image, warm)
+    };
+    // 2. A again, holding only its profiles; E, empty.
+    let a_dir2 = env.fresh(&format!("{slug}-a2"))?;
+    std::fs::create_dir_all(a_dir2.join("cache"))?;
+    run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(a_dir.join("cache/profiles"))
+            .arg(a_dir2.join("cache/profiles")),
+        "copying A's profiles",
+    )?;
+    let a = Node::start(env, &a_dir2, &[], NODE_LOG)?;
+    let profile: serde_json::Value = serde_json::from_str(&wait_profile(&a, &image)?)?;
+    let entries = profile["entries"]
+        .as_array()
+        .ok_or_else(|| anyhow!("a profile without entries"))?;
+    let read_bytes: u64 = entries
+        .iter()
+        .map(|e| e["end"].as_u64().unwrap_or(0) - e["offset"].as_u64().unwrap_or(0))
+        .sum();
+    let e = Node::start(env, &env.fresh(&format!("{slug}-e"))?, &[], NODE_LOG)?;
+    let mut f = Figures {
+        title: p.title.clone(),
+        chunks: entries.len(),
+        read_bytes,
+        warm,
+        without: Vec::new(),
+        with: Vec::new(),
+        cloud_without: Vec::new(),
+        cloud_with: Vec::new(),
+    };
+    // 3. Cold starts, alternating.
+    for r in 0..runs {
+        for (with, peer) in [(false, &e), (true, &a)] {
+            let name = format!("{slug}-{}-{r}", if with { "with" } else { "without" });
+            let dir = env.fresh(&name)?;
+            let b = Node::start(env, &dir, &["--peer", &peer.url], NODE_LOG)?;
+            let point = env.tmp.join(format!("{name}-mnt"));
+            let began = Instant::now();
+            let m = NodeMount::with_args(env, &node_args(&b), &p.remote, &point)?;
+            run_chroot(&m.point, command)?;
+            let took = began.elapsed().as_secs_f64();
+            let cloud = b.cloud_bytes()?;
+            eprintln!(
+                "profile bench: {} run {r} {}: {took:.2} s, {:.1} MB from the cloud",
+                p.title,
+                if with { "with profile" } else { "without" },
+                cloud / 1e6
+            );
+            if with {
+                f.with.push(took);
+                f.cloud_with.push(cloud);
+            } else {
+                f.without.push(took);
+                f.cloud_without.push(cloud);
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn node_args(node: &Node) -> Vec<String> {
+    vec!["--node".into(), format!("unix:{}", node.socket.display())]
+}
+
+/// Wait (at most 60 s) until `node` serves a profile of `image`; its text.
+fn wait_profile(node: &Node, image: &str) -> Result<String> {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(p) = node.get(&format!("/profiles/{image}")) {
+            return Ok(p);
+        }
+        ensure!(
+            Instant::now() < until,
+            "no profile of {image} on {} after 60 s: {}",
+            node.url,
+            node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn report(all: &[Figures], runs: usize) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Cold start (`breakfs mount` through a fresh node to the family's command done in a \
+         chroot of the mount) through one {RTT_MS} ms / {MBIT} Mbit/s link to a real \
+         docker-registry, refactored v1 images, median of {runs} runs each. *With profile*: \
+         the node's peer holds the profile another node recorded (and no data); *without*: \
+         its peer holds nothing. Floor: compressed bytes of the chunks the command reads \
+         (the recorded profile) ÷ {MBIT} Mbit/s + 3 RTT + the command's own time on a warm \
+         mount. Targets: with ≤ 0.5× without, with ≤ 1.2× floor.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| image | chunks read | compressed MB read | warm command s | floor s | without s | with s | with / without | with / floor | cloud MB without / with |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for f in all {
+        let (wo, w) = (median(&f.without), median(&f.with));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}× {} | {:.2}× {} | {:.1} / {:.1} |",
+            f.title,
+            f.chunks,
+            mb(f.read_bytes),
+            f.warm,
+            f.floor(),
+            wo,
+            w,
+            w / wo,
+            if w / wo <= 0.5 { "(met)" } else { "(missed)" },
+            w / f.floor(),
+            if w / f.floor() <= 1.2 {
+                "(met)"
+            } else {
+                "(missed)"
+            },
+            median(&f.cloud_without) / 1e6,
+            median(&f.cloud_with) / 1e6,
+        );
+    }
+    let _ = writeln!(md, "\nEvery run (s), without / with:\n");
+    for f in all {
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(md, "* {}: {} / {}", f.title, fmt(&f.without), fmt(&f.with));
+    }
+    md
+}

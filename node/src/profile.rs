@@ -1,0 +1,251 @@
+//! Learned access profiles on a node (docs/profiles.md): where they are
+//! kept (`CACHE_DIR/profiles/<manifest hex>.json`, surviving restarts),
+//! how a mount's recorded run is merged into them once its reads go
+//! quiet, how they are served (`GET /profiles/<manifest digest>`, to peers
+//! and the scheduler), and how a mount of an image this node has no
+//! profile of asks its peers for one, for a bounded time, before it starts
+//! fetching the profile's chunks. A profile from a peer is only a hint:
+//! bounded and checked when read (`breakfs_fs::profile`), every byte it
+//! makes the node fetch verified as any other.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use breakfs_fetch::ContentStore;
+use breakfs_fs::profile::{MAX_PROFILE_BYTES, Profile, Recorder, prefetch_profile};
+use breakfs_fs::{OpenedImage, Tree};
+use breakfs_index::{Causes, Digest};
+
+use crate::server::NodeService;
+use crate::{Error, Result};
+
+/// A recording ends once no chunk was first read for this long: longer
+/// than a start-up waits on one fetch over a slow, busy link (2 s cut
+/// python's start-up short on a loaded machine: a read waited longer).
+pub(crate) const QUIET: Duration = Duration::from_secs(5);
+/// A recording ends after this long whatever the reads do.
+const MAX_RECORDING: Duration = Duration::from_secs(120);
+/// How often a recording is looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// How long a mount waits for its peers' profiles, in all.
+const PEER_WAIT: Duration = Duration::from_millis(1500);
+
+/// Where the profile of image `image` is kept in `store`.
+fn path_of(store: &ContentStore, image: &Digest) -> PathBuf {
+    store
+        .root()
+        .join("profiles")
+        .join(format!("{}.json", image.hex()))
+}
+
+/// The profile of `image` this node keeps, if any (a damaged one is none).
+pub(crate) fn load(store: &ContentStore, image: &Digest) -> Option<Profile> {
+    let path = path_of(store, image);
+    let file = std::fs::File::open(&path).ok()?;
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    file.take(MAX_PROFILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Profile::parse(&bytes, image)
+        .inspect_err(|e| tracing::warn!("{}: {e}", path.display(), e = Causes(e)))
+        .ok()
+}
+
+/// Keep `profile` (atomically: a crash leaves the old one or the new one).
+pub(crate) fn save(store: &ContentStore, profile: &Profile) -> Result<()> {
+    let path = path_of(store, &profile.image);
+    let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+    let dir = store.root().join("profiles");
+    std::fs::create_dir_all(&dir).map_err(|e| io("creating the directory of", e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        profile.image.hex(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("writing", e))?;
+    f.write_all(&profile.to_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io("writing", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io("writing", e))
+}
+
+/// Merge `run` into the kept profile of its image (or keep it as the first).
+fn merge_into_kept(store: &ContentStore, run: &Profile) -> Result<Profile> {
+    let merged = match load(store, &run.image) {
+        Some(kept) => kept.merge(run),
+        None => run.clone(),
+    };
+    save(store, &merged)?;
+    Ok(merged)
+}
+
+impl NodeService {
+    /// The profile of `image`: this node's, else the first good one a peer
+    /// answers within [`PEER_WAIT`] (kept here, so that this node serves
+    /// it too and merges its own runs into it).
+    pub(crate) async fn profile_of(&self, image: &Digest) -> Option<Profile> {
+        if let Some(p) = load(&self.store, image) {
+            return Some(p);
+        }
+        let urls = self.peers.urls();
+        if urls.is_empty() {
+            return None;
+        }
+        let asks = urls.iter().map(|u| {
+            Box::pin(async move {
+                let r = self.ask_peer(u, image).await;
+                if let Err(e) = &r {
+                    tracing::debug!(peer = %u, "no profile of {image}: {e}");
+                }
+                r
+            })
+        });
+        let first_good = async {
+            let mut pending: Vec<_> = asks.collect();
+            while !pending.is_empty() {
+                let (r, _, rest) = futures::future::select_all(pending).await;
+                if let Ok(p) = r {
+                    return Some(p);
+                }
+                pending = rest;
+            }
+            None
+        };
+        let p = tokio::time::timeout(PEER_WAIT, first_good).await.ok()??;
+        let store = self.store.clone();
+        let kept = p.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = save(&store, &kept) {
+                tracing::warn!("keeping a peer's profile: {e}", e = Causes(&e));
+            }
+        })
+        .await;
+        Some(p)
+    }
+
+    async fn ask_peer(&self, url: &str, image: &Digest) -> std::result::Result<Profile, String> {
+        let resp = self
+            .peers
+            .client()
+            .get(format!("{url}/profiles/{image}"))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| Causes(&e).to_string())?;
+        let body = breakfs_fetch::guard::body_within(resp, MAX_PROFILE_BYTES, "a profile")
+            .await
+            .map_err(|e| Causes(&e).to_string())?;
+        Profile::parse(&body, image).map_err(|e| Causes(&e).to_string())
+    }
+
+    /// Before `opened` is mounted: fetch the chunks of its profile (this
+    /// node's or a peer's) at once, in the background.
+    pub(crate) async fn start_profile_prefetch(&self, opened: &OpenedImage) {
+        let image = opened.image.manifest_digest.clone();
+        let Some(profile) = self.profile_of(&image).await else {
+            return;
+        };
+        let (tree, fetcher) = (opened.tree.clone(), opened.fetcher.clone());
+        tokio::spawn(async move {
+            let began = std::time::Instant::now();
+            let r = prefetch_profile(tree, fetcher, &profile).await;
+            tracing::info!(
+                image = %image,
+                runs = r.runs,
+                chunks = r.chunks,
+                bytes = r.bytes,
+                ignored = r.ignored,
+                failed = r.failed,
+                "profile prefetch done in {:?}",
+                began.elapsed()
+            );
+        });
+    }
+}
+
+/// Watch `recorder` of a mount of `image` (tree `tree`) until its reads
+/// go quiet, then merge the run into the kept profile.
+pub(crate) fn record(
+    store: Arc<ContentStore>,
+    image: Digest,
+    tree: Arc<Tree>,
+    recorder: Arc<Recorder>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(TICK).await;
+            let quiet = recorder.quiet_for().is_some_and(|q| q >= QUIET);
+            if quiet || recorder.is_stopped() || recorder.age() >= MAX_RECORDING {
+                break;
+            }
+        }
+        recorder.stop();
+        if recorder.is_empty() {
+            return;
+        }
+        let r = tokio::task::spawn_blocking(move || {
+            let run = Profile::from_run(&image, recorder.run(&tree));
+            merge_into_kept(&store, &run)
+        })
+        .await;
+        match r {
+            Ok(Ok(p)) => tracing::info!(
+                image = %p.image,
+                runs = p.runs,
+                entries = p.entries.len(),
+                "access profile kept"
+            ),
+            Ok(Err(e)) => tracing::warn!("keeping an access profile: {e}", e = Causes(&e)),
+            Err(e) => tracing::warn!("keeping an access profile: {e}"),
+        }
+    });
+}
+
+/// `GET /profiles/<manifest digest>`: the profile this node keeps.
+pub(crate) async fn serve(
+    State(svc): State<Arc<NodeService>>,
+    Path(image): Path<String>,
+) -> Response {
+    let Ok(image) = Digest::parse(&image) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a profile is asked by manifest digest: /profiles/sha256:<64 hex>\n",
+        )
+            .into_response();
+    };
+    let store = svc.store.clone();
+    let found = tokio::task::spawn_blocking(move || load(&store, &image)).await;
+    match found {
+        Ok(Some(p)) => ([(header::CONTENT_TYPE, "application/json")], p.to_bytes()).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no profile of that image here\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_profile_survives_and_a_damaged_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let image = Digest::of(b"m");
+        assert!(load(&store, &image).is_none());
+        let run = Profile::from_run(&image, Vec::new());
+        merge_into_kept(&store, &run).unwrap();
+        let kept = merge_into_kept(&store, &run).unwrap();
+        assert_eq!(kept.runs, 2);
+        assert_eq!(load(&store, &image).unwrap().runs, 2);
+        std::fs::write(path_of(&store, &image), b"{garbage").unwrap();
+        assert!(load(&store, &image).is_none());
+        std::fs::write(path_of(&store, &image), vec![b' '; MAX_PROFILE_BYTES + 10]).unwrap();
+        assert!(load(&store, &image).is_none());
+    }
+}
