@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use breakfs_fetch::{ClientOptions, Store};
 use breakfs_index::{Descriptor, Digest, Entry, ImageRef, Manifest, Reference, media_types};
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
 use load::local_layer;
@@ -423,24 +424,31 @@ pub async fn refactor(
             let mut uploaded = 0u64;
             let mut reused_compressed = 0u64;
             progress.stage(&format!("uploading {target}"), 0);
-            for &li in &ip.layers {
+            // Blobs go up a few at a time: a layout's writes each end in
+            // an fsync, a registry's in a round trip.
+            let pushes = ip.layers.iter().map(|&li| {
                 let p = &published.meta[layer_pub[li]];
-                let up = match &p.local {
-                    Some(path) => store.push_blob_file(&p.desc, path).await?,
-                    None => {
-                        if !store.has_blob(&p.desc.digest).await? {
-                            return Err(Error::Source {
-                                image: target.to_string(),
-                                reason: format!(
-                                    "layer {} is published in another repository; copy it into {} first",
-                                    p.desc.digest,
-                                    store.name()
-                                ),
-                            });
-                        }
-                        false
+                async move {
+                    match &p.local {
+                        Some(path) => Ok(store.push_blob_file(&p.desc, path).await?),
+                        None if store.has_blob(&p.desc.digest).await? => Ok(false),
+                        None => Err(Error::Source {
+                            image: target.to_string(),
+                            reason: format!(
+                                "layer {} is published in another repository; copy it into {} first",
+                                p.desc.digest,
+                                store.name()
+                            ),
+                        }),
                     }
-                };
+                }
+            });
+            let ups: Vec<bool> = futures::stream::iter(pushes)
+                .buffered(4)
+                .try_collect()
+                .await?;
+            for (&li, up) in ip.layers.iter().zip(ups) {
+                let p = &published.meta[layer_pub[li]];
                 if up {
                     uploaded += p.desc.size;
                 }
