@@ -342,3 +342,139 @@ fn registry_to_registry_keeps_the_repository_path() {
     let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert!(v["Layers"].as_array().unwrap().len() > 1);
 }
+
+/// The TOC of a layer blob in `reg`, as a layer with chunk maps.
+fn toc_of(reg: &TestRegistry, digest: &str) -> (Vec<u8>, breakfs_index::TocLayer) {
+    let blob = std::fs::read(reg.blob_data_path(&digest[7..])).unwrap();
+    let size = blob.len() as u64;
+    let breakfs_index::TailRead::Toc(tail) =
+        breakfs_index::Toc::read_from_blob_tail(&blob, size).unwrap()
+    else {
+        panic!("the whole blob was given");
+    };
+    let layer = tail.toc.to_layer(size, Some(tail.toc_offset)).unwrap();
+    (blob, layer)
+}
+
+#[test]
+fn small_files_sharing_gzip_members_mount_byte_exact_and_a_corrupt_member_is_refused() {
+    use crate::mount::Mount;
+    use crate::support::images::{Layer, T, noise, tar_of, write_image};
+
+    // 600 small source files (200 B to 12 KiB, text-like) around two big ones.
+    let mut files: Vec<(String, Vec<u8>)> = (0..600)
+        .map(|i| {
+            let line = format!("def handler_{i}(request):\n    return {}\n", i * 7);
+            (
+                format!("app/m{i:03}.py"),
+                line.repeat(4 + (i * 37) % 300).into_bytes(),
+            )
+        })
+        .collect();
+    files.insert(300, ("app/big.bin".into(), noise(1, 3 << 20)));
+    files.push(("app/z.bin".into(), noise(2, 700 << 10)));
+    let mut entries = vec![T::Dir("app")];
+    entries.extend(files.iter().map(|(p, d)| T::File(p, d, 0o644)));
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_image(&src, "v1", &[Layer::gzip(tar_of(&entries))]);
+    let reg = TestRegistry::start();
+    let dest = reg.reference("grouped/app:v1");
+    ok(breakfs()
+        .args(["refactor", "--plain-http", "--work-dir"])
+        .arg(tmp.path().join("work"))
+        .args(["--to", &dest, &format!("oci:{}:v1", src.display())]));
+
+    // The layer holding the files: small ones share members.
+    let manifest =
+        ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &dest]));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let (digest, (blob, layer)) = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .map(|d| {
+            let t = toc_of(&reg, &d);
+            (d, t)
+        })
+        .max_by_key(|(_, (_, l))| l.entries.len())
+        .unwrap();
+    let chunk_of = |path: &str| {
+        let (_, chunks) = layer.entries.iter().find(|(e, _)| e.path == path).unwrap();
+        chunks[0].clone()
+    };
+    let shared = files
+        .iter()
+        .filter(|(p, _)| chunk_of(p).inner_offset > 0)
+        .count();
+    assert!(
+        shared > 500,
+        "only {shared} of 600 small files share a member"
+    );
+    // A member holding several small files, and a file of another member.
+    let (victim, _) = files
+        .iter()
+        .find(|(p, _)| chunk_of(p).inner_offset > 0)
+        .unwrap();
+    let member = chunk_of(victim);
+    let in_member: Vec<&String> = files
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| chunk_of(p).offset == member.offset)
+        .collect();
+    assert!(in_member.len() > 1);
+    let (elsewhere, elsewhere_data) = files
+        .iter()
+        .rev()
+        .find(|(p, d)| d.len() < 4096 && chunk_of(p).offset != member.offset)
+        .unwrap();
+
+    // Mounted lazily, every file reads back byte-exact.
+    let m = Mount::new(
+        &dest,
+        &tmp.path().join("mnt"),
+        &tmp.path().join("cache"),
+        &["--no-hydrate", "--deadline", "10"],
+    );
+    for (p, data) in &files {
+        assert_eq!(&std::fs::read(m.point.join(p)).unwrap(), data, "{p}");
+    }
+    drop(m);
+
+    // Corrupt the shared member in the registry: a fresh mount refuses its
+    // files (EIO, nothing unverified served) and still reads the others.
+    let mut bad = blob.clone();
+    let mid = ((member.offset + member.compressed_end) / 2) as usize;
+    for b in &mut bad[mid..mid + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(reg.blob_data_path(&digest[7..]), bad).unwrap();
+    let m = Mount::new(
+        &dest,
+        &tmp.path().join("mnt2"),
+        &tmp.path().join("cache2"),
+        &["--no-hydrate", "--deadline", "10"],
+    );
+    // (A file whose bytes inflate before the damage still checks out.)
+    let content: BTreeMap<&String, &Vec<u8>> = files.iter().map(|(p, d)| (p, d)).collect();
+    let mut refused = Vec::new();
+    for p in &in_member {
+        match std::fs::read(m.point.join(p)) {
+            Ok(d) => assert_eq!(&d, content[p], "{p} was served wrong bytes"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(5), "{p}: {e}");
+                refused.push(*p);
+            }
+        }
+    }
+    assert!(
+        refused.contains(in_member.last().unwrap()),
+        "the member's last file, after the damage, was served: refused {refused:?}"
+    );
+    assert_eq!(
+        &std::fs::read(m.point.join(elsewhere)).unwrap(),
+        elsewhere_data
+    );
+    assert!(m.log().contains(&digest), "the log does not name {digest}");
+}

@@ -508,13 +508,19 @@ impl Toc {
     pub fn to_layer(&self, blob_size: u64, toc_offset: Option<u64>) -> Result<TocLayer> {
         let data_end = toc_offset.unwrap_or(blob_size).min(blob_size);
         // Where each data member ends: the next greater member offset.
+        // Payloads that share a member (`innerOffset`) share its offset, so
+        // the member after `next` is remembered too.
         let mut ends = vec![data_end; self.entries.len()];
-        let mut next = data_end;
+        let (mut next, mut after_next) = (data_end, data_end);
         for (i, e) in self.entries.iter().enumerate().rev() {
             if matches!(e.kind, TocEntryType::Reg | TocEntryType::Chunk) {
+                if e.offset != 0 && e.offset == next {
+                    ends[i] = after_next;
+                    continue;
+                }
                 ends[i] = next;
                 if e.offset != 0 && e.offset < next {
-                    next = e.offset;
+                    (next, after_next) = (e.offset, next);
                 }
             }
         }

@@ -7,6 +7,15 @@
 //! TOC (`stargz.index.json`) is the last tar entry in a member of its own, and
 //! the 51-byte footer member points at it. Members are compressed in parallel
 //! in batches; the blob is still one valid gzip stream of one valid tar.
+//!
+//! Small files are the exception: a file under `group_below` bytes joins the
+//! member open before it (header and payload) while that member stays under
+//! `member_size` uncompressed bytes, its TOC entry naming the member's
+//! `offset` and its place in the inflated member (`innerOffset`, as the
+//! reference writer's `--estargz-min-chunk-size` does). A member per small
+//! file would cost each its gzip framing and the deflate context it would
+//! share with its neighbours; a lazy read of one of them inflates at most
+//! `member_size` bytes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -38,6 +47,11 @@ pub struct WriterOptions {
     pub level: u32,
     /// Paths to put first, before the prefetch landmark; empty for none.
     pub prefetch: Vec<String>,
+    /// Files smaller than this share a gzip member with the files before
+    /// them (64 KiB); 0 gives every file a member of its own.
+    pub group_below: u64,
+    /// Most uncompressed bytes of a member that small files share (256 KiB).
+    pub member_size: u64,
 }
 
 impl Default for WriterOptions {
@@ -46,6 +60,8 @@ impl Default for WriterOptions {
             chunk_size: 4 << 20,
             level: 6,
             prefetch: Vec::new(),
+            group_below: 64 << 10,
+            member_size: 256 << 10,
         }
     }
 }
@@ -124,6 +140,8 @@ fn write_layer_batched<W: Write>(
         content,
         level: opts.level,
         chunk_size: opts.chunk_size,
+        group_below: opts.group_below.min(opts.chunk_size.saturating_add(1)),
+        member_size: usize::try_from(opts.member_size).unwrap_or(usize::MAX),
         batch_bytes,
         out: HashingWriter::new(out),
         diff: Sha256::new(),
@@ -271,14 +289,22 @@ struct FileRef {
 struct Segment {
     pieces: Vec<Piece>,
     len: usize,
-    chunk: Option<ChunkRef>,
+    /// The payloads in the member, each with where it starts in the
+    /// inflated member; the first (if any) starts it, at 0.
+    chunks: Vec<(usize, ChunkRef)>,
+    /// Bytes of those payloads.
+    payload: usize,
+    /// Whether small files may join: the member was started by a file's
+    /// payload (not by headers alone, nor by a landmark).
+    shared: bool,
 }
 
 /// A segment with its buffers while a batch is processed.
 struct Work {
     seg: Segment,
     buf: Vec<u8>,
-    chunk_digest: Option<Digest>,
+    /// The digest of each of `seg.chunks`.
+    chunk_digests: Vec<Digest>,
 }
 
 struct LayerWriter<'a, W: Write> {
@@ -286,6 +312,8 @@ struct LayerWriter<'a, W: Write> {
     content: &'a dyn ContentSource,
     level: u32,
     chunk_size: u64,
+    group_below: u64,
+    member_size: usize,
     batch_bytes: usize,
     out: HashingWriter<W>,
     diff: Sha256,
@@ -307,8 +335,7 @@ impl<W: Write> LayerWriter<'_, W> {
     fn push_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.open.len += bytes.len();
         self.open.pieces.push(Piece::Bytes(bytes));
-        let payload = self.open.chunk.map_or(0, |c| c.len);
-        if self.open.len - payload >= MAX_HEADER_BYTES {
+        if self.open.len - self.open.payload >= MAX_HEADER_BYTES {
             self.close_open_segment();
             if self.batch_len >= self.batch_bytes {
                 self.flush_batch()?;
@@ -325,8 +352,9 @@ impl<W: Write> LayerWriter<'_, W> {
         }
     }
 
-    /// Close the open member and start one whose first bytes are a payload.
-    fn start_chunk_segment(&mut self, chunk: ChunkRef, piece: Piece) -> Result<()> {
+    /// Close the open member and start one whose first bytes are a payload
+    /// (`shared`: one small files may join).
+    fn start_chunk_segment(&mut self, chunk: ChunkRef, piece: Piece, shared: bool) -> Result<()> {
         self.close_open_segment();
         if self.batch_len >= self.batch_bytes {
             self.flush_batch()?;
@@ -334,9 +362,25 @@ impl<W: Write> LayerWriter<'_, W> {
         self.open = Segment {
             pieces: vec![piece],
             len: chunk.len,
-            chunk: Some(chunk),
+            chunks: vec![(0, chunk)],
+            payload: chunk.len,
+            shared,
         };
         Ok(())
+    }
+
+    /// Whether a small file's payload of `len` bytes may join the open
+    /// member.
+    fn may_join(&self, len: usize) -> bool {
+        self.open.shared && self.open.len.saturating_add(len) <= self.member_size
+    }
+
+    /// Put a small file's whole payload into the open member.
+    fn join_open_segment(&mut self, chunk: ChunkRef, piece: Piece) {
+        self.open.chunks.push((self.open.len, chunk));
+        self.open.pieces.push(piece);
+        self.open.len += chunk.len;
+        self.open.payload += chunk.len;
     }
 
     fn append(&mut self, item: Item) -> Result<()> {
@@ -420,14 +464,18 @@ impl<W: Write> LayerWriter<'_, W> {
                     last,
                 }),
             };
-            self.start_chunk_segment(
-                chunk,
-                Piece::Content {
-                    entry: i,
-                    offset: off,
-                    len,
-                },
-            )?;
+            let piece = Piece::Content {
+                entry: i,
+                offset: off,
+                len,
+            };
+            // Only a whole small file joins the open member; anything else
+            // starts one (which small files after it may join).
+            if size < self.group_below && self.may_join(len) {
+                self.join_open_segment(chunk, piece);
+            } else {
+                self.start_chunk_segment(chunk, piece, true)?;
+            }
             off += len as u64;
         }
         let pad = padding(size);
@@ -455,7 +503,7 @@ impl<W: Write> LayerWriter<'_, W> {
             len: 1,
             file: None,
         };
-        self.start_chunk_segment(chunk, Piece::Bytes(vec![LANDMARK_CONTENT]))?;
+        self.start_chunk_segment(chunk, Piece::Bytes(vec![LANDMARK_CONTENT]), false)?;
         self.push_bytes(vec![0; padding(1)])?;
         Ok(())
     }
@@ -473,7 +521,7 @@ impl<W: Write> LayerWriter<'_, W> {
             works.push(Work {
                 seg,
                 buf,
-                chunk_digest: None,
+                chunk_digests: Vec::new(),
             });
             outs.push(out);
         }
@@ -500,14 +548,14 @@ impl<W: Write> LayerWriter<'_, W> {
         let file_digests = hashed?;
         compressed?;
 
-        for ((w, out), fd) in works.iter().zip(&outs).zip(file_digests) {
+        for ((w, out), fds) in works.iter().zip(&outs).zip(file_digests) {
             self.uncompressed += w.buf.len() as u64;
-            if let Some(chunk) = w.seg.chunk {
+            let offset = self.out.count();
+            for (((inner, chunk), d), fd) in w.seg.chunks.iter().zip(&w.chunk_digests).zip(fds) {
                 let te = &mut self.toc.entries[chunk.toc_idx];
-                te.offset = self.out.count();
-                if let Some(d) = &w.chunk_digest {
-                    te.chunk_digest = d.to_string();
-                }
+                te.offset = offset;
+                te.inner_offset = *inner as u64;
+                te.chunk_digest = d.to_string();
                 if let (Some(d), Some(file)) = (fd, chunk.file) {
                     self.toc.entries[file.reg_toc_idx].digest = d.to_string();
                 }
@@ -554,52 +602,58 @@ fn fill(w: &mut Work, entries: &[Entry], content: &dyn ContentSource) -> Result<
             }
         }
     }
-    if let Some(chunk) = w.seg.chunk {
-        w.chunk_digest = Some(Digest::of(&w.buf[..chunk.len]));
-    }
+    w.chunk_digests = w
+        .seg
+        .chunks
+        .iter()
+        .map(|(inner, c)| Digest::of(&w.buf[*inner..inner + c.len]))
+        .collect();
     Ok(())
 }
 
 /// Hash a batch into the diff_id and the running file digests; returns, per
-/// work, the whole-file digest when that work ends a file.
+/// work and per chunk in it, the whole-file digest when that chunk ends a
+/// file.
 fn hash_batch(
     works: &[Work],
     entries: &[Entry],
     diff: &mut Sha256,
     file_hash: &mut Option<Sha256>,
-) -> Result<Vec<Option<Digest>>> {
+) -> Result<Vec<Vec<Option<Digest>>>> {
     let mut out = Vec::with_capacity(works.len());
     for w in works {
         diff.update(&w.buf);
-        let mut done = None;
-        if let Some(chunk) = w.seg.chunk
-            && let Some(file) = chunk.file
-        {
-            let digest = if file.first && file.last {
-                w.chunk_digest.clone()
-            } else {
-                let h = file_hash.get_or_insert_with(Sha256::new);
-                h.update(&w.buf[..chunk.len]);
-                if file.last {
-                    file_hash.take().map(Digest::from_hasher)
+        let mut dones = Vec::with_capacity(w.seg.chunks.len());
+        for ((inner, chunk), chunk_digest) in w.seg.chunks.iter().zip(&w.chunk_digests) {
+            let mut done = None;
+            if let Some(file) = chunk.file {
+                let digest = if file.first && file.last {
+                    Some(chunk_digest.clone())
                 } else {
-                    None
+                    let h = file_hash.get_or_insert_with(Sha256::new);
+                    h.update(&w.buf[*inner..inner + chunk.len]);
+                    if file.last {
+                        file_hash.take().map(Digest::from_hasher)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(d) = digest {
+                    let e = &entries[file.entry];
+                    if let Some(want) = &e.digest
+                        && *want != d
+                    {
+                        return Err(mismatch(
+                            e,
+                            format!("the entry says {want} but the content hashes to {d}"),
+                        ));
+                    }
+                    done = Some(d);
                 }
-            };
-            if let Some(d) = digest {
-                let e = &entries[file.entry];
-                if let Some(want) = &e.digest
-                    && *want != d
-                {
-                    return Err(mismatch(
-                        e,
-                        format!("the entry says {want} but the content hashes to {d}"),
-                    ));
-                }
-                done = Some(d);
             }
+            dones.push(done);
         }
-        out.push(done);
+        out.push(dones);
     }
     Ok(out)
 }

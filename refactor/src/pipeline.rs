@@ -13,20 +13,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use breakfs_fetch::{ClientOptions, Image, Store};
-use breakfs_index::{
-    Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, Manifest, MergedView,
-    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Reference, TOC_TAR_NAME, decoder, media_types,
-};
+use breakfs_fetch::{ClientOptions, Store};
+use breakfs_index::{Descriptor, Digest, Entry, ImageRef, Manifest, Reference, media_types};
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
-use crate::dpkg::{INFO_DIR, STATUS_PATH};
+use load::local_layer;
+pub use load::{LoadedImage, load_image};
 use published::{Destination, Published, published_layers};
 
+mod load;
 mod published;
 use crate::{
-    ContentSource, Error, LayerSource, PackageDb, Plan, PlanImage, PlanOptions, PublishedLayer,
-    Result, WriterOptions, WrittenLayer, plan, write_layer,
+    ContentSource, Error, LayerSource, Plan, PlanImage, PlanOptions, PublishedLayer, Result,
+    WriterOptions, WrittenLayer, plan, write_layer,
 };
 
 /// Everything `breakfs refactor` is told.
@@ -117,22 +117,6 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
-/// One source image, loaded: its layers decompressed and indexed.
-pub struct LoadedImage {
-    /// The reference it came from.
-    pub reference: ImageRef,
-    /// Manifest and config.
-    pub image: Image,
-    /// The store's short name (layout directory or repository basename).
-    pub name: String,
-    /// The uncompressed tar of each layer, bottom first.
-    pub tars: Vec<PathBuf>,
-    /// The merged view.
-    pub view: MergedView,
-    /// dpkg ownership of its files.
-    pub packages: PackageDb,
-}
-
 /// Run `f` on a blocking thread.
 async fn blocking<T: Send + 'static>(
     what: &str,
@@ -141,234 +125,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::io(what.to_string(), std::io::Error::other(e)))?
-}
-
-/// Decompress `blob` into `tar` and index it, in one pass.
-fn decompress_and_index(
-    blob: &Path,
-    media_type: &str,
-    tar: &Path,
-    what: &str,
-) -> Result<LayerIndex> {
-    let compression = Compression::from_media_type(media_type).ok_or_else(|| {
-        breakfs_index::Error::UnsupportedMediaType {
-            media_type: media_type.to_string(),
-            what: what.to_string(),
-        }
-    })?;
-    let input =
-        File::open(blob).map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
-    let reader =
-        decoder(compression, input).map_err(|e| Error::io(format!("decompressing {what}"), e))?;
-    // Named after the blob too: two blobs may hold one tar.
-    let blob_name = blob.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = tar.with_extension(format!("{blob_name}.tmp"));
-    let out =
-        File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, out);
-    let index = match LayerIndex::read_copying(reader, &mut out, what) {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-    };
-    out.into_inner()
-        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e.into_error()))?;
-    std::fs::rename(&tmp, tar).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
-    Ok(index)
-}
-
-fn short_name(r: &ImageRef) -> String {
-    match r {
-        ImageRef::Layout { dir, .. } => dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into()),
-        ImageRef::Registry { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
-    }
-}
-
-/// Largest dpkg database file read (a real status file is a few MiB): a
-/// bigger one is not a package database but a way to make us hold it all.
-const MAX_DB_FILE: u64 = 64 << 20;
-
-/// Read the content of a regular file of a view from its layer tar; `None`
-/// for a missing or non-regular file, or one larger than `MAX_DB_FILE`.
-fn read_file(tars: &[PathBuf], view: &MergedView, path: &str) -> Result<Option<Vec<u8>>> {
-    let Some(me) = view.get(path) else {
-        return Ok(None);
-    };
-    if !matches!(me.entry.kind, EntryKind::File | EntryKind::Hardlink) {
-        return Ok(None);
-    }
-    if me.entry.size > MAX_DB_FILE {
-        tracing::warn!(
-            "{path} has {} bytes, more than a dpkg database file holds: \
-             left out of package ownership",
-            me.entry.size
-        );
-        return Ok(None);
-    }
-    let tar = &tars[me.layer];
-    let f = File::open(tar).map_err(|e| Error::io(format!("opening {}", tar.display()), e))?;
-    let mut buf = vec![0; me.entry.size as usize];
-    f.read_exact_at(&mut buf, me.data_offset)
-        .map_err(|e| Error::io(format!("reading {path} from {}", tar.display()), e))?;
-    Ok(Some(buf))
-}
-
-/// The dpkg database of an image, if it has one.
-fn package_db(tars: &[PathBuf], view: &MergedView) -> Result<PackageDb> {
-    let Some(status) = read_file(tars, view, STATUS_PATH)? else {
-        return Ok(PackageDb::empty());
-    };
-    let prefix = format!("{INFO_DIR}/");
-    let mut lists = Vec::new();
-    for me in view.iter() {
-        let Some(name) = me.entry.path.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some(package) = name.strip_suffix(".list") else {
-            continue;
-        };
-        if package.contains('/') {
-            continue;
-        }
-        if let Some(content) = read_file(tars, view, &me.entry.path)? {
-            lists.push((package.to_string(), content));
-        }
-    }
-    Ok(PackageDb::from_dpkg(&status, &lists, view))
-}
-
-/// Fetch, decompress and index one source image.
-pub async fn load_image(
-    r: &ImageRef,
-    opts: &RefactorOptions,
-    progress: &dyn Progress,
-) -> Result<LoadedImage> {
-    let store = Store::open(r, &opts.client).await?;
-    let image = store.resolve(r).await?;
-    let diff_ids = image.config.diff_ids()?;
-    if diff_ids.len() != image.layers().len() {
-        return Err(Error::Source {
-            image: r.to_string(),
-            reason: format!(
-                "the manifest has {} layers but the config lists {} diff_ids",
-                image.layers().len(),
-                diff_ids.len()
-            ),
-        });
-    }
-    let tars_dir = opts.work_dir.join("tars");
-    let blobs_dir = opts.work_dir.join("blobs");
-    for d in [&tars_dir, &blobs_dir] {
-        std::fs::create_dir_all(d)
-            .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
-    }
-    // A manifest may list one blob several times (identical empty layers
-    // do): each distinct blob is fetched, decompressed and indexed once,
-    // as two loads of one blob would write the same files at once.
-    let mut distinct: Vec<(&Descriptor, &Digest)> = Vec::new();
-    let mut slot_of: HashMap<(&Digest, &Digest), usize> = HashMap::new();
-    let slots: Vec<usize> = image
-        .layers()
-        .iter()
-        .zip(&diff_ids)
-        .map(|(desc, diff_id)| {
-            *slot_of.entry((&desc.digest, diff_id)).or_insert_with(|| {
-                distinct.push((desc, diff_id));
-                distinct.len() - 1
-            })
-        })
-        .collect();
-    let total: u64 = distinct.iter().map(|(l, _)| l.size).sum();
-    progress.stage(&format!("reading {r}"), total);
-    // Layers load concurrently: each is fetched, then decompressed and
-    // indexed in one pass on a blocking thread.
-    let loads = distinct.iter().map(|&(desc, diff_id)| {
-        let (store, tars_dir, blobs_dir) = (&store, &tars_dir, &blobs_dir);
-        async move {
-            let what = format!("layer {} of {r}", desc.digest);
-            let (tar, index) =
-                local_layer(store, desc, diff_id, tars_dir, blobs_dir, &what).await?;
-            progress.advance(desc.size);
-            Ok::<_, Error>((tar, index))
-        }
-    });
-    let loaded = futures::future::try_join_all(loads).await?;
-    let (tars, indexes): (Vec<PathBuf>, Vec<LayerIndex>) =
-        slots.iter().map(|&i| loaded[i].clone()).unzip();
-    let mut view = MergedView::build(&indexes).map_err(|e| Error::Source {
-        image: r.to_string(),
-        reason: breakfs_index::Causes(&e).to_string(),
-    })?;
-    // An eStargz source carries its TOC and landmarks as files: they belong
-    // to the format, not the image, and every new layer gets its own.
-    for path in [TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK] {
-        if view
-            .get(path)
-            .is_some_and(|m| m.entry.kind == EntryKind::File)
-        {
-            view.remove(path);
-        }
-    }
-    let packages = package_db(&tars, &view)?;
-    Ok(LoadedImage {
-        reference: r.clone(),
-        image,
-        name: short_name(r),
-        tars,
-        view,
-        packages,
-    })
-}
-
-/// A layer's uncompressed tar in the work directory, and its index: read
-/// from the tar if an earlier run left it, else fetched, decompressed and
-/// indexed in one pass.
-async fn local_layer(
-    store: &Store,
-    desc: &Descriptor,
-    diff_id: &Digest,
-    tars_dir: &Path,
-    blobs_dir: &Path,
-    what: &str,
-) -> Result<(PathBuf, LayerIndex)> {
-    let tar = tars_dir.join(format!("{}.tar", diff_id.hex()));
-    let index = if tar.exists() {
-        let (t, w) = (tar.clone(), what.to_string());
-        blocking(what, move || -> Result<LayerIndex> {
-            let f = File::open(&t).map_err(|e| Error::io(format!("opening {}", t.display()), e))?;
-            Ok(LayerIndex::read(
-                std::io::BufReader::with_capacity(1 << 20, f),
-                &w,
-            )?)
-        })
-        .await?
-    } else {
-        let blob = blobs_dir.join(desc.digest.hex());
-        store.blob_to_file(desc, &blob).await?;
-        let (b, t, m, w) = (
-            blob.clone(),
-            tar.clone(),
-            desc.media_type.clone(),
-            what.to_string(),
-        );
-        let index = blocking(what, move || decompress_and_index(&b, &m, &t, &w)).await;
-        let _ = std::fs::remove_file(&blob);
-        index?
-    };
-    if &index.diff_id != diff_id {
-        let _ = std::fs::remove_file(&tar);
-        return Err(Error::DiffIdMismatch {
-            what: what.to_string(),
-            actual: index.diff_id,
-            expected: diff_id.clone(),
-        });
-    }
-    Ok((tar, index))
 }
 
 /// File content for the writer: every source image's regular files by digest.
@@ -668,24 +424,31 @@ pub async fn refactor(
             let mut uploaded = 0u64;
             let mut reused_compressed = 0u64;
             progress.stage(&format!("uploading {target}"), 0);
-            for &li in &ip.layers {
+            // Blobs go up a few at a time: a layout's writes each end in
+            // an fsync, a registry's in a round trip.
+            let pushes = ip.layers.iter().map(|&li| {
                 let p = &published.meta[layer_pub[li]];
-                let up = match &p.local {
-                    Some(path) => store.push_blob_file(&p.desc, path).await?,
-                    None => {
-                        if !store.has_blob(&p.desc.digest).await? {
-                            return Err(Error::Source {
-                                image: target.to_string(),
-                                reason: format!(
-                                    "layer {} is published in another repository; copy it into {} first",
-                                    p.desc.digest,
-                                    store.name()
-                                ),
-                            });
-                        }
-                        false
+                async move {
+                    match &p.local {
+                        Some(path) => Ok(store.push_blob_file(&p.desc, path).await?),
+                        None if store.has_blob(&p.desc.digest).await? => Ok(false),
+                        None => Err(Error::Source {
+                            image: target.to_string(),
+                            reason: format!(
+                                "layer {} is published in another repository; copy it into {} first",
+                                p.desc.digest,
+                                store.name()
+                            ),
+                        }),
                     }
-                };
+                }
+            });
+            let ups: Vec<bool> = futures::stream::iter(pushes)
+                .buffered(4)
+                .try_collect()
+                .await?;
+            for (&li, up) in ip.layers.iter().zip(ups) {
+                let p = &published.meta[layer_pub[li]];
                 if up {
                     uploaded += p.desc.size;
                 }

@@ -196,6 +196,46 @@ fn chunk_outside_blob() {
 }
 
 #[test]
+fn payloads_sharing_a_member_end_where_the_member_ends() {
+    // a and b share the member at 100 (b at inner offset 1024), c has the
+    // member at 300, d and e share the one at 500 up to the TOC at 900.
+    let mut b = reg("b", 20, 100);
+    b.inner_offset = 1024;
+    let mut e = reg("e", 5, 500);
+    e.inner_offset = 512;
+    let toc = Toc {
+        version: 1,
+        entries: vec![
+            reg("a", 10, 100),
+            b,
+            TocEntry::new("dir", TocEntryType::Dir),
+            reg("c", 30, 300),
+            reg("d", 40, 500),
+            e,
+        ],
+    };
+    let layer = toc.to_layer(1000, Some(900)).unwrap();
+    let spans: Vec<(&str, u64, u64, u64)> = layer
+        .entries
+        .iter()
+        .filter_map(|(en, cs)| {
+            let c = cs.first()?;
+            Some((en.path.as_str(), c.offset, c.inner_offset, c.compressed_end))
+        })
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            ("a", 100, 0, 300),
+            ("b", 100, 1024, 300),
+            ("c", 300, 0, 500),
+            ("d", 500, 0, 900),
+            ("e", 500, 512, 900),
+        ]
+    );
+}
+
+#[test]
 fn chunks_must_cover_file() {
     let mut first = reg("f", 10, 100);
     first.chunk_size = 4;

@@ -375,3 +375,109 @@ fn pax_record_lengths() {
         assert_eq!(len, out.len(), "value of {n} bytes");
     }
 }
+
+/// Gzip members of a blob, as (offset, inflated size).
+fn members(blob: &[u8]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut rest = blob;
+    while !rest.is_empty() {
+        let at = (blob.len() - rest.len()) as u64;
+        let mut gz = flate2::bufread::GzDecoder::new(rest);
+        out.push((at, std::io::copy(&mut gz, &mut std::io::sink()).unwrap()));
+        rest = gz.into_inner();
+    }
+    out
+}
+
+#[test]
+fn small_files_share_members_and_read_alone() {
+    // 300 small files of 1–3 KiB, then a big one and more small ones.
+    let mut entries = vec![Entry::new("d", EntryKind::Dir)];
+    let mut files = HashMap::new();
+    let mut add = |entries: &mut Vec<Entry>, path: String, data: Vec<u8>| {
+        let mut x = Entry::new(path.clone(), EntryKind::File);
+        x.mode = 0o644;
+        x.size = data.len() as u64;
+        x.digest = Some(Digest::of(&data));
+        files.insert(path, data);
+        entries.push(x);
+    };
+    for i in 0..300u64 {
+        let text = format!("def f{i}():\n    return {i}\n").repeat(40 + (i as usize % 80));
+        add(&mut entries, format!("d/m{i}.py"), text.into_bytes());
+    }
+    add(&mut entries, "d/big".into(), pseudo(300 << 10, 5));
+    for i in 0..20u64 {
+        add(&mut entries, format!("d/z{i}"), pseudo(100, i));
+    }
+    let src = MemSource(files);
+    let opts = WriterOptions::default();
+    let (blob, w) = write(&entries, &src, &opts, BATCH_BYTES);
+    let single = WriterOptions {
+        group_below: 0,
+        ..WriterOptions::default()
+    };
+    let (apart, _) = write(&entries, &src, &single, BATCH_BYTES);
+
+    // Fewer members and a smaller blob than a member per file.
+    let (shared, own) = (members(&blob), members(&apart));
+    assert!(
+        shared.len() * 10 < own.len(),
+        "{} vs {}",
+        shared.len(),
+        own.len()
+    );
+    assert!(
+        blob.len() < apart.len(),
+        "{} vs {}",
+        blob.len(),
+        apart.len()
+    );
+    // No shared member inflates past member_size (a header past it at
+    // most); the big file's own member does, and no small file joins it.
+    let over: Vec<_> = shared
+        .iter()
+        .filter(|&&(_, n)| n > opts.member_size + 512)
+        .collect();
+    assert_eq!(over, [&(over[0].0, (300 << 10) + 512)], "{shared:?}");
+
+    // A plain tar reader sees the same entries either way (the TOCs differ).
+    let (names, raw, mut tar) = read_tar(&blob);
+    let (names_apart, _, mut tar_apart) = read_tar(&apart);
+    assert_eq!(names, names_apart);
+    tar.remove(TOC_TAR_NAME);
+    tar_apart.remove(TOC_TAR_NAME);
+    assert_eq!(tar, tar_apart);
+    assert_eq!(w.diff_id, Digest::of(&raw));
+    assert_eq!(names.len(), entries.len() + 2);
+    for e in entries.iter().filter(|e| e.is_file()) {
+        assert_eq!(tar[&e.path].1, src.0[&e.path], "{}", e.path);
+    }
+
+    // Every file reads alone from its member through the TOC.
+    let TailRead::Toc(tail) = Toc::read_from_blob_tail(&blob, blob.len() as u64).unwrap() else {
+        panic!("whole blob given");
+    };
+    let layer = tail
+        .toc
+        .to_layer(blob.len() as u64, Some(tail.toc_offset))
+        .unwrap();
+    let mut inner = 0;
+    for (e, chunks) in &layer.entries {
+        for c in chunks {
+            let want = &src.0[&e.path][c.chunk_offset as usize..][..c.chunk_size as usize];
+            assert_eq!(chunk_bytes(&blob, c), want, "{}", e.path);
+            assert_eq!(c.chunk_digest.as_ref(), Some(&Digest::of(want)));
+            assert!(c.inner_offset + c.chunk_size <= opts.member_size || c.inner_offset == 0);
+            if c.inner_offset > 0 {
+                inner += 1;
+            }
+        }
+    }
+    assert!(inner > 250, "{inner} files at an inner offset");
+
+    // Deterministic, whatever the batches.
+    let (again, w2) = write(&entries, &src, &opts, 4096);
+    assert_eq!(again, blob);
+    assert_eq!(w2, w);
+}
