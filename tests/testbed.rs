@@ -69,7 +69,8 @@ fn small_testbed_checks_every_rootfs_and_an_interrupt_leaves_nothing_behind() {
     let all = vec![
         Strategy::DockerLike,
         Strategy::Containerd,
-        Strategy::LazyCloud,
+        Strategy::Estargz,
+        Strategy::EstargzOptimized,
         Strategy::Breakfs,
     ];
     let r = bench::run_testbed(&small(all.clone())).expect("the small testbed run");

@@ -11,6 +11,7 @@ mod hostile_net;
 mod hostile_two;
 mod interop_tools;
 mod kube;
+mod landmark;
 mod load;
 mod mount;
 mod node;

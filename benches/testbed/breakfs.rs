@@ -169,6 +169,7 @@ pub fn run_breakfs(
     // that never come is not counted), the peer links are lifted like the
     // cloud's, and what the nodes were asked to do finishes.
     let measured: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+    let estimates: Mutex<Vec<Option<f64>>> = Mutex::new(vec![None; deps.len()]);
     let at_all_ready = || {
         sched.stop();
         for l in peer_links.iter().flat_map(|p| &p.shapers) {
@@ -193,15 +194,22 @@ pub fn run_breakfs(
             } else {
                 sched.best(&format!("d{i}"), &image_ref, &names)?
             };
-            // The placement feeds popularity, for the prefetch planner.
-            let _ = curl(
+            // The placement feeds popularity, for the prefetch planner;
+            // the answer is the estimator's expected fetch time there.
+            let plan = curl(
                 &format!("{}/plan?image={image_ref}&node={best}", sched.url),
                 &[],
                 None,
             );
+            if variant != Strategy::NoSched
+                && let Ok(body) = plan
+                && let Ok(e) = serde_json::from_slice::<serde_json::Value>(&body)
+            {
+                estimates.lock().unwrap()[i] = e["fetch_secs"].as_f64();
+            }
             let n: usize = best.trim_start_matches('n').parse()?;
             let cdir = dir.join(format!("c{i}"));
-            // Mounts fetch what is read (lazy, like lazy-cloud); whole
+            // Mounts fetch what is read (lazy, like the eStargz baselines); whole
             // layers come from the planner's prefetch (and, with `hydrate`,
             // from each mount's background hydration).
             let mut args = vec![
@@ -252,6 +260,7 @@ pub fn run_breakfs(
         cloud,
         peer,
         cache,
+        estimates: estimates.into_inner().unwrap(),
     })
 }
 

@@ -22,8 +22,14 @@
 //!   them, as overlay2 does; per-node layer store; least-loaded node),
 //!   **containerd** (the real one, one per node: `ctr image pull
 //!   --plain-http` through the link and `ctr run`; least-loaded node),
-//!   **lazy-cloud** (`breakfs mount --standalone` of the original image,
-//!   cloud only, per-node cache; least-loaded node), **breakfs** (a
+//!   **eStargz** (each original converted per layer by `ctr-remote image
+//!   convert --estargz --oci`, mounted lazily from the cloud only by
+//!   `breakfs mount --standalone --no-hydrate`, per-node cache;
+//!   least-loaded node: what stargz-snapshotter users run, through
+//!   breakfs' lazy reader), **eStargz optimized** (the same, converted by
+//!   `ctr-remote image optimize`, which records the image's command and
+//!   lays the files it reads first; the mount fetches that landmarked
+//!   region at once), **breakfs** (a
 //!   `breakfs node` per node with every other node as a peer over the
 //!   shaped links, the refactored images, `breakfs sched` placing each pod
 //!   and planning prefetch), and the ablations.
@@ -31,8 +37,8 @@
 //! Each deployment's rootfs is checked against the original image (content
 //! hashes of sampled files, from `umoci unpack`); the run fails on any
 //! difference. Set-up work is cached outside the repository (refactored
-//! layouts keyed by the sources of the refactor and index crates, reference
-//! hashes by image digest).
+//! layouts keyed by the sources of the refactor and index crates, eStargz
+//! conversions and reference hashes by image digest).
 //! `cargo bench --bench testbed -- --help` lists the settings; writes
 //! target/bench-testbed.md and target/bench-testbed.svg.
 #![allow(clippy::unwrap_used)]
@@ -50,6 +56,7 @@ mod registry;
 
 mod breakfs;
 mod cache;
+mod estargz;
 mod interrupt;
 mod opts;
 mod reference;
@@ -69,6 +76,7 @@ use harness::{Env, Machine, Shaper, detach_under, median};
 use registry::TestRegistry;
 
 use breakfs::run_breakfs;
+use estargz::Conversion;
 pub use interrupt::catch_interrupts;
 use interrupt::{INTERRUPTED, check_interrupt, parallel};
 pub use opts::{Opts, Strategy};
@@ -76,7 +84,7 @@ use opts::{USAGE, parse_opts};
 use reference::reference;
 pub use report::Report;
 use report::{keep_logs, report, svg_plot};
-use strategies::{run_containerd, run_docker_like, run_lazy_cloud};
+use strategies::{run_containerd, run_docker_like, run_estargz};
 use workload::workload;
 use world::{Outcome, World, fill_registry};
 
@@ -105,7 +113,9 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
         };
         std::fs::create_dir_all(&env.run_dir)?;
         check_interrupt()?;
-        let refactored = fill_registry(&env, &mut reg, &images)?;
+        let estargz = estargz::converted(&env.tmp, &images)?;
+        check_interrupt()?;
+        let refactored = fill_registry(&env, &mut reg, &images, &estargz)?;
         let refs = parallel(&images, 2, |im| reference(&env, im, 40))?;
         check_interrupt()?;
         let links: Vec<Shaper> = (0..o.clusters)
@@ -141,7 +151,8 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
             let r = match s {
                 Strategy::DockerLike => run_docker_like(&w, &deps, &dir),
                 Strategy::Containerd => run_containerd(&w, &deps, &dir),
-                Strategy::LazyCloud => run_lazy_cloud(&w, &deps, &dir),
+                Strategy::Estargz => run_estargz(&w, &deps, &dir, Conversion::Convert),
+                Strategy::EstargzOptimized => run_estargz(&w, &deps, &dir, Conversion::Optimize),
                 v => run_breakfs(&w, &deps, &dir, *v),
             };
             detach_under(&dir);

@@ -64,8 +64,13 @@ pub enum Strategy {
     DockerLike,
     /// The real containerd: `ctr image pull` + `ctr run`.
     Containerd,
-    /// A lazy mount of the original image from the cloud only.
-    LazyCloud,
+    /// The original converted per layer by `ctr-remote image convert
+    /// --estargz`, mounted lazily from the cloud only.
+    Estargz,
+    /// The original converted by `ctr-remote image optimize` (its command
+    /// recorded, a prefetch landmark per layer), mounted lazily from the
+    /// cloud only.
+    EstargzOptimized,
     /// Everything: refactored images, peers, prefetch, placement.
     Breakfs,
     /// Ablations: breakfs without one of its parts.
@@ -88,7 +93,10 @@ impl Strategy {
         match self {
             Strategy::DockerLike => "docker-like",
             Strategy::Containerd => "containerd",
-            Strategy::LazyCloud => "lazy-cloud",
+            Strategy::Estargz => "eStargz (ctr-remote convert, lazy from the cloud)",
+            Strategy::EstargzOptimized => {
+                "eStargz optimized (ctr-remote optimize, lazy from the cloud)"
+            }
             Strategy::Breakfs => "breakfs",
             Strategy::NoRefactor => "breakfs without refactoring",
             Strategy::NoPeers => "breakfs without peers",
@@ -106,15 +114,18 @@ impl Strategy {
             Strategy::NoPrefetch => "no-prefetch",
             Strategy::NoSched => "no-sched",
             Strategy::Hydrate => "hydrate",
+            Strategy::Estargz => "estargz",
+            Strategy::EstargzOptimized => "estargz-optimized",
             s => s.name(),
         }
     }
 
     /// Every strategy, in the order they run.
-    pub const ALL: [Strategy; 8] = [
+    pub const ALL: [Strategy; 9] = [
         Strategy::DockerLike,
         Strategy::Containerd,
-        Strategy::LazyCloud,
+        Strategy::Estargz,
+        Strategy::EstargzOptimized,
         Strategy::Breakfs,
         Strategy::NoRefactor,
         Strategy::NoPeers,
@@ -150,11 +161,15 @@ run in its rootfs), bytes from the cloud and from peers, and cache use.
   --peer-mbit M         [1000]
   --cross-rtt MS        node <-> node across clusters [20]
   --cross-mbit M        [200]
-  --strategies s,t      docker-like,containerd,lazy-cloud,breakfs,no-refactor,no-peers,no-prefetch,no-sched [all]
+  --strategies s,t      docker-like,containerd,estargz,estargz-optimized,breakfs,no-refactor,no-peers,
+                        no-prefetch,no-sched [all]
                         and hydrate (breakfs whose mounts hydrate in the background, not in the default set)
 
 Needs root (FUSE, overlayfs, chroot), docker-registry, skopeo, umoci,
-containerd. Ctrl-C stops and cleans up. Writes target/bench-testbed.md and
+containerd, runc, ctr-remote (the eStargz baselines: each original converted
+per layer by `ctr-remote image convert --estargz --oci`, and by `ctr-remote
+image optimize --oci` recording the image's command; both mounted lazily
+from the cloud only by `breakfs mount --standalone --no-hydrate`). Ctrl-C stops and cleans up. Writes target/bench-testbed.md and
 target/bench-testbed.svg.";
 
 pub fn parse_opts() -> Result<Option<Opts>> {

@@ -119,8 +119,8 @@ pub fn report(
         .map(|(_, v)| v.cloud);
     let ratio = |x: f64, b: Option<f64>| b.map_or("–".into(), |b| format!("{:.2}", x / b));
     let mut table = String::from(
-        "| strategy | median time to ready | p90 | mean | ÷ docker-like | ÷ containerd | ÷ lazy-cloud | from the cloud | ÷ docker-like | from peers | cache at the end |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| strategy | median time to ready | p90 | mean | ÷ docker-like | ÷ containerd | ÷ eStargz | ÷ eStargz optimized | from the cloud | ÷ docker-like | from peers | cache at the end |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (s, v) in results {
         let mut t = v.secs.clone();
@@ -129,11 +129,12 @@ pub fn report(
         let p90 = t[(t.len() * 9 / 10).min(t.len() - 1)];
         let mean = t.iter().sum::<f64>() / t.len() as f64;
         table.push_str(&format!(
-            "| {} | {m:.2} s | {p90:.2} s | {mean:.2} s | {} | {} | {} | {:.0} MB | {} | {:.0} MB | {:.0} MB |\n",
+            "| {} | {m:.2} s | {p90:.2} s | {mean:.2} s | {} | {} | {} | {} | {:.0} MB | {} | {:.0} MB | {:.0} MB |\n",
             s.name(),
             ratio(m, med(Strategy::DockerLike)),
             ratio(m, med(Strategy::Containerd)),
-            ratio(m, med(Strategy::LazyCloud)),
+            ratio(m, med(Strategy::Estargz)),
+            ratio(m, med(Strategy::EstargzOptimized)),
             v.cloud as f64 / 1e6,
             ratio(v.cloud as f64, base_bytes.map(|b| b.max(1) as f64)),
             v.peer as f64 / 1e6,
@@ -158,7 +159,7 @@ pub fn report(
          cluster, {} ms / {} Mbit/s across (one shared link per pair of clusters); a breakfs node's background work \
          (prefetch) at most {:.2} MB/s (half the cluster's cloud link over its nodes). The images' distinct layers are {:.0} MB \
          compressed as built, {:.0} MB refactored jointly. Seed {}. Every deployment's rootfs matched the \
-         original image on sampled file hashes. Machine: {}. Set-up {:.0} s (cached parts reused), total {:.0} s.\n\n{table}",
+         original image on sampled file hashes. Machine: {}. Set-up {:.0} s (cached parts reused), total {:.0} s.\n\n{table}{}",
         o.clusters,
         o.nodes,
         o.deployments,
@@ -190,5 +191,49 @@ pub fn report(
         harness::machine(),
         setup_secs,
         started.elapsed().as_secs_f64(),
+        estimator_note(results),
     )
+}
+
+/// The scheduler's estimator against what was measured: for each strategy
+/// placed by `breakfs sched`, its expected fetch time for the chosen node
+/// beside the deployment's measured time to ready (the estimator grades
+/// whole-image fetches; a lazy mount's time to ready is a fetch of what the
+/// command reads plus the command itself).
+fn estimator_note(results: &[(Strategy, Outcome)]) -> String {
+    let mut out = String::new();
+    for (s, v) in results {
+        let pairs: Vec<(f64, f64)> = v
+            .estimates
+            .iter()
+            .zip(&v.secs)
+            .filter_map(|(e, m)| Some(((*e)?, *m)))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let mut ratios: Vec<f64> = pairs.iter().map(|(e, m)| m / e.max(1e-3)).collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut errors: Vec<f64> = pairs
+            .iter()
+            .map(|(e, m)| (m - e).abs() / m.max(1e-3))
+            .collect();
+        errors.sort_by(f64::total_cmp);
+        let est: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+        let meas: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+        out.push_str(&format!(
+            "\n{}: sched's estimator (expected fetch time of the chosen node, `/plan`) against the measured time to ready \
+             of the same {} placements: median estimate {:.2} s, median measured {:.2} s; measured ÷ estimate median {:.2} \
+             (min {:.2}, max {:.2}); median |measured − estimate| ÷ measured {:.2}.\n",
+            s.name(),
+            pairs.len(),
+            median(&est),
+            median(&meas),
+            median(&ratios),
+            ratios[0],
+            ratios[ratios.len() - 1],
+            median(&errors),
+        ));
+    }
+    out
 }

@@ -1,7 +1,8 @@
 //! The strategies without breakfs' node daemon: docker-like (layers
 //! downloaded and extracted one by one, overlay2-style), the real
-//! containerd, and lazy-cloud (a standalone lazy mount of the original
-//! image); and what a lazily mounted image needs to be ready.
+//! containerd, and the eStargz baselines (the originals converted by
+//! `ctr-remote`, mounted lazily from the cloud only); and what a lazily
+//! mounted image needs to be ready.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Read as _};
@@ -14,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 
 use super::containerd;
+use super::estargz::Conversion;
 use super::harness::{self, NodeMount, is_mountpoint, run, run_chroot};
 use super::interrupt::check_interrupt;
 use super::reference::verify;
@@ -342,17 +344,30 @@ pub fn run_containerd(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outc
         cloud: cloud.into_inner(),
         peer: 0,
         cache,
+        estimates: Vec::new(),
     })
 }
 
-pub fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outcome> {
+/// The eStargz baselines: the original converted per layer by
+/// `ctr-remote` (`conversion`), mounted lazily from the cloud only by
+/// `breakfs mount --standalone --no-hydrate` with a per-node cache. The
+/// mount reads the TOCs and fetches what is read, and, for an optimized
+/// image, each layer's landmarked region at mount, as stargz-snapshotter
+/// does. Cloud bytes: what each mount fetched until ready.
+pub fn run_estargz(
+    w: &World,
+    deps: &[Deployment],
+    dir: &Path,
+    conversion: Conversion,
+) -> Result<Outcome> {
     let load = LeastLoaded::new(w.o);
     let cloud = AtomicU64::new(0);
-    let secs = replay(w, "lazy-cloud", deps, |i, d, ready| {
+    let what = conversion.prefix();
+    let secs = replay(w, what, deps, |i, d, ready| {
         let node = load.pick(w.o, d.cluster);
         let image = &w.images[d.image];
         let reference = format!(
-            "docker://{}/orig/{}:{}",
+            "docker://{}/{what}/{}:{}",
             w.links[d.cluster].addr, image.family, image.tag
         );
         let cdir = dir.join(format!("c{i}"));
@@ -363,7 +378,7 @@ pub fn run_lazy_cloud(w: &World, deps: &[Deployment], dir: &Path) -> Result<Outc
             dir.join(format!("node{node}/store")).display().to_string(),
         ];
         let m = NodeMount::with_args(w.env, &args, &reference, &cdir.join("image"))?;
-        let bytes = ready_on_mount(w, m, &cdir, d, ready, &format!("lazy-cloud deployment {i}"))?;
+        let bytes = ready_on_mount(w, m, &cdir, d, ready, &format!("{what} deployment {i}"))?;
         cloud.fetch_add(bytes, Ordering::SeqCst);
         Ok(())
     })?;

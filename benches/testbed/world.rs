@@ -12,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::cache::{cached_dir, copy_tree};
 use super::corpus::CorpusImage;
+use super::estargz;
 use super::harness::{self, Env, Shaper, run, skopeo_copy};
 use super::interrupt::{check_interrupt, parallel};
 use super::opts::Opts;
@@ -26,15 +27,18 @@ pub struct Refactored {
     pub layers: Vec<(String, u64)>,
 }
 
-/// Fill the registry: the originals at `orig/FAMILY:TAG` and the images
+/// Fill the registry: the originals at `orig/FAMILY:TAG`, the images
 /// refactored jointly (`breakfs refactor --joint`, as BREAK refactors the
-/// set of images a registry serves) at `refactored/FAMILY:TAG`. The
-/// refactored layout and then the registry's storage are cached, keyed by
-/// the refactoring's sources and the images' digests.
+/// set of images a registry serves) at `refactored/FAMILY:TAG`, and the
+/// originals' eStargz conversions from the layout `estargz` at
+/// `esgz/FAMILY:TAG` and `esgz-opt/FAMILY:TAG`. The refactored layout and
+/// then the registry's storage are cached, keyed by the refactoring's
+/// sources, the images' digests and the conversions.
 pub fn fill_registry(
     env: &Env,
     reg: &mut TestRegistry,
     images: &[CorpusImage],
+    estargz: &Path,
 ) -> Result<Vec<Refactored>> {
     let mut key = Sha256::new();
     refactor_sources(&mut key, Path::new(env!("CARGO_MANIFEST_DIR")))?;
@@ -85,11 +89,16 @@ pub fn fill_registry(
         .collect::<Result<_>>()?;
     let storage = reg.storage_dir();
     let mut pushed = false;
-    let cached = cached_dir("registry", key, |fresh| {
+    let registry_key = {
+        let mut k = Sha256::new();
+        k.update(key.as_bytes());
+        k.update(estargz.to_string_lossy().as_bytes());
+        hex::encode(k.finalize())[..16].to_string()
+    };
+    let cached = cached_dir("registry", &registry_key, |fresh| {
         eprintln!(
-            "testbed: pushing {} original and {} refactored images (cached for the next run)",
-            images.len(),
-            images.len()
+            "testbed: pushing {n} original, {n} refactored and 2 × {n} eStargz images (cached for the next run)",
+            n = images.len()
         );
         push_originals(reg, images)?;
         // One at a time: the images share layers, and the registry's
@@ -101,6 +110,7 @@ pub fn fill_registry(
                 &reg.reference(&format!("refactored/{}:{}", im.family, im.tag)),
             )?;
         }
+        estargz::push(estargz, images, |repo| reg.reference(repo))?;
         pushed = true;
         copy_tree(&storage, &fresh.join("storage"))
     })?;
@@ -182,6 +192,10 @@ pub struct Outcome {
     pub peer: u64,
     /// Bytes the nodes' caches (layer stores) use at the end.
     pub cache: u64,
+    /// Per deployment placed by `breakfs sched`: the estimator's expected
+    /// fetch time for the chosen node (`/plan`'s `fetch_secs`), to set
+    /// beside the measured time to ready.
+    pub estimates: Vec<Option<f64>>,
 }
 
 /// The emulated edge a strategy runs in: the settings, the registry, each
@@ -208,6 +222,7 @@ impl Outcome {
             cloud,
             peer: 0,
             cache,
+            estimates: Vec::new(),
         }
     }
 }

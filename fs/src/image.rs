@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use breakfs_fetch::budget::LivePin;
 use breakfs_fetch::{
-    ClientOptions, CloudSource, ContentStore, FetchOptions, Fetcher, Image, Source,
-    chunk_loc_or_why,
+    ChunkLoc, ClientOptions, CloudSource, ContentStore, FetchOptions, Fetcher, Image, Source,
+    chunk_loc_or_why, landmarked_chunks,
 };
 use breakfs_index::{
     Compression, Descriptor, Digest, Entry, EntryKind, ImageRef, LayerIndex, NO_PREFETCH_LANDMARK,
@@ -29,6 +29,9 @@ pub struct OpenedImage {
     pub fetcher: Fetcher,
     /// How each layer is served.
     pub layers: Vec<LayerMode>,
+    /// The eStargz prefetch region of each lazy layer that has one (the
+    /// chunks before its `.prefetch.landmark`): fetched at mount.
+    pub regions: Vec<(Digest, Vec<ChunkLoc>)>,
     /// The layers counted live in the store's budget, from the start of
     /// opening until this (or the mount made of it) is dropped.
     pub pin: Option<LivePin>,
@@ -88,7 +91,16 @@ pub async fn open_image_on(
         .zip(&diff_ids)
         .map(|(desc, diff_id)| load_layer(fetcher, desc, diff_id, reference));
     let loaded = try_join_all(loads).await?;
-    let (layers, modes): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
+    let mut layers = Vec::with_capacity(loaded.len());
+    let mut modes = Vec::with_capacity(loaded.len());
+    let mut regions = Vec::new();
+    for ((files, mode, region), desc) in loaded.into_iter().zip(image.layers()) {
+        layers.push(files);
+        modes.push(mode);
+        if !region.is_empty() {
+            regions.push((desc.digest.clone(), region));
+        }
+    }
     let tree = tokio::task::spawn_blocking(move || Tree::build(layers))
         .await
         .map_err(|e| Error::BadImage {
@@ -104,6 +116,7 @@ pub async fn open_image_on(
         tree: Arc::new(tree),
         fetcher: fetcher.clone(),
         layers: modes,
+        regions,
         pin,
     })
 }
@@ -136,6 +149,7 @@ pub async fn open_layer(
     let Some(toc) = toc else {
         return Ok(None);
     };
+    let region = landmarked_chunks(&desc, &toc);
     let files = lazy_files(toc, &desc).map_err(|reason| Error::BadImage {
         what: what.clone(),
         reason: format!("its TOC cannot be read lazily: {reason}"),
@@ -154,12 +168,18 @@ pub async fn open_layer(
         .store()
         .budget()
         .map(|b| b.pin([desc.digest.clone()]));
+    let regions = if region.is_empty() {
+        Vec::new()
+    } else {
+        vec![(desc.digest.clone(), region)]
+    };
     image.manifest.layers = vec![desc];
     Ok(Some(OpenedImage {
         image,
         tree: Arc::new(tree),
         fetcher: fetcher.clone(),
         layers: vec![LayerMode::Lazy],
+        regions,
         pin,
     }))
 }
@@ -169,7 +189,7 @@ async fn load_layer(
     desc: &Descriptor,
     diff_id: &Digest,
     reference: &ImageRef,
-) -> Result<(Vec<LayerFile>, LayerMode)> {
+) -> Result<(Vec<LayerFile>, LayerMode, Vec<ChunkLoc>)> {
     let store = fetcher.store().clone();
     let what = format!("layer {} of {reference}", desc.digest);
     let toc = fetcher.layer_toc(desc).await.map_err(|e| Error::BadImage {
@@ -177,8 +197,9 @@ async fn load_layer(
         reason: breakfs_index::Causes(&e).to_string(),
     })?;
     if let Some(toc_layer) = toc {
+        let region = landmarked_chunks(desc, &toc_layer);
         match lazy_files(toc_layer, desc) {
-            Ok(files) => return Ok((files, LayerMode::Lazy)),
+            Ok(files) => return Ok((files, LayerMode::Lazy, region)),
             Err(why) => tracing::warn!(
                 "{what}: its TOC cannot be read lazily ({why}); \
                  fetching the layer whole and reading its tar stream instead"
@@ -204,7 +225,7 @@ async fn load_layer(
             .filter(|d| !store.has_chunk(d))
             .count();
         if gone == 0 {
-            return Ok((whole_files(entries), LayerMode::Whole));
+            return Ok((whole_files(entries), LayerMode::Whole, Vec::new()));
         }
         tracing::info!(layer = %desc.digest, gone, "files of a layer indexed whole left the store; indexing it again");
     }
@@ -219,7 +240,7 @@ async fn load_layer(
         what: reference.to_string(),
         reason: format!("indexing a layer failed: {e}"),
     })??;
-    Ok((whole_files(entries), LayerMode::Whole))
+    Ok((whole_files(entries), LayerMode::Whole, Vec::new()))
 }
 
 /// The files of an eStargz layer with their chunk locations, or why some

@@ -110,6 +110,10 @@ pub struct StatusRecord {
     pub lazy_layers: usize,
     /// Layers fetched whole.
     pub whole_layers: usize,
+    /// Lazy layers whose eStargz prefetch landmark marks a region fetched
+    /// at mount.
+    #[serde(default)]
+    pub landmarked_layers: usize,
     /// Distinct chunk bytes in the store.
     pub hydrated_bytes: u64,
     /// Distinct chunk bytes of the image.
@@ -431,11 +435,14 @@ fn serving(
             .iter()
             .filter(|m| **m == LayerMode::Whole)
             .count(),
+        landmarked_layers: opened.regions.len(),
         chunk_bytes,
         ..StatusRecord::default()
     };
     let tree = opened.tree.clone();
     let fetcher = opened.fetcher.clone();
+    // The files an eStargz layer's landmark puts first, at once.
+    fetcher.spawn_regions(opened.regions.clone());
     {
         let (tree, fetcher, hydration) = (tree.clone(), fetcher.clone(), hydration.clone());
         let enabled = opts.hydrate;

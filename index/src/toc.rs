@@ -231,6 +231,9 @@ pub struct TocChunk {
 pub struct TocLayer {
     /// Entries in TOC order, landmarks and the TOC itself left out.
     pub entries: Vec<(Entry, Vec<TocChunk>)>,
+    /// Offset of the `.prefetch.landmark` member, when the layer has one:
+    /// the members before it hold the files its workload reads first.
+    pub prefetch_end: Option<u64>,
 }
 
 /// What the tail of a blob says: the TOC, or how many tail bytes are needed.
@@ -529,6 +532,7 @@ impl Toc {
         // Index in `out` of the reg entry that `chunk` entries extend, or a
         // landmark/TOC whose chunks are skipped.
         let mut open: Option<Option<usize>> = None;
+        let mut prefetch_end = None;
         for (i, te) in self.entries.iter().enumerate() {
             let raw_name = te.name.as_str();
             if te.kind == TocEntryType::Chunk {
@@ -550,6 +554,9 @@ impl Toc {
                     || path == PREFETCH_LANDMARK
                     || path == NO_PREFETCH_LANDMARK)
             {
+                if path == PREFETCH_LANDMARK && te.offset <= data_end {
+                    prefetch_end = Some(te.offset);
+                }
                 open = Some(None);
                 continue;
             }
@@ -621,7 +628,10 @@ impl Toc {
         for (entry, chunks) in &out {
             check_coverage(entry, chunks)?;
         }
-        Ok(TocLayer { entries: out })
+        Ok(TocLayer {
+            entries: out,
+            prefetch_end,
+        })
     }
 }
 

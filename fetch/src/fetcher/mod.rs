@@ -12,11 +12,13 @@
 //!
 //! The parts: `queue` (jobs, batches, workers, pacing), `verified`
 //! (a range tried on each source, every chunk checked before it is stored),
-//! `health` (retries, counters, resting peers) and `assemble` (kept
-//! ranges into a whole layer blob).
+//! `health` (retries, counters, resting peers), `assemble` (kept
+//! ranges into a whole layer blob) and `landmark` (an eStargz layer's
+//! prefetch region, fetched at mount).
 
 mod assemble;
 mod health;
+mod landmark;
 mod queue;
 mod verified;
 
@@ -38,6 +40,7 @@ use crate::metrics::Histogram;
 use crate::{ContentStore, Error, Result, Source, SourceClass};
 use health::{backoff, concrete_sources, passed_on, read_once, record_failure, record_success};
 use health::{rest, resting, retry_delays};
+pub use landmark::{REGION_PIECE, RegionFetch, landmarked_chunks};
 use queue::State;
 
 /// Where one chunk's bytes sit inside an eStargz layer blob.

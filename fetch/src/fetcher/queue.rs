@@ -39,6 +39,14 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Background work waits for a quiet spell from `t` on (unless an
+    /// on-demand request came later).
+    pub(super) fn quiet_from(&mut self, t: Instant) {
+        if self.last_on_demand.is_none_or(|l| l < t) {
+            self.last_on_demand = Some(t);
+        }
+    }
+
     /// An empty queue. Background work waits for a quiet spell from the
     /// start: the first reads of a new mount come right after it.
     pub(super) fn new() -> State {
@@ -50,12 +58,12 @@ impl State {
 }
 
 /// A batch of queued jobs that one Range request serves.
-struct Batch {
-    layer: Digest,
-    start: u64,
-    end: u64,
-    jobs: Vec<ChunkLoc>,
-    background: bool,
+pub(super) struct Batch {
+    pub(super) layer: Digest,
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) jobs: Vec<ChunkLoc>,
+    pub(super) background: bool,
 }
 
 /// Queue a job for the chunk at `loc` (or join the one queued or running,
@@ -128,6 +136,62 @@ fn insert(
         }
     }
     rx
+}
+
+/// Take the jobs of `locs` for a request of the caller's own (the
+/// landmarked region): a chunk neither stored nor queued gets a running
+/// job that readers can join, a queued one is taken off the queue with its
+/// waiters, a running one (and a stored one) is left alone. Returns the
+/// chunks taken, to be run as a [`Batch`] by [`run_batch`].
+pub(super) fn claim(inner: &Inner, locs: &[ChunkLoc]) -> Vec<ChunkLoc> {
+    let mut st = inner.state.lock();
+    let st = &mut *st;
+    let mut taken = Vec::new();
+    for loc in locs {
+        if inner.store.has_chunk(&loc.digest) {
+            continue;
+        }
+        match st.jobs.get_mut(&loc.digest) {
+            Some(job) if job.running => {}
+            Some(job) => {
+                job.running = true;
+                st.order[job.prio as usize].remove(&(job.seq, loc.digest.clone()));
+                let queued = &job.loc;
+                if let Some(at) = st.by_layer.get_mut(&queued.layer) {
+                    if let Some(ds) = at.get_mut(&queued.offset) {
+                        ds.retain(|d| d != &loc.digest);
+                        if ds.is_empty() {
+                            at.remove(&queued.offset);
+                        }
+                    }
+                    if at.is_empty() {
+                        st.by_layer.remove(&queued.layer);
+                    }
+                }
+                // Fetched where the caller asked (the same content).
+                job.loc = loc.clone();
+                taken.push(loc.clone());
+            }
+            None => {
+                let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+                st.jobs.insert(
+                    loc.digest.clone(),
+                    Job {
+                        loc: loc.clone(),
+                        prio: Priority::OnDemand,
+                        seq,
+                        waiters: Vec::new(),
+                        running: true,
+                    },
+                );
+                taken.push(loc.clone());
+            }
+        }
+    }
+    if !taken.is_empty() {
+        st.last_on_demand = Some(Instant::now());
+    }
+    taken
 }
 
 /// Waiters on the running jobs of layer `layer` whose members overlap
@@ -274,8 +338,9 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     })
 }
 
-/// Fetch (or find stored) the chunks of `batch`, and tell their waiters.
-async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
+/// Fetch (or find stored) the chunks of `batch`, and tell their waiters;
+/// returns how many failed.
+pub(super) async fn run_batch(inner: &Arc<Inner>, batch: Batch) -> usize {
     tracing::debug!(
         layer = %batch.layer.short(),
         start = batch.start,
@@ -306,6 +371,7 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
         .await;
         results.extend(outcome);
     }
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
     let mut st = inner.state.lock();
     for (d, r) in results {
         if let Some(job) = st.jobs.remove(&d) {
@@ -314,6 +380,7 @@ async fn run_batch(inner: &Arc<Inner>, batch: Batch) {
             }
         }
     }
+    failed
 }
 
 /// Wait until the background rate limit lets `bytes` go.

@@ -290,3 +290,68 @@ async fn chunks_queued_together_go_in_one_range_request() {
         assert_eq!(&std::fs::read(store.chunk_path(&l.digest)).unwrap(), c);
     }
 }
+
+#[tokio::test]
+async fn a_landmarked_region_comes_in_one_request_and_serves_those_waiting_on_it() {
+    // Twenty members; the region is the first twelve.
+    let contents: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 3000]).collect();
+    let mut blob = Vec::new();
+    let mut locs = Vec::new();
+    for c in &contents {
+        let member = gzip(c);
+        locs.push(ChunkLoc {
+            layer: Digest::of(b"layer"),
+            offset: blob.len() as u64,
+            compressed_end: (blob.len() + member.len()) as u64,
+            inner_offset: 0,
+            size: c.len() as u64,
+            digest: Digest::of(c),
+        });
+        blob.extend_from_slice(&member);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let cloud = Arc::new(Fake {
+        name: "cloud",
+        blob,
+        lie: false,
+        calls: AtomicUsize::new(0),
+    });
+    let opts = FetchOptions {
+        quiet: Duration::from_secs(600),
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store.clone(), vec![cloud.clone()], opts);
+    // Hydration has queued every chunk (it waits for a quiet spell).
+    let waiting: Vec<_> = locs
+        .iter()
+        .map(|l| {
+            let (f, l) = (f.clone(), l.clone());
+            tokio::spawn(async move { f.ensure(&l, Priority::Background, None).await })
+        })
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while f.stats().queued < locs.len() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the jobs were not queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = f.fetch_region(&locs[0].layer, &locs[..12]).await;
+    assert_eq!((r.requests, r.chunks, r.failed), (1, 12, 0));
+    assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
+    for (i, w) in waiting.into_iter().enumerate().take(12) {
+        w.await.unwrap().unwrap();
+        assert_eq!(
+            std::fs::read(store.chunk_path(&locs[i].digest)).unwrap(),
+            contents[i]
+        );
+    }
+    // The rest stay queued behind the quiet spell; the region again asks nothing.
+    assert!(!store.has_chunk(&locs[12].digest));
+    assert_eq!(f.stats().queued, 8);
+    let again = f.fetch_region(&locs[0].layer, &locs[..12]).await;
+    assert_eq!(again.requests, 0);
+    assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
+}

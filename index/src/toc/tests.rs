@@ -390,3 +390,25 @@ proptest! {
         prop_assert_eq!(parse_modtime("x", &s).unwrap(), secs);
     }
 }
+
+#[test]
+fn the_prefetch_landmark_ends_the_prefetch_region_and_is_no_entry() {
+    let mut landmark = reg(PREFETCH_LANDMARK, 1, 300);
+    landmark.digest = String::new();
+    let toc = Toc {
+        version: 1,
+        entries: vec![reg("a", 10, 100), landmark, reg("b", 10, 400)],
+    };
+    let layer = toc.to_layer(1000, None).unwrap();
+    assert_eq!(layer.prefetch_end, Some(300));
+    let paths: Vec<&str> = layer.entries.iter().map(|(e, _)| e.path.as_str()).collect();
+    assert_eq!(paths, ["a", "b"]);
+    // The other landmark says no file is prioritized.
+    let toc = Toc {
+        version: 1,
+        entries: vec![reg(NO_PREFETCH_LANDMARK, 1, 100), reg("a", 10, 200)],
+    };
+    let layer = toc.to_layer(1000, None).unwrap();
+    assert_eq!(layer.prefetch_end, None);
+    assert_eq!(layer.entries.len(), 1);
+}
