@@ -88,7 +88,8 @@ enum Command {
     Mount(mountcmd::MountArgs),
     /// Unmount a breakfs mount and stop its process.
     Umount(mountcmd::UmountArgs),
-    /// Show a mount: hydration, bytes fetched by source, reads.
+    /// Show a mount: hydration, bytes fetched by source, reads; or, with no
+    /// mountpoint, the node daemon's mounts and containerd snapshots.
     Status(mountcmd::StatusArgs),
     /// Pull an image into a plain directory, files written in parallel as
     /// their chunks arrive (BREAK's parallel extraction).
@@ -495,7 +496,7 @@ fn main() -> std::process::ExitCode {
             Command::Shape(a) => run_shape(a).await,
             Command::Mount(a) => mountcmd::run_mount(a).await,
             Command::Umount(a) => mountcmd::run_umount(a).await,
-            Command::Status(a) => mountcmd::run_status(a),
+            Command::Status(a) => mountcmd::run_status(a).await,
             Command::Pull(a) => mountcmd::run_pull(a).await,
             Command::Node(a) => node::run_node(a).await,
             Command::Sched(a) => schedcmd::run_sched(a).await,

@@ -122,12 +122,7 @@ pub async fn run_mount(a: MountArgs) -> Result<()> {
 
 /// Ask node daemon `node` to mount the image; returns once it answers.
 async fn mount_via_node(node: &str, a: &MountArgs, abs: &Path) -> Result<()> {
-    let token = a
-        .token_file
-        .as_deref()
-        .map(Token::from_file)
-        .transpose()
-        .context("--token-file")?;
+    let token = token_of(a.token_file.as_deref())?;
     let req = MountRequest {
         image: a.image.clone(),
         mountpoint: abs.to_path_buf(),
@@ -192,18 +187,49 @@ pub struct StatusArgs {
     /// Print the record as JSON.
     #[arg(long)]
     json: bool,
-    /// The mountpoint.
+    /// The node daemon to ask when no MOUNTPOINT is given
+    /// (`unix:/run/breakfs/node.sock`, or `http://HOST:PORT` with
+    /// --token-file).
+    #[arg(long, env = "BREAKFS_NODE", value_name = "URL", default_value_t = format!("unix:{}", breakfs_node::DEFAULT_SOCKET))]
+    node: String,
+    /// The node's token file (its --token-file), for asking over TCP.
+    #[arg(long, env = "BREAKFS_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The mountpoint; without it, the node daemon's mounts and the
+    /// containerd snapshots it holds, with their hydration.
     #[arg(value_name = "MOUNTPOINT")]
-    mountpoint: PathBuf,
+    mountpoint: Option<PathBuf>,
 }
 
-pub fn run_status(a: StatusArgs) -> Result<()> {
-    let s: StatusRecord = breakfs_fs::read_status(&a.mountpoint)?;
+pub async fn run_status(a: StatusArgs) -> Result<()> {
+    let Some(mountpoint) = &a.mountpoint else {
+        return node_status(&a).await;
+    };
+    let s: StatusRecord = breakfs_fs::read_status(mountpoint)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
     print!("{}", breakfs_node::status_report(&s));
+    Ok(())
+}
+
+/// The token in `--token-file`, if given.
+fn token_of(file: Option<&Path>) -> Result<Option<Token>> {
+    file.map(Token::from_file)
+        .transpose()
+        .context("--token-file")
+}
+
+/// `breakfs status` without a mountpoint: what the node daemon serves.
+async fn node_status(a: &StatusArgs) -> Result<()> {
+    let token = token_of(a.token_file.as_deref())?;
+    let s = breakfs_node::node_status(&a.node, token.as_ref()).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    print!("{}", breakfs_node::node_report(&s));
     Ok(())
 }
 

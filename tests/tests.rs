@@ -27,6 +27,7 @@ mod sched;
 mod security;
 mod snapshotter;
 mod snapshotter_lazy;
+mod snapshotter_status;
 mod support;
 mod systemd;
 mod testbed;

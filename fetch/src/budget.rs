@@ -1,14 +1,18 @@
 //! The cache budget: keeps a content store within a configured size.
 //!
 //! Every write into the store reserves its bytes first; when the store
-//! would go over its limit, the least valuable layers are evicted (their
-//! whole blob, kept ranges and chunks) until the write fits with some room
-//! to spare. A layer's value is its popularity (uses, decayed by the hour)
-//! weighted by how recently it was used, ten times more while a live mount
-//! uses it. A layer a live mount needs is never evicted when it cannot be
-//! fetched again (a layer indexed whole, or no peer and no reachable
-//! cloud); readers whose chunk went away fetch it again. Uses are saved in
-//! the store (`meta/budget-uses.json`), so values survive restarts.
+//! would go over its limit, kept ranges go first (a range is a second copy
+//! of chunks the store holds, kept for peers and to assemble the whole
+//! layer, and only while there is room for it), then the least valuable
+//! layers are evicted (their whole blob and chunks) until the write fits
+//! with some room to spare. A layer's value is its popularity (uses,
+//! decayed by the hour) weighted by how recently it was used, ten times
+//! more while a live mount uses it. A layer a live mount needs is never
+//! evicted when it cannot be fetched again (a layer indexed whole, or no
+//! peer and no reachable cloud), nor a chunk a reader has pinned
+//! ([`Budget::pin_chunks`]) from before its fetch until its read is
+//! answered. Uses are saved in the store (`meta/budget-uses.json`), so
+//! values survive restarts.
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
@@ -48,6 +52,8 @@ struct State {
     chunks_of: HashMap<Digest, Vec<Digest>>,
     /// How many meta records `chunks_of` was built from.
     records_seen: usize,
+    /// Chunks readers have pinned, and how many pins each.
+    reading: HashMap<Digest, u32>,
 }
 
 /// A size budget over one store.
@@ -186,9 +192,42 @@ impl Budget {
         if st.used + len > self.limit {
             // Evict down to 90% so that evictions come in batches.
             let target = (self.limit / 10 * 9).saturating_sub(len);
-            self.evict(store, &mut st, target);
+            self.evict(store, &mut st, target, false);
         }
         st.used += len;
+    }
+
+    /// Make room for `len` bytes of a copy the store can do without (a
+    /// kept range: its chunks are in the store too) and count them, if
+    /// other such copies can give way; `false`, with nothing counted, when
+    /// only chunks or blobs could: the copy is then not kept.
+    pub fn reserve_copy(&self, store: &ContentStore, len: u64) -> bool {
+        let mut st = self.state.lock();
+        if st.used + len > self.limit {
+            let target = (self.limit / 10 * 9).saturating_sub(len);
+            self.evict(store, &mut st, target, true);
+            if st.used + len > self.limit {
+                return false;
+            }
+        }
+        st.used += len;
+        true
+    }
+
+    /// Keep chunks `chunks` from eviction until the returned pin drops,
+    /// whether or not they are in the store yet: a reader pins the chunks
+    /// of its answer before it fetches them and drops the pin once it has
+    /// read them, so that what else is fetched meanwhile cannot evict them.
+    pub fn pin_chunks(self: &Arc<Self>, chunks: impl IntoIterator<Item = Digest>) -> ChunkPin {
+        let chunks: Vec<Digest> = chunks.into_iter().collect();
+        let mut st = self.state.lock();
+        for c in &chunks {
+            *st.reading.entry(c.clone()).or_default() += 1;
+        }
+        ChunkPin {
+            budget: Some(self.clone()),
+            chunks,
+        }
     }
 
     /// `len` reserved bytes were not written after all, or were removed.
@@ -214,62 +253,59 @@ impl Budget {
         }
     }
 
-    fn evict(&self, store: &ContentStore, st: &mut State, target: u64) {
+    /// Evict down to `target` bytes: chunks no known layer refers to
+    /// first, then kept ranges (copies of chunks the store holds too),
+    /// least valuable layers' first; then, unless `copies_only`, whole
+    /// layers (blob, ranges and chunks), least valuable first. Never what
+    /// a live mount needs and cannot fetch again, nor a chunk a reader
+    /// has pinned.
+    fn evict(&self, store: &ContentStore, st: &mut State, target: u64, copies_only: bool) {
         refresh_chunk_map(store, st);
-        let refetchable = self.refetchable.lock();
-        let t = now();
-        // Candidates: layers with something on disk, least valuable first.
-        let mut layers: HashSet<Digest> = st.chunks_of.keys().cloned().collect();
-        layers.extend(
-            store
-                .blobs()
-                .into_iter()
-                .map(|(d, _)| d)
-                .filter(|d| st.chunks_of.contains_key(d) || st.uses.contains_key(d)),
-        );
-        layers.extend(store.partial_layers().into_iter().map(|(d, _)| d));
-        let mut ranked: Vec<(f64, Digest)> = Vec::new();
-        let mut protected_chunks: HashSet<Digest> = HashSet::new();
-        for l in layers {
-            let u = st.uses.get(&l).cloned().unwrap_or_default();
-            let pinned = u.live > 0 && (u.whole || !refetchable.as_ref().is_some_and(|f| f(&l)));
-            if pinned {
-                if let Some(c) = st.chunks_of.get(&l) {
-                    protected_chunks.extend(c.iter().cloned());
-                }
-                continue;
+        let ranked = self.ranked(store, st);
+        let mut protected: HashSet<&Digest> = st.reading.keys().collect();
+        for (_, l, pinned) in &ranked {
+            if *pinned && let Some(c) = st.chunks_of.get(l) {
+                protected.extend(c);
             }
-            let age = t.saturating_sub(u.last) as f64;
-            ranked.push((layer_value(u.popularity, age, u.live > 0), l));
         }
-        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut freed = 0u64;
-        // Chunks no known layer refers to go first.
+        let over = |freed: u64| st.used.saturating_sub(freed) > target;
         let known: HashSet<&Digest> = st.chunks_of.values().flatten().collect();
         for (d, size) in store.chunks() {
-            if st.used.saturating_sub(freed) <= target {
+            if !over(freed) {
                 break;
             }
-            if !known.contains(&d) && store.remove_chunk(&d) {
+            if !known.contains(&d) && !protected.contains(&d) && store.remove_chunk(&d) {
                 freed += size;
             }
         }
-        let mut evicted = 0;
-        for (_, l) in &ranked {
-            if st.used.saturating_sub(freed) <= target {
+        for (_, l, _) in &ranked {
+            if !over(freed) {
                 break;
             }
-            let mut n = store.remove_blob(l) + store.remove_ranges_quietly(l);
-            if let Some(chunks) = st.chunks_of.get(l) {
-                for c in chunks {
-                    if protected_chunks.contains(c) {
-                        continue;
-                    }
-                    if let Ok(m) = std::fs::metadata(store.chunk_path(c))
-                        && store.remove_chunk(c)
-                    {
-                        n += m.len();
-                    }
+            let n = store.remove_ranges_quietly(l);
+            if n > 0 {
+                freed += n;
+                tracing::debug!(layer = %l, bytes = n, "dropped kept ranges to stay within the cache budget");
+            }
+        }
+        let mut evicted = 0;
+        for (_, l, pinned) in &ranked {
+            if copies_only || !over(freed) {
+                break;
+            }
+            if *pinned {
+                continue;
+            }
+            let mut n = store.remove_blob(l);
+            for c in st.chunks_of.get(l).into_iter().flatten() {
+                if protected.contains(c) {
+                    continue;
+                }
+                if let Ok(m) = std::fs::metadata(store.chunk_path(c))
+                    && store.remove_chunk(c)
+                {
+                    n += m.len();
                 }
             }
             if n > 0 {
@@ -281,13 +317,42 @@ impl Budget {
         st.used = st.used.saturating_sub(freed);
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
         self.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
-        if st.used > target {
+        if st.used > target && !copies_only {
             tracing::warn!(
                 used = st.used,
                 limit = self.limit,
-                "the cache is over its budget: what is left is needed by live mounts and cannot be fetched again"
+                "the cache is over its budget: what is left is needed by live mounts and cannot \
+                 be fetched again, or is being read"
             );
         }
+    }
+
+    /// The layers with something on disk, least valuable first, each
+    /// with whether a live mount needs it and cannot fetch it again.
+    fn ranked(&self, store: &ContentStore, st: &State) -> Vec<(f64, Digest, bool)> {
+        let refetchable = self.refetchable.lock();
+        let t = now();
+        let mut layers: HashSet<Digest> = st.chunks_of.keys().cloned().collect();
+        layers.extend(
+            store
+                .blobs()
+                .into_iter()
+                .map(|(d, _)| d)
+                .filter(|d| st.chunks_of.contains_key(d) || st.uses.contains_key(d)),
+        );
+        layers.extend(store.partial_layers().into_iter().map(|(d, _)| d));
+        let mut ranked: Vec<(f64, Digest, bool)> = layers
+            .into_iter()
+            .map(|l| {
+                let u = st.uses.get(&l).cloned().unwrap_or_default();
+                let pinned =
+                    u.live > 0 && (u.whole || !refetchable.as_ref().is_some_and(|f| f(&l)));
+                let age = t.saturating_sub(u.last) as f64;
+                (layer_value(u.popularity, age, u.live > 0), l, pinned)
+            })
+            .collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+        ranked
     }
 }
 
@@ -300,6 +365,39 @@ pub struct LivePin {
 impl Drop for LivePin {
     fn drop(&mut self) {
         self.budget.live(self.layers.iter().map(|d| (d, false)), -1);
+    }
+}
+
+/// Chunks kept from eviction while it lives (see [`Budget::pin_chunks`]).
+pub struct ChunkPin {
+    budget: Option<Arc<Budget>>,
+    chunks: Vec<Digest>,
+}
+
+impl ChunkPin {
+    /// A pin of nothing (a store without a budget evicts nothing).
+    pub fn none() -> ChunkPin {
+        ChunkPin {
+            budget: None,
+            chunks: Vec::new(),
+        }
+    }
+}
+
+impl Drop for ChunkPin {
+    fn drop(&mut self) {
+        let Some(b) = &self.budget else {
+            return;
+        };
+        let mut st = b.state.lock();
+        for c in &self.chunks {
+            if let Some(n) = st.reading.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    st.reading.remove(c);
+                }
+            }
+        }
     }
 }
 
@@ -414,5 +512,73 @@ mod tests {
         assert!(store.has_blob(&db) && store.has_blob(&dc));
         assert!(!store.has_blob(&da));
         assert_eq!(budget.evictions.load(Ordering::Relaxed), 1);
+    }
+
+    /// A TOC record in `store` naming `chunks` as layer `layer`'s.
+    fn toc_record(store: &ContentStore, layer: &Digest, chunks: &[&Digest]) {
+        let entries: Vec<_> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| serde_json::json!({"name": format!("f{i}"), "type": "reg", "digest": d}))
+            .collect();
+        let toc = serde_json::json!({"version": 1, "entries": entries});
+        let rec = format!("0\n{toc}");
+        store
+            .put_meta(&format!("toc-{}.json", layer.hex()), rec.as_bytes())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_chunk_a_reader_pinned_is_never_evicted_and_other_chunks_give_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let budget = Arc::new(Budget::new(10_000, &store));
+        store.set_budget(budget.clone());
+        let (a, b, c) = (vec![1u8; 6000], vec![2u8; 3000], vec![3u8; 3000]);
+        let (da, db, dc) = (Digest::of(&a), Digest::of(&b), Digest::of(&c));
+        // A is pinned before it arrives (a reader waits on its fetch); it
+        // is the least valuable chunk in the store, of no known layer.
+        let pin = store.pin_chunks([da.clone()]);
+        store.put_chunk(&da, &a).unwrap();
+        store.put_chunk(&dc, &c).unwrap();
+        store.put_chunk(&db, &b).unwrap();
+        assert!(store.has_chunk(&da) && store.has_chunk(&db));
+        assert!(!store.has_chunk(&dc));
+        assert!(budget.used() <= 10_000);
+        // Unpinned, it gives way like any other.
+        drop(pin);
+        let d = vec![4u8; 7000];
+        store.put_chunk(&Digest::of(&d), &d).unwrap();
+        assert!(!store.has_chunk(&da));
+        assert!(store.has_chunk(&Digest::of(&d)));
+        assert_eq!(budget.used(), store.usage());
+    }
+
+    #[test]
+    fn kept_ranges_give_way_before_chunks_and_never_push_chunks_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let budget = Arc::new(Budget::new(10_000, &store));
+        store.set_budget(budget.clone());
+        let (a, b) = (vec![1u8; 4000], vec![2u8; 4000]);
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        let (la, lb) = (Digest::of(b"layer a"), Digest::of(b"layer b"));
+        toc_record(&store, &la, &[&da]);
+        toc_record(&store, &lb, &[&db]);
+        // Layer A fetched: its chunk and its range (room for both).
+        store.put_chunk(&da, &a).unwrap();
+        assert!(store.put_range(&la, 0, &[1u8; 3000]).unwrap());
+        budget.touch([&lb]);
+        // Layer B's chunk needs room: A's range goes, A's chunk stays
+        // although layer A is the less valuable one.
+        store.put_chunk(&db, &b).unwrap();
+        assert!(store.has_chunk(&da) && store.has_chunk(&db));
+        assert!(store.held_ranges(&la).is_empty());
+        // B's range would only fit in place of a chunk: not kept.
+        assert!(!store.put_range(&lb, 0, &[2u8; 4000]).unwrap());
+        assert!(store.has_chunk(&da) && store.held_ranges(&lb).is_empty());
+        assert_eq!(budget.used(), store.usage());
+        assert!(budget.used() <= 10_000);
+        assert_eq!(budget.evictions.load(Ordering::Relaxed), 0);
     }
 }

@@ -399,16 +399,49 @@ impl ContentStore {
     }
 
     /// Keep `bytes` (verified by the caller: every chunk in them matched
-    /// its digest) as the range at `start` of layer blob `layer`.
-    pub fn put_range(&self, layer: &Digest, start: u64, bytes: &[u8]) -> Result<()> {
+    /// its digest, and is stored) as the range at `start` of layer blob
+    /// `layer`. The range is a second copy of those chunks: under a budget
+    /// it is kept only if other kept ranges can make room for it, never
+    /// at the cost of chunks or blobs; whether it was kept.
+    pub fn put_range(&self, layer: &Digest, start: u64, bytes: &[u8]) -> Result<bool> {
         if bytes.is_empty() || self.has_blob(layer) {
-            return Ok(());
+            return Ok(false);
         }
-        let dir = self.ranges_dir(layer);
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let end = start + bytes.len() as u64;
-        self.write_counted(&dir.join(format!("{start}-{end}")), bytes)
+        let dir = self.ranges_dir(layer);
+        let dest = dir.join(format!("{start}-{end}"));
+        if dest.is_file() {
+            return Ok(true);
+        }
+        let len = bytes.len() as u64;
+        if let Some(b) = self.budget.get()
+            && !b.reserve_copy(self, len)
+        {
+            return Ok(false);
+        }
+        // Once more if the budget dropped the layer's ranges (their dir
+        // with them) between the two steps.
+        let write = || {
+            fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+                .and_then(|()| self.write_atomic(&dest, bytes))
+        };
+        let r = write().or_else(|_| write());
+        if r.is_err() {
+            self.release(len);
+        }
+        r.map(|()| true)
+    }
+
+    /// Keep chunks `chunks` from eviction until the returned pin drops
+    /// (see [`crate::budget::Budget::pin_chunks`]): what a reader takes
+    /// from before it fetches the chunks of an answer until it has read
+    /// them.
+    pub fn pin_chunks(&self, chunks: impl IntoIterator<Item = Digest>) -> crate::budget::ChunkPin {
+        match self.budget.get() {
+            Some(b) => b.pin_chunks(chunks),
+            None => crate::budget::ChunkPin::none(),
+        }
     }
 
     /// The ranges kept of layer `layer`, sorted by start (may overlap).

@@ -46,7 +46,7 @@ pub use fetcher::{
     RegionFetch, SourceStats, landmarked_chunks,
 };
 pub use layout::OciLayout;
-pub use meta::{chunk_loc, chunk_loc_or_why, layer_chunk_locs, lazy_chunk_locs};
+pub use meta::{Hydration, chunk_loc, chunk_loc_or_why, layer_chunk_locs, lazy_chunk_locs};
 pub use metrics::{Histogram, LATENCY_BOUNDS};
 pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};

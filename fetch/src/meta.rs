@@ -2,7 +2,8 @@
 //! and eStargz TOCs, recorded in the content store so that a remount or a
 //! restart reads them from disk.
 
-use breakfs_index::{Descriptor, Toc, TocLayer};
+use breakfs_index::{Descriptor, Digest, Toc, TocLayer};
+use serde::{Deserialize, Serialize};
 
 use crate::tocread::read_toc_with;
 use crate::{Error, Fetcher, Result};
@@ -76,6 +77,60 @@ impl Fetcher {
                 Ok(None)
             }
         }
+    }
+}
+
+/// How much of a layer the store holds, by its chunks (distinct ones).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hydration {
+    /// Uncompressed bytes of the chunks held.
+    pub held_bytes: u64,
+    /// Uncompressed bytes of all the layer's chunks.
+    pub total_bytes: u64,
+    /// Chunks held.
+    pub held_chunks: u64,
+    /// Chunks in all.
+    pub total_chunks: u64,
+    /// Whether the whole layer blob is held too.
+    pub whole_blob: bool,
+}
+
+impl crate::ContentStore {
+    /// How much of lazy layer `layer` the store holds, by the chunks its
+    /// recorded TOC lists; `None` without a TOC record (not read yet, or
+    /// a layer without a TOC).
+    pub fn hydration(&self, layer: &Digest) -> Option<Hydration> {
+        let bytes = self
+            .read_meta(&format!("toc-{}.json", layer.hex()))
+            .ok()??;
+        let nl = bytes.iter().position(|&b| b == b'\n')?;
+        let offset: u64 = std::str::from_utf8(&bytes[..nl]).ok()?.parse().ok()?;
+        let toc = Toc::parse(&bytes[nl + 1..]).ok()?;
+        // The blob's size only bounds the last chunk, which ends at the TOC.
+        let entries = toc.to_layer(u64::MAX, Some(offset)).ok()?;
+        let desc = Descriptor::new("", layer.clone(), u64::MAX);
+        let mut seen = std::collections::HashSet::new();
+        let mut h = Hydration {
+            whole_blob: self.has_blob(layer),
+            ..Hydration::default()
+        };
+        for (entry, chunks) in &entries.entries {
+            for c in chunks {
+                let Ok(loc) = chunk_loc_or_why(&desc, entry, chunks.len(), c) else {
+                    continue;
+                };
+                if !seen.insert(loc.digest.clone()) {
+                    continue;
+                }
+                h.total_bytes += loc.size;
+                h.total_chunks += 1;
+                if self.has_chunk(&loc.digest) {
+                    h.held_bytes += loc.size;
+                    h.held_chunks += 1;
+                }
+            }
+        }
+        Some(h)
     }
 }
 
@@ -175,7 +230,7 @@ impl crate::Image {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use breakfs_index::{Digest, Entry, EntryKind, TocChunk};
+    use breakfs_index::{Entry, EntryKind, TocChunk};
 
     use super::*;
 
@@ -202,5 +257,37 @@ mod tests {
         assert!(chunk_loc(&desc, &file, 1, &chunk(0, 100, 1 << 40)).is_none());
         file.size = 10;
         assert!(chunk_loc(&desc, &file, 1, &chunk(0, 1 << 30, 10)).is_none());
+    }
+
+    #[test]
+    fn hydration_counts_the_distinct_chunks_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::ContentStore::open(dir.path()).unwrap();
+        let layer = Digest::of(b"layer");
+        assert_eq!(store.hydration(&layer), None);
+        let (a, b) = (b"first file".to_vec(), b"second, longer file".to_vec());
+        let entry = |name: &str, bytes: &[u8], offset: u64| {
+            let mut e = breakfs_index::TocEntry::new(name, breakfs_index::TocEntryType::Reg);
+            e.size = bytes.len() as u64;
+            e.digest = Digest::of(bytes).to_string();
+            e.offset = offset;
+            e
+        };
+        let toc = Toc {
+            version: 1,
+            entries: vec![entry("a", &a, 10), entry("a2", &a, 20), entry("b", &b, 30)],
+        };
+        let mut rec = b"40\n".to_vec();
+        rec.extend_from_slice(&toc.to_json());
+        store
+            .put_meta(&format!("toc-{}.json", layer.hex()), &rec)
+            .unwrap();
+        store.put_chunk(&Digest::of(&a), &a).unwrap();
+        let h = store.hydration(&layer).unwrap();
+        // "a2" holds the same content as "a": one chunk.
+        assert_eq!((h.held_chunks, h.total_chunks), (1, 2));
+        assert_eq!(h.held_bytes, a.len() as u64);
+        assert_eq!(h.total_bytes, (a.len() + b.len()) as u64);
+        assert!(!h.whole_blob);
     }
 }

@@ -485,18 +485,27 @@ impl fuser::Filesystem for ImageFs {
             }
         }
         self.stats.reads_waited.fetch_add(1, Ordering::Relaxed);
+        // The chunks of the answer stay in the store until it is read,
+        // whatever else is fetched meanwhile.
+        let pin = store.pin_chunks(
+            n.chunks
+                .iter()
+                .filter(|c| c.file_offset < end && c.file_offset + c.size > offset)
+                .map(|c| c.digest.clone()),
+        );
         self.read_ahead(n, &missing);
         let tree = self.tree.clone();
         let fetcher = self.fetcher.clone();
         let stats = self.stats.clone();
         let ino = ino.0;
         self.rt.spawn(async move {
+            let _pin = pin;
             let Some(n) = tree.node(ino) else {
                 return reply.error(Errno::ENOENT);
             };
             let deadline = fetcher.options().deadline;
-            // A chunk the cache budget evicts between fetch and read is
-            // fetched again (a few rounds at most).
+            // A chunk that went away between a look and the read (before
+            // the pin) is fetched again (a few rounds at most).
             for _round in 0..3 {
                 let missing = missing_in(n, fetcher.store(), offset, end);
                 let waits = missing.iter().map(|&i| {

@@ -1,6 +1,7 @@
-//! The mount control API (`GET`, `POST`, `DELETE /mounts`), served on the
-//! node's control socket, and over TCP only behind the bearer token; and
-//! its client (`breakfs mount --node`, `breakfs umount`).
+//! The mount control API (`GET`, `POST`, `DELETE /mounts`) and the
+//! snapshotter's status (`GET /snapshots`), served on the node's control
+//! socket, and over TCP only behind the bearer token; and its client
+//! (`breakfs mount --node`, `breakfs umount`, `breakfs status`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use breakfs_index::Causes;
 use serde::{Deserialize, Serialize};
 
 use crate::server::NodeService;
+use crate::snapshotter::SnapshotterStatus;
 use crate::{Error, Result};
 
 /// A `POST /mounts` body.
@@ -53,6 +55,7 @@ pub(crate) fn routes(svc: Arc<NodeService>) -> Router {
             "/mounts",
             get(list_mounts).post(add_mount).delete(remove_mount),
         )
+        .route("/snapshots", get(list_snapshots))
         .with_state(svc);
     guard::limit_body(r, guard::MAX_CONTROL_BODY, "")
 }
@@ -79,6 +82,18 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
 
 async fn list_mounts(State(svc): State<Arc<NodeService>>) -> Response {
     axum::Json(svc.mounts.list()).into_response()
+}
+
+async fn list_snapshots(State(svc): State<Arc<NodeService>>) -> Response {
+    let status = tokio::task::spawn_blocking(move || crate::snapshotter::snapshotter_status(&svc));
+    match status.await {
+        Ok(Some(s)) => axum::Json(s).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "this node daemon serves no containerd snapshotter (start it with --snapshotter-socket)",
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 async fn add_mount(State(svc): State<Arc<NodeService>>, body: axum::body::Bytes) -> Response {
@@ -167,4 +182,86 @@ pub async fn mount_through(
     }
     serde_json::from_str(&body)
         .map_err(|e| Error::Control(format!("the node daemon's answer: {e}")))
+}
+
+/// What node daemon `node` serves: its mounts and, if it runs one, its
+/// containerd snapshotter's snapshots (`breakfs status`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node daemon asked.
+    pub node: String,
+    /// Its mounts.
+    pub mounts: Vec<StatusRecord>,
+    /// Its snapshotter's snapshots; `None` when it runs none.
+    pub snapshotter: Option<SnapshotterStatus>,
+}
+
+/// `breakfs status`'s text for a node daemon: its mounts, one line each,
+/// then its snapshotter's snapshots.
+pub fn node_report(s: &NodeStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!("node daemon {}: {} mounts\n", s.node, s.mounts.len());
+    for m in &s.mounts {
+        let pct = crate::snapshotter::percent(m.hydrated_bytes, m.chunk_bytes);
+        let _ = writeln!(
+            out,
+            "  {}  {} ({pct:.1}% hydrated)",
+            m.mountpoint.display(),
+            m.image
+        );
+    }
+    match &s.snapshotter {
+        Some(snaps) => out.push_str(&crate::snapshotter::snapshots_report(snaps)),
+        None => out
+            .push_str("no containerd snapshotter (the daemon runs without --snapshotter-socket)\n"),
+    }
+    out
+}
+
+/// Ask node daemon `node` for its [`NodeStatus`].
+pub async fn node_status(node: &str, token: Option<&Token>) -> Result<NodeStatus> {
+    let (client, base) = node_client(node, token)?;
+    let get = |path: &'static str| {
+        let (client, base) = (&client, &base);
+        async move {
+            let resp = client
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .map_err(|source| Error::Client {
+                    what: format!("asking the node daemon at {node} for {path} (is it running?)"),
+                    source,
+                })?;
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            Ok::<_, Error>((status, body))
+        }
+    };
+    let answer = |path: &str, body: &str| {
+        Error::Control(format!(
+            "the node daemon at {node} answered GET {path} with {}",
+            body.trim()
+        ))
+    };
+    let parse_err = |path: &str, e: serde_json::Error| {
+        Error::Control(format!("the node daemon's answer to GET {path}: {e}"))
+    };
+    let (status, body) = get("/mounts").await?;
+    if !status.is_success() {
+        return Err(answer("/mounts", &body));
+    }
+    let mounts = serde_json::from_str(&body).map_err(|e| parse_err("/mounts", e))?;
+    let (status, body) = get("/snapshots").await?;
+    let snapshotter = match status {
+        StatusCode::NOT_FOUND => None,
+        s if s.is_success() => {
+            Some(serde_json::from_str(&body).map_err(|e| parse_err("/snapshots", e))?)
+        }
+        _ => return Err(answer("/snapshots", &body)),
+    };
+    Ok(NodeStatus {
+        node: node.to_string(),
+        mounts,
+        snapshotter,
+    })
 }

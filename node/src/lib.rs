@@ -16,8 +16,8 @@
 //! [`run_standalone`], [`spawn_mount_process`]); the daemon's settings
 //! ([`Settings`], a config file and flags merged; [`KeepMounts`] and the
 //! mount holder's process, [`run_holder`]); the control API's client
-//! ([`mount_through`], [`MountRequest`]); a client of its
-//! snapshots API ([`snapshots_client`]).
+//! ([`mount_through`], [`MountRequest`], [`node_status`]); a client of
+//! its snapshots API ([`snapshots_client`]).
 
 mod chain;
 mod config;
@@ -38,7 +38,7 @@ mod server;
 mod snapshotter;
 
 pub use config::{Config, ControlSocket, Listeners, Resolved, Settings};
-pub use control::{MountRequest, mount_through, node_client};
+pub use control::{MountRequest, NodeStatus, mount_through, node_client, node_report, node_status};
 pub use daemon::{Node, run};
 pub use error::{Error, Result};
 pub use holder::{KeepMounts, run_holder};
@@ -50,7 +50,10 @@ pub use lifecycle::{
 pub use prefetch::{PrefetchRequest, PrefetchTask};
 #[doc(hidden)]
 pub use server::{V2Object, manifest_media_type, range_of, v2_object};
-pub use snapshotter::{Fault, api as snapshots_api, snapshots_client};
+pub use snapshotter::{
+    Fault, LazyLayer, SnapshotStatus, SnapshotterStatus, api as snapshots_api, snapshots_client,
+    snapshots_report,
+};
 
 /// The control socket a node listens on unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/breakfs/node.sock";

@@ -314,6 +314,42 @@ async fn a_landmarked_region_comes_in_one_request_and_serves_those_waiting_on_it
     let cloud = Arc::new(Fake {
         name: "cloud",
         blob,
+
+/// `n` bytes no compressor shrinks.
+fn noise(n: usize) -> Vec<u8> {
+    let hex: String = (0u32..)
+        .map(|i| Digest::of(&i.to_le_bytes()).hex().to_string())
+        .take(n / 32 + 1)
+        .collect();
+    (0..n)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// A node's fetch of a chunk larger than half the store's budget: the
+/// chunk and its kept range together do not fit, so the range (the second
+/// copy) is not kept, and the chunk, pinned by its reader, stays; the
+/// store keeps within the budget.
+#[tokio::test]
+async fn a_chunk_over_half_the_budget_stays_and_its_range_gives_way() {
+    let content = noise(6000);
+    let member = gzip(&content);
+    assert!(member.len() > 5000, "{} bytes", member.len());
+    let loc = ChunkLoc {
+        layer: Digest::of(b"a big layer"),
+        offset: 0,
+        compressed_end: member.len() as u64,
+        inner_offset: 0,
+        size: content.len() as u64,
+        digest: Digest::of(&content),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let budget = Arc::new(crate::budget::Budget::new(10_000, &store));
+    store.set_budget(budget.clone());
+    let cloud = Arc::new(Fake {
+        name: "cloud",
+        blob: member,
         lie: false,
         calls: AtomicUsize::new(0),
     });
@@ -353,5 +389,21 @@ async fn a_landmarked_region_comes_in_one_request_and_serves_those_waiting_on_it
     assert_eq!(f.stats().queued, 8);
     let again = f.fetch_region(&locs[0].layer, &locs[..12]).await;
     assert_eq!(again.requests, 0);
+
+        keep_ranges: true,
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store.clone(), vec![cloud.clone()], opts);
+    let pin = store.pin_chunks([loc.digest.clone()]);
+    f.ensure(&loc, Priority::OnDemand, None).await.unwrap();
+    assert_eq!(
+        std::fs::read(store.chunk_path(&loc.digest)).unwrap(),
+        content,
+        "the chunk a reader waits for was evicted"
+    );
+    assert!(store.held_ranges(&loc.layer).is_empty());
+    assert!(store.usage() <= 10_000, "{} bytes", store.usage());
+    assert_eq!(budget.used(), store.usage());
+    drop(pin);
     assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
 }

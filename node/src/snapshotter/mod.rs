@@ -10,16 +10,20 @@
 //! * `remote`: remote (lazy) layers, one FUSE mount per layer served by
 //!   the daemon;
 //! * `filter`: containerd's filter syntax for List;
-//! * `service`: the gRPC service over them, errors mapped to codes.
+//! * `service`: the gRPC service over them, errors mapped to codes;
+//! * `status`: what `breakfs status` lists of them (`GET /snapshots`).
 
 mod filter;
 mod meta;
 mod remote;
 mod service;
 mod stats;
+mod status;
 mod store;
 
 pub(crate) use stats::SnapshotStats;
+pub use status::{LazyLayer, SnapshotStatus, SnapshotterStatus, snapshots_report};
+pub(crate) use status::{percent, snapshotter_status};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -48,6 +48,11 @@ impl SnapshotStats {
         let _ = self.snaps.set(snaps);
     }
 
+    /// The snapshots counted, if a snapshotter runs.
+    pub(crate) fn snapshots(&self) -> Option<&Arc<Snapshots>> {
+        self.snaps.get()
+    }
+
     /// A layer prepare served lazily.
     pub(crate) fn lazy(&self) {
         self.lazy.fetch_add(1, Ordering::Relaxed);
