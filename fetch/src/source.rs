@@ -13,7 +13,7 @@ use std::sync::Arc;
 use breakfs_index::{Descriptor, Digest};
 use futures::future::BoxFuture;
 
-use crate::{ChunkLoc, ContentStore, Error, Result, Store};
+use crate::{ChunkLoc, ContentStore, Error, Priority, Result, Store};
 
 /// What a source standing for others proposes for the chunks of one
 /// range: per chunk (in the order asked), the source to ask first, or
@@ -74,10 +74,13 @@ pub trait Source: Send + Sync {
     /// source is tried as [`Source::expand`] gives it. With a plan, the
     /// source is not expanded for these chunks: a chunk planned for no one,
     /// or that its planned source fails, goes on to the next sources.
+    /// `prio` is how urgent the fetch is (the others may take chunks on at
+    /// that priority).
     fn plan<'a>(
         &'a self,
         _blob: &'a Digest,
         _chunks: &'a [ChunkLoc],
+        _prio: Priority,
     ) -> Option<BoxFuture<'a, Plan>> {
         None
     }

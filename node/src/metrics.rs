@@ -259,14 +259,23 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
         "breakfs_rollout_chunks_total",
         "counter",
         "Chunks this node fetched, by where its peers' answers sent them: a peer holding them, \
-         one fetching them, one deciding at the same time, or here (the next sources).",
+         one fetching them, one that took them on (its stripe of the layer), one deciding at \
+         the same time, or here (the next sources).",
         "from",
         &[
             ("holder", d.from_holder.load(Ordering::Relaxed) as f64),
             ("fetching", d.from_fetching.load(Ordering::Relaxed) as f64),
+            ("claimed", d.from_claimed.load(Ordering::Relaxed) as f64),
             ("deciding", d.from_deciding.load(Ordering::Relaxed) as f64),
             ("here", d.here.load(Ordering::Relaxed) as f64),
         ],
+    );
+    p.single(
+        "breakfs_rollout_claims_total",
+        "counter",
+        "Chunks this node took on for peers that asked about them (stripes it owns of layers \
+         several nodes want).",
+        d.claims.load(Ordering::Relaxed) as f64,
     );
     p.single(
         "breakfs_rollout_failed_questions_total",

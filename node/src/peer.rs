@@ -519,8 +519,9 @@ impl Source for PeerSource {
         &'a self,
         blob: &'a Digest,
         chunks: &'a [ChunkLoc],
+        prio: breakfs_fetch::Priority,
     ) -> Option<futures::future::BoxFuture<'a, Plan>> {
-        crate::rollout::plan(&self.peers, blob, chunks)
+        crate::rollout::plan(&self.peers, blob, chunks, prio)
     }
 }
 

@@ -423,16 +423,36 @@ impl Fetcher {
         out
     }
 
+    /// Queue the chunk at `loc` at `prio` now, unless it is stored, and
+    /// return its outcome to come (whether it is stored): for a chunk taken
+    /// on for a peer, whose request for it may arrive before the returned
+    /// future is first polled.
+    pub fn queue(
+        &self,
+        loc: &ChunkLoc,
+        prio: Priority,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let rx = (!self.inner.store.has_chunk(&loc.digest))
+            .then(|| queue::enqueue(&self.inner, loc, prio));
+        async move {
+            match rx {
+                None => true,
+                Some(rx) => matches!(rx.await, Ok(Ok(()))),
+            }
+        }
+    }
+
     /// Whether a worker is fetching chunk `chunk` at `offset` of `layer`
     /// right now.
     pub fn in_flight(&self, layer: &Digest, offset: u64, chunk: &Digest) -> bool {
         queue::running(&self.inner, layer, offset, chunk)
     }
 
-    /// The running fetches that will make bytes `[start, end)` of layer
-    /// `layer` held as verified ranges: `None` when they are held already,
-    /// or when running fetches do not cover what is not (nothing to wait
-    /// for). A peer asking for a range this node is fetching waits on it.
+    /// The queued and running fetches that will make bytes `[start, end)`
+    /// of layer `layer` held as verified ranges: `None` when they are held
+    /// already, or when those fetches do not cover what is not (nothing to
+    /// wait for). A peer asking for a range this node is fetching, or took
+    /// on for it, waits on it.
     pub async fn range_flight(&self, layer: &Digest, start: u64, end: u64) -> Option<RangeFlight> {
         // Waiters first, then what is held: a fetch that ends in between
         // has kept its range before it tells its waiters.

@@ -194,9 +194,9 @@ pub(super) fn claim(inner: &Inner, locs: &[ChunkLoc]) -> Vec<ChunkLoc> {
     taken
 }
 
-/// Waiters on the running jobs of layer `layer` whose members overlap
-/// `[start, end)`, with the spans of those members. (A scan of all jobs:
-/// peers ask rarely, and the queue holds thousands of jobs at most.)
+/// Waiters on the queued and running jobs of layer `layer` whose members
+/// overlap `[start, end)`, with the spans of those members. (A scan of all
+/// jobs: peers ask rarely, and the queue holds thousands of jobs at most.)
 pub(super) fn watch(
     inner: &Inner,
     layer: &Digest,
@@ -208,7 +208,7 @@ pub(super) fn watch(
     let mut waiters = Vec::new();
     for job in st.jobs.values_mut() {
         let l = &job.loc;
-        if job.running && l.layer == *layer && l.offset < end && l.compressed_end > start {
+        if l.layer == *layer && l.offset < end && l.compressed_end > start {
             spans.push((l.offset, l.compressed_end));
             let (tx, rx) = oneshot::channel();
             job.waiters.push(tx);
@@ -367,6 +367,11 @@ pub(super) async fn run_batch(inner: &Arc<Inner>, batch: Batch) -> usize {
             batch.jobs.clone(),
             batch.start,
             batch.end,
+            if batch.background {
+                Priority::Background
+            } else {
+                Priority::OnDemand
+            },
         )
         .await;
         results.extend(outcome);

@@ -9,7 +9,7 @@ use breakfs_index::{Causes, Digest};
 
 use super::health::{backoff, passed_on, read_once, record_failure};
 use super::health::{rest, resting, retry_delays};
-use super::{ChunkLoc, Inner, Outcome};
+use super::{ChunkLoc, Inner, Outcome, Priority};
 use crate::{ContentStore, Error, Source, SourceClass};
 
 /// Whether the members of `jobs` cover `[start, end)` without a hole.
@@ -40,8 +40,9 @@ pub(super) async fn fetch_verified(
     jobs: Vec<ChunkLoc>,
     start: u64,
     end: u64,
+    prio: Priority,
 ) -> Vec<(Digest, Outcome)> {
-    let (chain, planned, rest) = plan(inner, layer, jobs).await;
+    let (chain, planned, rest) = plan(inner, layer, jobs, prio).await;
     if planned.is_empty() {
         return down_the_chain(inner, layer, &chain, rest, start, end).await;
     }
@@ -80,6 +81,7 @@ async fn plan(
     inner: &Inner,
     layer: &Digest,
     mut jobs: Vec<ChunkLoc>,
+    prio: Priority,
 ) -> (
     Vec<Arc<dyn Source>>,
     Vec<(Arc<dyn Source>, Vec<ChunkLoc>)>,
@@ -89,7 +91,7 @@ async fn plan(
     let mut chain = Vec::new();
     let mut first: Vec<Option<Arc<dyn Source>>> = vec![None; jobs.len()];
     for s in &inner.sources {
-        if let Some(proposed) = s.plan(layer, &jobs) {
+        if let Some(proposed) = s.plan(layer, &jobs, prio) {
             for (slot, p) in first.iter_mut().zip(proposed.await) {
                 if slot.is_none() {
                     *slot = p;

@@ -7,24 +7,29 @@
 //! is fetching it is waited on (its server holds the request until its own
 //! fetch ends, bounded), and the rest is fetched from the next sources.
 //!
-//! Two nodes deciding on one chunk at once both learn it (each registers
-//! before it asks, and a question that reaches a deciding node counts as an
-//! answer "deciding"), and the one with the smaller id fetches while the
-//! other waits on it; waits only go to smaller ids or to nodes already
-//! fetching, so they never form a cycle. A wait that fails (the peer died,
-//! stalled, or its fetch failed) costs a retry from the next source, never
-//! a failed read; every chunk is still checked against its digest.
+//! When no node has or fetches a chunk, the nodes that want its layer
+//! split the layer among themselves (`split`): a node asked about a chunk
+//! of a stripe it owns takes it on, fetches it over the cloud link, and
+//! answers "claimed"; the asker waits on it. Two nodes deciding on one
+//! chunk at once both learn it (each registers before it asks, and a
+//! question that reaches a deciding node counts as an answer "deciding"),
+//! and the one ranked higher for the chunk's stripe fetches while the
+//! other waits on it. A wait that fails (the peer died, stalled, or its
+//! fetch failed) costs a retry from the next source, never a failed read;
+//! every chunk is still checked against its digest.
+
+mod split;
 
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use breakfs_fetch::{ChunkLoc, Error, PEER_REST, Plan, Result, Source, SourceClass};
+use breakfs_fetch::{ChunkLoc, Error, PEER_REST, Plan, Priority, Result, Source, SourceClass};
 use breakfs_index::{Causes, Digest};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -48,6 +53,9 @@ const MAX_QUERY_CHUNKS: usize = 4096;
 /// Flights kept at most before old finished ones are dropped.
 const MAX_FLIGHTS: usize = 8192;
 
+/// Chunks a node takes on for its peers at once, at most.
+const MAX_CLAIMS: usize = 4096;
+
 /// A question to a peer: which of these chunks of `layer` it has.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HaveQuery {
@@ -57,6 +65,10 @@ pub struct HaveQuery {
     pub layer: Digest,
     /// The chunks, by digest and member span in the layer.
     pub chunks: Vec<AskedChunk>,
+    /// Whether the asker fetches them in the background (a chunk taken on
+    /// is fetched at that priority).
+    #[serde(default)]
+    pub background: bool,
 }
 
 /// One chunk asked about.
@@ -68,6 +80,16 @@ pub struct AskedChunk {
     pub offset: u64,
     /// End of its member.
     pub end: u64,
+    /// Offset of the chunk in its decompressed member.
+    #[serde(default)]
+    pub inner: u64,
+    /// Its uncompressed size.
+    #[serde(default)]
+    pub size: u64,
+    /// Whether the asker took it on for a peer (and fetches it whatever
+    /// the answer).
+    #[serde(default)]
+    pub claimed: bool,
 }
 
 /// A peer's answer: per chunk asked, in order.
@@ -87,6 +109,8 @@ pub enum Holding {
     Have,
     /// It is fetching it from a source that is not a peer.
     Fetching,
+    /// It took it on (it owns the chunk's stripe) and will fetch it.
+    Claimed,
     /// It is asking its peers about it right now.
     Deciding,
     /// Neither (or it waits on another peer for it).
@@ -95,8 +119,14 @@ pub enum Holding {
 
 /// Where one chunk this node fetches stands.
 enum Stage {
-    /// Asking the peers; who asked this node about it meanwhile.
-    Deciding(BTreeSet<String>),
+    /// Asking the peers; who asked this node about it meanwhile (and
+    /// whether they had taken it on), and whether this node took it on.
+    Deciding {
+        asked: BTreeMap<String, bool>,
+        claimed: bool,
+    },
+    /// Taken on for a peer, queued.
+    Claimed,
     /// Fetched from the chain (store, relays, cloud), not from a peer.
     Fetching,
     /// Waiting on a peer.
@@ -117,12 +147,16 @@ pub(crate) struct Decisions {
     pub(crate) from_holder: AtomicU64,
     /// Waited on a peer that was fetching them.
     pub(crate) from_fetching: AtomicU64,
-    /// Waited on a peer deciding at the same time, with a smaller id.
+    /// Waited on a peer that took them on (it owns their stripe).
+    pub(crate) from_claimed: AtomicU64,
+    /// Waited on a peer deciding at the same time, ranked higher.
     pub(crate) from_deciding: AtomicU64,
     /// Fetched here (no peer had them or was getting them).
     pub(crate) here: AtomicU64,
     /// Questions to peers that failed.
     pub(crate) failed_questions: AtomicU64,
+    /// Chunks this node took on for the peers that asked.
+    pub(crate) claims: AtomicU64,
 }
 
 /// The rollout state of a node: its flights and the peers it passes over.
@@ -134,6 +168,10 @@ pub(crate) struct Rollout {
     pub(crate) decisions: Decisions,
     /// How long this node waits on a peer's fetch.
     wait: Mutex<Option<Duration>>,
+    /// Who wants which layer.
+    interest: split::Interest,
+    /// Chunks taken on and not done yet.
+    claiming: AtomicUsize,
 }
 
 impl Rollout {
@@ -159,27 +197,80 @@ impl Rollout {
     }
 
     /// Register `chunks` as being decided; the guard forgets those still
-    /// undecided when dropped.
-    fn deciding<'a>(&'a self, layer: &Digest, chunks: &'a [ChunkLoc]) -> Deciding<'a> {
+    /// undecided when dropped. Also says, per chunk, whether this node
+    /// took it on for a peer.
+    fn deciding<'a>(&'a self, layer: &Digest, chunks: &'a [ChunkLoc]) -> (Deciding<'a>, Vec<bool>) {
         let mut f = self.flights.lock();
         if f.len() > MAX_FLIGHTS {
             let old = Duration::from_secs(120);
-            f.retain(|_, x| matches!(x.stage, Stage::Deciding(_)) || x.at.elapsed() < old);
+            f.retain(|_, x| {
+                matches!(x.stage, Stage::Deciding { .. } | Stage::Claimed) || x.at.elapsed() < old
+            });
         }
+        let mut claimed = Vec::with_capacity(chunks.len());
         for c in chunks {
+            let took = f.get(&c.digest).is_some_and(|x| {
+                x.layer == *layer
+                    && x.offset == c.offset
+                    && matches!(
+                        x.stage,
+                        Stage::Claimed | Stage::Deciding { claimed: true, .. }
+                    )
+            });
+            claimed.push(took);
             f.insert(
                 c.digest.clone(),
                 Flight {
                     layer: layer.clone(),
                     offset: c.offset,
-                    stage: Stage::Deciding(BTreeSet::new()),
+                    stage: Stage::Deciding {
+                        asked: BTreeMap::new(),
+                        claimed: took,
+                    },
                     at: Instant::now(),
                 },
             );
         }
-        Deciding {
+        let guard = Deciding {
             rollout: self,
             chunks,
+        };
+        (guard, claimed)
+    }
+
+    /// Take chunk `c` of `layer` on for a peer, unless this node has a
+    /// flight for it already or takes on too much; whether it did.
+    fn claim(&self, layer: &Digest, c: &AskedChunk) -> bool {
+        if self.claiming.load(Ordering::Relaxed) >= MAX_CLAIMS {
+            return false;
+        }
+        let mut f = self.flights.lock();
+        if f.contains_key(&c.digest) {
+            return false;
+        }
+        f.insert(
+            c.digest.clone(),
+            Flight {
+                layer: layer.clone(),
+                offset: c.offset,
+                stage: Stage::Claimed,
+                at: Instant::now(),
+            },
+        );
+        self.claiming.fetch_add(1, Ordering::Relaxed);
+        self.decisions.claims.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// A chunk taken on is done (stored, or failed everywhere): forget it
+    /// if it never came to be decided.
+    fn claim_done(&self, chunk: &Digest) {
+        self.claiming.fetch_sub(1, Ordering::Relaxed);
+        let mut f = self.flights.lock();
+        if f.get(chunk)
+            .is_some_and(|x| matches!(x.stage, Stage::Claimed))
+        {
+            f.remove(chunk);
         }
     }
 
@@ -195,12 +286,17 @@ impl Rollout {
             return Holding::Neither;
         };
         match &mut x.stage {
-            Stage::Deciding(asked) => {
+            Stage::Deciding { asked, claimed } => {
                 if asked.len() < 256 {
-                    asked.insert(asker.to_string());
+                    asked.insert(asker.to_string(), c.claimed);
                 }
-                Holding::Deciding
+                if *claimed {
+                    Holding::Claimed
+                } else {
+                    Holding::Deciding
+                }
             }
+            Stage::Claimed => Holding::Claimed,
             Stage::Fetching if running => Holding::Fetching,
             _ => Holding::Neither,
         }
@@ -218,7 +314,7 @@ impl Drop for Deciding<'_> {
         let mut f = self.rollout.flights.lock();
         for c in self.chunks {
             if f.get(&c.digest)
-                .is_some_and(|x| matches!(x.stage, Stage::Deciding(_)))
+                .is_some_and(|x| matches!(x.stage, Stage::Deciding { .. }))
             {
                 f.remove(&c.digest);
             }
@@ -233,31 +329,44 @@ struct PeerView {
     /// Its answer, per chunk, if it answered.
     answer: Option<Vec<Holding>>,
     /// Per chunk, whether it asked this node about it while this node was
-    /// deciding.
-    asked_me: Vec<bool>,
+    /// deciding, and if so whether it had taken it on.
+    asked_me: Vec<Option<bool>>,
     /// The expected cost of a read from it.
     cost: f64,
 }
 
-/// Per chunk (of `n`), the peer to take it from (an index into `peers`),
-/// or `None`: fetch it here. A peer that has it comes first, then one
-/// fetching it, then the smallest id deciding on it too below `me`; the
-/// previous chunk's peer is kept when it is as good, so that neighbours
-/// make one request.
-fn choose(me: &str, peers: &[PeerView], n: usize) -> Vec<Option<(usize, Holding)>> {
-    let mut out: Vec<Option<(usize, Holding)>> = Vec::with_capacity(n);
-    for i in 0..n {
+/// Per chunk (`claimed`: whether this node took each on for a peer), the
+/// peer to take it from (an index into `peers`), or `None`: fetch it here.
+/// `over(a, b, i)`: node `a` ranks above node `b` for chunk `i`. A peer
+/// that has it comes first, then one fetching it, then the highest-ranked
+/// one that took it on (for a chunk this node took on too, only one ranked
+/// above it), then the highest-ranked one deciding on it too above `me`
+/// (not for a chunk this node took on: it fetches those). The previous
+/// chunk's peer is kept when it is as good, so that neighbours make one
+/// request.
+fn choose(
+    me: &str,
+    peers: &[PeerView],
+    claimed: &[bool],
+    over: impl Fn(&str, &str, usize) -> bool,
+) -> Vec<Option<(usize, Holding)>> {
+    let mut out: Vec<Option<(usize, Holding)>> = Vec::with_capacity(claimed.len());
+    for (i, &mine) in claimed.iter().enumerate() {
         let rank = |p: &PeerView| -> Option<(u8, Holding)> {
             let said = p.answer.as_ref().and_then(|a| a.get(i)).copied();
+            let asked = p.asked_me.get(i).copied().flatten();
+            let up = || over(&p.id, me, i);
             match said {
-                Some(Holding::Have) => Some((0, Holding::Have)),
-                Some(Holding::Fetching) => Some((1, Holding::Fetching)),
-                Some(Holding::Deciding) if p.id.as_str() < me => Some((2, Holding::Deciding)),
-                _ if p.asked_me.get(i) == Some(&true) && p.id.as_str() < me => {
-                    Some((2, Holding::Deciding))
-                }
-                _ => None,
+                Some(Holding::Have) => return Some((0, Holding::Have)),
+                Some(Holding::Fetching) => return Some((1, Holding::Fetching)),
+                _ => {}
             }
+            let took = said == Some(Holding::Claimed) || asked == Some(true);
+            if took && (!mine || up()) {
+                return Some((2, Holding::Claimed));
+            }
+            let deciding = said == Some(Holding::Deciding) || asked == Some(false);
+            (deciding && !mine && up()).then_some((3, Holding::Deciding))
         };
         let best = peers.iter().filter_map(rank).map(|(r, _)| r).min();
         let Some(best) = best else {
@@ -273,8 +382,14 @@ fn choose(me: &str, peers: &[PeerView], n: usize) -> Vec<Option<(usize, Holding)
             (0..peers.len())
                 .filter(|&k| rank(&peers[k]).is_some_and(|(r, _)| r == best))
                 .min_by(|&a, &b| {
-                    if best == 2 {
-                        peers[a].id.cmp(&peers[b].id)
+                    if best >= 2 {
+                        // The top of those that took it on or decide on
+                        // it: it waits on nobody among them.
+                        if over(&peers[a].id, &peers[b].id, i) {
+                            std::cmp::Ordering::Less
+                        } else {
+                            std::cmp::Ordering::Greater
+                        }
                     } else {
                         peers[a].cost.total_cmp(&peers[b].cost)
                     }
@@ -285,12 +400,13 @@ fn choose(me: &str, peers: &[PeerView], n: usize) -> Vec<Option<(usize, Holding)
     out
 }
 
-/// The peers' plan for `chunks` of `layer` ([`Source::plan`]): `None` when
-/// there is no peer to ask.
+/// The peers' plan for `chunks` of `layer` ([`Source::plan`]), fetched at
+/// `prio`: `None` when there is no peer to ask.
 pub(crate) fn plan<'a>(
     peers: &'a Peers,
     layer: &'a Digest,
     chunks: &'a [ChunkLoc],
+    prio: Priority,
 ) -> Option<BoxFuture<'a, Plan>> {
     let r = &peers.rollout;
     let urls: Vec<String> = peers.urls().into_iter().filter(|u| !r.resting(u)).collect();
@@ -298,18 +414,23 @@ pub(crate) fn plan<'a>(
         return None;
     }
     Some(Box::pin(async move {
-        let deciding = r.deciding(layer, chunks);
+        let (deciding, claimed) = r.deciding(layer, chunks);
         let query = HaveQuery {
             node: peers.me().to_string(),
             layer: layer.clone(),
             chunks: chunks
                 .iter()
-                .map(|c| AskedChunk {
+                .zip(&claimed)
+                .map(|(c, &claimed)| AskedChunk {
                     digest: c.digest.clone(),
                     offset: c.offset,
                     end: c.compressed_end,
+                    inner: c.inner_offset,
+                    size: c.size,
+                    claimed,
                 })
                 .collect(),
+            background: prio == Priority::Background,
         };
         let answers = futures::future::join_all(urls.iter().map(|u| ask(peers, u, &query))).await;
         let mut views: Vec<PeerView> = urls
@@ -318,7 +439,7 @@ pub(crate) fn plan<'a>(
             .map(|(u, a)| PeerView {
                 id: a.as_ref().map_or_else(|| u.clone(), |a| a.node.clone()),
                 answer: a.map(|a| a.chunks),
-                asked_me: vec![false; chunks.len()],
+                asked_me: vec![None; chunks.len()],
                 cost: peers.links().cost(u, 1 << 20),
             })
             .collect();
@@ -326,16 +447,19 @@ pub(crate) fn plan<'a>(
             let mut f = r.flights.lock();
             for (i, c) in chunks.iter().enumerate() {
                 if let Some(Flight {
-                    stage: Stage::Deciding(asked),
+                    stage: Stage::Deciding { asked, .. },
                     ..
                 }) = f.get(&c.digest)
                 {
-                    for v in views.iter_mut().filter(|v| asked.contains(&v.id)) {
-                        v.asked_me[i] = true;
+                    for v in views.iter_mut() {
+                        if let Some(&took) = asked.get(&v.id) {
+                            v.asked_me[i] = Some(took);
+                        }
                     }
                 }
             }
-            let picks = choose(peers.me(), &views, chunks.len());
+            let over = |a: &str, b: &str, i: usize| split::above(a, b, layer, chunks[i].offset);
+            let picks = choose(peers.me(), &views, &claimed, over);
             for (c, p) in chunks.iter().zip(&picks) {
                 if let Some(x) = f.get_mut(&c.digest) {
                     x.stage = match p {
@@ -357,6 +481,7 @@ pub(crate) fn plan<'a>(
                 let counter = match p.map(|(_, h)| h) {
                     Some(Holding::Have) => &d.from_holder,
                     Some(Holding::Fetching) => &d.from_fetching,
+                    Some(Holding::Claimed) => &d.from_claimed,
                     Some(_) => &d.from_deciding,
                     None => &d.here,
                 };
@@ -456,7 +581,9 @@ pub(crate) async fn have(State(svc): State<Arc<NodeService>>, body: axum::body::
         .await
         .unwrap_or(Some(Vec::new()))
     };
-    let chunks = q
+    let rollout = &svc.peers.rollout;
+    rollout.interest.note(&q.layer, &q.node);
+    let mut chunks: Vec<Holding> = q
         .chunks
         .iter()
         .map(|c| {
@@ -468,9 +595,10 @@ pub(crate) async fn have(State(svc): State<Arc<NodeService>>, body: axum::body::
                 return Holding::Have;
             }
             let running = svc.fetcher.in_flight(&q.layer, c.offset, &c.digest);
-            svc.peers.rollout.holding(&q.layer, c, &q.node, running)
+            rollout.holding(&q.layer, c, &q.node, running)
         })
         .collect();
+    take_on(&svc, &q, &mut chunks);
     let answer = HaveAnswer {
         node: svc.node_url.clone(),
         chunks,
@@ -480,6 +608,62 @@ pub(crate) async fn have(State(svc): State<Arc<NodeService>>, body: axum::body::
         serde_json::to_vec(&answer).unwrap_or_default(),
     )
         .into_response()
+}
+
+/// Take on the chunks of `q` that nobody has or fetches (`answers`
+/// `Neither`) in the stripes this node owns among the nodes that want the
+/// layer, when it fetches that layer itself (an image it serves has it):
+/// queue them at the asker's priority and answer `Claimed`.
+fn take_on(svc: &Arc<NodeService>, q: &HaveQuery, answers: &mut [Holding]) {
+    if !answers.contains(&Holding::Neither) || svc.cloud.home(&q.layer).is_none() {
+        return;
+    }
+    let rollout = &svc.peers.rollout;
+    let me = svc.peers.me();
+    let members = rollout.interest.members(&q.layer);
+    let wanting = || members.iter().map(String::as_str).chain([q.node.as_str()]);
+    let prio = if q.background {
+        Priority::Background
+    } else {
+        Priority::OnDemand
+    };
+    let mut taken = Vec::new();
+    for (h, c) in answers.iter_mut().zip(&q.chunks) {
+        let take = *h == Holding::Neither
+            && c.offset < c.end
+            && c.size > 0
+            && split::owns(me, wanting(), &q.layer, c.offset)
+            && !svc.store.has_chunk(&c.digest)
+            && rollout.claim(&q.layer, c);
+        if !take {
+            continue;
+        }
+        let loc = ChunkLoc {
+            layer: q.layer.clone(),
+            offset: c.offset,
+            compressed_end: c.end,
+            inner_offset: c.inner,
+            size: c.size,
+            digest: c.digest.clone(),
+        };
+        // Queued before the answer leaves: the asker's request for the
+        // range waits on the job.
+        let done = svc.fetcher.queue(&loc, prio);
+        taken.push(async move {
+            done.await;
+            loc.digest
+        });
+        *h = Holding::Claimed;
+    }
+    if taken.is_empty() {
+        return;
+    }
+    let svc = svc.clone();
+    tokio::spawn(async move {
+        for d in futures::future::join_all(taken).await {
+            svc.peers.rollout.claim_done(&d);
+        }
+    });
 }
 
 /// `HOST:PORT` of a peer URL (as the peers' names in the fetch chain say
@@ -584,13 +768,18 @@ mod tests {
         PeerView {
             id: id.into(),
             answer,
-            asked_me,
+            asked_me: asked_me.into_iter().map(|a| a.then_some(false)).collect(),
             cost,
         }
     }
 
+    /// The smaller id ranks higher, for every chunk.
+    fn by_id(a: &str, b: &str, _: usize) -> bool {
+        a < b
+    }
+
     #[test]
-    fn holders_come_first_then_fetchers_then_smaller_ids_deciding() {
+    fn holders_come_first_then_fetchers_then_higher_ranks_deciding() {
         use Holding::*;
         let peers = [
             view(
@@ -612,14 +801,17 @@ mod tests {
                 3.0,
             ),
         ];
-        let picks = choose("http://b", &peers, 3);
+        let picks = choose("http://b", &peers, &[false; 3], by_id);
         assert_eq!(picks, vec![Some((2, Have)), Some((1, Have)), None]);
         // Nobody has or fetches the first chunk: the smaller id deciding.
         let peers = [
             view("http://c", Some(vec![Deciding]), vec![false], 1.0),
             view("http://a", Some(vec![Deciding]), vec![false], 2.0),
         ];
-        assert_eq!(choose("http://b", &peers, 1), vec![Some((1, Deciding))]);
+        assert_eq!(
+            choose("http://b", &peers, &[false; 1], by_id),
+            vec![Some((1, Deciding))]
+        );
     }
 
     #[test]
@@ -630,11 +822,14 @@ mod tests {
         let at_a = [view("http://b", Some(vec![Neither]), vec![true], 1.0)];
         let at_b = [view("http://a", Some(vec![Deciding]), vec![false], 1.0)];
         // a is the smaller id: a fetches, b waits on a.
-        assert_eq!(choose("http://a", &at_a, 1), vec![None]);
-        assert_eq!(choose("http://b", &at_b, 1), vec![Some((0, Deciding))]);
+        assert_eq!(choose("http://a", &at_a, &[false; 1], by_id), vec![None]);
+        assert_eq!(
+            choose("http://b", &at_b, &[false; 1], by_id),
+            vec![Some((0, Deciding))]
+        );
         // A peer that did not answer and never asked is not waited on.
         let at_b = [view("http://a", Option::None, vec![false], 1.0)];
-        assert_eq!(choose("http://b", &at_b, 1), vec![None]);
+        assert_eq!(choose("http://b", &at_b, &[false; 1], by_id), vec![None]);
     }
 
     #[test]
@@ -654,7 +849,7 @@ mod tests {
                 1.0,
             ),
         ];
-        let picks: Vec<usize> = choose("http://b", &peers, 3)
+        let picks: Vec<usize> = choose("http://b", &peers, &[false; 3], by_id)
             .into_iter()
             .map(|p| p.unwrap().0)
             .collect();
@@ -677,6 +872,9 @@ mod tests {
             digest: loc.digest.clone(),
             offset: 10,
             end: 20,
+            inner: 0,
+            size: 5,
+            claimed: false,
         };
         assert_eq!(
             r.holding(&layer, &asked, "http://x", true),
@@ -684,25 +882,108 @@ mod tests {
         );
         let chunks = [loc];
         {
-            let _d = r.deciding(&layer, &chunks);
+            let (_d, claimed) = r.deciding(&layer, &chunks);
+            assert_eq!(claimed, [false]);
             assert_eq!(
                 r.holding(&layer, &asked, "http://x", true),
                 Holding::Deciding
             );
             let f = r.flights.lock();
             let Some(Flight {
-                stage: Stage::Deciding(by),
+                stage: Stage::Deciding { asked: by, .. },
                 ..
             }) = f.get(&chunks[0].digest)
             else {
                 panic!("not deciding");
             };
-            assert!(by.contains("http://x"));
+            assert_eq!(by.get("http://x"), Some(&false));
         }
         // Dropped undecided: forgotten.
         assert_eq!(
             r.holding(&layer, &asked, "http://x", true),
             Holding::Neither
+        );
+    }
+
+    #[test]
+    fn a_chunk_taken_on_is_answered_claimed_until_decided_and_then_fetched_here() {
+        let r = Rollout::default();
+        let layer = Digest::of(b"layer");
+        let loc = ChunkLoc {
+            layer: layer.clone(),
+            offset: 0,
+            compressed_end: 100,
+            inner_offset: 0,
+            size: 50,
+            digest: Digest::of(b"chunk"),
+        };
+        let asked = AskedChunk {
+            digest: loc.digest.clone(),
+            offset: 0,
+            end: 100,
+            inner: 0,
+            size: 50,
+            claimed: false,
+        };
+        assert!(r.claim(&layer, &asked));
+        // Once: a second asker finds the flight.
+        assert!(!r.claim(&layer, &asked));
+        assert_eq!(
+            r.holding(&layer, &asked, "http://x", false),
+            Holding::Claimed
+        );
+        let chunks = [loc];
+        {
+            let (_d, claimed) = r.deciding(&layer, &chunks);
+            assert_eq!(claimed, [true]);
+            assert_eq!(
+                r.holding(&layer, &asked, "http://y", true),
+                Holding::Claimed
+            );
+        }
+        r.claim_done(&chunks[0].digest);
+        assert_eq!(r.decisions.claims.load(Ordering::Relaxed), 1);
+        assert_eq!(r.claiming.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_peer_that_took_a_chunk_on_is_waited_on_and_a_taker_waits_only_upwards() {
+        use Holding::*;
+        let peers = [
+            view(
+                "http://a",
+                Some(vec![Deciding, Claimed, Neither]),
+                vec![false; 3],
+                1.0,
+            ),
+            view(
+                "http://c",
+                Some(vec![Claimed, Deciding, Fetching]),
+                vec![false; 3],
+                2.0,
+            ),
+        ];
+        // Not taken on here: a taker comes before one deciding.
+        assert_eq!(
+            choose("http://b", &peers, &[false; 3], by_id),
+            vec![Some((1, Claimed)), Some((0, Claimed)), Some((1, Fetching))]
+        );
+        // Taken on here: never wait on one deciding, only on a taker
+        // ranked above (a < b < c), or on a fetch under way.
+        assert_eq!(
+            choose("http://b", &peers, &[true; 3], by_id),
+            vec![None, Some((0, Claimed)), Some((1, Fetching))]
+        );
+        // A taker that asked while this node decided counts as a taker.
+        let asked = [PeerView {
+            id: "http://c".into(),
+            answer: Some(vec![Neither]),
+            asked_me: vec![Some(true)],
+            cost: 1.0,
+        }];
+        assert_eq!(
+            choose("http://b", &asked, &[false], by_id),
+            vec![Some((0, Claimed))]
         );
     }
 }
