@@ -139,11 +139,15 @@ pub(crate) struct Remotes {
     tocs: Mutex<HashMap<Digest, (Instant, TocFetch)>>,
     /// Layer trees built when their prepare checked them, kept for their
     /// mount, by layer.
-    trees: Mutex<HashMap<Digest, (Instant, Image, Arc<breakfs_fs::Tree>)>>,
+    trees: Mutex<HashMap<Digest, BuiltTree>>,
     /// Images whose start is being fetched ahead, by manifest digest
     /// (see [`Remotes::fetch_start`]).
     starting: Mutex<HashMap<Digest, Instant>>,
 }
+
+/// A layer's tree as its prepare built it: when, and the image (listing
+/// that layer alone) it was built of.
+type BuiltTree = (Instant, Image, Arc<breakfs_fs::Tree>);
 
 /// A TOC fetch that any number of prepares can wait for.
 type TocFetch = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
