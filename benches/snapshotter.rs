@@ -59,10 +59,19 @@ const BREAKFS_LABEL: &str = "breakfs snapshotter, refactored image";
 fn main() -> Result<()> {
     let mut names: Vec<String> = Vec::new();
     let mut runs = 3usize;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bench" => {}
+            "--only" => {
+                let flows = args.next().context("--only takes FLOW[,FLOW...]")?;
+                let flows: Vec<String> = flows.split(',').map(str::to_string).collect();
+                if let Some(f) = flows.iter().find(|f| !FLOWS.contains(&f.as_str())) {
+                    bail!("unknown flow {f}: the flows are {}", FLOWS.join(", "));
+                }
+                only = Some(flows);
+            }
             "--runs" => {
                 runs = args
                     .next()
@@ -105,24 +114,60 @@ fn main() -> Result<()> {
         let refs = publish(&env, &reg, &v1, &v2)?;
         let command = command_of(&v1);
         let mut got = Figures::default();
+        let wanted = |flow: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == flow));
         for r in 0..runs {
             eprintln!("bench: {fam} run {}/{runs}", r + 1);
-            got.cold_breakfs.push(cold_breakfs(&env, &refs, &command)?);
-            got.cold_overlay.push(cold_overlay(&env, &refs, &command)?);
-            got.update_breakfs.push(update(
-                &env,
-                &refs.refactored_v1,
-                &refs.refactored_v2,
-                &command,
-            )?);
-            got.update_estargz
-                .push(update(&env, &refs.estargz_v1, &refs.estargz_v2, &command)?);
+            if wanted("cold-breakfs") {
+                let t = cold_breakfs(&env, &refs, &command)?;
+                got.cold_breakfs.push(said(fam, "cold-breakfs", t));
+            }
+            if wanted("cold-overlay") {
+                let t = cold_overlay(&env, &refs, &command)?;
+                got.cold_overlay.push(said(fam, "cold-overlay", t));
+            }
+            if wanted("update-breakfs") {
+                let (v1, v2) = (&refs.refactored_v1, &refs.refactored_v2);
+                let t = update(&env, "update-breakfs", v1, v2, &command)?;
+                got.update_breakfs.push(said(fam, "update-breakfs", t));
+            }
+            if wanted("update-estargz") {
+                let (v1, v2) = (&refs.estargz_v1, &refs.estargz_v2);
+                let t = update(&env, "update-estargz", v1, v2, &command)?;
+                got.update_estargz.push(said(fam, "update-estargz", t));
+            }
         }
         rows.push((fam.to_string(), refs, got));
     }
     drop(shaper);
+    if only.is_some() {
+        eprintln!("bench: some flows only (--only): no report written");
+        return Ok(());
+    }
     harness::write_report("snapshotter", &report(&rows, runs))?;
     Ok(())
+}
+
+/// The flows `--only` can pick.
+const FLOWS: &[&str] = &[
+    "cold-breakfs",
+    "cold-overlay",
+    "update-breakfs",
+    "update-estargz",
+];
+
+/// `t`, after saying it on stderr.
+fn said(fam: &str, flow: &str, t: Timed) -> Timed {
+    eprintln!("bench: {fam} {flow}: {:.2} s (pull {:.2})", t.total, t.pull);
+    t
+}
+
+/// Seconds since the epoch, to line the bench's steps up with the node's
+/// log (its lines carry UTC times).
+fn wall() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The references of one family's images, as containerd reaches them
@@ -292,6 +337,7 @@ struct Lab {
     ctrd: TestContainerd,
     node: Node,
     dir: PathBuf,
+    name: String,
 }
 
 impl Lab {
@@ -299,7 +345,10 @@ impl Lab {
         let dir = env.fresh(name)?;
         let sock = dir.join("snap.sock");
         let sock_arg = sock.to_string_lossy().into_owned();
-        let node = Node::start(env, &dir, &["--snapshotter-socket", &sock_arg], "info")?;
+        // SNAPBENCH_NODE_LOG: the node's log filter (to see where the time
+        // goes: `info,breakfs_node::snapshotter=debug,breakfs_fetch=debug`).
+        let filter = std::env::var("SNAPBENCH_NODE_LOG").unwrap_or_else(|_| "info".into());
+        let node = Node::start(env, &dir, &["--snapshotter-socket", &sock_arg], &filter)?;
         let ctrd = TestContainerd::start_with(ContainerdOptions {
             snapshotter: Some(PLUGIN.into()),
             extra_config: format!(
@@ -308,7 +357,25 @@ impl Lab {
             ),
             ..Default::default()
         })?;
-        Ok(Lab { ctrd, node, dir })
+        Ok(Lab {
+            ctrd,
+            node,
+            dir,
+            name: name.to_string(),
+        })
+    }
+
+    /// Copy the node's log to `$SNAPBENCH_KEEP_LOGS/NAME-N.log`, if set.
+    fn keep_log(&self) {
+        let Some(to) = std::env::var_os("SNAPBENCH_KEEP_LOGS") else {
+            return;
+        };
+        let to = PathBuf::from(to);
+        let _ = std::fs::create_dir_all(&to);
+        let n = (1..)
+            .find(|n| !to.join(format!("{}-{n}.log", self.name)).exists())
+            .unwrap_or(0);
+        let _ = std::fs::copy(&self.node.log, to.join(format!("{}-{n}.log", self.name)));
     }
 
     fn rpull(&self, reference: &str) -> Result<()> {
@@ -357,9 +424,13 @@ fn run_in(ctrd: &TestContainerd, reference: &str, command: &[String]) -> Result<
 fn cold_breakfs(env: &Env, refs: &Refs, command: &[String]) -> Result<Timed> {
     let lab = Lab::start(env, "cold-breakfs")?;
     let t = Instant::now();
+    eprintln!("bench: cold-breakfs rpull at {:.3}", wall());
     lab.rpull(&refs.refactored_v1)?;
     let pulled = Instant::now();
+    eprintln!("bench: cold-breakfs run at {:.3}", wall());
     lab.run(&refs.refactored_v1, command)?;
+    eprintln!("bench: cold-breakfs done at {:.3}", wall());
+    lab.keep_log();
     Ok(Timed::since(t, pulled))
 }
 
@@ -384,14 +455,18 @@ fn cold_overlay(env: &Env, refs: &Refs, command: &[String]) -> Result<Timed> {
 
 /// Seconds from `rpull` of `v2` to its command done, on a node that
 /// pulled and ran `v1` before (not timed).
-fn update(env: &Env, v1: &str, v2: &str, command: &[String]) -> Result<Timed> {
-    let lab = Lab::start(env, "update")?;
+fn update(env: &Env, flow: &str, v1: &str, v2: &str, command: &[String]) -> Result<Timed> {
+    let lab = Lab::start(env, flow)?;
     lab.rpull(v1)?;
     lab.run(v1, command)?;
     let t = Instant::now();
+    eprintln!("bench: {flow} rpull at {:.3}", wall());
     lab.rpull(v2)?;
     let pulled = Instant::now();
+    eprintln!("bench: {flow} run at {:.3}", wall());
     lab.run(v2, command)?;
+    eprintln!("bench: {flow} done at {:.3}", wall());
+    lab.keep_log();
     Ok(Timed::since(t, pulled))
 }
 

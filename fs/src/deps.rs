@@ -99,6 +99,76 @@ pub fn spawn(
     });
 }
 
+/// What [`fetch_with_dependencies`] brought into the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosureFetched {
+    /// Files looked at (the roots and what they load, in turn).
+    pub files: usize,
+    /// Content bytes of their chunks now in the store (fetched, or there
+    /// already).
+    pub bytes: u64,
+    /// Chunks that could not be fetched.
+    pub failed: usize,
+}
+
+/// Fetch the files `roots` of `tree` and, in turn, the files they load
+/// (interpreter, libraries, a script's interpreter), at on-demand priority,
+/// as a mount's dependency prefetch does when a program is first read
+/// (each file whole, only the start of a big one); returns once all are in
+/// the store or failed.
+pub async fn fetch_with_dependencies(
+    tree: &Tree,
+    fetcher: &Fetcher,
+    roots: &[u64],
+) -> ClosureFetched {
+    let mut seen = HashSet::new();
+    let mut work = futures::stream::FuturesUnordered::new();
+    for &r in roots {
+        if seen.insert(r) {
+            work.push(fetch_one(tree, fetcher, r));
+        }
+    }
+    let mut got = ClosureFetched::default();
+    while let Some((bytes, failed, deps)) = futures::StreamExt::next(&mut work).await {
+        got.files += 1;
+        got.bytes += bytes;
+        got.failed += failed;
+        for d in deps {
+            if seen.insert(d) {
+                work.push(fetch_one(tree, fetcher, d));
+            }
+        }
+    }
+    got
+}
+
+/// File `ino` into the store (whole, or the start of a big one) while its
+/// dependencies are read from it: (bytes there, chunks failed, the
+/// dependencies).
+async fn fetch_one(tree: &Tree, fetcher: &Fetcher, ino: u64) -> (u64, usize, Vec<u64>) {
+    let Some(n) = tree.node(ino) else {
+        return (0, 0, Vec::new());
+    };
+    let take = if n.entry.size <= WHOLE_DEPENDENCY {
+        n.chunks.len()
+    } else {
+        1
+    };
+    let fetches = n.chunks.iter().take(take).map(|c| async move {
+        c.fetch(fetcher, Priority::OnDemand, None)
+            .await
+            .map(|()| c.size)
+    });
+    let (fetched, deps) = futures::future::join(
+        futures::future::join_all(fetches),
+        dependencies(tree, fetcher, ino),
+    )
+    .await;
+    let bytes = fetched.iter().filter_map(|r| r.as_ref().ok()).sum();
+    let failed = fetched.iter().filter(|r| r.is_err()).count();
+    (bytes, failed, deps)
+}
+
 /// Read `len` bytes at `offset` of file `ino` through the store.
 async fn read_at(
     tree: &Tree,

@@ -101,16 +101,7 @@ pub async fn open_image_on(
             regions.push((desc.digest.clone(), region));
         }
     }
-    let tree = tokio::task::spawn_blocking(move || Tree::build(layers))
-        .await
-        .map_err(|e| Error::BadImage {
-            what: reference.to_string(),
-            reason: format!("building the tree failed: {e}"),
-        })?
-        .map_err(|e| Error::BadImage {
-            what: reference.to_string(),
-            reason: breakfs_index::Causes(&e).to_string(),
-        })?;
+    let tree = build_tree(reference.to_string(), move || Tree::build(layers)).await?;
     Ok(OpenedImage {
         image,
         tree: Arc::new(tree),
@@ -154,16 +145,7 @@ pub async fn open_layer(
         what: what.clone(),
         reason: format!("its TOC cannot be read lazily: {reason}"),
     })?;
-    let tree = tokio::task::spawn_blocking(move || Tree::build_overlay_layer(files))
-        .await
-        .map_err(|e| Error::BadImage {
-            what: what.clone(),
-            reason: format!("building the tree failed: {e}"),
-        })?
-        .map_err(|e| Error::BadImage {
-            what,
-            reason: breakfs_index::Causes(&e).to_string(),
-        })?;
+    let tree = build_tree(what, move || Tree::build_overlay_layer(files)).await?;
     let pin = fetcher
         .store()
         .budget()
@@ -182,6 +164,23 @@ pub async fn open_layer(
         regions,
         pin,
     }))
+}
+
+/// The tree `build` makes (of `what`), built on the blocking pool.
+pub(crate) async fn build_tree(
+    what: String,
+    build: impl FnOnce() -> Result<Tree> + Send + 'static,
+) -> Result<Tree> {
+    tokio::task::spawn_blocking(build)
+        .await
+        .map_err(|e| Error::BadImage {
+            what: what.clone(),
+            reason: format!("building the tree failed: {e}"),
+        })?
+        .map_err(|e| Error::BadImage {
+            what,
+            reason: breakfs_index::Causes(&e).to_string(),
+        })
 }
 
 async fn load_layer(
@@ -245,7 +244,10 @@ async fn load_layer(
 
 /// The files of an eStargz layer with their chunk locations, or why some
 /// chunk cannot be fetched alone (the layer is then fetched whole).
-fn lazy_files(layer: TocLayer, desc: &Descriptor) -> std::result::Result<Vec<LayerFile>, String> {
+pub(crate) fn lazy_files(
+    layer: TocLayer,
+    desc: &Descriptor,
+) -> std::result::Result<Vec<LayerFile>, String> {
     let mut out = Vec::with_capacity(layer.entries.len());
     for (entry, chunks) in layer.entries {
         let mut fc = Vec::with_capacity(chunks.len());

@@ -21,9 +21,10 @@ mod inspect;
 mod mount;
 mod passthrough;
 pub mod profile;
+mod start;
 mod tree;
 
-pub use deps::{ElfDependencies, elf_dependencies};
+pub use deps::{ClosureFetched, ElfDependencies, elf_dependencies, fetch_with_dependencies};
 pub use error::{Error, Result};
 pub use extract::{ExtractStats, extract, extract_reporting};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
@@ -34,4 +35,5 @@ pub use mount::{
     is_breakfs_type, is_mountpoint, mount, mount_resumable, mount_type, read_status, remove_status,
     resume, status_dir, status_path, write_status,
 };
+pub use start::{StartFetched, lazy_tree, prefetch_start, start_programs};
 pub use tree::{FileChunk, LayerFile, Node, OVERLAY_OPAQUE, ROOT, Tree};

@@ -28,7 +28,14 @@ pub async fn mount_and_probe(
     opts: &MountOptions,
     node: Option<String>,
 ) -> Result<(Mounted, StatusRecord)> {
-    probe(breakfs_fs::mount(opened, abs, opts)?, abs, node).await
+    // The mount and its FUSE handshake block: off the runtime's threads.
+    let mounted = {
+        let (at, opts) = (abs.to_path_buf(), opts.clone());
+        tokio::task::spawn_blocking(move || breakfs_fs::mount(opened, &at, &opts))
+            .await
+            .map_err(|e| Error::Control(format!("the mount task failed: {e}")))??
+    };
+    probe(mounted, abs, node).await
 }
 
 /// Wait until a request through the kernel to `mounted` at `abs` is

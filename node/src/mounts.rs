@@ -256,7 +256,14 @@ impl NodeService {
             self.insert(abs, mounted, layers, false);
             return Ok(rec);
         };
-        let (mounted, conn) = breakfs_fs::mount_resumable(opened, &abs, &opts)?;
+        // The mount and its FUSE handshake block: off the runtime's threads,
+        // so that many mounts (an image's layers) are made side by side.
+        let (mounted, conn) = {
+            let (abs, opts) = (abs.clone(), opts.clone());
+            tokio::task::spawn_blocking(move || breakfs_fs::mount_resumable(opened, &abs, &opts))
+                .await
+                .map_err(|e| Error::Control(format!("the mount task failed: {e}")))??
+        };
         self.pin_live(&layers, 1);
         let (mounted, rec) = probe(mounted, &abs, control)
             .await

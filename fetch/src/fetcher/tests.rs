@@ -314,6 +314,47 @@ async fn a_landmarked_region_comes_in_one_request_and_serves_those_waiting_on_it
     let cloud = Arc::new(Fake {
         name: "cloud",
         blob,
+        lie: false,
+        calls: AtomicUsize::new(0),
+    });
+    let opts = FetchOptions {
+        quiet: Duration::from_secs(600),
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store.clone(), vec![cloud.clone()], opts);
+    // Hydration has queued every chunk (it waits for a quiet spell).
+    let waiting: Vec<_> = locs
+        .iter()
+        .map(|l| {
+            let (f, l) = (f.clone(), l.clone());
+            tokio::spawn(async move { f.ensure(&l, Priority::Background, None).await })
+        })
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while f.stats().queued < locs.len() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the jobs were not queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = f.fetch_region(&locs[0].layer, &locs[..12]).await;
+    assert_eq!((r.requests, r.chunks, r.failed), (1, 12, 0));
+    assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
+    for (i, w) in waiting.into_iter().enumerate().take(12) {
+        w.await.unwrap().unwrap();
+        assert_eq!(
+            std::fs::read(store.chunk_path(&locs[i].digest)).unwrap(),
+            contents[i]
+        );
+    }
+    // The rest stay queued behind the quiet spell; the region again asks nothing.
+    assert!(!store.has_chunk(&locs[12].digest));
+    assert_eq!(f.stats().queued, 8);
+    let again = f.fetch_region(&locs[0].layer, &locs[..12]).await;
+    assert_eq!(again.requests, 0);
+    assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
+}
 
 /// `n` bytes no compressor shrinks.
 fn noise(n: usize) -> Vec<u8> {
@@ -354,42 +395,6 @@ async fn a_chunk_over_half_the_budget_stays_and_its_range_gives_way() {
         calls: AtomicUsize::new(0),
     });
     let opts = FetchOptions {
-        quiet: Duration::from_secs(600),
-        ..FetchOptions::default()
-    };
-    let f = Fetcher::new(store.clone(), vec![cloud.clone()], opts);
-    // Hydration has queued every chunk (it waits for a quiet spell).
-    let waiting: Vec<_> = locs
-        .iter()
-        .map(|l| {
-            let (f, l) = (f.clone(), l.clone());
-            tokio::spawn(async move { f.ensure(&l, Priority::Background, None).await })
-        })
-        .collect();
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while f.stats().queued < locs.len() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the jobs were not queued"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let r = f.fetch_region(&locs[0].layer, &locs[..12]).await;
-    assert_eq!((r.requests, r.chunks, r.failed), (1, 12, 0));
-    assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
-    for (i, w) in waiting.into_iter().enumerate().take(12) {
-        w.await.unwrap().unwrap();
-        assert_eq!(
-            std::fs::read(store.chunk_path(&locs[i].digest)).unwrap(),
-            contents[i]
-        );
-    }
-    // The rest stay queued behind the quiet spell; the region again asks nothing.
-    assert!(!store.has_chunk(&locs[12].digest));
-    assert_eq!(f.stats().queued, 8);
-    let again = f.fetch_region(&locs[0].layer, &locs[..12]).await;
-    assert_eq!(again.requests, 0);
-
         keep_ranges: true,
         ..FetchOptions::default()
     };

@@ -46,6 +46,10 @@ const FAMILIES: [(&str, &str); 2] = [
 /// within seconds, and a tag may move afterwards.
 const IMAGE_TTL: Duration = Duration::from_secs(60);
 
+/// How long a layer's tree built at pull waits for its mount (the first
+/// container): a later mount builds it again from the stored TOC.
+const TREE_TTL: Duration = Duration::from_secs(600);
+
 /// A prepare that asks for a remote layer.
 #[derive(Clone, Debug)]
 pub(crate) struct Ask {
@@ -132,8 +136,23 @@ pub(crate) struct Remotes {
     /// Mounts and unmounts, one at a time.
     mounting: tokio::sync::Mutex<()>,
     /// TOC fetches under way, by layer (see [`Remotes::warm`]).
-    tocs: Mutex<HashMap<Digest, TocFetch>>,
+    tocs: Mutex<HashMap<Digest, (Instant, TocFetch)>>,
+    /// Layer trees built when their prepare checked them, kept for their
+    /// mount, by layer.
+    trees: Mutex<HashMap<Digest, BuiltTree>>,
+    /// Images whose start is being fetched ahead, by manifest digest
+    /// (see [`Remotes::fetch_start`]).
+    starting: Mutex<HashMap<Digest, Instant>>,
 }
+
+/// A layer's tree as its prepare built it: when, and the image (listing
+/// that layer alone) it was built of.
+type BuiltTree = (
+    Instant,
+    Image,
+    Arc<breakfs_fs::Tree>,
+    Vec<(Digest, Vec<breakfs_fetch::ChunkLoc>)>,
+);
 
 /// A TOC fetch that any number of prepares can wait for.
 type TocFetch = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
@@ -146,6 +165,8 @@ impl Remotes {
             images: Mutex::new(HashMap::new()),
             mounting: tokio::sync::Mutex::new(()),
             tocs: Mutex::new(HashMap::new()),
+            trees: Mutex::new(HashMap::new()),
+            starting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -177,7 +198,8 @@ impl Remotes {
     fn warm(&self, image: &Image) {
         use futures::FutureExt as _;
         let mut tocs = self.tocs.lock();
-        tocs.retain(|_, f| f.peek().is_none());
+        // Done ones stay a while: the image's other prepares ask again.
+        tocs.retain(|_, (at, f)| f.peek().is_none() || at.elapsed() < IMAGE_TTL);
         for desc in image.layers() {
             if tocs.contains_key(&desc.digest) {
                 continue;
@@ -190,8 +212,58 @@ impl Remotes {
             .boxed()
             .shared();
             tokio::spawn(fetch.clone());
-            tocs.insert(desc.digest.clone(), fetch);
+            tocs.insert(desc.digest.clone(), (Instant::now(), fetch));
         }
+    }
+
+    /// Fetch what starting `image` reads first (the programs its config
+    /// starts and the files they load, found in its merged tree) once its
+    /// TOCs are in, at on-demand priority, while containerd is still
+    /// preparing its layers: the first container then finds them in the
+    /// store instead of fetching them one round trip at a time. Once per
+    /// image a while; an image a TOC is missing from is left alone.
+    fn fetch_start(&self, image: &Image) {
+        {
+            let mut starting = self.starting.lock();
+            starting.retain(|_, at| at.elapsed() < IMAGE_TTL);
+            if starting
+                .insert(image.manifest_digest.clone(), Instant::now())
+                .is_some()
+            {
+                return;
+            }
+        }
+        let tocs: Vec<TocFetch> = {
+            let tocs = self.tocs.lock();
+            image
+                .layers()
+                .iter()
+                .filter_map(|d| tocs.get(&d.digest).map(|(_, f)| f.clone()))
+                .collect()
+        };
+        let (image, fetcher) = (image.clone(), self.svc.fetcher.clone());
+        tokio::spawn(async move {
+            futures::future::join_all(tocs).await;
+            let began = Instant::now();
+            match breakfs_fs::prefetch_start(&image, &fetcher).await {
+                Ok(Some(got)) => tracing::info!(
+                    image = %image.reference,
+                    programs = ?got.programs,
+                    files = got.fetched.files,
+                    bytes = got.fetched.bytes,
+                    failed = got.fetched.failed,
+                    ms = began.elapsed().as_millis() as u64,
+                    "fetched the image's start ahead"
+                ),
+                Ok(None) => {}
+                // Its reads fetch it then: nothing is lost but time.
+                Err(e) => tracing::warn!(
+                    image = %image.reference,
+                    "fetching the image's start ahead: {}",
+                    Causes(&e)
+                ),
+            }
+        });
     }
 
     /// Whether the layer `ask` names can be served lazily: the image
@@ -199,6 +271,7 @@ impl Remotes {
     /// image's other TOCs, range requests, and kept). A layer the manifest
     /// does not list is InvalidArgument.
     pub(crate) async fn check(&self, ask: &Ask) -> Result<Outcome> {
+        let began = Instant::now();
         let image = match self.resolve(&ask.reference).await {
             Ok(image) => image,
             Err(e) => {
@@ -233,16 +306,35 @@ impl Remotes {
             },
             other => other.clone(),
         };
+        let resolved = began.elapsed();
         self.warm(&image);
-        let fetching = self.tocs.lock().get(&ask.layer).cloned();
+        self.fetch_start(&image);
+        let fetching = self.tocs.lock().get(&ask.layer).map(|(_, f)| f.clone());
         if let Some(f) = fetching {
             f.await;
         }
-        match breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await {
-            Ok(Some(_)) => Ok(Outcome::Lazy(Remote {
-                image: pinned.to_string(),
-                layer: ask.layer.clone(),
-            })),
+        let toc = began.elapsed();
+        let opened = breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await;
+        tracing::debug!(
+            layer = %ask.layer.short(),
+            resolved_ms = resolved.as_millis() as u64,
+            toc_ms = toc.as_millis() as u64,
+            total_ms = began.elapsed().as_millis() as u64,
+            "remote layer checked"
+        );
+        match opened {
+            Ok(Some(o)) => {
+                let mut trees = self.trees.lock();
+                trees.retain(|_, (at, _, _, _)| at.elapsed() < TREE_TTL);
+                trees.insert(
+                    ask.layer.clone(),
+                    (Instant::now(), o.image, o.tree, o.regions),
+                );
+                Ok(Outcome::Lazy(Remote {
+                    image: pinned.to_string(),
+                    layer: ask.layer.clone(),
+                }))
+            }
             Ok(None) => Ok(Outcome::Ordinary(
                 Fallback::NoToc,
                 "the layer has no TOC".into(),
@@ -264,6 +356,7 @@ impl Remotes {
         if remotes.is_empty() {
             return Ok(());
         }
+        let began = Instant::now();
         let _one = self.mounting.lock().await;
         let mut missing = Vec::new();
         for r in remotes {
@@ -290,14 +383,74 @@ impl Remotes {
                 );
             })
         });
+        let count = mounts.len();
         futures::future::try_join_all(mounts).await?;
+        tracing::debug!(
+            layers = remotes.len(),
+            mounted = count,
+            ms = began.elapsed().as_millis() as u64,
+            "remote layers ensured"
+        );
         Ok(())
     }
 
     async fn mount(&self, r: &Remote, abs: PathBuf) -> Result<()> {
+        let began = Instant::now();
         let reference = ImageRef::parse(&r.image)?;
-        let image = self.resolve(&reference).await?;
-        let opened = breakfs_fs::open_layer(image, &r.layer, &self.svc.fetcher)
+        let built = self.trees.lock().remove(&r.layer);
+        let opened = match built {
+            Some((_, mut image, tree, regions)) => {
+                // As the prepare built it; named as pinned.
+                image.reference = reference;
+                let fetcher = self.svc.fetcher.clone();
+                let pin = fetcher.store().budget().map(|b| b.pin([r.layer.clone()]));
+                breakfs_fs::OpenedImage {
+                    image,
+                    tree,
+                    fetcher,
+                    layers: vec![breakfs_fs::LayerMode::Lazy],
+                    regions,
+                    pin,
+                }
+            }
+            None => self.open(&reference, r).await?,
+        };
+        // Only what is read is fetched (with the dependency prefetch):
+        // a lazy layer is not hydrated in the background. Two request
+        // threads: an image has dozens of layers, each read by few (a
+        // read that waits on a fetch does not hold its thread).
+        let opts = MountOptions {
+            hydrate: false,
+            threads: 2,
+            dependency_prefetch: true,
+        };
+        let source = Source::Layer {
+            image: r.image.clone(),
+            layer: r.layer.to_string(),
+        };
+        let opened_in = began.elapsed();
+        self.svc
+            .add_mount(abs.clone(), source, opened, opts)
+            .await?;
+        tracing::debug!(
+            layer = %r.layer.short(),
+            open_ms = opened_in.as_millis() as u64,
+            total_ms = began.elapsed().as_millis() as u64,
+            "layer mounted"
+        );
+        eprintln!(
+            "breakfs node: mounted layer {} of {} at {}",
+            r.layer,
+            r.image,
+            abs.display()
+        );
+        Ok(())
+    }
+
+    /// Layer `r` opened from its stored TOC (its tree built again).
+    async fn open(&self, reference: &ImageRef, r: &Remote) -> Result<breakfs_fs::OpenedImage> {
+        let image = self.resolve(reference).await?;
+        breakfs_fs::open_layer(image, &r.layer, &self.svc.fetcher)
             .await?
             .ok_or_else(|| {
                 fault(
@@ -307,28 +460,7 @@ impl Remotes {
                         r.layer, r.image
                     ),
                 )
-            })?;
-        // Only what is read is fetched (with the dependency prefetch):
-        // a lazy layer is not hydrated in the background.
-        let opts = MountOptions {
-            hydrate: false,
-            threads: 4,
-            dependency_prefetch: true,
-        };
-        let source = Source::Layer {
-            image: r.image.clone(),
-            layer: r.layer.to_string(),
-        };
-        self.svc
-            .add_mount(abs.clone(), source, opened, opts)
-            .await?;
-        eprintln!(
-            "breakfs node: mounted layer {} of {} at {}",
-            r.layer,
-            r.image,
-            abs.display()
-        );
-        Ok(())
+            })
     }
 
     /// Unmount the lazy mount at `dir` (no snapshot uses its layer now).

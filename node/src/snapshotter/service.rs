@@ -64,8 +64,15 @@ impl SnapshotService {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let labels: BTreeMap<_, _> = labels.into_iter().collect();
+        let began = std::time::Instant::now();
         if kind == Kind::Active {
-            self.remote_layer(&parent, &labels).await?;
+            self.remote_layer(&parent, &labels).await.inspect_err(|_| {
+                tracing::debug!(
+                    key = %key,
+                    ms = began.elapsed().as_millis() as u64,
+                    "prepare answered"
+                );
+            })?;
         }
         let remotes = self
             .blocking({
@@ -74,9 +81,17 @@ impl SnapshotService {
             })
             .await?;
         self.mount_layers(&remotes).await?;
+        let k = key.clone();
         let mounts = self
-            .blocking(move |s| s.prepare(kind, &key, &parent, labels))
+            .blocking(move |s| s.prepare(kind, &k, &parent, labels))
             .await?;
+        tracing::debug!(
+            key = %key,
+            kind = kind.name(),
+            remote_layers = remotes.len(),
+            ms = began.elapsed().as_millis() as u64,
+            "prepare answered"
+        );
         Ok(mounts.into_iter().map(mount).collect())
     }
 
