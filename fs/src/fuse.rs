@@ -408,6 +408,11 @@ impl fuser::Filesystem for ImageFs {
                 .open(ino.0, &self.tree, store, &self.rt, reply)
             {
                 self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                // Its reads never reach [`Filesystem::read`]: a recording
+                // counts the open as a read of the whole file.
+                if let Some(r) = &self.recorder {
+                    r.note(ino.0, n, 0, n.entry.size);
+                }
             }
             return;
         }
