@@ -12,27 +12,11 @@ use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::mount::{Mount, corpus, files_of, hex_sha256, refactor_into};
+use crate::mount::{corpus, files_of, hex_sha256, refactor_into};
 use crate::node::Node;
+use crate::rollout::lazy_mount;
 use crate::support::proxy::CountingProxy;
 use crate::support::registry::TestRegistry;
-
-/// Mount `reference` through `node` with neither hydration nor dependency
-/// prefetch: what is fetched is what is read, or what a profile names.
-fn lazy_mount(node: &Node, reference: &str, point: &Path, cache: &Path) -> Mount {
-    let control = node.control();
-    Mount::new(
-        reference,
-        point,
-        cache,
-        &[
-            "--node",
-            &control,
-            "--no-hydrate",
-            "--no-dependency-prefetch",
-        ],
-    )
-}
 
 /// The workload: the first `n` regular files of the tree (path order) of
 /// one chunk (4 MiB at most), read whole; their paths and sha256s.

@@ -17,7 +17,7 @@ use crate::support::tree;
 
 /// Mount `reference` through `node`, lazily: no hydration and no
 /// dependency prefetch, so that only what is read is fetched.
-fn lazy_mount(node: &Node, reference: &str, point: &Path, cache: &Path) -> Mount {
+pub(crate) fn lazy_mount(node: &Node, reference: &str, point: &Path, cache: &Path) -> Mount {
     let control = node.control();
     Mount::new(
         reference,
