@@ -49,14 +49,19 @@ impl Conversion {
 const CONVERT_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// The OCI layout holding both conversions of every image in `images`,
-/// converted now unless cached.
-pub fn converted(tmp: &Path, images: &[CorpusImage]) -> Result<PathBuf> {
+/// converted now unless cached; `level` is the gzip level (`None`:
+/// ctr-remote's default).
+pub fn converted(tmp: &Path, images: &[CorpusImage], level: Option<u32>) -> Result<PathBuf> {
     let version = run(
         Command::new("ctr-remote").arg("--version"),
         "ctr-remote --version (apt-get install stargz-snapshotter)",
     )?;
     let mut key = Sha256::new();
     key.update(version.as_bytes());
+    if let Some(l) = level {
+        // Unset keeps the key the default conversions were cached under.
+        key.update(format!("level {l}").as_bytes());
+    }
     for im in images {
         key.update(im.manifest_digest.as_bytes());
     }
@@ -71,7 +76,9 @@ pub fn converted(tmp: &Path, images: &[CorpusImage]) -> Result<PathBuf> {
         std::fs::create_dir_all(&work)?;
         // One writer of the layout's index at a time.
         let layout = Mutex::new(fresh);
-        let r = parallel(images, 2, |im| convert_one(&ctrd, &work, &layout, im));
+        let r = parallel(images, 2, |im| {
+            convert_one(&ctrd, &work, &layout, im, level)
+        });
         let _ = std::fs::remove_dir_all(&work);
         r.map(|_| ())
     })
@@ -83,6 +90,7 @@ fn convert_one(
     work: &Path,
     out: &Mutex<&Path>,
     im: &CorpusImage,
+    level: Option<u32>,
 ) -> Result<()> {
     check_interrupt()?;
     let name = format!("{}-{}", im.family, im.tag);
@@ -107,10 +115,15 @@ fn convert_one(
     for c in Conversion::BOTH {
         check_interrupt()?;
         let target = format!("localhost/{}/{}:{}", c.prefix(), im.family, im.tag);
-        let args: Vec<&str> = match c {
-            Conversion::Convert => vec!["image", "convert", "--estargz", "--oci"],
-            Conversion::Optimize => vec!["image", "optimize", "--oci"],
+        let mut args: Vec<String> = match c {
+            Conversion::Convert => ["image", "convert", "--estargz", "--oci"]
+                .map(String::from)
+                .to_vec(),
+            Conversion::Optimize => ["image", "optimize", "--oci"].map(String::from).to_vec(),
         };
+        if let Some(l) = level {
+            args.push(format!("--estargz-compression-level={l}"));
+        }
         let mut cmd = Command::new("ctr-remote");
         cmd.arg("--address")
             .arg(ctrd.address())

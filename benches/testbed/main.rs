@@ -113,7 +113,7 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
         };
         std::fs::create_dir_all(&env.run_dir)?;
         check_interrupt()?;
-        let estargz = estargz::converted(&env.tmp, &images)?;
+        let estargz = estargz::converted(&env.tmp, &images, o.estargz_level)?;
         check_interrupt()?;
         let refactored = fill_registry(&env, &mut reg, &images, &estargz)?;
         let refs = parallel(&images, 2, |im| reference(&env, im, 40))?;

@@ -32,6 +32,9 @@ pub struct Opts {
     pub replay_secs: f64,
     /// What to run, in order.
     pub strategies: Vec<Strategy>,
+    /// gzip level of the eStargz conversions (`None`: ctr-remote's default,
+    /// 9, what its users get).
+    pub estargz_level: Option<u32>,
 }
 
 impl Default for Opts {
@@ -53,6 +56,7 @@ impl Default for Opts {
             cross_mbit: 200,
             replay_secs: 60.0,
             strategies: Strategy::ALL.to_vec(),
+            estargz_level: None,
         }
     }
 }
@@ -164,6 +168,7 @@ run in its rootfs), bytes from the cloud and from peers, and cache use.
   --strategies s,t      docker-like,containerd,estargz,estargz-optimized,breakfs,no-refactor,no-peers,
                         no-prefetch,no-sched [all]
                         and hydrate (breakfs whose mounts hydrate in the background, not in the default set)
+  --estargz-level L     gzip level of the eStargz conversions, 1-9 [ctr-remote's default, 9]
 
 Needs root (FUSE, overlayfs, chroot), docker-registry, skopeo, umoci,
 containerd, runc, ctr-remote (the eStargz baselines: each original converted
@@ -195,6 +200,14 @@ pub fn parse_opts() -> Result<Option<Opts>> {
             "--peer-mbit" => o.peer_mbit = num(val()?)?,
             "--cross-rtt" => o.cross_rtt = num(val()?)?,
             "--cross-mbit" => o.cross_mbit = num(val()?)?,
+            "--estargz-level" => {
+                let l = num(val()?)?;
+                ensure!(
+                    (1..=9).contains(&l),
+                    "--estargz-level wants 1 to 9, not {l}"
+                );
+                o.estargz_level = Some(l as u32);
+            }
             "--families" => o.families = val()?.split(',').map(String::from).collect(),
             "--strategies" => {
                 o.strategies = val()?
