@@ -43,7 +43,8 @@ pub trait ContentSource: Sync {
 pub struct WriterOptions {
     /// Largest uncompressed chunk of a file in one gzip member (4 MiB).
     pub chunk_size: u64,
-    /// gzip level, 0–9 (6).
+    /// Deflate level, 0–9, on libdeflate's scale (5: fewer bytes than
+    /// zlib's 6 in a third of its time).
     pub level: u32,
     /// Paths to put first, before the prefetch landmark; empty for none.
     pub prefetch: Vec<String>,
@@ -58,7 +59,7 @@ impl Default for WriterOptions {
     fn default() -> Self {
         WriterOptions {
             chunk_size: 4 << 20,
-            level: 6,
+            level: 5,
             prefetch: Vec::new(),
             group_below: 64 << 10,
             member_size: 256 << 10,
@@ -859,9 +860,8 @@ fn with_compressor<T>(level: u32, f: impl FnOnce(&mut Compressor) -> T) -> T {
 
 /// Compress `input` as one complete gzip member into `out` (cleared first).
 /// libdeflate compresses a whole buffer at once (members are whole
-/// buffers here), at the same level twice as fast as zlib's streaming
-/// deflate and to no more bytes; its output depends on the input and
-/// level only, not on the thread.
+/// buffers here); its output depends on the input and level only, not on
+/// the thread.
 fn gzip_member(c: &mut Compressor, level: u32, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
     out.clear();
     let xfl = match level {
