@@ -4,9 +4,10 @@
 //! default 48-layer cap. Per image: share of its file bytes in layers
 //! already published, the exact bound, the share the image reaches against
 //! its own family's earlier images alone, layers, size against the
-//! original, stale (shadowed) bytes, and time against single-core
-//! `gzip -6` of the same layer tars; then the joint plan of every image
-//! against the floor of redundancy.
+//! original, stale (shadowed) bytes, and time and CPU time against
+//! single-core `gzip -6` of the same layer tars; then the joint plan of
+//! every image against the floor of redundancy. Work directories go on a
+//! tmpfs (`/dev/shm`) where there is one; the destination is on disk.
 //!
 //! `cargo bench --bench registry -- [FAMILY...] [--plan-only] [--relax]`
 //! (default: every corpus family, then the application families, whose
@@ -221,7 +222,7 @@ fn cpu_seconds(who: UsageWho) -> Result<f64> {
     Ok(s(u.user_time()) + s(u.system_time()))
 }
 
-/// The 1-minute load average and this process's autogroup (the
+/// The load averages (1, 5, 15 minutes) and this process's autogroup (the
 /// scheduler shares CPU between autogroups first, so a process's nice
 /// value weighs only against its own group's).
 fn load_and_group() -> String {
@@ -272,6 +273,21 @@ fn main() -> Result<()> {
     let tmpdir = tempfile::Builder::new()
         .prefix("bench-registry")
         .tempdir()?;
+    // Work directories (source tars, new layers before they are pushed)
+    // in memory where there is a tmpfs, as `gzip -6`'s output goes to
+    // /dev/null: on a shared machine other people's builds stall writes to
+    // disk for seconds. The destination stays on disk.
+    let shm = Path::new("/dev/shm");
+    let on_tmpfs = shm.is_dir();
+    let scratch = if on_tmpfs {
+        tempfile::Builder::new()
+            .prefix("bench-registry")
+            .tempdir_in(shm)?
+    } else {
+        tempfile::Builder::new()
+            .prefix("bench-registry-work")
+            .tempdir()?
+    };
     let pipe = Pipeline {
         rt: tokio::runtime::Runtime::new()?,
         dest: tmpdir.path().join("registry"),
@@ -286,7 +302,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let mut plan_images = Vec::new();
     for image in &images {
-        let work = tmpdir.path().join("load");
+        let work = scratch.path().join("load");
         let l = pipe.load(&image.reference, &work)?;
         plan_images.push(PlanImage {
             name: format!("{}:{}", image.family, image.tag),
@@ -342,7 +358,7 @@ fn main() -> Result<()> {
     let load_before = load_and_group();
     if !plan_only {
         for (k, image) in images.iter().enumerate() {
-            let work = tmpdir.path().join("work");
+            let work = scratch.path().join("work");
             let tag = format!("{}-{}", image.family, image.tag);
             pipe.run(image, &tag, &work, &mut rows[k])
                 .with_context(|| format!("refactoring {tag} into the registry"))?;
@@ -369,10 +385,17 @@ fn main() -> Result<()> {
         if relax { "--relax-mtime" } else { "exact" },
         opts.max_layers,
         if plan_only {
-            "planner only: size is uncompressed file bytes of the image's layers over its own, no layers written"
+            "planner only: size is uncompressed file bytes of the image's layers over its own, no layers written".to_string()
         } else {
-            "every image written, read back and its merged view compared with its original's (all equal); size is compressed bytes of the image's layers over the original's"
-        }
+            format!(
+                "every image written, read back and its merged view compared with its original's (all equal); size is compressed bytes of the image's layers over the original's; the work directory {}, the destination on disk",
+                if on_tmpfs {
+                    "on a tmpfs"
+                } else {
+                    "on disk too"
+                }
+            )
+        },
     )?;
     writeln!(
         md,
