@@ -252,8 +252,8 @@ struct RefactorArgs {
     /// timestamp rewriting. Off by default: output is exact.
     #[arg(long)]
     relax_mtime: bool,
-    /// gzip level of the new layers (0-9).
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    /// Deflate level of the new layers (0-9, libdeflate's scale).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=9))]
     level: u32,
     /// Chunk size for big files, in KiB (each chunk is its own gzip member).
     #[arg(long, default_value_t = 4096)]

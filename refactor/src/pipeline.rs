@@ -366,26 +366,49 @@ pub async fn refactor(
             ),
             new_bytes,
         );
-        let mut layer_pub: Vec<usize> = Vec::with_capacity(the_plan.layers.len());
-        for layer in &the_plan.layers {
-            match layer.source {
-                LayerSource::Reused(p) => layer_pub.push(p),
-                LayerSource::New => {
-                    let (entries, c, w, dir, n) = (
-                        layer.entries.clone(),
-                        content.clone(),
-                        opts.writer.clone(),
-                        out_dir.clone(),
-                        written_n,
-                    );
-                    written_n += 1;
+        // New layers are written two at a time: each compresses its
+        // members in parallel, but a small layer's last members and its
+        // TOC leave a core idle that the next layer can use. Each layer's
+        // bytes depend on its entries alone, and they are published in
+        // plan order.
+        let writes = the_plan
+            .layers
+            .iter()
+            .filter(|l| matches!(l.source, LayerSource::New))
+            .map(|layer| {
+                let (entries, c, w, dir, n) = (
+                    layer.entries.clone(),
+                    content.clone(),
+                    opts.writer.clone(),
+                    out_dir.clone(),
+                    written_n,
+                );
+                written_n += 1;
+                async move {
                     let bytes: u64 = entries.iter().map(|e| e.size).sum();
-                    let (written, path) = tokio::task::spawn_blocking(move || {
+                    let written = tokio::task::spawn_blocking(move || {
                         write_new_layer(&entries, &c, &w, &dir, n)
                     })
                     .await
                     .map_err(|e| Error::io("writing a layer", std::io::Error::other(e)))??;
                     progress.advance(bytes);
+                    Ok::<_, Error>(written)
+                }
+            })
+            .collect::<Vec<_>>();
+        let mut written = futures::stream::iter(writes)
+            .buffered(2)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter();
+        let mut layer_pub: Vec<usize> = Vec::with_capacity(the_plan.layers.len());
+        for layer in &the_plan.layers {
+            match layer.source {
+                LayerSource::Reused(p) => layer_pub.push(p),
+                LayerSource::New => {
+                    let (written, path) = written.next().ok_or_else(|| Error::PlanOption {
+                        reason: "a new layer was not written".into(),
+                    })?;
                     published.push(
                         Published {
                             desc: written.descriptor(),

@@ -322,6 +322,20 @@ fn batches_do_not_change_the_blob() {
 }
 
 #[test]
+fn threads_do_not_change_the_blob() {
+    let (entries, src) = fixture();
+    let many = write(&entries, &src, &small_chunks(), 700);
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let one = pool.install(|| write(&entries, &src, &small_chunks(), 700));
+        assert_eq!(one, many, "{threads} thread(s)");
+    }
+}
+
+#[test]
 fn prefetch_order() {
     let (entries, src) = fixture();
     let opts = WriterOptions {
