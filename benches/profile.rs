@@ -28,12 +28,28 @@
 //! (defaults: 3 runs; python,node,httpd,postgres); writes the table to
 //! stdout, target/bench-profile.md and docs/results/profile.md. Needs root,
 //! FUSE, skopeo and docker-registry.
+//!
+//! A second section (`--section refactor`, or `all`, the default) measures
+//! `breakfs refactor --profile CMD` (issue 21's acceptance 2): see
+//! [`refactor_section`].
 #![allow(clippy::unwrap_used)]
 
+#[path = "testbed/cache.rs"]
+#[allow(dead_code)]
+mod cache;
+#[path = "../tests/support/containerd.rs"]
+#[allow(dead_code)]
+mod containerd;
 #[path = "../tests/support/corpus.rs"]
 mod corpus;
+#[path = "testbed/estargz.rs"]
+#[allow(dead_code)]
+mod estargz;
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "testbed/interrupt.rs"]
+#[allow(dead_code)]
+mod interrupt;
 #[path = "../tests/support/registry.rs"]
 #[allow(dead_code)]
 mod registry;
@@ -71,6 +87,8 @@ impl Figures {
 fn main() -> Result<()> {
     let mut runs = 3usize;
     let mut families = "python,node,httpd,postgres".to_string();
+    let mut section = "all".to_string();
+    let mut refactor_families = REFACTOR_FAMILIES.to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -87,14 +105,32 @@ fn main() -> Result<()> {
                     .next()
                     .ok_or_else(|| anyhow!("--families wants FAMILY,..."))?;
             }
-            other => bail!("unknown argument {other:?}: use --runs N, --families A,B,..."),
+            "--section" => {
+                section = args
+                    .next()
+                    .filter(|s| ["all", "node", "refactor"].contains(&s.as_str()))
+                    .ok_or_else(|| anyhow!("--section wants all, node or refactor"))?;
+            }
+            "--refactor-families" => {
+                refactor_families = args
+                    .next()
+                    .ok_or_else(|| anyhow!("--refactor-families wants FAMILY,..."))?;
+            }
+            other => bail!(
+                "unknown argument {other:?}: use --runs N, --families A,B,..., \
+                 --section all|node|refactor, --refactor-families A,B,..."
+            ),
         }
     }
     ensure!(
         std::fs::metadata("/proc/self")?.uid() == 0,
         "the profile benchmark needs root (FUSE mounts through node daemons)"
     );
-    let names: Vec<&str> = families.split(',').filter(|f| !f.is_empty()).collect();
+    let names: Vec<&str> = if section == "refactor" {
+        Vec::new()
+    } else {
+        families.split(',').filter(|f| !f.is_empty()).collect()
+    };
     for n in &names {
         corpus::family(n)?;
     }
@@ -117,6 +153,7 @@ fn main() -> Result<()> {
         reg.host(),
         env.link
     );
+    let load_before = load_average();
     let mut all = Vec::new();
     for fam in &names {
         let img = built
@@ -135,7 +172,17 @@ fn main() -> Result<()> {
         );
         all.push(f);
     }
-    harness::write_report("profile", &report(&all, runs))
+    if section != "refactor" {
+        harness::write_report("profile", &report(&all, runs))?;
+    }
+    if section != "node" {
+        let fams: Vec<&str> = refactor_families
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .collect();
+        refactor_section(&env, &reg, &fams, runs, &load_before)?;
+    }
+    Ok(())
 }
 
 fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Result<Figures> {
@@ -295,6 +342,305 @@ fn report(all: &[Figures], runs: usize) -> String {
                 .join(", ")
         };
         let _ = writeln!(md, "* {}: {} / {}", f.title, fmt(&f.without), fmt(&f.with));
+    }
+    md
+}
+
+// ---------------------------------------------------------------------------
+// `breakfs refactor --profile CMD` (issue 21, acceptance 2).
+
+/// Families of the refactor section unless `--refactor-families` says.
+const REFACTOR_FAMILIES: &str = "python,node";
+/// Heading of the section in docs/results/profile.md.
+const REFACTOR_HEADING: &str = "## `breakfs refactor --profile` on a fresh node";
+
+/// One image's figures in the refactor section.
+struct RefactorFigures {
+    title: String,
+    /// Distinct gzip members the command reads in the profiled image.
+    members: usize,
+    read_bytes: u64,
+    warm: f64,
+    profiled: Vec<f64>,
+    optimized: Vec<f64>,
+    cloud_profiled: Vec<f64>,
+    cloud_optimized: Vec<f64>,
+}
+
+impl RefactorFigures {
+    fn floor(&self) -> f64 {
+        self.read_bytes as f64 * 8.0 / (MBIT as f64 * 1e6) + 3.0 * RTT_MS as f64 / 1e3 + self.warm
+    }
+}
+
+/// The refactor section: per family (v1), the original refactored by
+/// `breakfs refactor --profile CMD` (CMD: the family's command) and the
+/// same original converted by `ctr-remote image optimize --oci` (which
+/// runs the image's own command, the same one, and lays what it reads
+/// before each layer's landmark; cached by benches/testbed/estargz.rs),
+/// both in the registry behind the shaped link. Each run: a fresh node (no
+/// peers, no profile, an empty store) mounts one of them and runs CMD in a
+/// chroot of the mount, timed from `breakfs mount` to CMD's end; breakfs
+/// fetches each layer's landmarked region at mount for both. Floor: as the
+/// node section's, from the compressed bytes of the distinct members CMD
+/// reads in the profiled image (a node's recorded profile of it).
+fn refactor_section(
+    env: &Env,
+    reg: &TestRegistry,
+    families: &[&str],
+    runs: usize,
+    load_before: &str,
+) -> Result<()> {
+    for n in families {
+        corpus::family(n)?;
+    }
+    let built = corpus::build_families(families)?;
+    let mut all = Vec::new();
+    for fam in families {
+        let img = built
+            .iter()
+            .find(|i| i.family == *fam && i.tag == "v1")
+            .ok_or_else(|| anyhow!("the corpus has no {fam}:v1"))?;
+        let f = bench_refactor_profile(env, reg, img, runs)
+            .with_context(|| format!("benchmarking refactor --profile of {fam} v1"))?;
+        eprintln!(
+            "profile bench: {}: refactor --profile {:.2} s, ctr-remote optimize {:.2} s, floor {:.2} s",
+            f.title,
+            median(&f.profiled),
+            median(&f.optimized),
+            f.floor()
+        );
+        all.push(f);
+    }
+    let md = refactor_report(&all, runs, load_before, &load_average());
+    println!("{md}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(root.join("target/bench-profile-refactor.md"), &md)?;
+    // Its own section of docs/results/profile.md, after the node section
+    // (kept as the last run of that section wrote it).
+    let results = root.join("docs/results/profile.md");
+    let old = std::fs::read_to_string(&results).unwrap_or_default();
+    let kept = old
+        .find(REFACTOR_HEADING)
+        .map_or(old.as_str(), |at| &old[..at]);
+    std::fs::write(&results, format!("{}\n\n{md}", kept.trim_end()))
+        .with_context(|| format!("writing {}", results.display()))?;
+    eprintln!("profile bench: wrote {}", results.display());
+    Ok(())
+}
+
+/// Shell words of `args`, quoted for `/bin/sh -c`.
+fn shell_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn bench_refactor_profile(
+    env: &Env,
+    reg: &TestRegistry,
+    img: &corpus::CorpusImage,
+    runs: usize,
+) -> Result<RefactorFigures> {
+    let slug = format!("{}-{}", img.family, img.tag);
+    // The profiled refactoring, pushed.
+    let layout = env.fresh(&format!("{slug}-profiled"))?;
+    let work = env.tmp.join(format!("{slug}-profiled-work"));
+    eprintln!(
+        "profile bench: breakfs refactor --profile {:?}",
+        img.command
+    );
+    run(
+        env.breakfs()
+            .args(["refactor", "--work-dir"])
+            .arg(&work)
+            .args(["--profile", &shell_line(&img.command)])
+            .arg("--to")
+            .arg(format!("oci:{}:{}", layout.display(), img.tag))
+            .arg(&img.reference),
+        "breakfs refactor --profile",
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
+    let repo = format!("profiled/{}:{}", img.family, img.tag);
+    harness::skopeo_copy(
+        &format!("oci:{}:{}", layout.display(), img.tag),
+        &reg.reference(&repo),
+    )?;
+    let profiled = format!("docker://{}/{repo}", env.link);
+    // The optimized eStargz (cached per image).
+    let converted = estargz::converted(&env.tmp, std::slice::from_ref(img))?;
+    estargz::push(&converted, std::slice::from_ref(img), |r| reg.reference(r))?;
+    let optimized = format!(
+        "docker://{}/{}/{}:{}",
+        env.link,
+        estargz::Conversion::Optimize.prefix(),
+        img.family,
+        img.tag
+    );
+
+    // The floor: what the command reads of the profiled image (a node's
+    // recorded profile), and its time on a warm mount.
+    let (read_bytes, members, warm) = {
+        let a = Node::start(env, &env.fresh(&format!("{slug}-floor"))?, &[], NODE_LOG)?;
+        let point = env.tmp.join(format!("{slug}-floor-mnt"));
+        let m = NodeMount::with_args(env, &node_args(&a), &profiled, &point)?;
+        run_chroot(&m.point, &img.command)?;
+        let mut warm = f64::INFINITY;
+        for _ in 0..2 {
+            let t = Instant::now();
+            run_chroot(&m.point, &img.command)?;
+            warm = warm.min(t.elapsed().as_secs_f64());
+        }
+        let status: serde_json::Value = serde_json::from_str(&run(
+            env.breakfs().args(["status", "--json"]).arg(&m.point),
+            "breakfs status",
+        )?)?;
+        let image = status["manifest"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the mount's status has no manifest digest"))?
+            .to_string();
+        let profile: serde_json::Value = serde_json::from_str(&wait_profile(&a, &image)?)?;
+        // Small files share members: each member counts once.
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0u64;
+        for e in profile["entries"].as_array().into_iter().flatten() {
+            let (off, end) = (
+                e["offset"].as_u64().unwrap_or(0),
+                e["end"].as_u64().unwrap_or(0),
+            );
+            if seen.insert((e["layer"].to_string(), off)) {
+                bytes += end.saturating_sub(off);
+            }
+        }
+        (bytes, seen.len(), warm)
+    };
+    let mut f = RefactorFigures {
+        title: format!("{} {}", img.family, img.tag),
+        members,
+        read_bytes,
+        warm,
+        profiled: Vec::new(),
+        optimized: Vec::new(),
+        cloud_profiled: Vec::new(),
+        cloud_optimized: Vec::new(),
+    };
+    // Cold starts on fresh nodes, alternating.
+    for r in 0..runs {
+        for (is_profiled, reference) in [(true, &profiled), (false, &optimized)] {
+            let what = if is_profiled { "profiled" } else { "optimized" };
+            let name = format!("{slug}-{what}-{r}");
+            let b = Node::start(env, &env.fresh(&name)?, &[], NODE_LOG)?;
+            let point = env.tmp.join(format!("{name}-mnt"));
+            let began = Instant::now();
+            let m = NodeMount::with_args(env, &node_args(&b), reference, &point)?;
+            run_chroot(&m.point, &img.command)?;
+            let took = began.elapsed().as_secs_f64();
+            drop(m);
+            let cloud = b.cloud_bytes()?;
+            eprintln!(
+                "profile bench: {} run {r} {what}: {took:.2} s, {:.1} MB from the cloud",
+                f.title,
+                cloud / 1e6
+            );
+            if is_profiled {
+                f.profiled.push(took);
+                f.cloud_profiled.push(cloud);
+            } else {
+                f.optimized.push(took);
+                f.cloud_optimized.push(cloud);
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn refactor_report(all: &[RefactorFigures], runs: usize, before: &str, after: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "{REFACTOR_HEADING}\n");
+    let _ = writeln!(
+        md,
+        "* Command: `cargo bench --bench profile -- {}`\n* Machine: {}\n* Load average \
+         (1, 5, 15 min) before / after: {before} / {after}\n",
+        std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect::<Vec<_>>()
+            .join(" "),
+        harness::machine()
+    );
+    let _ = writeln!(
+        md,
+        "A fresh node (no peers, no profile, an empty store) mounts the image through one \
+         {RTT_MS} ms / {MBIT} Mbit/s link to a real docker-registry and runs the family's \
+         command in a chroot of the mount; timed from `breakfs mount` to the command's end, \
+         median of {runs} runs, node defaults. *refactor --profile*: the original refactored \
+         by `breakfs refactor --profile CMD` (CMD: the family's command). *ctr-remote \
+         optimize*: the same original converted by `ctr-remote image optimize --oci` (it runs \
+         the image's command, the same one, and lays the files it reads before each layer's \
+         `.prefetch.landmark`). breakfs fetches each layer's landmarked region at mount for \
+         both. Floor: compressed bytes of the distinct gzip members the command reads in the \
+         profiled image (a node's recorded profile of it) ÷ {MBIT} Mbit/s + 3 RTT + the \
+         command's own time on a warm mount. Targets: refactor --profile ≤ 1.3× floor, and \
+         faster than ctr-remote optimize.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| image | members read | compressed MB read | warm command s | floor s | refactor --profile s | ctr-remote optimize s | profile / floor | profile / optimize | cloud MB profile / optimize |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for f in all {
+        let (p, o) = (median(&f.profiled), median(&f.optimized));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}× {} | {:.2}× {} | {:.1} / {:.1} |",
+            f.title,
+            f.members,
+            mb(f.read_bytes),
+            f.warm,
+            f.floor(),
+            p,
+            o,
+            p / f.floor(),
+            if p / f.floor() <= 1.3 {
+                "(met)"
+            } else {
+                "(missed)"
+            },
+            p / o,
+            if p < o { "(met)" } else { "(missed)" },
+            median(&f.cloud_profiled) / 1e6,
+            median(&f.cloud_optimized) / 1e6,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery run (s), refactor --profile / ctr-remote optimize:\n"
+    );
+    for f in all {
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            md,
+            "* {}: {} / {}",
+            f.title,
+            fmt(&f.profiled),
+            fmt(&f.optimized)
+        );
     }
     md
 }

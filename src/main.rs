@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod mountcmd;
 mod node;
+mod record;
 mod schedcmd;
 mod verifycmd;
 
@@ -48,6 +49,7 @@ enum Command {
     ///   breakfs refactor --to oci:/srv/out oci:/srv/app:v2
     ///   breakfs refactor --plain-http --to docker://edge-reg:5000 docker://reg:5000/library/redis:7
     ///   breakfs refactor --joint --to oci:/srv/all oci:/a:v1 oci:/b:v1
+    ///   breakfs refactor --profile 'python3 -c "import json"' --to oci:/srv/out oci:/srv/py:v1
     #[command(verbatim_doc_comment)]
     Refactor(RefactorArgs),
     /// Show an image: manifest, layers, entries, TOCs, and sharing with other tags.
@@ -264,6 +266,18 @@ struct RefactorArgs {
     /// Print the table as JSON lines instead.
     #[arg(long)]
     json: bool,
+    /// Run this shell command once in each source image (as root, with the
+    /// image's /bin/sh, chrooted into an overlay of the image) and lay the
+    /// files it reads first in each new layer, in the order it read them,
+    /// before the eStargz prefetch landmark: a lazy mount (breakfs,
+    /// stargz-snapshotter) fetches them at once. Nothing is written if the
+    /// command fails.
+    #[arg(long, value_name = "CMD")]
+    profile: Option<String>,
+    /// Seconds the --profile command may run: a server still running then
+    /// is stopped, and what it read until then is the profile.
+    #[arg(long, value_name = "SECS", default_value_t = 60, requires = "profile")]
+    profile_secs: u64,
     #[command(flatten)]
     client: ClientArgs,
     /// Source images.
@@ -357,7 +371,7 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
         .iter()
         .map(|s| ImageRef::parse(s))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let opts = RefactorOptions {
+    let mut opts = RefactorOptions {
         plan: PlanOptions {
             max_layers: a.max_layers as usize,
             relax_mtime: a.relax_mtime,
@@ -378,6 +392,32 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
     let bars = Bars {
         bar: Mutex::new(None),
     };
+    if let Some(cmd) = &a.profile {
+        let limit = std::time::Duration::from_secs(a.profile_secs.max(1));
+        let mut seen = std::collections::HashSet::new();
+        for src in &sources {
+            bars.stage(&format!("recording {cmd:?} in {src}"), 0);
+            let rec = record::record(src, &opts.client, cmd, &opts.work_dir, limit).await;
+            bars.done();
+            let rec = rec?;
+            eprintln!(
+                "breakfs: --profile: {cmd:?} read {} files of {src}{}",
+                rec.paths.len(),
+                if rec.timed_out {
+                    format!(" (still running after {} s: stopped)", limit.as_secs())
+                } else {
+                    String::new()
+                }
+            );
+            // One order for all sources: the first source's, then what
+            // the others read besides.
+            for p in rec.paths {
+                if seen.insert(p.clone()) {
+                    opts.writer.prefetch.push(p);
+                }
+            }
+        }
+    }
     let result = breakfs_refactor::refactor(&sources, &dest, &opts, &bars).await;
     bars.done();
     let reports = result.with_context(|| format!("refactoring into {dest}"))?;
@@ -464,14 +504,20 @@ fn raise_open_files_limit() {
 
 fn main() -> std::process::ExitCode {
     raise_open_files_limit();
+    let cli = Cli::parse();
+    // `refactor --profile` runs a command over overlayfs on a breakfs
+    // mount: fuser's warnings about the ioctls overlayfs tries are noise.
+    let default_log = match &cli.command {
+        Command::Refactor(_) => "warn,fuser=error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BREAKFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     if let Command::FuseHolder(a) = &cli.command {
         // A small process of its own: no async runtime.
         return node::run_fuse_holder(a);

@@ -20,6 +20,7 @@ mod passthrough;
 mod profile;
 mod readme;
 mod refactor;
+mod refactor_profile;
 mod relay;
 mod restart;
 mod rollout;

@@ -396,6 +396,28 @@ impl Recorder {
         }
         out
     }
+
+    /// The files read so far, first read first, each once, as paths of
+    /// `tree` (the tree it was made for): files of layers fetched whole
+    /// too, since `breakfs refactor --profile` lays out any source.
+    pub fn paths(&self, tree: &Tree) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for s in &self.log[..self.len()] {
+            let Some(g) = s.load(Ordering::Relaxed).checked_sub(1) else {
+                continue;
+            };
+            let Some(idx) = self.base.partition_point(|&b| b as u64 <= g).checked_sub(1) else {
+                continue;
+            };
+            if seen.insert(idx)
+                && let Some(n) = tree.node(idx as u64 + 1)
+            {
+                out.push(n.entry.path.clone());
+            }
+        }
+        out
+    }
 }
 
 /// What a profile makes a mount fetch: runs of neighbouring chunks, each

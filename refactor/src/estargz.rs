@@ -210,7 +210,8 @@ enum Item {
 }
 
 /// Prioritized entries (with their parent directories and hard link
-/// targets) first, then the landmark, then the rest in input order.
+/// targets) first, in the order given, then the landmark (the prefetch one
+/// when a file with content lies before it), then the rest in input order.
 fn write_order(entries: &[Entry], prefetch: &[String]) -> Vec<Item> {
     let by_path: HashMap<&str, usize> = entries
         .iter()
@@ -249,10 +250,15 @@ fn write_order(entries: &[Entry], prefetch: &[String]) -> Vec<Item> {
         let p = p.trim_start_matches("./").trim_matches('/');
         move_rec(p, 0, entries, &by_path, &mut moved, &mut front);
     }
-    let landmark = if front.is_empty() {
-        NO_PREFETCH_LANDMARK
-    } else {
+    // A front of directories alone (a profile's parents in a layer that
+    // holds none of its files) has nothing for a mount to fetch.
+    let has_content = front
+        .iter()
+        .any(|i| matches!(i, Item::Entry(i) if entries[*i].kind == EntryKind::File && entries[*i].size > 0));
+    let landmark = if has_content {
         PREFETCH_LANDMARK
+    } else {
+        NO_PREFETCH_LANDMARK
     };
     front.push(Item::Landmark(landmark));
     front.extend((0..entries.len()).filter(|&i| !moved[i]).map(Item::Entry));

@@ -351,6 +351,88 @@ fn prefetch_order() {
 }
 
 #[test]
+fn profiled_files_lie_before_the_landmark_in_their_members() {
+    // 200 small files and a big one; a profile names some of them, out
+    // of path order, a directory and a path the layer lacks.
+    let mut entries = vec![Entry::new("d", EntryKind::Dir)];
+    let mut files = HashMap::new();
+    for i in 0..200u64 {
+        let data = format!("x = {i}\n").repeat(100 + i as usize).into_bytes();
+        let mut x = Entry::new(format!("d/m{i}.py"), EntryKind::File);
+        x.size = data.len() as u64;
+        x.digest = Some(Digest::of(&data));
+        files.insert(x.path.clone(), data);
+        entries.push(x);
+    }
+    let data = pseudo(3 << 20, 9);
+    let mut x = Entry::new("d/lib.so", EntryKind::File);
+    x.size = data.len() as u64;
+    x.digest = Some(Digest::of(&data));
+    files.insert(x.path.clone(), data);
+    entries.push(x);
+    let src = MemSource(files);
+    let profile: Vec<String> = [
+        "d/m150.py",
+        "d/lib.so",
+        "d",
+        "not/here",
+        "d/m3.py",
+        "d/m77.py",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let opts = WriterOptions {
+        prefetch: profile.clone(),
+        ..WriterOptions::default()
+    };
+    let (blob, w) = write(&entries, &src, &opts, BATCH_BYTES);
+    let (names, _, _) = read_tar(&blob);
+    assert_eq!(
+        &names[..6],
+        [
+            "d/",
+            "d/m150.py",
+            "d/lib.so",
+            "d/m3.py",
+            "d/m77.py",
+            PREFETCH_LANDMARK
+        ]
+    );
+    // The mount's view: every profiled file's members end at or before
+    // the landmark, every other file's start after it.
+    let TailRead::Toc(tail) = Toc::read_from_blob_tail(&blob, blob.len() as u64).unwrap() else {
+        panic!("whole blob given");
+    };
+    let layer = tail
+        .toc
+        .to_layer(blob.len() as u64, Some(tail.toc_offset))
+        .unwrap();
+    let end = layer.prefetch_end.unwrap();
+    for (e, chunks) in &layer.entries {
+        for c in chunks {
+            if profile.contains(&e.path) {
+                assert!(c.compressed_end <= end, "{}", e.path);
+            } else {
+                assert!(c.offset > end, "{}", e.path);
+            }
+        }
+    }
+    // The same input and profile: the same blob.
+    let (again, w2) = write(&entries, &src, &opts, 4096);
+    assert_eq!((again, w2), (blob, w));
+
+    // A profile that names only directories here: no region.
+    let opts = WriterOptions {
+        prefetch: vec!["d".into(), "not/here".into()],
+        ..WriterOptions::default()
+    };
+    let (blob, _) = write(&entries, &src, &opts, BATCH_BYTES);
+    let (names, _, _) = read_tar(&blob);
+    assert_eq!(&names[..2], ["d/", NO_PREFETCH_LANDMARK]);
+}
+
+#[test]
 fn corrupt_source_is_named() {
     let (entries, mut src) = fixture();
     src.0.insert("a/big".into(), pseudo(5000, 99));
