@@ -1,8 +1,9 @@
 //! Image metadata in a rollout: an image's config and its layers' TOCs are
 //! what every node reads before any chunk, so nodes starting one image at
 //! once share them as they share chunks. Before a node reads one from the
-//! cloud it asks each peer once (`POST /cache/meta`, answered from memory)
-//! whether it has it, is reading it, or is deciding on it right now; it
+//! cloud it asks each peer once (`POST /cache/meta`, answered from memory;
+//! reads that start together, as a mount's TOCs do, share one question
+//! per peer) whether it has it, is reading it, or is deciding on it right now; it
 //! takes it from a peer that has it, waits on one reading it
 //! (`GET /cache/meta/{kind}/{digest}`, held by that peer's server until its
 //! read ends, bounded), or, among the nodes deciding at once, waits on the
@@ -48,11 +49,18 @@ const MAX_META_FLIGHTS: usize = 4096;
 /// stripe of a real layer.
 const META_RANK_OFFSET: u64 = u64::MAX;
 
-/// A question to a peer: whether it has, reads or decides on `digest`.
+/// A question to a peer: whether it has, reads or decides on each item.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MetaQuery {
     /// The asking node's id (its URL).
     pub node: String,
+    /// The metadata asked about.
+    pub items: Vec<MetaItem>,
+}
+
+/// One piece of metadata asked about.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetaItem {
     /// `toc` (a layer's TOC, by the layer's digest) or `blob` (a config).
     pub kind: String,
     /// The layer or blob.
@@ -64,9 +72,16 @@ pub struct MetaQuery {
 pub struct MetaAnswer {
     /// The answering node's id (its URL).
     pub node: String,
-    /// What it says of it.
-    pub holding: Holding,
+    /// What it says of each item, in order.
+    pub items: Vec<Holding>,
 }
+
+/// Items in one question at most.
+const MAX_META_ITEMS: usize = 1024;
+
+/// How long a question waits for others to go with it: the reads of an
+/// image's TOCs all start within one turn of the mount's task.
+const BATCH_WINDOW: Duration = Duration::from_millis(1);
 
 /// One piece of metadata: its kind and digest.
 type Key = (&'static str, Digest);
@@ -121,6 +136,8 @@ pub(crate) struct MetaDecisions {
 pub(crate) struct Metas {
     flights: Mutex<HashMap<Key, Flight>>,
     seq: AtomicU64,
+    /// The question being gathered, not sent yet.
+    open: Mutex<Option<Arc<Batch>>>,
     /// What was decided.
     pub(crate) decisions: MetaDecisions,
 }
@@ -156,6 +173,80 @@ impl Metas {
         if let Some(x) = self.flights.lock().get_mut(key).filter(|x| x.id == id) {
             x.stage = stage;
         }
+    }
+}
+
+/// The peers' answers to one question, per peer asked (`None`: no
+/// answer), each per item.
+type Answers = Arc<Vec<Option<MetaAnswer>>>;
+
+/// A question going out: the peers asked and their answers, once in.
+type Asked = futures::future::Shared<BoxFuture<'static, (Arc<Vec<String>>, Answers)>>;
+
+/// Reads of metadata asked about in one question per peer.
+struct Batch {
+    /// The items; closed (taken) when the question goes out.
+    keys: Mutex<Option<Vec<Key>>>,
+    /// The question.
+    answers: Asked,
+}
+
+impl Metas {
+    /// Add `key` to the question being gathered, or start one (asked of
+    /// `urls` after [`BATCH_WINDOW`]); where its answers come and the
+    /// key's place in them.
+    fn ask_with_others(&self, peers: &Arc<Peers>, urls: Vec<String>, key: &Key) -> (Asked, usize) {
+        use futures::FutureExt as _;
+        let mut open = self.open.lock();
+        if let Some(b) = open.as_ref()
+            && let Some(keys) = b.keys.lock().as_mut()
+            && keys.len() < MAX_META_ITEMS
+        {
+            keys.push(key.clone());
+            return (b.answers.clone(), keys.len() - 1);
+        }
+        let batch = Arc::new_cyclic(|me: &std::sync::Weak<Batch>| {
+            let (me, peers) = (me.clone(), peers.clone());
+            let answers = async move {
+                tokio::time::sleep(BATCH_WINDOW).await;
+                let keys = me
+                    .upgrade()
+                    .and_then(|b| {
+                        let mut open = peers.rollout.metas.open.lock();
+                        if open.as_ref().is_some_and(|o| Arc::ptr_eq(o, &b)) {
+                            *open = None;
+                        }
+                        b.keys.lock().take()
+                    })
+                    .unwrap_or_default();
+                let query = MetaQuery {
+                    node: peers.me().to_string(),
+                    items: keys
+                        .iter()
+                        .map(|(kind, digest)| MetaItem {
+                            kind: kind.to_string(),
+                            digest: digest.clone(),
+                        })
+                        .collect(),
+                };
+                let answers = if keys.is_empty() {
+                    vec![None; urls.len()]
+                } else {
+                    let asked = urls.iter().map(|u| ask(&peers, u, &query));
+                    futures::future::join_all(asked).await
+                };
+                (Arc::new(urls), Arc::new(answers))
+            }
+            .boxed()
+            .shared();
+            Batch {
+                keys: Mutex::new(Some(vec![key.clone()])),
+                answers,
+            }
+        });
+        let answers = batch.answers.clone();
+        *open = Some(batch);
+        (answers, 0)
     }
 }
 
@@ -258,13 +349,9 @@ pub(crate) fn turn<'a>(peers: &'a Arc<Peers>, meta: Meta<'a>) -> Option<BoxFutur
         let Some(turn) = Turn::register(peers, &key) else {
             return MetaTurn::here();
         };
-        let query = MetaQuery {
-            node: peers.me().to_string(),
-            kind: key.0.to_string(),
-            digest: key.1.clone(),
-        };
-        let answers = futures::future::join_all(urls.iter().map(|u| ask(peers, u, &query))).await;
         let metas = &r.metas;
+        let (answers, at) = metas.ask_with_others(peers, urls, &key);
+        let (urls, answers) = answers.await;
         let pick = {
             let asked = metas
                 .flights
@@ -274,13 +361,13 @@ pub(crate) fn turn<'a>(peers: &'a Arc<Peers>, meta: Meta<'a>) -> Option<BoxFutur
                 .unwrap_or_default();
             let views: Vec<View> = urls
                 .iter()
-                .zip(answers)
+                .zip(answers.iter())
                 .map(|(u, a)| {
                     let id = a.as_ref().map_or_else(|| u.clone(), |a| a.node.clone());
                     View {
                         asked_me: asked.contains(&id),
                         id,
-                        said: a.map(|a| a.holding),
+                        said: a.as_ref().and_then(|a| a.items.get(at).copied()),
                         cost: peers.links().cost(u, 64 << 10),
                     }
                 })
@@ -345,10 +432,19 @@ async fn ask(peers: &Peers, url: &str, query: &MetaQuery) -> Option<MetaAnswer> 
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|e| Causes(&e).to_string())?;
-        let body = breakfs_fetch::guard::body_within(resp, 1024, "a metadata answer")
+        let max = 1024 + 16 * query.items.len();
+        let body = breakfs_fetch::guard::body_within(resp, max, "a metadata answer")
             .await
             .map_err(|e| Causes(&e).to_string())?;
-        serde_json::from_slice::<MetaAnswer>(&body).map_err(|e| e.to_string())
+        let a: MetaAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        if a.items.len() != query.items.len() {
+            return Err(format!(
+                "it answered for {} items, not the {} asked",
+                a.items.len(),
+                query.items.len()
+            ));
+        }
+        Ok(a)
     }
     .await;
     match r {
@@ -434,30 +530,44 @@ pub(crate) async fn question(
         Ok(q) => q,
         Err(e) => {
             let why = format!(
-                "the body is not a metadata question ({{\"node\", \"kind\": \"toc\"|\"blob\", \"digest\"}}): {e}\n"
+                "the body is not a metadata question ({{\"node\", \"items\": [{{\"kind\": \"toc\"|\"blob\", \"digest\"}}]}}): {e}\n"
             );
             return (StatusCode::BAD_REQUEST, why).into_response();
         }
     };
-    let Some(kind) = kind_of(&q.kind) else {
-        let why = format!("kind {:?} is neither \"toc\" nor \"blob\"\n", q.kind);
+    if q.items.len() > MAX_META_ITEMS {
+        let why = format!("at most {MAX_META_ITEMS} items per question\n");
         return (StatusCode::BAD_REQUEST, why).into_response();
-    };
-    let key: Key = (kind, q.digest);
-    let holding = {
-        let (svc2, key2) = (svc.clone(), key.clone());
-        let have = tokio::task::spawn_blocking(move || holds(&svc2, &key2))
+    }
+    let mut keys = Vec::with_capacity(q.items.len());
+    for i in &q.items {
+        let Some(kind) = kind_of(&i.kind) else {
+            let why = format!("kind {:?} is neither \"toc\" nor \"blob\"\n", i.kind);
+            return (StatusCode::BAD_REQUEST, why).into_response();
+        };
+        keys.push((kind, i.digest.clone()));
+    }
+    let have = {
+        let (svc, keys) = (svc.clone(), keys.clone());
+        tokio::task::spawn_blocking(move || keys.iter().map(|k| holds(&svc, k)).collect())
             .await
-            .unwrap_or(false);
-        if have {
-            Holding::Have
-        } else {
-            svc.peers.rollout.metas.holding(&key, &q.node)
-        }
+            .unwrap_or_else(|_| Vec::new())
     };
+    let metas = &svc.peers.rollout.metas;
+    let items = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            if have.get(i).copied().unwrap_or(false) {
+                Holding::Have
+            } else {
+                metas.holding(k, &q.node)
+            }
+        })
+        .collect();
     let answer = MetaAnswer {
         node: svc.peers.me().to_string(),
-        holding,
+        items,
     };
     (
         [(header::CONTENT_TYPE, "application/json")],
