@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use harness::{Env, Node, NodeMount, Shaper, direct_env, publish, reserve_port, umoci_rootfs};
+use harness::{Env, NodeMount, Shaper, direct_env, median, publish, reserve_port, umoci_rootfs};
 use registry::TestRegistry;
 
 /// Readers at once on node A's mount.
@@ -78,11 +78,7 @@ fn main() -> Result<()> {
     let mut mbit = 20u64;
     let mut rtt_ms = 20u64;
     let mut args = std::env::args().skip(1);
-    let number = |v: Option<String>, what: &str| -> Result<u64> {
-        v.and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .ok_or_else(|| anyhow!("{what} wants a positive number"))
-    };
+    let number = harness::positive;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bench" => {}
@@ -167,34 +163,20 @@ fn measure(
     rootfs: &Path,
 ) -> Result<Sample> {
     let ports: Vec<u16> = (0..3).map(|_| reserve_port()).collect();
-    let urls: Vec<String> = ports
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        let dir = env.fresh(&format!("node-{name}"))?;
-        let listen = format!("127.0.0.1:{}", ports[i]);
-        let endpoint = format!("{host}={}", links[i].addr);
-        let mut args: Vec<&str> = vec![
-            "--listen",
-            &listen,
-            "--registry-endpoint",
-            &endpoint,
-            "--deadline",
-            "120",
+    let reach: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let extra = |i: usize| {
+        let mut args = vec![
+            "--registry-endpoint".to_string(),
+            format!("{host}={}", links[i].addr),
+            "--deadline".to_string(),
+            "120".to_string(),
         ];
-        for (j, u) in urls.iter().enumerate() {
-            if j != i {
-                args.extend(["--peer", u.as_str()]);
-            }
-        }
         if mode == Mode::Relayed {
-            args.extend(["--relay", host]);
+            args.extend(["--relay".to_string(), host.to_string()]);
         }
-        nodes.push(Node::start(env, &dir, &args, "warn")?);
-    }
-    wait_for_peers(&nodes[0], &urls[1..])?;
+        args
+    };
+    let nodes = harness::start_peers(env, "node-", &ports, &reach, extra)?;
     let point = env.fresh("mnt")?.join("a");
     let began = Instant::now();
     let m = NodeMount::mount(env, &nodes[0], remote, &point)?;
@@ -202,23 +184,14 @@ fn measure(
     let files = files_of(&m.point)?;
     read_and_compare(&m.point, rootfs, &files)?;
     let secs = began.elapsed().as_secs_f64();
-    let metric = |n: &Node, key: &str| -> Result<f64> {
-        let page = n.get("/metrics")?;
-        let prefix = format!("{key} ");
-        Ok(page
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0))
-    };
     let served = "breakfs_relay_served_bytes_total";
     let s = Sample {
         secs,
         mount_secs,
         own: nodes[0].cloud_bytes()?,
         relayed: nodes[0].source_bytes("relay")?,
-        by_b: metric(&nodes[1], served)?,
-        by_c: metric(&nodes[2], served)?,
+        by_b: nodes[1].metric(served)?,
+        by_c: nodes[2].metric(served)?,
     };
     drop(m);
     for n in &nodes {
@@ -226,23 +199,6 @@ fn measure(
     }
     drop(nodes);
     Ok(s)
-}
-
-/// Wait until `node` has polled each of `peers` (their indexes say who
-/// relays).
-fn wait_for_peers(node: &Node, peers: &[String]) -> Result<()> {
-    let until = Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let m: serde_json::Value = serde_json::from_str(&node.get("/measurements")?)?;
-        if peers.iter().all(|u| m["links"][u]["rtt_ms"].is_number()) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < until,
-            "node A never reached its peers: {m}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 /// The regular files under `root`, relative.
@@ -287,15 +243,6 @@ fn read_and_compare(mount: &Path, rootfs: &Path, files: &[PathBuf]) -> Result<()
             .into_iter()
             .try_for_each(|r| r.join().map_err(|_| anyhow!("a reader panicked"))?)
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn markdown(
@@ -343,7 +290,7 @@ fn markdown(
             .map(|(_, s)| s.secs)
             .collect()
     };
-    let (alone, relayed) = (median(of(Mode::Alone)), median(of(Mode::Relayed)));
+    let (alone, relayed) = (median(&of(Mode::Alone)), median(&of(Mode::Relayed)));
     let ratios: Vec<f64> = of(Mode::Relayed)
         .iter()
         .zip(of(Mode::Alone))

@@ -41,15 +41,18 @@ mod registry;
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use harness::{Env, Node, NodeMount, Shaper, direct_env, median, publish, reserve_port};
+use harness::{Env, NodeMount, Shaper, direct_env, median, publish, reserve_port};
 use proxy::CountingProxy;
 use registry::TestRegistry;
 
 /// Where a node's fetched chunks came from, by its rollout decisions.
 const FROMS: [&str; 5] = ["holder", "fetching", "claimed", "deciding", "here"];
+
+/// Where a node's config and TOCs came from, by its rollout decisions.
+const META_FROMS: [&str; 5] = ["holder", "fetching", "deciding", "here", "failed"];
 
 struct Settings {
     runs: usize,
@@ -72,6 +75,8 @@ struct NodeSample {
     /// Chunks per [`FROMS`], and chunks it took on for peers.
     froms: [f64; 5],
     claims: f64,
+    /// Configs and TOCs per [`META_FROMS`].
+    metas: [f64; 5],
 }
 
 /// One phase: one node alone, or the cluster at once.
@@ -179,11 +184,7 @@ fn settings() -> Result<Settings> {
         peer_mbit: 1000,
     };
     let mut args = std::env::args().skip(1);
-    let number = |v: Option<String>, what: &str| -> Result<u64> {
-        v.and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .ok_or_else(|| anyhow!("{what} wants a positive number"))
-    };
+    let number = harness::positive;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bench" => {}
@@ -228,40 +229,20 @@ fn phase(
     } else {
         None
     };
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let dir = env.fresh(&format!("n{n}-node{i}"))?;
-        // Peers only through the shaped cluster link: no learned addresses
-        // (they would bypass the shaping).
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--no-learn-peers".into(),
-            "--registry-endpoint".into(),
+    // Peers only through the shaped cluster link: no learned addresses
+    // (they would bypass the shaping).
+    let reach = match &cluster_link {
+        Some(l) => l.addrs.clone(),
+        None => ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+    };
+    let extra = |_| {
+        vec![
+            "--no-learn-peers".to_string(),
+            "--registry-endpoint".to_string(),
             format!("{registry_host}={}", cloud.addr),
-        ];
-        if let Some(l) = &cluster_link {
-            for (k, a) in l.addrs.iter().enumerate() {
-                if k != i {
-                    args.extend(["--peer".into(), format!("http://{a}")]);
-                }
-            }
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        nodes.push(Node::start(env, &dir, &args, "warn")?);
-    }
-    if let Some(l) = &cluster_link {
-        for (i, node) in nodes.iter().enumerate() {
-            let peers: Vec<String> = l
-                .addrs
-                .iter()
-                .enumerate()
-                .filter(|(k, _)| *k != i)
-                .map(|(_, a)| format!("http://{a}"))
-                .collect();
-            wait_for_peers(node, &peers)?;
-        }
-    }
+        ]
+    };
+    let nodes = harness::start_peers(env, &format!("n{n}-node"), &ports, &reach, extra)?;
     let points: Vec<_> = (0..n)
         .map(|i| env.fresh(&format!("n{n}-mnt{i}")).map(|d| d.join("image")))
         .collect::<Result<_>>()?;
@@ -303,13 +284,7 @@ fn phase(
     let mut samples = Vec::new();
     for (node, (ready, mount)) in nodes.iter().zip(timed) {
         let page = node.get("/metrics")?;
-        let metric = |key: &str| -> f64 {
-            let prefix = format!("{key} ");
-            page.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0.0)
-        };
+        let metric = |key: &str| harness::metric_of(&page, key);
         samples.push(NodeSample {
             ready,
             mount,
@@ -317,6 +292,8 @@ fn phase(
             peer: metric("breakfs_fetch_bytes_total{source=\"peer\"}"),
             froms: FROMS.map(|f| metric(&format!("breakfs_rollout_chunks_total{{from=\"{f}\"}}"))),
             claims: metric("breakfs_rollout_claims_total"),
+            metas: META_FROMS
+                .map(|f| metric(&format!("breakfs_rollout_meta_total{{from=\"{f}\"}}"))),
         });
     }
     for node in &nodes {
@@ -328,23 +305,6 @@ fn phase(
         nodes: samples,
         registry,
     })
-}
-
-/// Wait until `node` has measured each of `peers` (it polled them).
-fn wait_for_peers(node: &Node, peers: &[String]) -> Result<()> {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let m: serde_json::Value = serde_json::from_str(&node.get("/measurements")?)?;
-        if peers.iter().all(|u| m["links"][u]["rtt_ms"].is_number()) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < until,
-            "node {} never reached its peers: {m}",
-            node.url
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `uptime`'s line (the load on the shared machine), or why not.
@@ -388,8 +348,10 @@ fn markdown(
         let _ = writeln!(
             md,
             "### Run {}\n\n| node | ready (s) | of which the mount (s) | cloud MB | peer MB | \
-             chunks from holder / fetching / claimed / deciding / here | chunks taken on |\n\
-             |---|---|---|---|---|---|---|",
+             chunks from holder / fetching / claimed / deciding / here | chunks taken on | \
+             config and TOCs from holder / fetching / deciding / here / here after a failed \
+             wait |\n\
+             |---|---|---|---|---|---|---|---|",
             r + 1
         );
         let rows = std::iter::once(("alone".to_string(), &alone.nodes[0])).chain(
@@ -402,17 +364,14 @@ fn markdown(
         for (name, n) in rows {
             let _ = writeln!(
                 md,
-                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} |",
+                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} |",
                 n.ready,
                 n.mount,
                 n.cloud / 1e6,
                 n.peer / 1e6,
-                n.froms
-                    .iter()
-                    .map(|v| format!("{v:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
-                n.claims
+                counts(&n.froms),
+                n.claims,
+                counts(&n.metas)
             );
         }
         let bytes = cluster.registry as f64 / alone.registry as f64;
@@ -435,4 +394,12 @@ fn markdown(
         );
     }
     md
+}
+
+/// `a / b / c` of whole counts.
+fn counts(v: &[f64]) -> String {
+    v.iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }

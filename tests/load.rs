@@ -30,7 +30,7 @@ use crate::support::registry::TestRegistry;
 const RSS_BOUND_MIB: f64 = 512.0;
 
 /// The layers (digest, size) of `reference` in its registry.
-fn manifest_layers(reference: &str) -> Vec<(String, u64)> {
+pub(crate) fn manifest_layers(reference: &str) -> Vec<(String, u64)> {
     let m = ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", reference]));
     let m: serde_json::Value = serde_json::from_str(&m).unwrap();
     m["layers"]

@@ -4,6 +4,8 @@
 //! chunks they have or are fetching, and waits on a peer's fetch instead
 //! of fetching again; nodes that want a layer none holds split its stripes
 //! among themselves; a peer killed while others wait on it costs no read.
+//! The image's config and TOCs go the same way: read from the cloud once
+//! for the cluster, and a peer killed while it reads one costs no mount.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -18,14 +20,18 @@ use crate::support::tree;
 /// Mount `reference` through `node`, lazily: no hydration and no
 /// dependency prefetch, so that only what is read is fetched.
 pub(crate) fn lazy_mount(node: &Node, reference: &str, point: &Path, cache: &Path) -> Mount {
-    let control = node.control();
+    lazy_mount_through(&node.control(), reference, point, cache)
+}
+
+/// [`lazy_mount`] through the node at `control`.
+fn lazy_mount_through(control: &str, reference: &str, point: &Path, cache: &Path) -> Mount {
     Mount::new(
         reference,
         point,
         cache,
         &[
             "--node",
-            &control,
+            control,
             "--no-hydrate",
             "--no-dependency-prefetch",
         ],
@@ -48,6 +54,19 @@ fn cluster(dir: &Path, n: usize) -> Vec<Node> {
             Node::start_at(&dir.join(format!("n{i}")), Some(ports[i]), &peers, &[])
         })
         .collect()
+}
+
+/// Wait until each of `nodes` has polled all the others.
+fn polled(nodes: &[Node]) {
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    for n in nodes {
+        let others: Vec<&str> = urls
+            .iter()
+            .filter(|u| **u != n.url)
+            .map(|u| u.as_str())
+            .collect();
+        n.wait_for_peers(&others);
+    }
 }
 
 fn sample(node: &Node, key: &str) -> f64 {
@@ -87,15 +106,7 @@ fn a_cluster_starting_one_image_at_once_fetches_it_from_the_cloud_about_once() {
     // at once and read the same files.
     const N: usize = 4;
     let nodes = cluster(&tmp.path().join("cluster"), N);
-    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    for n in &nodes {
-        let others: Vec<&str> = urls
-            .iter()
-            .filter(|u| **u != n.url)
-            .map(|u| u.as_str())
-            .collect();
-        n.wait_for_peers(&others);
-    }
+    polled(&nodes);
     let before = proxy.bytes_down();
     let readers: Vec<_> = nodes
         .iter()
@@ -281,15 +292,7 @@ fn nodes_split_a_new_layer_and_a_killed_owner_costs_no_read() {
     // questions: the stripes they own they take on and fetch, A takes them
     // from them.
     let mut nodes = cluster(&tmp.path().join("cluster"), 3);
-    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    for n in &nodes {
-        let others: Vec<&str> = urls
-            .iter()
-            .filter(|u| **u != n.url)
-            .map(|u| u.as_str())
-            .collect();
-        n.wait_for_peers(&others);
-    }
+    polled(&nodes);
     let mounts: Vec<Mount> = nodes
         .iter()
         .enumerate()
@@ -357,4 +360,195 @@ fn nodes_split_a_new_layer_and_a_killed_owner_costs_no_read() {
         all as f64 <= 1.5 * one as f64,
         "the cluster took {all} bytes from the cloud, one node alone {one}"
     );
+}
+
+/// Mount `reference` through each node of `controls` at once (each mount
+/// in a thread of its own, released together); each mount, or the panic
+/// of its `breakfs mount`.
+fn mount_all_at_once(
+    controls: &[String],
+    reference: &str,
+    dir: &Path,
+) -> Vec<std::thread::Result<Mount>> {
+    let start = std::sync::Barrier::new(controls.len());
+    std::thread::scope(|s| {
+        let threads: Vec<_> = controls
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    lazy_mount_through(
+                        n,
+                        reference,
+                        &dir.join(format!("mnt{i}")),
+                        &dir.join(format!("c{i}")),
+                    )
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join()).collect()
+    })
+}
+
+/// Per layer of `layers` (digest, size), how many TOC reads the registry
+/// saw: range requests for the blob's last 8 KiB (a TOC read's first
+/// guess; a big TOC costs a second, longer one).
+fn toc_reads(proxy: &CountingProxy, layers: &[(String, u64)]) -> Vec<usize> {
+    let seen = proxy.requests_with_ranges();
+    layers
+        .iter()
+        .map(|(digest, size)| {
+            let first = format!("bytes={}-{}", size - (*size).min(8192), size - 1);
+            seen.iter()
+                .filter(|(line, range)| {
+                    line.contains(digest.as_str()) && range.as_ref() == Some(&first)
+                })
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn a_cluster_mounting_one_image_at_once_reads_each_toc_from_the_cloud_once() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    let layers = crate::load::manifest_layers(
+        &reg.reference(&format!("refactored/{}:{}", img.family, img.tag)),
+    );
+    let proxy = CountingProxy::start(&reg.host());
+    // A cloud link slow enough that the nodes' metadata reads overlap.
+    let link = Shaper::start(&proxy.host(), 20, 50);
+    let reference = format!("docker://{}/refactored/{}:{}", link.1, img.family, img.tag);
+
+    const N: usize = 4;
+    let nodes = cluster(&tmp.path().join("cluster"), N);
+    polled(&nodes);
+    proxy.reset();
+    let controls: Vec<String> = nodes.iter().map(Node::control).collect();
+    let mounts: Vec<Mount> = mount_all_at_once(&controls, &reference, tmp.path())
+        .into_iter()
+        .map(|m| m.unwrap())
+        .collect();
+    // Every node sees the whole tree.
+    let want = files_of(&mounts[0].point);
+    assert!(!want.is_empty());
+    for (i, m) in mounts.iter().enumerate() {
+        assert_eq!(files_of(&m.point), want, "node {i}");
+    }
+    let reads = toc_reads(&proxy, &layers);
+    let tail_reads: usize = reads.iter().sum();
+    eprintln!("TOC reads at the registry per layer: {reads:?}");
+    assert!(
+        reads.iter().all(|&k| k == 1),
+        "{N} nodes mounting at once read the TOCs of {} layers {reads:?} times from the cloud",
+        layers.len()
+    );
+    assert_eq!(tail_reads, layers.len());
+    // The config too: one whole-blob read (the layers are read by range).
+    let whole: Vec<String> = proxy
+        .requests_with_ranges()
+        .into_iter()
+        .filter(|(line, range)| line.contains("/blobs/sha256:") && range.is_none())
+        .map(|(line, _)| line)
+        .collect();
+    assert_eq!(whole.len(), 1, "blobs read whole: {whole:?}");
+    // The others took them from a peer: from a holder, a read under way,
+    // or the one ranked first among those deciding at once.
+    let shared: f64 = nodes
+        .iter()
+        .flat_map(|n| {
+            ["holder", "fetching", "deciding"]
+                .map(|f| sample(n, &format!("breakfs_rollout_meta_total{{from=\"{f}\"}}")))
+        })
+        .sum();
+    assert!(
+        shared >= ((N - 1) * (layers.len() + 1)) as f64,
+        "the nodes took {shared} configs and TOCs from each other"
+    );
+}
+
+#[test]
+fn the_peer_reading_a_toc_killed_mid_read_costs_the_others_no_mount() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    // A slow cloud link: the TOC reads take seconds, peers wait on them.
+    let link = Shaper::start(&reg.host(), 10, 2);
+    let reference = format!("docker://{}/refactored/{}:{}", link.1, img.family, img.tag);
+    umoci_tree(img, &tmp.path().join("umoci"));
+
+    const N: usize = 3;
+    let mut nodes = cluster(&tmp.path().join("cluster"), N);
+    polled(&nodes);
+    let waits = |n: &Node| sample(n, "breakfs_rollout_meta_waits");
+    let controls: Vec<String> = nodes.iter().map(Node::control).collect();
+    let (victim, mounted) = std::thread::scope(|s| {
+        let mounter = s.spawn(|| mount_all_at_once(&controls, &reference, tmp.path()));
+        // Once peers wait on a node's read of a config or TOC, kill it.
+        let until = Instant::now() + Duration::from_secs(60);
+        let victim = loop {
+            if let Some(k) = (0..N).find(|&k| waits(&nodes[k]) >= 1.0) {
+                break k;
+            }
+            assert!(
+                !mounter.is_finished(),
+                "the mounts ended and no node waited on another's metadata read"
+            );
+            assert!(Instant::now() < until, "no node waited on another's read");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        nodes[victim].sigkill();
+        (victim, mounter.join().unwrap())
+    });
+    let survivors: Vec<usize> = (0..N).filter(|&k| k != victim).collect();
+    let mut mounts = Vec::new();
+    for (k, m) in mounted.into_iter().enumerate() {
+        match m {
+            Ok(m) => mounts.push((k, m)),
+            Err(_) if k == victim => {}
+            Err(_) => panic!("node {k}'s mount failed: {}", nodes[k].log_text()),
+        }
+    }
+    // The victim's mount (if it came up before the kill) died with it.
+    for (k, m) in &mounts {
+        if *k == victim {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m.point)
+                .status();
+        }
+    }
+    let failed: f64 = survivors
+        .iter()
+        .map(|&k| sample(&nodes[k], "breakfs_rollout_meta_total{from=\"failed\"}"))
+        .sum();
+    assert!(
+        failed >= 1.0,
+        "no survivor's wait on the killed node failed"
+    );
+    // The survivors' trees (from TOCs checked by their digests) agree,
+    // and a file reads right on each. Not the whole tree: over this slow
+    // link that would outlast the read deadline, with or without a kill.
+    let rootfs = tmp.path().join("umoci/rootfs");
+    let alive: Vec<&(usize, Mount)> = mounts.iter().filter(|(k, _)| *k != victim).collect();
+    let listing = files_of(&alive[0].1.point);
+    let (small, _) = listing
+        .iter()
+        .filter(|(_, size)| (1000..100_000).contains(size))
+        .min_by_key(|(_, size)| *size)
+        .unwrap();
+    let want = std::fs::read(rootfs.join(small)).unwrap();
+    for (k, m) in alive {
+        assert_eq!(files_of(&m.point), listing, "node {k}'s tree");
+        let got = std::fs::read(m.point.join(small)).unwrap();
+        assert!(got == want, "{small} read wrong on node {k}");
+        assert_eq!(m.status()["reads"]["reads_failed"], 0, "node {k}");
+    }
 }

@@ -402,13 +402,31 @@ impl Node {
     /// Bytes the node fetched from `source` (`cloud`, `peer`, `local`), by
     /// its metrics.
     pub fn source_bytes(&self, source: &str) -> Result<f64> {
-        let page = self.get("/metrics")?;
-        let key = format!("breakfs_fetch_bytes_total{{source=\"{source}\"}} ");
-        page.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .map(|v| v.trim().parse::<f64>())
-            .transpose()?
-            .map_or(Ok(0.0), Ok)
+        self.metric(&format!("breakfs_fetch_bytes_total{{source=\"{source}\"}}"))
+    }
+
+    /// The sample `key` (name and labels, as the page writes them) of the
+    /// node's metrics; 0 when the page has none.
+    pub fn metric(&self, key: &str) -> Result<f64> {
+        Ok(metric_of(&self.get("/metrics")?, key))
+    }
+
+    /// Wait until the node has measured each of `peers` (it polled their
+    /// cache indexes).
+    pub fn wait_for_peers(&self, peers: &[String]) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m: serde_json::Value = serde_json::from_str(&self.get("/measurements")?)?;
+            if peers.iter().all(|u| m["links"][u]["rtt_ms"].is_number()) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < until,
+                "node {} never reached its peers: {m}",
+                self.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Bytes the node's store uses on disk, by its cache index.
@@ -434,6 +452,59 @@ impl Node {
             signal_child(c, nix::sys::signal::Signal::SIGTERM);
         }
     }
+}
+
+/// The sample `key` of a Prometheus `page`; 0 when the page has none.
+pub fn metric_of(page: &str, key: &str) -> f64 {
+    let prefix = format!("{key} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Fresh nodes that are each other's peers: node `i` (its cache in the
+/// fresh dir `{name}{i}`) listens on `ports[i]`, reaches node `k` at
+/// `http://{reach[k]}` (the port itself, or a shaped route to it), and
+/// gets `extra(i)` besides; returned once each has polled all the others.
+pub fn start_peers(
+    env: &Env,
+    name: &str,
+    ports: &[u16],
+    reach: &[String],
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Result<Vec<Node>> {
+    ensure!(ports.len() == reach.len(), "a route to each node");
+    let others = |i: usize| -> Vec<String> {
+        (0..reach.len())
+            .filter(|&k| k != i)
+            .map(|k| format!("http://{}", reach[k]))
+            .collect()
+    };
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let dir = env.fresh(&format!("{name}{i}"))?;
+        let mut args = vec!["--listen".to_string(), format!("127.0.0.1:{port}")];
+        for u in others(i) {
+            args.extend(["--peer".to_string(), u]);
+        }
+        args.extend(extra(i));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nodes.push(Node::start(env, &dir, &args, "warn")?);
+    }
+    if nodes.len() > 1 {
+        for (i, node) in nodes.iter().enumerate() {
+            node.wait_for_peers(&others(i))?;
+        }
+    }
+    Ok(nodes)
+}
+
+/// A bench argument that must be a positive number (`what` names it).
+pub fn positive(v: Option<String>, what: &str) -> Result<u64> {
+    v.and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| anyhow!("{what} wants a positive number"))
 }
 
 impl Drop for Node {

@@ -52,8 +52,9 @@ pub use options::ClientOptions;
 pub use registry::{FetchedManifest, RegistryRepo};
 pub use resolve::resolve_image;
 pub use source::{
-    CloudSource, LocalSource, Plan, Source, SourceClass, StoreSource, TransferHook, not_here,
+    CloudSource, LocalSource, Meta, MetaTurn, Plan, Source, SourceClass, StoreSource, TransferHook,
+    not_here,
 };
 pub use store::{BlobLoader, Image, Store};
-pub use tocread::LayerToc;
+pub use tocread::{LayerToc, toc_tail_name};
 pub use verify::{Finding, Severity, Tally, VerifyReport, verify_store};

@@ -5,17 +5,43 @@
 use breakfs_index::{Descriptor, Digest, Toc, TocLayer};
 use serde::{Deserialize, Serialize};
 
-use crate::tocread::read_toc_with;
-use crate::{Error, Fetcher, Result};
+use crate::tocread::{read_toc_with, toc_from_tail, toc_tail_name};
+use crate::{Error, Fetcher, Meta, MetaTurn, Result};
+
+/// Largest blob asked of the nodes sharing metadata ([`Meta::Blob`]):
+/// configs are a few KiB.
+const MAX_SHARED_BLOB: u64 = 4 << 20;
 
 impl Fetcher {
     /// A small blob (a config, a manifest) by descriptor, verified: from the
-    /// store, else fetched whole through the sources and kept.
+    /// store, else from another node that has it or is fetching it now
+    /// ([`Source::metadata`](crate::Source::metadata)), else fetched whole
+    /// through the sources; kept.
     pub async fn small_blob(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         if let Some(b) = self.store().read_blob(&desc.digest)? {
             return Ok(b);
         }
+        let turn = if desc.size <= MAX_SHARED_BLOB {
+            self.meta_turn(Meta::Blob(desc)).await
+        } else {
+            None
+        };
+        if let Some((from, bytes)) = turn.as_ref().and_then(|t| t.got.as_ref()) {
+            // Kept only if it checks out against its digest.
+            match self.store().put_blob(&desc.digest, bytes) {
+                Ok(()) => {
+                    self.record_transfer(from, bytes.len() as u64);
+                    return Ok(bytes.clone());
+                }
+                Err(e) => tracing::warn!(
+                    blob = %desc.digest,
+                    "{from} sent a blob that does not check out ({e}); fetching it here",
+                    e = breakfs_index::Causes(&e)
+                ),
+            }
+        }
         self.ensure_blob(desc).await?;
+        drop(turn);
         self.store()
             .read_blob(&desc.digest)?
             .ok_or_else(|| Error::NotFound {
@@ -49,34 +75,81 @@ impl Fetcher {
         // answered is not known here (there may be none): the second
         // read's error is the one that names the cause.
         let checked = desc.toc_digest().is_some();
+        // Another node may have the TOC, or be reading it right now.
+        let gzip = breakfs_index::Compression::from_media_type(&desc.media_type)
+            == Some(breakfs_index::Compression::Gzip);
+        let turn = if checked && gzip {
+            self.meta_turn(Meta::Toc(desc)).await
+        } else {
+            None
+        };
+        let shared = turn
+            .as_ref()
+            .and_then(|t| t.got.as_ref())
+            .and_then(|(from, tail)| match toc_from_tail(desc, &what, tail) {
+                Ok(t) => {
+                    self.record_transfer(from, tail.len() as u64);
+                    Some(t)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        layer = %desc.digest,
+                        "{from} sent a TOC that does not check out ({e}); reading it here",
+                        e = breakfs_index::Causes(&e)
+                    );
+                    None
+                }
+            });
         let read =
             |trusted_only| move |start, len| self.read_any(&desc.digest, start, len, trusted_only);
-        let found = match read_toc_with(desc, &what, read(!checked)).await {
-            Ok(t) => t,
-            Err(first) if checked => {
-                let t = read_toc_with(desc, &what, read(true)).await?;
-                tracing::warn!(
-                    layer = %desc.digest,
-                    "a first read of the TOC, peers allowed, did not check out ({e}); \
-                     read again from the cloud alone, it did",
-                    e = breakfs_index::Causes(&first)
-                );
-                t
-            }
-            Err(e) => return Err(e),
+        let found = match shared {
+            Some(t) => Some(t),
+            None => match read_toc_with(desc, &what, read(!checked)).await {
+                Ok(t) => t,
+                Err(first) if checked => {
+                    let t = read_toc_with(desc, &what, read(true)).await?;
+                    tracing::warn!(
+                        layer = %desc.digest,
+                        "a first read of the TOC, peers allowed, did not check out ({e}); \
+                         read again from the cloud alone, it did",
+                        e = breakfs_index::Causes(&first)
+                    );
+                    t
+                }
+                Err(e) => return Err(e),
+            },
         };
-        match found {
+        let out = match found {
             Some(t) => {
+                if checked {
+                    // What other nodes ask for; checked by them too.
+                    store.put_meta(&toc_tail_name(&desc.digest), &t.tail)?;
+                }
                 let mut rec = format!("{}\n", t.toc_offset).into_bytes();
                 rec.extend_from_slice(&t.toc.to_json());
                 store.put_meta(&name, &rec)?;
-                Ok(Some(t.layer))
+                Some(t.layer)
             }
             None => {
                 store.put_meta(&name, b"none")?;
-                Ok(None)
+                None
+            }
+        };
+        // Recorded: nodes waiting on this one for it are answered now.
+        drop(turn);
+        Ok(out)
+    }
+
+    /// Ask the first source that shares metadata among nodes about `meta`
+    /// ([`Source::metadata`](crate::Source::metadata)); `None` when no
+    /// source does.
+    async fn meta_turn(&self, meta: Meta<'_>) -> Option<MetaTurn> {
+        for s in self.sources() {
+            if let Some(turn) = s.metadata(meta) {
+                return Some(turn.await);
             }
         }
+        None
     }
 }
 

@@ -20,6 +20,57 @@ use crate::{ChunkLoc, ContentStore, Error, Priority, Result, Store};
 /// `None` when none of them has it or will have it soon.
 pub type Plan = Vec<Option<Arc<dyn Source>>>;
 
+/// Image metadata that the nodes of a cluster share while they read it
+/// ([`Source::metadata`]), and how a node checks it.
+#[derive(Clone, Copy, Debug)]
+pub enum Meta<'a> {
+    /// The TOC of eStargz layer `desc`: the blob's bytes from the TOC's
+    /// gzip member to the blob's end, checked by the descriptor's TOC
+    /// digest annotation.
+    Toc(&'a Descriptor),
+    /// Small blob `desc` (an image config), whole, checked by its digest.
+    Blob(&'a Descriptor),
+}
+
+impl Meta<'_> {
+    /// `toc` or `blob`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Meta::Toc(_) => "toc",
+            Meta::Blob(_) => "blob",
+        }
+    }
+
+    /// The layer (of a TOC) or the blob.
+    pub fn desc(&self) -> &Descriptor {
+        match self {
+            Meta::Toc(d) | Meta::Blob(d) => d,
+        }
+    }
+}
+
+/// What a source standing for other nodes says of metadata this node is
+/// about to read.
+pub struct MetaTurn {
+    /// Its bytes from another node that had them or read them meanwhile,
+    /// unverified (the caller checks them), with the name of the source
+    /// that sent them; `None`: read them here.
+    pub got: Option<(String, Vec<u8>)>,
+    /// Kept until this node has read and recorded the metadata, or given
+    /// up: meanwhile other nodes may wait on this one for it.
+    pub turn: Box<dyn Send + Sync>,
+}
+
+impl MetaTurn {
+    /// Read it here, and nobody waits on this node for it.
+    pub fn here() -> MetaTurn {
+        MetaTurn {
+            got: None,
+            turn: Box::new(()),
+        }
+    }
+}
+
 /// The kind of a source, for metrics and for deciding what to trust it with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SourceClass {
@@ -82,6 +133,15 @@ pub trait Source: Send + Sync {
         _chunks: &'a [ChunkLoc],
         _prio: Priority,
     ) -> Option<BoxFuture<'a, Plan>> {
+        None
+    }
+
+    /// For a source standing for other nodes (the peers): asked right
+    /// before this node reads image metadata `meta` from its next sources,
+    /// whether another node has it or is reading it now. The answer holds
+    /// its bytes from that node (waited for, bounded), or none: read it
+    /// here. `None` (the default): not a source that shares metadata.
+    fn metadata<'a>(&'a self, _meta: Meta<'a>) -> Option<BoxFuture<'a, MetaTurn>> {
         None
     }
 

@@ -16,6 +16,15 @@ pub struct LayerToc {
     pub toc: Toc,
     /// Bytes fetched to read it (tail guesses included).
     pub fetched: u64,
+    /// The blob's bytes from the TOC's member to its end (footer
+    /// included): what another node needs to read the TOC.
+    pub tail: Vec<u8>,
+}
+
+/// The name of the store record that keeps layer `layer`'s bytes from its
+/// TOC's member to its end, for peers ([`LayerToc::tail`]).
+pub fn toc_tail_name(layer: &breakfs_index::Digest) -> String {
+    format!("toctail-{}.bin", layer.hex())
 }
 
 /// First guess of how much of a blob's tail holds footer and TOC: most
@@ -82,24 +91,7 @@ where
                         ),
                     });
                 }
-                TailRead::Toc(t) => {
-                    if let Some(expected) = desc.toc_digest()
-                        && expected != t.toc_digest
-                    {
-                        return Err(Error::DigestMismatch {
-                            what,
-                            expected,
-                            actual: t.toc_digest,
-                        });
-                    }
-                    let layer = t.toc.to_layer(desc.size, Some(t.toc_offset))?;
-                    return Ok(Some(LayerToc {
-                        layer,
-                        toc_offset: t.toc_offset,
-                        toc: t.toc,
-                        fetched,
-                    }));
-                }
+                TailRead::Toc(t) => return checked(desc, what, t, &tail, fetched).map(Some),
             }
         }
         Err(Error::Protocol {
@@ -107,6 +99,67 @@ where
             reason: "the TOC could not be located in the blob's tail".into(),
         })
     }
+}
+
+/// The TOC of layer `desc` from `tail`, the blob's bytes from the TOC's
+/// member to its end as another node sent them: checked against the
+/// descriptor's TOC digest, which it must have.
+pub fn toc_from_tail(desc: &Descriptor, what: &str, tail: &[u8]) -> Result<LayerToc> {
+    use breakfs_index::TailRead;
+    let what = what.to_string();
+    let Some(expected) = desc.toc_digest() else {
+        return Err(Error::Protocol {
+            what,
+            reason: "the layer has no TOC digest to check a TOC from another node by".into(),
+        });
+    };
+    match Toc::read_from_blob_tail(tail, desc.size)? {
+        TailRead::Toc(t) if t.toc_digest == expected => {
+            checked(desc, what, t, tail, tail.len() as u64)
+        }
+        TailRead::Toc(t) => Err(Error::DigestMismatch {
+            what,
+            expected,
+            actual: t.toc_digest,
+        }),
+        TailRead::NeedTail(n) => Err(Error::Protocol {
+            what,
+            reason: format!(
+                "the {} bytes sent are not the blob's tail from its TOC ({n} are)",
+                tail.len()
+            ),
+        }),
+    }
+}
+
+/// The TOC `t` read from `tail` (the blob's last bytes), checked against
+/// the TOC digest annotation of `desc` when it has one.
+fn checked(
+    desc: &Descriptor,
+    what: String,
+    t: breakfs_index::TocTail,
+    tail: &[u8],
+    fetched: u64,
+) -> Result<LayerToc> {
+    if let Some(expected) = desc.toc_digest()
+        && expected != t.toc_digest
+    {
+        return Err(Error::DigestMismatch {
+            what,
+            expected,
+            actual: t.toc_digest,
+        });
+    }
+    let layer = t.toc.to_layer(desc.size, Some(t.toc_offset))?;
+    // The footer's offset lies inside the tail (the read asked for it).
+    let from = (tail.len() as u64).saturating_sub(desc.size - t.toc_offset) as usize;
+    Ok(LayerToc {
+        layer,
+        toc_offset: t.toc_offset,
+        toc: t.toc,
+        fetched,
+        tail: tail[from..].to_vec(),
+    })
 }
 
 /// When a tail that should hold a TOC does not parse, ask for the blob's

@@ -283,6 +283,7 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
         "Questions to peers (which chunks they have) that failed or timed out.",
         d.failed_questions.load(Ordering::Relaxed) as f64,
     );
+    crate::rollout::meta_metrics(&mut p, &svc.peers.rollout.metas.decisions);
     let relay = svc.relay.status();
     p.by_label(
         "breakfs_relay_served_requests_total",

@@ -523,6 +523,15 @@ impl Source for PeerSource {
     ) -> Option<futures::future::BoxFuture<'a, Plan>> {
         crate::rollout::plan(&self.peers, blob, chunks, prio)
     }
+
+    /// The peers asked directly whether they have or read a config or a
+    /// TOC (`crate::rollout`).
+    fn metadata<'a>(
+        &'a self,
+        meta: breakfs_fetch::Meta<'a>,
+    ) -> Option<futures::future::BoxFuture<'a, breakfs_fetch::MetaTurn>> {
+        crate::rollout::meta_turn(&self.peers, meta)
+    }
 }
 
 /// One peer holding one blob (whole, or the given ranges).

@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -32,7 +31,6 @@ use crate::mounts::MountTable;
 use crate::peer::{Peers, index_of_store};
 use crate::prefetch::{PrefetchRequest, Prefetcher};
 use crate::relay::{MAX_RELAY_RANGE, RELAY_HEADER, Refusal, Relay, RelayAsk};
-use crate::rollout::{MAX_WAIT, WAIT_HEADER};
 
 /// Counters of what the node served to peers and clients.
 #[derive(Default)]
@@ -101,6 +99,11 @@ pub(crate) fn routes(svc: Arc<NodeService>, token: Option<Token>, origin: Origin
         .route("/v2/{*rest}", get(distribution))
         .route("/cache/index", get(cache_index))
         .route("/cache/have", post(crate::rollout::have))
+        .route("/cache/meta", post(crate::rollout::meta_question))
+        .route(
+            "/cache/meta/{kind}/{digest}",
+            get(crate::rollout::meta_serve),
+        )
         .route("/measurements", get(measurements))
         .route("/metrics", get(metrics))
         .route("/prefetch", get(prefetch_list))
@@ -319,7 +322,8 @@ async fn partial_blob(
 
 /// When the closed range asked of `d` is not held but this node's running
 /// fetches cover it, wait for them: as long as the `Breakfs-Wait` header
-/// says (milliseconds), at most [`MAX_WAIT`], or 2 s without the header.
+/// says (milliseconds), at most 10 s, or 2 s without the header
+/// (`crate::rollout::asked_wait`).
 async fn wait_in_flight(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap) {
     let Ok(Some((start, end))) = parse_range(headers, u64::MAX) else {
         return;
@@ -330,12 +334,7 @@ async fn wait_in_flight(svc: &Arc<NodeService>, d: &Digest, headers: &HeaderMap)
     let Some(flight) = svc.fetcher.range_flight(d, start, end).await else {
         return;
     };
-    let wait = headers
-        .get(WAIT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::from_secs(2), Duration::from_millis)
-        .min(MAX_WAIT);
+    let wait = crate::rollout::asked_wait(headers);
     svc.served.waiting.fetch_add(1, Ordering::Relaxed);
     let held = flight.wait(wait).await;
     svc.served.waiting.fetch_sub(1, Ordering::Relaxed);

@@ -324,6 +324,11 @@ impl Fetcher {
         e.requests += 1;
     }
 
+    /// The sources, in the order they are tried.
+    pub(crate) fn sources(&self) -> &[Arc<dyn Source>] {
+        &self.inner.sources
+    }
+
     /// The name of the first source (the one metadata comes from).
     pub fn first_source_name(&self) -> Option<String> {
         self.inner.sources.first().map(|s| s.name())

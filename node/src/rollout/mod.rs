@@ -17,8 +17,23 @@
 //! other waits on it. A wait that fails (the peer died, stalled, or its
 //! fetch failed) costs a retry from the next source, never a failed read;
 //! every chunk is still checked against its digest.
+//!
+//! The image's config and its layers' TOCs, which every node reads before
+//! any chunk, go the same way (`meta`): asked about, waited on, and split
+//! among the nodes deciding at once. The peer-facing `POST /cache/have`
+//! is `serve`; a read from a peer that holds the request until its own
+//! fetch ends is `wait`.
 
+mod meta;
+mod serve;
 mod split;
+mod wait;
+
+pub(crate) use meta::{
+    metrics as meta_metrics, question as meta_question, serve as meta_serve, turn as meta_turn,
+};
+pub(crate) use serve::have;
+use wait::{PeerWait, host_of};
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -26,16 +41,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use breakfs_fetch::{ChunkLoc, Error, PEER_REST, Plan, Priority, Result, Source, SourceClass};
+use breakfs_fetch::{ChunkLoc, PEER_REST, Plan, Priority, Source};
 use breakfs_index::{Causes, Digest};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::peer::{PEER_REPO, Peers};
-use crate::server::NodeService;
+use crate::peer::Peers;
 
 /// The header in which a peer says how long it waits for a range this
 /// node is fetching (milliseconds).
@@ -43,6 +54,17 @@ pub(crate) const WAIT_HEADER: &str = "breakfs-wait";
 
 /// Longest a node holds a peer's request for a range it is fetching.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a peer's request may wait on this node's fetch: as its
+/// [`WAIT_HEADER`] says, at most [`MAX_WAIT`], 2 s without one.
+pub(crate) fn asked_wait(headers: &axum::http::HeaderMap) -> Duration {
+    headers
+        .get(WAIT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(2), Duration::from_millis)
+        .min(MAX_WAIT)
+}
 
 /// How long a question to a peer may take before the peer is passed over.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -172,6 +194,8 @@ pub(crate) struct Rollout {
     interest: split::Interest,
     /// Chunks taken on and not done yet.
     claiming: AtomicUsize,
+    /// Its reads of image metadata (configs, TOCs), for peers asking.
+    pub(crate) metas: meta::Metas,
 }
 
 impl Rollout {
@@ -182,6 +206,13 @@ impl Rollout {
 
     fn wait(&self) -> Duration {
         self.wait.lock().unwrap_or(Duration::from_secs(5))
+    }
+
+    /// Pass peer `url` over for [`PEER_REST`]: it did not answer.
+    fn rest(&self, url: &str) {
+        self.resting
+            .lock()
+            .insert(url.to_string(), Instant::now() + PEER_REST);
     }
 
     fn resting(&self, url: &str) -> bool {
@@ -544,219 +575,9 @@ async fn ask(peers: &Peers, url: &str, query: &HaveQuery) -> Option<HaveAnswer> 
                 .fetch_add(1, Ordering::Relaxed);
             peers.links().failure(url);
             tracing::warn!(peer = %url, "asking which chunks it has failed: {e}; not asked again for {PEER_REST:?}");
-            rollout
-                .resting
-                .lock()
-                .insert(url.to_string(), Instant::now() + PEER_REST);
+            rollout.rest(url);
             None
         }
-    }
-}
-
-/// `POST /cache/have`: which of the chunks asked this node has, is
-/// fetching, or is deciding on.
-pub(crate) async fn have(State(svc): State<Arc<NodeService>>, body: axum::body::Bytes) -> Response {
-    let q: HaveQuery = match serde_json::from_slice(&body) {
-        Ok(q) => q,
-        Err(e) => {
-            let why = format!(
-                "the body is not a have query ({{\"node\", \"layer\", \"chunks\": [{{\"digest\", \"offset\", \"end\"}}]}}): {e}\n"
-            );
-            return (StatusCode::BAD_REQUEST, why).into_response();
-        }
-    };
-    if q.chunks.len() > MAX_QUERY_CHUNKS {
-        let why = format!("at most {MAX_QUERY_CHUNKS} chunks per question\n");
-        return (StatusCode::BAD_REQUEST, why).into_response();
-    }
-    let held = {
-        let (store, layer) = (svc.store.clone(), q.layer.clone());
-        tokio::task::spawn_blocking(move || {
-            if store.has_blob(&layer) {
-                None
-            } else {
-                Some(breakfs_fetch::merge_ranges(&store.held_ranges(&layer)))
-            }
-        })
-        .await
-        .unwrap_or(Some(Vec::new()))
-    };
-    let rollout = &svc.peers.rollout;
-    rollout.interest.note(&q.layer, &q.node);
-    let mut chunks: Vec<Holding> = q
-        .chunks
-        .iter()
-        .map(|c| {
-            let have = match &held {
-                None => true,
-                Some(h) => h.iter().any(|&(s, e)| s <= c.offset && c.end <= e),
-            };
-            if have && c.offset < c.end {
-                return Holding::Have;
-            }
-            let running = svc.fetcher.in_flight(&q.layer, c.offset, &c.digest);
-            rollout.holding(&q.layer, c, &q.node, running)
-        })
-        .collect();
-    take_on(&svc, &q, &mut chunks);
-    let answer = HaveAnswer {
-        node: svc.node_url.clone(),
-        chunks,
-    };
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_vec(&answer).unwrap_or_default(),
-    )
-        .into_response()
-}
-
-/// Take on the chunks of `q` that nobody has or fetches (`answers`
-/// `Neither`) in the stripes this node owns among the nodes that want the
-/// layer, when it fetches that layer itself (an image it serves has it):
-/// queue them at the asker's priority and answer `Claimed`.
-fn take_on(svc: &Arc<NodeService>, q: &HaveQuery, answers: &mut [Holding]) {
-    if !answers.contains(&Holding::Neither) || svc.cloud.home(&q.layer).is_none() {
-        return;
-    }
-    let rollout = &svc.peers.rollout;
-    let me = svc.peers.me();
-    let members = rollout.interest.members(&q.layer);
-    let wanting = || members.iter().map(String::as_str).chain([q.node.as_str()]);
-    let prio = if q.background {
-        Priority::Background
-    } else {
-        Priority::OnDemand
-    };
-    let mut taken = Vec::new();
-    for (h, c) in answers.iter_mut().zip(&q.chunks) {
-        let take = *h == Holding::Neither
-            && c.offset < c.end
-            && c.size > 0
-            && split::owns(me, wanting(), &q.layer, c.offset)
-            && !svc.store.has_chunk(&c.digest)
-            && rollout.claim(&q.layer, c);
-        if !take {
-            continue;
-        }
-        let loc = ChunkLoc {
-            layer: q.layer.clone(),
-            offset: c.offset,
-            compressed_end: c.end,
-            inner_offset: c.inner,
-            size: c.size,
-            digest: c.digest.clone(),
-        };
-        // Queued before the answer leaves: the asker's request for the
-        // range waits on the job.
-        let done = svc.fetcher.queue(&loc, prio);
-        taken.push(async move {
-            done.await;
-            loc.digest
-        });
-        *h = Holding::Claimed;
-    }
-    if taken.is_empty() {
-        return;
-    }
-    let svc = svc.clone();
-    tokio::spawn(async move {
-        for d in futures::future::join_all(taken).await {
-            svc.peers.rollout.claim_done(&d);
-        }
-    });
-}
-
-/// `HOST:PORT` of a peer URL (as the peers' names in the fetch chain say
-/// it), or the URL itself.
-fn host_of(url: &str) -> String {
-    reqwest::Url::parse(url)
-        .ok()
-        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
-        .unwrap_or_else(|| url.to_string())
-}
-
-/// A peer that has, or is fetching, chunks: read with a request its server
-/// holds (at most `wait`) until its own fetch of them ends.
-struct PeerWait {
-    url: String,
-    host: String,
-    client: reqwest::Client,
-    wait: Duration,
-    links: Arc<crate::peer::Links>,
-}
-
-impl Source for PeerWait {
-    fn name(&self) -> String {
-        format!("peer {}", self.host)
-    }
-
-    fn class(&self) -> SourceClass {
-        SourceClass::Peer
-    }
-
-    fn read_range<'a>(
-        &'a self,
-        blob: &'a Digest,
-        start: u64,
-        len: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>>> {
-        Box::pin(async move {
-            let what = format!("bytes {start}+{len} of {blob} at peer {}", self.url);
-            let r = self.get(blob, start, len, &what).await;
-            if matches!(r, Err(Error::Unavailable { .. })) {
-                self.links.failure(&self.url);
-            }
-            r
-        })
-    }
-
-    fn observe(&self, bytes: u64, secs: f64) {
-        self.links.transfer(&self.url, bytes, secs);
-    }
-}
-
-impl PeerWait {
-    async fn get(&self, blob: &Digest, start: u64, len: u64, what: &str) -> Result<Vec<u8>> {
-        let failed = |reason: String| Error::Unavailable {
-            what: what.to_string(),
-            reason,
-        };
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let resp = self
-            .client
-            .get(format!("{}/v2/{PEER_REPO}/blobs/{blob}", self.url))
-            .header(header::RANGE, format!("bytes={start}-{}", start + len - 1))
-            .header(WAIT_HEADER, self.wait.as_millis().to_string())
-            // The wait, then the transfer: a range of a few MiB on a
-            // cluster link.
-            .timeout(self.wait + Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| failed(Causes(&e).to_string()))?;
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::NOT_FOUND => {
-                return Err(Error::NotFound {
-                    what: what.to_string(),
-                });
-            }
-            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                return Err(Error::Busy {
-                    what: what.to_string(),
-                    reason: format!("the peer answered {}", resp.status()),
-                });
-            }
-            s => return Err(failed(format!("the peer answered {s}"))),
-        }
-        let body = breakfs_fetch::guard::body_within(resp, len as usize, "a range from a peer")
-            .await
-            .map_err(|e| failed(Causes(&e).to_string()))?;
-        if body.len() as u64 != len {
-            return Err(failed(format!("got {} of {len} bytes", body.len())));
-        }
-        Ok(body)
     }
 }
 
