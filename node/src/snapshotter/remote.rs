@@ -156,12 +156,13 @@ type BuiltTree = (
 
 /// What a layer's TOC made: its tree (with the image listing that layer
 /// alone and its landmarked regions), no TOC, a TOC that cannot be served
-/// lazily (why), or nothing built yet (its prepare builds it).
+/// lazily (why), or skipped (served already: its prepare, if one comes,
+/// builds it).
 enum Built {
-    Tree(Image, Arc<breakfs_fs::Tree>, Regions),
+    Tree(Box<Image>, Arc<breakfs_fs::Tree>, Regions),
     NoToc,
     Refused(String),
-    NotBuilt,
+    Skipped,
 }
 
 /// A layer's landmarked regions.
@@ -239,7 +240,7 @@ impl Remotes {
             let tree = async move {
                 toc.await;
                 if !build {
-                    return Arc::new(Built::NotBuilt);
+                    return Arc::new(Built::Skipped);
                 }
                 Arc::new(built(breakfs_fs::open_layer(image, &d, &fetcher).await))
             }
@@ -351,10 +352,10 @@ impl Remotes {
         let fetching = self.tocs.lock().get(&ask.layer).map(|(_, _, b)| b.clone());
         let mut done = match fetching {
             Some(f) => f.await,
-            None => Arc::new(Built::NotBuilt),
+            None => Arc::new(Built::Skipped),
         };
         let toc = began.elapsed();
-        if matches!(*done, Built::NotBuilt) {
+        if matches!(*done, Built::Skipped) {
             let opened = breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await;
             done = Arc::new(built(opened));
         }
@@ -371,14 +372,19 @@ impl Remotes {
                 trees.retain(|_, (at, _, _, _)| at.elapsed() < TREE_TTL);
                 trees.insert(
                     ask.layer.clone(),
-                    (Instant::now(), image.clone(), tree.clone(), regions.clone()),
+                    (
+                        Instant::now(),
+                        (**image).clone(),
+                        tree.clone(),
+                        regions.clone(),
+                    ),
                 );
                 Ok(Outcome::Lazy(Remote {
                     image: pinned.to_string(),
                     layer: ask.layer.clone(),
                 }))
             }
-            Built::NoToc | Built::NotBuilt => Ok(Outcome::Ordinary(
+            Built::NoToc | Built::Skipped => Ok(Outcome::Ordinary(
                 Fallback::NoToc,
                 "the layer has no TOC".into(),
             )),
@@ -524,7 +530,7 @@ impl Remotes {
 /// What opening a layer alone made, as [`Remotes::check`] answers it.
 fn built(opened: breakfs_fs::Result<Option<breakfs_fs::OpenedImage>>) -> Built {
     match opened {
-        Ok(Some(o)) => Built::Tree(o.image, o.tree, o.regions),
+        Ok(Some(o)) => Built::Tree(Box::new(o.image), o.tree, o.regions),
         Ok(None) => Built::NoToc,
         Err(e) => Built::Refused(Causes(&e).to_string()),
     }
