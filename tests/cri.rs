@@ -478,17 +478,34 @@ fn stdout_of_cri_log(path: &str) -> String {
 }
 
 /// Whether breakfs committed snapshot `name` as a remote (lazy) layer,
-/// from its record in the snapshotter's metadata: a `remote` entry in the
-/// record (the lazy layers' change, in progress, writes `remote: {image,
-/// layer}`), or the `containerd.io/snapshot/remote` label other remote
-/// snapshotters set. Tighten this to the exact form when merging.
+/// from its record in the snapshotter's metadata (`metadata.json`, then
+/// the changes its journal `metadata.log` puts and removes): a `remote`
+/// entry in the record (`remote: {image, layer}`), or the
+/// `containerd.io/snapshot/remote` label other remote snapshotters set.
 fn committed_remote(node: &Node, name: &str) -> bool {
     let path = node.cache.join("snapshotter/metadata.json");
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let record = &meta["snapshots"][name];
+    let mut record = match std::fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice::<serde_json::Value>(&b).unwrap()["snapshots"][name].clone()
+        }
+        Err(_) => serde_json::Value::Null,
+    };
+    let journal = std::fs::read_to_string(node.cache.join("snapshotter/metadata.log"));
+    for line in journal.unwrap_or_default().lines() {
+        let change: serde_json::Value = serde_json::from_str(line).unwrap();
+        if change["del"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|k| k == name))
+        {
+            record = serde_json::Value::Null;
+        }
+        if change["put"][name].is_object() {
+            record = change["put"][name].clone();
+        }
+    }
     assert!(
         record.is_object(),
-        "no record of {name} in {}",
+        "no record of {name} in {} or its journal",
         path.display()
     );
     !record["remote"].is_null() || !record["labels"]["containerd.io/snapshot/remote"].is_null()

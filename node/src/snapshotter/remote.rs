@@ -136,7 +136,7 @@ pub(crate) struct Remotes {
     /// Mounts and unmounts, one at a time.
     mounting: tokio::sync::Mutex<()>,
     /// TOC fetches under way, by layer (see [`Remotes::warm`]).
-    tocs: Mutex<HashMap<Digest, (Instant, TocFetch)>>,
+    tocs: Mutex<HashMap<Digest, (Instant, TocFetch, TreeBuild)>>,
     /// Layer trees built when their prepare checked them, kept for their
     /// mount, by layer.
     trees: Mutex<HashMap<Digest, BuiltTree>>,
@@ -154,8 +154,25 @@ type BuiltTree = (
     Vec<(Digest, Vec<breakfs_fetch::ChunkLoc>)>,
 );
 
+/// What a layer's TOC made: its tree (with the image listing that layer
+/// alone and its landmarked regions), no TOC, a TOC that cannot be served
+/// lazily (why), or skipped (served already: its prepare, if one comes,
+/// builds it).
+enum Built {
+    Tree(Box<Image>, Arc<breakfs_fs::Tree>, Regions),
+    NoToc,
+    Refused(String),
+    Skipped,
+}
+
+/// A layer's landmarked regions.
+type Regions = Vec<(Digest, Vec<breakfs_fetch::ChunkLoc>)>;
+
 /// A TOC fetch that any number of prepares can wait for.
 type TocFetch = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
+
+/// A layer's tree build (after its TOC fetch) that its prepare waits for.
+type TreeBuild = futures::future::Shared<futures::future::BoxFuture<'static, Arc<Built>>>;
 
 impl Remotes {
     /// Remote layers fetched and served through `svc`.
@@ -193,13 +210,15 @@ impl Remotes {
     }
 
     /// Start fetching the TOCs of all of `image`'s layers at once (each
-    /// once; kept in the store): containerd prepares an image's layers
-    /// one after the other, and one round trip each would add up.
-    fn warm(&self, image: &Image) {
+    /// once; kept in the store), and building the tree of each layer
+    /// `served` does not say is served already: containerd prepares an
+    /// image's layers one after the other, and a round trip and a tree
+    /// build each on its reply path would add up.
+    fn warm(&self, image: &Image, served: impl Fn(&Digest) -> bool) {
         use futures::FutureExt as _;
         let mut tocs = self.tocs.lock();
         // Done ones stay a while: the image's other prepares ask again.
-        tocs.retain(|_, (at, f)| f.peek().is_none() || at.elapsed() < IMAGE_TTL);
+        tocs.retain(|_, (at, _, b)| b.peek().is_none() || at.elapsed() < IMAGE_TTL);
         for desc in image.layers() {
             if tocs.contains_key(&desc.digest) {
                 continue;
@@ -211,8 +230,24 @@ impl Remotes {
             }
             .boxed()
             .shared();
-            tokio::spawn(fetch.clone());
-            tocs.insert(desc.digest.clone(), (Instant::now(), fetch));
+            let build = !served(&desc.digest);
+            let (fetcher, d, image, toc) = (
+                self.svc.fetcher.clone(),
+                desc.digest.clone(),
+                image.clone(),
+                fetch.clone(),
+            );
+            let tree = async move {
+                toc.await;
+                if !build {
+                    return Arc::new(Built::Skipped);
+                }
+                Arc::new(built(breakfs_fs::open_layer(image, &d, &fetcher).await))
+            }
+            .boxed()
+            .shared();
+            tokio::spawn(tree.clone());
+            tocs.insert(desc.digest.clone(), (Instant::now(), fetch, tree));
         }
     }
 
@@ -238,7 +273,7 @@ impl Remotes {
             image
                 .layers()
                 .iter()
-                .filter_map(|d| tocs.get(&d.digest).map(|(_, f)| f.clone()))
+                .filter_map(|d| tocs.get(&d.digest).map(|(_, f, _)| f.clone()))
                 .collect()
         };
         let (image, fetcher) = (image.clone(), self.svc.fetcher.clone());
@@ -268,9 +303,14 @@ impl Remotes {
 
     /// Whether the layer `ask` names can be served lazily: the image
     /// resolves and the layer has a TOC that reads (fetched with the
-    /// image's other TOCs, range requests, and kept). A layer the manifest
-    /// does not list is InvalidArgument.
-    pub(crate) async fn check(&self, ask: &Ask) -> Result<Outcome> {
+    /// image's other TOCs, range requests, and kept; its tree built with
+    /// theirs, but for the layers `served` says are served already). A
+    /// layer the manifest does not list is InvalidArgument.
+    pub(crate) async fn check(
+        &self,
+        ask: &Ask,
+        served: impl Fn(&Digest) -> bool,
+    ) -> Result<Outcome> {
         let began = Instant::now();
         let image = match self.resolve(&ask.reference).await {
             Ok(image) => image,
@@ -307,14 +347,18 @@ impl Remotes {
             other => other.clone(),
         };
         let resolved = began.elapsed();
-        self.warm(&image);
+        self.warm(&image, served);
         self.fetch_start(&image);
-        let fetching = self.tocs.lock().get(&ask.layer).map(|(_, f)| f.clone());
-        if let Some(f) = fetching {
-            f.await;
-        }
+        let fetching = self.tocs.lock().get(&ask.layer).map(|(_, _, b)| b.clone());
+        let mut done = match fetching {
+            Some(f) => f.await,
+            None => Arc::new(Built::Skipped),
+        };
         let toc = began.elapsed();
-        let opened = breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await;
+        if matches!(*done, Built::Skipped) {
+            let opened = breakfs_fs::open_layer(image, &ask.layer, &self.svc.fetcher).await;
+            done = Arc::new(built(opened));
+        }
         tracing::debug!(
             layer = %ask.layer.short(),
             resolved_ms = resolved.as_millis() as u64,
@@ -322,26 +366,31 @@ impl Remotes {
             total_ms = began.elapsed().as_millis() as u64,
             "remote layer checked"
         );
-        match opened {
-            Ok(Some(o)) => {
+        match &*done {
+            Built::Tree(image, tree, regions) => {
                 let mut trees = self.trees.lock();
                 trees.retain(|_, (at, _, _, _)| at.elapsed() < TREE_TTL);
                 trees.insert(
                     ask.layer.clone(),
-                    (Instant::now(), o.image, o.tree, o.regions),
+                    (
+                        Instant::now(),
+                        (**image).clone(),
+                        tree.clone(),
+                        regions.clone(),
+                    ),
                 );
                 Ok(Outcome::Lazy(Remote {
                     image: pinned.to_string(),
                     layer: ask.layer.clone(),
                 }))
             }
-            Ok(None) => Ok(Outcome::Ordinary(
+            Built::NoToc | Built::Skipped => Ok(Outcome::Ordinary(
                 Fallback::NoToc,
                 "the layer has no TOC".into(),
             )),
-            Err(e) => Ok(Outcome::Ordinary(
+            Built::Refused(why) => Ok(Outcome::Ordinary(
                 Fallback::TocRefused,
-                format!("its TOC is refused: {}", Causes(&e)),
+                format!("its TOC is refused: {why}"),
             )),
         }
     }
@@ -475,6 +524,15 @@ impl Remotes {
         }
         detach_dead(&abs);
         let _ = std::fs::remove_dir(&abs);
+    }
+}
+
+/// What opening a layer alone made, as [`Remotes::check`] answers it.
+fn built(opened: breakfs_fs::Result<Option<breakfs_fs::OpenedImage>>) -> Built {
+    match opened {
+        Ok(Some(o)) => Built::Tree(Box::new(o.image), o.tree, o.regions),
+        Ok(None) => Built::NoToc,
+        Err(e) => Built::Refused(Causes(&e).to_string()),
     }
 }
 

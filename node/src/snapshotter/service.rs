@@ -113,7 +113,9 @@ impl SnapshotService {
             }
             return Ok(());
         };
-        match self.remotes.check(&ask).await.map_err(status)? {
+        let snaps = self.snaps.clone();
+        let served = move |layer: &breakfs_index::Digest| snaps.layer_in_use(layer);
+        match self.remotes.check(&ask, served).await.map_err(status)? {
             Outcome::Ordinary(fallback, why) => {
                 stats.ordinary(Some(fallback));
                 tracing::warn!(

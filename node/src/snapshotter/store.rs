@@ -16,7 +16,7 @@ use breakfs_index::Digest;
 use parking_lot::Mutex;
 
 use super::filter::{Filter, any_matches};
-use super::meta::{Kind, MetaFile, Remote, Snapshot, State, now};
+use super::meta::{Durability, Kind, MetaFile, Remote, Snapshot, State, now};
 use super::{Fault, fault};
 use crate::{Error, Result};
 
@@ -90,13 +90,22 @@ impl Snapshots {
         }
     }
 
-    /// Apply `change` to a copy of the state, save it, then make it the
-    /// state; the state is unchanged when either fails.
+    /// Apply `change` to a copy of the state, save it (synced), then make
+    /// it the state; the state is unchanged when either fails.
     fn change<T>(&self, change: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        self.change_as(Durability::Synced, change)
+    }
+
+    /// [`Snapshots::change`], on disk as `durability` says.
+    fn change_as<T>(
+        &self,
+        durability: Durability,
+        change: impl FnOnce(&mut State) -> Result<T>,
+    ) -> Result<T> {
         let mut st = self.state.lock();
         let mut next = st.clone();
         let out = change(&mut next)?;
-        self.file.save(&next)?;
+        self.file.record(&st, &next, durability)?;
         *st = next;
         Ok(out)
     }
@@ -139,7 +148,9 @@ impl Snapshots {
     }
 
     /// Record `target` as a committed snapshot over `parent` whose files
-    /// are the lazily served layer `remote` (no files of its own).
+    /// are the lazily served layer `remote` (no files of its own). Synced
+    /// just after it is answered: one of dozens in a pull, and made again
+    /// by the next pull should a power cut lose it.
     pub(crate) fn commit_remote(
         &self,
         target: &str,
@@ -148,7 +159,7 @@ impl Snapshots {
         remote: Remote,
     ) -> Result<()> {
         check_key(target)?;
-        self.change(|st| {
+        self.change_as(Durability::Written, |st| {
             check_new(st, target, parent)?;
             let id = st.next_id.max(1);
             st.next_id = id + 1;
