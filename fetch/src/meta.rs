@@ -48,6 +48,7 @@ impl Fetcher {
         // check out, read it again from the cloud alone. Whether a peer
         // answered is not known here (there may be none): the second
         // read's error is the one that names the cause.
+        let began = std::time::Instant::now();
         let checked = desc.toc_digest().is_some();
         let read =
             |trusted_only| move |start, len| self.read_any(&desc.digest, start, len, trusted_only);
@@ -67,6 +68,14 @@ impl Fetcher {
         };
         match found {
             Some(t) => {
+                tracing::debug!(
+                    layer = %desc.digest.short(),
+                    size = desc.size,
+                    fetched = t.fetched,
+                    requests = t.requests,
+                    secs = began.elapsed().as_secs_f64(),
+                    "TOC read"
+                );
                 let mut rec = format!("{}\n", t.toc_offset).into_bytes();
                 rec.extend_from_slice(&t.toc.to_json());
                 store.put_meta(&name, &rec)?;

@@ -16,12 +16,19 @@ pub struct LayerToc {
     pub toc: Toc,
     /// Bytes fetched to read it (tail guesses included).
     pub fetched: u64,
+    /// Range requests made to read it.
+    pub requests: u32,
 }
 
 /// First guess of how much of a blob's tail holds footer and TOC: most
 /// layers of a refactored image have TOCs of a few KiB, and a bigger one
 /// costs one more round trip, not the bandwidth of a big guess per layer.
 const FIRST_TAIL: u64 = 8 * 1024;
+
+/// How much of a `size`-byte blob's tail to read first.
+fn first_tail(size: u64) -> u64 {
+    FIRST_TAIL.min(size)
+}
 
 impl Store {
     /// The eStargz TOC of a layer, or `None` if the layer has no TOC (a
@@ -54,11 +61,25 @@ where
         {
             return Ok(None);
         }
-        let mut want = FIRST_TAIL.min(desc.size);
-        let mut fetched = 0;
-        for _ in 0..2 {
-            let tail = read(desc.size - want, want).await?;
-            fetched += tail.len() as u64;
+        let mut want = first_tail(desc.size);
+        let mut tail: Vec<u8> = Vec::new();
+        for requests in 1..=2 {
+            // Only what the last read did not bring.
+            let have = tail.len() as u64;
+            let mut more = read(desc.size - want, want - have).await?;
+            if more.len() as u64 != want - have {
+                return Err(Error::Protocol {
+                    what,
+                    reason: format!(
+                        "asked for {} bytes of the blob's tail, the source answered {}",
+                        want - have,
+                        more.len()
+                    ),
+                });
+            }
+            more.extend_from_slice(&tail);
+            tail = more;
+            let fetched = tail.len() as u64;
             let parsed = match Toc::read_from_blob_tail(&tail, desc.size) {
                 Ok(r) => r,
                 // Without the annotation, a footer that does not parse just
@@ -98,6 +119,7 @@ where
                         toc_offset: t.toc_offset,
                         toc: t.toc,
                         fetched,
+                        requests,
                     }));
                 }
             }
