@@ -66,6 +66,11 @@ const RTT_MS: u64 = 50;
 const MBIT: u64 = 50;
 const NODE_LOG: &str = "warn,breakfs_node=info";
 
+/// The node log filter: `BREAKFS_BENCH_NODE_LOG`, else [`NODE_LOG`].
+fn node_log() -> String {
+    std::env::var("BREAKFS_BENCH_NODE_LOG").unwrap_or_else(|_| NODE_LOG.to_string())
+}
+
 /// One image's figures.
 struct Figures {
     title: String,
@@ -190,7 +195,7 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
     // 1. Node A records the profile; the command's warm time.
     let a_dir = env.fresh(&format!("{slug}-a"))?;
     let (image, warm) = {
-        let a = Node::start(env, &a_dir, &[], NODE_LOG)?;
+        let a = Node::start(env, &a_dir, &[], &node_log())?;
         let point = env.tmp.join(format!("{slug}-mnt-a"));
         let m = NodeMount::with_args(env, &node_args(&a), &p.remote, &point)?;
         run_chroot(&m.point, command)?;
@@ -221,7 +226,7 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
             .arg(a_dir2.join("cache/profiles")),
         "copying A's profiles",
     )?;
-    let a = Node::start(env, &a_dir2, &[], NODE_LOG)?;
+    let a = Node::start(env, &a_dir2, &[], &node_log())?;
     let profile: serde_json::Value = serde_json::from_str(&wait_profile(&a, &image)?)?;
     let entries = profile["entries"]
         .as_array()
@@ -230,7 +235,7 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
         .iter()
         .map(|e| e["end"].as_u64().unwrap_or(0) - e["offset"].as_u64().unwrap_or(0))
         .sum();
-    let e = Node::start(env, &env.fresh(&format!("{slug}-e"))?, &[], NODE_LOG)?;
+    let e = Node::start(env, &env.fresh(&format!("{slug}-e"))?, &[], &node_log())?;
     let mut f = Figures {
         title: p.title.clone(),
         chunks: entries.len(),
@@ -246,13 +251,20 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
         for (with, peer) in [(false, &e), (true, &a)] {
             let name = format!("{slug}-{}-{r}", if with { "with" } else { "without" });
             let dir = env.fresh(&name)?;
-            let b = Node::start(env, &dir, &["--peer", &peer.url], NODE_LOG)?;
+            let b = Node::start(env, &dir, &["--peer", &peer.url], &node_log())?;
             let point = env.tmp.join(format!("{name}-mnt"));
             let began = Instant::now();
             let m = NodeMount::with_args(env, &node_args(&b), &p.remote, &point)?;
             run_chroot(&m.point, command)?;
             let took = began.elapsed().as_secs_f64();
             let cloud = b.cloud_bytes()?;
+            if let Some(dir) = std::env::var_os("BREAKFS_BENCH_LOGS") {
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(
+                    std::path::Path::new(&dir).join(format!("{name}.log")),
+                    format!("took {took:.3} s\n{}", b.log_text()),
+                )?;
+            }
             eprintln!(
                 "profile bench: {} run {r} {}: {took:.2} s, {:.1} MB from the cloud",
                 p.title,

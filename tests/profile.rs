@@ -166,27 +166,35 @@ fn a_profile_recorded_on_one_node_makes_its_peer_fetch_the_start_up_at_once() {
     wait_profile(&b, &image, Duration::from_secs(30), |p| p["runs"] == 2);
 }
 
-/// A peer that answers `GET /profiles/...` with `body` and anything else
-/// with 404; its port.
-fn hostile_peer(body: Vec<u8>) -> u16 {
+/// A peer that answers `GET /profiles/...` with `body` (`None`: never,
+/// holding the connection open) and anything else with 404; its port.
+fn hostile_peer(body: Option<Vec<u8>>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
+        let mut held = Vec::new();
         for conn in listener.incoming() {
             let Ok(mut c) = conn else { continue };
             let mut head = [0u8; 4096];
             let n = c.read(&mut head).unwrap_or(0);
             let line = String::from_utf8_lossy(&head[..n]).to_string();
-            let reply = if line.starts_with("GET /profiles/") {
-                let mut r = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                )
-                .into_bytes();
-                r.extend_from_slice(&body);
-                r
-            } else {
-                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+            const NOT_FOUND: &[u8] =
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let reply = match &body {
+                _ if !line.starts_with("GET /profiles/") => NOT_FOUND.to_vec(),
+                None => {
+                    held.push(c);
+                    continue;
+                }
+                Some(body) => {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                }
             };
             let _ = c.write_all(&reply);
         }
@@ -244,17 +252,21 @@ fn hostile_profiles_from_a_peer_cost_no_read() {
     };
     let mut huge = doc(&lying);
     huge.extend(std::iter::repeat_n(b' ', 5 << 20));
-    let bodies: [(&str, Vec<u8>); 4] = [
-        ("lying", doc(&lying)),
-        ("huge", huge),
-        ("malformed", b"{\"version\": 1, \"image\": [".to_vec()),
+    let bodies: [(&str, Option<Vec<u8>>); 5] = [
+        ("lying", Some(doc(&lying))),
+        ("huge", Some(huge)),
+        ("malformed", Some(b"{\"version\": 1, \"image\": [".to_vec())),
         ("another image's", {
             let other = format!("sha256:{:064x}", 7);
-            String::from_utf8(doc(&lying[..10]))
-                .unwrap()
-                .replace(&image, &other)
-                .into_bytes()
+            Some(
+                String::from_utf8(doc(&lying[..10]))
+                    .unwrap()
+                    .replace(&image, &other)
+                    .into_bytes(),
+            )
         }),
+        // A peer that never answers: the mount does not wait for it.
+        ("unanswered", None),
     ];
     for (i, (what, body)) in bodies.into_iter().enumerate() {
         let peer = format!("http://127.0.0.1:{}", hostile_peer(body));

@@ -74,6 +74,7 @@ impl Fetcher {
         // check out, read it again from the cloud alone. Whether a peer
         // answered is not known here (there may be none): the second
         // read's error is the one that names the cause.
+        let began = std::time::Instant::now();
         let checked = desc.toc_digest().is_some();
         // Another node may have the TOC, or be reading it right now.
         let gzip = breakfs_index::Compression::from_media_type(&desc.media_type)
@@ -125,6 +126,14 @@ impl Fetcher {
                     // What other nodes ask for; checked by them too.
                     store.put_meta(&toc_tail_name(&desc.digest), &t.tail)?;
                 }
+                tracing::debug!(
+                    layer = %desc.digest.short(),
+                    size = desc.size,
+                    fetched = t.fetched,
+                    requests = t.requests,
+                    secs = began.elapsed().as_secs_f64(),
+                    "TOC read"
+                );
                 let mut rec = format!("{}\n", t.toc_offset).into_bytes();
                 rec.extend_from_slice(&t.toc.to_json());
                 store.put_meta(&name, &rec)?;

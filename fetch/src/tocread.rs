@@ -16,6 +16,8 @@ pub struct LayerToc {
     pub toc: Toc,
     /// Bytes fetched to read it (tail guesses included).
     pub fetched: u64,
+    /// Range requests made to read it (0: taken from a peer's copy).
+    pub requests: u32,
     /// The blob's bytes from the TOC's member to its end (footer
     /// included): what another node needs to read the TOC.
     pub tail: Vec<u8>,
@@ -31,6 +33,11 @@ pub fn toc_tail_name(layer: &breakfs_index::Digest) -> String {
 /// layers of a refactored image have TOCs of a few KiB, and a bigger one
 /// costs one more round trip, not the bandwidth of a big guess per layer.
 const FIRST_TAIL: u64 = 8 * 1024;
+
+/// How much of a `size`-byte blob's tail to read first.
+fn first_tail(size: u64) -> u64 {
+    FIRST_TAIL.min(size)
+}
 
 impl Store {
     /// The eStargz TOC of a layer, or `None` if the layer has no TOC (a
@@ -63,11 +70,25 @@ where
         {
             return Ok(None);
         }
-        let mut want = FIRST_TAIL.min(desc.size);
-        let mut fetched = 0;
-        for _ in 0..2 {
-            let tail = read(desc.size - want, want).await?;
-            fetched += tail.len() as u64;
+        let mut want = first_tail(desc.size);
+        let mut tail: Vec<u8> = Vec::new();
+        for requests in 1..=2 {
+            // Only what the last read did not bring.
+            let have = tail.len() as u64;
+            let mut more = read(desc.size - want, want - have).await?;
+            if more.len() as u64 != want - have {
+                return Err(Error::Protocol {
+                    what,
+                    reason: format!(
+                        "asked for {} bytes of the blob's tail, the source answered {}",
+                        want - have,
+                        more.len()
+                    ),
+                });
+            }
+            more.extend_from_slice(&tail);
+            tail = more;
+            let fetched = tail.len() as u64;
             let parsed = match Toc::read_from_blob_tail(&tail, desc.size) {
                 Ok(r) => r,
                 // Without the annotation, a footer that does not parse just
@@ -91,7 +112,9 @@ where
                         ),
                     });
                 }
-                TailRead::Toc(t) => return checked(desc, what, t, &tail, fetched).map(Some),
+                TailRead::Toc(t) => {
+                    return checked(desc, what, t, &tail, fetched, requests).map(Some);
+                }
             }
         }
         Err(Error::Protocol {
@@ -115,7 +138,7 @@ pub fn toc_from_tail(desc: &Descriptor, what: &str, tail: &[u8]) -> Result<Layer
     };
     match Toc::read_from_blob_tail(tail, desc.size)? {
         TailRead::Toc(t) if t.toc_digest == expected => {
-            checked(desc, what, t, tail, tail.len() as u64)
+            checked(desc, what, t, tail, tail.len() as u64, 0)
         }
         TailRead::Toc(t) => Err(Error::DigestMismatch {
             what,
@@ -140,6 +163,7 @@ fn checked(
     t: breakfs_index::TocTail,
     tail: &[u8],
     fetched: u64,
+    requests: u32,
 ) -> Result<LayerToc> {
     if let Some(expected) = desc.toc_digest()
         && expected != t.toc_digest
@@ -158,6 +182,7 @@ fn checked(
         toc_offset: t.toc_offset,
         toc: t.toc,
         fetched,
+        requests,
         tail: tail[from..].to_vec(),
     })
 }

@@ -70,6 +70,23 @@ pub async fn open_image_on(
     cloud: &Arc<CloudSource>,
 ) -> Result<OpenedImage> {
     let image = breakfs_fetch::resolve_image(reference, client, fetcher, cloud).await?;
+    open_resolved(image, fetcher, None).await
+}
+
+/// Told each lazy layer's files as soon as its TOC is in (before the
+/// other layers' TOCs maybe, and before the tree is built): a profile's
+/// prefetch starts on the layer there (`crate::profile::ProfilePrefetch`).
+pub type LayerSeen<'a> = &'a (dyn Fn(&Digest, &[LayerFile]) + Sync);
+
+/// Build the tree of `image`, resolved through `fetcher`'s chain (see
+/// [`open_image_on`]): every layer's TOC (or whole blob) at once, each
+/// lazy layer told to `seen` as it comes in.
+pub async fn open_resolved(
+    image: Image,
+    fetcher: &Fetcher,
+    seen: Option<LayerSeen<'_>>,
+) -> Result<OpenedImage> {
+    let reference = &image.reference;
     let pin = fetcher
         .store()
         .budget()
@@ -89,7 +106,13 @@ pub async fn open_image_on(
         .layers()
         .iter()
         .zip(&diff_ids)
-        .map(|(desc, diff_id)| load_layer(fetcher, desc, diff_id, reference));
+        .map(|(desc, diff_id)| async move {
+            let loaded = load_layer(fetcher, desc, diff_id, reference).await?;
+            if let (Some(seen), (files, LayerMode::Lazy, _)) = (seen, &loaded) {
+                seen(&desc.digest, files);
+            }
+            Ok::<_, Error>(loaded)
+        });
     let loaded = try_join_all(loads).await?;
     let mut layers = Vec::with_capacity(loaded.len());
     let mut modes = Vec::with_capacity(loaded.len());

@@ -28,7 +28,9 @@ pub use deps::{ClosureFetched, ElfDependencies, elf_dependencies, fetch_with_dep
 pub use error::{Error, Result};
 pub use extract::{ExtractStats, extract, extract_reporting};
 pub use fuse::{ImageFs, ReadCounts, ReadStats};
-pub use image::{LayerMode, OpenedImage, open_image, open_image_on, open_layer};
+pub use image::{
+    LayerMode, LayerSeen, OpenedImage, open_image, open_image_on, open_layer, open_resolved,
+};
 pub use inspect::inspect;
 pub use mount::{
     FuseConnection, Hydration, MountOptions, Mounted, StatusRecord, check_mountpoint,

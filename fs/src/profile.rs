@@ -13,17 +13,19 @@
 //! worker a reader needs: it keeps fewer requests in flight than the
 //! fetcher has workers, so an on-demand read always finds one free.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use breakfs_fetch::{ChunkLoc, Fetcher, Priority};
+use breakfs_fetch::{ChunkLoc, Fetcher};
 use breakfs_index::Digest;
-use futures::StreamExt;
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::tree::{Node, Tree};
+use crate::tree::{LayerFile, Node, Tree};
 use crate::{Error, Result};
 
 /// The profile document's format version.
@@ -420,91 +422,219 @@ impl Recorder {
     }
 }
 
-/// What a profile makes a mount fetch: runs of neighbouring chunks, each
-/// run one Range request, the run holding the best-ranked chunk first.
+/// Largest stretch of a layer between two profiled chunks that one Range
+/// request spans, fetching the members in between too (checked and stored
+/// like the rest): at 50 Mbit/s these bytes cost 10 ms, a request more
+/// costs a round trip.
+pub const JOIN_GAP: u64 = 64 << 10;
+/// A profile's Range requests in flight at once, over all of an image's
+/// layers. They run on no fetcher worker: readers find every worker free.
+pub const PREFETCH_REQUESTS: usize = 8;
+/// Largest Range request of a profile's prefetch, in compressed bytes:
+/// the profile's bytes spread over several requests at once move faster
+/// than in one (one connection rarely fills a long link by itself), and
+/// the first-ranked runs are in before the last.
+pub const PREFETCH_RANGE: u64 = 1 << 20;
+
+/// One lazy layer's chunks by the offset of their member: what a profile's
+/// entries are matched against.
+#[derive(Debug)]
+pub struct LayerChunks {
+    layer: Digest,
+    /// The chunks of each member (distinct contents).
+    members: BTreeMap<u64, Vec<ChunkLoc>>,
+}
+
+impl LayerChunks {
+    fn new(layer: &Digest) -> LayerChunks {
+        LayerChunks {
+            layer: layer.clone(),
+            members: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, loc: &ChunkLoc) {
+        let m = self.members.entry(loc.offset).or_default();
+        if !m.iter().any(|l| l.digest == loc.digest) {
+            m.push(loc.clone());
+        }
+    }
+
+    /// The chunks of layer `layer` among `files` (its files, from its TOC).
+    pub fn of_files(layer: &Digest, files: &[LayerFile]) -> LayerChunks {
+        let mut out = LayerChunks::new(layer);
+        for (_, chunks) in files {
+            for loc in chunks.iter().filter_map(|c| c.loc.as_ref()) {
+                if &loc.layer == layer {
+                    out.add(loc);
+                }
+            }
+        }
+        out
+    }
+
+    /// The chunks of `tree`, by layer.
+    pub fn of_tree(tree: &Tree) -> Vec<LayerChunks> {
+        let mut layers: HashMap<&Digest, LayerChunks> = HashMap::new();
+        for (_, n) in tree.nodes() {
+            for loc in n.chunks.iter().filter_map(|c| c.loc.as_ref()) {
+                layers
+                    .entry(&loc.layer)
+                    .or_insert_with(|| LayerChunks::new(&loc.layer))
+                    .add(loc);
+            }
+        }
+        layers.into_values().collect()
+    }
+
+    /// The layer.
+    pub fn layer(&self) -> &Digest {
+        &self.layer
+    }
+}
+
+/// Take `n` bytes of `budget` if it has them.
+fn take(budget: &AtomicU64, n: u64) -> bool {
+    budget
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(n))
+        .is_ok()
+}
+
+/// What a profile makes a mount fetch of one layer: runs of chunks, each
+/// one Range request, with the rank of its best-ranked chunk.
+#[derive(Debug, Default)]
+pub struct LayerPlan {
+    /// The runs, best-ranked first, each with its rank (an index into
+    /// the profile's entries).
+    pub runs: Vec<(usize, Vec<ChunkLoc>)>,
+    /// Entries naming this layer that name none of its members (or one wrongly).
+    pub ignored: usize,
+    /// Compressed bytes the runs span.
+    pub bytes: u64,
+}
+
+/// The runs of `chunks` (one layer) that `profile` names, each spanning at
+/// most `max_range` compressed bytes. An entry must name a member's offset
+/// and end exactly, or it is ignored. Members named make one run when at
+/// most `gap` bytes lie between them (the members there are fetched too),
+/// whatever their ranks. What the runs span is taken from `budget` (an
+/// image's [`MAX_PREFETCH_BYTES`]), best-ranked entries first; what it
+/// cannot pay for is left out.
+pub fn plan_layer(
+    chunks: &LayerChunks,
+    profile: &Profile,
+    max_range: u64,
+    gap: u64,
+    budget: &AtomicU64,
+) -> LayerPlan {
+    let mut plan = LayerPlan::default();
+    // (rank, member offset) of every entry that names a member.
+    let mut named: Vec<(usize, u64, u64)> = Vec::new();
+    let mut taken = HashSet::new();
+    for (i, e) in profile.entries.iter().enumerate() {
+        if e.layer != chunks.layer {
+            continue;
+        }
+        match chunks.members.get(&e.offset) {
+            Some(m) if m[0].compressed_end == e.end => {
+                if !taken.insert(e.offset) {
+                    continue;
+                }
+                if !take(budget, e.end - e.offset) {
+                    break;
+                }
+                plan.bytes += e.end - e.offset;
+                named.push((i, e.offset, e.end));
+            }
+            _ => plan.ignored += 1,
+        }
+    }
+    named.sort_by_key(|&(_, offset, _)| offset);
+    // The open run: its rank, start, end and member offsets.
+    let mut runs: Vec<(usize, u64, u64, Vec<u64>)> = Vec::new();
+    for (rank, offset, end) in named {
+        if let Some((r, start, run_end, members)) = runs.last_mut()
+            && offset >= *run_end
+            && end - *start <= max_range
+            && (offset == *run_end || (offset - *run_end <= gap && take(budget, offset - *run_end)))
+        {
+            // What lies between, whole members only.
+            members.extend(
+                chunks
+                    .members
+                    .range(*run_end..offset)
+                    .filter(|(_, m)| m[0].compressed_end <= offset)
+                    .map(|(&o, _)| o),
+            );
+            plan.bytes += offset - *run_end;
+            members.push(offset);
+            *r = (*r).min(rank);
+            *run_end = end;
+            continue;
+        }
+        runs.push((rank, offset, end, vec![offset]));
+    }
+    runs.sort_by_key(|(rank, ..)| *rank);
+    plan.runs = runs
+        .into_iter()
+        .map(|(rank, _, _, members)| {
+            let locs = members
+                .iter()
+                .filter_map(|o| chunks.members.get(o))
+                .flatten()
+                .cloned()
+                .collect();
+            (rank, locs)
+        })
+        .collect();
+    plan
+}
+
+/// What a profile makes a mount of `tree` fetch (all its layers, as
+/// [`plan_layer`] plans each): the runs best-ranked first.
 #[derive(Debug, Default)]
 pub struct ProfilePlan {
     /// The runs, in the order to fetch them.
     pub runs: Vec<Vec<ChunkLoc>>,
     /// Entries that name no chunk of the image (or a chunk wrongly).
     pub ignored: usize,
-    /// Compressed bytes of the runs.
+    /// Compressed bytes the runs span.
     pub bytes: u64,
 }
 
-/// The runs of chunks of `tree` that `profile` names, each at most
-/// `max_range` compressed bytes: entries naming no member of the image's
-/// lazy layers exactly are ignored, and the whole within
-/// [`MAX_PREFETCH_BYTES`].
-pub fn plan(tree: &Tree, profile: &Profile, max_range: u64) -> ProfilePlan {
-    let mut members: HashMap<(&Digest, u64), Vec<&ChunkLoc>> = HashMap::new();
-    for (_, n) in tree.nodes() {
-        for loc in n.chunks.iter().filter_map(|c| c.loc.as_ref()) {
-            members
-                .entry((&loc.layer, loc.offset))
-                .or_default()
-                .push(loc);
-        }
-    }
-    let mut plan = ProfilePlan::default();
-    // (rank order, member) of every entry that names a member.
-    let mut named: Vec<(usize, &Vec<&ChunkLoc>)> = Vec::new();
-    let mut taken = HashSet::new();
-    for (i, e) in profile.entries.iter().take(MAX_ENTRIES).enumerate() {
-        match members.get(&(&e.layer, e.offset)) {
-            Some(m) if m[0].compressed_end == e.end => {
-                if !taken.insert((&e.layer, e.offset)) {
-                    continue;
-                }
-                let size = e.end - e.offset;
-                if plan.bytes + size > MAX_PREFETCH_BYTES {
-                    break;
-                }
-                plan.bytes += size;
-                named.push((i, m));
-            }
-            _ => plan.ignored += 1,
-        }
-    }
-    // Neighbours in a layer make one run, whatever their ranks.
-    named.sort_by_key(|(_, m)| (&m[0].layer, m[0].offset));
-    let mut runs: Vec<(usize, Vec<ChunkLoc>)> = Vec::new();
-    let mut last: Option<(&Digest, u64, u64)> = None; // layer, run start, run end
-    for (rank, m) in named {
-        let loc = m[0];
-        let joins = last.is_some_and(|(layer, start, end)| {
-            *layer == loc.layer && end == loc.offset && loc.compressed_end - start <= max_range
-        });
-        let mut seen_digests = HashSet::new();
-        let chunks = m
+/// [`plan_layer`] over every layer of `tree`, within [`MAX_PREFETCH_BYTES`]
+/// in all.
+pub fn plan(tree: &Tree, profile: &Profile, max_range: u64, gap: u64) -> ProfilePlan {
+    let budget = AtomicU64::new(MAX_PREFETCH_BYTES);
+    let layers = LayerChunks::of_tree(tree);
+    let mut out = ProfilePlan {
+        ignored: profile
+            .entries
             .iter()
-            .filter(|l| seen_digests.insert(&l.digest))
-            .map(|l| (*l).clone());
-        match runs.last_mut() {
-            Some((r, run)) if joins => {
-                *r = (*r).min(rank);
-                run.extend(chunks);
-                last = last.map(|(l, s, _)| (l, s, loc.compressed_end));
-            }
-            _ => {
-                runs.push((rank, chunks.collect()));
-                last = Some((&loc.layer, loc.offset, loc.compressed_end));
-            }
-        }
+            .filter(|e| !layers.iter().any(|l| l.layer == e.layer))
+            .count(),
+        ..ProfilePlan::default()
+    };
+    let mut runs = Vec::new();
+    for l in &layers {
+        let p = plan_layer(l, profile, max_range, gap, &budget);
+        out.ignored += p.ignored;
+        out.bytes += p.bytes;
+        runs.extend(p.runs);
     }
     runs.sort_by_key(|(rank, _)| *rank);
-    plan.runs = runs.into_iter().map(|(_, r)| r).collect();
-    plan
+    out.runs = runs.into_iter().map(|(_, r)| r).collect();
+    out
 }
 
 /// What a profile prefetch did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PrefetchReport {
-    /// Runs (Range requests at most) asked for.
+    /// Range requests made.
     pub runs: usize,
-    /// Chunks asked for (those not in the store already).
+    /// Chunks asked for (those not in the store or under way already).
     pub chunks: usize,
-    /// Compressed bytes of the runs.
+    /// Compressed bytes the planned runs span.
     pub bytes: u64,
     /// Profile entries ignored (naming nothing of the image).
     pub ignored: usize,
@@ -512,54 +642,171 @@ pub struct PrefetchReport {
     pub failed: usize,
 }
 
-/// Fetch the chunks `profile` names for a mount of `tree`, best-ranked run
-/// first, each run queued at once so that it goes in one Range request.
-/// At most `workers - 2` runs are in flight (at least one): a reader's
-/// request always finds a worker free and nothing of the profile queued
-/// ahead of it. Failures are only counted: a reader's own request retries.
-pub async fn prefetch_profile(
-    tree: Arc<Tree>,
+/// The profile a prefetch waits for: `None` when there is none.
+type ProfileSoon = Shared<BoxFuture<'static, Option<Arc<Profile>>>>;
+
+/// A prefetch's runs not started yet, by (rank, arrival): the best-ranked
+/// of all the layers planned so far goes next.
+type Pending = BTreeMap<(usize, u64), (Digest, Vec<ChunkLoc>)>;
+
+/// A profile's prefetch for an image being opened: fed each lazy layer as
+/// its TOC comes in ([`ProfilePrefetch::layer`]), it fetches that layer's
+/// profiled chunks at once ([`plan_layer`], gaps of [`JOIN_GAP`] joined,
+/// requests of [`PREFETCH_RANGE`] at most), while other layers' TOCs are
+/// still on their way and before the mount is made. The profile itself is
+/// looked up meanwhile (a peer's answer may come after the first TOCs):
+/// each layer's fetch starts once both are in, and nothing waits for the
+/// profile but that fetch. At most [`PREFETCH_REQUESTS`] of its requests
+/// are in flight, on no fetcher worker; whenever one ends, the best-ranked
+/// run of all the layers planned so far starts. Failures are only counted.
+pub struct ProfilePrefetch {
     fetcher: Fetcher,
-    profile: &Profile,
-) -> PrefetchReport {
-    let opts = fetcher.options();
-    let (max_range, deadline) = (opts.max_range, opts.deadline);
-    let window = opts.workers.saturating_sub(2).max(1);
-    let store = fetcher.store().clone();
-    let p = plan(&tree, profile, max_range);
-    let mut report = PrefetchReport {
-        ignored: p.ignored,
-        bytes: p.bytes,
-        ..PrefetchReport::default()
-    };
-    let mut runs = p.runs.into_iter().filter_map(|run| {
-        let missing: Vec<ChunkLoc> = run
-            .into_iter()
-            .filter(|l| !store.has_chunk(&l.digest))
-            .collect();
-        (!missing.is_empty()).then_some(missing)
-    });
-    let mut flying = futures::stream::FuturesUnordered::new();
-    loop {
-        while flying.len() < window {
-            let Some(run) = runs.next() else { break };
-            report.runs += 1;
-            report.chunks += run.len();
-            let f = fetcher.clone();
-            flying.push(async move {
-                f.ensure_all(&run, Priority::OnDemand, Some(deadline))
-                    .await
-                    .iter()
-                    .filter(|r| r.is_err())
-                    .count()
+    profile: ProfileSoon,
+    /// What is left of [`MAX_PREFETCH_BYTES`].
+    budget: AtomicU64,
+    requests: Arc<tokio::sync::Semaphore>,
+    pending: Mutex<Pending>,
+    /// Runs planned and not done yet (pending or in flight).
+    outstanding: AtomicUsize,
+    seq: AtomicU64,
+    done: tokio::sync::Notify,
+    report: Mutex<PrefetchReport>,
+    /// Layers fed so far.
+    fed: Mutex<HashSet<Digest>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl ProfilePrefetch {
+    /// A prefetch through `fetcher` of the profile `profile` resolves to
+    /// (`None`: none was found). Must be made inside a tokio runtime.
+    pub fn new(
+        fetcher: Fetcher,
+        profile: impl Future<Output = Option<Profile>> + Send + 'static,
+    ) -> Arc<ProfilePrefetch> {
+        // On a task of its own: the lookup goes on whether or not a layer
+        // waits for it yet.
+        let lookup = tokio::spawn(profile);
+        let profile = async move { lookup.await.ok().flatten().map(Arc::new) }
+            .boxed()
+            .shared();
+        Arc::new(ProfilePrefetch {
+            fetcher,
+            profile,
+            budget: AtomicU64::new(MAX_PREFETCH_BYTES),
+            requests: Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS)),
+            pending: Mutex::new(BTreeMap::new()),
+            outstanding: AtomicUsize::new(0),
+            seq: AtomicU64::new(0),
+            done: tokio::sync::Notify::new(),
+            report: Mutex::new(PrefetchReport::default()),
+            fed: Mutex::new(HashSet::new()),
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Layer `layer`'s TOC is in, with its files: fetch what the profile
+    /// names of it (planned on a task of its own once the profile is in).
+    pub fn layer(self: &Arc<Self>, layer: &Digest, files: &[LayerFile]) {
+        self.fed.lock().insert(layer.clone());
+        match self.profile.peek() {
+            Some(None) => return,
+            Some(Some(p)) if !p.entries.iter().any(|e| &e.layer == layer) => return,
+            _ => {}
+        }
+        let chunks = LayerChunks::of_files(layer, files);
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.plan_and_start(chunks).await });
+        self.tasks.lock().push(task);
+    }
+
+    async fn plan_and_start(self: Arc<Self>, chunks: LayerChunks) {
+        let Some(profile) = self.profile.clone().await else {
+            return;
+        };
+        let max_range = self.fetcher.options().max_range.min(PREFETCH_RANGE);
+        let plan = plan_layer(&chunks, &profile, max_range, JOIN_GAP, &self.budget);
+        {
+            let mut r = self.report.lock();
+            r.ignored += plan.ignored;
+            r.bytes += plan.bytes;
+        }
+        {
+            let mut pending = self.pending.lock();
+            for (rank, run) in plan.runs {
+                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                self.outstanding.fetch_add(1, Ordering::Relaxed);
+                pending.insert((rank, seq), (chunks.layer.clone(), run));
+            }
+        }
+        self.dispatch();
+    }
+
+    /// Start the best-ranked pending runs while requests are free.
+    fn dispatch(self: &Arc<Self>) {
+        loop {
+            let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+                return;
+            };
+            let Some((_, (layer, run))) = self.pending.lock().pop_first() else {
+                return;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let store = this.fetcher.store().clone();
+                let missing: Vec<ChunkLoc> = run
+                    .into_iter()
+                    .filter(|l| !store.has_chunk(&l.digest))
+                    .collect();
+                if !missing.is_empty() {
+                    let r = this.fetcher.fetch_run(&layer, &missing, JOIN_GAP).await;
+                    let mut report = this.report.lock();
+                    report.runs += r.requests;
+                    report.chunks += r.chunks;
+                    report.failed += r.failed;
+                }
+                drop(permit);
+                this.outstanding.fetch_sub(1, Ordering::Relaxed);
+                this.done.notify_waiters();
+                this.dispatch();
             });
         }
-        match flying.next().await {
-            Some(failed) => report.failed += failed,
-            None => break,
-        }
     }
-    report
+
+    /// Stop: the image will not be mounted (runs not started are dropped;
+    /// a request under way completes).
+    pub fn abort(&self) {
+        for t in self.tasks.lock().iter() {
+            t.abort();
+        }
+        let dropped = std::mem::take(&mut *self.pending.lock()).len();
+        self.outstanding.fetch_sub(dropped, Ordering::Relaxed);
+        self.done.notify_waiters();
+    }
+
+    /// Wait until every layer fed so far is fetched; what the prefetch
+    /// did, or `None` without a profile.
+    pub async fn finish(&self) -> Option<PrefetchReport> {
+        let profile = self.profile.clone().await?;
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
+        for t in tasks {
+            let _ = t.await;
+        }
+        loop {
+            let done = self.done.notified();
+            if self.outstanding.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            done.await;
+        }
+        let mut r = self.report.lock().clone();
+        let fed = self.fed.lock();
+        r.ignored += profile
+            .entries
+            .iter()
+            .filter(|e| !fed.contains(&e.layer))
+            .count();
+        Some(r)
+    }
 }
 
 #[cfg(test)]

@@ -214,7 +214,7 @@ fn a_plan_merges_neighbours_and_ignores_what_the_image_lacks() {
         entry(&l1, 100, 120, 0.6),
         entry(&l1, 1 << 40, (1 << 40) + 50, 0.7),
     ]);
-    let plan = plan(&t, &p, 1 << 20);
+    let plan = plan(&t, &p, 1 << 20, 0);
     assert_eq!(plan.ignored, 4);
     let runs: Vec<Vec<u64>> = plan
         .runs
@@ -227,6 +227,53 @@ fn a_plan_merges_neighbours_and_ignores_what_the_image_lacks() {
     assert_eq!(plan.runs[0][0].layer, l2);
     assert_eq!(plan.bytes, 200);
     // A small range bound cuts runs.
-    let plan = super::plan(&t, &p, 50);
+    let plan = super::plan(&t, &p, 50, 0);
     assert_eq!(plan.runs.len(), 4);
+    // Gaps of up to 100 bytes joined: layer 1's chunks are one run, the
+    // members in between (a's third chunk, b's first) fetched too.
+    let plan = super::plan(&t, &p, 1 << 20, 100);
+    let runs: Vec<Vec<u64>> = plan
+        .runs
+        .iter()
+        .map(|r| r.iter().map(|l| l.offset).collect())
+        .collect();
+    assert_eq!(runs, [vec![0], vec![0, 50, 100, 150, 200]]);
+    assert_eq!(plan.bytes, 300);
+    // Not past the range bound.
+    let plan = super::plan(&t, &p, 200, 100);
+    assert_eq!(plan.runs.len(), 3);
+}
+
+#[test]
+fn a_plan_stays_within_its_budget_and_skips_what_a_member_does_not_hold() {
+    let t = tree();
+    let l1 = layer(1);
+    let layers = LayerChunks::of_tree(&t);
+    let one = layers.iter().find(|l| l.layer() == &l1).unwrap();
+    // Entries for 0..50 and 200..250, 150 bytes apart: a gap of 150 is
+    // not joined at 100, and a budget of 100 pays for both members only.
+    let p = profile(vec![entry(&l1, 0, 50, 0.0), entry(&l1, 200, 250, 0.5)]);
+    let budget = AtomicU64::new(100);
+    let plan = plan_layer(one, &p, 1 << 20, 100, &budget);
+    assert_eq!(plan.runs.len(), 2);
+    assert_eq!(plan.bytes, 100);
+    assert_eq!(budget.load(Ordering::Relaxed), 0);
+    // A budget that pays for the first member and not the second.
+    let budget = AtomicU64::new(60);
+    let plan = plan_layer(one, &p, 1 << 20, 1000, &budget);
+    assert_eq!(plan.runs.len(), 1);
+    assert_eq!(plan.bytes, 50);
+    // A gap joined only while the budget pays for it too.
+    let budget = AtomicU64::new(120);
+    let plan = plan_layer(one, &p, 1 << 20, 1000, &budget);
+    assert_eq!(plan.runs.len(), 2);
+    let budget = AtomicU64::new(250);
+    let plan = plan_layer(one, &p, 1 << 20, 1000, &budget);
+    assert_eq!(plan.runs.len(), 1);
+    assert_eq!(plan.bytes, 250);
+    // Another layer's entries are not this layer's business.
+    let p = profile(vec![entry(&layer(2), 0, 50, 0.0)]);
+    let plan = plan_layer(one, &p, 1 << 20, 1000, &AtomicU64::new(1 << 20));
+    assert!(plan.runs.is_empty());
+    assert_eq!(plan.ignored, 0);
 }

@@ -210,9 +210,20 @@ impl NodeService {
         }
         let abs = breakfs_fs::check_mountpoint(&req.mountpoint)?;
         let reference = ImageRef::parse(&req.image)?;
-        let opened =
-            breakfs_fs::open_image_on(&reference, &self.client, &self.fetcher, &self.cloud).await?;
-        self.start_profile_prefetch(&opened).await;
+        let began = std::time::Instant::now();
+        let image =
+            breakfs_fetch::resolve_image(&reference, &self.client, &self.fetcher, &self.cloud)
+                .await?;
+        let resolved = began.elapsed();
+        // The profile is looked up meanwhile; its chunks are fetched layer
+        // by layer as the TOCs come in.
+        let prefetch = self.profile_prefetch(&image.manifest_digest);
+        let seen = |layer: &Digest, files: &[breakfs_fs::LayerFile]| prefetch.layer(layer, files);
+        let opened = breakfs_fs::open_resolved(image, &self.fetcher, Some(&seen))
+            .await
+            .inspect_err(|_| prefetch.abort())?;
+        let opened_in = began.elapsed();
+        crate::profile::log_prefetch(prefetch, opened.image.manifest_digest.clone());
         let (image, tree) = (opened.image.manifest_digest.clone(), opened.tree.clone());
         let opts = MountOptions {
             hydrate: req.hydrate,
@@ -224,6 +235,11 @@ impl NodeService {
             manifest: opened.image.manifest_digest.to_string(),
         };
         let rec = self.add_mount(abs.clone(), source, opened, opts).await?;
+        tracing::info!(
+            image = %req.image,
+            "resolved in {resolved:?}, opened in {opened_in:?}, mounted in {:?}",
+            began.elapsed()
+        );
         if let Some(r) = self.recorder_of(&abs) {
             crate::profile::record(self.store.clone(), image, tree, r);
         }

@@ -17,10 +17,11 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use breakfs_fetch::ContentStore;
-use breakfs_fs::profile::{MAX_PROFILE_BYTES, Profile, Recorder, prefetch_profile};
-use breakfs_fs::{OpenedImage, Tree};
+use breakfs_fs::Tree;
+use breakfs_fs::profile::{MAX_PROFILE_BYTES, Profile, ProfilePrefetch, Recorder};
 use breakfs_index::{Causes, Digest};
 
+use crate::peer::Peers;
 use crate::server::NodeService;
 use crate::{Error, Result};
 
@@ -85,76 +86,90 @@ fn merge_into_kept(store: &ContentStore, run: &Profile) -> Result<Profile> {
     Ok(merged)
 }
 
-impl NodeService {
-    /// The profile of `image`: this node's, else the first good one a peer
-    /// answers within [`PEER_WAIT`] (kept here, so that this node serves
-    /// it too and merges its own runs into it).
-    pub(crate) async fn profile_of(&self, image: &Digest) -> Option<Profile> {
-        if let Some(p) = load(&self.store, image) {
-            return Some(p);
-        }
-        let urls = self.peers.urls();
-        if urls.is_empty() {
-            return None;
-        }
-        let asks = urls.iter().map(|u| {
-            Box::pin(async move {
-                let r = self.ask_peer(u, image).await;
-                if let Err(e) = &r {
-                    tracing::debug!(peer = %u, "no profile of {image}: {e}");
-                }
-                r
-            })
-        });
-        let first_good = async {
-            let mut pending: Vec<_> = asks.collect();
-            while !pending.is_empty() {
-                let (r, _, rest) = futures::future::select_all(pending).await;
-                if let Ok(p) = r {
-                    return Some(p);
-                }
-                pending = rest;
+/// The profile of `image`: this node's, else the first good one a peer
+/// answers within [`PEER_WAIT`] (kept here, so that this node serves it
+/// too and merges its own runs into it).
+async fn lookup(store: Arc<ContentStore>, peers: Arc<Peers>, image: Digest) -> Option<Profile> {
+    let local = {
+        let (store, image) = (store.clone(), image.clone());
+        tokio::task::spawn_blocking(move || load(&store, &image))
+            .await
+            .ok()
+            .flatten()
+    };
+    if local.is_some() {
+        return local;
+    }
+    let urls = peers.urls();
+    if urls.is_empty() {
+        return None;
+    }
+    let asks = urls.iter().map(|u| {
+        let (peers, image) = (&peers, &image);
+        Box::pin(async move {
+            let r = ask_peer(peers, u, image).await;
+            if let Err(e) = &r {
+                tracing::debug!(peer = %u, "no profile of {image}: {e}");
             }
-            None
-        };
-        let p = tokio::time::timeout(PEER_WAIT, first_good).await.ok()??;
-        let store = self.store.clone();
-        let kept = p.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = save(&store, &kept) {
-                tracing::warn!("keeping a peer's profile: {e}", e = Causes(&e));
-            }
+            r
         })
-        .await;
-        Some(p)
-    }
+    });
+    let first_good = async {
+        let mut pending: Vec<_> = asks.collect();
+        while !pending.is_empty() {
+            let (r, _, rest) = futures::future::select_all(pending).await;
+            if let Ok(p) = r {
+                return Some(p);
+            }
+            pending = rest;
+        }
+        None
+    };
+    let p = tokio::time::timeout(PEER_WAIT, first_good).await.ok()??;
+    let kept = p.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = save(&store, &kept) {
+            tracing::warn!("keeping a peer's profile: {e}", e = Causes(&e));
+        }
+    })
+    .await;
+    Some(p)
+}
 
-    async fn ask_peer(&self, url: &str, image: &Digest) -> std::result::Result<Profile, String> {
-        let resp = self
-            .peers
-            .client()
-            .get(format!("{url}/profiles/{image}"))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| Causes(&e).to_string())?;
-        let body = breakfs_fetch::guard::body_within(resp, MAX_PROFILE_BYTES, "a profile")
-            .await
-            .map_err(|e| Causes(&e).to_string())?;
-        Profile::parse(&body, image).map_err(|e| Causes(&e).to_string())
-    }
+async fn ask_peer(
+    peers: &Peers,
+    url: &str,
+    image: &Digest,
+) -> std::result::Result<Profile, String> {
+    let resp = peers
+        .client()
+        .get(format!("{url}/profiles/{image}"))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| Causes(&e).to_string())?;
+    let body = breakfs_fetch::guard::body_within(resp, MAX_PROFILE_BYTES, "a profile")
+        .await
+        .map_err(|e| Causes(&e).to_string())?;
+    Profile::parse(&body, image).map_err(|e| Causes(&e).to_string())
+}
 
-    /// Before `opened` is mounted: fetch the chunks of its profile (this
-    /// node's or a peer's) at once, in the background.
-    pub(crate) async fn start_profile_prefetch(&self, opened: &OpenedImage) {
-        let image = opened.image.manifest_digest.clone();
-        let Some(profile) = self.profile_of(&image).await else {
-            return;
-        };
-        let (tree, fetcher) = (opened.tree.clone(), opened.fetcher.clone());
-        tokio::spawn(async move {
-            let began = std::time::Instant::now();
-            let r = prefetch_profile(tree, fetcher, &profile).await;
+impl NodeService {
+    /// The prefetch of `image`'s profile, this node's or a peer's, looked
+    /// up from now on: feed it the image's layers as their TOCs come in
+    /// ([`breakfs_fs::open_resolved`]), then [`log_prefetch`] it.
+    pub(crate) fn profile_prefetch(&self, image: &Digest) -> Arc<ProfilePrefetch> {
+        let (store, peers) = (self.store.clone(), self.peers.clone());
+        ProfilePrefetch::new(self.fetcher.clone(), lookup(store, peers, image.clone()))
+    }
+}
+
+/// Once every layer of `image` was fed to `prefetch`: log what it did
+/// when it is done (in the background).
+pub(crate) fn log_prefetch(prefetch: Arc<ProfilePrefetch>, image: Digest) {
+    let began = std::time::Instant::now();
+    tokio::spawn(async move {
+        if let Some(r) = prefetch.finish().await {
             tracing::info!(
                 image = %image,
                 runs = r.runs,
@@ -162,11 +177,11 @@ impl NodeService {
                 bytes = r.bytes,
                 ignored = r.ignored,
                 failed = r.failed,
-                "profile prefetch done in {:?}",
+                "profile prefetch done {:?} after the image was opened",
                 began.elapsed()
             );
-        });
-    }
+        }
+    });
 }
 
 /// Watch `recorder` of a mount of `image` (tree `tree`) until its reads

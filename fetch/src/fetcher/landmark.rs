@@ -64,33 +64,87 @@ impl Fetcher {
     pub async fn fetch_region(&self, layer: &Digest, chunks: &[ChunkLoc]) -> RegionFetch {
         let mut done = RegionFetch::default();
         for piece in pieces(chunks, REGION_PIECE) {
-            let taken = claim(&self.inner, piece);
-            if taken.is_empty() {
-                continue;
+            // One request per piece, holes and all.
+            let r = self.fetch_run(layer, piece, u64::MAX).await;
+            done.requests += r.requests;
+            done.chunks += r.chunks;
+            done.failed += r.failed;
+        }
+        done
+    }
+
+    /// Fetch `chunks` of layer `layer` (neighbours, or near ones) as one
+    /// Range request of the caller's own, spanning them all (the bytes
+    /// between them too), at on-demand priority but on no worker: the
+    /// workers stay free for readers. Chunks in the store or being fetched
+    /// are left alone (where that leaves a hole of more than `max_hole`
+    /// bytes, the request is cut in two there, both made at once); queued
+    /// ones are taken off the queue with their waiters, and a reader asking
+    /// for one of them meanwhile joins this request. Background work waits
+    /// a quiet spell from its end, as after a reader's request. Every
+    /// chunk is checked before it is stored.
+    pub async fn fetch_run(
+        &self,
+        layer: &Digest,
+        chunks: &[ChunkLoc],
+        max_hole: u64,
+    ) -> RegionFetch {
+        let mut taken = claim(&self.inner, chunks);
+        if taken.is_empty() {
+            return RegionFetch::default();
+        }
+        taken.sort_by_key(|c| c.offset);
+        let mut parts: Vec<Vec<ChunkLoc>> = Vec::new();
+        for c in taken {
+            match parts.last_mut() {
+                Some(p)
+                    if c.offset
+                        <= p.iter()
+                            .map(|l| l.compressed_end)
+                            .max()
+                            .unwrap_or(0)
+                            .saturating_add(max_hole) =>
+                {
+                    p.push(c)
+                }
+                _ => parts.push(vec![c]),
             }
-            let start = taken.iter().map(|c| c.offset).min().unwrap_or(0);
-            let end = taken
+        }
+        let began = Instant::now();
+        let requests = parts.len();
+        self.inner.state.lock().own_running += 1;
+        let fetched = parts.into_iter().map(|jobs| {
+            let start = jobs.iter().map(|c| c.offset).min().unwrap_or(0);
+            let end = jobs
                 .iter()
                 .map(|c| c.compressed_end)
                 .max()
                 .unwrap_or(start);
-            let began = Instant::now();
-            done.requests += 1;
-            done.chunks += taken.len();
+            let chunks = jobs.len();
             let batch = Batch {
                 layer: layer.clone(),
                 start,
                 end,
-                jobs: taken,
+                jobs,
                 background: false,
             };
-            done.failed += run_batch(&self.inner, batch).await;
-            // Hydration and planned prefetch start only after a quiet
-            // spell from here, as after a reader's request.
-            self.inner.state.lock().quiet_from(Instant::now());
-            tracing::debug!(layer = %layer.short(), start, bytes = end - start, secs = began.elapsed().as_secs_f64(), "landmarked region piece");
+            async move {
+                let failed = run_batch(&self.inner, batch).await;
+                tracing::debug!(layer = %layer.short(), start, bytes = end - start, chunks, failed, secs = began.elapsed().as_secs_f64(), "run of chunks fetched");
+                (chunks, failed)
+            }
+        });
+        let done = futures::future::join_all(fetched).await;
+        {
+            let mut st = self.inner.state.lock();
+            st.own_running -= 1;
+            st.quiet_from(Instant::now());
         }
-        done
+        RegionFetch {
+            requests,
+            chunks: done.iter().map(|(c, _)| c).sum(),
+            failed: done.iter().map(|(_, f)| f).sum(),
+        }
     }
 
     /// [`Fetcher::fetch_region`] on a task of its own, for each layer of

@@ -550,7 +550,10 @@ impl Fetcher {
             if (trusted_only && src.class().other_node()) || resting(inner, &*src) {
                 continue;
             }
-            match read_once(inner, &*src, blob, start, len).await {
+            let began = Instant::now();
+            let r = read_once(inner, &*src, blob, start, len).await;
+            tracing::trace!(source = %src.name(), blob = %blob.short(), start, len, ok = r.is_ok(), secs = began.elapsed().as_secs_f64(), "unverified read");
+            match r {
                 Ok(b) => return Ok(b),
                 Err(e) => {
                     if !passed_on(&e) {

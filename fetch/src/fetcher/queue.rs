@@ -34,6 +34,10 @@ pub(super) struct State {
     /// Queued jobs by position in their layer.
     by_layer: HashMap<Digest, BTreeMap<u64, Vec<Digest>>>,
     background_running: usize,
+    /// Requests of the callers' own at on-demand priority running now
+    /// (a profile's runs, a landmarked region's pieces): background work
+    /// waits for them as for a reader's.
+    pub(super) own_running: usize,
     /// When an on-demand request last arrived or started.
     last_on_demand: Option<Instant>,
 }
@@ -257,9 +261,10 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     let mut st = inner.state.lock();
     let st = &mut *st;
     let background;
-    let quiet = st
-        .last_on_demand
-        .is_none_or(|t| t.elapsed() >= inner.opts.quiet);
+    let quiet = st.own_running == 0
+        && st
+            .last_on_demand
+            .is_none_or(|t| t.elapsed() >= inner.opts.quiet);
     let first = if let Some((_, d)) = st.order[0].first().cloned() {
         background = false;
         st.last_on_demand = Some(Instant::now());
@@ -341,6 +346,7 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
 /// Fetch (or find stored) the chunks of `batch`, and tell their waiters;
 /// returns how many failed.
 pub(super) async fn run_batch(inner: &Arc<Inner>, batch: Batch) -> usize {
+    let began = Instant::now();
     tracing::debug!(
         layer = %batch.layer.short(),
         start = batch.start,
@@ -377,6 +383,14 @@ pub(super) async fn run_batch(inner: &Arc<Inner>, batch: Batch) -> usize {
         results.extend(outcome);
     }
     let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    tracing::debug!(
+        layer = %batch.layer.short(),
+        start = batch.start,
+        bytes = batch.end - batch.start,
+        failed,
+        secs = began.elapsed().as_secs_f64(),
+        "range request done"
+    );
     let mut st = inner.state.lock();
     for (d, r) in results {
         if let Some(job) = st.jobs.remove(&d) {
