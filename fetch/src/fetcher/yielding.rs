@@ -360,7 +360,8 @@ impl Yielder {
 
     /// The largest background request worth making now: the smallest window
     /// of the sources measured so far (a bigger request would go alone and
-    /// be paced), at least [`MIN_WINDOW`].
+    /// be paced), at least one [`UNIT`] (smaller requests would cost a peer
+    /// more per byte than they spare the link).
     pub(super) fn range_cap(&self) -> u64 {
         self.windows
             .lock()
@@ -369,7 +370,7 @@ impl Yielder {
             .map(|w| w.cwnd as u64)
             .min()
             .unwrap_or(MAX_WINDOW)
-            .max(MIN_WINDOW)
+            .max(UNIT)
     }
 
     /// Every source's report.
