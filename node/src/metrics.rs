@@ -332,27 +332,6 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
     p.finish()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative_and_labels_escaped() {
-        let mut h = Histogram::default();
-        for s in [0.0005, 0.003, 0.003, 20.0] {
-            h.observe(s);
-        }
-        let mut p = PromText::new();
-        p.family("lat", "histogram", "test");
-        p.histogram("lat", &[("source", "pe\"er")], &h);
-        let page = p.finish();
-        assert!(page.contains("lat_bucket{source=\"pe\\\"er\",le=\"0.001\"} 1\n"));
-        assert!(page.contains("lat_bucket{source=\"pe\\\"er\",le=\"0.005\"} 3\n"));
-        assert!(page.contains("lat_bucket{source=\"pe\\\"er\",le=\"+Inf\"} 4\n"));
-        assert!(page.contains("lat_count{source=\"pe\\\"er\"} 4\n"));
-    }
-}
-
 /// The background window of each source (`yielding` in the fetcher).
 fn background(p: &mut PromText, windows: &std::collections::BTreeMap<String, YieldStats>) {
     type Field = fn(&YieldStats) -> f64;
@@ -405,5 +384,26 @@ fn background(p: &mut PromText, windows: &std::collections::BTreeMap<String, Yie
         for (source, w) in windows {
             p.sample(name, &[("source", source)], field(w));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_labels_escaped() {
+        let mut h = Histogram::default();
+        for s in [0.0005, 0.003, 0.003, 20.0] {
+            h.observe(s);
+        }
+        let mut p = PromText::new();
+        p.family("lat", "histogram", "test");
+        p.histogram("lat", &[("source", "pe\"er")], &h);
+        let page = p.finish();
+        assert!(page.contains("lat_bucket{source=\"pe\\\"er\",le=\"0.001\"} 1\n"));
+        assert!(page.contains("lat_bucket{source=\"pe\\\"er\",le=\"0.005\"} 3\n"));
+        assert!(page.contains("lat_bucket{source=\"pe\\\"er\",le=\"+Inf\"} 4\n"));
+        assert!(page.contains("lat_count{source=\"pe\\\"er\"} 4\n"));
     }
 }
