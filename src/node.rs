@@ -68,6 +68,12 @@ pub struct NodeArgs {
     /// cloud link); on-demand reads always go first.
     #[arg(long, value_name = "SIZE")]
     prefetch_rate: Option<String>,
+    /// Background requests keep each source's queuing delay (its round
+    /// trip beyond its best) under MS milliseconds: a delay-based window per
+    /// source that shrinks when another node's reads fill a shared link
+    /// [default: 25; 0: off].
+    #[arg(long, value_name = "MS")]
+    background_target: Option<u64>,
     /// Seconds a read waits for a missing chunk before it fails with EIO.
     #[arg(long)]
     deadline: Option<u64>,
@@ -118,6 +124,7 @@ impl NodeArgs {
             relay: self.relay.clone(),
             plain_http: self.client.plain_http.then_some(true),
             prefetch_rate: self.prefetch_rate.clone(),
+            background_target_ms: self.background_target,
             deadline: self.deadline,
             parallel: self.parallel,
             token_file: self.token_file.clone(),

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, modules inside.
 
+mod background;
 mod bad_input;
 mod corpus;
 mod crash;

@@ -147,19 +147,43 @@ pub fn report(
         .collect::<HashMap<&str, u64>>()
         .values()
         .sum();
+    let strategies = if o.strategies == Strategy::ALL {
+        String::new()
+    } else {
+        let flags: Vec<&str> = o.strategies.iter().map(|s| s.flag()).collect();
+        format!(" --strategies {}", flags.join(","))
+    };
+    let subset = if o.strategies == Strategy::ALL {
+        String::new()
+    } else {
+        let left: Vec<&str> = Strategy::ALL
+            .iter()
+            .filter(|s| !o.strategies.contains(s))
+            .map(|s| s.name())
+            .collect();
+        format!(
+            " A subset of the strategies ran; not run: {}.",
+            if left.is_empty() {
+                "none".to_string()
+            } else {
+                left.join(", ")
+            }
+        )
+    };
     let per_cluster: Vec<usize> = (0..o.clusters)
         .map(|c| deps.iter().filter(|d| d.cluster == c).count())
         .collect();
     format!(
         "### Edge testbed\n\n`cargo bench --bench testbed -- --clusters {} --nodes {} --deployments {} --replay-secs {} --seed {} \
-         --cloud-rtt {} --cloud-mbit {} --peer-rtt {} --peer-mbit {} --cross-rtt {} --cross-mbit {} --families {}`\n\n\
+         --cloud-rtt {} --cloud-mbit {} --peer-rtt {} --peer-mbit {} --cross-rtt {} --cross-mbit {} --families {}{strategies}`\n\n\
          {} deployments of {} images (the IBM trace sample's order and arrival times scaled into {} s, versions advancing \
          v1 → point → v2; deployments per cluster {:?}) on {} clusters × {} nodes. Links: each cluster reaches the \
          registry through its own {} ms / {} Mbit/s link shared by its nodes; node ↔ node {} ms / {} Mbit/s inside a \
          cluster, {} ms / {} Mbit/s across (one shared link per pair of clusters); a breakfs node's background work \
-         (prefetch) at most {:.2} MB/s (half the cluster's cloud link over its nodes). The images' distinct layers are {:.0} MB \
+         (prefetch) at most {:.2} MB/s (half the cluster's cloud link over its nodes) and within each source's delay-based \
+         window (25 ms queuing target). The images' distinct layers are {:.0} MB \
          compressed as built, {:.0} MB refactored jointly. Seed {}. Every deployment's rootfs matched the \
-         original image on sampled file hashes. Machine: {}. Set-up {:.0} s (cached parts reused), total {:.0} s.\n\n{table}{}",
+         original image on sampled file hashes.{subset} Machine: {}. Set-up {:.0} s (cached parts reused), total {:.0} s.\n\n{table}{}{}",
         o.clusters,
         o.nodes,
         o.deployments,
@@ -192,6 +216,46 @@ pub fn report(
         setup_secs,
         started.elapsed().as_secs_f64(),
         estimator_note(results),
+        ablation_note(results),
+    )
+}
+
+/// Full breakfs' median against each ablation's, measured in the same run.
+fn ablation_note(results: &[(Strategy, Outcome)]) -> String {
+    let med = |s: Strategy| {
+        results
+            .iter()
+            .find(|(x, _)| *x == s)
+            .map(|(_, v)| median(&v.secs))
+    };
+    let Some(full) = med(Strategy::Breakfs) else {
+        return String::new();
+    };
+    let ablations = [
+        Strategy::NoRefactor,
+        Strategy::NoPeers,
+        Strategy::NoPrefetch,
+        Strategy::NoSched,
+    ];
+    let rows: Vec<String> = ablations
+        .iter()
+        .filter_map(|&a| {
+            let m = med(a)?;
+            let verdict = if full <= m { "≤" } else { "**>**" };
+            Some(format!(
+                "| {} | {m:.2} s | {:.2} | {verdict} |\n",
+                a.name(),
+                full / m
+            ))
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nFull breakfs' median ({full:.2} s) against each ablation's, same run:\n\n\
+         | ablation | its median | breakfs ÷ it | breakfs |\n|---|---:|---:|---|\n{}",
+        rows.concat()
     )
 }
 

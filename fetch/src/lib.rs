@@ -43,7 +43,7 @@ pub use cas::{ContentStore, merge_ranges};
 pub use error::{Error, Result};
 pub use fetcher::{
     ChunkLoc, FetchOptions, FetchStats, Fetcher, PEER_REST, Priority, REGION_PIECE, RangeFlight,
-    RegionFetch, SourceStats, landmarked_chunks,
+    RegionFetch, SourceStats, YieldStats, landmarked_chunks,
 };
 pub use layout::OciLayout;
 pub use meta::{Hydration, chunk_loc, chunk_loc_or_why, layer_chunk_locs, lazy_chunk_locs};

@@ -71,6 +71,7 @@ pub(crate) async fn build(
         attempt_timeout: (c.deadline / 3).max(Duration::from_secs(1)),
         keep_ranges: true,
         background_rate: c.prefetch_rate,
+        background_target: c.background_target,
         ..FetchOptions::default()
     };
     let relay = Relay::new(&c.relay, &c.client, c.token.clone());

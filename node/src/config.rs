@@ -11,6 +11,9 @@ use serde::Deserialize;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::holder::KeepMounts;
+
+/// The queuing delay background requests keep a source under by default.
+pub const BACKGROUND_TARGET: Duration = Duration::from_millis(25);
 use crate::{DEFAULT_SOCKET, Error, Result};
 
 /// A node daemon's settings (`breakfs node` merges its flags and config
@@ -34,6 +37,9 @@ pub struct Config {
     pub client: ClientOptions,
     /// Background work at most this many bytes per second.
     pub prefetch_rate: Option<u64>,
+    /// Background requests keep each source's queuing delay under this
+    /// (`None`: not windowed, only `prefetch_rate` holds them back).
+    pub background_target: Option<Duration>,
     /// How long a read waits for a missing chunk.
     pub deadline: Duration,
     /// Parallel range requests.
@@ -64,6 +70,7 @@ impl Config {
             relay: Vec::new(),
             client: ClientOptions::default(),
             prefetch_rate: None,
+            background_target: Some(BACKGROUND_TARGET),
             deadline: Duration::from_secs(30),
             parallel: 8,
             token: None,
@@ -102,6 +109,9 @@ pub struct Settings {
     pub plain_http: Option<bool>,
     /// Background work at most this size per second (e.g. `2MiB`).
     pub prefetch_rate: Option<String>,
+    /// Milliseconds of queuing delay background requests keep each source
+    /// under; 0: not windowed [default: 25].
+    pub background_target_ms: Option<u64>,
     /// Seconds a read waits for a missing chunk [default: 30].
     pub deadline: Option<u64>,
     /// Parallel range requests [default: 8].
@@ -158,6 +168,7 @@ impl Settings {
             relay,
             plain_http: self.plain_http.or(base.plain_http),
             prefetch_rate: self.prefetch_rate.or(base.prefetch_rate),
+            background_target_ms: self.background_target_ms.or(base.background_target_ms),
             deadline: self.deadline.or(base.deadline),
             parallel: self.parallel.or(base.parallel),
             token_file: self.token_file.or(base.token_file),
@@ -217,6 +228,11 @@ impl Settings {
                 relay: self.relay,
                 client,
                 prefetch_rate,
+                background_target: match self.background_target_ms {
+                    None => Some(BACKGROUND_TARGET),
+                    Some(0) => None,
+                    Some(ms) => Some(Duration::from_millis(ms)),
+                },
                 deadline: Duration::from_secs(self.deadline.unwrap_or(30).max(1)),
                 parallel: self.parallel.unwrap_or(8).max(1),
                 token,

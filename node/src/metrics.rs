@@ -5,7 +5,7 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use breakfs_fetch::{Histogram, LATENCY_BOUNDS};
+use breakfs_fetch::{Histogram, LATENCY_BOUNDS, YieldStats};
 
 use crate::server::NodeService;
 
@@ -178,6 +178,7 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
         "Layers assembled into whole, verified blobs.",
         stats.layers_completed as f64,
     );
+    background(&mut p, &stats.background);
     p.single(
         "breakfs_fetch_queued",
         "gauge",
@@ -330,6 +331,61 @@ pub(crate) fn page(svc: &NodeService, used: u64) -> String {
     svc.mounts.metrics(&mut p);
     svc.snapshot_stats.metrics(&mut p);
     p.finish()
+}
+
+/// The background window of each source (`yielding` in the fetcher).
+fn background(p: &mut PromText, windows: &std::collections::BTreeMap<String, YieldStats>) {
+    type Field = fn(&YieldStats) -> f64;
+    let families: [(&str, &str, &str, Field); 7] = [
+        (
+            "breakfs_background_window_bytes",
+            "gauge",
+            "Background bytes a source may have in flight now.",
+            |w| w.window as f64,
+        ),
+        (
+            "breakfs_background_window_low_bytes",
+            "gauge",
+            "The smallest background window since it last peaked.",
+            |w| w.window_low as f64,
+        ),
+        (
+            "breakfs_background_queuing_seconds",
+            "gauge",
+            "A source's queuing delay now: its round trip beyond its best.",
+            |w| w.queuing,
+        ),
+        (
+            "breakfs_background_base_rtt_seconds",
+            "gauge",
+            "A source's best round trip lately.",
+            |w| w.base_rtt,
+        ),
+        (
+            "breakfs_background_over_target_total",
+            "counter",
+            "Requests that measured a queuing delay over the target.",
+            |w| w.over_target as f64,
+        ),
+        (
+            "breakfs_background_held_total",
+            "counter",
+            "Background requests that waited for their source's window.",
+            |w| w.held as f64,
+        ),
+        (
+            "breakfs_background_promoted_total",
+            "counter",
+            "Held background requests let go at once for a reader.",
+            |w| w.promoted as f64,
+        ),
+    ];
+    for (name, kind, help, field) in families {
+        p.family(name, kind, help);
+        for (source, w) in windows {
+            p.sample(name, &[("source", source)], field(w));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //!
 //! The parts: `queue` (jobs, batches, workers, pacing), `verified`
 //! (a range tried on each source, every chunk checked before it is stored),
-//! `health` (retries, counters, resting peers), `assemble` (kept
+//! `health` (retries, counters, resting peers), `yielding` (background
+//! requests held to a delay-based window per source, so that they yield
+//! the link to readers, this node's and others'), `assemble` (kept
 //! ranges into a whole layer blob) and `landmark` (an eStargz layer's
 //! prefetch region, fetched at mount).
 
@@ -21,6 +23,7 @@ mod health;
 mod landmark;
 mod queue;
 mod verified;
+mod yielding;
 
 #[cfg(test)]
 mod tests;
@@ -42,6 +45,8 @@ use health::{backoff, concrete_sources, passed_on, read_once, record_failure, re
 use health::{rest, resting, retry_delays};
 pub use landmark::{REGION_PIECE, RegionFetch, landmarked_chunks};
 use queue::State;
+pub use yielding::YieldStats;
+use yielding::Yielder;
 
 /// Where one chunk's bytes sit inside an eStargz layer blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +104,10 @@ pub struct FetchOptions {
     /// Background work (hydration, prefetch) moves at most this many
     /// bytes per second, whatever its source; `None`: no limit.
     pub background_rate: Option<u64>,
+    /// Background requests to a source keep its queuing delay under this
+    /// (a delay-based window per source, see `yielding`); `None`: they
+    /// are not windowed.
+    pub background_target: Option<Duration>,
 }
 
 impl Default for FetchOptions {
@@ -115,6 +124,7 @@ impl Default for FetchOptions {
             deadline: Duration::from_secs(30),
             keep_ranges: false,
             background_rate: None,
+            background_target: Some(yielding::TARGET),
         }
     }
 }
@@ -151,6 +161,9 @@ pub struct FetchStats {
     pub latency: BTreeMap<String, Histogram>,
     /// Layers assembled into whole, verified blobs.
     pub layers_completed: u64,
+    /// The background window of each source measured so far.
+    #[serde(default)]
+    pub background: BTreeMap<String, YieldStats>,
 }
 
 /// What a waiter on a chunk learns: stored, or why not.
@@ -175,6 +188,11 @@ struct Inner {
     /// body, a refused redirect), by source name, and until when they are
     /// not asked.
     resting: Mutex<HashMap<String, Instant>>,
+    /// The background windows, one per source.
+    yielder: Yielder,
+    /// Told when a reader comes to wait on a chunk that background work
+    /// already took: a held request carrying it goes at once.
+    promoted: Notify,
 }
 
 impl Inner {
@@ -274,6 +292,7 @@ impl Fetcher {
         opts: FetchOptions,
     ) -> Fetcher {
         let workers = opts.workers.max(1);
+        let opts_target = opts.background_target.unwrap_or(yielding::TARGET);
         let inner = Arc::new(Inner {
             store,
             sources,
@@ -287,6 +306,8 @@ impl Fetcher {
             bad: Mutex::new(HashSet::new()),
             next_background: Mutex::new(None),
             resting: Mutex::new(HashMap::new()),
+            yielder: Yielder::new(opts_target),
+            promoted: Notify::new(),
         });
         for _ in 0..workers {
             let inner = inner.clone();
@@ -312,6 +333,7 @@ impl Fetcher {
     pub fn stats(&self) -> FetchStats {
         let mut s = self.inner.stats.lock().clone();
         s.queued = self.inner.state.lock().jobs.len();
+        s.background = self.inner.yielder.stats();
         s
     }
 

@@ -112,7 +112,12 @@ fn insert(
     match st.jobs.get_mut(&loc.digest) {
         Some(job) => {
             job.waiters.push(tx);
-            if prio < job.prio && !job.running {
+            if prio < job.prio && job.running {
+                // A reader now waits on a batch that may be held at its
+                // background window: let it go.
+                job.prio = prio;
+                inner.promoted.notify_waiters();
+            } else if prio < job.prio {
                 st.order[job.prio as usize].remove(&(job.seq, loc.digest.clone()));
                 job.prio = prio;
                 job.seq = seq;
@@ -279,7 +284,7 @@ fn take_batch(inner: &Inner) -> Option<Batch> {
     let loc = st.jobs.get(&first)?.loc.clone();
     let positions = st.by_layer.get(&loc.layer)?;
     let max_range = if background {
-        inner.opts.background_range
+        inner.opts.background_range.min(inner.yielder.range_cap())
     } else {
         inner.opts.max_range
     };
@@ -358,7 +363,12 @@ pub(super) async fn run_batch(inner: &Arc<Inner>, batch: Batch) -> usize {
     // All background work is paced, from peers too: unpaced prefetch from
     // peers took the CPU and links that deployments needed (testbed).
     if batch.background {
-        pace_background(inner, batch.end - batch.start).await;
+        unless_promoted(
+            inner,
+            &batch.jobs,
+            pace_background(inner, batch.end - batch.start),
+        )
+        .await;
     }
     let mut results: Vec<(Digest, Outcome)> = Vec::new();
     // Chunks another path stored meanwhile need no fetch; the range is
@@ -400,6 +410,38 @@ pub(super) async fn run_batch(inner: &Arc<Inner>, batch: Batch) -> usize {
         }
     }
     failed
+}
+
+/// Whether a reader waits on any of `jobs` (taken as background work).
+pub(super) fn promoted(inner: &Inner, jobs: &[ChunkLoc]) -> bool {
+    let st = inner.state.lock();
+    jobs.iter().any(|j| {
+        st.jobs
+            .get(&j.digest)
+            .is_some_and(|job| job.prio == Priority::OnDemand)
+    })
+}
+
+/// Run `wait` (a background batch's pause) unless or until a reader comes
+/// to wait on one of `jobs`; returns whether one did.
+pub(super) async fn unless_promoted(
+    inner: &Inner,
+    jobs: &[ChunkLoc],
+    wait: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::pin!(wait);
+    loop {
+        let told = inner.promoted.notified();
+        tokio::pin!(told);
+        told.as_mut().enable();
+        if promoted(inner, jobs) {
+            return true;
+        }
+        tokio::select! {
+            _ = &mut wait => return false,
+            _ = told => {}
+        }
+    }
 }
 
 /// Wait until the background rate limit lets `bytes` go.

@@ -412,3 +412,111 @@ async fn a_chunk_over_half_the_budget_stays_and_its_range_gives_way() {
     drop(pin);
     assert_eq!(cloud.calls.load(Ordering::Relaxed), 1);
 }
+
+/// A cloud whose every request takes 5 ms plus, while `congested`, the
+/// queue of a full link.
+struct Congested {
+    blob: Vec<u8>,
+    congested: std::sync::atomic::AtomicBool,
+    queue: Duration,
+}
+
+impl Source for Congested {
+    fn name(&self) -> String {
+        "cloud".into()
+    }
+    fn read_range<'a>(
+        &'a self,
+        _blob: &'a Digest,
+        start: u64,
+        len: u64,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let mut took = Duration::from_millis(5);
+            if self.congested.load(Ordering::Relaxed) {
+                took += self.queue;
+            }
+            tokio::time::sleep(took).await;
+            Ok(self.blob[start as usize..(start + len) as usize].to_vec())
+        })
+    }
+}
+
+/// A layer of `n` incompressible members of `size` bytes each.
+fn layer_of_members(n: usize, size: usize) -> (Vec<u8>, Vec<ChunkLoc>) {
+    let mut blob = Vec::new();
+    let mut locs = Vec::new();
+    let layer = Digest::of(b"a layer of members");
+    for i in 0..n {
+        let content: Vec<u8> = (0..size)
+            .map(|k| ((k * 7919 + i * 104_729) % 251) as u8 ^ (k >> 3) as u8)
+            .collect();
+        let member = gzip(&content);
+        locs.push(ChunkLoc {
+            layer: layer.clone(),
+            offset: blob.len() as u64,
+            compressed_end: (blob.len() + member.len()) as u64,
+            inner_offset: 0,
+            size: content.len() as u64,
+            digest: Digest::of(&content),
+        });
+        blob.extend(member);
+    }
+    (blob, locs)
+}
+
+#[tokio::test]
+async fn background_windows_shrink_on_a_queued_link_and_readers_pass_held_requests() {
+    let (blob, locs) = layer_of_members(24, 64 << 10);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let cloud = Arc::new(Congested {
+        blob,
+        congested: false.into(),
+        queue: Duration::from_millis(600),
+    });
+    let opts = FetchOptions {
+        quiet: Duration::ZERO,
+        background_workers: 1,
+        ..FetchOptions::default()
+    };
+    let f = Fetcher::new(store, vec![cloud.clone()], opts);
+    // Uncongested first: the base round trip is measured.
+    let first = f.ensure_all(&locs[..4], Priority::OnDemand, None).await;
+    assert!(first.iter().all(|r| r.is_ok()));
+    let window = |f: &Fetcher| f.stats().background.get("cloud").cloned().unwrap();
+    assert_eq!(window(&f).over_target, 0, "{:?}", window(&f));
+    // Then the link queues (another node's reads): hydration's window
+    // shrinks, and its requests bigger than the window are paced.
+    cloud.congested.store(true, Ordering::Relaxed);
+    let hydration = {
+        let (f, rest) = (f.clone(), locs[4..].to_vec());
+        tokio::spawn(async move { f.ensure_all(&rest, Priority::Background, None).await })
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let floor = super::yielding::MIN_WINDOW;
+    while window(&f).window > floor {
+        assert!(std::time::Instant::now() < until, "{:?}", window(&f));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let w = window(&f);
+    assert!(w.over_target >= 1, "{w:?}");
+    assert!(w.queuing > super::yielding::TARGET.as_secs_f64(), "{w:?}");
+    // At the floor a member (64 KiB) goes alone and the next waits about
+    // three times as long as it took (seconds): wait for one to be held.
+    let held = w.held;
+    while window(&f).held == held {
+        assert!(std::time::Instant::now() < until, "{:?}", window(&f));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A reader now wants every chunk: the one held in the window goes at
+    // once instead of after its pacing (seconds), the queued ones ahead of
+    // hydration.
+    cloud.congested.store(false, Ordering::Relaxed);
+    let reads = f
+        .ensure_all(&locs, Priority::OnDemand, Some(Duration::from_secs(10)))
+        .await;
+    assert!(reads.iter().all(|r| r.is_ok()), "{reads:?}");
+    assert!(window(&f).promoted >= 1, "{:?}", window(&f));
+    assert!(hydration.await.unwrap().iter().all(|r| r.is_ok()));
+}

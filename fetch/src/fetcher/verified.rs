@@ -4,11 +4,13 @@
 //! again.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use breakfs_index::{Causes, Digest};
 
 use super::health::{backoff, passed_on, read_once, record_failure};
 use super::health::{rest, resting, retry_delays};
+use super::queue::promoted;
 use super::{ChunkLoc, Inner, Outcome, Priority};
 use crate::{ContentStore, Error, Source, SourceClass};
 
@@ -44,15 +46,15 @@ pub(super) async fn fetch_verified(
 ) -> Vec<(Digest, Outcome)> {
     let (chain, planned, rest) = plan(inner, layer, jobs, prio).await;
     if planned.is_empty() {
-        return down_the_chain(inner, layer, &chain, rest, start, end).await;
+        return down_the_chain(inner, layer, &chain, rest, (start, end), prio).await;
     }
     let asked = planned.into_iter().map(|(src, run)| {
         let (s, e) = span(&run);
-        try_source(inner, layer, src, run, s, e, 1)
+        try_source(inner, layer, src, run, (s, e), 1, prio)
     });
     let chained = runs(rest).into_iter().map(|run| {
-        let (s, e) = span(&run);
-        down_the_chain(inner, layer, &chain, run, s, e)
+        let span = span(&run);
+        down_the_chain(inner, layer, &chain, run, span, prio)
     });
     let (asked, chained) = futures::future::join(
         futures::future::join_all(asked),
@@ -66,8 +68,8 @@ pub(super) async fn fetch_verified(
         failed.extend(t.failed);
     }
     let again = runs(failed).into_iter().map(|run| {
-        let (s, e) = span(&run);
-        down_the_chain(inner, layer, &chain, run, s, e)
+        let span = span(&run);
+        down_the_chain(inner, layer, &chain, run, span, prio)
     });
     done.extend(futures::future::join_all(again).await.into_iter().flatten());
     done
@@ -152,8 +154,8 @@ async fn down_the_chain(
     layer: &Digest,
     chain: &[Arc<dyn Source>],
     jobs: Vec<ChunkLoc>,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
+    prio: Priority,
 ) -> Vec<(Digest, Outcome)> {
     let mut done: Vec<(Digest, Outcome)> = Vec::new();
     let mut pending = jobs;
@@ -164,7 +166,16 @@ async fn down_the_chain(
             break;
         }
         let attempts = inner.opts.attempts.max(1);
-        let t = try_source(inner, layer, src.clone(), pending, start, end, attempts).await;
+        let t = try_source(
+            inner,
+            layer,
+            src.clone(),
+            pending,
+            (start, end),
+            attempts,
+            prio,
+        )
+        .await;
         done.extend(t.done);
         if let Some(e) = t.error {
             last_error = e;
@@ -192,15 +203,17 @@ struct Tried {
 
 /// The chunks `pending` as the range `[start, end)` of `layer` from `src`,
 /// in up to `attempts` attempts: each chunk checked and stored, the range
-/// kept when all of it checked out.
+/// kept when all of it checked out. Every attempt on another node or the
+/// cloud is measured for the source's background window; a background one
+/// waits for room in it first.
 async fn try_source(
     inner: &Arc<Inner>,
     layer: &Digest,
     src: Arc<dyn Source>,
     pending: Vec<ChunkLoc>,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     attempts: u32,
+    prio: Priority,
 ) -> Tried {
     let name = src.name();
     let mut tried = Tried {
@@ -221,8 +234,24 @@ async fn try_source(
     let len = end - start;
     let mut got = None;
     let mut delays = retry_delays();
+    let measured = src.class() != SourceClass::Local;
     for attempt in 0..attempts {
-        let err = match read_once(inner, &*src, layer, start, len).await {
+        let windowed = measured
+            && prio == Priority::Background
+            && inner.opts.background_target.is_some()
+            && hold(inner, &name, &pending, len).await;
+        let began = Instant::now();
+        let r = read_once(inner, &*src, layer, start, len).await;
+        if measured {
+            let y = &inner.yielder;
+            match &r {
+                Ok(_) => y.finish(&name, len, began.elapsed(), windowed, true),
+                // Not here, or busy: a quick answer that measures nothing.
+                Err(e) if passed_on(e) => y.release(&name, len, windowed),
+                Err(_) => y.finish(&name, len, began.elapsed(), windowed, false),
+            }
+        }
+        let err = match r {
             Ok(b) => {
                 got = Some(b);
                 break;
@@ -305,6 +334,48 @@ async fn try_source(
         }
     }
     tried
+}
+
+/// Wait until `source`'s background window has room for `len` bytes, or a
+/// reader comes to wait on one of `jobs` (then the request goes at once, as
+/// the reader's). Returns whether the request took room in the window.
+async fn hold(inner: &Inner, source: &str, jobs: &[ChunkLoc], len: u64) -> bool {
+    let y = &inner.yielder;
+    let mut held = false;
+    loop {
+        let (changed, told) = (y.changed.notified(), inner.promoted.notified());
+        tokio::pin!(changed, told);
+        changed.as_mut().enable();
+        told.as_mut().enable();
+        if promoted(inner, jobs) {
+            if held {
+                y.count(source, false, true);
+            }
+            return false;
+        }
+        let until = match y.try_start(source, len) {
+            Ok(()) => return true,
+            Err(until) => until,
+        };
+        if inner.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        if !held {
+            y.count(source, true, false);
+            held = true;
+        }
+        // Room comes when a request in flight ends (`changed`); pacing ends
+        // at its time; a second at most between looks either way.
+        let pause = until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = changed => {}
+            _ = told => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 /// Why a fetched chunk was not stored.
