@@ -481,7 +481,7 @@ fn bench_refactor_profile(
     )?;
     let profiled = format!("docker://{}/{repo}", env.link);
     // The optimized eStargz (cached per image).
-    let converted = estargz::converted(&env.tmp, std::slice::from_ref(img))?;
+    let converted = estargz::converted(&env.tmp, std::slice::from_ref(img), None)?;
     estargz::push(&converted, std::slice::from_ref(img), |r| reg.reference(r))?;
     let optimized = format!(
         "docker://{}/{}/{}:{}",
