@@ -99,8 +99,10 @@ impl WrittenLayer {
     }
 }
 
-/// Uncompressed bytes gathered before a batch is compressed in parallel.
-const BATCH_BYTES: usize = 64 << 20;
+/// Uncompressed bytes gathered before a batch is compressed in parallel
+/// (two layers are written at once: both batches, and what they compress
+/// to, stay inside a refactoring's 128 MiB).
+const BATCH_BYTES: usize = 32 << 20;
 /// Most header and padding bytes in one member between payloads.
 const MAX_HEADER_BYTES: usize = 1 << 20;
 
