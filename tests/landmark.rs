@@ -11,7 +11,6 @@
 //! the tree.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -99,28 +98,6 @@ fn layers(reg: &TestRegistry, repo: &str, tag: &str) -> Vec<Layer> {
             }
         })
         .collect()
-}
-
-/// The `(start, end)` byte ranges the proxy saw asked of each layer.
-fn ranges_by_layer(proxy: &CountingProxy) -> BTreeMap<String, Vec<(u64, u64)>> {
-    let mut out: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
-    for (line, range) in proxy.requests_with_ranges() {
-        let Some(at) = line.find("/blobs/sha256:") else {
-            continue;
-        };
-        let digest: String = line[at + 7..]
-            .chars()
-            .take_while(|c| !c.is_whitespace())
-            .collect();
-        let span = range
-            .as_deref()
-            .and_then(|r| r.trim().strip_prefix("bytes="))
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(s, e)| Some((s.parse().ok()?, e.parse::<u64>().ok()? + 1)))
-            .unwrap_or((0, u64::MAX));
-        out.entry(digest).or_default().push(span);
-    }
-    out
 }
 
 /// The requests of a layer of `size` bytes that reach into `[start, end)`,
@@ -217,7 +194,7 @@ fn an_optimized_estargz_image_has_its_landmarked_region_fetched_at_mount() {
     // Nothing is read; the regions come by themselves.
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let seen = ranges_by_layer(&proxy);
+        let seen = proxy.ranges_by_blob();
         let missing: Vec<&str> = with_region
             .iter()
             .filter(|l| {
@@ -237,7 +214,7 @@ fn an_optimized_estargz_image_has_its_landmarked_region_fetched_at_mount() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let at_mount = ranges_by_layer(&proxy);
+    let at_mount = proxy.ranges_by_blob();
     for l in &with_region {
         let asked = inside(&at_mount[&l.digest], l.size, l.region.unwrap());
         assert!(
@@ -260,7 +237,7 @@ fn an_optimized_estargz_image_has_its_landmarked_region_fetched_at_mount() {
     let mut cmd = Command::new("chroot");
     cmd.arg(&m.point).args(&img.command);
     ok(&mut cmd);
-    let after = ranges_by_layer(&proxy);
+    let after = proxy.ranges_by_blob();
     for l in &with_region {
         let before = inside(&at_mount[&l.digest], l.size, l.region.unwrap()).len();
         let now = inside(&after[&l.digest], l.size, l.region.unwrap());
@@ -286,7 +263,7 @@ fn an_optimized_estargz_image_has_its_landmarked_region_fetched_at_mount() {
     assert_eq!(m.status()["landmarked_layers"].as_u64(), Some(0));
     // Only TOC reads: each blob's ranges join into one span of its tail
     // (a second read asks only what the first lacked, just before it).
-    let seen = ranges_by_layer(&proxy);
+    let seen = proxy.ranges_by_blob();
     for l in &plain_layers {
         let mut spans = seen.get(&l.digest).cloned().unwrap_or_default();
         spans.sort();

@@ -274,7 +274,7 @@ fn refactor_profile_lays_the_commands_files_before_the_landmark() {
     );
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let seen = ranges_by_layer(&proxy);
+        let seen = proxy.ranges_by_blob();
         let missing = with_region
             .iter()
             .filter(|l| !covers(seen.get(&l.digest).map_or(&[][..], Vec::as_slice), l))
@@ -322,28 +322,6 @@ fn ranged(proxy: &CountingProxy) -> usize {
         .iter()
         .filter(|(line, range)| line.contains("/blobs/") && range.is_some())
         .count()
-}
-
-/// The `(start, end)` byte ranges the proxy saw asked of each layer.
-fn ranges_by_layer(proxy: &CountingProxy) -> BTreeMap<String, Vec<(u64, u64)>> {
-    let mut out: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
-    for (line, range) in proxy.requests_with_ranges() {
-        let Some(at) = line.find("/blobs/sha256:") else {
-            continue;
-        };
-        let digest: String = line[at + 7..]
-            .chars()
-            .take_while(|c| !c.is_whitespace())
-            .collect();
-        let span = range
-            .as_deref()
-            .and_then(|r| r.trim().strip_prefix("bytes="))
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(s, e)| Some((s.parse().ok()?, e.parse::<u64>().ok()? + 1)))
-            .unwrap_or((0, u64::MAX));
-        out.entry(digest).or_default().push(span);
-    }
-    out
 }
 
 /// Whether `spans` cover layer `l`'s landmarked region.

@@ -85,6 +85,29 @@ impl CountingProxy {
         self.ranged.lock().expect("requests lock").clone()
     }
 
+    /// The `[start, end)` byte ranges asked of each blob so far, by digest
+    /// (`sha256:...`); a request without a Range header is the whole blob.
+    pub fn ranges_by_blob(&self) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
+        let mut out: std::collections::BTreeMap<String, Vec<(u64, u64)>> = Default::default();
+        for (line, range) in self.requests_with_ranges() {
+            let Some(at) = line.find("/blobs/sha256:") else {
+                continue;
+            };
+            let digest: String = line[at + 7..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            let span = range
+                .as_deref()
+                .and_then(|r| r.trim().strip_prefix("bytes="))
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(s, e)| Some((s.parse().ok()?, e.parse::<u64>().ok()? + 1)))
+                .unwrap_or((0, u64::MAX));
+            out.entry(digest).or_default().push(span);
+        }
+        out
+    }
+
     /// Bytes the upstream sent back so far (heads and bodies).
     pub fn bytes_down(&self) -> u64 {
         self.down.load(Ordering::Relaxed)
