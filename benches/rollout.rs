@@ -77,6 +77,9 @@ struct NodeSample {
     claims: f64,
     /// Configs and TOCs per [`META_FROMS`].
     metas: [f64; 5],
+    /// CPU time its daemon spent from the common start until every node
+    /// was ready (user + system).
+    cpu: f64,
 }
 
 /// One phase: one node alone, or the cluster at once.
@@ -84,6 +87,9 @@ struct Phase {
     nodes: Vec<NodeSample>,
     /// Bytes the registry sent during the phase (the counting proxy).
     registry: u64,
+    /// CPU seconds the shaped links (`breakfs shape`: cloud and cluster)
+    /// used meanwhile.
+    links: f64,
 }
 
 impl Phase {
@@ -247,6 +253,10 @@ fn phase(
         .map(|i| env.fresh(&format!("n{n}-mnt{i}")).map(|d| d.join("image")))
         .collect::<Result<_>>()?;
     let before = proxy.bytes_down();
+    let cpu_before: Vec<f64> = nodes.iter().map(daemon_cpu).collect();
+    let links_cpu =
+        || cpu_of(cloud.child.id()) + cluster_link.as_ref().map_or(0.0, |l| cpu_of(l.child.id()));
+    let links_before = links_cpu();
     let barrier = Barrier::new(n);
     let start = std::sync::OnceLock::new();
     let timed: Vec<(f64, f64)> = std::thread::scope(|sc| {
@@ -281,8 +291,9 @@ fn phase(
             .collect::<Result<Vec<_>>>()
     })?;
     let registry = proxy.bytes_down() - before;
+    let links = links_cpu() - links_before;
     let mut samples = Vec::new();
-    for (node, (ready, mount)) in nodes.iter().zip(timed) {
+    for ((node, (ready, mount)), cpu_before) in nodes.iter().zip(timed).zip(cpu_before) {
         let page = node.get("/metrics")?;
         let metric = |key: &str| harness::metric_of(&page, key);
         samples.push(NodeSample {
@@ -294,6 +305,7 @@ fn phase(
             claims: metric("breakfs_rollout_claims_total"),
             metas: META_FROMS
                 .map(|f| metric(&format!("breakfs_rollout_meta_total{{from=\"{f}\"}}"))),
+            cpu: daemon_cpu(node) - cpu_before,
         });
     }
     for node in &nodes {
@@ -304,7 +316,27 @@ fn phase(
     Ok(Phase {
         nodes: samples,
         registry,
+        links,
     })
+}
+
+/// CPU seconds (user + system) the daemon of `node` has used so far.
+fn daemon_cpu(node: &harness::Node) -> f64 {
+    node.child.as_ref().map_or(0.0, |c| cpu_of(c.id()))
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from /proc
+/// (0 when it cannot be read).
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: state is field 3,
+    // utime and stime fields 14 and 15, in clock ticks (USER_HZ, 100).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    ticks(14)
+        .zip(ticks(15))
+        .map_or(0.0, |(u, s)| (u + s) / 100.0)
 }
 
 /// `uptime`'s line (the load on the shared machine), or why not.
@@ -350,8 +382,8 @@ fn markdown(
             "### Run {}\n\n| node | ready (s) | of which the mount (s) | cloud MB | peer MB | \
              chunks from holder / fetching / claimed / deciding / here | chunks taken on | \
              config and TOCs from holder / fetching / deciding / here / here after a failed \
-             wait |\n\
-             |---|---|---|---|---|---|---|---|",
+             wait | daemon CPU (s) |\n\
+             |---|---|---|---|---|---|---|---|---|",
             r + 1
         );
         let rows = std::iter::once(("alone".to_string(), &alone.nodes[0])).chain(
@@ -364,14 +396,15 @@ fn markdown(
         for (name, n) in rows {
             let _ = writeln!(
                 md,
-                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} |",
+                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {:.2} |",
                 n.ready,
                 n.mount,
                 n.cloud / 1e6,
                 n.peer / 1e6,
                 counts(&n.froms),
                 n.claims,
-                counts(&n.metas)
+                counts(&n.metas),
+                n.cpu
             );
         }
         let bytes = cluster.registry as f64 / alone.registry as f64;
@@ -391,6 +424,20 @@ fn markdown(
             cluster.median_ready(),
             cluster.max_ready(),
             verdict(time <= 1.5),
+        );
+        let cpus: Vec<f64> = cluster.nodes.iter().map(|n| n.cpu).collect();
+        let _ = writeln!(
+            md,
+            "Daemon CPU (user + system, until every node was ready): {:.2} s alone; {:.2} s for the \
+             {} nodes together, median {:.2} s each. The links' emulation (`breakfs shape`) \
+             meanwhile: {:.2} s alone, {:.2} s with the {} nodes.\n",
+            alone.nodes[0].cpu,
+            cpus.iter().sum::<f64>(),
+            s.nodes,
+            median(&cpus),
+            alone.links,
+            cluster.links,
+            s.nodes,
         );
     }
     md
