@@ -269,6 +269,20 @@ impl Rollout {
         (guard, claimed)
     }
 
+    /// `chunks`, being decided, are fetched here without asking.
+    fn fetch_here(&self, chunks: &[ChunkLoc]) {
+        let mut f = self.flights.lock();
+        for c in chunks {
+            if let Some(x) = f.get_mut(&c.digest) {
+                x.stage = Stage::Fetching;
+                x.at = Instant::now();
+            }
+        }
+        self.decisions
+            .here
+            .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+    }
+
     /// Take chunk `c` of `layer` on for a peer, unless this node has a
     /// flight for it already or takes on too much; whether it did.
     fn claim(&self, layer: &Digest, c: &AskedChunk) -> bool {
@@ -446,6 +460,16 @@ pub(crate) fn plan<'a>(
     }
     Some(Box::pin(async move {
         let (deciding, claimed) = r.deciding(layer, chunks);
+        if claimed.iter().all(|&c| c) && r.interest.members(layer).len() >= urls.len() {
+            // Every chunk was taken on for a peer, and as many nodes as
+            // this node has peers want the layer: it owns their stripes
+            // among all of them, so no peer is asked about them before
+            // the fetch (a node knowing fewer that took one on too ranks
+            // below it and waits on it).
+            r.fetch_here(chunks);
+            drop(deciding);
+            return vec![None; chunks.len()];
+        }
         let query = HaveQuery {
             node: peers.me().to_string(),
             layer: layer.clone(),
