@@ -52,8 +52,10 @@ pub trait ContentSource: Sync {
 pub struct WriterOptions {
     /// Largest uncompressed chunk of a file in one gzip member (4 MiB).
     pub chunk_size: u64,
-    /// Deflate level, 0–9, on libdeflate's scale (5: fewer bytes than
-    /// zlib's 6 in a third of its time).
+    /// Deflate level, 0–9, on libdeflate's scale. 2 by default: about as
+    /// many bytes as the source images' gzip (0.99–1.01× on the corpus'
+    /// layers, 3–4% more than level 5) in two thirds of level 5's time,
+    /// which is most of the time an image that reuses little takes.
     pub level: u32,
     /// Paths to put first, before the prefetch landmark; empty for none.
     pub prefetch: Vec<String>,
@@ -68,7 +70,7 @@ impl Default for WriterOptions {
     fn default() -> Self {
         WriterOptions {
             chunk_size: 4 << 20,
-            level: 5,
+            level: 2,
             prefetch: Vec::new(),
             group_below: 64 << 10,
             member_size: 256 << 10,
