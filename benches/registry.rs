@@ -9,10 +9,12 @@
 //! every image against the floor of redundancy. Work directories go on a
 //! tmpfs (`/dev/shm`) where there is one; the destination is on disk.
 //!
-//! `cargo bench --bench registry -- [FAMILY...] [--plan-only] [--relax]`
+//! `cargo bench --bench registry -- [FAMILY...] [--plan-only] [--relax] [--level N]`
 //! (default: every corpus family, then the application families, whose
 //! images hold an earlier family's runtime). `--plan-only` runs the planner alone
-//! (no layers written; size is the uncompressed estimate, no timing).
+//! (no layers written; size is the uncompressed estimate, no timing);
+//! `--level N` writes new layers at deflate level N instead of the
+//! writer's default.
 //! Writes the report to stdout, target/bench-registry.md and
 //! docs/results/registry.md.
 #![allow(clippy::unwrap_used)]
@@ -156,6 +158,8 @@ struct Pipeline {
     rt: tokio::runtime::Runtime,
     dest: PathBuf,
     relax: bool,
+    /// Deflate level of new layers (`--level N`; the writer's default).
+    level: u32,
 }
 
 impl Pipeline {
@@ -176,14 +180,11 @@ impl Pipeline {
     ) -> Result<()> {
         let src = ImageRef::parse(&image.reference)?;
         let dest = ImageRef::parse(&format!("oci:{}:{tag}", self.dest.display()))?;
+        let mut o = options(work, false, self.relax);
+        o.writer.level = self.level;
         let t = Instant::now();
         let cpu0 = cpu_seconds(UsageWho::RUSAGE_SELF)?;
-        let reports = self.rt.block_on(refactor(
-            &[src],
-            &dest,
-            &options(work, false, self.relax),
-            &NoProgress,
-        ))?;
+        let reports = self.rt.block_on(refactor(&[src], &dest, &o, &NoProgress))?;
         let secs = t.elapsed().as_secs_f64();
         let cpu = cpu_seconds(UsageWho::RUSAGE_SELF)? - cpu0;
         let r = &reports[0];
@@ -253,11 +254,19 @@ fn main() -> Result<()> {
         .init();
     let mut names: Vec<&str> = Vec::new();
     let (mut plan_only, mut relax) = (false, false);
-    for a in std::env::args().skip(1) {
+    let mut level = breakfs_refactor::WriterOptions::default().level;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
         match a.as_str() {
             "--bench" => {}
             "--plan-only" => plan_only = true,
             "--relax" => relax = true,
+            "--level" => {
+                level = args
+                    .next()
+                    .and_then(|l| l.parse().ok())
+                    .context("--level takes a deflate level, 0-9")?;
+            }
             other => names.push(corpus::family(other)?.name),
         }
     }
@@ -292,6 +301,7 @@ fn main() -> Result<()> {
         rt: tokio::runtime::Runtime::new()?,
         dest: tmpdir.path().join("registry"),
         relax,
+        level,
     };
     let opts = PlanOptions {
         relax_mtime: relax,

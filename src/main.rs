@@ -255,7 +255,7 @@ struct RefactorArgs {
     #[arg(long)]
     relax_mtime: bool,
     /// Deflate level of the new layers (0-9, libdeflate's scale).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=9))]
+    #[arg(long, default_value_t = WriterOptions::default().level, value_parser = clap::value_parser!(u32).range(0..=9))]
     level: u32,
     /// Chunk size for big files, in KiB (each chunk is its own gzip member).
     #[arg(long, default_value_t = 4096)]

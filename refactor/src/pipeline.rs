@@ -179,6 +179,12 @@ impl ContentSource for TarContent {
             })?;
         self.files[*fi].read_exact_at(buf, base + offset)
     }
+
+    /// Each file's digest was computed from these tars' bytes as they
+    /// were written (or, for a tar an earlier run left, as it was read).
+    fn digests_checked(&self) -> bool {
+        true
+    }
 }
 
 /// Write one planned layer to `out_dir`, named by its digest.
@@ -200,6 +206,19 @@ fn write_new_layer(
     std::fs::rename(&tmp, &path)
         .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
     Ok((written, path))
+}
+
+/// The store opened for `target`.
+async fn store_of<'a>(
+    stores: &'a BTreeMap<String, Store>,
+    target: &ImageRef,
+    opts: &RefactorOptions,
+) -> Result<&'a Store> {
+    stores
+        .get(&Store::open(target, &opts.client).await?.name())
+        .ok_or_else(|| Error::PlanOption {
+            reason: format!("no store opened for {target}"),
+        })
 }
 
 /// Where one source image goes.
@@ -370,7 +389,15 @@ pub async fn refactor(
         // members in parallel, but a small layer's last members and its
         // TOC leave a core idle that the next layer can use. Each layer's
         // bytes depend on its entries alone, and they are published in
-        // plan order.
+        // plan order. When the group is one image (incremental), each
+        // layer goes up to its store as soon as it is written, a few at a
+        // time, while the next ones compress: pushing (a copy and an fsync
+        // in a layout, a round trip to a registry) no longer waits for the
+        // last layer.
+        let early_store = match group.as_slice() {
+            [i] => Some(store_of(&stores, &targets[*i], opts).await?),
+            _ => None,
+        };
         let writes = the_plan
             .layers
             .iter()
@@ -398,17 +425,29 @@ pub async fn refactor(
             .collect::<Vec<_>>();
         let mut written = futures::stream::iter(writes)
             .buffered(2)
+            .map(|w| async move {
+                let (written, path) = w?;
+                let pushed = match early_store {
+                    Some(store) => Some(store.push_blob_file(&written.descriptor(), &path).await?),
+                    None => None,
+                };
+                Ok::<_, Error>((written, path, pushed))
+            })
+            .buffered(4)
             .try_collect::<Vec<_>>()
             .await?
             .into_iter();
+        // Whether a layer pushed already went up, by its place in `published`.
+        let mut pushed_early: HashMap<usize, bool> = HashMap::new();
         let mut layer_pub: Vec<usize> = Vec::with_capacity(the_plan.layers.len());
         for layer in &the_plan.layers {
             match layer.source {
                 LayerSource::Reused(p) => layer_pub.push(p),
                 LayerSource::New => {
-                    let (written, path) = written.next().ok_or_else(|| Error::PlanOption {
-                        reason: "a new layer was not written".into(),
-                    })?;
+                    let (written, path, pushed) =
+                        written.next().ok_or_else(|| Error::PlanOption {
+                            reason: "a new layer was not written".into(),
+                        })?;
                     published.push(
                         Published {
                             desc: written.descriptor(),
@@ -421,6 +460,9 @@ pub async fn refactor(
                         },
                     );
                     layer_pub.push(published.meta.len() - 1);
+                    if let Some(up) = pushed {
+                        pushed_early.insert(published.meta.len() - 1, up);
+                    }
                 }
             }
         }
@@ -436,11 +478,7 @@ pub async fn refactor(
             let t1 = Instant::now();
             let ip = &the_plan.images[k];
             let target = &targets[i];
-            let store = stores
-                .get(&Store::open(target, &opts.client).await?.name())
-                .ok_or_else(|| Error::PlanOption {
-                    reason: format!("no store opened for {target}"),
-                })?;
+            let store = store_of(&stores, target, opts).await?;
             let mut descs = Vec::new();
             let mut diff_ids = Vec::new();
             let mut created_by = Vec::new();
@@ -449,9 +487,14 @@ pub async fn refactor(
             progress.stage(&format!("uploading {target}"), 0);
             // Blobs go up a few at a time: a layout's writes each end in
             // an fsync, a registry's in a round trip.
+            let pushed_early = &pushed_early;
             let pushes = ip.layers.iter().map(|&li| {
                 let p = &published.meta[layer_pub[li]];
+                let early = pushed_early.get(&layer_pub[li]).copied();
                 async move {
+                    if let Some(up) = early {
+                        return Ok(up);
+                    }
                     match &p.local {
                         Some(path) => Ok(store.push_blob_file(&p.desc, path).await?),
                         None if store.has_blob(&p.desc.digest).await? => Ok(false),
