@@ -10,9 +10,10 @@
 //!   original (plain gzip) image, against skopeo copy + umoci unpack + the
 //!   command (medians of several runs, fresh caches each);
 //! * read speed of a hydrated mount against a local unpacked rootfs, cold
-//!   (page cache dropped) and warm, with the opens that passed through to
-//!   backing files (FUSE passthrough, docs/reads.md) and the disk their
-//!   whole-file copies took, and the mount process's RSS.
+//!   (page cache dropped) and warm, the two read in turns; the same for a
+//!   mount with FUSE passthrough (`BREAKFS_PASSTHROUGH=1`, docs/reads.md),
+//!   with the opens that passed through to backing files and the disk
+//!   their whole-file copies took; and the mount process's RSS.
 //!
 //! A big image, `all-v1` ("all-v1 (stacked)" in the report), has the
 //! layers of the v1 images of every corpus family stacked into one image
@@ -396,7 +397,20 @@ impl<'a> Mounted<'a> {
         mountpoint: &Path,
         hydrate: bool,
     ) -> Result<Mounted<'a>> {
+        Mounted::mount_with(env, reference, cache, mountpoint, hydrate, &[])
+    }
+
+    /// [`Mounted::mount`] with `vars` in the mount's environment.
+    fn mount_with(
+        env: &'a Env,
+        reference: &str,
+        cache: &Path,
+        mountpoint: &Path,
+        hydrate: bool,
+        vars: &[(&str, &str)],
+    ) -> Result<Mounted<'a>> {
         let mut cmd = env.breakfs();
+        cmd.envs(vars.iter().copied());
         cmd.arg("mount")
             .arg("--cache")
             .arg(cache)
@@ -580,6 +594,22 @@ fn dir_bytes(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// The load average over 1, 5 and 15 minutes.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+/// The cargo profile this bench was built with (its target directory).
+fn build_profile() -> &'static str {
+    match std::env::current_exe() {
+        Ok(p) if p.components().any(|c| c.as_os_str() == "release") => "release",
+        Ok(_) => "dev",
+        Err(_) => "?",
+    }
+}
+
 fn drop_caches() -> Result<()> {
     run(&mut Command::new("sync"), "sync")?;
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
@@ -626,32 +656,50 @@ fn read_tree(root: &Path) -> Result<Walked> {
     Ok(w)
 }
 
-/// Read the tree `READ_ROUNDS` times cold (caches dropped before), each
-/// followed by `WARM_READS` warm reads: median MB/s of each kind (a warm
-/// read takes tens of milliseconds, so one alone is noisy).
-fn read_speed(root: &Path) -> Result<(f64, f64, Walked)> {
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
-    let mut walked = Walked::default();
+/// Read speeds of one tree: median MB/s cold and warm, and what it read.
+struct Speed {
+    cold: f64,
+    warm: f64,
+    walked: Walked,
+}
+
+/// Read each tree of `roots` `READ_ROUNDS` times cold (caches dropped
+/// before), each followed by `WARM_READS` warm reads, the trees taking
+/// turns round by round so that all see the same load: median MB/s of
+/// each kind per tree (a warm read takes tens of milliseconds, so one
+/// alone is noisy).
+fn read_speeds(roots: &[&Path]) -> Result<Vec<Speed>> {
+    let mut cold = vec![Vec::new(); roots.len()];
+    let mut warm = vec![Vec::new(); roots.len()];
+    let mut walked = vec![Walked::default(); roots.len()];
     for _ in 0..READ_ROUNDS {
-        drop_caches()?;
-        let t = Instant::now();
-        let c = read_tree(root)?;
-        cold.push(c.bytes as f64 / 1e6 / secs_since(t));
-        for _ in 0..WARM_READS {
+        for (i, root) in roots.iter().enumerate() {
+            drop_caches()?;
             let t = Instant::now();
-            let w = read_tree(root)?;
-            warm.push(w.bytes as f64 / 1e6 / secs_since(t));
-            ensure!(
-                c.bytes == w.bytes,
-                "{} read {} bytes cold but {} warm",
-                root.display(),
-                c.bytes,
-                w.bytes
-            );
+            let c = read_tree(root)?;
+            cold[i].push(c.bytes as f64 / 1e6 / secs_since(t));
+            for _ in 0..WARM_READS {
+                let t = Instant::now();
+                let w = read_tree(root)?;
+                warm[i].push(w.bytes as f64 / 1e6 / secs_since(t));
+                ensure!(
+                    c.bytes == w.bytes,
+                    "{} read {} bytes cold but {} warm",
+                    root.display(),
+                    c.bytes,
+                    w.bytes
+                );
+            }
+            walked[i] = c;
         }
-        walked = c;
     }
-    Ok((median(&cold), median(&warm), walked))
+    Ok((0..roots.len())
+        .map(|i| Speed {
+            cold: median(&cold[i]),
+            warm: median(&warm[i]),
+            walked: walked[i],
+        })
+        .collect())
 }
 
 // ---------------------------------------------------------------------------
@@ -925,11 +973,17 @@ struct Report {
     file_bytes: u64,
     rss_hydrated: u64,
     rss_after_reads: u64,
-    /// Opens of the read-speed mount passed through to backing files, and
-    /// the reads that reached breakfs.
-    passthrough_opens: u64,
+    /// Reads that reached breakfs from the read-speed mount.
     daemon_reads: u64,
-    /// Chunk bytes in the read-speed mount's store beyond the image's own
+    /// The passthrough mount: opens passed through to backing files, reads
+    /// that reached breakfs, MB/s cold and warm.
+    passthrough_opens: u64,
+    passthrough_daemon_reads: u64,
+    passthrough_cold: f64,
+    passthrough_warm: f64,
+    /// The load average (1, 5, 15 min) before the read walks and after.
+    read_load: String,
+    /// Chunk bytes in the passthrough mount's store beyond the image's own
     /// chunks: the whole-file copies that back big files.
     whole_copies: u64,
     mount_cold: f64,
@@ -1042,28 +1096,9 @@ fn bench_image(
         }
     }
 
-    // Read speed: a hydrated mount against the unpacked rootfs.
+    // Read speed: a hydrated mount against the unpacked rootfs, read in
+    // turns.
     eprintln!("mount bench: {fam}: read speed");
-    let cache = env.fresh(&format!("{fam}-read-cache"))?;
-    let mnt = env.fresh(&format!("{fam}-read-mnt"))?;
-    let t = Instant::now();
-    let m = Mounted::mount(env, &ref_remote, &cache, &mnt, true)?;
-    let st = m.wait_hydrated(HYDRATION_LIMIT)?;
-    let hydrate_seconds = secs_since(t);
-    let entries = st["paths"].as_u64().unwrap_or(0);
-    let file_bytes = st["file_bytes"].as_u64().unwrap_or(0);
-    let rss_hydrated = m.rss()?;
-    let whole_copies = dir_bytes(&cache.join("chunks/sha256"))?
-        .saturating_sub(st["chunk_bytes"].as_u64().unwrap_or(0));
-    let (mount_cold, mount_warm, walked_mount) = read_speed(&mnt)?;
-    let rss_after_reads = m.rss()?;
-    let st = m.status_after(SystemTime::now())?;
-    let passthrough_opens = st["reads"]["passthrough_opens"].as_u64().unwrap_or(0);
-    let daemon_reads = st["reads"]["reads_local"].as_u64().unwrap_or(0)
-        + st["reads"]["reads_waited"].as_u64().unwrap_or(0);
-    m.umount()?;
-    env.discard(&cache);
-    env.discard(&mnt);
     // A rootfs no command has run in (python writes __pycache__ files).
     let bundle = env.tmp.join(format!("{fam}-bundle"));
     run(
@@ -1073,7 +1108,64 @@ fn bench_image(
             .arg(&bundle),
         "umoci unpack",
     )?;
-    let (local_cold, local_warm, walked_local) = read_speed(&bundle.join("rootfs"))?;
+    let cache = env.fresh(&format!("{fam}-read-cache"))?;
+    let mnt = env.fresh(&format!("{fam}-read-mnt"))?;
+    let t = Instant::now();
+    let m = Mounted::mount(env, &ref_remote, &cache, &mnt, true)?;
+    let st = m.wait_hydrated(HYDRATION_LIMIT)?;
+    let hydrate_seconds = secs_since(t);
+    let entries = st["paths"].as_u64().unwrap_or(0);
+    let file_bytes = st["file_bytes"].as_u64().unwrap_or(0);
+    let chunk_bytes = st["chunk_bytes"].as_u64().unwrap_or(0);
+    let rss_hydrated = m.rss()?;
+    // The same image with FUSE passthrough (docs/reads.md), from a copy of
+    // the hydrated store: nothing to fetch, only its whole-file copies to
+    // write.
+    let cache_pt = env.fresh(&format!("{fam}-read-cache-pt"))?;
+    run(
+        Command::new("cp")
+            .arg("-a")
+            .arg(cache.join("."))
+            .arg(&cache_pt),
+        "copying the hydrated store",
+    )?;
+    let mnt_pt = env.fresh(&format!("{fam}-read-mnt-pt"))?;
+    let m_pt = Mounted::mount_with(
+        env,
+        &ref_remote,
+        &cache_pt,
+        &mnt_pt,
+        true,
+        &[("BREAKFS_PASSTHROUGH", "1")],
+    )?;
+    m_pt.wait_hydrated(HYDRATION_LIMIT)?;
+    let whole_copies = dir_bytes(&cache_pt.join("chunks/sha256"))?.saturating_sub(chunk_bytes);
+    let load_before = load_average();
+    let speeds = read_speeds(&[&mnt, &mnt_pt, &bundle.join("rootfs")])?;
+    let read_load = format!("{load_before} → {}", load_average());
+    let (mount, pt, local) = (&speeds[0], &speeds[1], &speeds[2]);
+    let (mount_cold, mount_warm, walked_mount) = (mount.cold, mount.warm, mount.walked);
+    let (local_cold, local_warm, walked_local) = (local.cold, local.warm, local.walked);
+    let rss_after_reads = m.rss()?;
+    let st = m.status_after(SystemTime::now())?;
+    let daemon_reads = st["reads"]["reads_local"].as_u64().unwrap_or(0)
+        + st["reads"]["reads_waited"].as_u64().unwrap_or(0);
+    let st = m_pt.status_after(SystemTime::now())?;
+    let passthrough_opens = st["reads"]["passthrough_opens"].as_u64().unwrap_or(0);
+    let passthrough_daemon_reads = st["reads"]["reads_local"].as_u64().unwrap_or(0)
+        + st["reads"]["reads_waited"].as_u64().unwrap_or(0);
+    m.umount()?;
+    m_pt.umount()?;
+    env.discard(&cache);
+    env.discard(&mnt);
+    env.discard(&cache_pt);
+    env.discard(&mnt_pt);
+    ensure!(
+        pt.walked.bytes == walked_local.bytes,
+        "the passthrough mount of {fam} read {} bytes, its unpacked rootfs {}",
+        pt.walked.bytes,
+        walked_local.bytes
+    );
     ensure!(
         walked_mount.bytes == walked_local.bytes,
         "the mount of {fam} holds {} bytes in {} files, its unpacked rootfs {} bytes in {} files",
@@ -1109,6 +1201,10 @@ fn bench_image(
         rss_after_reads,
         passthrough_opens,
         daemon_reads,
+        passthrough_daemon_reads,
+        passthrough_cold: pt.cold,
+        passthrough_warm: pt.warm,
+        read_load,
         whole_copies,
         mount_cold,
         mount_warm,
@@ -1257,9 +1353,11 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
         md,
         "Machine: {} cores ({cpu}), Linux {}. Link: docker-registry on loopback behind \
          breakfs's shaping proxy, {RTT_MS} ms RTT and {MBIT} Mbit/s each way (shared by all \
-         connections), with a byte counter in front; every fetch below crosses it. {}\n",
+         connections), with a byte counter in front; every fetch below crosses it. Built with \
+         the `{}` profile. {}\n",
         cores,
         kernel,
+        build_profile(),
         if runs == 0 {
             "No deployments in this run (`--runs 0`): laziness, reads and RSS only.".to_string()
         } else {
@@ -1272,14 +1370,17 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
     writeln!(md, "#### Summary\n")?;
     writeln!(
         md,
-        "| family | entries | at tree | after ls -lR | mount / baseline | (--no-hydrate) | pull / baseline | read cold | read warm | RSS MB |"
+        "| family | entries | at tree | after ls -lR | mount / baseline | (--no-hydrate) | pull / baseline | read cold | read warm | (passthrough cold / warm) | RSS MB |"
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for r in reports {
         let base = r.median(Way::Baseline);
         writeln!(
             md,
-            "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {} / {} | {:.0} |",
             r.family,
             r.entries,
             r.pct(r.tree_bytes),
@@ -1289,11 +1390,13 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
             ratio(r.median(Way::Pull), base),
             ratio(r.mount_cold, r.local_cold),
             ratio(r.mount_warm, r.local_warm),
+            ratio(r.passthrough_cold, r.local_cold),
+            ratio(r.passthrough_warm, r.local_warm),
             mb(r.rss_hydrated.max(r.rss_after_reads))
         )?;
     }
     for (image, _) in failures {
-        writeln!(md, "| {image} | failed (below) | | | | | | | | |")?;
+        writeln!(md, "| {image} | failed (below) | | | | | | | | | |")?;
     }
     writeln!(
         md,
@@ -1447,6 +1550,11 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
         )?;
         writeln!(
             md,
+            "| read: load average (1, 5, 15 min) before the walks → after | {} | | | |",
+            r.read_load
+        )?;
+        writeln!(
+            md,
             "| read cold: mount / local ({} files, {:.1} MB) | | {:.2} | ≥ {COLD_TARGET} | {} |",
             r.read_files,
             mb(r.read_bytes),
@@ -1464,12 +1572,29 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
         )?;
         writeln!(
             md,
-            "| reads: opens passed through to backing files / reads served by breakfs (all the walks) | {} / {} | | | |",
-            r.passthrough_opens, r.daemon_reads
+            "| reads: reads served by breakfs (all the walks; a warm read reaches none) | {} | | | |",
+            r.daemon_reads
         )?;
         writeln!(
             md,
-            "| reads: whole-file copies backing files of several chunks (disk beyond the image's chunks) | {:.1} MB | {:.1}% of the files' bytes | | |",
+            "| read with `BREAKFS_PASSTHROUGH=1` (same walks, in turns): cold mount / local, {:.0} MB/s | | {:.2} | | |",
+            r.passthrough_cold,
+            r.passthrough_cold / r.local_cold
+        )?;
+        writeln!(
+            md,
+            "| read with `BREAKFS_PASSTHROUGH=1`: warm mount / local, {:.0} MB/s | | {:.2} | | |",
+            r.passthrough_warm,
+            r.passthrough_warm / r.local_warm
+        )?;
+        writeln!(
+            md,
+            "| passthrough: opens passed through to backing files / reads served by breakfs | {} / {} | | | |",
+            r.passthrough_opens, r.passthrough_daemon_reads
+        )?;
+        writeln!(
+            md,
+            "| passthrough: whole-file copies backing files of several chunks (disk beyond the image's chunks) | {:.1} MB | {:.1}% of the files' bytes | | |",
             mb(r.whole_copies),
             100.0 * r.whole_copies as f64 / r.file_bytes.max(1) as f64
         )?;

@@ -48,7 +48,18 @@ pub(crate) struct Mount {
 
 impl Mount {
     pub(crate) fn new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Mount {
-        let out = Mount::try_new(reference, point, cache, extra);
+        Mount::with_env(reference, point, cache, extra, &[])
+    }
+
+    /// A mount whose `breakfs mount` runs with `env` set too.
+    pub(crate) fn with_env(
+        reference: &str,
+        point: &Path,
+        cache: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Mount {
+        let out = Mount::try_with_env(reference, point, cache, extra, env);
         assert!(
             out.status.success(),
             "breakfs mount {reference} failed: {}{}",
@@ -63,8 +74,19 @@ impl Mount {
     }
 
     pub(crate) fn try_new(reference: &str, point: &Path, cache: &Path, extra: &[&str]) -> Output {
+        Mount::try_with_env(reference, point, cache, extra, &[])
+    }
+
+    fn try_with_env(
+        reference: &str,
+        point: &Path,
+        cache: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Output {
         std::fs::create_dir_all(point).unwrap();
         breakfs()
+            .envs(env.iter().copied())
             .args(["mount", "--plain-http", "--cache"])
             .arg(cache)
             .args(extra)

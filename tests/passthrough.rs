@@ -1,6 +1,8 @@
-//! FUSE passthrough: a hydrated file's reads go from the kernel to its
-//! backing file in the store, never to breakfs; a file not hydrated is
-//! read through breakfs as before; overlayfs still stacks on the mount.
+//! FUSE passthrough (asked for with `BREAKFS_PASSTHROUGH=1`): a hydrated
+//! file's reads go from the kernel to its backing file in the store, never
+//! to breakfs; a file not hydrated is read through breakfs as before;
+//! overlayfs still stacks on the mount. Without it, a hydrated mount's
+//! warm reads reach breakfs not at all (zero-message opens).
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -8,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::mount::{Mount, breakfs, ok};
 use crate::support::images::{Layer, T, noise, tar_of, write_image};
+
+/// What asks `breakfs mount` for passthrough.
+const PASSTHROUGH: (&str, &str) = ("BREAKFS_PASSTHROUGH", "1");
 
 /// The mount's read counters, from a status record written after now.
 fn counters(m: &Mount) -> serde_json::Value {
@@ -44,7 +49,13 @@ fn hydrated_files_pass_through_and_others_are_read_by_breakfs() {
         .arg(format!("oci:{}:v1", layout.display())));
 
     // Hydrated: every open passes through, no read reaches breakfs.
-    let mut m = Mount::new(&image, &tmp.path().join("mnt"), &tmp.path().join("c1"), &[]);
+    let mut m = Mount::with_env(
+        &image,
+        &tmp.path().join("mnt"),
+        &tmp.path().join("c1"),
+        &[],
+        &[PASSTHROUGH],
+    );
     m.wait_hydrated();
     assert_eq!(std::fs::read(m.point.join("data/small")).unwrap(), small);
     assert_eq!(std::fs::read(m.point.join("data/big")).unwrap(), big);
@@ -61,11 +72,12 @@ fn hydrated_files_pass_through_and_others_are_read_by_breakfs() {
     );
 
     // Not hydrated: read through breakfs, fetched on demand.
-    let lazy_mount = Mount::new(
+    let lazy_mount = Mount::with_env(
         &image,
         &tmp.path().join("mnt-lazy"),
         &tmp.path().join("c2"),
         &["--no-hydrate"],
+        &[PASSTHROUGH],
     );
     let path = lazy_mount.point.join("data/lazy");
     assert_eq!(std::fs::read(&path).unwrap(), lazy);
@@ -95,4 +107,47 @@ fn wait_for_passthrough(m: &Mount, path: &Path, want: &[u8]) {
             m.log()
         );
     }
+}
+
+#[test]
+fn by_default_a_hydrated_mount_reads_each_file_once_and_then_from_the_page_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let (small, big) = (noise(4, 70_000), noise(5, 500_000));
+    write_image(
+        &layout,
+        "v1",
+        &[Layer::gzip(tar_of(&[
+            T::Dir("data"),
+            T::File("data/small", &small, 0o644),
+            T::File("data/big", &big, 0o644),
+        ]))],
+    );
+    let image = format!("oci:{}:v1", tmp.path().join("refactored").display());
+    ok(breakfs()
+        .args(["refactor", "--chunk-kib", "128", "--work-dir"])
+        .arg(tmp.path().join("work"))
+        .args(["--to", &image])
+        .arg(format!("oci:{}:v1", layout.display())));
+    let m = Mount::new(&image, &tmp.path().join("mnt"), &tmp.path().join("c"), &[]);
+    m.wait_hydrated();
+    // Listed with their attributes (readdirplus), then read three times:
+    // breakfs serves the first read of each, the kernel's page cache the
+    // others (zero-message opens: no open, no release, no read).
+    let names: Vec<_> = std::fs::read_dir(m.point.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2);
+    for _ in 0..3 {
+        assert_eq!(std::fs::read(m.point.join("data/small")).unwrap(), small);
+        assert_eq!(std::fs::read(m.point.join("data/big")).unwrap(), big);
+    }
+    let reads = counters(&m);
+    assert_eq!(count(&reads, "passthrough_opens"), 0, "{reads}");
+    assert_eq!(
+        count(&reads, "bytes_read"),
+        (small.len() + big.len()) as u64,
+        "{reads}"
+    );
 }

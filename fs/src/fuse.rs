@@ -14,8 +14,8 @@ use breakfs_fetch::{Fetcher, Priority};
 use breakfs_index::EntryKind;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use serde::Serialize;
 
@@ -236,6 +236,25 @@ impl ImageFs {
     fn attr(&self, ino: u64, n: &Node) -> FileAttr {
         attr(ino, n)
     }
+
+    /// The entries of directory `ino` from listing offset `offset` on:
+    /// (the next entry's offset, name, inode, its node), `.` and `..`
+    /// first. None when `ino` is no node.
+    fn dir_entries(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Option<impl Iterator<Item = (u64, &[u8], u64, Option<&Node>)>> {
+        let n = self.tree.node(ino)?;
+        let dots = [(&b"."[..], ino), (&b".."[..], n.parent)];
+        Some(
+            dots.into_iter()
+                .chain(n.children.iter().map(|(name, i)| (name.as_bytes(), *i)))
+                .enumerate()
+                .skip(offset as usize)
+                .map(|(k, (name, child))| ((k + 1) as u64, name, child, self.tree.node(child))),
+        )
+    }
 }
 
 /// The attributes of inode `ino`.
@@ -332,10 +351,14 @@ impl fuser::Filesystem for ImageFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_ASYNC_READ,
         );
-        // Hydrated files read by the kernel from their backing files: a
-        // stacking depth of 1 lets overlayfs (a container's rootfs) still
-        // go on top (the kernel allows 2 levels), and needs the store on
-        // an unstacked filesystem (else registering fails: no passthrough).
+        // Listings carry attributes (`readdirplus`, always: not the
+        // kernel's "auto" guess): no lookup per entry listed.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // Hydrated files read by the kernel from their backing files, when
+        // asked for (see crate::passthrough): a stacking depth of 1 lets
+        // overlayfs (a container's rootfs) still go on top (the kernel
+        // allows 2 levels), and needs the store on an unstacked filesystem
+        // (else registering fails: no passthrough).
         let passthrough = self.passthrough.wanted()
             && config.set_max_stack_depth(1).is_ok()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
@@ -345,8 +368,10 @@ impl fuser::Filesystem for ImageFs {
             let _ = config.set_max_stack_depth(0);
         }
         // An image never changes: with zero-message opens the kernel keeps
-        // the page cache and sends no open/release per file (the cost of a
-        // warm read of many small files). Passthrough needs the opens.
+        // the page cache and sends no open/release per file, so a warm
+        // read of a hydrated file reaches no daemon at all (with
+        // passthrough every open would be a request). Passthrough needs
+        // the opens.
         let no_open = !passthrough
             && config
                 .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
@@ -593,25 +618,43 @@ impl fuser::Filesystem for ImageFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(n) = self.tree.node(ino.0) else {
+        let Some(entries) = self.dir_entries(ino.0, offset) else {
             return reply.error(Errno::ENOENT);
         };
-        let dots = [(".", ino.0), ("..", n.parent)];
-        let entries = dots
-            .iter()
-            .map(|(name, i)| (name.as_bytes(), *i))
-            .chain(n.children.iter().map(|(name, i)| (name.as_bytes(), *i)));
-        for (k, (name, child)) in entries.enumerate().skip(offset as usize) {
-            let kind = self
-                .tree
-                .node(child)
+        for (next, name, child, c) in entries {
+            let kind = c
                 .map(|c| file_type(c.entry.kind))
                 .unwrap_or(FileType::Directory);
+            if reply.add(INodeNo(child), next, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// A directory listing with each entry's attributes: the kernel links
+    /// the entries as it lists them, so a walk that opens what it lists
+    /// sends no lookup per entry (a cold walk's biggest share of requests).
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.dir_entries(ino.0, offset) else {
+            return reply.error(Errno::ENOENT);
+        };
+        for (next, name, child, c) in entries {
+            let Some(c) = c else { continue };
             if reply.add(
                 INodeNo(child),
-                (k + 1) as u64,
-                kind,
+                next,
                 OsStr::from_bytes(name),
+                &TTL,
+                &self.attr(child, c),
+                Generation(0),
             ) {
                 break;
             }
