@@ -15,7 +15,11 @@
 //!   into the same layout, so it shares v1's unchanged layers), against
 //!   the originals converted per layer by `ctr-remote image convert
 //!   --estargz --oci` and rpulled through the same breakfs snapshotter (no
-//!   refactoring, no peers).
+//!   refactoring, no peers);
+//! * point update, reported beside it: the same from v1 to the family's
+//!   point release (the app's packages and three base packages newer: the
+//!   program the image starts is new, the libraries it loads are not),
+//!   refactored after v1 in a layout of its own.
 //!
 //! The ratios are of times measured in the same run (medians of `--runs`
 //! runs, fresh node and containerd each run).
@@ -110,8 +114,8 @@ fn main() -> Result<()> {
                 .cloned()
                 .with_context(|| format!("the corpus has no {fam} {tag}"))
         };
-        let (v1, v2) = (pick("v1")?, pick("v2")?);
-        let refs = publish(&env, &reg, &v1, &v2)?;
+        let (v1, v2, point) = (pick("v1")?, pick("v2")?, pick("point")?);
+        let refs = publish(&env, &reg, &v1, &v2, &point)?;
         let command = command_of(&v1);
         let mut got = Figures::default();
         let wanted = |flow: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == flow));
@@ -135,6 +139,16 @@ fn main() -> Result<()> {
                 let t = update(&env, "update-estargz", v1, v2, &command)?;
                 got.update_estargz.push(said(fam, "update-estargz", t));
             }
+            if wanted("point-breakfs") {
+                let (v1, pt) = (&refs.refactored_point_v1, &refs.refactored_point);
+                let t = update(&env, "point-breakfs", v1, pt, &command)?;
+                got.point_breakfs.push(said(fam, "point-breakfs", t));
+            }
+            if wanted("point-estargz") {
+                let (v1, pt) = (&refs.estargz_v1, &refs.estargz_point);
+                let t = update(&env, "point-estargz", v1, pt, &command)?;
+                got.point_estargz.push(said(fam, "point-estargz", t));
+            }
         }
         rows.push((fam.to_string(), refs, got));
     }
@@ -153,6 +167,8 @@ const FLOWS: &[&str] = &[
     "cold-overlay",
     "update-breakfs",
     "update-estargz",
+    "point-breakfs",
+    "point-estargz",
 ];
 
 /// `t`, after saying it on stderr.
@@ -178,6 +194,10 @@ struct Refs {
     refactored_v2: String,
     estargz_v1: String,
     estargz_v2: String,
+    /// The refactored v1 and point, refactored in a layout of their own.
+    refactored_point_v1: String,
+    refactored_point: String,
+    estargz_point: String,
     /// Per image: (what, compressed layer bytes, layer digests).
     sizes: Vec<(&'static str, u64, Vec<String>)>,
 }
@@ -188,6 +208,8 @@ struct Figures {
     cold_overlay: Vec<Timed>,
     update_breakfs: Vec<Timed>,
     update_estargz: Vec<Timed>,
+    point_breakfs: Vec<Timed>,
+    point_estargz: Vec<Timed>,
 }
 
 /// One flow's seconds: the pull alone, and pull to command done.
@@ -230,14 +252,23 @@ fn command_of(image: &CorpusImage) -> Vec<String> {
 }
 
 /// Push the originals, the refactored v1 and v2 (v2 refactored after v1
-/// into the same layout) and the per-layer eStargz conversions of the
-/// originals to the registry, directly (not through the shaped link).
-fn publish(env: &Env, reg: &TestRegistry, v1: &CorpusImage, v2: &CorpusImage) -> Result<Refs> {
+/// into the same layout), the refactored point (after v1, in a copy of
+/// the layout as v1 left it, so that v2 is refactored as without it) and
+/// the per-layer eStargz conversions of the originals to the registry,
+/// directly (not through the shaped link).
+fn publish(
+    env: &Env,
+    reg: &TestRegistry,
+    v1: &CorpusImage,
+    v2: &CorpusImage,
+    point: &CorpusImage,
+) -> Result<Refs> {
     let fam = v1.family;
     let layout = env.fresh(&format!("{fam}-refactored"))?;
+    let point_layout = env.tmp.join(format!("{fam}-refactored-point"));
     let work = env.tmp.join(format!("{fam}-work"));
-    for img in [v1, v2] {
-        eprintln!("bench: refactoring {fam} {}", img.tag);
+    let refactor = |img: &CorpusImage, layout: &std::path::Path, repo: &str| -> Result<()> {
+        eprintln!("bench: refactoring {fam} {} into {repo}", img.tag);
         run(
             env.breakfs()
                 .args(["refactor", "--work-dir"])
@@ -249,18 +280,30 @@ fn publish(env: &Env, reg: &TestRegistry, v1: &CorpusImage, v2: &CorpusImage) ->
         )?;
         skopeo_copy(
             &format!("oci:{}:{}", layout.display(), img.tag),
-            &reg.reference(&format!("refactored/{fam}:{}", img.tag)),
+            &reg.reference(&format!("{repo}/{fam}:{}", img.tag)),
         )?;
         skopeo_copy(
             &img.reference,
             &reg.reference(&format!("original/{fam}:{}", img.tag)),
-        )?;
-    }
+        )
+    };
+    refactor(v1, &layout, "refactored")?;
+    let _ = std::fs::remove_dir_all(&point_layout);
+    run(
+        Command::new("cp").arg("-a").arg(&layout).arg(&point_layout),
+        "copying the refactored layout",
+    )?;
+    skopeo_copy(
+        &format!("oci:{}:{}", point_layout.display(), v1.tag),
+        &reg.reference(&format!("refactored-point/{fam}:{}", v1.tag)),
+    )?;
+    refactor(v2, &layout, "refactored")?;
+    refactor(point, &point_layout, "refactored-point")?;
     let _ = std::fs::remove_dir_all(&work);
     // The eStargz conversions, made by ctr-remote in a containerd of
     // their own that reaches the registry directly.
     let ctrd = TestContainerd::start()?;
-    for tag in ["v1", "v2"] {
+    for tag in ["v1", "v2", "point"] {
         let original = format!("{}/original/{fam}:{tag}", reg.host());
         let esgz = format!("{}/estargz/{fam}:{tag}", reg.host());
         eprintln!("bench: converting {original} to eStargz");
@@ -299,6 +342,15 @@ fn publish(env: &Env, reg: &TestRegistry, v1: &CorpusImage, v2: &CorpusImage) ->
         ("refactored v2", format!("refactored/{fam}:v2")),
         ("eStargz v1", format!("estargz/{fam}:v1")),
         ("eStargz v2", format!("estargz/{fam}:v2")),
+        ("original v1", format!("original/{fam}:v1")),
+        ("original point", format!("original/{fam}:point")),
+        (
+            "refactored v1 (point's layout)",
+            format!("refactored-point/{fam}:v1"),
+        ),
+        ("refactored point", format!("refactored-point/{fam}:point")),
+        ("eStargz v1", format!("estargz/{fam}:v1")),
+        ("eStargz point", format!("estargz/{fam}:point")),
     ] {
         let (bytes, digests) = layers(&repo)?;
         sizes.push((what, bytes, digests));
@@ -310,6 +362,9 @@ fn publish(env: &Env, reg: &TestRegistry, v1: &CorpusImage, v2: &CorpusImage) ->
         refactored_v2: at(&format!("refactored/{fam}:v2")),
         estargz_v1: at(&format!("estargz/{fam}:v1")),
         estargz_v2: at(&format!("estargz/{fam}:v2")),
+        refactored_point_v1: at(&format!("refactored-point/{fam}:v1")),
+        refactored_point: at(&format!("refactored-point/{fam}:point")),
+        estargz_point: at(&format!("estargz/{fam}:point")),
         sizes,
     })
 }
@@ -494,7 +549,12 @@ fn report(rows: &[(String, Refs, Figures)], runs: usize) -> String {
          the same layout, sharing v1's unchanged layers), against the originals \
          converted per layer by `ctr-remote image convert --estargz --oci` and \
          rpulled the same way ({ESTARGZ_LABEL}; no refactoring, no peers). \
-         Target: ≤ 0.6×.\n"
+         Target: ≤ 0.6×.\n\
+         * Point update, beside it (not instead of it): the same flows from v1 \
+         to the family's point release (its app packages and three base \
+         packages at their newest, the rest as in v1: the program the image \
+         starts is new bytes, the libraries it loads are the same files), \
+         refactored after v1 in a layout of its own.\n"
     );
     let _ = writeln!(
         md,
@@ -514,19 +574,28 @@ fn report(rows: &[(String, Refs, Figures)], runs: usize) -> String {
             "| {fam} | version update v1→v2 | {ub:.2} | {ESTARGZ_LABEL} | {ue:.2} | {:.2}× | ≤ 0.6× |",
             ub / ue
         );
+        let (pb, pe) = (totals(&f.point_breakfs), totals(&f.point_estargz));
+        let _ = writeln!(
+            md,
+            "| {fam} | point update v1→point (program new, its libraries unchanged) | {pb:.2} | {ESTARGZ_LABEL} | {pe:.2} | {:.2}× | (beside v1→v2) |",
+            pb / pe
+        );
     }
     let _ = writeln!(
         md,
-        "\nPull alone (median s): cold breakfs / overlayfs; update breakfs / eStargz:\n"
+        "\nPull alone (median s): cold breakfs / overlayfs; update breakfs / eStargz; \
+         point update breakfs / eStargz:\n"
     );
     for (fam, _, f) in rows {
         let _ = writeln!(
             md,
-            "* {fam}: {:.2} / {:.2}; {:.2} / {:.2}",
+            "* {fam}: {:.2} / {:.2}; {:.2} / {:.2}; {:.2} / {:.2}",
             pulls(&f.cold_breakfs),
             pulls(&f.cold_overlay),
             pulls(&f.update_breakfs),
-            pulls(&f.update_estargz)
+            pulls(&f.update_estargz),
+            pulls(&f.point_breakfs),
+            pulls(&f.point_estargz)
         );
     }
     let _ = writeln!(
@@ -542,22 +611,26 @@ fn report(rows: &[(String, Refs, Figures)], runs: usize) -> String {
         };
         let _ = writeln!(
             md,
-            "* {fam}: cold breakfs {}; cold overlayfs {}; update breakfs {}; update eStargz {}",
+            "* {fam}: cold breakfs {}; cold overlayfs {}; update breakfs {}; update eStargz {}; \
+             point update breakfs {}; point update eStargz {}",
             list(&f.cold_breakfs),
             list(&f.cold_overlay),
             list(&f.update_breakfs),
-            list(&f.update_estargz)
+            list(&f.update_estargz),
+            list(&f.point_breakfs),
+            list(&f.point_estargz)
         );
     }
     let _ = writeln!(
         md,
-        "\nImages (compressed layer bytes, layers; a v2's layers also in its v1):\n"
+        "\nImages (compressed layer bytes, layers; in pairs, the second's \
+         layers also in the first):\n"
     );
     for (fam, refs, _) in rows {
         let mut sizes: Vec<String> = Vec::new();
         for (i, (w, b, d)) in refs.sizes.iter().enumerate() {
             let mut s = format!("{w} {:.1} MB, {} layers", harness::mb(*b), d.len());
-            // The list goes v1, v2 per kind: a v2 follows its v1.
+            // The list goes in pairs: v1, then its v2 or point.
             if i % 2 == 1 {
                 let v1 = &refs.sizes[i - 1].2;
                 let _ = write!(

@@ -143,6 +143,12 @@ pub(crate) struct Remotes {
     /// Images whose start is being fetched ahead, by manifest digest
     /// (see [`Remotes::fetch_start`]).
     starting: Mutex<HashMap<Digest, Instant>>,
+    /// The layers this daemon mounted, by mount dir, with the repository
+    /// (`HOST/REPO`) of their image.
+    mounted: Mutex<HashMap<PathBuf, String>>,
+    /// Layers to mount ahead of their first container, and whether a task
+    /// is mounting them (see [`Remotes::mount_ahead`]).
+    ahead: Mutex<(Vec<Remote>, bool)>,
 }
 
 /// A layer's tree as its prepare built it: when, and the image (listing
@@ -184,6 +190,8 @@ impl Remotes {
             tocs: Mutex::new(HashMap::new()),
             trees: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashMap::new()),
+            mounted: Mutex::new(HashMap::new()),
+            ahead: Mutex::new((Vec::new(), false)),
         }
     }
 
@@ -407,6 +415,86 @@ impl Remotes {
         }
         let began = Instant::now();
         let _one = self.mounting.lock().await;
+        let count = self.mount_missing(remotes, dir_of).await?;
+        tracing::debug!(
+            layers = remotes.len(),
+            mounted = count,
+            ms = began.elapsed().as_millis() as u64,
+            "remote layers ensured"
+        );
+        Ok(())
+    }
+
+    /// Whether an image of `reference`'s repository has layers this daemon
+    /// mounted (a container of it ran here).
+    pub(crate) fn runs_here(&self, reference: &ImageRef) -> bool {
+        let Some(repo) = repository(reference) else {
+            return false;
+        };
+        self.mounted.lock().values().any(|r| *r == repo)
+    }
+
+    /// Mount layer `r` soon, ahead of its first container: for an update
+    /// of an image that runs here ([`Remotes::runs_here`]), whose container
+    /// follows its pull, so that the mounts (a FUSE handshake and threads
+    /// each) are made while containerd still prepares the image's other
+    /// layers instead of at the container's prepare. One task mounts the
+    /// layers asked so far side by side, then those asked meanwhile; a
+    /// layer no snapshot holds any more (`in_use`) is skipped, and one that
+    /// fails is left to the container's prepare, which mounts what is
+    /// missing.
+    pub(crate) fn mount_ahead<U, D>(self: &Arc<Self>, r: Remote, in_use: U, dir_of: D)
+    where
+        U: Fn(&Digest) -> bool + Send + 'static,
+        D: Fn(&Digest) -> PathBuf + Send + Sync + 'static,
+    {
+        {
+            let mut ahead = self.ahead.lock();
+            ahead.0.push(r);
+            if ahead.1 {
+                return;
+            }
+            ahead.1 = true;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let asked = {
+                    let mut ahead = me.ahead.lock();
+                    if ahead.0.is_empty() {
+                        ahead.1 = false;
+                        return;
+                    }
+                    std::mem::take(&mut ahead.0)
+                };
+                let began = Instant::now();
+                // Under the lock a removal's release takes too: a layer
+                // whose last snapshot went is not mounted again.
+                let _one = me.mounting.lock().await;
+                let held: Vec<Remote> = asked.into_iter().filter(|r| in_use(&r.layer)).collect();
+                match me.mount_missing(&held, &dir_of).await {
+                    Ok(n) => tracing::debug!(
+                        layers = held.len(),
+                        mounted = n,
+                        ms = began.elapsed().as_millis() as u64,
+                        "layers mounted ahead of their container"
+                    ),
+                    Err(e) => tracing::warn!(
+                        "mounting layers ahead of their container: {} (its prepare mounts them)",
+                        Causes(&e)
+                    ),
+                }
+            }
+        });
+    }
+
+    /// Mount those of `remotes` not mounted yet at their dirs (`dir_of`),
+    /// side by side; the caller holds `mounting`. Returns how many.
+    async fn mount_missing(
+        &self,
+        remotes: &[Remote],
+        dir_of: impl Fn(&Digest) -> PathBuf,
+    ) -> Result<usize> {
         let mut missing = Vec::new();
         for r in remotes {
             let dir = dir_of(&r.layer);
@@ -434,18 +522,13 @@ impl Remotes {
         });
         let count = mounts.len();
         futures::future::try_join_all(mounts).await?;
-        tracing::debug!(
-            layers = remotes.len(),
-            mounted = count,
-            ms = began.elapsed().as_millis() as u64,
-            "remote layers ensured"
-        );
-        Ok(())
+        Ok(count)
     }
 
     async fn mount(&self, r: &Remote, abs: PathBuf) -> Result<()> {
         let began = Instant::now();
         let reference = ImageRef::parse(&r.image)?;
+        let repo = repository(&reference);
         let built = self.trees.lock().remove(&r.layer);
         let opened = match built {
             Some((_, mut image, tree, regions)) => {
@@ -481,6 +564,9 @@ impl Remotes {
         self.svc
             .add_mount(abs.clone(), source, opened, opts)
             .await?;
+        if let Some(repo) = repo {
+            self.mounted.lock().insert(abs.clone(), repo);
+        }
         tracing::debug!(
             layer = %r.layer.short(),
             open_ms = opened_in.as_millis() as u64,
@@ -518,12 +604,21 @@ impl Remotes {
         let Ok(abs) = dir.canonicalize() else {
             return;
         };
+        self.mounted.lock().remove(&abs);
         match self.svc.unmount(&abs).await {
             Ok(_) | Err(Error::NotServed(_)) => {}
             Err(e) => tracing::warn!("unmounting {}: {}", abs.display(), Causes(&e)),
         }
         detach_dead(&abs);
         let _ = std::fs::remove_dir(&abs);
+    }
+}
+
+/// The repository (`HOST/REPO`) of a registry image.
+fn repository(reference: &ImageRef) -> Option<String> {
+    match reference {
+        ImageRef::Registry { host, repo, .. } => Some(format!("{host}/{repo}")),
+        _ => None,
     }
 }
 

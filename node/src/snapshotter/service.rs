@@ -128,9 +128,20 @@ impl SnapshotService {
             Outcome::Lazy(remote) => {
                 let (target, parent, labels) =
                     (ask.target.clone(), parent.to_string(), labels.clone());
+                let ahead = remote.clone();
                 self.blocking(move |s| s.commit_remote(&target, &parent, labels, remote))
                     .await?;
                 stats.lazy();
+                // An update of an image that runs here: its container
+                // follows, so its new layers are mounted now.
+                if self.remotes.runs_here(&ask.reference) {
+                    let (a, b) = (self.snaps.clone(), self.snaps.clone());
+                    self.remotes.mount_ahead(
+                        ahead,
+                        move |d| a.layer_in_use(d),
+                        move |d| b.layer_dir(d),
+                    );
+                }
                 eprintln!(
                     "breakfs node: layer {} of {} is served lazily as snapshot {}",
                     ask.layer, ask.image, ask.target
