@@ -6,12 +6,10 @@
 //! reached only through `breakfs shape` (50 ms RTT, 50 Mbit/s, shared).
 //! Per image (v1 of each family):
 //!
-//! 1. Node A (fresh) mounts the image and runs the family's command in a
-//!    chroot of the mount (it reads real files: an interpreter and its
-//!    modules, a server's libraries); A keeps the profile of those reads.
-//!    The command is run twice more on the now warm mount: the faster of
-//!    those is the command's own time. A's profile gives the compressed
-//!    bytes of the chunks the command reads.
+//! 1. Node A (fresh, defaults) mounts the image and runs the family's
+//!    command in a chroot of the mount (it reads real files: an
+//!    interpreter and its modules, a server's libraries); A keeps the
+//!    profile of those reads.
 //! 2. A starts again with a fresh cache holding only its profiles (so that
 //!    a peer gets the profile from A, and every byte from the cloud), and
 //!    node E with an empty cache (no profile), for the baseline.
@@ -20,9 +18,11 @@
 //!    (profile). Timed from `breakfs mount` to the command's end. Node
 //!    defaults for both (hydration and dependency prefetch on).
 //!
-//! Floor: compressed bytes of the chunks read ÷ link bandwidth, plus 3
-//! RTT, plus the command's warm time. Targets: with profile at most 0.5×
-//! without, and at most 1.2× the floor.
+//! Floor ([`floor_of`]): compressed bytes of the gzip members the command
+//! reads ÷ link bandwidth, plus 3 RTT, plus the command's warm time, all
+//! measured on a node of their own that fetches nothing but what is read
+//! and records until after the command exited. Targets: with profile at
+//! most 0.5× without, and at most 1.2× the floor.
 //!
 //! `cargo bench --bench profile -- [--runs N] [--families A,B,...]`
 //! (defaults: 3 runs; python,node,httpd,postgres); writes the table to
@@ -192,30 +192,19 @@ fn main() -> Result<()> {
 
 fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Result<Figures> {
     let slug = p.title.replace(' ', "-");
-    // 1. Node A records the profile; the command's warm time.
+    // 1. Node A (defaults) records the profile the later runs use.
     let a_dir = env.fresh(&format!("{slug}-a"))?;
-    let (image, warm) = {
+    let image = {
         let a = Node::start(env, &a_dir, &[], &node_log())?;
         let point = env.tmp.join(format!("{slug}-mnt-a"));
         let m = NodeMount::with_args(env, &node_args(&a), &p.remote, &point)?;
         run_chroot(&m.point, command)?;
-        let mut warm = f64::INFINITY;
-        for _ in 0..2 {
-            let t = Instant::now();
-            run_chroot(&m.point, command)?;
-            warm = warm.min(t.elapsed().as_secs_f64());
-        }
-        let status: serde_json::Value = serde_json::from_str(&run(
-            env.breakfs().args(["status", "--json"]).arg(&m.point),
-            "breakfs status",
-        )?)?;
-        let image = status["manifest"]
-            .as_str()
-            .ok_or_else(|| anyhow!("the mount's status has no manifest digest"))?
-            .to_string();
+        let image = manifest_of(env, &m)?;
         wait_profile(&a, &image)?;
-        (image, warm)
+        image
     };
+    // The floor: what the command reads, and its warm time.
+    let floor = floor_of(env, &slug, &p.remote, command)?;
     // 2. A again, holding only its profiles; E, empty.
     let a_dir2 = env.fresh(&format!("{slug}-a2"))?;
     std::fs::create_dir_all(a_dir2.join("cache"))?;
@@ -227,20 +216,13 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
         "copying A's profiles",
     )?;
     let a = Node::start(env, &a_dir2, &[], &node_log())?;
-    let profile: serde_json::Value = serde_json::from_str(&wait_profile(&a, &image)?)?;
-    let entries = profile["entries"]
-        .as_array()
-        .ok_or_else(|| anyhow!("a profile without entries"))?;
-    let read_bytes: u64 = entries
-        .iter()
-        .map(|e| e["end"].as_u64().unwrap_or(0) - e["offset"].as_u64().unwrap_or(0))
-        .sum();
+    wait_profile(&a, &image)?;
     let e = Node::start(env, &env.fresh(&format!("{slug}-e"))?, &[], &node_log())?;
     let mut f = Figures {
         title: p.title.clone(),
-        chunks: entries.len(),
-        read_bytes,
-        warm,
+        chunks: floor.members,
+        read_bytes: floor.bytes,
+        warm: floor.warm,
         without: Vec::new(),
         with: Vec::new(),
         cloud_without: Vec::new(),
@@ -255,18 +237,13 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
             let point = env.tmp.join(format!("{name}-mnt"));
             let began = Instant::now();
             let m = NodeMount::with_args(env, &node_args(&b), &p.remote, &point)?;
+            let mounted = began.elapsed().as_secs_f64();
             run_chroot(&m.point, command)?;
             let took = began.elapsed().as_secs_f64();
             let cloud = b.cloud_bytes()?;
-            if let Some(dir) = std::env::var_os("BREAKFS_BENCH_LOGS") {
-                std::fs::create_dir_all(&dir)?;
-                std::fs::write(
-                    std::path::Path::new(&dir).join(format!("{name}.log")),
-                    format!("took {took:.3} s\n{}", b.log_text()),
-                )?;
-            }
+            keep_log(&b, &name, took)?;
             eprintln!(
-                "profile bench: {} run {r} {}: {took:.2} s, {:.1} MB from the cloud",
+                "profile bench: {} run {r} {}: {took:.2} s (mounted at {mounted:.2} s), {:.1} MB from the cloud",
                 p.title,
                 if with { "with profile" } else { "without" },
                 cloud / 1e6
@@ -285,6 +262,89 @@ fn bench_image(env: &Env, p: &Published, command: &[String], runs: usize) -> Res
 
 fn node_args(node: &Node) -> Vec<String> {
     vec!["--node".into(), format!("unix:{}", node.socket.display())]
+}
+
+/// Keep run `name`'s node log under `$BREAKFS_BENCH_LOGS`, if set (the
+/// fetch timeline of a run, with `BREAKFS_BENCH_NODE_LOG`).
+fn keep_log(node: &Node, name: &str, took: f64) -> Result<()> {
+    if let Some(dir) = std::env::var_os("BREAKFS_BENCH_LOGS") {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            std::path::Path::new(&dir).join(format!("{name}.log")),
+            format!("took {took:.3} s\n{}", node.log_text()),
+        )?;
+    }
+    Ok(())
+}
+
+/// The manifest digest of the image mounted at `m`.
+fn manifest_of(env: &Env, m: &NodeMount) -> Result<String> {
+    let status: serde_json::Value = serde_json::from_str(&run(
+        env.breakfs().args(["status", "--json"]).arg(&m.point),
+        "breakfs status",
+    )?)?;
+    Ok(status["manifest"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the mount's status has no manifest digest"))?
+        .to_string())
+}
+
+/// What the floor of a start is made of.
+struct Floor {
+    /// Distinct gzip members the command reads.
+    members: usize,
+    /// Their compressed bytes.
+    bytes: u64,
+    /// The command's own time on a warm mount (the faster of two runs).
+    warm: f64,
+}
+
+/// The floor of running `command` on image `reference`: a fresh node with
+/// FUSE passthrough off (every read of the command reaches the daemon; a
+/// passthrough open would count as a read of the whole file) mounts it
+/// with no hydration and no dependency prefetch (nothing is fetched but
+/// what is read, the landmarked region aside), runs the command once, then
+/// twice more warm. Its recording ends only once no read has waited on a
+/// fetch and no chunk was first read for the node's quiet spell, after the
+/// command exited: it holds every chunk the command read. Each gzip member
+/// of those chunks counts once (small files share members).
+fn floor_of(env: &Env, slug: &str, reference: &str, command: &[String]) -> Result<Floor> {
+    let n = Node::start_env(
+        env,
+        &env.fresh(&format!("{slug}-floor"))?,
+        &[],
+        &node_log(),
+        &[("BREAKFS_PASSTHROUGH", "0")],
+    )?;
+    let point = env.tmp.join(format!("{slug}-floor-mnt"));
+    let mut args = node_args(&n);
+    args.extend(["--no-hydrate".into(), "--no-dependency-prefetch".into()]);
+    let m = NodeMount::with_args(env, &args, reference, &point)?;
+    run_chroot(&m.point, command)?;
+    let mut warm = f64::INFINITY;
+    for _ in 0..2 {
+        let t = Instant::now();
+        run_chroot(&m.point, command)?;
+        warm = warm.min(t.elapsed().as_secs_f64());
+    }
+    let image = manifest_of(env, &m)?;
+    let profile: serde_json::Value = serde_json::from_str(&wait_profile(&n, &image)?)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0u64;
+    for e in profile["entries"].as_array().into_iter().flatten() {
+        let (off, end) = (
+            e["offset"].as_u64().unwrap_or(0),
+            e["end"].as_u64().unwrap_or(0),
+        );
+        if seen.insert((e["layer"].to_string(), off)) {
+            bytes += end.saturating_sub(off);
+        }
+    }
+    Ok(Floor {
+        members: seen.len(),
+        bytes,
+        warm,
+    })
 }
 
 /// Wait (at most 60 s) until `node` serves a profile of `image`; its text.
@@ -312,13 +372,15 @@ fn report(all: &[Figures], runs: usize) -> String {
          chroot of the mount) through one {RTT_MS} ms / {MBIT} Mbit/s link to a real \
          docker-registry, refactored v1 images, median of {runs} runs each. *With profile*: \
          the node's peer holds the profile another node recorded (and no data); *without*: \
-         its peer holds nothing. Floor: compressed bytes of the chunks the command reads \
-         (the recorded profile) ÷ {MBIT} Mbit/s + 3 RTT + the command's own time on a warm \
-         mount. Targets: with ≤ 0.5× without, with ≤ 1.2× floor.\n"
+         its peer holds nothing. Floor: compressed bytes of the distinct gzip members of \
+         the chunks the command reads ÷ {MBIT} Mbit/s + 3 RTT + the command's own time on a \
+         warm mount; what it reads is recorded on a node of its own with FUSE passthrough, \
+         hydration and dependency prefetch off, until after the command exited (see \
+         `floor_of` in benches/profile.rs). Targets: with ≤ 0.5× without, with ≤ 1.2× floor.\n"
     );
     let _ = writeln!(
         md,
-        "| image | chunks read | compressed MB read | warm command s | floor s | without s | with s | with / without | with / floor | cloud MB without / with |"
+        "| image | members read | compressed MB read | warm command s | floor s | without s | with s | with / without | with / floor | cloud MB without / with |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for f in all {
@@ -394,8 +456,7 @@ impl RefactorFigures {
 /// peers, no profile, an empty store) mounts one of them and runs CMD in a
 /// chroot of the mount, timed from `breakfs mount` to CMD's end; breakfs
 /// fetches each layer's landmarked region at mount for both. Floor: as the
-/// node section's, from the compressed bytes of the distinct members CMD
-/// reads in the profiled image (a node's recorded profile of it).
+/// node section's ([`floor_of`]), of the profiled image.
 fn refactor_section(
     env: &Env,
     reg: &TestRegistry,
@@ -491,47 +552,14 @@ fn bench_refactor_profile(
         img.tag
     );
 
-    // The floor: what the command reads of the profiled image (a node's
-    // recorded profile), and its time on a warm mount.
-    let (read_bytes, members, warm) = {
-        let a = Node::start(env, &env.fresh(&format!("{slug}-floor"))?, &[], NODE_LOG)?;
-        let point = env.tmp.join(format!("{slug}-floor-mnt"));
-        let m = NodeMount::with_args(env, &node_args(&a), &profiled, &point)?;
-        run_chroot(&m.point, &img.command)?;
-        let mut warm = f64::INFINITY;
-        for _ in 0..2 {
-            let t = Instant::now();
-            run_chroot(&m.point, &img.command)?;
-            warm = warm.min(t.elapsed().as_secs_f64());
-        }
-        let status: serde_json::Value = serde_json::from_str(&run(
-            env.breakfs().args(["status", "--json"]).arg(&m.point),
-            "breakfs status",
-        )?)?;
-        let image = status["manifest"]
-            .as_str()
-            .ok_or_else(|| anyhow!("the mount's status has no manifest digest"))?
-            .to_string();
-        let profile: serde_json::Value = serde_json::from_str(&wait_profile(&a, &image)?)?;
-        // Small files share members: each member counts once.
-        let mut seen = std::collections::HashSet::new();
-        let mut bytes = 0u64;
-        for e in profile["entries"].as_array().into_iter().flatten() {
-            let (off, end) = (
-                e["offset"].as_u64().unwrap_or(0),
-                e["end"].as_u64().unwrap_or(0),
-            );
-            if seen.insert((e["layer"].to_string(), off)) {
-                bytes += end.saturating_sub(off);
-            }
-        }
-        (bytes, seen.len(), warm)
-    };
+    // The floor: what the command reads of the profiled image, and its
+    // time on a warm mount.
+    let floor = floor_of(env, &slug, &profiled, &img.command)?;
     let mut f = RefactorFigures {
         title: format!("{} {}", img.family, img.tag),
-        members,
-        read_bytes,
-        warm,
+        members: floor.members,
+        read_bytes: floor.bytes,
+        warm: floor.warm,
         profiled: Vec::new(),
         optimized: Vec::new(),
         cloud_profiled: Vec::new(),
@@ -542,16 +570,18 @@ fn bench_refactor_profile(
         for (is_profiled, reference) in [(true, &profiled), (false, &optimized)] {
             let what = if is_profiled { "profiled" } else { "optimized" };
             let name = format!("{slug}-{what}-{r}");
-            let b = Node::start(env, &env.fresh(&name)?, &[], NODE_LOG)?;
+            let b = Node::start(env, &env.fresh(&name)?, &[], &node_log())?;
             let point = env.tmp.join(format!("{name}-mnt"));
             let began = Instant::now();
             let m = NodeMount::with_args(env, &node_args(&b), reference, &point)?;
+            let mounted = began.elapsed().as_secs_f64();
             run_chroot(&m.point, &img.command)?;
             let took = began.elapsed().as_secs_f64();
             drop(m);
             let cloud = b.cloud_bytes()?;
+            keep_log(&b, &name, took)?;
             eprintln!(
-                "profile bench: {} run {r} {what}: {took:.2} s, {:.1} MB from the cloud",
+                "profile bench: {} run {r} {what}: {took:.2} s (mounted at {mounted:.2} s), {:.1} MB from the cloud",
                 f.title,
                 cloud / 1e6
             );
@@ -602,7 +632,7 @@ fn refactor_report(all: &[RefactorFigures], runs: usize, before: &str, after: &s
          the image's command, the same one, and lays the files it reads before each layer's \
          `.prefetch.landmark`). breakfs fetches each layer's landmarked region at mount for \
          both. Floor: compressed bytes of the distinct gzip members the command reads in the \
-         profiled image (a node's recorded profile of it) ÷ {MBIT} Mbit/s + 3 RTT + the \
+         profiled image (recorded as in the node section) ÷ {MBIT} Mbit/s + 3 RTT + the \
          command's own time on a warm mount. Targets: refactor --profile ≤ 1.3× floor, and \
          faster than ctr-remote optimize.\n"
     );

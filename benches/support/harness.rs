@@ -322,6 +322,17 @@ pub struct Node {
 
 impl Node {
     pub fn start(env: &Env, dir: &Path, extra: &[&str], log_filter: &str) -> Result<Node> {
+        Node::start_env(env, dir, extra, log_filter, &[])
+    }
+
+    /// [`Node::start`] with environment variables `vars` set for the node.
+    pub fn start_env(
+        env: &Env,
+        dir: &Path,
+        extra: &[&str],
+        log_filter: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<Node> {
         let log = dir.join("node.log");
         let socket = dir.join("node.sock");
         let mut child = env
@@ -339,6 +350,7 @@ impl Node {
             .args(extra)
             .env("BREAKFS_LOG", log_filter)
             .env("NO_COLOR", "1")
+            .envs(vars.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

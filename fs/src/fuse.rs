@@ -524,12 +524,13 @@ impl fuser::Filesystem for ImageFs {
                 .map(|c| c.digest.clone()),
         );
         self.read_ahead(n, &missing);
+        let waiting = self.recorder.as_ref().map(|r| r.waiting());
         let tree = self.tree.clone();
         let fetcher = self.fetcher.clone();
         let stats = self.stats.clone();
         let ino = ino.0;
         self.rt.spawn(async move {
-            let _pin = pin;
+            let (_pin, _waiting) = (pin, waiting);
             let Some(n) = tree.node(ino) else {
                 return reply.error(Errno::ENOENT);
             };

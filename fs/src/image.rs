@@ -80,7 +80,11 @@ pub type LayerSeen<'a> = &'a (dyn Fn(&Digest, &[LayerFile]) + Sync);
 
 /// Build the tree of `image`, resolved through `fetcher`'s chain (see
 /// [`open_image_on`]): every layer's TOC (or whole blob) at once, each
-/// lazy layer told to `seen` as it comes in.
+/// lazy layer told to `seen` as it comes in. A caller with `seen` is about
+/// to mount the image (the node daemon): each layer's landmarked region
+/// is fetched from the moment its TOC is in, not once every TOC is in and
+/// the mount made (the mount's own start of the regions then finds their
+/// chunks taken or stored, and asks for nothing twice).
 pub async fn open_resolved(
     image: Image,
     fetcher: &Fetcher,
@@ -108,8 +112,9 @@ pub async fn open_resolved(
         .zip(&diff_ids)
         .map(|(desc, diff_id)| async move {
             let loaded = load_layer(fetcher, desc, diff_id, reference).await?;
-            if let (Some(seen), (files, LayerMode::Lazy, _)) = (seen, &loaded) {
+            if let (Some(seen), (files, LayerMode::Lazy, region)) = (seen, &loaded) {
                 seen(&desc.digest, files);
+                fetcher.spawn_regions(vec![(desc.digest.clone(), region.clone())]);
             }
             Ok::<_, Error>(loaded)
         });

@@ -267,7 +267,25 @@ pub struct Recorder {
     next: AtomicUsize,
     /// When the last chunk was first read, in ms since `started`.
     last_new: AtomicU64,
+    /// Reads waiting on a fetch now ([`Recorder::waiting`]).
+    waiting: AtomicUsize,
+    /// When the last of those ended, in ms since `started`.
+    last_wait: AtomicU64,
     stopped: AtomicBool,
+}
+
+/// A read waiting on a fetch: while one lives, the reads are not quiet
+/// (a start-up blocked on a slow fetch has not ended); its drop counts as
+/// the last activity.
+pub struct Waiting(Arc<Recorder>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let r = &self.0;
+        r.last_wait
+            .fetch_max(r.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        r.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Recorder {
@@ -290,6 +308,8 @@ impl Recorder {
                 .collect(),
             next: AtomicUsize::new(0),
             last_new: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            last_wait: AtomicU64::new(0),
             stopped: AtomicBool::new(total == 0),
         }
     }
@@ -349,13 +369,30 @@ impl Recorder {
         self.stopped.load(Ordering::Relaxed)
     }
 
-    /// How long since a chunk was first read (`None`: none was yet).
+    /// A read waits on a fetch until the guard is dropped.
+    pub fn waiting(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self.clone())
+    }
+
+    /// How long since a chunk was first read or a read stopped waiting on
+    /// a fetch, zero while one waits (`None`: no chunk was read yet).
     pub fn quiet_for(&self) -> Option<Duration> {
         if self.is_empty() {
             return None;
         }
-        let last = Duration::from_millis(self.last_new.load(Ordering::Relaxed));
-        Some(self.started.elapsed().saturating_sub(last))
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            return Some(Duration::ZERO);
+        }
+        let last = self
+            .last_new
+            .load(Ordering::Relaxed)
+            .max(self.last_wait.load(Ordering::Relaxed));
+        Some(
+            self.started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last)),
+        )
     }
 
     /// How long it has recorded.

@@ -98,6 +98,26 @@ fn the_recorder_keeps_first_reads_once_in_order() {
 }
 
 #[test]
+fn a_read_waiting_on_a_fetch_keeps_the_recording_from_going_quiet() {
+    let t = tree();
+    let r = Arc::new(Recorder::new(&t));
+    let c = ino(&t, "/etc/c");
+    r.note(c, t.node(c).unwrap(), 0, 100);
+    let waiting = r.waiting();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(r.quiet_for(), Some(std::time::Duration::ZERO));
+    let ended = std::time::Instant::now();
+    drop(waiting);
+    // Quiet counts from the wait's end, not from the first read before it
+    // (ms are truncated: 1 ms of slack).
+    let q = r.quiet_for().unwrap();
+    assert!(
+        q <= ended.elapsed() + std::time::Duration::from_millis(1),
+        "{q:?}"
+    );
+}
+
+#[test]
 fn the_recorder_is_bounded() {
     // More chunks than a profile keeps: the log stops at the bound.
     let t = Tree::build(vec![vec![file(
