@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::mount::{Mount, Shaper, assert_same, corpus, refactor_into, umoci_tree};
+use crate::mount::{Mount, Shaper, assert_same, corpus, original_tree, refactor_into};
 use crate::node::{Node, layers_of, parse_metrics};
 use crate::support::registry::TestRegistry;
 use crate::support::tree;
@@ -106,7 +106,7 @@ fn background_prefetch_yields_the_link_to_another_clients_reads() {
     // The node's own reads while its prefetch goes on get the image's bytes.
     let img = &images[0];
     let m = node.mount(&slow[0], &tmp.path().join("mnt"));
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
     assert_same(
         &expected,
         &tree::snapshot(&m.point).unwrap(),

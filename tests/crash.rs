@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::mount::{Mount, assert_same, breakfs, corpus, refactor_into, run_dir, umoci_tree};
+use crate::mount::{Mount, assert_same, breakfs, corpus, original_tree, refactor_into, run_dir};
 use crate::support::crashloop;
 use crate::support::registry::TestRegistry;
 use crate::support::tree;
@@ -20,7 +20,7 @@ fn sigkill_of_the_node_and_mounts_leaves_stores_that_verify_and_mounts_that_read
     let tmp = tempfile::tempdir().unwrap();
     let began = Instant::now();
     let refs = refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
     let seed = crashloop::seed_from_env();
     eprintln!(
         "crash loop seed {seed} (BREAKFS_CRASH_SEED={seed} repeats it); set up in {:.1}s",
@@ -72,7 +72,7 @@ fn a_chunk_of_a_whole_layer_removed_by_repair_is_indexed_again() {
     let img = images.iter().find(|i| i.tag == "v1").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
     let point = tmp.path().join("mnt");
     {
         let m = Mount::new(&img.reference, &point, &cache, &[]);

@@ -7,11 +7,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::corpus::{self, CorpusImage, IMAGE_PATH, TEST_FAMILIES};
 use crate::support::images::{Layer, T, estargz_layer, tar_of, write_image};
 use crate::support::measure::ADDED;
+use crate::support::memo::Memo;
 use crate::support::proxy::CountingProxy;
 use crate::support::registry::TestRegistry;
 use crate::support::tree::{self, CompareOptions};
@@ -203,6 +206,18 @@ pub(crate) fn umoci_tree(image: &CorpusImage, out: &Path) -> BTreeMap<String, tr
     tree::snapshot(&out.join("rootfs")).unwrap()
 }
 
+/// [`umoci_tree`] of `image`, unpacked once per test binary (for tests
+/// that need the tree only, not the unpacked files).
+pub(crate) fn original_tree(image: &CorpusImage) -> BTreeMap<String, tree::Node> {
+    static TREES: Memo<(PathBuf, String), BTreeMap<String, tree::Node>> = Memo::new();
+    TREES
+        .get((image.layout.clone(), image.tag.clone()), || {
+            let tmp = tempfile::tempdir().unwrap();
+            umoci_tree(image, &tmp.path().join("umoci"))
+        })
+        .clone()
+}
+
 fn compare_opts() -> CompareOptions {
     CompareOptions {
         ignore_paths: ADDED.iter().map(|s| s.to_string()).collect(),
@@ -225,23 +240,86 @@ pub(crate) fn assert_same(
     );
 }
 
-/// Refactor every build of the test families into `reg` (v1, then point
-/// and v2 reusing its layers), as `REG/refactored/FAMILY:TAG`.
+/// Refactor `images` in turn into `reg` (a later build of a family
+/// reusing the layers of the earlier ones), as
+/// `REG/refactored/FAMILY:TAG`.
+///
+/// Into repositories that hold nothing yet, the refactoring depends on the
+/// images alone (its output is deterministic): it is made once per test
+/// binary into OCI layouts, one per repository as the registry keeps one,
+/// and copied into `reg` with skopeo (the same manifests and blobs).
 pub(crate) fn refactor_into(
     reg: &TestRegistry,
     images: &[CorpusImage],
     work: &Path,
 ) -> Vec<String> {
-    let mut refs = Vec::new();
-    for img in images {
-        let dest = reg.reference(&format!("refactored/{}:{}", img.family, img.tag));
-        ok(breakfs()
-            .args(["refactor", "--plain-http", "--work-dir"])
-            .arg(work)
-            .args(["--to", &dest, &img.reference]));
-        refs.push(dest);
+    let repo = |img: &CorpusImage| format!("refactored/{}", img.family);
+    let dests: Vec<String> = images
+        .iter()
+        .map(|img| reg.reference(&format!("{}:{}", repo(img), img.tag)))
+        .collect();
+    let empty = images.iter().all(|img| {
+        !reg.storage_dir()
+            .join("docker/registry/v2/repositories")
+            .join(repo(img))
+            .exists()
+    });
+    if !empty {
+        for (img, dest) in images.iter().zip(&dests) {
+            ok(breakfs()
+                .args(["refactor", "--plain-http", "--work-dir"])
+                .arg(work)
+                .args(["--to", dest, &img.reference]));
+        }
+        return dests;
     }
-    refs
+    static LAYOUTS: Memo<Vec<String>, PathBuf> = Memo::new();
+    let key: Vec<String> = images.iter().map(|i| i.reference.clone()).collect();
+    let layouts = LAYOUTS.get(key, || {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = refactored_layouts().join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        for img in images {
+            let to = format!("oci:{}:{}", dir.join(img.family).display(), img.tag);
+            ok(breakfs().args(["refactor", "--work-dir"]).arg(work).args([
+                "--to",
+                &to,
+                &img.reference,
+            ]));
+        }
+        dir
+    });
+    for (img, dest) in images.iter().zip(&dests) {
+        ok(Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!(
+                "oci:{}:{}",
+                layouts.join(img.family).display(),
+                img.tag
+            ))
+            .arg(dest));
+    }
+    dests
+}
+
+/// Where this test binary keeps the layouts of [`refactor_into`]
+/// (`target/tmp/refactored-PID`); those of binaries no longer running are
+/// removed on first use.
+fn refactored_layouts() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("refactored-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        root.join(format!("refactored-{}", std::process::id()))
+    })
+    .clone()
 }
 
 #[test]
@@ -252,7 +330,7 @@ fn mounted_trees_equal_umoci_unpack_for_original_and_refactored_images() {
     let refactored = refactor_into(&reg, &images, &tmp.path().join("work"));
     let cache = tmp.path().join("cache");
     for (i, (img, rref)) in images.iter().zip(&refactored).enumerate() {
-        let expected = umoci_tree(img, &tmp.path().join(format!("umoci{i}")));
+        let expected = original_tree(img);
         // The original (plain gzip layers, fetched whole) from its layout,
         // the refactored one lazily from the registry.
         for (what, reference) in [("original", img.reference.as_str()), ("refactored", rref)] {
@@ -280,7 +358,7 @@ fn pull_extract_writes_the_same_tree_as_umoci() {
     let reg = TestRegistry::start();
     let tmp = tempfile::tempdir().unwrap();
     let refs = refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
     for (what, reference) in [
         ("original", img.reference.as_str()),
         ("refactored", &refs[0]),
@@ -727,6 +805,13 @@ impl Shaper {
         }
         Shaper(child, listen)
     }
+
+    /// Lift the shaping (`breakfs shape` on SIGUSR1): bytes pass at once,
+    /// for what a test reads once the link's speed no longer matters.
+    pub(crate) fn lift(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    }
 }
 
 impl Drop for Shaper {
@@ -764,6 +849,8 @@ fn reads_pass_ahead_of_background_hydration() {
         "hydration finished before the reads: {st}"
     );
     assert!(st["reads"]["reads_waited"].as_u64().unwrap() > 0, "{st}");
+    // The rest of the hydration need not crawl.
+    link.lift();
     m.wait_hydrated();
 }
 

@@ -13,8 +13,8 @@ use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::mount::{
-    Mount, Shaper, assert_same, breakfs, corpus, files_of, hex_sha256, ok, refactor_into,
-    umoci_tree,
+    Mount, Shaper, assert_same, breakfs, corpus, files_of, hex_sha256, ok, original_tree,
+    refactor_into,
 };
 use crate::support::proxy::CountingProxy;
 use crate::support::registry::TestRegistry;
@@ -343,7 +343,7 @@ fn a_peer_serves_a_hydrated_image_without_the_registry_and_to_skopeo() {
         blob_requests.is_empty(),
         "the registry was asked for blobs while a peer held them: {blob_requests:?}"
     );
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
     assert_same(&expected, &tree::snapshot(&m.point).unwrap(), "B's mount");
 
     // B's metrics: bytes came from the peer, none from the cloud.
@@ -423,7 +423,7 @@ fn a_dead_or_lying_peer_never_fails_a_read_or_reaches_a_reader() {
     let reference = reg.reference(&format!("refactored/{}:{}", img.family, img.tag));
     let reference = format!("docker://{}", reference.trim_start_matches("docker://"));
     let layers = layers_of(&reference);
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
 
     // Lying: A's blobs rot on disk after hydration; B detects it.
     let a = Node::start(&tmp.path().join("a"), &[], &[]);
@@ -608,7 +608,7 @@ fn prefetch_fills_a_node_and_the_budget_holds_under_live_mounts() {
     }
     // The first mount's chunks were evicted long ago: it still reads right.
     assert_eq!(hash_all(&mounts[0].point), first_hashes);
-    let expected = umoci_tree(&images[0], &tmp.path().join("umoci"));
+    let expected = original_tree(&images[0]);
     assert_same(
         &expected,
         &tree::snapshot(&mounts[0].point).unwrap(),
@@ -656,7 +656,7 @@ fn sigkill_during_prefetch_never_leaves_unverified_data() {
     for (img, r) in v1.iter().zip(&slow_refs) {
         node.wait_whole(&layers_of(r));
         let m = node.mount(r, &tmp.path().join(format!("mnt-{}", img.family)));
-        let expected = umoci_tree(img, &tmp.path().join(format!("umoci-{}", img.family)));
+        let expected = original_tree(img);
         assert_same(
             &expected,
             &tree::snapshot(&m.point).unwrap(),

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::mount::{Shaper, assert_same, corpus, files_of, refactor_into, umoci_tree};
+use crate::mount::{Shaper, assert_same, corpus, files_of, original_tree, refactor_into};
 use crate::node::{Node, layers_of, metric, parse_metrics};
 use crate::sched::SchedProc;
 use crate::support::proxy::CountingProxy;
@@ -125,7 +125,7 @@ fn a_cold_image_comes_over_three_links_and_relays_refuse_what_they_should() {
     let before = proxy.bytes_down();
     let m = a.mount(&reference, &tmp.path().join("mnt-a"));
     read_all_at_once(&m.point, 8);
-    let expected = umoci_tree(img, &tmp.path().join("umoci"));
+    let expected = original_tree(img);
     assert_same(&expected, &tree::snapshot(&m.point).unwrap(), "A's mount");
     assert_eq!(m.status()["reads"]["reads_failed"], 0, "{}", m.status());
     m.wait_hydrated();

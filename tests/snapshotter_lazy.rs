@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use breakfs_node::snapshots_api::snapshots as pb;
 
-use crate::mount::{assert_same, corpus, ok, refactor_into, umoci_tree};
+use crate::mount::{assert_same, corpus, ok, original_tree, refactor_into};
 use crate::node::{Node, metric, parse_metrics};
 use crate::snapshotter::{
     PLUGIN, containerd_with, listed, refused, run, runtime, snapshotter_node, wait_for,
@@ -327,7 +327,7 @@ fn rpull_of_refactored_images_is_lazy_and_shares_layers() {
     let mounts_v1 = lab.layer_mounts();
     assert_eq!(mounts_v1.len(), v1_layers.len(), "{mounts_v1:?}");
 
-    let expected = umoci_tree(&v1, &lab.work.path().join("umoci-v1"));
+    let expected = original_tree(&v1);
     assert_same(
         &expected,
         &lab.rootfs(v1_repo, "root-v1"),
@@ -437,7 +437,7 @@ fn plain_and_estargz_images_pull_and_run_and_estargz_rpulls_lazily() {
         let rel = gone.trim_start_matches('/');
         assert!(!got.contains_key(rel), "{gone} was deleted by a whiteout");
     }
-    let expected = umoci_tree(&v1, &lab.work.path().join("umoci-v1"));
+    let expected = original_tree(&v1);
     assert_same(&expected, &got, "rpull of the eStargz image");
 }
 

@@ -17,6 +17,12 @@ pub fn cache_root() -> PathBuf {
         })
 }
 
+/// `root/KIND-KEY` if a run finished making it.
+pub fn finished_dir(kind: &str, key: &str) -> Option<PathBuf> {
+    let dir = cache_root().join(format!("{kind}-{key}"));
+    dir.join("done").exists().then_some(dir)
+}
+
 /// `root/KIND-KEY`, made by `build` (into a fresh directory) unless a
 /// finished one is there. Keeps the newest other one of the same kind (a
 /// second configuration, the test suite's or the benchmark's), drops
@@ -26,11 +32,11 @@ pub fn cached_dir(
     key: &str,
     build: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let root = cache_root();
-    let dir = root.join(format!("{kind}-{key}"));
-    if dir.join("done").exists() {
+    if let Some(dir) = finished_dir(kind, key) {
         return Ok(dir);
     }
+    let root = cache_root();
+    let dir = root.join(format!("{kind}-{key}"));
     let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&root)
         .into_iter()
         .flatten()

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use sha2::{Digest as _, Sha256};
 
-use super::cache::cached_dir;
+use super::cache::{cached_dir, finished_dir};
 use super::containerd::{NAMESPACE, TestContainerd, output_with_timeout};
 use super::corpus::CorpusImage;
 use super::harness::{run, skopeo_copy};
@@ -52,20 +52,7 @@ const CONVERT_TIMEOUT: Duration = Duration::from_secs(1200);
 /// converted now unless cached; `level` is the gzip level (`None`:
 /// ctr-remote's default).
 pub fn converted(tmp: &Path, images: &[CorpusImage], level: Option<u32>) -> Result<PathBuf> {
-    let version = run(
-        Command::new("ctr-remote").arg("--version"),
-        "ctr-remote --version (apt-get install stargz-snapshotter)",
-    )?;
-    let mut key = Sha256::new();
-    key.update(version.as_bytes());
-    if let Some(l) = level {
-        // Unset keeps the key the default conversions were cached under.
-        key.update(format!("level {l}").as_bytes());
-    }
-    for im in images {
-        key.update(im.manifest_digest.as_bytes());
-    }
-    let key = &hex::encode(key.finalize())[..16];
+    let key = &cache_key(images, level)?;
     cached_dir("estargz", key, |fresh| {
         eprintln!(
             "testbed: converting {} images with ctr-remote (convert --estargz, optimize; cached for the next run)",
@@ -82,6 +69,34 @@ pub fn converted(tmp: &Path, images: &[CorpusImage], level: Option<u32>) -> Resu
         let _ = std::fs::remove_dir_all(&work);
         r.map(|_| ())
     })
+}
+
+/// The conversions [`converted`] would return, if an earlier run made
+/// them (a run without eStargz strategies converts nothing, but fills the
+/// registry as the runs with them did, and so shares their cached
+/// registry).
+pub fn cached(images: &[CorpusImage], level: Option<u32>) -> Option<PathBuf> {
+    let key = cache_key(images, level).ok()?;
+    finished_dir("estargz", &key)
+}
+
+/// The conversions' cache key: ctr-remote's version, the gzip level and
+/// the originals' digests.
+fn cache_key(images: &[CorpusImage], level: Option<u32>) -> Result<String> {
+    let version = run(
+        Command::new("ctr-remote").arg("--version"),
+        "ctr-remote --version (apt-get install stargz-snapshotter)",
+    )?;
+    let mut key = Sha256::new();
+    key.update(version.as_bytes());
+    if let Some(l) = level {
+        // Unset keeps the key the default conversions were cached under.
+        key.update(format!("level {l}").as_bytes());
+    }
+    for im in images {
+        key.update(im.manifest_digest.as_bytes());
+    }
+    Ok(hex::encode(key.finalize())[..16].to_string())
 }
 
 /// Both conversions of `im` into the layout `out`.

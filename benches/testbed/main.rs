@@ -113,9 +113,19 @@ pub fn run_testbed(o: &Opts) -> Result<Report> {
         };
         std::fs::create_dir_all(&env.run_dir)?;
         check_interrupt()?;
-        let estargz = estargz::converted(&env.tmp, &images, o.estargz_level)?;
+        // Converted only for a strategy that mounts them (the conversions
+        // take minutes on a fresh machine); else pushed only if cached.
+        let estargz = if o
+            .strategies
+            .iter()
+            .any(|s| matches!(s, Strategy::Estargz | Strategy::EstargzOptimized))
+        {
+            Some(estargz::converted(&env.tmp, &images, o.estargz_level)?)
+        } else {
+            estargz::cached(&images, o.estargz_level)
+        };
         check_interrupt()?;
-        let refactored = fill_registry(&env, &mut reg, &images, &estargz)?;
+        let refactored = fill_registry(&env, &mut reg, &images, estargz.as_deref())?;
         let refs = parallel(&images, 2, |im| reference(&env, im, 40))?;
         check_interrupt()?;
         let links: Vec<Shaper> = (0..o.clusters)

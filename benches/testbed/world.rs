@@ -30,7 +30,7 @@ pub struct Refactored {
 /// Fill the registry: the originals at `orig/FAMILY:TAG`, the images
 /// refactored jointly (`breakfs refactor --joint`, as BREAK refactors the
 /// set of images a registry serves) at `refactored/FAMILY:TAG`, and the
-/// originals' eStargz conversions from the layout `estargz` at
+/// originals' eStargz conversions from the layout `estargz` (if given) at
 /// `esgz/FAMILY:TAG` and `esgz-opt/FAMILY:TAG`. The refactored layout and
 /// then the registry's storage are cached, keyed by the refactoring's
 /// sources, the images' digests and the conversions.
@@ -38,7 +38,7 @@ pub fn fill_registry(
     env: &Env,
     reg: &mut TestRegistry,
     images: &[CorpusImage],
-    estargz: &Path,
+    estargz: Option<&Path>,
 ) -> Result<Vec<Refactored>> {
     let mut key = Sha256::new();
     refactor_sources(&mut key, Path::new(env!("CARGO_MANIFEST_DIR")))?;
@@ -92,12 +92,20 @@ pub fn fill_registry(
     let registry_key = {
         let mut k = Sha256::new();
         k.update(key.as_bytes());
-        k.update(estargz.to_string_lossy().as_bytes());
+        match estargz {
+            Some(e) => k.update(e.to_string_lossy().as_bytes()),
+            None => k.update(b"no eStargz"),
+        }
         hex::encode(k.finalize())[..16].to_string()
     };
     let cached = cached_dir("registry", &registry_key, |fresh| {
         eprintln!(
-            "testbed: pushing {n} original, {n} refactored and 2 × {n} eStargz images (cached for the next run)",
+            "testbed: pushing {n} original, {n} refactored and {} eStargz images (cached for the next run)",
+            if estargz.is_some() {
+                2 * images.len()
+            } else {
+                0
+            },
             n = images.len()
         );
         push_originals(reg, images)?;
@@ -110,7 +118,9 @@ pub fn fill_registry(
                 &reg.reference(&format!("refactored/{}:{}", im.family, im.tag)),
             )?;
         }
-        estargz::push(estargz, images, |repo| reg.reference(repo))?;
+        if let Some(e) = estargz {
+            estargz::push(e, images, |repo| reg.reference(repo))?;
+        }
         pushed = true;
         copy_tree(&storage, &fresh.join("storage"))
     })?;

@@ -7,6 +7,7 @@ pub mod crashloop;
 pub mod images;
 pub mod load;
 pub mod measure;
+pub mod memo;
 pub mod proxy;
 pub mod registry;
 pub mod tree;
