@@ -112,7 +112,7 @@ fn small_testbed_checks_every_rootfs_and_an_interrupt_leaves_nothing_behind() {
     );
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
-            "testbed::small_testbed_checks_every_rootfs_and_an_interrupt_leaves_nothing_behind",
+            "a_testbed::small_testbed_checks_every_rootfs_and_an_interrupt_leaves_nothing_behind",
             "--exact",
             "--nocapture",
             "--test-threads=1",
