@@ -18,7 +18,7 @@ use breakfs_index::{Digest, Toc, TocEntryType};
 
 use crate::mount::{Mount, corpus, ok};
 use crate::support::containerd::{NAMESPACE, PULL_TIMEOUT, TestContainerd, output_with_timeout};
-use crate::support::proxy::CountingProxy;
+use crate::support::proxy::{CountingProxy, spans_cover};
 use crate::support::registry::TestRegistry;
 
 /// A layer of a converted image: digest, size, and where its TOC puts the
@@ -110,20 +110,6 @@ fn inside(spans: &[(u64, u64)], size: u64, (start, end): (u64, u64)) -> Vec<(u64
         .collect()
 }
 
-/// Whether `spans` cover `[start, end)`.
-fn covers(spans: &[(u64, u64)], (start, end): (u64, u64)) -> bool {
-    let mut spans = spans.to_vec();
-    spans.sort_unstable();
-    let mut pos = start;
-    for (s, e) in spans {
-        if s > pos {
-            break;
-        }
-        pos = pos.max(e);
-    }
-    pos >= end
-}
-
 #[test]
 fn an_optimized_estargz_image_has_its_landmarked_region_fetched_at_mount() {
     let images = corpus();
@@ -199,7 +185,7 @@ fn an_optimized_estargz_image_has_its_landmarked_region_fetched_at_mount() {
             .iter()
             .filter(|l| {
                 let spans = seen.get(&l.digest).map(Vec::as_slice).unwrap_or_default();
-                !covers(spans, l.region.unwrap())
+                !spans_cover(spans, l.region.unwrap())
             })
             .map(|l| l.digest.as_str())
             .collect();

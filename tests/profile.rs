@@ -36,15 +36,6 @@ fn workload(root: &Path, n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Range requests the registry saw for blobs.
-fn ranged(proxy: &CountingProxy) -> usize {
-    proxy
-        .requests_with_ranges()
-        .iter()
-        .filter(|(line, range)| line.contains("/blobs/") && range.is_some())
-        .count()
-}
-
 /// Wait, at most `limit`, until `node` serves a profile of `image` that
 /// `ready` accepts; the profile.
 fn wait_profile(
@@ -104,11 +95,11 @@ fn a_profile_recorded_on_one_node_makes_its_peer_fetch_the_start_up_at_once() {
         );
         let image = m.status()["manifest"].as_str().unwrap().to_string();
         // The mount's own range requests: the layers' TOCs.
-        let tocs = ranged(&proxy);
+        let tocs = proxy.blob_range_requests();
         proxy.reset();
         let read = workload(&m.point, FILES);
         assert_eq!(m.status()["reads"]["reads_failed"], 0);
-        (image, read, tocs, ranged(&proxy))
+        (image, read, tocs, proxy.blob_range_requests())
     };
     let profile = wait_profile(&a, &image, Duration::from_secs(30), |_| true);
     let entries = profile["entries"].as_array().unwrap().len();
@@ -146,7 +137,7 @@ fn a_profile_recorded_on_one_node_makes_its_peer_fetch_the_start_up_at_once() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Less the TOCs, which B's mount fetched as A's did.
-    let b_ranges = ranged(&proxy).saturating_sub(toc_ranges);
+    let b_ranges = proxy.blob_range_requests().saturating_sub(toc_ranges);
     eprintln!(
         "profile of {entries} chunks: A read on demand in {a_ranges} range requests, \
          B fetched them up front in {b_ranges}"
@@ -160,7 +151,12 @@ fn a_profile_recorded_on_one_node_makes_its_peer_fetch_the_start_up_at_once() {
     proxy.reset();
     let on_b = workload(&m.point, FILES);
     assert_eq!(on_a, on_b);
-    assert_eq!(ranged(&proxy), 0, "{:?}", proxy.requests_with_ranges());
+    assert_eq!(
+        proxy.blob_range_requests(),
+        0,
+        "{:?}",
+        proxy.requests_with_ranges()
+    );
     assert_eq!(m.status()["reads"]["reads_failed"], 0);
     // B kept the profile and merged its own run into it.
     wait_profile(&b, &image, Duration::from_secs(30), |p| p["runs"] == 2);

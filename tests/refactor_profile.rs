@@ -20,7 +20,7 @@ use breakfs_index::{PREFETCH_LANDMARK, TailRead, Toc, TocEntryType};
 use crate::mount::{Mount, assert_same, breakfs, corpus, ok, umoci_tree};
 use crate::support::corpus::{CorpusImage, IMAGE_PATH};
 use crate::support::images::{Layer, T, tar_of, write_image};
-use crate::support::proxy::CountingProxy;
+use crate::support::proxy::{CountingProxy, spans_cover};
 use crate::support::registry::TestRegistry;
 use crate::support::tree;
 
@@ -290,14 +290,14 @@ fn refactor_profile_lays_the_commands_files_before_the_landmark() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let at_mount = ranged(&proxy);
+    let at_mount = proxy.blob_range_requests();
     let mut run = Command::new("chroot");
     run.arg(&m.point)
         .args(&img.command)
         .env_clear()
         .env("PATH", IMAGE_PATH);
     ok(&mut run);
-    let during = ranged(&proxy) - at_mount;
+    let during = proxy.blob_range_requests() - at_mount;
     eprintln!("the command after the mount's region fetch: {during} range requests");
     assert!(
         during <= 2,
@@ -315,30 +315,13 @@ fn umoci_tree_of_layout(layout: &Path, out: &Path) -> BTreeMap<String, tree::Nod
     tree::snapshot(&out.join("rootfs")).unwrap()
 }
 
-/// Range requests for blobs the proxy saw.
-fn ranged(proxy: &CountingProxy) -> usize {
-    proxy
-        .requests_with_ranges()
-        .iter()
-        .filter(|(line, range)| line.contains("/blobs/") && range.is_some())
-        .count()
-}
-
 /// Whether `spans` cover layer `l`'s landmarked region.
 fn covers(spans: &[(u64, u64)], l: &LayerToc) -> bool {
     let Some((start, end)) = l.region else {
         return true;
     };
-    let mut spans: Vec<(u64, u64)> = spans.iter().copied().filter(|s| s.1 <= l.size).collect();
-    spans.sort_unstable();
-    let mut pos = start;
-    for (s, e) in spans {
-        if s > pos {
-            break;
-        }
-        pos = pos.max(e);
-    }
-    pos >= end
+    let spans: Vec<(u64, u64)> = spans.iter().copied().filter(|s| s.1 <= l.size).collect();
+    spans_cover(&spans, (start, end))
 }
 
 #[test]

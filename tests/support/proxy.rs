@@ -85,6 +85,14 @@ impl CountingProxy {
         self.ranged.lock().expect("requests lock").clone()
     }
 
+    /// How many range requests for blobs the proxy saw.
+    pub fn blob_range_requests(&self) -> usize {
+        self.requests_with_ranges()
+            .iter()
+            .filter(|(line, range)| line.contains("/blobs/") && range.is_some())
+            .count()
+    }
+
     /// The `[start, end)` byte ranges asked of each blob so far, by digest
     /// (`sha256:...`); a request without a Range header is the whole blob.
     pub fn ranges_by_blob(&self) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
@@ -180,4 +188,19 @@ fn pump_requests(
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Whether the byte ranges `spans` (as [`CountingProxy::ranges_by_blob`]
+/// gives them) together cover `[start, end)`.
+pub fn spans_cover(spans: &[(u64, u64)], (start, end): (u64, u64)) -> bool {
+    let mut spans = spans.to_vec();
+    spans.sort_unstable();
+    let mut pos = start;
+    for (s, e) in spans {
+        if s > pos {
+            break;
+        }
+        pos = pos.max(e);
+    }
+    pos >= end
 }
