@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::mount::{Mount, Shaper, assert_same, corpus, original_tree, refactor_into};
-use crate::node::{Node, layers_of, parse_metrics};
+use crate::node::{Node, layers_of, parse_metrics, wait_prefetched};
 use crate::support::registry::TestRegistry;
 use crate::support::tree;
 
@@ -116,20 +116,7 @@ fn background_prefetch_yields_the_link_to_another_clients_reads() {
     drop::<Mount>(m);
 
     // The link free again, the window opens and the prefetch finishes.
-    let until = Instant::now() + Duration::from_secs(300);
-    loop {
-        let tasks = node.json("/prefetch");
-        let all: Vec<&serde_json::Value> = tasks.as_object().unwrap().values().collect();
-        if all.iter().all(|t| t["finished"] == true) {
-            for t in all {
-                assert!(t["error"].is_null(), "prefetch failed: {t}");
-                assert_eq!(t["done"], t["layers"], "{t}");
-            }
-            break;
-        }
-        assert!(Instant::now() < until, "prefetch did not finish: {tasks}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_prefetched(&node);
     assert!(
         cloud(&node, "window_bytes") > 16_384.0,
         "the window stayed shut once the link was free: {}",

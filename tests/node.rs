@@ -517,6 +517,12 @@ fn prefetch_all(node: &Node, images: &[String]) {
     let body = serde_json::json!({ "images": images }).to_string();
     let started: serde_json::Value = serde_json::from_str(&node.post("/prefetch", &body)).unwrap();
     assert_eq!(started["tasks"].as_array().unwrap().len(), images.len());
+    wait_prefetched(node);
+}
+
+/// Wait (up to 5 minutes) until every prefetch task of `node` finished, and
+/// check that each fetched all its layers without error.
+pub(crate) fn wait_prefetched(node: &Node) {
     let until = Instant::now() + Duration::from_secs(300);
     loop {
         let tasks = node.json("/prefetch");
