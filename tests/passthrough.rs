@@ -14,6 +14,20 @@ use crate::support::images::{Layer, T, noise, tar_of, write_image};
 /// What asks `breakfs mount` for passthrough.
 const PASSTHROUGH: (&str, &str) = ("BREAKFS_PASSTHROUGH", "1");
 
+/// An image of one layer holding `entries`, refactored with 128 KiB chunks
+/// into an OCI layout under `dir`: its reference.
+fn refactored(dir: &Path, entries: &[T]) -> String {
+    let layout = dir.join("layout");
+    write_image(&layout, "v1", &[Layer::gzip(tar_of(entries))]);
+    let image = format!("oci:{}:v1", dir.join("refactored").display());
+    ok(breakfs()
+        .args(["refactor", "--chunk-kib", "128", "--work-dir"])
+        .arg(dir.join("work"))
+        .args(["--to", &image])
+        .arg(format!("oci:{}:v1", layout.display())));
+    image
+}
+
 /// The mount's read counters, from a status record written after now.
 fn counters(m: &Mount) -> serde_json::Value {
     m.fresh_status()["reads"].clone()
@@ -28,25 +42,17 @@ fn count(reads: &serde_json::Value, key: &str) -> u64 {
 #[test]
 fn hydrated_files_pass_through_and_others_are_read_by_breakfs() {
     let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
     // One file of one chunk, one of five (128 KiB chunks), one read lazily.
     let (small, big, lazy) = (noise(1, 100_000), noise(2, 600_000), noise(3, 50_000));
-    write_image(
-        &layout,
-        "v1",
-        &[Layer::gzip(tar_of(&[
+    let image = refactored(
+        tmp.path(),
+        &[
             T::Dir("data"),
             T::File("data/small", &small, 0o644),
             T::File("data/big", &big, 0o644),
             T::File("data/lazy", &lazy, 0o644),
-        ]))],
+        ],
     );
-    let image = format!("oci:{}:v1", tmp.path().join("refactored").display());
-    ok(breakfs()
-        .args(["refactor", "--chunk-kib", "128", "--work-dir"])
-        .arg(tmp.path().join("work"))
-        .args(["--to", &image])
-        .arg(format!("oci:{}:v1", layout.display())));
 
     // Hydrated: every open passes through, no read reaches breakfs.
     let mut m = Mount::with_env(
@@ -112,23 +118,15 @@ fn wait_for_passthrough(m: &Mount, path: &Path, want: &[u8]) {
 #[test]
 fn by_default_a_hydrated_mount_reads_each_file_once_and_then_from_the_page_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
     let (small, big) = (noise(4, 70_000), noise(5, 500_000));
-    write_image(
-        &layout,
-        "v1",
-        &[Layer::gzip(tar_of(&[
+    let image = refactored(
+        tmp.path(),
+        &[
             T::Dir("data"),
             T::File("data/small", &small, 0o644),
             T::File("data/big", &big, 0o644),
-        ]))],
+        ],
     );
-    let image = format!("oci:{}:v1", tmp.path().join("refactored").display());
-    ok(breakfs()
-        .args(["refactor", "--chunk-kib", "128", "--work-dir"])
-        .arg(tmp.path().join("work"))
-        .args(["--to", &image])
-        .arg(format!("oci:{}:v1", layout.display())));
     let m = Mount::new(&image, &tmp.path().join("mnt"), &tmp.path().join("c"), &[]);
     m.wait_hydrated();
     // Listed with their attributes (readdirplus), then read three times:
