@@ -5,6 +5,7 @@ use std::io::Read;
 
 use breakfs_index::{TailRead, TocChunk, parse_footer};
 
+use super::ustar::pax_record;
 use super::*;
 
 struct MemSource(HashMap<String, Vec<u8>>);
