@@ -8,6 +8,7 @@
 //! for the cluster, and a peer killed while it reads one costs no mount.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,29 @@ fn sample(node: &Node, key: &str) -> f64 {
     metric(&parse_metrics(&node.get("/metrics")), key)
 }
 
+/// The bytes one fresh node alone (under `dir`) takes from the cloud
+/// (counted at `proxy`) to read the whole tree of `reference`, checked
+/// against `expected`.
+fn alone_bytes(
+    dir: &Path,
+    reference: &str,
+    expected: &BTreeMap<String, tree::Node>,
+    proxy: &CountingProxy,
+) -> u64 {
+    let before = proxy.bytes_down();
+    let alone = Node::start(&dir.join("alone"), &[], &[]);
+    let m = lazy_mount(
+        &alone,
+        reference,
+        &dir.join("mnt-alone"),
+        &dir.join("c-alone"),
+    );
+    assert_same(expected, &tree::snapshot(&m.point).unwrap(), "alone");
+    assert_eq!(m.status()["reads"]["reads_failed"], 0);
+    drop(m);
+    proxy.bytes_down() - before
+}
+
 #[test]
 fn a_cluster_starting_one_image_at_once_fetches_it_from_the_cloud_about_once() {
     let images = corpus();
@@ -89,20 +113,7 @@ fn a_cluster_starting_one_image_at_once_fetches_it_from_the_cloud_about_once() {
     let expected = original_tree(img);
 
     // One node alone, fresh.
-    let before = proxy.bytes_down();
-    let alone = Node::start(&tmp.path().join("alone"), &[], &[]);
-    {
-        let m = lazy_mount(
-            &alone,
-            &reference,
-            &tmp.path().join("mnt-alone"),
-            &tmp.path().join("c-alone"),
-        );
-        assert_same(&expected, &tree::snapshot(&m.point).unwrap(), "alone");
-        assert_eq!(m.status()["reads"]["reads_failed"], 0);
-    }
-    let one = proxy.bytes_down() - before;
-    drop(alone);
+    let one = alone_bytes(tmp.path(), &reference, &expected, &proxy);
 
     // Four fresh nodes of one cluster, none holding the image, start it
     // at once and read the same files.
@@ -278,19 +289,7 @@ fn nodes_split_a_new_layer_and_a_killed_owner_costs_no_read() {
     let expected = original_tree(img);
 
     // A alone first: what one node takes from the cloud for the tree.
-    let before = proxy.bytes_down();
-    let alone = Node::start(&tmp.path().join("alone"), &[], &[]);
-    {
-        let m = lazy_mount(
-            &alone,
-            &reference,
-            &tmp.path().join("mnt-alone"),
-            &tmp.path().join("c-alone"),
-        );
-        assert_same(&expected, &tree::snapshot(&m.point).unwrap(), "alone");
-    }
-    let one = proxy.bytes_down() - before;
-    drop(alone);
+    let one = alone_bytes(tmp.path(), &reference, &expected, &proxy);
 
     // Three nodes mount the image; A reads the tree, B and C wait for A's
     // questions: the stripes they own they take on and fetch, A takes them
@@ -363,6 +362,92 @@ fn nodes_split_a_new_layer_and_a_killed_owner_costs_no_read() {
     assert!(
         all as f64 <= 1.5 * one as f64,
         "the cluster took {all} bytes from the cloud, one node alone {one}"
+    );
+}
+
+#[test]
+fn chunks_whose_owner_has_nothing_to_say_or_died_are_asked_of_every_peer() {
+    let images = corpus();
+    let img = images.iter().find(|i| i.tag == "v1").unwrap();
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    refactor_into(&reg, std::slice::from_ref(img), &tmp.path().join("work"));
+    let proxy = CountingProxy::start(&reg.host());
+    let link = Shaper::start(&proxy.host(), 4, 400);
+    let reference = format!("docker://{}/refactored/{}:{}", link.1, img.family, img.tag);
+    let expected = original_tree(img);
+
+    let one = alone_bytes(tmp.path(), &reference, &expected, &proxy);
+
+    // Four nodes know each other; A and B mount the image, then read it
+    // at once. Each chunk's owner among the four is asked first: C mounts
+    // nothing (it has nothing to say of its stripes), D died after the
+    // mounts (it does not answer). Their stripes are asked of every peer,
+    // and A and B split them between themselves.
+    let mut nodes = cluster(&tmp.path().join("cluster"), 4);
+    polled(&nodes);
+    let before = proxy.bytes_down();
+    let mounts: Vec<Mount> = (0..2)
+        .map(|i| {
+            lazy_mount(
+                &nodes[i],
+                &reference,
+                &tmp.path().join(format!("mnt{i}")),
+                &tmp.path().join(format!("c{i}")),
+            )
+        })
+        .collect();
+    let asked_before: Vec<f64> = (0..2)
+        .map(|i| sample(&nodes[i], "breakfs_rollout_failed_questions_total"))
+        .collect();
+    nodes[3].sigkill();
+    let readers: Vec<_> = mounts
+        .into_iter()
+        .map(|m| {
+            std::thread::spawn(move || {
+                let got = tree::snapshot(&m.point).unwrap();
+                (m, got)
+            })
+        })
+        .collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        let (m, got) = r.join().unwrap();
+        assert_same(&expected, &got, &format!("node {i}"));
+        assert_eq!(
+            m.status()["reads"]["reads_failed"],
+            0,
+            "node {i}: {}",
+            nodes[i].log_text()
+        );
+        let failed = sample(&nodes[i], "breakfs_rollout_failed_questions_total");
+        assert!(
+            failed > asked_before[i],
+            "node {i} never asked the dead owner"
+        );
+    }
+    let all = proxy.bytes_down() - before;
+    let from_peers: f64 = (0..2)
+        .flat_map(|i| {
+            ["holder", "fetching", "claimed", "deciding"].map(|f| {
+                sample(
+                    &nodes[i],
+                    &format!("breakfs_rollout_chunks_total{{from=\"{f}\"}}"),
+                )
+            })
+        })
+        .sum();
+    eprintln!(
+        "cloud bytes: one node alone {one}, two of four at once {all} ({:.2}x); \
+         chunks from a peer {from_peers}",
+        all as f64 / one as f64
+    );
+    assert!(
+        from_peers > 0.0,
+        "A and B never took a chunk from each other"
+    );
+    assert!(
+        all as f64 <= 1.2 * one as f64,
+        "two nodes at once took {all} bytes from the cloud, one alone {one}"
     );
 }
 

@@ -277,6 +277,14 @@ impl Peers {
         self.peers.lock().keys().cloned().collect()
     }
 
+    /// The id peer `url` gave itself in its last cache index (normalized),
+    /// if it published one.
+    pub(crate) fn id_of(&self, url: &str) -> Option<String> {
+        let peers = self.peers.lock();
+        let index = peers.get(url)?.index.as_ref()?;
+        Some(normalize(&index.node))
+    }
+
     /// The peers with a fresh index that say they relay for registry
     /// `host`.
     pub fn relays_for(&self, host: &str) -> Vec<String> {

@@ -450,6 +450,7 @@ async fn ask(peers: &Peers, url: &str, query: &MetaQuery) -> Option<MetaAnswer> 
     match r {
         Ok(a) => {
             peers.links().rtt(url, began.elapsed().as_secs_f64());
+            peers.rollout.learn_id(url, &a.node);
             Some(a)
         }
         Err(e) => {

@@ -24,11 +24,13 @@
 //! is `serve`; a read from a peer that holds the request until its own
 //! fetch ends is `wait`.
 
+mod ask;
 mod meta;
 mod serve;
 mod split;
 mod wait;
 
+pub(crate) use ask::plan;
 pub(crate) use meta::{
     metrics as meta_metrics, question as meta_question, serve as meta_serve, turn as meta_turn,
 };
@@ -37,16 +39,12 @@ use wait::{PeerWait, host_of};
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use breakfs_fetch::{ChunkLoc, PEER_REST, Plan, Priority, Source};
-use breakfs_index::{Causes, Digest};
-use futures::future::BoxFuture;
+use breakfs_fetch::{ChunkLoc, PEER_REST};
+use breakfs_index::Digest;
 use serde::{Deserialize, Serialize};
-
-use crate::peer::Peers;
 
 /// The header in which a peer says how long it waits for a range this
 /// node is fetching (milliseconds).
@@ -196,6 +194,8 @@ pub(crate) struct Rollout {
     claiming: AtomicUsize,
     /// Its reads of image metadata (configs, TOCs), for peers asking.
     pub(crate) metas: meta::Metas,
+    /// The ids peers gave in their answers, by URL.
+    ids: Mutex<HashMap<String, String>>,
 }
 
 impl Rollout {
@@ -281,6 +281,28 @@ impl Rollout {
         self.decisions
             .here
             .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The peer at `url` calls itself `id` (in an answer).
+    fn learn_id(&self, url: &str, id: &str) {
+        let id = id.trim().trim_end_matches('/').to_string();
+        self.ids.lock().insert(url.to_string(), id);
+    }
+
+    /// Chunks decided (each with whether a peer is waited on for it, else
+    /// it is fetched here).
+    fn decided<'c>(&self, chunks: impl IntoIterator<Item = (&'c ChunkLoc, bool)>) {
+        let mut f = self.flights.lock();
+        for (c, waiting) in chunks {
+            if let Some(x) = f.get_mut(&c.digest) {
+                x.stage = if waiting {
+                    Stage::Waiting
+                } else {
+                    Stage::Fetching
+                };
+                x.at = Instant::now();
+            }
+        }
     }
 
     /// Take chunk `c` of `layer` on for a peer, unless this node has a
@@ -443,166 +465,6 @@ fn choose(
         out.push(pick.and_then(|k| rank(&peers[k]).map(|(_, h)| (k, h))));
     }
     out
-}
-
-/// The peers' plan for `chunks` of `layer` ([`Source::plan`]), fetched at
-/// `prio`: `None` when there is no peer to ask.
-pub(crate) fn plan<'a>(
-    peers: &'a Peers,
-    layer: &'a Digest,
-    chunks: &'a [ChunkLoc],
-    prio: Priority,
-) -> Option<BoxFuture<'a, Plan>> {
-    let r = &peers.rollout;
-    let urls: Vec<String> = peers.urls().into_iter().filter(|u| !r.resting(u)).collect();
-    if urls.is_empty() || chunks.is_empty() || chunks.len() > MAX_QUERY_CHUNKS {
-        return None;
-    }
-    Some(Box::pin(async move {
-        let (deciding, claimed) = r.deciding(layer, chunks);
-        if claimed.iter().all(|&c| c) && r.interest.members(layer).len() >= urls.len() {
-            // Every chunk was taken on for a peer, and as many nodes as
-            // this node has peers want the layer: it owns their stripes
-            // among all of them, so no peer is asked about them before
-            // the fetch (a node knowing fewer that took one on too ranks
-            // below it and waits on it).
-            r.fetch_here(chunks);
-            drop(deciding);
-            return vec![None; chunks.len()];
-        }
-        let query = HaveQuery {
-            node: peers.me().to_string(),
-            layer: layer.clone(),
-            chunks: chunks
-                .iter()
-                .zip(&claimed)
-                .map(|(c, &claimed)| AskedChunk {
-                    digest: c.digest.clone(),
-                    offset: c.offset,
-                    end: c.compressed_end,
-                    inner: c.inner_offset,
-                    size: c.size,
-                    claimed,
-                })
-                .collect(),
-            background: prio == Priority::Background,
-        };
-        let answers = futures::future::join_all(urls.iter().map(|u| ask(peers, u, &query))).await;
-        let mut views: Vec<PeerView> = urls
-            .iter()
-            .zip(answers)
-            .map(|(u, a)| PeerView {
-                id: a.as_ref().map_or_else(|| u.clone(), |a| a.node.clone()),
-                answer: a.map(|a| a.chunks),
-                asked_me: vec![None; chunks.len()],
-                cost: peers.links().cost(u, 1 << 20),
-            })
-            .collect();
-        let picks = {
-            let mut f = r.flights.lock();
-            for (i, c) in chunks.iter().enumerate() {
-                if let Some(Flight {
-                    stage: Stage::Deciding { asked, .. },
-                    ..
-                }) = f.get(&c.digest)
-                {
-                    for v in views.iter_mut() {
-                        if let Some(&took) = asked.get(&v.id) {
-                            v.asked_me[i] = Some(took);
-                        }
-                    }
-                }
-            }
-            let over = |a: &str, b: &str, i: usize| split::above(a, b, layer, chunks[i].offset);
-            let picks = choose(peers.me(), &views, &claimed, over);
-            for (c, p) in chunks.iter().zip(&picks) {
-                if let Some(x) = f.get_mut(&c.digest) {
-                    x.stage = match p {
-                        Some(_) => Stage::Waiting,
-                        None => Stage::Fetching,
-                    };
-                    x.at = Instant::now();
-                }
-            }
-            picks
-        };
-        drop(deciding);
-        let d = &r.decisions;
-        let wait = r.wait();
-        let mut sources: HashMap<usize, Arc<dyn Source>> = HashMap::new();
-        picks
-            .into_iter()
-            .map(|p| {
-                let counter = match p.map(|(_, h)| h) {
-                    Some(Holding::Have) => &d.from_holder,
-                    Some(Holding::Fetching) => &d.from_fetching,
-                    Some(Holding::Claimed) => &d.from_claimed,
-                    Some(_) => &d.from_deciding,
-                    None => &d.here,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                let (k, _) = p?;
-                let src = sources.entry(k).or_insert_with(|| {
-                    Arc::new(PeerWait {
-                        url: urls[k].clone(),
-                        host: host_of(&urls[k]),
-                        client: peers.client().clone(),
-                        wait,
-                        links: peers.links().clone(),
-                    })
-                });
-                Some(src.clone())
-            })
-            .collect()
-    }))
-}
-
-/// Ask the peer at `url` about `query`; `None` (and the peer passed over
-/// for a while) when it does not answer in time or answers nonsense.
-async fn ask(peers: &Peers, url: &str, query: &HaveQuery) -> Option<HaveAnswer> {
-    let began = Instant::now();
-    let r = async {
-        let resp = peers
-            .client()
-            .post(format!("{url}/cache/have"))
-            .json(query)
-            .timeout(QUERY_TIMEOUT)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| Causes(&e).to_string())?;
-        let max = 64 + 16 * query.chunks.len();
-        let body = breakfs_fetch::guard::body_within(resp, max + 1024, "a have answer")
-            .await
-            .map_err(|e| Causes(&e).to_string())?;
-        let a: HaveAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        if a.chunks.len() != query.chunks.len() {
-            return Err(format!(
-                "it answered for {} chunks, not the {} asked",
-                a.chunks.len(),
-                query.chunks.len()
-            ));
-        }
-        Ok(a)
-    }
-    .await;
-    match r {
-        Ok(a) => {
-            peers.links().rtt(url, began.elapsed().as_secs_f64());
-            Some(a)
-        }
-        Err(e) => {
-            let rollout = &peers.rollout;
-            rollout
-                .decisions
-                .failed_questions
-                .fetch_add(1, Ordering::Relaxed);
-            peers.links().failure(url);
-            tracing::warn!(peer = %url, "asking which chunks it has failed: {e}; not asked again for {PEER_REST:?}");
-            rollout.rest(url);
-            None
-        }
-    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,23 @@ pub(super) fn owns<'a>(
         .all(|o| above(me, o, layer, offset))
 }
 
+/// The owner of the stripe of `offset` in `layer` among `me` and the
+/// peers `peers` (their ids): `None` when it is `me`, else the peer's
+/// index.
+pub(super) fn owner(me: &str, peers: &[String], layer: &Digest, offset: u64) -> Option<usize> {
+    let mut top: Option<usize> = None;
+    for (k, p) in peers.iter().enumerate() {
+        if p == me {
+            continue;
+        }
+        let best = top.map_or(me, |t| peers[t].as_str());
+        if above(p, best, layer, offset) {
+            top = Some(k);
+        }
+    }
+    top
+}
+
 /// Who asked this node about which layer, lately.
 #[derive(Default)]
 pub(super) struct Interest {
@@ -134,6 +151,28 @@ mod tests {
         }
         // 50 each on average: none idle, none with most of the layer.
         assert!(owned.iter().all(|&k| (20..=90).contains(&k)), "{owned:?}");
+    }
+
+    #[test]
+    fn the_owner_is_the_one_owning_the_stripe_among_all() {
+        let layer = Digest::of(b"layer");
+        let nodes: Vec<String> = (0..8).map(|i| format!("http://10.0.0.{i}:7070")).collect();
+        for stripe in 0..100u64 {
+            let off = stripe * STRIPE;
+            let all = || nodes.iter().map(String::as_str);
+            for (i, me) in nodes.iter().enumerate() {
+                let others: Vec<String> = nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|&(k, _)| k != i)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                match owner(me, &others, &layer, off) {
+                    None => assert!(owns(me, all(), &layer, off)),
+                    Some(k) => assert!(owns(&others[k], all(), &layer, off)),
+                }
+            }
+        }
     }
 
     #[test]
