@@ -195,20 +195,6 @@ impl ProfilePrefetch {
         self.done.notify_waiters();
     }
 
-    /// Whether the profile is in and most of its entries name layers fed
-    /// so far (the image's): the start's reads are then fetched by it,
-    /// ranked, and a mount need not also fetch its programs' dependencies
-    /// whole (a `node` start's libraries: 4 MB the start does not read,
-    /// at on-demand priority, on the same link as the profile's).
-    pub fn covers_start(&self) -> bool {
-        let Some(Some(p)) = self.profile.peek() else {
-            return false;
-        };
-        let fed = self.fed.lock();
-        let named = p.entries.iter().filter(|e| fed.contains(&e.layer)).count();
-        named > 0 && named * 2 >= p.entries.len()
-    }
-
     /// Wait until every layer fed so far is fetched; what the prefetch
     /// did, or `None` without a profile.
     pub async fn finish(&self) -> Option<PrefetchReport> {

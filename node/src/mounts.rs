@@ -226,15 +226,13 @@ impl NodeService {
             .await
             .inspect_err(|_| prefetch.abort())?;
         let opened_in = began.elapsed();
-        // A profile fetches what the start reads: no dependencies whole too.
-        let profiled = prefetch.covers_start();
         crate::profile::log_prefetch(prefetch, opened.image.manifest_digest.clone());
         let (image, tree) = (opened.image.manifest_digest.clone(), opened.tree.clone());
         let layers = opened.image.manifest.layers.clone();
         let opts = MountOptions {
             hydrate: req.hydrate,
             threads: req.threads.unwrap_or(4),
-            dependency_prefetch: req.dependency_prefetch && !profiled,
+            dependency_prefetch: req.dependency_prefetch,
         };
         let source = Source::Image {
             image: opened.image.reference.to_string(),
