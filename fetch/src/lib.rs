@@ -56,5 +56,5 @@ pub use source::{
     not_here,
 };
 pub use store::{BlobLoader, Image, Store};
-pub use tocread::{LayerToc, toc_tail_name};
+pub use tocread::{LayerToc, MAX_HINTED_TAIL, TOC_TAIL_HINT, hint_toc_tail, toc_tail_name};
 pub use verify::{Finding, Severity, Tally, VerifyReport, verify_store};

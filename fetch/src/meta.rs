@@ -5,7 +5,7 @@
 use breakfs_index::{Descriptor, Digest, Toc, TocLayer};
 use serde::{Deserialize, Serialize};
 
-use crate::tocread::{read_toc_with, toc_from_tail, toc_tail_name};
+use crate::tocread::{put_metas, read_toc_with, toc_from_tail, toc_tail_name};
 use crate::{Error, Fetcher, Meta, MetaTurn, Result};
 
 /// Largest blob asked of the nodes sharing metadata ([`Meta::Blob`]):
@@ -122,10 +122,14 @@ impl Fetcher {
         };
         let out = match found {
             Some(t) => {
+                let mut rec = format!("{}\n", t.toc_offset).into_bytes();
+                rec.extend_from_slice(&t.toc.to_json());
+                let mut records = vec![(name, rec)];
                 if checked {
                     // What other nodes ask for; checked by them too.
-                    store.put_meta(&toc_tail_name(&desc.digest), &t.tail)?;
+                    records.push((toc_tail_name(&desc.digest), t.tail.clone()));
                 }
+                put_metas(store, records).await?;
                 tracing::debug!(
                     layer = %desc.digest.short(),
                     size = desc.size,
@@ -134,13 +138,10 @@ impl Fetcher {
                     secs = began.elapsed().as_secs_f64(),
                     "TOC read"
                 );
-                let mut rec = format!("{}\n", t.toc_offset).into_bytes();
-                rec.extend_from_slice(&t.toc.to_json());
-                store.put_meta(&name, &rec)?;
                 Some(t.layer)
             }
             None => {
-                store.put_meta(&name, b"none")?;
+                put_metas(store, vec![(name, b"none".to_vec())]).await?;
                 None
             }
         };

@@ -18,11 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use breakfs_fetch::{ChunkLoc, Fetcher};
+use breakfs_fetch::ChunkLoc;
 use breakfs_index::Digest;
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::tree::{LayerFile, Node, Tree};
@@ -40,6 +37,8 @@ pub const MAX_PREFETCH_BYTES: u64 = 256 << 20;
 const MAX_RUNS: u32 = 1 << 16;
 /// Longest path an entry may name.
 const MAX_PATH: usize = 4096;
+/// Most layers a profile says where the TOC of.
+pub const MAX_TOCS: usize = 1024;
 
 /// One chunk of an image in a profile: a gzip member of a layer blob.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,6 +71,23 @@ pub struct Profile {
     pub runs: u32,
     /// Chunks by rank, first read first.
     pub entries: Vec<ProfileEntry>,
+    /// Where the image's layers keep their TOCs: a mount with the profile
+    /// reads each TOC in one request of exactly its bytes ([`TocAt`]).
+    #[serde(default)]
+    pub tocs: Vec<TocAt>,
+}
+
+/// Where a layer blob's TOC member starts, and the blob's size: its TOC,
+/// footer included, is the blob's last `size - offset` bytes. Only a hint
+/// (`breakfs_fetch::hint_toc_tail`): a wrong one costs a second read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TocAt {
+    /// The layer blob.
+    pub layer: Digest,
+    /// Offset of its TOC's gzip member.
+    pub offset: u64,
+    /// The blob's size.
+    pub size: u64,
 }
 
 /// A profile as it comes over the wire: entries are checked one by one.
@@ -81,6 +97,15 @@ struct WireProfile {
     image: String,
     runs: u64,
     entries: Vec<WireEntry>,
+    #[serde(default)]
+    tocs: Vec<WireTocAt>,
+}
+
+#[derive(Deserialize)]
+struct WireTocAt {
+    layer: String,
+    offset: u64,
+    size: u64,
 }
 
 #[derive(Deserialize)]
@@ -153,11 +178,26 @@ impl Profile {
             .collect();
         sort_by_rank(&mut entries);
         entries.truncate(MAX_ENTRIES);
+        let mut layers = HashSet::new();
+        let tocs = wire
+            .tocs
+            .into_iter()
+            .filter_map(|w| {
+                let at = TocAt {
+                    layer: Digest::parse(&w.layer).ok()?,
+                    offset: w.offset,
+                    size: w.size,
+                };
+                (at.tail().is_some() && layers.insert(at.layer.clone())).then_some(at)
+            })
+            .take(MAX_TOCS)
+            .collect();
         Ok(Profile {
             version: PROFILE_VERSION,
             image: image.clone(),
             runs,
             entries,
+            tocs,
         })
     }
 
@@ -191,6 +231,7 @@ impl Profile {
             image: image.clone(),
             runs: 1,
             entries,
+            tocs: Vec::new(),
         }
     }
 
@@ -224,12 +265,41 @@ impl Profile {
         }
         sort_by_rank(&mut entries);
         entries.truncate(MAX_ENTRIES);
+        // A layer blob's TOC sits where it sits: either profile's word does.
+        let mut tocs = self.tocs.clone();
+        for t in &other.tocs {
+            if tocs.len() < MAX_TOCS && !tocs.iter().any(|s| s.layer == t.layer) {
+                tocs.push(t.clone());
+            }
+        }
         Profile {
             version: PROFILE_VERSION,
             image: self.image.clone(),
             runs: (self.runs.saturating_add(other.runs)).min(MAX_RUNS),
             entries,
+            tocs,
         }
+    }
+
+    /// The TOC tail length this profile gives for layer `desc` (see
+    /// [`TocAt`]): `None` when it names none, or one of another size.
+    pub fn toc_tail(&self, desc: &breakfs_index::Descriptor) -> Option<u64> {
+        self.tocs
+            .iter()
+            .find(|t| t.layer == desc.digest && t.size == desc.size)
+            .and_then(TocAt::tail)
+    }
+}
+
+impl TocAt {
+    /// The blob's bytes from the TOC's member to its end, when that is a
+    /// tail a TOC can have: a footer at least, at most
+    /// [`breakfs_fetch::MAX_HINTED_TAIL`].
+    pub fn tail(&self) -> Option<u64> {
+        let tail = self.size.checked_sub(self.offset)?;
+        (breakfs_index::FOOTER_SIZE..=breakfs_fetch::MAX_HINTED_TAIL)
+            .contains(&tail)
+            .then_some(tail)
     }
 }
 
@@ -466,12 +536,16 @@ impl Recorder {
 pub const JOIN_GAP: u64 = 64 << 10;
 /// A profile's Range requests in flight at once, over all of an image's
 /// layers. They run on no fetcher worker: readers find every worker free.
-pub const PREFETCH_REQUESTS: usize = 8;
+/// With [`PREFETCH_RANGE`], 1.5 MiB in flight: several times what a
+/// 50 ms, 50 Mbit/s link holds, so the link stays full between requests.
+pub const PREFETCH_REQUESTS: usize = 6;
 /// Largest Range request of a profile's prefetch, in compressed bytes:
 /// the profile's bytes spread over several requests at once move faster
-/// than in one (one connection rarely fills a long link by itself), and
-/// the first-ranked runs are in before the last.
-pub const PREFETCH_RANGE: u64 = 1 << 20;
+/// than in one (one connection rarely fills a long link by itself), and a
+/// chunk is served only once its whole request is in, so small requests,
+/// best-ranked first, let the command run while the rest still comes (at
+/// 1 MiB, the requests in flight shared the link and ended together).
+pub const PREFETCH_RANGE: u64 = 256 << 10;
 
 /// One lazy layer's chunks by the offset of their member: what a profile's
 /// entries are matched against.
@@ -664,187 +738,9 @@ pub fn plan(tree: &Tree, profile: &Profile, max_range: u64, gap: u64) -> Profile
     out
 }
 
-/// What a profile prefetch did.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PrefetchReport {
-    /// Range requests made.
-    pub runs: usize,
-    /// Chunks asked for (those not in the store or under way already).
-    pub chunks: usize,
-    /// Compressed bytes the planned runs span.
-    pub bytes: u64,
-    /// Profile entries ignored (naming nothing of the image).
-    pub ignored: usize,
-    /// Chunks that failed (a reader fetches them again when it needs them).
-    pub failed: usize,
-}
-
-/// The profile a prefetch waits for: `None` when there is none.
-type ProfileSoon = Shared<BoxFuture<'static, Option<Arc<Profile>>>>;
-
-/// A prefetch's runs not started yet, by (rank, arrival): the best-ranked
-/// of all the layers planned so far goes next.
-type Pending = BTreeMap<(usize, u64), (Digest, Vec<ChunkLoc>)>;
-
-/// A profile's prefetch for an image being opened: fed each lazy layer as
-/// its TOC comes in ([`ProfilePrefetch::layer`]), it fetches that layer's
-/// profiled chunks at once ([`plan_layer`], gaps of [`JOIN_GAP`] joined,
-/// requests of [`PREFETCH_RANGE`] at most), while other layers' TOCs are
-/// still on their way and before the mount is made. The profile itself is
-/// looked up meanwhile (a peer's answer may come after the first TOCs):
-/// each layer's fetch starts once both are in, and nothing waits for the
-/// profile but that fetch. At most [`PREFETCH_REQUESTS`] of its requests
-/// are in flight, on no fetcher worker; whenever one ends, the best-ranked
-/// run of all the layers planned so far starts. Failures are only counted.
-pub struct ProfilePrefetch {
-    fetcher: Fetcher,
-    profile: ProfileSoon,
-    /// What is left of [`MAX_PREFETCH_BYTES`].
-    budget: AtomicU64,
-    requests: Arc<tokio::sync::Semaphore>,
-    pending: Mutex<Pending>,
-    /// Runs planned and not done yet (pending or in flight).
-    outstanding: AtomicUsize,
-    seq: AtomicU64,
-    done: tokio::sync::Notify,
-    report: Mutex<PrefetchReport>,
-    /// Layers fed so far.
-    fed: Mutex<HashSet<Digest>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-impl ProfilePrefetch {
-    /// A prefetch through `fetcher` of the profile `profile` resolves to
-    /// (`None`: none was found). Must be made inside a tokio runtime.
-    pub fn new(
-        fetcher: Fetcher,
-        profile: impl Future<Output = Option<Profile>> + Send + 'static,
-    ) -> Arc<ProfilePrefetch> {
-        // On a task of its own: the lookup goes on whether or not a layer
-        // waits for it yet.
-        let lookup = tokio::spawn(profile);
-        let profile = async move { lookup.await.ok().flatten().map(Arc::new) }
-            .boxed()
-            .shared();
-        Arc::new(ProfilePrefetch {
-            fetcher,
-            profile,
-            budget: AtomicU64::new(MAX_PREFETCH_BYTES),
-            requests: Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS)),
-            pending: Mutex::new(BTreeMap::new()),
-            outstanding: AtomicUsize::new(0),
-            seq: AtomicU64::new(0),
-            done: tokio::sync::Notify::new(),
-            report: Mutex::new(PrefetchReport::default()),
-            fed: Mutex::new(HashSet::new()),
-            tasks: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Layer `layer`'s TOC is in, with its files: fetch what the profile
-    /// names of it (planned on a task of its own once the profile is in).
-    pub fn layer(self: &Arc<Self>, layer: &Digest, files: &[LayerFile]) {
-        self.fed.lock().insert(layer.clone());
-        match self.profile.peek() {
-            Some(None) => return,
-            Some(Some(p)) if !p.entries.iter().any(|e| &e.layer == layer) => return,
-            _ => {}
-        }
-        let chunks = LayerChunks::of_files(layer, files);
-        let this = self.clone();
-        let task = tokio::spawn(async move { this.plan_and_start(chunks).await });
-        self.tasks.lock().push(task);
-    }
-
-    async fn plan_and_start(self: Arc<Self>, chunks: LayerChunks) {
-        let Some(profile) = self.profile.clone().await else {
-            return;
-        };
-        let max_range = self.fetcher.options().max_range.min(PREFETCH_RANGE);
-        let plan = plan_layer(&chunks, &profile, max_range, JOIN_GAP, &self.budget);
-        {
-            let mut r = self.report.lock();
-            r.ignored += plan.ignored;
-            r.bytes += plan.bytes;
-        }
-        {
-            let mut pending = self.pending.lock();
-            for (rank, run) in plan.runs {
-                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                self.outstanding.fetch_add(1, Ordering::Relaxed);
-                pending.insert((rank, seq), (chunks.layer.clone(), run));
-            }
-        }
-        self.dispatch();
-    }
-
-    /// Start the best-ranked pending runs while requests are free.
-    fn dispatch(self: &Arc<Self>) {
-        loop {
-            let Ok(permit) = self.requests.clone().try_acquire_owned() else {
-                return;
-            };
-            let Some((_, (layer, run))) = self.pending.lock().pop_first() else {
-                return;
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let store = this.fetcher.store().clone();
-                let missing: Vec<ChunkLoc> = run
-                    .into_iter()
-                    .filter(|l| !store.has_chunk(&l.digest))
-                    .collect();
-                if !missing.is_empty() {
-                    let r = this.fetcher.fetch_run(&layer, &missing, JOIN_GAP).await;
-                    let mut report = this.report.lock();
-                    report.runs += r.requests;
-                    report.chunks += r.chunks;
-                    report.failed += r.failed;
-                }
-                drop(permit);
-                this.outstanding.fetch_sub(1, Ordering::Relaxed);
-                this.done.notify_waiters();
-                this.dispatch();
-            });
-        }
-    }
-
-    /// Stop: the image will not be mounted (runs not started are dropped;
-    /// a request under way completes).
-    pub fn abort(&self) {
-        for t in self.tasks.lock().iter() {
-            t.abort();
-        }
-        let dropped = std::mem::take(&mut *self.pending.lock()).len();
-        self.outstanding.fetch_sub(dropped, Ordering::Relaxed);
-        self.done.notify_waiters();
-    }
-
-    /// Wait until every layer fed so far is fetched; what the prefetch
-    /// did, or `None` without a profile.
-    pub async fn finish(&self) -> Option<PrefetchReport> {
-        let profile = self.profile.clone().await?;
-        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
-        for t in tasks {
-            let _ = t.await;
-        }
-        loop {
-            let done = self.done.notified();
-            if self.outstanding.load(Ordering::Relaxed) == 0 {
-                break;
-            }
-            done.await;
-        }
-        let mut r = self.report.lock().clone();
-        let fed = self.fed.lock();
-        r.ignored += profile
-            .entries
-            .iter()
-            .filter(|e| !fed.contains(&e.layer))
-            .count();
-        Some(r)
-    }
-}
+#[path = "profile_prefetch.rs"]
+mod prefetch;
+pub use prefetch::{PrefetchReport, ProfilePrefetch};
 
 #[cfg(test)]
 #[path = "profile_tests.rs"]

@@ -68,6 +68,7 @@ fn profile(entries: Vec<ProfileEntry>) -> Profile {
         image: image(),
         runs: 1,
         entries,
+        tocs: Vec::new(),
     }
 }
 
@@ -296,4 +297,71 @@ fn a_plan_stays_within_its_budget_and_skips_what_a_member_does_not_hold() {
     let plan = plan_layer(one, &p, 1 << 20, 1000, &AtomicU64::new(1 << 20));
     assert!(plan.runs.is_empty());
     assert_eq!(plan.ignored, 0);
+}
+
+/// Where a profile says the TOCs are: kept when they could be right,
+/// dropped when they cannot (a bad digest, an offset past the blob, a tail
+/// too short or too long to be a TOC's, a layer said twice), bounded in
+/// number, merged as a union, and given for a layer only at its size.
+#[test]
+fn toc_positions_are_bounded_checked_merged_and_only_a_hint() {
+    let img = image();
+    let (a, b, c) = (layer(1), layer(2), layer(3));
+    let doc = serde_json::json!({
+        "version": PROFILE_VERSION,
+        "image": img.to_string(),
+        "runs": 1,
+        "entries": [],
+        "tocs": [
+            {"layer": "sha256:nothex", "offset": 0, "size": 1000},
+            {"layer": a.to_string(), "offset": 900, "size": 1000},
+            {"layer": a.to_string(), "offset": 500, "size": 1000},
+            {"layer": b.to_string(), "offset": 2000, "size": 1000},
+            {"layer": b.to_string(), "offset": 990, "size": 1000},
+            {"layer": c.to_string(), "offset": 0, "size": breakfs_fetch::MAX_HINTED_TAIL + 1},
+        ],
+    });
+    let p = Profile::parse(&serde_json::to_vec(&doc).unwrap(), &img).unwrap();
+    let at = |l: &Digest, offset, size| TocAt {
+        layer: l.clone(),
+        offset,
+        size,
+    };
+    assert_eq!(p.tocs, [at(&a, 900, 1000)]);
+    let desc = |l: &Digest, size| {
+        breakfs_index::Descriptor::new(breakfs_index::media_types::OCI_LAYER_GZIP, l.clone(), size)
+    };
+    assert_eq!(p.toc_tail(&desc(&a, 1000)), Some(100));
+    assert_eq!(p.toc_tail(&desc(&a, 1001)), None, "another blob's size");
+    assert_eq!(p.toc_tail(&desc(&b, 1000)), None);
+    // A profile without positions (an older node's) reads as none.
+    let old = serde_json::json!({"version": 1, "image": img.to_string(), "runs": 1, "entries": []});
+    assert!(
+        Profile::parse(&serde_json::to_vec(&old).unwrap(), &img)
+            .unwrap()
+            .tocs
+            .is_empty()
+    );
+    // Bounded when read.
+    let many: Vec<_> = (0..MAX_TOCS + 10)
+        .map(|i| {
+            let l = Digest::of(&(i as u64).to_le_bytes());
+            serde_json::json!({"layer": l.to_string(), "offset": 10, "size": 1000})
+        })
+        .collect();
+    let doc = serde_json::json!({"version": 1, "image": img.to_string(), "runs": 1, "entries": [], "tocs": many});
+    let p = Profile::parse(&serde_json::to_vec(&doc).unwrap(), &img).unwrap();
+    assert_eq!(p.tocs.len(), MAX_TOCS);
+    // Merged as a union, the first profile's word kept.
+    let one = Profile {
+        tocs: vec![at(&a, 900, 1000)],
+        ..profile(vec![])
+    };
+    let two = Profile {
+        tocs: vec![at(&a, 800, 1000), at(&b, 700, 1000)],
+        ..profile(vec![])
+    };
+    assert_eq!(one.merge(&two).tocs, [at(&a, 900, 1000), at(&b, 700, 1000)]);
+    let round = Profile::parse(&one.merge(&two).to_bytes(), &img).unwrap();
+    assert_eq!(round.tocs.len(), 2);
 }

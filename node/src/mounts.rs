@@ -211,13 +211,16 @@ impl NodeService {
         let abs = breakfs_fs::check_mountpoint(&req.mountpoint)?;
         let reference = ImageRef::parse(&req.image)?;
         let began = std::time::Instant::now();
-        let image =
+        let mut image =
             breakfs_fetch::resolve_image(&reference, &self.client, &self.fetcher, &self.cloud)
                 .await?;
         let resolved = began.elapsed();
         // The profile is looked up meanwhile; its chunks are fetched layer
         // by layer as the TOCs come in.
         let prefetch = self.profile_prefetch(&image.manifest_digest);
+        prefetch
+            .hint_tocs(&mut image, crate::profile::TOC_HINT_WAIT)
+            .await;
         let seen = |layer: &Digest, files: &[breakfs_fs::LayerFile]| prefetch.layer(layer, files);
         let opened = breakfs_fs::open_resolved(image, &self.fetcher, Some(&seen))
             .await
@@ -225,6 +228,7 @@ impl NodeService {
         let opened_in = began.elapsed();
         crate::profile::log_prefetch(prefetch, opened.image.manifest_digest.clone());
         let (image, tree) = (opened.image.manifest_digest.clone(), opened.tree.clone());
+        let layers = opened.image.manifest.layers.clone();
         let opts = MountOptions {
             hydrate: req.hydrate,
             threads: req.threads.unwrap_or(4),
@@ -241,7 +245,7 @@ impl NodeService {
             began.elapsed()
         );
         if let Some(r) = self.recorder_of(&abs) {
-            crate::profile::record(self.store.clone(), image, tree, r);
+            crate::profile::record(self.store.clone(), image, layers, tree, r);
         }
         eprintln!(
             "breakfs node: mounted {} at {}",

@@ -17,9 +17,10 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use breakfs_fetch::ContentStore;
+use breakfs_fetch::toc_tail_name;
 use breakfs_fs::Tree;
-use breakfs_fs::profile::{MAX_PROFILE_BYTES, Profile, ProfilePrefetch, Recorder};
-use breakfs_index::{Causes, Digest};
+use breakfs_fs::profile::{MAX_PROFILE_BYTES, MAX_TOCS, Profile, ProfilePrefetch, Recorder, TocAt};
+use breakfs_index::{Causes, Descriptor, Digest};
 
 use crate::peer::Peers;
 use crate::server::NodeService;
@@ -35,6 +36,10 @@ const MAX_RECORDING: Duration = Duration::from_secs(120);
 const TICK: Duration = Duration::from_millis(250);
 /// How long a mount waits for its peers' profiles, in all.
 const PEER_WAIT: Duration = Duration::from_millis(1500);
+/// How long a mount's TOC reads wait for the profile, for where its TOCs
+/// are ([`ProfilePrefetch::hint_tocs`]): a peer on the cluster's network
+/// answers in a few ms; one slower costs the TOCs no more than this.
+pub(crate) const TOC_HINT_WAIT: Duration = Duration::from_millis(50);
 
 /// Where the profile of image `image` is kept in `store`.
 fn path_of(store: &ContentStore, image: &Digest) -> PathBuf {
@@ -184,11 +189,34 @@ pub(crate) fn log_prefetch(prefetch: Arc<ProfilePrefetch>, image: Digest) {
     });
 }
 
-/// Watch `recorder` of a mount of `image` (tree `tree`) until its reads
-/// go quiet, then merge the run into the kept profile.
+/// Where each of `layers` keeps its TOC, as this node read it: the blob's
+/// tail from the TOC's member, which the store keeps for peers
+/// ([`toc_tail_name`]; layers with a TOC digest only).
+fn tocs_of(store: &ContentStore, layers: &[Descriptor]) -> Vec<TocAt> {
+    layers
+        .iter()
+        .filter_map(|d| {
+            let tail = std::fs::metadata(store.meta_path(&toc_tail_name(&d.digest)))
+                .ok()?
+                .len();
+            let at = TocAt {
+                layer: d.digest.clone(),
+                offset: d.size.checked_sub(tail)?,
+                size: d.size,
+            };
+            at.tail().is_some().then_some(at)
+        })
+        .take(MAX_TOCS)
+        .collect()
+}
+
+/// Watch `recorder` of a mount of `image` (of layers `layers`, tree `tree`)
+/// until its reads go quiet, then merge the run, with where the layers
+/// keep their TOCs, into the kept profile.
 pub(crate) fn record(
     store: Arc<ContentStore>,
     image: Digest,
+    layers: Vec<Descriptor>,
     tree: Arc<Tree>,
     recorder: Arc<Recorder>,
 ) {
@@ -205,7 +233,8 @@ pub(crate) fn record(
             return;
         }
         let r = tokio::task::spawn_blocking(move || {
-            let run = Profile::from_run(&image, recorder.run(&tree));
+            let mut run = Profile::from_run(&image, recorder.run(&tree));
+            run.tocs = tocs_of(&store, &layers);
             merge_into_kept(&store, &run)
         })
         .await;
@@ -246,6 +275,32 @@ pub(crate) async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A recorded run says where the TOCs are of the layers whose TOC
+    /// tail the store keeps, and of no other.
+    #[test]
+    fn a_run_says_where_the_tocs_it_read_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let gz = breakfs_index::media_types::OCI_LAYER_GZIP;
+        let read = Descriptor::new(gz, Digest::of(b"read"), 10_000);
+        let unread = Descriptor::new(gz, Digest::of(b"unread"), 10_000);
+        let tiny = Descriptor::new(gz, Digest::of(b"tiny"), 10_000);
+        store
+            .put_meta(&toc_tail_name(&read.digest), &[0; 700])
+            .unwrap();
+        store
+            .put_meta(&toc_tail_name(&tiny.digest), &[0; 3])
+            .unwrap();
+        assert_eq!(
+            tocs_of(&store, &[read.clone(), unread, tiny]),
+            [TocAt {
+                layer: read.digest,
+                offset: 9_300,
+                size: 10_000
+            }]
+        );
+    }
 
     #[test]
     fn a_kept_profile_survives_and_a_damaged_one_is_none() {
