@@ -13,7 +13,9 @@
 //!   (page cache dropped) and warm, the two read in turns; the same for a
 //!   mount with FUSE passthrough (`BREAKFS_PASSTHROUGH=1`, docs/reads.md),
 //!   with the opens that passed through to backing files and the disk
-//!   their whole-file copies took; and the mount process's RSS.
+//!   their whole-file copies took; the same mount with its pushes into
+//!   the page cache off (`BREAKFS_PUSH=0`), beside the files it pushed;
+//!   and the mount process's RSS.
 //!
 //! A big image, `all-v1` ("all-v1 (stacked)" in the report), has the
 //! layers of the v1 images of every corpus family stacked into one image
@@ -975,6 +977,16 @@ struct Report {
     rss_after_reads: u64,
     /// Reads that reached breakfs from the read-speed mount.
     daemon_reads: u64,
+    /// Its files pushed into the page cache ahead of the walks, their
+    /// bytes, and pushes the kernel missed (fs/src/push.rs).
+    pushed_files: u64,
+    pushed_bytes: u64,
+    pushes_missed: u64,
+    /// The same mount with pushes off (`BREAKFS_PUSH=0`): reads that
+    /// reached breakfs, MB/s cold and warm.
+    nopush_daemon_reads: u64,
+    nopush_cold: f64,
+    nopush_warm: f64,
     /// The passthrough mount: opens passed through to backing files, reads
     /// that reached breakfs, MB/s cold and warm.
     passthrough_opens: u64,
@@ -1121,34 +1133,37 @@ fn bench_image(
     // The same image with FUSE passthrough (docs/reads.md), from a copy of
     // the hydrated store: nothing to fetch, only its whole-file copies to
     // write.
-    let cache_pt = env.fresh(&format!("{fam}-read-cache-pt"))?;
-    run(
-        Command::new("cp")
-            .arg("-a")
-            .arg(cache.join("."))
-            .arg(&cache_pt),
-        "copying the hydrated store",
-    )?;
-    let mnt_pt = env.fresh(&format!("{fam}-read-mnt-pt"))?;
-    let m_pt = Mounted::mount_with(
+    let (cache_pt, mnt_pt, m_pt) = mount_copy(
         env,
         &ref_remote,
-        &cache_pt,
-        &mnt_pt,
-        true,
-        &[("BREAKFS_PASSTHROUGH", "1")],
+        &cache,
+        &format!("{fam}-read-pt"),
+        ("BREAKFS_PASSTHROUGH", "1"),
     )?;
-    m_pt.wait_hydrated(HYDRATION_LIMIT)?;
+    // And with pushes into the page cache off, as before them.
+    let (cache_np, mnt_np, m_np) = mount_copy(
+        env,
+        &ref_remote,
+        &cache,
+        &format!("{fam}-read-np"),
+        ("BREAKFS_PUSH", "0"),
+    )?;
     let whole_copies = dir_bytes(&cache_pt.join("chunks/sha256"))?.saturating_sub(chunk_bytes);
     let load_before = load_average();
-    let speeds = read_speeds(&[&mnt, &mnt_pt, &bundle.join("rootfs")])?;
+    let speeds = read_speeds(&[&mnt, &mnt_pt, &mnt_np, &bundle.join("rootfs")])?;
     let read_load = format!("{load_before} → {}", load_average());
-    let (mount, pt, local) = (&speeds[0], &speeds[1], &speeds[2]);
+    let (mount, pt, np, local) = (&speeds[0], &speeds[1], &speeds[2], &speeds[3]);
     let (mount_cold, mount_warm, walked_mount) = (mount.cold, mount.warm, mount.walked);
     let (local_cold, local_warm, walked_local) = (local.cold, local.warm, local.walked);
     let rss_after_reads = m.rss()?;
     let st = m.status_after(SystemTime::now())?;
     let daemon_reads = st["reads"]["reads_local"].as_u64().unwrap_or(0)
+        + st["reads"]["reads_waited"].as_u64().unwrap_or(0);
+    let pushed_files = st["reads"]["pushed_files"].as_u64().unwrap_or(0);
+    let pushed_bytes = st["reads"]["pushed_bytes"].as_u64().unwrap_or(0);
+    let pushes_missed = st["reads"]["pushes_missed"].as_u64().unwrap_or(0);
+    let st = m_np.status_after(SystemTime::now())?;
+    let nopush_daemon_reads = st["reads"]["reads_local"].as_u64().unwrap_or(0)
         + st["reads"]["reads_waited"].as_u64().unwrap_or(0);
     let st = m_pt.status_after(SystemTime::now())?;
     let passthrough_opens = st["reads"]["passthrough_opens"].as_u64().unwrap_or(0);
@@ -1156,10 +1171,19 @@ fn bench_image(
         + st["reads"]["reads_waited"].as_u64().unwrap_or(0);
     m.umount()?;
     m_pt.umount()?;
+    m_np.umount()?;
+    env.discard(&cache_np);
+    env.discard(&mnt_np);
     env.discard(&cache);
     env.discard(&mnt);
     env.discard(&cache_pt);
     env.discard(&mnt_pt);
+    ensure!(
+        np.walked.bytes == walked_local.bytes,
+        "the mount of {fam} without pushes read {} bytes, its unpacked rootfs {}",
+        np.walked.bytes,
+        walked_local.bytes
+    );
     ensure!(
         pt.walked.bytes == walked_local.bytes,
         "the passthrough mount of {fam} read {} bytes, its unpacked rootfs {}",
@@ -1201,6 +1225,12 @@ fn bench_image(
         rss_after_reads,
         passthrough_opens,
         daemon_reads,
+        pushed_files,
+        pushed_bytes,
+        pushes_missed,
+        nopush_daemon_reads,
+        nopush_cold: np.cold,
+        nopush_warm: np.warm,
         passthrough_daemon_reads,
         passthrough_cold: pt.cold,
         passthrough_warm: pt.warm,
@@ -1216,6 +1246,26 @@ fn bench_image(
         local_entries: walked_local.entries,
         local_files: walked_local.files,
     })
+}
+
+/// A mount of `reference` from a copy of the hydrated store `cache`, with
+/// `var` in its environment, hydrated: the copy, the mountpoint, the mount.
+fn mount_copy<'a>(
+    env: &'a Env,
+    reference: &str,
+    cache: &Path,
+    name: &str,
+    var: (&str, &str),
+) -> Result<(PathBuf, PathBuf, Mounted<'a>)> {
+    let copy = env.fresh(&format!("{name}-cache"))?;
+    run(
+        Command::new("cp").arg("-a").arg(cache.join(".")).arg(&copy),
+        "copying the hydrated store",
+    )?;
+    let mnt = env.fresh(&format!("{name}-mnt"))?;
+    let m = Mounted::mount_with(env, reference, &copy, &mnt, true, &[var])?;
+    m.wait_hydrated(HYDRATION_LIMIT)?;
+    Ok((copy, mnt, m))
 }
 
 /// One deployment of `image` the given way, from a fresh cache.
@@ -1370,17 +1420,17 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
     writeln!(md, "#### Summary\n")?;
     writeln!(
         md,
-        "| family | entries | at tree | after ls -lR | mount / baseline | (--no-hydrate) | pull / baseline | read cold | read warm | (passthrough cold / warm) | RSS MB |"
+        "| family | entries | at tree | after ls -lR | mount / baseline | (--no-hydrate) | pull / baseline | read cold | read warm | (no push cold / warm) | (passthrough cold / warm) | RSS MB |"
     )?;
     writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     for r in reports {
         let base = r.median(Way::Baseline);
         writeln!(
             md,
-            "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {} / {} | {:.0} |",
+            "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {} / {} | {} / {} | {:.0} |",
             r.family,
             r.entries,
             r.pct(r.tree_bytes),
@@ -1390,13 +1440,15 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
             ratio(r.median(Way::Pull), base),
             ratio(r.mount_cold, r.local_cold),
             ratio(r.mount_warm, r.local_warm),
+            ratio(r.nopush_cold, r.local_cold),
+            ratio(r.nopush_warm, r.local_warm),
             ratio(r.passthrough_cold, r.local_cold),
             ratio(r.passthrough_warm, r.local_warm),
             mb(r.rss_hydrated.max(r.rss_after_reads))
         )?;
     }
     for (image, _) in failures {
-        writeln!(md, "| {image} | failed (below) | | | | | | | | | |")?;
+        writeln!(md, "| {image} | failed (below) | | | | | | | | | | |")?;
     }
     writeln!(
         md,
@@ -1574,6 +1626,26 @@ fn markdown(reports: &[Report], failures: &[(String, String)], runs: usize) -> R
             md,
             "| reads: reads served by breakfs (all the walks; a warm read reaches none) | {} | | | |",
             r.daemon_reads
+        )?;
+        writeln!(
+            md,
+            "| pushes: files pushed into the page cache ahead of the walks (MB), missed by the kernel | {} ({:.1} MB), {} | | | |",
+            r.pushed_files,
+            mb(r.pushed_bytes),
+            r.pushes_missed
+        )?;
+        writeln!(
+            md,
+            "| read with `BREAKFS_PUSH=0` (same walks, in turns): cold mount / local, {:.0} MB/s; reads served by breakfs {} | | {:.2} | | |",
+            r.nopush_cold,
+            r.nopush_daemon_reads,
+            r.nopush_cold / r.local_cold
+        )?;
+        writeln!(
+            md,
+            "| read with `BREAKFS_PUSH=0`: warm mount / local, {:.0} MB/s | | {:.2} | | |",
+            r.nopush_warm,
+            r.nopush_warm / r.local_warm
         )?;
         writeln!(
             md,

@@ -16,7 +16,7 @@ const PASSTHROUGH: (&str, &str) = ("BREAKFS_PASSTHROUGH", "1");
 
 /// An image of one layer holding `entries`, refactored with 128 KiB chunks
 /// into an OCI layout under `dir`: its reference.
-fn refactored(dir: &Path, entries: &[T]) -> String {
+pub(crate) fn refactored(dir: &Path, entries: &[T]) -> String {
     let layout = dir.join("layout");
     write_image(&layout, "v1", &[Layer::gzip(tar_of(entries))]);
     let image = format!("oci:{}:v1", dir.join("refactored").display());
@@ -29,11 +29,11 @@ fn refactored(dir: &Path, entries: &[T]) -> String {
 }
 
 /// The mount's read counters, from a status record written after now.
-fn counters(m: &Mount) -> serde_json::Value {
+pub(crate) fn counters(m: &Mount) -> serde_json::Value {
     m.fresh_status()["reads"].clone()
 }
 
-fn count(reads: &serde_json::Value, key: &str) -> u64 {
+pub(crate) fn count(reads: &serde_json::Value, key: &str) -> u64 {
     reads[key]
         .as_u64()
         .unwrap_or_else(|| panic!("no {key} in {reads}"))
@@ -127,7 +127,15 @@ fn by_default_a_hydrated_mount_reads_each_file_once_and_then_from_the_page_cache
             T::File("data/big", &big, 0o644),
         ],
     );
-    let m = Mount::new(&image, &tmp.path().join("mnt"), &tmp.path().join("c"), &[]);
+    // Without pushes into the page cache (tests/push.rs), which would
+    // serve the first reads too.
+    let m = Mount::with_env(
+        &image,
+        &tmp.path().join("mnt"),
+        &tmp.path().join("c"),
+        &[],
+        &[("BREAKFS_PUSH", "0")],
+    );
     m.wait_hydrated();
     // Listed with their attributes (readdirplus), then read three times:
     // breakfs serves the first read of each, the kernel's page cache the

@@ -24,6 +24,7 @@ mod node;
 mod oci_io;
 mod passthrough;
 mod profile;
+mod push;
 mod readme;
 mod refactor;
 mod refactor_profile;

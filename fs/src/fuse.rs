@@ -20,6 +20,7 @@ use fuser::{
 use serde::Serialize;
 
 use crate::passthrough::{FH_DAEMON, Passthrough};
+use crate::push::Push;
 use crate::tree::{Node, Tree, read_from_store};
 
 /// How long the kernel may cache entries and attributes: an image never changes.
@@ -38,6 +39,12 @@ pub struct ReadStats {
     pub reads_failed: AtomicU64,
     /// Opens passed through to a backing file (their reads never come here).
     pub passthrough_opens: AtomicU64,
+    /// Files pushed whole into the kernel's page cache (see [`crate::push`]).
+    pub pushed_files: AtomicU64,
+    /// Bytes pushed into the kernel's page cache.
+    pub pushed_bytes: AtomicU64,
+    /// Pushes let go: the kernel did not know the inode.
+    pub pushes_missed: AtomicU64,
 }
 
 /// A snapshot of [`ReadStats`].
@@ -54,6 +61,15 @@ pub struct ReadCounts {
     /// Opens passed through to a backing file (their reads never come here).
     #[serde(default)]
     pub passthrough_opens: u64,
+    /// Files pushed whole into the kernel's page cache ahead of a reader.
+    #[serde(default)]
+    pub pushed_files: u64,
+    /// Bytes pushed into the kernel's page cache.
+    #[serde(default)]
+    pub pushed_bytes: u64,
+    /// Pushes let go: the kernel did not know the inode.
+    #[serde(default)]
+    pub pushes_missed: u64,
 }
 
 impl ReadStats {
@@ -65,6 +81,9 @@ impl ReadStats {
             reads_waited: self.reads_waited.load(Ordering::Relaxed),
             reads_failed: self.reads_failed.load(Ordering::Relaxed),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
+            pushed_files: self.pushed_files.load(Ordering::Relaxed),
+            pushed_bytes: self.pushed_bytes.load(Ordering::Relaxed),
+            pushes_missed: self.pushes_missed.load(Ordering::Relaxed),
         }
     }
 }
@@ -89,6 +108,14 @@ pub struct ImageFs {
     deps: Option<Arc<crate::deps::DepPrefetch>>,
     /// Records the first reads of chunks, if on (learned access profiles).
     recorder: Option<Arc<crate::profile::Recorder>>,
+    /// Pushes listed files into the kernel's page cache ahead of a reader.
+    push: Arc<Push>,
+}
+
+impl Drop for ImageFs {
+    fn drop(&mut self) {
+        self.push.close();
+    }
 }
 
 /// Files up to this size are fetched whole once a read misses.
@@ -147,6 +174,7 @@ impl ImageFs {
         stats: Arc<ReadStats>,
     ) -> ImageFs {
         ImageFs {
+            push: Arc::new(Push::new(tree.clone(), fetcher.clone(), stats.clone())),
             tree,
             fetcher,
             rt,
@@ -171,6 +199,11 @@ impl ImageFs {
     /// through it).
     pub(crate) fn passthrough(&self) -> Arc<Passthrough> {
         self.passthrough.clone()
+    }
+
+    /// The mount's page-cache pushing (it needs the connection's descriptor).
+    pub(crate) fn push(&self) -> Arc<Push> {
+        self.push.clone()
     }
 
     /// Record first reads with `recorder` (see [`crate::profile`]).
@@ -364,6 +397,8 @@ impl fuser::Filesystem for ImageFs {
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
         if passthrough {
             self.passthrough.activate();
+            // Reads go to backing files: pushed pages would be a second copy.
+            self.push.turn_off();
         } else {
             let _ = config.set_max_stack_depth(0);
         }
@@ -475,6 +510,9 @@ impl fuser::Filesystem for ImageFs {
             return reply.error(Errno::ENOENT);
         };
         let of = self.open_file(ino.0, n.chunks.len());
+        if offset == 0 {
+            self.push.was_read(ino.0);
+        }
         if offset == 0
             && let Some(deps) = &self.deps
             && !deps.seen(ino.0)
@@ -647,6 +685,7 @@ impl fuser::Filesystem for ImageFs {
         let Some(entries) = self.dir_entries(ino.0, offset) else {
             return reply.error(Errno::ENOENT);
         };
+        let mut listed = Vec::new();
         for (next, name, child, c) in entries {
             let Some(c) = c else { continue };
             if reply.add(
@@ -659,8 +698,18 @@ impl fuser::Filesystem for ImageFs {
             ) {
                 break;
             }
+            if c.entry.kind != EntryKind::Dir {
+                listed.push(child);
+            }
         }
         reply.ok();
+        // The kernel's cache of this directory was cold: so, likely, are
+        // its files'. Push the hydrated ones ahead of the reader; not while
+        // first reads are recorded (a read the page cache serves reaches
+        // no recorder).
+        if self.recorder.as_ref().is_none_or(|r| r.is_stopped()) {
+            self.push.offer(listed);
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

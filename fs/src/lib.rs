@@ -21,6 +21,7 @@ mod inspect;
 mod mount;
 mod passthrough;
 pub mod profile;
+mod push;
 mod start;
 mod tree;
 

@@ -5,7 +5,7 @@
 //! [`resume`] serves such a connection in a later process (see
 //! docs/restarts.md).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use crate::fuse::{ImageFs, ReadCounts, ReadStats, now_secs};
 use crate::image::{LayerMode, OpenedImage};
 use crate::passthrough::Passthrough;
 use crate::profile::Recorder;
+use crate::push::Push;
 use crate::tree::Tree;
 use crate::{Error, Result};
 
@@ -259,9 +260,11 @@ pub fn mount(opened: OpenedImage, mountpoint: &Path, opts: &MountOptions) -> Res
     let recorder = Arc::new(Recorder::new(&opened.tree));
     let fs = image_fs(&opened, opts, reads.clone(), false).with_recorder(Some(recorder.clone()));
     let passthrough = fs.passthrough();
+    let push = fs.push();
     let session = Session::new(fs, &abs, &fuse_config(&opened, opts, false))
-        .and_then(Session::spawn)
         .map_err(|e| mount_failed(&abs, e))?;
+    connect_push(&push, session.as_fd());
+    let session = session.spawn().map_err(|e| mount_failed(&abs, e))?;
     let mut m = serving(opened, abs, opts, session, reads, passthrough, false);
     m.recorder = Some(recorder);
     Ok(m)
@@ -284,8 +287,10 @@ pub fn mount_resumable(
     let fs = image_fs(&opened, opts, reads.clone(), true).with_recorder(Some(recorder.clone()));
     let passthrough = fs.passthrough();
     let no_open = fs.no_open_flag();
+    let push = fs.push();
     let session = Session::new(fs, &abs, &fuse_config(&opened, opts, true))
         .map_err(|e| mount_failed(&abs, e))?;
+    connect_push(&push, session.as_fd());
     // INIT is done: the decisions are made and the descriptor is live.
     let fd = session
         .as_fd()
@@ -319,6 +324,7 @@ pub fn resume(
     let reads = Arc::new(ReadStats::default());
     let fs = image_fs(&opened, opts, reads.clone(), true).with_no_open(conn.no_open);
     let passthrough = fs.passthrough();
+    connect_push(&fs.push(), conn.fd.as_fd());
     if let Err(e) = resend(&conn.fd) {
         tracing::warn!(
             "asking the kernel to resend the requests of {}'s previous server: {e}; \
@@ -357,6 +363,15 @@ fn resend(fd: &OwnedFd) -> nix::Result<usize> {
     msg[..4].copy_from_slice(&16u32.to_ne_bytes());
     msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
     nix::unistd::write(fd, &msg)
+}
+
+/// Give the mount's page-cache pushing its own descriptor of the
+/// connection; without one (no descriptor to spare) it pushes nothing.
+fn connect_push(push: &Push, fd: BorrowedFd<'_>) {
+    match fd.try_clone_to_owned() {
+        Ok(fd) => push.connect(fd),
+        Err(e) => tracing::warn!("no descriptor for page-cache pushes: {e}"),
+    }
 }
 
 fn mount_failed(abs: &Path, e: std::io::Error) -> Error {

@@ -126,6 +126,11 @@ pub async fn run_standalone(
     // Stop requests from SIGINT/SIGTERM, caught before saying READY.
     let stops = stop_signals()?;
     let (mounted, info) = mount_and_probe(opened, abs, opts, None).await?;
+    // No one takes a standalone mount's first reads: stop recording them
+    // (listed files are pushed into the page cache only once it stops).
+    if let Some(r) = &mounted.recorder {
+        r.stop();
+    }
     eprintln!(
         "breakfs: mounted {image} at {} in {:.2}s: {} paths, {} MB of files, {} lazy and {} whole layers",
         abs.display(),
