@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 
-use breakfs_index::{Digest, ImageRef, ManifestDoc, Reference, annotations};
+use breakfs_index::{Descriptor, Digest, ImageRef, Reference, annotations};
 use serde::{Deserialize, Serialize};
 
 use crate::{ClientOptions, CloudSource, Error, Fetcher, Image, Result, Store};
@@ -179,11 +179,10 @@ pub async fn find_deltas(store: &Store, image: &Image) -> Result<Option<DeltaInd
     {
         return Ok(None);
     }
-    let doc = ManifestDoc::parse(&bytes, None, &what)?;
-    let ManifestDoc::Image(m) = doc else {
-        return Err(bad("an index, not a manifest"));
-    };
-    let Some(desc) = m.layers.iter().find(|l| l.media_type == INDEX_MEDIA_TYPE) else {
+    // Its layers are ours, not image layers: read as plain descriptors.
+    let layers: Vec<Descriptor> = serde_json::from_value(v["layers"].clone())
+        .map_err(|e| bad(&format!("its layers do not parse: {e}")))?;
+    let Some(desc) = layers.iter().find(|l| l.media_type == INDEX_MEDIA_TYPE) else {
         return Err(bad("no index blob"));
     };
     if desc.size > MAX_INDEX {
@@ -192,8 +191,7 @@ pub async fn find_deltas(store: &Store, image: &Image) -> Result<Option<DeltaInd
     let raw = store.read_blob(desc).await?;
     let index: DeltaIndex =
         serde_json::from_slice(&raw).map_err(|e| bad(&format!("its index does not parse: {e}")))?;
-    if !m
-        .layers
+    if !layers
         .iter()
         .any(|l| l.digest == index.pack && l.size == index.pack_size)
     {
