@@ -173,7 +173,12 @@ const FLOWS: &[&str] = &[
 
 /// `t`, after saying it on stderr.
 fn said(fam: &str, flow: &str, t: Timed) -> Timed {
-    eprintln!("bench: {fam} {flow}: {:.2} s (pull {:.2})", t.total, t.pull);
+    eprintln!(
+        "bench: {fam} {flow}: {:.2} s (pull {:.2}), {:.2} MB from the registry",
+        t.total,
+        t.pull,
+        t.bytes / 1e6
+    );
     t
 }
 
@@ -212,11 +217,14 @@ struct Figures {
     point_estargz: Vec<Timed>,
 }
 
-/// One flow's seconds: the pull alone, and pull to command done.
+/// One flow's seconds: the pull alone, and pull to command done; and the
+/// bytes the node fetched from the registry meanwhile (update flows; 0
+/// where no node serves the flow).
 #[derive(Clone, Copy)]
 struct Timed {
     pull: f64,
     total: f64,
+    bytes: f64,
 }
 
 impl Timed {
@@ -224,6 +232,7 @@ impl Timed {
         Timed {
             pull: (pulled - start).as_secs_f64(),
             total: start.elapsed().as_secs_f64(),
+            bytes: 0.0,
         }
     }
 }
@@ -234,6 +243,11 @@ fn totals(v: &[Timed]) -> f64 {
 
 fn pulls(v: &[Timed]) -> f64 {
     median(&v.iter().map(|t| t.pull).collect::<Vec<_>>())
+}
+
+/// Median MB the node fetched from the registry.
+fn megabytes(v: &[Timed]) -> f64 {
+    median(&v.iter().map(|t| t.bytes / 1e6).collect::<Vec<_>>())
 }
 
 /// The image's command and a read of its whole binary, in one shell.
@@ -282,6 +296,13 @@ fn publish(
             &format!("oci:{}:{}", layout.display(), img.tag),
             &reg.reference(&format!("{repo}/{fam}:{}", img.tag)),
         )?;
+        // The image's delta artifact (against v1's files), under its tag.
+        for tag in delta_tags(layout)? {
+            skopeo_copy(
+                &format!("oci:{}:{tag}", layout.display()),
+                &reg.reference(&format!("{repo}/{fam}:{tag}")),
+            )?;
+        }
         skopeo_copy(
             &img.reference,
             &reg.reference(&format!("original/{fam}:{}", img.tag)),
@@ -367,6 +388,20 @@ fn publish(
         estargz_point: at(&format!("estargz/{fam}:point")),
         sizes,
     })
+}
+
+/// The tags of delta artifacts (`sha256-HEX`) in the layout `layout`.
+fn delta_tags(layout: &std::path::Path) -> Result<Vec<String>> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    Ok(index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .filter(|t| breakfs_fetch::delta::is_delta_tag(t))
+        .map(str::to_string)
+        .collect())
 }
 
 fn ctr_remote(ctrd: &TestContainerd, args: &[&str]) -> Result<()> {
@@ -514,6 +549,7 @@ fn update(env: &Env, flow: &str, v1: &str, v2: &str, command: &[String]) -> Resu
     let lab = Lab::start(env, flow)?;
     lab.rpull(v1)?;
     lab.run(v1, command)?;
+    let before = lab.node.cloud_bytes()?;
     let t = Instant::now();
     eprintln!("bench: {flow} rpull at {:.3}", wall());
     lab.rpull(v2)?;
@@ -521,8 +557,10 @@ fn update(env: &Env, flow: &str, v1: &str, v2: &str, command: &[String]) -> Resu
     eprintln!("bench: {flow} run at {:.3}", wall());
     lab.run(v2, command)?;
     eprintln!("bench: {flow} done at {:.3}", wall());
+    let mut timed = Timed::since(t, pulled);
+    timed.bytes = lab.node.cloud_bytes()? - before;
     lab.keep_log();
-    Ok(Timed::since(t, pulled))
+    Ok(timed)
 }
 
 fn report(rows: &[(String, Refs, Figures)], runs: usize) -> String {
@@ -600,12 +638,41 @@ fn report(rows: &[(String, Refs, Figures)], runs: usize) -> String {
     }
     let _ = writeln!(
         md,
-        "\nEvery run (s, pull to command done, and the pull alone):\n"
+        "\nBytes the node fetched from the registry from the update's rpull to \
+         its command done (median MB; its range requests, TOCs, manifests and \
+         configs; containerd's own manifest and config reads not counted): \
+         update breakfs / eStargz; point update breakfs / eStargz:\n"
+    );
+    for (fam, _, f) in rows {
+        let _ = writeln!(
+            md,
+            "* {fam}: {:.2} / {:.2}; {:.2} / {:.2}",
+            megabytes(&f.update_breakfs),
+            megabytes(&f.update_estargz),
+            megabytes(&f.point_breakfs),
+            megabytes(&f.point_estargz)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery run (s, pull to command done, and the pull alone; for the \
+         updates the MB the node fetched from the registry):\n"
     );
     for (fam, _, f) in rows {
         let list = |v: &[Timed]| {
             v.iter()
-                .map(|x| format!("{:.2} (pull {:.2})", x.total, x.pull))
+                .map(|x| {
+                    if x.bytes > 0.0 {
+                        format!(
+                            "{:.2} (pull {:.2}, {:.2} MB)",
+                            x.total,
+                            x.pull,
+                            x.bytes / 1e6
+                        )
+                    } else {
+                        format!("{:.2} (pull {:.2})", x.total, x.pull)
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };

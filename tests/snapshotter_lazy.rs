@@ -35,7 +35,7 @@ use crate::support::tree;
 pub(crate) struct Lab {
     pub(crate) work: tempfile::TempDir,
     pub(crate) reg: TestRegistry,
-    proxy: CountingProxy,
+    pub(crate) proxy: CountingProxy,
     pub(crate) node: Node,
     pub(crate) ctrd: TestContainerd,
     pub(crate) sock: PathBuf,

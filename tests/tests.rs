@@ -11,6 +11,7 @@ mod corpus;
 mod crash;
 mod credhelper;
 mod cri;
+mod delta;
 mod deploy;
 mod hostile;
 mod hostile_net;

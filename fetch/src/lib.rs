@@ -25,6 +25,7 @@ mod auth;
 mod blobfile;
 pub mod budget;
 mod cas;
+pub mod delta;
 mod error;
 mod fetcher;
 pub mod guard;
@@ -40,6 +41,7 @@ mod tocread;
 mod verify;
 
 pub use cas::{ContentStore, merge_ranges};
+pub use delta::{DeltaIndex, load_deltas};
 pub use error::{Error, Result};
 pub use fetcher::{
     ChunkLoc, FetchOptions, FetchStats, Fetcher, PEER_REST, Priority, REGION_PIECE, RangeFlight,

@@ -1,5 +1,6 @@
 //! Image refactoring: the layer planner and the eStargz layer writer.
 
+pub mod delta;
 mod dpkg;
 mod error;
 mod estargz;

@@ -551,6 +551,17 @@ pub async fn refactor(
                 .await?;
             let compressed: u64 = manifest.layers.iter().map(|l| l.size).sum();
             tracing::debug!("wrote {target} in {:.2}s", t1.elapsed().as_secs_f64());
+            if group.len() == 1 {
+                let desc = Descriptor::new(
+                    media_types::OCI_MANIFEST,
+                    manifest_digest.clone(),
+                    manifest_bytes.len() as u64,
+                );
+                deltas(
+                    store, &desc, &manifest, &loaded[i], &content, &published, opts,
+                )
+                .await;
+            }
             reports.push(ImageReport {
                 source: loaded[i].reference.to_string(),
                 dest: target.to_string(),
@@ -576,6 +587,60 @@ pub async fn refactor(
         w.finish().await;
     }
     Ok(reports)
+}
+
+/// Make and push the deltas of the image `manifest` (`image`, refactored
+/// from `src`) against the earlier files in the layers `published` holds
+/// beside its own (`crate::delta`).
+/// A failure costs nodes the deltas only: logged, the image stands.
+async fn deltas(
+    store: &Store,
+    manifest: &Descriptor,
+    image: &Manifest,
+    src: &LoadedImage,
+    content: &Arc<TarContent>,
+    published: &Destination,
+    opts: &RefactorOptions,
+) {
+    // The image's own layers hold its files, not earlier ones.
+    let own: std::collections::HashSet<&Digest> = image.layers.iter().map(|l| &l.digest).collect();
+    let layers: Vec<crate::delta::BaseLayer> = published
+        .meta
+        .iter()
+        .zip(&published.layers)
+        .filter(|(m, _)| !own.contains(&m.desc.digest))
+        .map(|(m, l)| crate::delta::BaseLayer {
+            desc: &m.desc,
+            layer: l,
+        })
+        .collect();
+    let content: Arc<dyn ContentSource + Send> = content.clone();
+    match crate::delta::publish(
+        store,
+        manifest,
+        &src.view,
+        content,
+        &layers,
+        opts.writer.chunk_size,
+    )
+    .await
+    {
+        Ok(Some(r)) => tracing::info!(
+            image = %src.reference,
+            files = r.files,
+            chunks = r.chunks,
+            delta_bytes = r.delta_bytes,
+            replaced_bytes = r.replaced_bytes,
+            secs = r.seconds,
+            "published deltas against the earlier version's files"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            image = %src.reference,
+            "making deltas: {}",
+            breakfs_index::Causes(&e)
+        ),
+    }
 }
 
 /// The reports of a run as the table `breakfs refactor` prints: layers,

@@ -19,6 +19,7 @@
 //! prefetch region, fetched at mount).
 
 mod assemble;
+mod delta;
 mod health;
 mod landmark;
 mod queue;
@@ -164,6 +165,15 @@ pub struct FetchStats {
     /// The background window of each source measured so far.
     #[serde(default)]
     pub background: BTreeMap<String, YieldStats>,
+    /// Chunks made from a delta against a file this node held.
+    #[serde(default)]
+    pub delta_chunks: u64,
+    /// Delta bytes fetched for them.
+    #[serde(default)]
+    pub delta_bytes: u64,
+    /// Deltas that did not make their chunk (fetched whole instead).
+    #[serde(default)]
+    pub delta_failures: u64,
 }
 
 /// What a waiter on a chunk learns: stored, or why not.
@@ -193,6 +203,8 @@ struct Inner {
     /// Told when a reader comes to wait on a chunk that background work
     /// already took: a held request carrying it goes at once.
     promoted: Notify,
+    /// The deltas known (see `crate::delta`).
+    deltas: crate::delta::Deltas,
 }
 
 impl Inner {
@@ -308,6 +320,7 @@ impl Fetcher {
             resting: Mutex::new(HashMap::new()),
             yielder: Yielder::new(opts_target),
             promoted: Notify::new(),
+            deltas: Default::default(),
         });
         for _ in 0..workers {
             let inner = inner.clone();
@@ -317,6 +330,12 @@ impl Fetcher {
             _alive: Arc::new(Alive(inner.clone())),
             inner,
         }
+    }
+
+    /// Know the deltas of `index` (see [`crate::delta`]): a chunk that has
+    /// one, whose base this node holds, is made from it; how many were new.
+    pub fn add_deltas(&self, index: &crate::DeltaIndex) -> usize {
+        self.inner.deltas.add(index)
     }
 
     /// The store the fetcher fills.

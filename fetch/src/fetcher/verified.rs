@@ -44,6 +44,28 @@ pub(super) async fn fetch_verified(
     end: u64,
     prio: Priority,
 ) -> Vec<(Digest, Outcome)> {
+    let (made, jobs) = super::delta::by_delta(inner, jobs).await;
+    if jobs.is_empty() {
+        return made;
+    }
+    let (start, end) = if made.is_empty() {
+        (start, end)
+    } else {
+        span(&jobs)
+    };
+    let mut done = fetch_planned(inner, layer, jobs, (start, end), prio).await;
+    done.extend(made);
+    done
+}
+
+/// [`fetch_verified`] of what no delta made.
+async fn fetch_planned(
+    inner: &Arc<Inner>,
+    layer: &Digest,
+    jobs: Vec<ChunkLoc>,
+    (start, end): (u64, u64),
+    prio: Priority,
+) -> Vec<(Digest, Outcome)> {
     let (chain, planned, rest) = plan(inner, layer, jobs, prio).await;
     if planned.is_empty() {
         return down_the_chain(inner, layer, &chain, rest, (start, end), prio).await;

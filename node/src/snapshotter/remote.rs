@@ -266,6 +266,7 @@ impl Remotes {
     /// store instead of fetching them one round trip at a time. Once per
     /// image a while; an image a TOC is missing from is left alone.
     fn fetch_start(&self, image: &Image) {
+        use futures::FutureExt as _;
         {
             let mut starting = self.starting.lock();
             starting.retain(|_, at| at.elapsed() < IMAGE_TTL);
@@ -285,8 +286,22 @@ impl Remotes {
                 .collect()
         };
         let (image, fetcher) = (image.clone(), self.svc.fetcher.clone());
+        let (client, cloud) = (self.svc.client.clone(), self.svc.cloud.clone());
         tokio::spawn(async move {
-            futures::future::join_all(tocs).await;
+            // The image's deltas (an update's changed files, made from the
+            // earlier version's this node holds) are looked up beside the TOCs.
+            let deltas = breakfs_fetch::load_deltas(&image, &client, &fetcher, &cloud);
+            let ((), deltas) =
+                futures::future::join(futures::future::join_all(tocs).map(|_| ()), deltas).await;
+            match deltas {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(image = %image.reference, deltas = n, "the image has deltas")
+                }
+                Err(e) => {
+                    tracing::warn!(image = %image.reference, "its deltas cannot be read, fetching chunks whole: {}", Causes(&e))
+                }
+            }
             let began = Instant::now();
             match breakfs_fs::prefetch_start(&image, &fetcher).await {
                 Ok(Some(got)) => tracing::info!(

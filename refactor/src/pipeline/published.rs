@@ -181,6 +181,10 @@ pub(super) async fn published_layers(
     let mut read = 0usize;
     let mut kept = BTreeMap::new();
     for tag in tags {
+        // A delta artifact (crate::delta), not an image.
+        if breakfs_fetch::delta::is_delta_tag(&tag) {
+            continue;
+        }
         let r = dest.with_tag(&tag);
         let image = store.resolve(&r).await?;
         let diff_ids = image.config.diff_ids()?;
