@@ -482,17 +482,19 @@ fn mount_all_at_once(
 }
 
 /// Per layer of `layers` (digest, size), how many TOC reads the registry
-/// saw: range requests for the blob's last 8 KiB (a TOC read's first
-/// guess; a big TOC costs a second, longer one).
+/// saw: range requests that end at the blob's end (a TOC read's first,
+/// of the tail the manifest says or a guess; a TOC bigger than a guess
+/// costs a second, which ends where the first began).
 fn toc_reads(proxy: &CountingProxy, layers: &[(String, u64)]) -> Vec<usize> {
     let seen = proxy.requests_with_ranges();
     layers
         .iter()
         .map(|(digest, size)| {
-            let first = format!("bytes={}-{}", size - (*size).min(8192), size - 1);
+            let end = format!("-{}", size - 1);
             seen.iter()
                 .filter(|(line, range)| {
-                    line.contains(digest.as_str()) && range.as_ref() == Some(&first)
+                    line.contains(digest.as_str())
+                        && range.as_ref().is_some_and(|r| r.ends_with(&end))
                 })
                 .count()
         })

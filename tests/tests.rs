@@ -39,3 +39,4 @@ mod snapshotter_lazy;
 mod snapshotter_status;
 mod support;
 mod systemd;
+mod toc_tail;

@@ -53,12 +53,14 @@ pub(crate) async fn put_metas(
 /// costs one more round trip, not the bandwidth of a big guess per layer.
 const FIRST_TAIL: u64 = 8 * 1024;
 
-/// The annotation a node puts on a layer's descriptor, in memory only
-/// (the manifest's bytes are kept as they were), to say how many bytes
-/// the blob's tail from its TOC's member holds, as an access profile
-/// recorded it ([`hint_toc_tail`]): the TOC is then read in one request
-/// of exactly those bytes, not a guess and then the rest. Only a hint:
-/// what the footer says decides, so a wrong one costs a second read.
+/// The annotation on a layer's descriptor that says how many bytes the
+/// blob's tail from its TOC's member holds ([`hint_toc_tail`]): `breakfs
+/// refactor` writes it in the manifests it writes, and a node puts it on
+/// a descriptor in memory (the manifest's bytes kept as they were) as an
+/// access profile recorded it. The TOC is then read in one request of
+/// exactly those bytes, not a guess and then the rest. Only a hint, from
+/// a manifest or a profile alike: out of bounds it is ignored, and what
+/// the footer says decides, so a wrong one costs a second read.
 pub const TOC_TAIL_HINT: &str = "dev.breakfs.toc-tail";
 
 /// Largest tail a hint makes a TOC read ask for in its first request.
@@ -67,19 +69,26 @@ pub const MAX_HINTED_TAIL: u64 = 4 << 20;
 /// Say on `desc` that its TOC, footer included, is the blob's last `tail`
 /// bytes ([`TOC_TAIL_HINT`]); a tail out of bounds is not said.
 pub fn hint_toc_tail(desc: &mut Descriptor, tail: u64) {
-    if (breakfs_index::FOOTER_SIZE..=MAX_HINTED_TAIL.min(desc.size)).contains(&tail) {
+    if tail_in_bounds(desc, tail) {
         desc.annotations
             .insert(TOC_TAIL_HINT.to_string(), tail.to_string());
     }
 }
 
+/// Whether a hinted tail of blob `desc` is one to say and take: at least
+/// a footer, at most the blob and [`MAX_HINTED_TAIL`].
+fn tail_in_bounds(desc: &Descriptor, tail: u64) -> bool {
+    (breakfs_index::FOOTER_SIZE..=MAX_HINTED_TAIL.min(desc.size)).contains(&tail)
+}
+
 /// How much of blob `desc`'s tail to read first: the hinted tail when it
-/// has one within bounds, else [`FIRST_TAIL`].
+/// has one within bounds ([`tail_in_bounds`], whoever wrote it: a
+/// registry's manifest is outside input), else [`FIRST_TAIL`].
 fn first_tail(desc: &Descriptor) -> u64 {
     desc.annotations
         .get(TOC_TAIL_HINT)
         .and_then(|t| t.parse::<u64>().ok())
-        .filter(|t| (breakfs_index::FOOTER_SIZE..=MAX_HINTED_TAIL).contains(t))
+        .filter(|&t| tail_in_bounds(desc, t))
         .unwrap_or(FIRST_TAIL)
         .min(desc.size)
 }
@@ -378,9 +387,22 @@ mod tests {
                 .annotations
                 .contains_key(TOC_TAIL_HINT)
         );
-        let mut d = desc.clone();
-        d.annotations
-            .insert(TOC_TAIL_HINT.into(), "not a number".into());
-        assert_eq!(read(&blob, &d).await.1, 2);
+        // Nor taken as a manifest says it (outside input): a value out of
+        // bounds reads as no hint does, the first guess then the rest.
+        for lie in [
+            "not a number".to_string(),
+            "-1".into(),
+            "3".into(),
+            (desc.size + 1).to_string(),
+            (MAX_HINTED_TAIL + 1).to_string(),
+            u64::MAX.to_string(),
+            "99999999999999999999999".into(),
+        ] {
+            let mut d = desc.clone();
+            d.annotations.insert(TOC_TAIL_HINT.into(), lie.clone());
+            assert_eq!(first_tail(&d), FIRST_TAIL, "{lie}");
+            let (t, n) = read(&blob, &d).await;
+            assert_eq!((t.unwrap().toc_offset, n), (toc_offset, 2), "{lie}");
+        }
     }
 }

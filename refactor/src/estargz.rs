@@ -94,13 +94,16 @@ pub struct WrittenLayer {
     pub uncompressed_size: u64,
     /// sha256 of the TOC JSON.
     pub toc_digest: Digest,
+    /// Bytes from the TOC's member to the blob's end, footer included.
+    pub toc_tail: u64,
     /// Number of tar entries written, landmark and TOC included.
     pub entries: usize,
 }
 
 impl WrittenLayer {
-    /// The layer's OCI descriptor: gzip layer media type, TOC digest and
-    /// uncompressed size annotations.
+    /// The layer's OCI descriptor: gzip layer media type, TOC digest,
+    /// uncompressed size and TOC tail (`breakfs_fetch::TOC_TAIL_HINT`: a
+    /// node reads the TOC in one request) annotations.
     pub fn descriptor(&self) -> Descriptor {
         let mut d = Descriptor::new(media_types::OCI_LAYER_GZIP, self.digest.clone(), self.size);
         d.annotations
@@ -109,6 +112,7 @@ impl WrittenLayer {
             annotations::UNCOMPRESSED_SIZE.into(),
             self.uncompressed_size.to_string(),
         );
+        breakfs_fetch::hint_toc_tail(&mut d, self.toc_tail);
         d
     }
 }
@@ -214,6 +218,7 @@ fn write_layer_batched<W: Write>(
         diff_id: Digest::from_hasher(w.diff),
         uncompressed_size: w.uncompressed,
         toc_digest,
+        toc_tail: size - toc_offset,
         entries: order.len() + 1,
     })
 }

@@ -268,6 +268,12 @@ fn round_trip() {
         panic!("whole blob given");
     };
     assert_eq!(tail.toc_offset, toc_offset);
+    // The descriptor says the tail to read the TOC in one request.
+    assert_eq!(w.toc_tail, blob.len() as u64 - toc_offset);
+    assert_eq!(
+        w.descriptor().annotations[breakfs_fetch::TOC_TAIL_HINT],
+        w.toc_tail.to_string()
+    );
     let layer = tail
         .toc
         .to_layer(blob.len() as u64, Some(toc_offset))

@@ -82,8 +82,8 @@ impl Destination {
 /// Name of the layer index file in an OCI layout.
 pub const INDEX_FILE: &str = "breakfs-layer-index.json";
 
-/// Bump when what the index holds per layer changes.
-const INDEX_VERSION: u32 = 1;
+/// Bump when what the index holds per layer changes (2: the TOC's tail).
+const INDEX_VERSION: u32 = 2;
 
 #[derive(Default, Serialize, Deserialize)]
 struct LayerIndexFile {
@@ -97,6 +97,9 @@ struct IndexedLayer {
     size: u64,
     media_type: String,
     entries: Vec<Entry>,
+    /// Bytes from the TOC's member to the blob's end (`None`: no TOC).
+    #[serde(default)]
+    toc_tail: Option<u64>,
 }
 
 /// Where the layer index of `store` (holding `dest`) is kept.
@@ -208,16 +211,18 @@ pub(super) async fn published_layers(
                 Some(l) => l,
                 None => {
                     read += 1;
+                    let (entries, toc_tail) = layer_entries(store, desc, &diff_id, opts).await?;
                     IndexedLayer {
                         size: desc.size,
                         media_type: desc.media_type.clone(),
-                        entries: layer_entries(store, desc, &diff_id, opts).await?,
+                        entries,
+                        toc_tail,
                     }
                 }
             };
             out.push(
                 Published {
-                    desc: desc.clone(),
+                    desc: with_toc_tail(desc, layer.toc_tail),
                     diff_id,
                     local: None,
                 },
@@ -246,15 +251,31 @@ pub(super) async fn published_layers(
     Ok((out, IndexWrite(write)))
 }
 
-/// A layer's entries from its TOC, or from its tar if it has none.
+/// `desc` as the destination lists it, saying the TOC's tail `toc_tail`
+/// as a new layer's descriptor does ([`breakfs_fetch::TOC_TAIL_HINT`]),
+/// and saying none when the layer has no TOC or it is out of bounds.
+fn with_toc_tail(desc: &Descriptor, toc_tail: Option<u64>) -> Descriptor {
+    let mut d = desc.clone();
+    d.annotations.remove(breakfs_fetch::TOC_TAIL_HINT);
+    if let Some(tail) = toc_tail {
+        breakfs_fetch::hint_toc_tail(&mut d, tail);
+    }
+    d
+}
+
+/// A layer's entries from its TOC, or from its tar if it has none; and
+/// the bytes from its TOC's member to its end, if it has one.
 async fn layer_entries(
     store: &Store,
     desc: &Descriptor,
     diff_id: &Digest,
     opts: &RefactorOptions,
-) -> Result<Vec<Entry>> {
+) -> Result<(Vec<Entry>, Option<u64>)> {
     Ok(match store.read_toc(desc).await? {
-        Some(toc) => with_link_content(toc.layer.entries.into_iter().map(|(e, _)| e)),
+        Some(toc) => (
+            with_link_content(toc.layer.entries.into_iter().map(|(e, _)| e)),
+            Some(desc.size.saturating_sub(toc.toc_offset)),
+        ),
         None => {
             let what = format!("layer {} of {}", desc.digest, store.name());
             let (tars_dir, blobs_dir) = (opts.work_dir.join("tars"), opts.work_dir.join("blobs"));
@@ -264,7 +285,10 @@ async fn layer_entries(
             }
             let (_, loaded) =
                 local_layer(store, desc, diff_id, &tars_dir, &blobs_dir, &what).await?;
-            with_link_content(loaded.entries.into_iter().map(|le| le.entry))
+            (
+                with_link_content(loaded.entries.into_iter().map(|le| le.entry)),
+                None,
+            )
         }
     })
 }
