@@ -285,7 +285,7 @@ fn publish(
         eprintln!("bench: refactoring {fam} {} into {repo}", img.tag);
         run(
             env.breakfs()
-                .args(["refactor", "--work-dir"])
+                .args(["refactor", "--deltas", "--work-dir"])
                 .arg(&work)
                 .arg("--to")
                 .arg(format!("oci:{}", layout.display()))

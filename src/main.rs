@@ -278,6 +278,13 @@ struct RefactorArgs {
     /// is stopped, and what it read until then is the profile.
     #[arg(long, value_name = "SECS", default_value_t = 60, requires = "profile")]
     profile_secs: u64,
+    /// Also publish binary deltas (zstd) of each changed file against the
+    /// destination's earlier version of it, as an OCI artifact beside the
+    /// image (tag sha256-HEX): a node that ran the earlier version fetches
+    /// the deltas instead of the files. Costs refactoring time (seconds
+    /// per changed image); runtimes without breakfs ignore the artifact.
+    #[arg(long)]
+    deltas: bool,
     #[command(flatten)]
     client: ClientArgs,
     /// Source images.
@@ -388,6 +395,7 @@ async fn run_refactor(a: RefactorArgs) -> Result<()> {
             .work_dir
             .clone()
             .unwrap_or_else(|| user_cache("work", std::env::temp_dir().join("breakfs-work"))),
+        deltas: a.deltas,
     };
     let bars = Bars {
         bar: Mutex::new(None),

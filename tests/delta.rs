@@ -115,7 +115,7 @@ fn an_update_with_deltas_fetches_fewer_bytes_and_reads_the_same() {
     let layout = work.path().join("layout");
     for img in [&v1, &v2] {
         ok(breakfs()
-            .args(["refactor", "--work-dir"])
+            .args(["refactor", "--deltas", "--work-dir"])
             .arg(work.path().join("work"))
             .arg("--to")
             .arg(format!("oci:{}:{}", layout.display(), img.tag))

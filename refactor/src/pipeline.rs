@@ -40,6 +40,10 @@ pub struct RefactorOptions {
     pub client: ClientOptions,
     /// Where source layers are decompressed and new layers written.
     pub work_dir: PathBuf,
+    /// Also make and push zstd deltas of the image's changed files against
+    /// the destination's earlier versions of them (`crate::delta`): fewer
+    /// bytes for a node that ran the earlier version, more refactoring time.
+    pub deltas: bool,
 }
 
 /// Where the pipeline reports progress; the CLI draws bars from it.
@@ -551,7 +555,7 @@ pub async fn refactor(
                 .await?;
             let compressed: u64 = manifest.layers.iter().map(|l| l.size).sum();
             tracing::debug!("wrote {target} in {:.2}s", t1.elapsed().as_secs_f64());
-            if group.len() == 1 {
+            if opts.deltas && group.len() == 1 {
                 let desc = Descriptor::new(
                     media_types::OCI_MANIFEST,
                     manifest_digest.clone(),

@@ -28,6 +28,7 @@ pub fn options(work: &Path, joint: bool, relax: bool) -> RefactorOptions {
             ..ClientOptions::default()
         },
         work_dir: work.to_path_buf(),
+        deltas: false,
     }
 }
 

@@ -136,6 +136,7 @@ fn refactor_into(src: &ImageRef, dest: &Path, tag: &str, work: &Path) -> ImageRe
         writer: WriterOptions::default(),
         client: ClientOptions::default(),
         work_dir: work.to_path_buf(),
+        deltas: false,
     };
     let dest = ImageRef::parse(&format!("oci:{}:{tag}", dest.display())).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
