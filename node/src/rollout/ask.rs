@@ -53,7 +53,14 @@ pub(crate) fn plan<'a>(
             return vec![None; chunks.len()];
         }
         let mut picks: Vec<Option<(usize, Holding)>> = vec![None; chunks.len()];
-        let open: Vec<usize> = match ids_of(peers, &urls) {
+        // Owners first only for a layer no peer is known to hold: where one
+        // holds it (a hydrated peer, a seed), every peer is asked, so the
+        // chunks this node owns are taken from the holder, not the cloud
+        // (which may be down).
+        let ids = (!peers.someone_holds_some(layer))
+            .then(|| ids_of(peers, &urls))
+            .flatten();
+        let open: Vec<usize> = match ids {
             Some(ids) => {
                 ask_owners(
                     peers, &urls, &ids, layer, chunks, &claimed, prio, &mut picks,
