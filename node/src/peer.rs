@@ -395,6 +395,18 @@ impl Peers {
         whole.iter().any(|u| peers.get(u).and_then(fresh).is_some())
     }
 
+    /// Whether a peer with a fresh index holds some of `blob`.
+    pub(crate) fn someone_holds_some(&self, blob: &Digest) -> bool {
+        let urls: Vec<String> = self
+            .holdings
+            .lock()
+            .of(blob)
+            .map(|(u, _)| u.clone())
+            .collect();
+        let peers = self.peers.lock();
+        urls.iter().any(|u| peers.get(u).and_then(fresh).is_some())
+    }
+
     /// The peers holding (some of) `blob`, cheapest first for a 1 MiB read.
     fn holders(&self, blob: &Digest) -> Vec<Arc<dyn Source>> {
         let held: Vec<(String, Held)> = self

@@ -53,12 +53,11 @@ pub(crate) fn plan<'a>(
             return vec![None; chunks.len()];
         }
         let mut picks: Vec<Option<(usize, Holding)>> = vec![None; chunks.len()];
-        // Owners first only for a layer no peer is known to hold whole:
-        // where one does (a hydrated peer, a seed), every peer is asked, so
-        // the chunks this node owns are taken from the holder, not the
-        // cloud (which may be down). Peers holding parts of it are nodes
-        // of the same rollout: their parts are their own stripes.
-        let ids = (!peers.someone_holds(layer))
+        // Owners first only for a layer no peer is known to hold: where one
+        // holds it (a hydrated peer, a seed), every peer is asked, so the
+        // chunks this node owns are taken from the holder, not the cloud
+        // (which may be down).
+        let ids = (!peers.someone_holds_some(layer))
             .then(|| ids_of(peers, &urls))
             .flatten();
         let open: Vec<usize> = match ids {
