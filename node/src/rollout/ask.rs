@@ -10,12 +10,12 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use breakfs_fetch::{ChunkLoc, PEER_REST, Plan, Priority, Source};
-use breakfs_index::{Causes, Digest};
+use breakfs_index::Digest;
 use futures::future::BoxFuture;
 
 use super::{
     AskedChunk, Flight, HaveAnswer, HaveQuery, Holding, MAX_QUERY_CHUNKS, PeerView, PeerWait,
-    QUERY_TIMEOUT, Stage, choose, host_of, split,
+    Stage, choose, host_of, split,
 };
 use crate::peer::Peers;
 
@@ -265,20 +265,15 @@ async fn ask_all(
 async fn ask(peers: &Peers, url: &str, query: &HaveQuery) -> Option<HaveAnswer> {
     let began = Instant::now();
     let r = async {
-        let resp = peers
-            .client()
-            .post(format!("{url}/cache/have"))
-            .json(query)
-            .timeout(QUERY_TIMEOUT)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| Causes(&e).to_string())?;
-        let max = 64 + 16 * query.chunks.len();
-        let body = breakfs_fetch::guard::body_within(resp, max + 1024, "a have answer")
-            .await
-            .map_err(|e| Causes(&e).to_string())?;
-        let a: HaveAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let a: HaveAnswer = super::post_question(
+            peers,
+            url,
+            "have",
+            query,
+            64 + 16 * query.chunks.len() + 1024,
+            "a have answer",
+        )
+        .await?;
         if a.chunks.len() != query.chunks.len() {
             return Err(format!(
                 "it answered for {} chunks, not the {} asked",

@@ -31,7 +31,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{Holding, QUERY_TIMEOUT, WAIT_HEADER, host_of, split};
+use super::{Holding, WAIT_HEADER, host_of, split};
 use crate::peer::Peers;
 use crate::server::NodeService;
 
@@ -423,20 +423,15 @@ pub(crate) fn turn<'a>(peers: &'a Arc<Peers>, meta: Meta<'a>) -> Option<BoxFutur
 async fn ask(peers: &Peers, url: &str, query: &MetaQuery) -> Option<MetaAnswer> {
     let began = Instant::now();
     let r = async {
-        let resp = peers
-            .client()
-            .post(format!("{url}/cache/meta"))
-            .json(query)
-            .timeout(QUERY_TIMEOUT)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| Causes(&e).to_string())?;
-        let max = 1024 + 16 * query.items.len();
-        let body = breakfs_fetch::guard::body_within(resp, max, "a metadata answer")
-            .await
-            .map_err(|e| Causes(&e).to_string())?;
-        let a: MetaAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let a: MetaAnswer = super::post_question(
+            peers,
+            url,
+            "meta",
+            query,
+            1024 + 16 * query.items.len(),
+            "a metadata answer",
+        )
+        .await?;
         if a.items.len() != query.items.len() {
             return Err(format!(
                 "it answered for {} items, not the {} asked",

@@ -467,6 +467,32 @@ fn choose(
     out
 }
 
+/// POST `query` as JSON to the peer at `url` (`/cache/PATH`) and parse its
+/// answer of at most `max` bytes (`what` names it in errors); the error as
+/// text, for the asker's log.
+async fn post_question<Q: Serialize, A: serde::de::DeserializeOwned>(
+    peers: &crate::peer::Peers,
+    url: &str,
+    path: &str,
+    query: &Q,
+    max: usize,
+    what: &str,
+) -> Result<A, String> {
+    let resp = peers
+        .client()
+        .post(format!("{url}/cache/{path}"))
+        .json(query)
+        .timeout(QUERY_TIMEOUT)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| breakfs_index::Causes(&e).to_string())?;
+    let body = breakfs_fetch::guard::body_within(resp, max, what)
+        .await
+        .map_err(|e| breakfs_index::Causes(&e).to_string())?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
