@@ -549,6 +549,36 @@ fn pack_by_class_keeps_classes_apart_while_the_bins_suffice() {
     assert_eq!(pack_by_class(&units, 1).len(), 1);
 }
 
+#[test]
+fn bins_are_stacked_base_class_first_and_least_likely_to_change_first() {
+    // (bytes, class, chance of change): the app class (1) is bigger, and
+    // in the base class (0) a big unowned subtree (0.5) is bigger than
+    // the packages (0.1).
+    let spec = [
+        (5000u64, 1, P_PACKAGE),
+        (4000, 0, 0.5),
+        (3000, 0, P_PACKAGE),
+        (2000, 0, P_PACKAGE),
+        (1000, 1, 0.5),
+    ];
+    let units: Vec<Unit> = spec
+        .iter()
+        .enumerate()
+        .map(|(n, &(bytes, class, p))| Unit {
+            key: format!("u{n}"),
+            members: vec![n],
+            bytes,
+            p,
+            class,
+        })
+        .collect();
+    let bins = pack_by_class(&units, 5);
+    assert_eq!(bins, vec![vec![2], vec![3], vec![1], vec![0], vec![4]]);
+    // Across classes too when one class must share a bin with another.
+    let bins = pack(&units, 5);
+    assert_eq!(bins.concat(), vec![2, 3, 1, 0, 4]);
+}
+
 /// A random family of images: a pool of files, each image takes some,
 /// some files change content or mtime per image, plus hard links,
 /// symlinks and fifos.

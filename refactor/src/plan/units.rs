@@ -175,7 +175,31 @@ fn subtrees(items: &[&Item], members: &[usize], target: u64) -> BTreeMap<String,
 pub(super) fn pack(units: &[Unit], k: usize) -> Vec<Vec<usize>> {
     let order = by_size(units, (0..units.len()).collect());
     let runs = Runs::new(units, &order, k);
-    runs.bins(&order, k.min(order.len()))
+    stable_first(units, runs.bins(&order, k.min(order.len())))
+}
+
+/// `bins` in stack order, bottom first: by class (the original image's
+/// lower layers first, as its base image is), then least likely to change
+/// first. containerd and other runtimes skip every layer of a stack
+/// whose chain of layers below it they already hold (the ChainID), so the
+/// next version of the image, which reuses this one's layers in this
+/// order, finds the longest run of them from the bottom unchanged when
+/// the layers that change least come first.
+fn stable_first(units: &[Unit], mut bins: Vec<Vec<usize>>) -> Vec<Vec<usize>> {
+    let class = |bin: &[usize]| bin.iter().map(|&u| units[u].class).min().unwrap_or(0);
+    let change = |bin: &[usize]| {
+        1.0 - bin
+            .iter()
+            .map(|&u| 1.0 - units[u].p.clamp(0.0, 1.0))
+            .product::<f64>()
+    };
+    // Stable sort: among equals the packing's order (largest first) stays.
+    bins.sort_by(|a, b| {
+        class(a)
+            .cmp(&class(b))
+            .then_with(|| change(a).total_cmp(&change(b)))
+    });
+    bins
 }
 
 /// Pack units into at most `k` bins, never two classes in one bin while
@@ -227,7 +251,7 @@ pub(super) fn pack_by_class(units: &[Unit], k: usize) -> Vec<Vec<usize>> {
         bins.extend(runs[c - 1].bins(&orders[c - 1], j));
         t -= j;
     }
-    bins
+    stable_first(units, bins)
 }
 
 /// `members` sorted largest first (key order among equals).
