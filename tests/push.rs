@@ -76,11 +76,15 @@ fn a_listed_hydrated_directory_is_read_from_pushed_pages_and_reads_the_original_
         n,
         "{reads}"
     );
-    assert_eq!(
-        count(&reads, "bytes_read"),
-        small - count(&reads, "pushed_bytes") + big.len() as u64,
-        "{reads}"
-    );
+    // breakfs served what was not pushed, and of what was, at most a few
+    // pages again: the kernel may drop a pushed page before it is read
+    // (clean page cache; once in a full suite run, 3 pages of 31 files),
+    // and a read of it then comes here, for the same bytes.
+    let pushed = count(&reads, "pushed_bytes");
+    let not_pushed = small - pushed + big.len() as u64;
+    let served = count(&reads, "bytes_read");
+    assert!(served >= not_pushed, "{reads}");
+    assert!(served - not_pushed <= pushed / 10, "{reads}");
     // A walk listing and reading at once (a push racing the read) reads
     // the original bytes too.
     assert!(std::fs::read(m.point.join("data/sub/inner")).unwrap() == inner);
