@@ -22,6 +22,24 @@ struct AllReady<'h> {
     released: AtomicBool,
     /// Deployments being checked and cleaned up now.
     checking: Mutex<usize>,
+    /// Signalled when a check turn ends (a condvar serves one mutex).
+    check_cv: std::sync::Condvar,
+}
+
+/// Wait on `cv` with `guard` while `waiting` holds and no interrupt came
+/// (woken at least every 200 ms to look at the interrupt).
+fn wait_while<'a>(
+    cv: &std::sync::Condvar,
+    mut guard: std::sync::MutexGuard<'a, usize>,
+    waiting: impl Fn(usize) -> bool,
+) -> std::sync::MutexGuard<'a, usize> {
+    while waiting(*guard) && !INTERRUPTED.load(Ordering::SeqCst) {
+        guard = cv
+            .wait_timeout(guard, Duration::from_millis(200))
+            .unwrap()
+            .0;
+    }
+    guard
 }
 
 /// Deployments checked (and cleaned up) at once. All 32 at once read
@@ -47,32 +65,21 @@ impl AllReady<'_> {
 
     fn arrive_and_wait(&self) {
         self.arrive();
-        let mut c = self.count.lock().unwrap();
-        while !self.released.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
-            c = self
-                .cv
-                .wait_timeout(c, Duration::from_millis(200))
-                .unwrap()
-                .0;
-        }
+        let c = self.count.lock().unwrap();
+        drop(wait_while(&self.cv, c, |_| {
+            !self.released.load(Ordering::SeqCst)
+        }));
     }
 
     /// Wait for a turn to check (see [`CHECKS_AT_ONCE`]).
     fn take_check_turn(&self) {
-        let mut n = self.checking.lock().unwrap();
-        while *n >= CHECKS_AT_ONCE && !INTERRUPTED.load(Ordering::SeqCst) {
-            n = self
-                .cv
-                .wait_timeout(n, Duration::from_millis(200))
-                .unwrap()
-                .0;
-        }
-        *n += 1;
+        let n = self.checking.lock().unwrap();
+        *wait_while(&self.check_cv, n, |n| n >= CHECKS_AT_ONCE) += 1;
     }
 
     fn end_check_turn(&self) {
         *self.checking.lock().unwrap() -= 1;
-        self.cv.notify_all();
+        self.check_cv.notify_all();
     }
 }
 
@@ -161,6 +168,7 @@ pub fn replay_then(
         at_all_ready: &hook,
         released: AtomicBool::new(false),
         checking: Mutex::new(0),
+        check_cv: std::sync::Condvar::new(),
     };
     let results: Vec<Result<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = deps
