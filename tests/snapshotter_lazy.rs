@@ -32,6 +32,7 @@ use crate::support::tree;
 
 /// A registry behind a counting proxy, a node daemon serving the
 /// snapshots API and a containerd using it.
+///
 /// Fields drop in order: the daemons stop before their work directory
 /// goes (it went first, and a node still writing left it behind in /tmp).
 pub(crate) struct Lab {
